@@ -1,0 +1,233 @@
+"""Pure-Python twin of `_batch.pyx`: the same batch socket over recvfrom/sendto loops.
+
+Keep the two files in step: the same tests run against both (tests/conftest.py `batch`).
+Works on any platform; `_batch.pyx` (recvmmsg/sendmmsg) is Linux only.
+"""
+
+import errno
+import operator
+import socket as _socket
+import threading
+
+# The kernel caps recvmmsg/sendmmsg vlen at UIO_MAXIOV (1024); the twin keeps the limit.
+MAX_BATCH_SIZE = 1024
+# Largest UDP payload a 16-bit length field can describe (RFC 768).
+MAX_DATAGRAM = 65535
+# Destination address cache: cleared (between calls) once it holds more entries.
+DEST_CACHE_MAX = 8192
+# IPv6 flow label is 20 bits (RFC 8200 §3); Python's sendto enforces the same range.
+MAX_FLOWINFO = 0xFFFFF
+
+# send errors that stop the batch, leaving the rest to the caller.
+_SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS))
+# send errors about the socket itself rather than one datagram: raised.
+_SEND_FATAL = frozenset((errno.EBADF, errno.ENOTSOCK, errno.EFAULT))
+# recv errors meaning "datagram longer than the buffer" (Windows reports, Linux truncates).
+_RECV_TOO_BIG = frozenset(e for e in (errno.EMSGSIZE, getattr(errno, "WSAEMSGSIZE", None))
+                          if e is not None)
+
+
+def _check_args(sock, batch_size, max_datagram):
+    """Validate the constructor arguments; returns (family, batch_size, max_datagram)."""
+    batch_size = operator.index(batch_size)
+    max_datagram = operator.index(max_datagram)
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size must be 1-{MAX_BATCH_SIZE}, not {batch_size}")
+    if not 1 <= max_datagram <= MAX_DATAGRAM:
+        raise ValueError(f"max_datagram must be 1-{MAX_DATAGRAM}, not {max_datagram}")
+    family = sock.family
+    if family != _socket.AF_INET and family != _socket.AF_INET6:
+        raise ValueError(f"BatchSocket needs an AF_INET or AF_INET6 socket, not {family!r}")
+    if sock.type != _socket.SOCK_DGRAM:
+        raise ValueError(f"BatchSocket needs a SOCK_DGRAM socket, not {sock.type!r}")
+    if sock.gettimeout() != 0.0:
+        raise ValueError("BatchSocket needs a non-blocking socket (sock.setblocking(False))")
+    return int(family), batch_size, max_datagram
+
+
+def _sendto_address(family, addr):
+    """The address to give sendto for a destination tuple, or ValueError.
+
+    Same rules as `_sockaddr` in _batch.pyx: AF_INET sockets take (host, port) with an
+    IPv4 literal. AF_INET6 sockets take (host, port[, flowinfo[, scope_id]]) with an IPv6
+    literal, or an IPv4 literal, sent to its IPv4-mapped address ::ffff:a.b.c.d
+    (RFC 4291 §2.5.5.2). inet_pton decides what a literal is, as in the compiled module.
+    """
+    if not isinstance(addr, tuple):
+        raise ValueError(f"address must be a tuple (host, port), not {addr!r}")
+    n = len(addr)
+    if family == _socket.AF_INET:
+        if n != 2:
+            raise ValueError(f"AF_INET address must be (host, port), not {addr!r}")
+    elif not 2 <= n <= 4:
+        raise ValueError(f"AF_INET6 address must be (host, port[, flowinfo[, scope_id]]), "
+                         f"not {addr!r}")
+    host = addr[0]
+    if not isinstance(host, str) or not host.isascii() or "\0" in host:
+        raise ValueError(f"address host must be an IP literal, not {host!r}")
+    port = addr[1]
+    if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        raise ValueError(f"address port must be an int 0-65535, not {port!r}")
+    flowinfo = scope_id = 0
+    if n > 2:
+        flowinfo = addr[2]
+        if not isinstance(flowinfo, int) or not 0 <= flowinfo <= MAX_FLOWINFO:
+            raise ValueError(f"address flowinfo must be an int 0-{MAX_FLOWINFO}, "
+                             f"not {flowinfo!r}")
+    if n > 3:
+        scope_id = addr[3]
+        if not isinstance(scope_id, int) or not 0 <= scope_id <= 0xFFFFFFFF:
+            raise ValueError(f"address scope_id must be an int 0-4294967295, not {scope_id!r}")
+    if family == _socket.AF_INET:
+        if not _is_literal(_socket.AF_INET, host):
+            raise ValueError(f"address host must be an IPv4 literal on an AF_INET socket, "
+                             f"not {host!r}")
+        return (host, int(port))
+    if not _is_literal(_socket.AF_INET6, host):
+        if not _is_literal(_socket.AF_INET, host):
+            raise ValueError(f"address host must be an IP literal, not {host!r}")
+        host = "::ffff:" + host
+    return (host, int(port), int(flowinfo), int(scope_id))
+
+
+def _is_literal(family, host):
+    try:
+        _socket.inet_pton(family, host)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_data(data):
+    try:
+        memoryview(data)
+    except TypeError:
+        raise TypeError(f"datagram must be a bytes-like object, "
+                        f"not {type(data).__name__}") from None
+
+
+class BatchSocket:
+    """Batches of datagrams through one non-blocking UDP socket (AF_INET or AF_INET6).
+
+    The socket stays the caller's: BatchSocket never closes it or changes its options.
+    Not for concurrent use of one method from several threads (RuntimeError).
+
+    recv_batch() -> [(data, address)]: up to batch_size datagrams already waiting, [] if
+        none (never blocks). Addresses look exactly like socket.recvfrom's. A datagram
+        longer than max_datagram is dropped and counted in `truncated`. Other errors
+        raise OSError; an error met after some datagrams is raised by the next call.
+    send_batch([(data, address)]) -> int: sends in order; returns how many entries were
+        consumed, so `datagrams[n:]` is what is left after EAGAIN/ENOBUFS. An entry
+        refused on its own (ECONNREFUSED, EMSGSIZE, EHOSTUNREACH...) is skipped and
+        counted in `send_errors`. Every entry is checked before any is sent: a host that
+        is not an IP literal (or a malformed address) raises ValueError, data that is
+        not bytes-like raises TypeError. On AF_INET6 an IPv4 literal goes to ::ffff:a.b.c.d.
+
+    Read-only counters: recv_calls and send_calls count recv_batch() and send_batch()
+    calls; send_errors counts datagrams skipped after a per-datagram error; truncated
+    counts received datagrams dropped for being longer than max_datagram.
+    """
+
+    __slots__ = (
+        "_sock", "_family", "_batch_size", "_max_datagram", "_recv_calls", "_send_calls",
+        "_send_errors", "_truncated", "_pending_error", "_dest_cache", "_rx_lock", "_tx_lock",
+    )
+
+    def __init__(self, sock, batch_size=32, max_datagram=65535):
+        self._family, self._batch_size, self._max_datagram = _check_args(
+            sock, batch_size, max_datagram)
+        self._sock = sock
+        self._recv_calls = 0
+        self._send_calls = 0
+        self._send_errors = 0
+        self._truncated = 0
+        self._pending_error = None
+        self._dest_cache = {}  # address tuple -> sendto address
+        self._rx_lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+
+    batch_size = property(lambda self: self._batch_size)
+    max_datagram = property(lambda self: self._max_datagram)
+    recv_calls = property(lambda self: self._recv_calls)
+    send_calls = property(lambda self: self._send_calls)
+    send_errors = property(lambda self: self._send_errors)
+    truncated = property(lambda self: self._truncated)
+
+    def fileno(self):
+        """The socket's file descriptor (-1 once the caller closed it)."""
+        return self._sock.fileno()
+
+    def recv_batch(self):
+        """Up to batch_size waiting datagrams as [(data, address)]; [] when none wait."""
+        if not self._rx_lock.acquire(blocking=False):
+            raise RuntimeError("BatchSocket.recv_batch called from two threads at once")
+        try:
+            self._recv_calls += 1
+            if self._pending_error is not None:
+                exc, self._pending_error = self._pending_error, None
+                raise exc
+            out = []
+            recvfrom = self._sock.recvfrom
+            limit = self._max_datagram
+            # One byte more than the limit tells "fits" from "was cut" (recvfrom truncates).
+            bufsize = limit + 1
+            for _ in range(self._batch_size):
+                try:
+                    data, addr = recvfrom(bufsize)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _RECV_TOO_BIG:
+                        self._truncated += 1
+                        continue
+                    if out:  # like recvmmsg: return what arrived, report the error next call
+                        self._pending_error = exc
+                        break
+                    raise
+                if len(data) > limit:
+                    self._truncated += 1
+                    continue
+                out.append((data, addr))
+            return out
+        finally:
+            self._rx_lock.release()
+
+    def send_batch(self, datagrams):
+        """Send [(data, address)] in order; returns how many entries were consumed."""
+        if not self._tx_lock.acquire(blocking=False):
+            raise RuntimeError("BatchSocket.send_batch called from two threads at once")
+        try:
+            self._send_calls += 1
+            items = datagrams if type(datagrams) in (list, tuple) else tuple(datagrams)
+            cache = self._dest_cache
+            if len(cache) > DEST_CACHE_MAX:
+                cache.clear()
+            # Check every entry first, so that a bad one raises before anything is sent.
+            for data, addr in items:
+                if data.__class__ is not bytes:
+                    _check_data(data)
+                try:
+                    if addr in cache:
+                        continue
+                except TypeError:
+                    raise ValueError(
+                        f"address must be a tuple (host, port), not {addr!r}") from None
+                cache[addr] = _sendto_address(self._family, addr)
+            sendto = self._sock.sendto
+            done = 0
+            for data, addr in items:
+                try:
+                    sendto(data, cache[addr])
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _SEND_STOP:
+                        break
+                    if exc.errno in _SEND_FATAL:
+                        raise
+                    # Refused on its own (ECONNREFUSED, EMSGSIZE, ENETUNREACH...): skip it.
+                    self._send_errors += 1
+                done += 1
+            return done
+        finally:
+            self._tx_lock.release()

@@ -1,0 +1,295 @@
+"""Pure-Python twin of `_hot.pyx`: classify, QUIC header parsing, DCID/session routing.
+
+Keep the two files in step: the same tests run against both (tests/conftest.py `hot`).
+"""
+
+from ._kinds import (
+    KIND_QUIC_LONG,
+    KIND_QUIC_SHORT,
+    KIND_RELAY,
+    KIND_STUN,
+    KIND_UNKNOWN,
+    RELAY_HEADER_LEN,
+)
+
+# RFC 9000 §17.2: connection IDs in long headers are at most 20 bytes in QUIC v1.
+MAX_CID_LEN = 20
+# RFC 9001 §5.8: the Retry Integrity Tag is 16 bytes.
+RETRY_TAG_LEN = 16
+VERSION_NEGOTIATION = 0x00000000  # RFC 9000 §17.2.1
+VERSION_2 = 0x6B3343CF  # RFC 9369 §3.1
+# Long header type bits (first byte & 0x30) >> 4: RFC 9000 §17.2 table 5, RFC 9369 §3.2.
+LONG_TYPES_V1 = ("initial", "0rtt", "handshake", "retry")
+LONG_TYPES_V2 = ("retry", "initial", "0rtt", "handshake")
+
+# First byte -> kind, per the DESIGN.md wire table.
+_KIND_BY_BYTE = tuple(
+    KIND_STUN if b <= 0x03
+    else KIND_RELAY if b == 0x10
+    else KIND_QUIC_SHORT if 0x40 <= b <= 0x7F
+    else KIND_QUIC_LONG if b >= 0xC0
+    else KIND_UNKNOWN
+    for b in range(256)
+)
+
+
+def classify(data):
+    """The kind of a datagram (KIND_*), from its first byte; KIND_UNKNOWN when empty."""
+    if not data:
+        return KIND_UNKNOWN
+    return _KIND_BY_BYTE[data[0]]
+
+
+class QuicHeader:
+    """The routing-relevant fields of a QUIC packet header (RFC 9000 §17, RFC 8999).
+
+    `length` is the long header's Length field (None for Retry, Version Negotiation and
+    short headers); `packet_length` is how many bytes of the datagram this packet covers.
+    """
+
+    __slots__ = ("version", "packet_type", "dcid", "scid", "token", "length",
+                 "packet_length", "supported_versions")
+
+    def __init__(self, version, packet_type, dcid, scid, token, length, packet_length,
+                 supported_versions):
+        self.version = version
+        self.packet_type = packet_type
+        self.dcid = dcid
+        self.scid = scid
+        self.token = token
+        self.length = length
+        self.packet_length = packet_length
+        self.supported_versions = supported_versions
+
+    def __repr__(self):
+        return (f"QuicHeader(packet_type={self.packet_type!r}, version={self.version!r}, "
+                f"dcid={self.dcid.hex()}, scid={self.scid.hex()}, length={self.length!r})")
+
+
+def _varint(data, pos, end):
+    """Decode a variable-length integer (RFC 9000 §16) at pos; returns (value, new_pos)."""
+    if pos >= end:
+        raise ValueError("QUIC header truncated in a variable-length integer")
+    first = data[pos]
+    size = 1 << (first >> 6)
+    if pos + size > end:
+        raise ValueError("QUIC header truncated in a variable-length integer")
+    value = first & 0x3F
+    for i in range(pos + 1, pos + size):
+        value = (value << 8) | data[i]
+    return value, pos + size
+
+
+def parse_header(data, short_dcid_len=8):
+    """Parse a QUIC packet header; raise ValueError on anything malformed."""
+    end = len(data)
+    if end == 0:
+        raise ValueError("empty datagram")
+    first = data[0]
+    if not first & 0x80:
+        # Short header (RFC 9000 §17.3): the DCID length is the endpoint's own.
+        if not first & 0x40:
+            raise ValueError("QUIC fixed bit is zero")
+        if end < 1 + short_dcid_len:
+            raise ValueError("QUIC short header shorter than its connection ID")
+        return QuicHeader(None, "1rtt", bytes(data[1:1 + short_dcid_len]), b"", b"", None,
+                          end, ())
+
+    # Long header (RFC 9000 §17.2; invariants in RFC 8999 §5.1).
+    if end < 7:
+        raise ValueError("QUIC long header truncated")
+    version = int.from_bytes(data[1:5], "big")
+    dcid_len = data[5]
+    if dcid_len > MAX_CID_LEN:
+        raise ValueError(f"destination connection ID too long ({dcid_len} bytes)")
+    pos = 6 + dcid_len
+    if pos >= end:
+        raise ValueError("QUIC long header truncated in the destination connection ID")
+    dcid = bytes(data[6:pos])
+    scid_len = data[pos]
+    if scid_len > MAX_CID_LEN:
+        raise ValueError(f"source connection ID too long ({scid_len} bytes)")
+    pos += 1
+    if pos + scid_len > end:
+        raise ValueError("QUIC long header truncated in the source connection ID")
+    scid = bytes(data[pos:pos + scid_len])
+    pos += scid_len
+
+    if version == VERSION_NEGOTIATION:
+        # RFC 9000 §17.2.1: the rest is a list of 32-bit versions.
+        if (end - pos) % 4:
+            raise ValueError("version negotiation packet has a partial version")
+        versions = tuple(int.from_bytes(data[i:i + 4], "big") for i in range(pos, end, 4))
+        return QuicHeader(version, "version_negotiation", dcid, scid, b"", None, end, versions)
+
+    if not first & 0x40:
+        raise ValueError("QUIC fixed bit is zero")
+    types = LONG_TYPES_V2 if version == VERSION_2 else LONG_TYPES_V1
+    packet_type = types[(first & 0x30) >> 4]
+    token = b""
+    if packet_type == "retry":
+        # RFC 9000 §17.2.5: token fills the packet up to the 16-byte integrity tag.
+        if end - pos < RETRY_TAG_LEN:
+            raise ValueError("retry packet shorter than its integrity tag")
+        token = bytes(data[pos:end - RETRY_TAG_LEN])
+        return QuicHeader(version, packet_type, dcid, scid, token, None, end, ())
+    if packet_type == "initial":
+        token_len, pos = _varint(data, pos, end)
+        if pos + token_len > end:
+            raise ValueError("QUIC initial token truncated")
+        token = bytes(data[pos:pos + token_len])
+        pos += token_len
+    length, pos = _varint(data, pos, end)
+    if pos + length > end:
+        raise ValueError("QUIC packet payload truncated")
+    return QuicHeader(version, packet_type, dcid, scid, token, length, pos + length, ())
+
+
+class DispatchResult:
+    """One received batch, grouped so the caller enters Python once per group.
+
+    quic_handles, quic_datagrams: parallel lists, the connection handle of each routed QUIC
+              (datagram, addr), in arrival order; `grouped_quic()` groups them by handle
+    initials: [(QuicHeader, datagram, addr)] Initial packets for unknown DCIDs (may open a
+              connection, if the caller allows it)
+    stun:     [(datagram, addr)]
+    relay:    [(session entry, datagram, addr)] relay frames of known sessions
+    dropped:  how many datagrams of this batch were dropped (also counted on the Router)
+    """
+
+    __slots__ = ("quic_handles", "quic_datagrams", "initials", "stun", "relay", "dropped")
+
+    def __init__(self):
+        self.quic_handles = []
+        self.quic_datagrams = []
+        self.initials = []
+        self.stun = []
+        self.relay = []
+        self.dropped = 0
+
+    def grouped_quic(self):
+        """{handle: [(datagram, addr), ...]}, arrival order kept within each handle."""
+        groups = {}
+        for handle, item in zip(self.quic_handles, self.quic_datagrams):
+            group = groups.get(handle)
+            if group is None:
+                groups[handle] = [item]
+            else:
+                group.append(item)
+        return groups
+
+
+class Router:
+    """Tables from 8-byte DCIDs to connection handles and 8-byte relay session ids to entries.
+
+    `dispatch` classifies, parses and looks up a whole batch in one call. Malformed or
+    unroutable datagrams are dropped and counted by reason.
+    """
+
+    def __init__(self, short_dcid_len=8):
+        self.short_dcid_len = short_dcid_len
+        self._connections = {}
+        self._sessions = {}
+        self.dropped_malformed = 0
+        self.dropped_unknown_kind = 0
+        self.dropped_unknown_dcid = 0
+        self.dropped_unknown_session = 0
+
+    # Connection table ------------------------------------------------------------------
+    def add_connection(self, dcid, handle):
+        self._connections[bytes(dcid)] = handle
+
+    def remove_connection(self, dcid):
+        """Forget a DCID; returns its handle, or None if it was not known."""
+        return self._connections.pop(bytes(dcid), None)
+
+    def connection(self, dcid):
+        return self._connections.get(bytes(dcid))
+
+    @property
+    def connection_count(self):
+        return len(self._connections)
+
+    # Relay session table ---------------------------------------------------------------
+    def add_session(self, session_id, entry):
+        if len(session_id) != RELAY_HEADER_LEN - 1:
+            raise ValueError("relay session ids are 8 bytes")
+        self._sessions[bytes(session_id)] = entry
+
+    def remove_session(self, session_id):
+        return self._sessions.pop(bytes(session_id), None)
+
+    def session(self, session_id):
+        return self._sessions.get(bytes(session_id))
+
+    @property
+    def session_count(self):
+        return len(self._sessions)
+
+    def counters(self):
+        return {
+            "dropped_malformed": self.dropped_malformed,
+            "dropped_unknown_kind": self.dropped_unknown_kind,
+            "dropped_unknown_dcid": self.dropped_unknown_dcid,
+            "dropped_unknown_session": self.dropped_unknown_session,
+        }
+
+    # Dispatch --------------------------------------------------------------------------
+    def dispatch(self, datagrams):
+        """Classify, parse and route a batch of (datagram, addr) pairs."""
+        result = DispatchResult()
+        quic_handles = result.quic_handles
+        quic_datagrams = result.quic_datagrams
+        connections = self._connections
+        sessions = self._sessions
+        short_len = self.short_dcid_len
+        for item in datagrams:
+            data = item[0]
+            if type(data) is not bytes:
+                data = bytes(data)
+            kind = _KIND_BY_BYTE[data[0]] if data else KIND_UNKNOWN
+            if kind == KIND_QUIC_SHORT:
+                if len(data) < 1 + short_len:
+                    self.dropped_malformed += 1
+                    result.dropped += 1
+                    continue
+                handle = connections.get(data[1:1 + short_len])
+                if handle is None:
+                    self.dropped_unknown_dcid += 1
+                    result.dropped += 1
+                    continue
+                quic_handles.append(handle)
+                quic_datagrams.append(item)
+            elif kind == KIND_QUIC_LONG:
+                try:
+                    header = parse_header(data, short_len)
+                except ValueError:
+                    self.dropped_malformed += 1
+                    result.dropped += 1
+                    continue
+                handle = connections.get(header.dcid)
+                if handle is not None:
+                    quic_handles.append(handle)
+                    quic_datagrams.append(item)
+                elif header.packet_type == "initial":
+                    result.initials.append((header, data, item[1]))
+                else:
+                    self.dropped_unknown_dcid += 1
+                    result.dropped += 1
+            elif kind == KIND_RELAY:
+                if len(data) <= RELAY_HEADER_LEN:
+                    self.dropped_malformed += 1
+                    result.dropped += 1
+                    continue
+                entry = sessions.get(data[1:RELAY_HEADER_LEN])
+                if entry is None:
+                    self.dropped_unknown_session += 1
+                    result.dropped += 1
+                    continue
+                result.relay.append((entry, data, item[1]))
+            elif kind == KIND_STUN:
+                result.stun.append(item)
+            else:
+                self.dropped_unknown_kind += 1
+                result.dropped += 1
+        return result

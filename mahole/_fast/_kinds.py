@@ -1,0 +1,19 @@
+"""Datagram kinds, decided by the first byte (DESIGN.md wire table; RFC 7983/9443 style)."""
+
+KIND_UNKNOWN = 0
+KIND_STUN = 1  # 0x00-0x03: STUN (RFC 8489 §5: the two top bits of a STUN message are zero)
+KIND_RELAY = 2  # 0x10: relay frame
+KIND_QUIC_SHORT = 3  # 0x40-0x7F: QUIC short header (RFC 9000 §17.3, fixed bit set)
+KIND_QUIC_LONG = 4  # 0xC0-0xFF: QUIC long header (RFC 9000 §17.2, fixed bit set)
+
+KIND_NAMES = {
+    KIND_UNKNOWN: "unknown",
+    KIND_STUN: "stun",
+    KIND_RELAY: "relay",
+    KIND_QUIC_SHORT: "quic_short",
+    KIND_QUIC_LONG: "quic_long",
+}
+
+RELAY_FRAME_TYPE = 0x10
+RELAY_SESSION_ID_LEN = 8
+RELAY_HEADER_LEN = 1 + RELAY_SESSION_ID_LEN

@@ -1,0 +1,1 @@
+"""Wire codecs: QUIC header, STUN, relay frames, control messages."""
