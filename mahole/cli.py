@@ -1,10 +1,23 @@
 """`python -m mahole ROLE ...`: the command line of every role."""
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 
 from . import __version__, certs_cli
+from .config import (
+    DEFAULT_PORT,
+    AgentConfig,
+    ConnectorConfig,
+    Forward,
+    IntermediateConfig,
+    Service,
+)
+from .status import parse_hostport
+
+log = logging.getLogger("mahole")
 
 ROLES = {
     "intermediate": "public QUIC server: authentication, address discovery, signaling, relay",
@@ -14,9 +27,41 @@ ROLES = {
 }
 
 
-def _not_implemented(args):
-    print(f"mahole {args.command}: not implemented yet", file=sys.stderr)
-    return 2
+def _hostport(default_host=None, allow_zero=True):
+    def parse(text):
+        try:
+            return parse_hostport(text, default_host, allow_zero=allow_zero)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def _parsed(cls):
+    def parse(text):
+        try:
+            return cls.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def _add_credentials(sub, role):
+    sub.add_argument("--ca", default="certs/ca.crt", help="deployment CA certificate "
+                     "(default: certs/ca.crt)")
+    sub.add_argument("--cert", required=True, help=f"this {role}'s certificate")
+    sub.add_argument("--key", required=True, help=f"this {role}'s private key")
+    sub.add_argument("--status", type=_hostport("127.0.0.1"), metavar="HOST:PORT",
+                     help="serve GET /status (JSON) and GET /metrics (Prometheus) here")
+
+
+def _add_node(sub, role):
+    sub.add_argument("--intermediate", required=True, type=_hostport(allow_zero=False),
+                     metavar="HOST:PORT", help="the intermediate's address")
+    sub.add_argument("--intermediate-name", metavar="NAME",
+                     help="name in the intermediate's certificate (default: its HOST)")
+    sub.add_argument("--bind", type=_hostport("0.0.0.0"), default=("0.0.0.0", 0),
+                     metavar="HOST:PORT", help="local UDP address (default: any, port 0)")
+    _add_credentials(sub, role)
 
 
 def build_parser():
@@ -30,18 +75,130 @@ def build_parser():
                         help="more log output (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", metavar="ROLE")
     commands.required = True
-    for role, help_text in ROLES.items():
-        sub = commands.add_parser(role, help=help_text, description=help_text)
-        sub.set_defaults(func=_not_implemented)
+
+    sub = commands.add_parser("intermediate", help=ROLES["intermediate"],
+                              description=ROLES["intermediate"])
+    sub.add_argument("--listen", type=_hostport("0.0.0.0"), default=("0.0.0.0", DEFAULT_PORT),
+                     metavar="HOST:PORT", help=f"UDP address (default: 0.0.0.0:{DEFAULT_PORT})")
+    sub.add_argument("--allow", action="append", default=[], metavar="AGENT_GLOB=SERVICE_GLOB",
+                     help="let matching agents reach matching services (repeatable; "
+                          "default: deny everything)")
+    sub.add_argument("--relay-rate-limit", type=int, default=0, metavar="BYTES_PER_S",
+                     help="per-session relay rate limit (default: 0, unlimited)")
+    sub.add_argument("--session-idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="expire relay sessions idle this long (default: 300)")
+    _add_credentials(sub, "intermediate")
+    sub.set_defaults(func=run_intermediate)
+
+    sub = commands.add_parser("connector", help=ROLES["connector"],
+                              description=ROLES["connector"])
+    sub.add_argument("--service", action="append", default=[], required=True,
+                     type=_parsed(Service), metavar="NAME=tcp:HOST:PORT",
+                     help="a named service and its target (repeatable; tcp: or udp:)")
+    _add_node(sub, "connector")
+    sub.set_defaults(func=run_connector)
+
+    sub = commands.add_parser("agent", help=ROLES["agent"], description=ROLES["agent"])
+    sub.add_argument("--forward", action="append", default=[], required=True,
+                     type=_parsed(Forward), metavar="tcp:LHOST:LPORT=SERVICE",
+                     help="a local forward to a service (repeatable; tcp: or udp:)")
+    _add_node(sub, "agent")
+    sub.set_defaults(func=run_agent)
+
+    sub = commands.add_parser("demo", help=ROLES["demo"], description=ROLES["demo"])
+    sub.add_argument("--json", action="store_true", help="print the results as JSON")
+    sub.add_argument("--bytes", type=int, default=4 << 20,
+                     help="bytes sent through the TCP forward (default: 4 MiB)")
+    sub.set_defaults(func=run_demo)
+
     certs_cli.add_parser(commands)
     return parser
+
+
+def _credentials(args):
+    return {"ca": args.ca, "cert": args.cert, "key": args.key, "status": args.status}
+
+
+def run_intermediate(args):
+    from .roles.intermediate import AclRule, Intermediate
+
+    try:
+        for rule in args.allow:
+            AclRule(rule)
+    except ValueError as exc:
+        return _error(args, str(exc))
+    if args.relay_rate_limit < 0 or args.session_idle_timeout <= 0:
+        return _error(args, "--relay-rate-limit must be >= 0 and --session-idle-timeout > 0")
+    cfg = IntermediateConfig(listen=args.listen, allow=tuple(args.allow),
+                             relay_rate_limit=args.relay_rate_limit,
+                             relay_burst=max(args.relay_rate_limit // 4, 64 * 1024)
+                             if args.relay_rate_limit else 0,
+                             session_idle_timeout=args.session_idle_timeout,
+                             **_credentials(args))
+    return _serve(args, Intermediate, cfg)
+
+
+def _node_kwargs(args):
+    return {"intermediate": args.intermediate, "intermediate_name": args.intermediate_name,
+            "bind": args.bind, **_credentials(args)}
+
+
+def run_connector(args):
+    from .roles.connector import Connector
+
+    cfg = ConnectorConfig(services=tuple(args.service), **_node_kwargs(args))
+    return _serve(args, Connector, cfg)
+
+
+def run_agent(args):
+    from .roles.agent import Agent
+
+    cfg = AgentConfig(forwards=tuple(args.forward), **_node_kwargs(args))
+    return _serve(args, Agent, cfg)
+
+
+def run_demo(args):
+    from .demo import run
+
+    return run(json_output=args.json, total_bytes=args.bytes)
+
+
+def _error(args, text):
+    print(f"mahole {args.command}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _serve(args, role_cls, cfg):
+    """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start."""
+    from .roles.node import StartupError
+
+    async def main():
+        role = role_cls(cfg)
+        await role.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"mahole {args.command} running; Ctrl-C to stop", file=sys.stderr, flush=True)
+        await stop.wait()
+        await role.stop()
+
+    try:
+        asyncio.run(main())
+    except StartupError as exc:
+        return _error(args, str(exc))
+    return 0
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    if args.command in ("intermediate", "connector", "agent") and args.verbose == 0:
+        level = logging.INFO  # long-running roles say what they do by default
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if level > logging.DEBUG:
+        logging.getLogger("quic").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -24,3 +24,9 @@ def hot(request):
 def batch(request):
     """The batch socket module: compiled `_batch` (Linux) and pure `_batch_py`."""
     return request.param
+
+
+@pytest.fixture(params=_impl_params("relay"))
+def relay(request):
+    """The relay engine module: compiled `_relay` (Linux) and pure `_relay_py`."""
+    return request.param

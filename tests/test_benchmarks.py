@@ -14,6 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.mark.parametrize("script, report, key", [
     ("bench_hotpath.py", "hotpath.json", "median_ns_per_packet"),
     ("bench_recv.py", "bench_recv-quick.json", None),
+    ("bench_relay.py", "bench_relay-quick.json", None),
+    ("bench_tunnel.py", "tunnel-quick.json", "median_mb_per_s"),
 ])
 def test_benchmark_quick_run(tmp_path, script, report, key):
     env = dict(os.environ, MAHOLE_BENCH_DIR=str(tmp_path))

@@ -40,6 +40,7 @@ def _load(compiled_name, twin_name):
 
 _hot, COMPILED = _load("_hot", "_hot_py")
 _batch, BATCH_COMPILED = _load("_batch", "_batch_py")
+_relay, RELAY_COMPILED = _load("_relay", "_relay_py")
 
 classify = _hot.classify
 parse_header = _hot.parse_header
@@ -47,6 +48,7 @@ QuicHeader = _hot.QuicHeader
 Router = _hot.Router
 DispatchResult = _hot.DispatchResult
 BatchSocket = _batch.BatchSocket
+RelayEngine = _relay.RelayEngine
 
 
 def implementations(module="hot"):
@@ -56,7 +58,8 @@ def implementations(module="hot"):
     """
     import importlib
 
-    names = {"hot": ("_hot", "_hot_py"), "batch": ("_batch", "_batch_py")}[module]
+    names = {"hot": ("_hot", "_hot_py"), "batch": ("_batch", "_batch_py"),
+             "relay": ("_relay", "_relay_py")}[module]
     found = {}
     try:
         found["compiled"] = importlib.import_module(f"{__name__}.{names[0]}")

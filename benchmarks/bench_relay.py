@@ -1,0 +1,740 @@
+"""Relay forwarding rate on loopback: mahole's RelayEngine against coturn (TURN ChannelData).
+
+    python benchmarks/bench_relay.py [--quick] [--allow-twin] [--reps N] [--duration S] [--no-pin]
+
+How it measures. Three processes besides this one, all on 127.0.0.1: a sender, a receiver
+and the relay under test. For mahole the relay is benchmarks/_relay_server.py (a RelayEngine
+on one UDP socket with one session whose members are the sender and the receiver); the
+sender sends relay frames (0x10, session id, 1200-byte inner packet) and the receiver gets
+them unchanged. For coturn the sender makes a TURN allocation (Allocate with the long-term
+credential, CreatePermission and ChannelBind for the receiver's address) and sends
+ChannelData (4-byte header, the same 1200-byte payload); the receiver gets the payload from
+coturn's relayed address. The receiver checks the bytes of the first datagram of every batch.
+
+  saturated  the sender blasts as fast as it can for --duration seconds; reported: packets/s
+             forwarded at the receiver (first to last arrival) and the loss.
+  lossless   the highest offered rate (a paced sender, binary search from 1.25 x the best
+             saturated forwarding rate down) at which less than 0.1% of the packets are lost.
+
+Also measured (not with --quick): "mahole-nogso", the same engine with gso=False, which
+sends one datagram per msghdr of its sendmmsg instead of UDP GSO runs, to show what GSO adds.
+
+Fairness. Both relays get the same load: the sender uses UDP GSO to stay cheap (the relays
+still receive separate datagrams), the mahole relay asks for the SO_RCVBUF coturn asks for
+(2 MiB), and with 3+ CPUs relay, sender and receiver are pinned to CPUs of their own (coturn
+with all its threads on the relay's CPU); with fewer the scheduler shares them (--no-pin
+forces that). Loopback makes every send pay for the receiving side too, so absolute rates
+here are far below a NIC's; the ratio measured in the same run is the result.
+
+Saturated runs alternate between the systems, --reps times each, so drift hits all alike.
+Per-socket kernel drop counters (/proc/net/udp) say where packets were lost: at the relay's
+socket or at the receiver's. The report gives the ratio mahole/coturn (target >= 1.0).
+coturn is measured only if `turnserver` is on PATH (it runs with -n and its own temporary
+files, on non-default loopback ports, and is killed by PID at the end). --quick measures
+mahole saturated only, briefly. JSON goes to benchmarks/results/bench_relay.json
+(bench_relay-quick.json for --quick).
+"""
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+try:
+    import mahole  # noqa: F401 - prefer the installed package
+except ImportError:
+    sys.path.insert(0, str(HERE.parent))
+
+import _report  # noqa: E402
+from mahole import _fast  # noqa: E402
+from mahole.wire import stun  # noqa: E402
+from mahole.wire.relay import encode_frame  # noqa: E402
+
+NAME = "bench_relay"
+INNER_SIZE = 1200  # QUIC clients pad Initial datagrams to at least 1200 bytes (RFC 9000 §14.1)
+SESSION_ID = bytes.fromhex("0123456789abcdef")
+SENDER_BATCH = 64
+RCVBUF_RECEIVER = 32 << 20
+# The mahole relay socket's SO_RCVBUF: what coturn asks for its sockets (UR_SERVER_SOCK_BUF_SIZE,
+# 64 KiB x 32), so that both relays absorb bursts alike.
+RCVBUF_RELAY = 2 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+IDLE = 0.3  # seconds without a datagram: the receiver has everything
+LOSSLESS = 0.001  # "lossless" = less than 0.1% lost
+TRIAL_S = 0.5  # seconds per lossless trial
+SEARCH_STEPS = 6
+CEILING_OVER_SATURATED = 1.25  # the search starts at this times the best saturated rx rate
+PACE_TICK = 0.001  # the paced sender sends a burst about every millisecond
+TARGET = 1.0  # mahole / coturn
+BUDGET_S = 80.0  # the whole run stays under 90 s
+
+# TURN (RFC 8656): methods (§17) and attributes (§18); ChannelData (§12.4).
+TURN_ALLOCATE, TURN_CREATE_PERMISSION, TURN_CHANNEL_BIND = 0x003, 0x008, 0x009
+ATTR_CHANNEL_NUMBER, ATTR_LIFETIME, ATTR_XOR_PEER_ADDRESS = 0x000C, 0x000D, 0x0012
+ATTR_REALM, ATTR_NONCE, ATTR_XOR_RELAYED_ADDRESS = 0x0014, 0x0015, 0x0016
+ATTR_REQUESTED_TRANSPORT = 0x0019
+UDP_TRANSPORT = bytes((17, 0, 0, 0))  # RFC 8656 §18.7: protocol number 17 (UDP), RFFU
+CHANNEL = 0x4000  # RFC 8656 §12: channel numbers 0x4000-0x4FFF
+TURN_USER, TURN_PASSWORD, TURN_REALM = "u", "p", "mahole"
+# RFC 8489 §9.2.2: long-term key = MD5(username ":" realm ":" password).
+TURN_KEY = hashlib.md5(f"{TURN_USER}:{TURN_REALM}:{TURN_PASSWORD}".encode()).digest()
+
+
+def _payload():
+    return bytes((0x40 | (i & 0x3F)) if i == 0 else (i * 7) & 0xFF for i in range(INNER_SIZE))
+
+
+# --- TURN client (sender side) ---------------------------------------------------------------
+
+
+def _xor_address(addr):
+    """XOR-PEER-ADDRESS value for an IPv4 (host, port) (RFC 8489 §14.2)."""
+    host, port = addr
+    cookie = stun.MAGIC_COOKIE.to_bytes(4, "big")
+    x_addr = bytes(a ^ b for a, b in zip(socket.inet_aton(host), cookie))
+    return bytes((0, 1)) + (port ^ (stun.MAGIC_COOKIE >> 16)).to_bytes(2, "big") + x_addr
+
+
+def _unxor_address(value):
+    if len(value) != 8 or value[1] != 1:
+        raise ValueError(f"expected an IPv4 XOR address, got {value.hex()}")
+    cookie = stun.MAGIC_COOKIE.to_bytes(4, "big")
+    host = socket.inet_ntoa(bytes(a ^ b for a, b in zip(value[4:8], cookie)))
+    return host, int.from_bytes(value[2:4], "big") ^ (stun.MAGIC_COOKIE >> 16)
+
+
+def _transaction(sock, server, message, key=None, timeout=5.0):
+    """Send a STUN request (retransmitting, RFC 8489 §6.2.1) and return the decoded answer."""
+    data = stun.encode(message, integrity_key=key)
+    deadline = time.monotonic() + timeout
+    rto = 0.1
+    while time.monotonic() < deadline:
+        sock.sendto(data, server)
+        wait_until = min(deadline, time.monotonic() + rto)
+        while True:
+            remaining = wait_until - time.monotonic()
+            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+                break
+            reply, _ = sock.recvfrom(65535)
+            try:
+                answer = stun.decode(reply)
+            except ValueError:
+                continue
+            if answer.transaction_id == message.transaction_id:
+                return answer
+        rto = min(2 * rto, 1.0)
+    raise TimeoutError(f"no TURN answer from {server[0]}:{server[1]} in {timeout:g}s")
+
+
+def _turn_setup(sock, server, peer):
+    """Allocate, CreatePermission and ChannelBind for peer; returns the relayed address."""
+    def request(method, attributes, nonce_holder):
+        for _ in range(3):  # 401 first, maybe 438 (stale nonce), then the answer
+            attrs = dict(attributes)
+            if nonce_holder:
+                attrs.update({"USERNAME": TURN_USER, ATTR_REALM: nonce_holder["realm"],
+                              ATTR_NONCE: nonce_holder["nonce"]})
+            message = stun.Message(method, stun.CLASS_REQUEST, attributes=attrs)
+            answer = _transaction(sock, server, message, TURN_KEY if nonce_holder else None)
+            if answer.message_class == stun.CLASS_SUCCESS:
+                return answer
+            code, reason = answer.attributes.get("ERROR-CODE", (0, "no ERROR-CODE"))
+            if code in (401, 438) and ATTR_NONCE in answer.attributes:
+                nonce_holder["realm"] = answer.attributes.get(ATTR_REALM,
+                                                              TURN_REALM.encode())
+                nonce_holder["nonce"] = answer.attributes[ATTR_NONCE]
+                continue
+            raise RuntimeError(f"TURN method 0x{method:03x} refused: {code} {reason}")
+        raise RuntimeError(f"TURN method 0x{method:03x}: authentication kept failing")
+
+    credentials = {}
+    answer = request(TURN_ALLOCATE, {ATTR_REQUESTED_TRANSPORT: UDP_TRANSPORT}, credentials)
+    relayed = _unxor_address(answer.attributes[ATTR_XOR_RELAYED_ADDRESS])
+    request(TURN_CREATE_PERMISSION, {ATTR_XOR_PEER_ADDRESS: _xor_address(peer)}, credentials)
+    request(TURN_CHANNEL_BIND, {ATTR_CHANNEL_NUMBER: CHANNEL.to_bytes(2, "big") + b"\0\0",
+                                ATTR_XOR_PEER_ADDRESS: _xor_address(peer)}, credentials)
+    return relayed
+
+
+def channel_data(payload):
+    """RFC 8656 §12.4: channel number, length, data (no padding needed over UDP)."""
+    return CHANNEL.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload
+
+
+# --- sender and receiver processes -----------------------------------------------------------
+
+
+def _pin(cpus):
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def _sender(conn, cpus):
+    """Child process: sends to whatever relay the parent names, as told."""
+    _pin(cpus)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.bind(("127.0.0.1", 0))
+    conn.send(sock.getsockname())
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "turn":
+                sock.setblocking(True)
+                try:
+                    conn.send(("ok", _turn_setup(sock, msg[1], msg[2])))
+                except (OSError, RuntimeError, ValueError) as exc:
+                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                continue
+            sock.setblocking(False)
+            if msg[0] == "blast":
+                conn.send(_blast(_Sends(sock, msg[1], msg[2]), msg[3]))
+            elif msg[0] == "paced":
+                conn.send(_paced(_Sends(sock, msg[1], msg[2]), msg[3], msg[4]))
+            else:
+                break
+    finally:
+        sock.close()
+
+
+class _Sends:
+    """send(n): n copies of one datagram to one address, as cheaply as the kernel allows.
+
+    With UDP GSO (UDP_SEGMENT, Linux 4.18+) one sendmsg carries up to GSO_SEGMENTS
+    datagrams and the kernel cuts them apart: on loopback that makes the sender about three
+    times cheaper than sendmmsg, so the relay, not the load generator, is the bottleneck.
+    The relay receives ordinary, separate datagrams either way. Falls back to BatchSocket.
+    """
+
+    GSO_SEGMENTS = 48  # 48 x 1209 bytes stays under the 64 KiB of one UDP send
+
+    def __init__(self, sock, dest, data):
+        self.sock, self.dest, self.data = sock, dest, data
+        self.gso = hasattr(socket, "SOL_UDP")  # until the kernel refuses it
+        self.cmsg = [(socket.SOL_UDP, UDP_SEGMENT, len(data).to_bytes(2, sys.byteorder))]
+        self.bufs = [data] * self.GSO_SEGMENTS
+        self.bsock = _fast.BatchSocket(sock, batch_size=SENDER_BATCH)
+        self.full = [(data, dest)] * SENDER_BATCH
+
+    def send(self, n):
+        """Send up to n; returns how many went (fewer when the socket buffer is full)."""
+        sent = 0
+        while sent < n:
+            k = min(n - sent, self.GSO_SEGMENTS if self.gso else SENDER_BATCH)
+            if self.gso:
+                try:
+                    self.sock.sendmsg(self.bufs[:k], self.cmsg if k > 1 else [], 0, self.dest)
+                    done = k
+                except BlockingIOError:
+                    done = 0
+                except OSError:  # no UDP GSO here: nothing was sent, use sendmmsg
+                    self.gso = False
+                    continue
+            else:
+                done = self.bsock.send_batch(self.full[:k])
+            sent += done
+            if done < k:
+                select.select([], [self.sock], [], 0.01)
+                break
+        return sent
+
+
+UDP_SEGMENT = 103  # <netinet/udp.h>
+
+
+def _blast(sends, duration):
+    sent = 0
+    start = time.perf_counter()
+    end = start + duration
+    while True:
+        for _ in range(8):
+            sent += sends.send(SENDER_BATCH)
+        now = time.perf_counter()
+        if now >= end:
+            return sent, now - start
+
+
+def _paced(sends, rate, count):
+    burst = max(1, min(SENDER_BATCH, int(rate * PACE_TICK)))
+    sent = 0
+    start = time.perf_counter()
+    while sent < count:
+        due = start + sent / rate
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        sent += sends.send(min(burst, count - sent))
+    return sent, time.perf_counter() - start
+
+
+def _receiver(conn, cpus):
+    """Child process: counts what arrives in one measurement, checking the bytes."""
+    _pin(cpus)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_RECEIVER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_RECEIVER)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    bsock = _fast.BatchSocket(sock, batch_size=64)
+    conn.send(sock.getsockname())
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] != "count":
+                break
+            conn.send(_count(bsock, sock, *msg[1:]))
+    finally:
+        sock.close()
+
+
+def _count(bsock, sock, expected, first_timeout):
+    recv_batch = bsock.recv_batch
+    count = bad = 0
+    first = last = None
+    if select.select([sock], [], [], first_timeout)[0]:
+        while True:
+            batch = recv_batch()
+            if batch:
+                last = time.perf_counter()
+                if first is None:
+                    first = last
+                count += len(batch)
+                if batch[0][0] != expected:
+                    bad += 1
+                continue
+            if not select.select([sock], [], [], IDLE)[0]:
+                break
+    seconds = (last - first) if count > 1 else 0.0
+    return {"received": count, "bad_batches": bad, "seconds": seconds}
+
+
+# --- the relays under test -------------------------------------------------------------------
+
+
+def _free_port_range(size):
+    """A base port such that UDP base..base+size-1 on 127.0.0.1 are free right now."""
+    rng = random.Random()
+    for _ in range(50):
+        base = rng.randrange(40000, 60000 - size)
+        socks = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free UDP port range on 127.0.0.1")
+
+
+class MaholeRelay:
+    def __init__(self, sender_addr, receiver_addr, allow_twin, cpus, gso=True):
+        self.name = "mahole" if gso else "mahole-nogso"
+        cmd = [sys.executable, str(HERE / "_relay_server.py"),
+               "--member-a", "%s:%d" % sender_addr, "--member-b", "%s:%d" % receiver_addr,
+               "--session", SESSION_ID.hex(), "--rcvbuf", str(RCVBUF_RELAY)]
+        if allow_twin:
+            cmd.append("--allow-twin")
+        if not gso:
+            cmd.append("--no-gso")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=(lambda: _pin(cpus)) if cpus else None)
+        ready = _readline(self.proc.stdout, 10.0)
+        if not ready.startswith("ready "):
+            _end_pid(self.proc)
+            raise RuntimeError(f"the mahole relay server did not start: "
+                               f"{ready or self.proc.stderr.read().strip()!r}")
+        _, host, port, self.impl, rcvbuf = ready.split()
+        self.address = (host, int(port))
+        self.rcvbuf = int(rcvbuf.split("=")[1])
+        self.ports = {self.address[1]}
+        self.data = encode_frame(SESSION_ID, _payload())
+        self.expected = self.data  # forwarded unchanged
+        self.counters = None
+
+    def stop(self):
+        """Close stdin (the server prints its counters), then end it by PID."""
+        proc = self.proc
+        try:
+            proc.stdin.close()
+            line = _readline(proc.stdout, 5.0)
+            if line.startswith("counters "):
+                self.counters = json.loads(line[len("counters "):])
+        except (OSError, ValueError):
+            pass
+        _end_pid(proc)
+
+
+class Coturn:
+    name = "coturn"
+
+    def __init__(self, tmp, cpus):
+        self.binary = shutil.which("turnserver")
+        base = _free_port_range(16)
+        self.port = base
+        self.log = Path(tmp) / "turnserver.log"
+        cmd = [self.binary, "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1",
+               "--listening-port", str(base), "--alt-listening-port", str(base + 1),
+               "--min-port", str(base + 2), "--max-port", str(base + 15),
+               "--no-tls", "--no-dtls", "--no-tcp", "--no-tcp-relay", "--no-cli",
+               "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}",
+               "--realm", TURN_REALM, "--allow-loopback-peers", "--no-rfc5780",
+               "--log-file", str(self.log), "--simple-log", "--no-stdout-log",
+               "--pidfile", str(Path(tmp) / "turnserver.pid"),
+               "--db", str(Path(tmp) / "turndb")]
+        # Pinned before exec, so that every thread coturn starts shares the relay's CPUs.
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL,
+                                     preexec_fn=(lambda: _pin(cpus)) if cpus else None)
+        self.address = ("127.0.0.1", base)
+        self.ports = {base}
+        self.data = channel_data(_payload())
+        self.expected = _payload()  # coturn strips the ChannelData header
+        self.impl = _version(self.binary)
+        self.relayed = None
+
+    def stop(self):
+        _end_pid(self.proc)
+
+
+def _version(binary):
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5)
+        return "coturn " + (out.stdout or out.stderr).strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "coturn"
+
+
+def _readline(stream, timeout):
+    if not select.select([stream], [], [], timeout)[0]:
+        return ""
+    return stream.readline().strip()
+
+
+def _end_pid(proc, grace=3.0):
+    """End a child by its PID: SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(grace)
+    except ProcessLookupError:
+        pass
+
+
+def _udp_drops(ports):
+    """Kernel receive drops summed over the local UDP sockets bound to these ports."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) in ports:
+                total += int(fields[-1])
+    return total
+
+
+def _cpu_plan(pin):
+    """CPU sets with 3 or more CPUs: relay, sender and receiver each on CPUs of their own.
+
+    On loopback the sender pays for delivering into the relay's socket and the relay for
+    delivering into the receiver's, so on shared CPUs the scheduler decides how much of the
+    box the relay gets. Pinned, the result is what one CPU of relay does, for mahole and
+    coturn (all its threads) alike. With 2 CPUs pinning would leave sender and receiver
+    sharing one CPU and the sender, not the relay, would be the bottleneck: not pinned.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not pin or len(cpus) < 3:
+        return {"relay": None, "sender": None, "receiver": None}
+    return {"relay": {cpus[-1]}, "sender": {cpus[0]}, "receiver": set(cpus[1:-1])}
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+
+class Harness:
+    def __init__(self, sender, receiver, receiver_port):
+        self.sender, self.receiver, self.receiver_port = sender, receiver, receiver_port
+
+    def run(self, relay, command):
+        """One measurement: receiver counts while the sender does `command`."""
+        drops_before = (_udp_drops(relay.ports), _udp_drops({self.receiver_port}))
+        self.receiver.send(("count", relay.expected, 3.0))
+        self.sender.send(command)
+        sent, send_s = self.sender.recv()
+        got = self.receiver.recv()
+        drops_after = (_udp_drops(relay.ports), _udp_drops({self.receiver_port}))
+        return {
+            "sent": sent,
+            "offered_pps": sent / send_s if send_s else 0.0,
+            "received": got["received"],
+            "rx_pps": got["received"] / got["seconds"] if got["seconds"] else 0.0,
+            "loss": (sent - got["received"]) / sent if sent else 0.0,
+            "bad_batches": got["bad_batches"],
+            "drops_at_relay": drops_after[0] - drops_before[0],
+            "drops_at_receiver": drops_after[1] - drops_before[1],
+        }
+
+    def saturated(self, relay, duration):
+        return self.run(relay, ("blast", relay.address, relay.data, duration))
+
+    def paced(self, relay, rate):
+        return self.run(relay, ("paced", relay.address, relay.data, rate,
+                                max(100, int(rate * TRIAL_S))))
+
+    def lossless(self, relay, ceiling, deadline):
+        """Binary search of the offered rate below `ceiling` for loss < LOSSLESS."""
+        trials = []
+        best = None
+        lo, hi = 0.0, ceiling
+        rate = ceiling
+        for _ in range(SEARCH_STEPS + 1):
+            if time.monotonic() > deadline:
+                break
+            trial = self.paced(relay, rate)
+            trial["target_pps"] = rate
+            trial["lossless"] = trial["loss"] < LOSSLESS and trial["bad_batches"] == 0
+            trial["at_ceiling"] = rate == ceiling
+            trials.append(trial)
+            if trial["lossless"]:
+                if best is None or trial["offered_pps"] > best["offered_pps"]:
+                    best = trial
+                if rate == ceiling:
+                    break
+                lo = rate
+            else:
+                hi = rate
+            rate = (lo + hi) / 2
+        return best, trials
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="bench_relay.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: mahole saturated only, briefly; no coturn, no search")
+    parser.add_argument("--allow-twin", action="store_true",
+                        help="measure the pure-Python twin if the compiled engine is missing")
+    parser.add_argument("--reps", type=int, default=3, help="saturated runs per system")
+    parser.add_argument("--duration", type=float, default=2.0,
+                        help="seconds per saturated run")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the scheduler place the processes (default with 3+ CPUs: "
+                             "relay, sender and receiver each get CPUs of their own)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.duration = 1, 0.5
+    if not 1 <= args.reps <= 5 or not 0 < args.duration <= 5:
+        parser.error("--reps must be 1-5 and --duration in (0, 5] (the run is bounded)")
+    return args
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if not _fast.RELAY_COMPILED and not args.allow_twin:
+        print("bench_relay: the compiled mahole._fast._relay module is not available "
+              "(build it, or pass --allow-twin to measure the pure-Python twin)",
+              file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    deadline = started + BUDGET_S
+    plan = _cpu_plan(args.pin)
+    ctx = multiprocessing.get_context("spawn")
+    children, relays = [], []
+    coturn_note = None
+    results = {}
+    tmp = tempfile.mkdtemp(prefix="mahole-bench-relay-")
+    s_parent = r_parent = None
+    try:
+        s_parent, s_child = ctx.Pipe()
+        r_parent, r_child = ctx.Pipe()
+        for target, conn, cpus in ((_sender, s_child, plan["sender"]),
+                                   (_receiver, r_child, plan["receiver"])):
+            proc = ctx.Process(target=target, args=(conn, cpus), daemon=True)
+            proc.start()
+            children.append(proc)
+            conn.close()  # the child's end: a dead child then reads as EOFError here
+        sender_addr, receiver_addr = s_parent.recv(), r_parent.recv()
+        harness = Harness(s_parent, r_parent, receiver_addr[1])
+
+        relays.append(MaholeRelay(sender_addr, receiver_addr, args.allow_twin, plan["relay"]))
+        if not args.quick:  # the same engine sending one datagram per msghdr, for scale
+            relays.append(MaholeRelay(sender_addr, receiver_addr, args.allow_twin, plan["relay"],
+                                      gso=False))
+        if args.quick:
+            coturn_note = "coturn skipped: --quick"
+        elif shutil.which("turnserver") is None:
+            coturn_note = ("coturn skipped: `turnserver` is not on PATH "
+                           "(apt-get install coturn to compare)")
+        else:
+            coturn = Coturn(tmp, plan["relay"])
+            relays.append(coturn)
+            s_parent.send(("turn", coturn.address, receiver_addr))
+            status, value = s_parent.recv()
+            if status == "ok":
+                coturn.relayed = value
+            else:
+                relays.remove(coturn)
+                coturn.stop()
+                coturn_note = f"coturn skipped: TURN setup failed ({value}); log: {coturn.log}"
+
+        for relay in relays:
+            results[relay.name] = {"impl": relay.impl, "saturated": [], "lossless": None,
+                                   "lossless_trials": []}
+        for _ in range(args.reps):  # interleaved: drift hits every relay alike
+            if time.monotonic() > deadline - 20:
+                break
+            for relay in relays:
+                results[relay.name]["saturated"].append(harness.saturated(relay, args.duration))
+        if not args.quick:
+            for i, relay in enumerate(relays):
+                sat = results[relay.name]["saturated"]
+                if not any(r["received"] for r in sat):
+                    continue  # it forwarded nothing: no search
+                # Nothing forwards losslessly much above what it forwards when flooded.
+                ceiling = min(max(r["offered_pps"] for r in sat),
+                              CEILING_OVER_SATURATED * max(r["rx_pps"] for r in sat))
+                share = started + BUDGET_S - 5 - time.monotonic()
+                share_deadline = time.monotonic() + share / (len(relays) - i)
+                best, trials = harness.lossless(relay, ceiling, min(deadline, share_deadline))
+                results[relay.name]["lossless"] = best
+                results[relay.name]["lossless_trials"] = trials
+    except (RuntimeError, TimeoutError, EOFError, OSError) as exc:
+        print(f"bench_relay: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for relay in relays:
+            relay.stop()
+        for conn in (s_parent, r_parent):
+            if conn is not None:
+                try:
+                    conn.send(("quit",))
+                except OSError:
+                    pass
+        for proc in children:
+            proc.join(3)
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(3)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return _report_results(args, results, relays, coturn_note, time.monotonic() - started, plan)
+
+
+def _report_results(args, results, relays, coturn_note, elapsed, plan):
+    summary = {}
+    rows = []
+    for relay in relays:
+        res = results[relay.name]
+        sat = res["saturated"]
+        rx = [r["rx_pps"] for r in sat]
+        lo, hi = _report.spread(rx)
+        best = res["lossless"]
+        summary[relay.name] = {
+            "saturated_rx_pps": _report.median(rx),
+            "saturated_offered_pps": _report.median([r["offered_pps"] for r in sat]),
+            "saturated_loss": _report.median([r["loss"] for r in sat]),
+            "lossless_pps": best["offered_pps"] if best else (None if args.quick else 0.0),
+            # lossless even at the top of the search: the relay may do more than this
+            "lossless_at_ceiling": bool(best and best["at_ceiling"]),
+            # no loss while blasting: the sender, not the relay, was the bottleneck
+            "saturated_sender_bound": _report.median([r["loss"] for r in sat]) < LOSSLESS,
+        }
+        s = summary[relay.name]
+        lossless_cell = "-" if s["lossless_pps"] is None else s["lossless_pps"]
+        if s["lossless_at_ceiling"]:
+            lossless_cell = f">= {s['lossless_pps']:,.0f} *"
+        rows.append([
+            f"{relay.name} ({relay.impl})",
+            s["saturated_rx_pps"], lo, hi,
+            s["saturated_offered_pps"],
+            f"{100 * s['saturated_loss']:.1f}%",
+            sum(r["drops_at_relay"] for r in sat),
+            sum(r["drops_at_receiver"] for r in sat),
+            lossless_cell,
+            sum(r["bad_batches"] for r in sat),
+        ])
+    ratios = {}
+    if "mahole" in summary and "coturn" in summary:
+        m, c = summary["mahole"], summary["coturn"]
+        ratios["saturated"] = m["saturated_rx_pps"] / c["saturated_rx_pps"] if c[
+            "saturated_rx_pps"] else None
+        if m["lossless_pps"] is not None and c["lossless_pps"]:
+            ratios["lossless"] = m["lossless_pps"] / c["lossless_pps"]
+
+    print(f"relay forwarding on loopback, {INNER_SIZE}-byte inner packets, "
+          f"{args.reps} x {args.duration:g}s saturated per system, "
+          f"lossless = offered rate with < {100 * LOSSLESS:g}% loss")
+    print("CPUs: " + (", ".join(f"{k} {sorted(v)}" for k, v in plan.items()) if plan["relay"]
+                      else f"not pinned ({len(os.sched_getaffinity(0))} available)"))
+    print(_report.table(
+        ["relay", "saturated rx pkt/s", "min", "max", "offered pkt/s", "loss",
+         "drops@relay", "drops@receiver", "lossless pkt/s", "bad"], rows))
+    if any(s["lossless_at_ceiling"] for s in summary.values()):
+        print("* no loss at the top of the search (the sender's top rate, or 1.25 x the "
+              "saturated rate): the relay's own limit is at least this")
+    for name, s in summary.items():
+        if s["saturated_sender_bound"]:
+            print(f"note: {name} lost nothing while flooded: the sender, not the relay, was "
+                  f"the bottleneck, and its saturated rate understates it")
+    if coturn_note:
+        print(coturn_note)
+    for kind, ratio in ratios.items():
+        if ratio is None:
+            continue
+        verdict = "met" if ratio >= TARGET else "MISSED"
+        print(f"mahole/coturn {kind}: {ratio:.2f}x (target >= {TARGET:g}x {verdict})")
+    path = _report.write(NAME + ("-quick" if args.quick else ""), {
+        "inner_size": INNER_SIZE,
+        "compiled": _fast.RELAY_COMPILED,
+        "quick": args.quick,
+        "reps": args.reps,
+        "duration_s": args.duration,
+        "lossless_threshold": LOSSLESS,
+        "cpus": {k: sorted(v) if v else None for k, v in plan.items()},
+        "elapsed_s": elapsed,
+        "coturn": coturn_note or "measured",
+        "relay_rcvbuf": {r.name: r.rcvbuf for r in relays if isinstance(r, MaholeRelay)},
+        "summary": summary,
+        "ratios": ratios,
+        "target": TARGET,
+        "targets_met": {k: (r is not None and r >= TARGET) for k, r in ratios.items()},
+        "mahole_server_counters": {r.name: r.counters for r in relays
+                                   if isinstance(r, MaholeRelay)},
+        "runs": results,
+    })
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

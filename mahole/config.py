@@ -1,0 +1,98 @@
+"""Settings of each role, with their defaults; the command line is built from these."""
+
+import dataclasses
+import re
+
+DEFAULT_PORT = 4478
+
+
+def parse_target(text):
+    """`tcp:HOST:PORT` or `udp:HOST:PORT` -> (proto, host, port)."""
+    match = re.fullmatch(r"(tcp|udp):(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})", text)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise ValueError(f"expected tcp:HOST:PORT or udp:HOST:PORT, got {text!r}")
+    return match.group(1), match.group(2).strip("[]"), int(match.group(3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    """A connector's named service: `NAME=tcp:HOST:PORT` (only these targets are reachable)."""
+
+    name: str
+    proto: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text):
+        name, sep, target = text.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise ValueError(f"expected NAME=tcp:HOST:PORT, got {text!r}")
+        return cls(name, *parse_target(target))
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """An agent's local forward: `tcp:LHOST:LPORT=SERVICE` (LPORT 0 picks a free port)."""
+
+    proto: str
+    host: str
+    port: int
+    service: str
+
+    @classmethod
+    def parse(cls, text):
+        local, sep, service = text.rpartition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", service):
+            raise ValueError(f"expected tcp:LHOST:LPORT=SERVICE, got {text!r}")
+        match = re.fullmatch(r"(tcp|udp):(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})", local)
+        if not match or not 0 <= int(match.group(3)) < 65536:
+            raise ValueError(f"expected tcp:LHOST:LPORT=SERVICE, got {text!r}")
+        return cls(match.group(1), match.group(2).strip("[]"), int(match.group(3)), service)
+
+
+@dataclasses.dataclass
+class Credentials:
+    ca: str = "certs/ca.crt"
+    cert: str = ""
+    key: str = ""
+
+
+@dataclasses.dataclass
+class IntermediateConfig(Credentials):
+    listen: tuple = ("0.0.0.0", DEFAULT_PORT)
+    allow: tuple = ()  # AGENT_GLOB=SERVICE_GLOB rules; none means every session is denied
+    status: tuple | None = None
+    idle_timeout: float = 30.0  # control connections (QUIC idle timeout, RFC 9000 §10.1)
+    session_idle_timeout: float = 300.0  # relay sessions with no traffic are expired
+    relay_rate_limit: int = 0  # bytes/s per session, 0 = unlimited
+    relay_burst: int = 0
+
+
+@dataclasses.dataclass
+class NodeConfig(Credentials):
+    intermediate: tuple = ("127.0.0.1", DEFAULT_PORT)
+    intermediate_name: str | None = None  # TLS name of the intermediate; default its host
+    bind: tuple = ("0.0.0.0", 0)
+    status: tuple | None = None
+    connect_timeout: float = 5.0  # per attempt to reach and register with the intermediate
+    reconnect_min: float = 0.5  # backoff between attempts doubles up to reconnect_max
+    reconnect_max: float = 10.0
+    control_idle_timeout: float = 15.0
+    keepalive_interval: float = 5.0  # QUIC PING on the control connection when idle
+    e2e_idle_timeout: float = 30.0
+
+    def __post_init__(self):
+        if self.intermediate_name is None:
+            self.intermediate_name = self.intermediate[0]
+
+
+@dataclasses.dataclass
+class ConnectorConfig(NodeConfig):
+    services: tuple = ()  # Service
+
+
+@dataclasses.dataclass
+class AgentConfig(NodeConfig):
+    forwards: tuple = ()  # Forward
+    open_timeout: float = 10.0  # from first use of a forward to a ready session

@@ -1,0 +1,142 @@
+"""QUIC connections between mahole nodes: TLS configuration and mutual authentication.
+
+Both kinds of connection — control (node ↔ intermediate) and end-to-end (agent ↔ connector)
+— authenticate both sides with certificates from the deployment CA. aioquic's server does not
+ask for or check client certificates by itself, so `NodeQuicConnection` asks for one during the
+handshake and `verify_peer` checks it (chain to the CA, role, name) on HandshakeCompleted,
+before any stream data of the connection is looked at; a connection that fails is closed.
+"""
+
+import ssl
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.recovery import QuicPacketPacer
+
+from . import identity
+
+ALPN_CONTROL = "mahole-control/1"
+ALPN_E2E = "mahole-e2e/1"
+
+# QUIC application error codes used when mahole closes a connection.
+ERROR_UNAUTHENTICATED = 0x101
+ERROR_SHUTDOWN = 0x100
+
+
+def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_timeout=30.0,
+                  max_datagram_frame_size=None, max_stream_data=2 << 20,
+                  max_data=16 << 20, max_datagram_size=1200):
+    """A QuicConfiguration presenting this node's certificate and trusting the deployment CA."""
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[alpn],
+        idle_timeout=idle_timeout,
+        max_datagram_frame_size=max_datagram_frame_size,
+        max_stream_data=max_stream_data,
+        max_data=max_data,
+        max_datagram_size=max_datagram_size,
+    )
+    config.certificate = node.certificate
+    config.certificate_chain = list(node.chain)
+    config.private_key = node.private_key
+    config.load_verify_locations(cafile=str(ca_path))
+    if is_client:
+        config.verify_mode = ssl.CERT_REQUIRED
+        config.server_name = server_name
+    return config
+
+
+# asyncio timers fire no sooner than about a millisecond after they are due, so a pacer whose
+# bucket holds less than that sends one small burst per timer tick and caps throughput.
+PACER_MIN_BURST = 0.002  # seconds of sending the bucket may hold (RFC 9002 §7.7 allows bursts)
+
+
+class TimerAwarePacer(QuicPacketPacer):
+    """aioquic's pacer, with a bucket that lasts at least one event-loop timer tick."""
+
+    def update_rate(self, congestion_window, smoothed_rtt):
+        super().update_rate(congestion_window, smoothed_rtt)
+        self.bucket_max = max(self.bucket_max, PACER_MIN_BURST)
+
+
+class NodeQuicConnection(QuicConnection):
+    """aioquic's QuicConnection with client certificates and receive-side backpressure.
+
+    - A server asks the client for its certificate (aioquic's TLS supports it but leaves it
+      off); `peer_certificates()` returns what the peer proved to hold.
+    - `pause_stream(id)` stops granting the peer more credit on a stream (RFC 9000 §4.1
+      MAX_STREAM_DATA) while our consumer is slow, so a slow local reader bounds memory
+      instead of buffering without limit; `resume_stream(id)` grants it again.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._paused_streams = set()
+        self._loss._pacer = TimerAwarePacer(
+            max_datagram_size=self._configuration.max_datagram_size)
+
+    def _initialize(self, peer_cid):
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def peer_certificates(self):
+        """[leaf, *chain] the peer presented in the handshake, or [] if none."""
+        leaf = getattr(self.tls, "_peer_certificate", None)
+        if leaf is None:
+            return []
+        return [leaf] + list(getattr(self.tls, "_peer_certificate_chain", []))
+
+    @property
+    def smoothed_rtt(self):
+        """Smoothed RTT in seconds (RFC 9002 §5.3), or None before the first sample."""
+        loss = self._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    def pause_stream(self, stream_id):
+        self._paused_streams.add(stream_id)
+
+    def resume_stream(self, stream_id):
+        self._paused_streams.discard(stream_id)
+
+    def stream_send_buffered(self, stream_id):
+        """Bytes written to a stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return len(stream.sender._buffer)
+
+    def _write_stream_limits(self, builder, space, stream):
+        """Grant stream credit (MAX_STREAM_DATA) one fixed window ahead of what was received.
+
+        aioquic doubles the window whenever half of it is used, without bound, which is fine
+        for a consumer that never stalls; here the consumer can be a slow TCP peer, so the
+        window stays `max_stream_data` ahead of the data received and is not moved at all
+        while the stream is paused. That bounds what a stream can buffer.
+        """
+        if stream.stream_id in self._paused_streams or not stream.max_stream_data_local:
+            return
+        window = self._configuration.max_stream_data
+        received = stream.receiver.highest_offset
+        if received + window // 2 > stream.max_stream_data_local:
+            stream.max_stream_data_local = received + window
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+def verify_peer(connection, ca, expected_role, expected_name=None):
+    """Check the certificate the peer proved to hold: chain, role, name. IdentityError if not."""
+    chain = connection.peer_certificates()
+    if not chain:
+        raise identity.IdentityError("the peer presented no certificate")
+    return identity.verify_peer(chain, ca, expected_role=expected_role,
+                                expected_name=expected_name)

@@ -1,0 +1,1 @@
+"""The three roles: intermediate, connector, agent."""

@@ -1,0 +1,333 @@
+"""The agent: local forwards on the user's machine, carried to services through connectors.
+
+`tcp:LHOST:LPORT=SERVICE` listens locally and carries each accepted connection on a new QUIC
+stream of the service's end-to-end session; `udp:LHOST:LPORT=SERVICE` carries datagrams as
+QUIC DATAGRAM frames. A session is opened on first use through the intermediate and reopened
+when it ends.
+"""
+
+import asyncio
+import itertools
+import logging
+
+from aioquic.quic import events as qe
+
+from .. import connection as qc
+from .. import identity
+from ..session import VIRTUAL_PEER_ADDR, Session
+from ..tunnel import MAX_DATAGRAM_PAYLOAD, StreamPipe, pack_datagram, unpack_datagram
+from ..wire import control
+from .node import Node, StartupError, _fmt
+
+log = logging.getLogger(__name__)
+
+# UDP datagrams held while a session opens; beyond this they are dropped (UDP semantics).
+MAX_PENDING_DATAGRAMS = 64
+
+
+class SessionError(Exception):
+    """Why a forward could not reach its service, for a person."""
+
+
+class AgentSession(Session):
+    def __init__(self, agent, message):
+        super().__init__(agent, message.session_id, message.service, message.agent,
+                         message.connector)
+        self.ready = asyncio.get_running_loop().create_future()
+        self.pipes = {}
+        self.counters = {"streams": 0, "datagrams_out": 0, "datagrams_in": 0,
+                         "datagrams_dropped_oversize": 0, "datagrams_dropped": 0}
+        config = qc.configuration(agent.identity, agent.cfg.ca, is_client=True,
+                                  alpn=qc.ALPN_E2E, server_name=message.connector,
+                                  idle_timeout=agent.cfg.e2e_idle_timeout,
+                                  max_datagram_frame_size=65536)
+        quic = qc.NodeQuicConnection(configuration=config)
+        quic.connect(VIRTUAL_PEER_ADDR, now=self.endpoint.now())
+        self.connection = self.endpoint.add_connection(quic, self, path=self.path,
+                                                       peer_addr=VIRTUAL_PEER_ADDR)
+
+    def quic_event(self, connection, event):
+        if isinstance(event, qe.HandshakeCompleted):
+            try:
+                qc.verify_peer(connection.quic, self.node.ca, "connector", self.connector)
+            except identity.IdentityError as exc:
+                self._fail(f"connector refused: {exc}")
+                connection.close(qc.ERROR_UNAUTHENTICATED, str(exc)[:200])
+                return
+            if not self.ready.done():
+                self.ready.set_result(self)
+            log.info("session %s to %s at %s ready (%s)", self.session_id.hex(),
+                     self.service, self.connector, self.path.name)
+        elif isinstance(event, qe.StreamDataReceived):
+            pipe = self.pipes.get(event.stream_id)
+            if pipe is not None:
+                pipe.data_received(event.data, event.end_stream)
+        elif isinstance(event, qe.StreamReset):
+            pipe = self.pipes.get(event.stream_id)
+            if pipe is not None:
+                pipe.reset()
+        elif isinstance(event, qe.DatagramFrameReceived):
+            try:
+                flow_id, payload = unpack_datagram(event.data)
+            except ValueError:
+                self.counters["datagrams_dropped"] += 1
+                return
+            self.counters["datagrams_in"] += 1
+            self.node.udp_reply(self.service, flow_id, payload)
+        elif isinstance(event, qe.ConnectionTerminated):
+            self._fail(f"end-to-end connection closed: {event.reason_phrase or 'no reason'}")
+
+    def progress(self, connection):
+        for pipe in list(self.pipes.values()):
+            pipe.progress()
+
+    def connection_closed(self, connection):
+        self.close("end-to-end connection closed")
+
+    def _fail(self, reason):
+        if not self.ready.done():
+            self.ready.set_exception(SessionError(reason))
+            self.ready.exception()  # retrieved: nobody may be waiting any more
+
+    def open_stream(self, reader, writer):
+        quic = self.connection.quic
+        stream_id = quic.get_next_available_stream_id()
+        quic.send_stream_data(stream_id, b"")  # claims the id for this pipe at once
+        pipe = StreamPipe(self.connection, stream_id, reader, writer,
+                          on_done=lambda p: self.pipes.pop(p.stream_id, None))
+        self.pipes[stream_id] = pipe
+        self.counters["streams"] += 1
+        return pipe
+
+    def send_datagram(self, flow_id, payload):
+        if len(payload) + 2 > MAX_DATAGRAM_PAYLOAD:
+            # aioquic would queue a frame that never fits a packet for ever, stalling the
+            # datagrams behind it: drop it here and count it.
+            self.counters["datagrams_dropped_oversize"] += 1
+            return
+        self.counters["datagrams_out"] += 1
+        self.connection.quic.send_datagram_frame(pack_datagram(flow_id, payload))
+        self.connection.transmit()
+
+    def close(self, reason="closed"):
+        if self.closed:
+            return
+        super().close(reason)
+        self._fail(reason)
+        for pipe in list(self.pipes.values()):
+            pipe.close(abort=True)
+        self.node.session_closed(self, reason)
+
+    def stats(self):
+        return {**super().stats(), **self.counters}
+
+
+class _UdpForward(asyncio.DatagramProtocol):
+    """A local UDP port: each client address is a flow of the service's session."""
+
+    def __init__(self, agent, forward):
+        self.agent = agent
+        self.forward = forward
+        self.transport = None
+        self.flow_ids = {}
+        self.flow_addrs = {}
+        self._next_flow = itertools.count(1)
+        self.pending = []
+        self.dropped = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        flow_id = self.flow_ids.get(addr)
+        if flow_id is None:
+            flow_id = next(self._next_flow) & 0xFFFF
+            self.flow_ids[addr] = flow_id
+            self.flow_addrs[flow_id] = addr
+        session = self.agent.ready_session(self.forward.service)
+        if session is not None:
+            session.send_datagram(flow_id, data)
+            return
+        if len(self.pending) >= MAX_PENDING_DATAGRAMS:
+            self.dropped += 1
+            return
+        self.pending.append((flow_id, data))
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().create_task(self._flush_when_ready())
+
+    async def _flush_when_ready(self):
+        try:
+            session = await self.agent.session_for(self.forward.service)
+        except SessionError as exc:
+            log.warning("udp forward to %s: %s", self.forward.service, exc)
+            self.dropped += len(self.pending)
+            self.pending.clear()
+            return
+        pending, self.pending = self.pending, []
+        for flow_id, data in pending:
+            session.send_datagram(flow_id, data)
+
+    def reply(self, flow_id, payload):
+        addr = self.flow_addrs.get(flow_id)
+        if addr is not None and self.transport is not None:
+            self.transport.sendto(payload, addr)
+
+
+class Agent(Node):
+    role = "agent"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.forwards = list(cfg.forwards)
+        self.listeners = {}  # Forward -> asyncio.Server or _UdpForward
+        self.udp_forwards = {}  # service -> _UdpForward
+        self._opening = {}  # service -> Future of AgentSession
+        self._requests = {}  # request_id -> Future of SessionOpened
+        self._request_ids = itertools.count(1)
+        self.counters = {"tcp_accepted": 0, "tcp_refused": 0, "session_errors": 0}
+
+    def register_message(self):
+        return control.Register(role="agent", name=self.name)
+
+    async def start(self):
+        await super().start()
+        loop = asyncio.get_running_loop()
+        for forward in self.forwards:
+            try:
+                if forward.proto == "tcp":
+                    server = await asyncio.start_server(
+                        lambda r, w, f=forward: self._tcp_accepted(f, r, w),
+                        forward.host, forward.port)
+                    self.listeners[forward] = server
+                else:
+                    _, protocol = await loop.create_datagram_endpoint(
+                        lambda f=forward: _UdpForward(self, f),
+                        local_addr=(forward.host, forward.port))
+                    self.listeners[forward] = protocol
+                    self.udp_forwards[forward.service] = protocol
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(f"cannot listen on {forward.proto} "
+                                   f"{_fmt((forward.host, forward.port))} for {forward.service}: "
+                                   f"{exc.strerror or exc}") from None
+
+    def forward_address(self, forward):
+        """The bound (host, port) of a forward (useful when LPORT was 0)."""
+        listener = self.listeners[forward]
+        if forward.proto == "tcp":
+            return listener.sockets[0].getsockname()[:2]
+        return listener.transport.get_extra_info("sockname")[:2]
+
+    async def stop(self):
+        for listener in self.listeners.values():
+            if isinstance(listener, asyncio.AbstractServer):
+                listener.close()
+            elif listener.transport is not None:
+                listener.transport.close()
+        await super().stop()
+
+    # Sessions --------------------------------------------------------------------------
+    def ready_session(self, service):
+        for session in self.sessions.values():
+            if (session.service == service and not session.closed and session.ready.done()
+                    and not session.ready.exception()):
+                return session
+        return None
+
+    async def session_for(self, service):
+        """A ready end-to-end session for service, opening one if needed (SessionError)."""
+        session = self.ready_session(service)
+        if session is not None:
+            return session
+        opening = self._opening.get(service)
+        if opening is None:
+            opening = asyncio.get_running_loop().create_task(self._open(service))
+            self._opening[service] = opening
+            opening.add_done_callback(lambda _t, s=service: self._opening.pop(s, None))
+        return await asyncio.shield(opening)
+
+    async def _open(self, service):
+        timeout = self.cfg.open_timeout
+        try:
+            return await asyncio.wait_for(self._open_inner(service), timeout)
+        except asyncio.TimeoutError:
+            self.counters["session_errors"] += 1
+            raise SessionError(f"no session to {service} within {timeout:g} s "
+                               f"(intermediate {'reachable' if self.control.connected else 'unreachable'})") from None
+        except SessionError:
+            self.counters["session_errors"] += 1
+            raise
+
+    async def _open_inner(self, service):
+        await self.control._registered.wait()
+        request_id = next(self._request_ids)
+        reply = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = reply
+        try:
+            self.control.send(control.OpenSession(request_id=request_id, service=service))
+            message = await reply
+        finally:
+            self._requests.pop(request_id, None)
+        if isinstance(message, control.Error):
+            raise SessionError(message.message)
+        session = AgentSession(self, message)
+        self.sessions[message.session_id] = session
+        return await session.ready
+
+    def control_message(self, message):
+        request_id = getattr(message, "request_id", None)
+        if isinstance(message, (control.SessionOpened, control.Error)) and request_id:
+            reply = self._requests.get(request_id)
+            if reply is not None and not reply.done():
+                reply.set_result(message)
+                return
+        if isinstance(message, control.SessionClosed):
+            session = self.sessions.get(message.session_id)
+            if session is not None:
+                session.close(message.reason)
+        elif isinstance(message, control.Error):
+            log.warning("intermediate: %s", message.message)
+
+    def session_closed(self, session, reason):
+        if self.sessions.pop(session.session_id, None) is session:
+            log.info("session %s to %s closed: %s", session.session_id.hex(), session.service,
+                     reason)
+            if self.control is not None and self.control.connected:
+                self.control.send(control.SessionClosed(session_id=session.session_id,
+                                                        reason=reason[:1024]))
+
+    def control_state_changed(self, state):
+        if state == "disconnected":
+            for reply in self._requests.values():
+                if not reply.done():
+                    reply.set_result(control.Error(
+                        code=control.ErrorCode.CONNECTOR_OFFLINE,
+                        message="lost the intermediate while opening the session"))
+            for session in list(self.sessions.values()):
+                session.close("intermediate connection lost")
+
+    # Forwards --------------------------------------------------------------------------
+    async def _tcp_accepted(self, forward, reader, writer):
+        self.counters["tcp_accepted"] += 1
+        try:
+            session = await self.session_for(forward.service)
+        except SessionError as exc:
+            self.counters["tcp_refused"] += 1
+            log.warning("forward %s:%d -> %s: %s", forward.host, forward.port, forward.service,
+                        exc)
+            writer.transport.abort()
+            return
+        session.open_stream(reader, writer)
+
+    def udp_reply(self, service, flow_id, payload):
+        forward = self.udp_forwards.get(service)
+        if forward is not None:
+            forward.reply(flow_id, payload)
+
+    def status(self):
+        status = super().status()
+        status["forwards"] = [
+            {"forward": f"{f.proto}:{_fmt(self.forward_address(f))}", "service": f.service}
+            for f in self.forwards if f in self.listeners]
+        status["counters"] = dict(self.counters)
+        return status

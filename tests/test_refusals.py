@@ -1,0 +1,161 @@
+"""Who is refused, and the one line a person sees about it."""
+
+import asyncio
+import datetime
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mahole import identity
+from mahole.config import AgentConfig, Forward
+from mahole.demo import LocalDeployment, issue_certificates, tcp_round_trip
+from mahole.roles import node as node_module
+from mahole.roles.agent import Agent, SessionError
+from mahole.roles.node import StartupError
+
+
+def run(coro, timeout=60):
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await coro
+    return asyncio.run(bounded())
+
+
+async def wait_for(condition, timeout=10.0):
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def certs(tmp_path):
+    issue_certificates(tmp_path)
+    rogue = tmp_path / "rogue"
+    identity.init_ca(rogue)
+    identity.issue(rogue, "agent", "mallory")
+    long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    identity.issue(tmp_path, "agent", "old", days=1, not_before=long_ago)
+    return tmp_path
+
+
+def _agent_config(d, cert_dir, name, **kw):
+    return AgentConfig(ca=os.path.join(d.dir, "ca.crt"), cert=str(cert_dir / f"{name}.crt"),
+                       key=str(cert_dir / f"{name}.key"),
+                       intermediate=d.intermediate.local_address[:2], bind=("127.0.0.1", 0),
+                       forwards=(Forward.parse("tcp:127.0.0.1:0=echo"),), connect_timeout=2,
+                       **kw)
+
+
+@pytest.mark.parametrize("who, message", [
+    ("rogue", "is not trusted by this deployment's CA"),
+    ("old", "certificate expired on"),
+    ("connector1", "is a certificate for a connector, but this is an agent"),
+])
+def test_a_node_with_a_bad_certificate_will_not_start(certs, who, message):
+    async def main():
+        async with LocalDeployment(str(certs)) as d:
+            cert_dir = certs / "rogue" if who == "rogue" else certs
+            name = "mallory" if who == "rogue" else who
+            with pytest.raises(StartupError, match=message):
+                Agent(_agent_config(d, cert_dir, name))
+    run(main())
+
+
+@pytest.mark.parametrize("who, message", [
+    ("rogue", "unauthenticated: certificate of agent 'mallory' is not trusted"),
+    ("old", "unauthenticated: certificate expired on"),
+    ("connector1", "registration claims agent"),
+])
+def test_the_intermediate_refuses_bad_certificates_itself(certs, monkeypatch, who, message):
+    """Even a node that skips its own checks is refused by the intermediate."""
+    real = node_module.load_credentials
+
+    def unchecked(cfg, role):
+        return identity.load_identity(cfg.cert, cfg.key), identity.load_ca(cfg.ca)
+
+    async def main():
+        async with LocalDeployment(str(certs)) as d:
+            monkeypatch.setattr(node_module, "load_credentials", unchecked)
+            cert_dir = certs / "rogue" if who == "rogue" else certs
+            name = "mallory" if who == "rogue" else who
+            bad = Agent(_agent_config(d, cert_dir, name))
+            if who == "connector1":
+                bad.identity = type(bad.identity)(**{**bad.identity.__dict__, "role": "agent"})
+            monkeypatch.setattr(node_module, "load_credentials", real)
+            await bad.start()
+            try:
+                await wait_for(lambda: bad.control.last_error and message in bad.control.last_error)
+                assert not bad.control.connected
+                refused = d.intermediate.counters
+                assert refused["refused_unauthenticated"] + refused["refused_registration"] >= 1
+                assert ("agent", name) not in d.intermediate.nodes
+            finally:
+                await bad.stop()
+    run(main())
+
+
+@pytest.mark.parametrize("allow, service, message", [
+    (("bob=*",), "echo", "agent 'alice' is not allowed to reach service 'echo'"),
+    (("*=*",), "nope", "no connector offers service 'nope'"),
+])
+def test_denied_or_unknown_service(certs, caplog, allow, service, message):
+    async def main():
+        forward = Forward.parse(f"tcp:127.0.0.1:0={service}")
+        async with LocalDeployment(str(certs), allow=allow, extra_forwards=(forward,)) as d:
+            with pytest.raises(SessionError, match=message):
+                await d.agent.session_for(service)
+            # Through the forward: the local connection is closed, the reason is logged.
+            with caplog.at_level(logging.WARNING, logger="mahole"):
+                reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
+                assert await reader.read() == b""
+                writer.close()
+            assert message in caplog.text
+            assert not d.connector.sessions  # nothing reached the connector
+            assert d.intermediate.status()["sessions"]["open"] == 0
+    run(main())
+
+
+def _cli(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "mahole", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_cli_missing_certificate_is_one_clear_line(tmp_path):
+    issue_certificates(tmp_path)
+    run_ = _cli("agent", "--intermediate", "127.0.0.1:9", "--ca", str(tmp_path / "ca.crt"),
+                "--cert", str(tmp_path / "nobody.crt"), "--key", str(tmp_path / "nobody.key"),
+                "--forward", "tcp:127.0.0.1:0=web")
+    assert run_.returncode == 2
+    assert run_.stderr.strip().splitlines()[-1] == (
+        f"mahole agent: error: certificate file not found: {tmp_path / 'nobody.crt'}")
+    assert "Traceback" not in run_.stderr
+
+
+def test_cli_port_in_use_is_one_clear_line(tmp_path):
+    issue_certificates(tmp_path)
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    try:
+        run_ = _cli("intermediate", "--listen", f"127.0.0.1:{port}",
+                    "--ca", str(tmp_path / "ca.crt"), "--cert", str(tmp_path / "intermediate.crt"),
+                    "--key", str(tmp_path / "intermediate.key"))
+    finally:
+        busy.close()
+    assert run_.returncode == 2
+    assert f"mahole intermediate: error: cannot bind UDP 127.0.0.1:{port}: " in run_.stderr
+    assert "Traceback" not in run_.stderr
+
+
+def test_cli_bad_flag_values(tmp_path):
+    run_ = _cli("agent", "--intermediate", "nowhere", "--cert", "x", "--key", "y",
+                "--forward", "tcp:127.0.0.1:0=web")
+    assert run_.returncode == 2 and "expected HOST:PORT, got 'nowhere'" in run_.stderr
+    run_ = _cli("connector", "--intermediate", "127.0.0.1:1", "--cert", "x", "--key", "y",
+                "--service", "web=http://x")
+    assert run_.returncode == 2 and "expected tcp:HOST:PORT or udp:HOST:PORT, got 'http://x'" in run_.stderr
