@@ -81,6 +81,10 @@ class NodeConfig(Credentials):
     control_idle_timeout: float = 15.0
     keepalive_interval: float = 5.0  # QUIC PING on the control connection when idle
     e2e_idle_timeout: float = 30.0
+    relay_only: bool = False  # never punch: every session stays on the relay
+    direct_only: bool = False  # no relay: a session fails if hole punching fails
+    punch_deadline: float = 5.0  # from StartPunching to giving up on a direct path
+    include_loopback: bool = False  # offer loopback host candidates (local testing)
 
     def __post_init__(self):
         if self.intermediate_name is None:

@@ -1,38 +1,20 @@
-"""End-to-end sessions at a node: the path layer under the agent↔connector QUIC connection.
+"""End-to-end sessions at a node: the agent↔connector QUIC connection and its path layer.
 
-aioquic talks to a stable virtual peer address; `RelayPath` decides where each packet goes.
-Until hole punching lands every packet travels inside relay frames through the intermediate
-(`0x10 | session_id | inner`, DESIGN.md wire table), which forwards them unchanged.
+aioquic talks to a stable virtual peer address; the session's `PathManager` decides where
+each packet goes: inside relay frames through the intermediate (`0x10 | session_id | inner`,
+DESIGN.md wire table) or straight to the peer once hole punching nominated a pair.
 """
 
 import logging
 
 from ._fast import KIND_QUIC_LONG, classify, parse_header
-from ._fast._kinds import RELAY_HEADER_LEN, RELAY_FRAME_TYPE
+from ._fast._kinds import RELAY_HEADER_LEN
+from .path import PathManager
 
 log = logging.getLogger(__name__)
 
 # What aioquic believes the peer's address is; the path layer knows the real routes.
 VIRTUAL_PEER_ADDR = ("0.0.0.0", 1)
-
-
-class RelayPath:
-    """Route every packet of a session through the intermediate's relay."""
-
-    name = "relay"
-
-    def __init__(self, session_id, relay_addr):
-        self.header = bytes([RELAY_FRAME_TYPE]) + session_id
-        self.relay_addr = relay_addr
-        self.frames_sent = 0
-
-    def outbound(self, data):
-        self.frames_sent += 1
-        return self.header + data, self.relay_addr
-
-    def inbound(self, addr):
-        # Direct packets (not inside relay frames) are not accepted until a pair is nominated.
-        return False
 
 
 class Session:
@@ -49,7 +31,9 @@ class Session:
         self.service = service
         self.agent = agent
         self.connector = connector
-        self.path = RelayPath(session_id, node.intermediate_addr)
+        self.path = PathManager(session_id, node.intermediate_addr,
+                                allow_relay=not node.cfg.direct_only,
+                                allow_direct=not node.cfg.relay_only)
         self.connection = None
         self.closed = False
         self.dropped_frames = 0
@@ -63,7 +47,7 @@ class Session:
         return self.path.name
 
     def relay_frame_received(self, frame, addr):
-        if addr != self.path.relay_addr or self.closed:
+        if addr != self.path.relay_addr or self.closed or not self.path.allow_relay:
             self.dropped_frames += 1
             return
         inner = frame[RELAY_HEADER_LEN:]

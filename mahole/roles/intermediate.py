@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import logging
 import os
+import statistics
 import time
 
 from aioquic.quic import events as qe
@@ -117,6 +118,8 @@ class RelaySession:
         self.agent = agent
         self.connector = connector
         self.created = time.monotonic()
+        self.punch_started = None
+        self.results = {}  # role -> PunchingResult
 
     def members(self):
         return (self.agent, self.connector)
@@ -144,6 +147,8 @@ class Intermediate:
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_CONTROL,
             idle_timeout=cfg.idle_timeout)
         self._expiry_task = None
+        self.punching = {"attempts": 0, "direct": 0, "relay": 0}
+        self.time_to_direct_ms = []
 
     async def start(self):
         sock = bind_udp(*self.cfg.listen)
@@ -228,8 +233,10 @@ class Intermediate:
             if session is not None and node in session.members():
                 other = session.connector if node is session.agent else session.agent
                 other.send(message)
+                if isinstance(message, control.CandidateAnswer) and node is session.connector:
+                    self._start_punching(session)
         elif isinstance(message, control.PunchingResult):
-            pass  # recorded by the hole-punching issue
+            self._punching_result(node, message)
         elif isinstance(message, control.Ping):
             node.send(control.Pong(nonce=message.nonce))
         elif isinstance(message, control.Pong):
@@ -290,6 +297,45 @@ class Intermediate:
         log.info("session %s: agent %s -> service %s at connector %s", session_id.hex(),
                  agent.name, service, connector.name)
 
+    def _start_punching(self, session):
+        """Send StartPunching so that both peers start at the same moment (DCUtR's idea).
+
+        The message to the peer with the shorter control RTT leaves later, by half the
+        difference of the two RTTs (the difference of the one-way delays), so both arrive
+        together; each peer starts its checks on arrival (delay_ms = 0).
+        """
+        rtts = {node: node.connection.quic.smoothed_rtt or 0.0 for node in session.members()}
+        far = max(rtts.values())
+        session.punch_started = time.monotonic()
+        self.punching["attempts"] += 1
+        loop = asyncio.get_running_loop()
+        for node, rtt in rtts.items():
+            message = control.StartPunching(session_id=session.session_id, delay_ms=0)
+            wait = (far - rtt) / 2
+            if wait > 0.0005:
+                loop.call_later(wait, self._send_if_open, node, session, message)
+            else:
+                node.send(message)
+
+    def _send_if_open(self, node, session, message):
+        if session.session_id in self.sessions:
+            node.send(message)
+
+    def _punching_result(self, node, message):
+        session = self.sessions.get(message.session_id)
+        if session is None or node not in session.members():
+            return
+        session.results[node.role] = message
+        if node is session.agent:  # the controlling side's word decides the session's path
+            self.punching[message.path] += 1
+            if message.path == "direct":
+                self.time_to_direct_ms.append(message.elapsed_ms)
+                del self.time_to_direct_ms[:-1000]
+        log.info("session %s: %s %s reports %s%s", session.session_id.hex(), node.role,
+                 node.name, message.path,
+                 f" to {_fmt(message.remote_addr)} after {message.elapsed_ms:.0f} ms"
+                 if message.path == "direct" else "")
+
     def _close_session(self, session, reason, notify_except=None):
         if self.sessions.pop(session.session_id, None) is None:
             return
@@ -346,9 +392,13 @@ class Intermediate:
             "sessions": {"open": len(self.sessions), "list": [
                 {"session_id": s.session_id.hex(), "service": s.service,
                  "agent": s.agent.name, "connector": s.connector.name,
+                 "path": s.results["agent"].path if "agent" in s.results else "relay",
                  "relay": self.engine.session_stats(s.session_id)}
                 for s in self.sessions.values()]},
             "relay": relay,
+            "punching": {**self.punching, "time_to_direct_ms_median":
+                         statistics.median(self.time_to_direct_ms)
+                         if self.time_to_direct_ms else None},
             "counters": dict(self.counters),
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},
             "router": self.endpoint.router.counters() if self.endpoint else {},
@@ -361,5 +411,6 @@ class Intermediate:
             "nodes_connectors": status["nodes"]["connectors"],
             "sessions_open": status["sessions"]["open"],
             **{f"relay_{k}": v for k, v in status["relay"].items()},
+            **{f"punching_{k}": v for k, v in self.punching.items()},
             **status["counters"], **status["endpoint"], **status["router"],
         })
