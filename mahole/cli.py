@@ -61,6 +61,13 @@ def _add_node(sub, role):
                      help="name in the intermediate's certificate (default: its HOST)")
     sub.add_argument("--bind", type=_hostport("0.0.0.0"), default=("0.0.0.0", 0),
                      metavar="HOST:PORT", help="local UDP address (default: any, port 0)")
+    policy = sub.add_mutually_exclusive_group()
+    policy.add_argument("--relay-only", action="store_true",
+                        help="never punch: sessions stay on the intermediate's relay")
+    policy.add_argument("--direct-only", action="store_true",
+                        help="never use the relay: a session fails if hole punching fails")
+    sub.add_argument("--punch-deadline", type=float, default=5.0, metavar="SECONDS",
+                     help="give up on a direct path after this long (default: 5)")
     _add_credentials(sub, role)
 
 
@@ -140,7 +147,8 @@ def run_intermediate(args):
 
 def _node_kwargs(args):
     return {"intermediate": args.intermediate, "intermediate_name": args.intermediate_name,
-            "bind": args.bind, **_credentials(args)}
+            "bind": args.bind, "relay_only": args.relay_only, "direct_only": args.direct_only,
+            "punch_deadline": args.punch_deadline, **_credentials(args)}
 
 
 def run_connector(args):

@@ -38,6 +38,8 @@ class Session:
         self.closed = False
         self.dropped_frames = 0
         self.opened_at = self.endpoint.now()
+        self.punch_outcome = None  # ice.HolePunchResult once hole punching ended
+        self.switch_ms = None  # StartPunching -> direct route in use
         self.endpoint.router.add_session(session_id, self)
 
     @property
@@ -63,9 +65,34 @@ class Session:
         else:
             self.dropped_frames += 1
 
+    def punch_result(self, result):
+        """Hole punching ended: move to the direct route, or stay on the relay."""
+        now = self.endpoint.now()
+        self.punch_outcome = result
+        if result.path == "direct" and not self.closed:
+            self.path.use_direct(result.remote_addr, now)
+            self.switch_ms = round(result.elapsed * 1000, 3)
+            log.info("session %s: direct path to %s after %.0f ms", self.session_id.hex(),
+                     _fmt(result.remote_addr), result.elapsed * 1000)
+            if self.connection is not None:
+                self.connection.transmit()
+        else:
+            log.info("session %s: staying on the relay: %s", self.session_id.hex(),
+                     result.reason)
+            if not self.path.allow_relay:
+                self.node.report(result.to_wire(self.session_id))
+                self.close("direct path required (--direct-only) but hole punching failed: "
+                           f"{result.reason}")
+                return
+        self.node.report(result.to_wire(self.session_id))
+
     def first_packet(self, header, data):
         """A packet before the connection exists (the connector accepts an Initial here)."""
         self.dropped_frames += 1
+
+    def punch_stats(self):
+        punch = self.node.puncher.punches.get(self)
+        return punch.stats() if punch is not None else None
 
     def stats(self):
         conn = self.connection
@@ -77,10 +104,14 @@ class Session:
             "agent": self.agent,
             "connector": self.connector,
             "path": self.path_name,
+            "direct_addr": _fmt(self.path.direct_addr) if self.path.direct_addr else None,
+            "switch_ms": self.switch_ms,
+            "route_switches": len(self.path.switches),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             "bytes_sent": conn.bytes_sent if conn is not None else 0,
             "bytes_received": conn.bytes_received if conn is not None else 0,
             "dropped_frames": self.dropped_frames,
+            "punch": self.punch_stats(),
         }
 
     def close(self, reason="closed"):
@@ -88,5 +119,11 @@ class Session:
             return
         self.closed = True
         self.endpoint.router.remove_session(self.session_id)
+        self.node.puncher.forget(self)
         if self.connection is not None and not self.connection.closed:
             self.connection.close(reason=reason)
+
+
+def _fmt(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

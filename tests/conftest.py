@@ -30,3 +30,17 @@ def batch(request):
 def relay(request):
     """The relay engine module: compiled `_relay` (Linux) and pure `_relay_py`."""
     return request.param
+
+
+@pytest.fixture(params=_impl_params("sched"))
+def sched(request):
+    """The connectivity-check scheduler module: compiled `_sched` and pure `_sched_py`."""
+    return request.param
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the observed NAT matrix (tests/test_nat_matrix.py) in the test report."""
+    module = __import__("sys").modules.get("test_nat_matrix")
+    if module is not None and module.observed:
+        terminalreporter.section("NAT matrix (path, time to direct, RTT)")
+        terminalreporter.write_line(module.matrix_table(module.observed))

@@ -10,38 +10,24 @@ import socket
 import time
 
 import pytest
+from udp_helpers import (
+    DEADLINE,
+    assert_refuses_unsuitable_sockets,
+    dual_stack,
+    loopback,
+    socket_factory,
+    udp,
+    wait_until,
+)
 
 from mahole._fast import _batch_py
-
-DEADLINE = 5.0  # seconds; loopback delivery is immediate, this only bounds a failure
-
-
-def _udp(family, host, port=0):
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot bind UDP {host}: {exc}")
-    sock.setblocking(False)
-    return sock
 
 
 @pytest.fixture
 def sockets():
     """Factory for non-blocking UDP sockets bound to loopback, closed after the test."""
-    made = []
-
-    def make(family=socket.AF_INET, host=None):
-        if host is None:
-            host = "127.0.0.1" if family == socket.AF_INET else "::1"
-        sock = _udp(family, host)
-        made.append(sock)
-        return sock
-
-    yield make
-    for sock in made:
-        sock.close()
+    with socket_factory() as make:
+        yield make
 
 
 @pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
@@ -53,7 +39,7 @@ def family(request):
 
 def closed_port_address(family):
     """A loopback address nothing listens on (bound, noted, closed)."""
-    sock = _udp(family, "127.0.0.1" if family == socket.AF_INET else "::1")
+    sock = udp(family, loopback(family))
     addr = sock.getsockname()
     sock.close()
     return addr
@@ -61,19 +47,15 @@ def closed_port_address(family):
 
 def recv_n(bsock, n, timeout=DEADLINE):
     """Call recv_batch until n datagrams arrived or the deadline passed; returns the batches."""
-    deadline = time.monotonic() + timeout
     batches = []
-    got = 0
-    while got < n:
+
+    def step():
         batch = bsock.recv_batch()
         if batch:
             batches.append(batch)
-            got += len(batch)
-            continue
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        select.select([bsock.fileno()], [], [], remaining)
+        return batch
+
+    wait_until(lambda: sum(map(len, batches)) >= n, step, bsock.fileno(), timeout)
     return batches
 
 
@@ -161,22 +143,8 @@ def test_bytes_like_data_is_sent(batch, sockets):
 # --- IPv4 on an IPv6 socket -----------------------------------------------------------------
 
 
-def _dual_stack(sockets):
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", 0))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"no dual-stack socket: {exc}")
-    sock.setblocking(False)
-    return sock
-
-
 def test_ipv4_peer_on_ipv6_socket_appears_mapped(batch, sockets):
-    dual = _dual_stack(sockets)
+    dual = dual_stack()
     try:
         v4 = sockets(socket.AF_INET)
         receiver = batch.BatchSocket(dual)
@@ -188,7 +156,7 @@ def test_ipv4_peer_on_ipv6_socket_appears_mapped(batch, sockets):
 
 
 def test_ipv6_socket_sends_to_ipv4_literals_via_mapped_address(batch, sockets):
-    dual = _dual_stack(sockets)
+    dual = dual_stack()
     try:
         v4 = sockets(socket.AF_INET)
         sender, receiver = batch.BatchSocket(dual), batch.BatchSocket(v4)
@@ -369,7 +337,7 @@ def test_malformed_entries_raise(batch, sockets):
 
 
 def test_closed_socket_raises_oserror(batch):
-    sock = _udp(socket.AF_INET, "127.0.0.1")
+    sock = udp(socket.AF_INET, "127.0.0.1")
     dest = sock.getsockname()
     bsock = batch.BatchSocket(sock)
     sock.close()
@@ -413,17 +381,7 @@ def test_constructor_rejects_bad_arguments(batch, sockets):
             batch.BatchSocket(sock, **kwargs)
     with pytest.raises(TypeError):
         batch.BatchSocket(sock, batch_size=2.5)
-    blocking = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setblocking(False)
-    try:
-        with pytest.raises(ValueError, match="non-blocking"):
-            batch.BatchSocket(blocking)
-        with pytest.raises(ValueError, match="SOCK_DGRAM"):
-            batch.BatchSocket(tcp)
-    finally:
-        blocking.close()
-        tcp.close()
+    assert_refuses_unsuitable_sockets(batch.BatchSocket)
 
 
 def test_attributes_are_readonly(batch, sockets):

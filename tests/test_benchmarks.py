@@ -16,6 +16,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("bench_recv.py", "bench_recv-quick.json", None),
     ("bench_relay.py", "bench_relay-quick.json", None),
     ("bench_tunnel.py", "tunnel-quick.json", "median_mb_per_s"),
+    ("bench_sched.py", "sched-quick.json", "median_ns_per_timer"),
+    ("bench_punch.py", "punch-quick.json", None),
 ])
 def test_benchmark_quick_run(tmp_path, script, report, key):
     env = dict(os.environ, MAHOLE_BENCH_DIR=str(tmp_path))

@@ -13,10 +13,17 @@ import socket
 import time
 
 import pytest
+from udp_helpers import (
+    DEADLINE,
+    assert_refuses_unsuitable_sockets,
+    dual_stack,
+    socket_factory,
+    udp,
+    wait_until,
+)
 
 from mahole.wire.relay import encode_frame
 
-DEADLINE = 5.0  # seconds; loopback delivery is immediate, this only bounds a failure
 SID = bytes.fromhex("0123456789abcdef")
 OTHER_SID = bytes.fromhex("fedcba9876543210")
 STUN = bytes.fromhex("000100002112a442") + bytes(12)  # a Binding request header
@@ -24,34 +31,11 @@ QUIC_SHORT = b"\x43" + bytes(range(8)) + b"short-header"
 QUIC_LONG = b"\xc3\x00\x00\x00\x01\x08" + bytes(8) + b"\x00" + b"long-header"
 
 
-def _udp(family, host, port=0):
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        pytest.skip(f"cannot bind UDP {host}: {exc}")
-    sock.setblocking(False)
-    return sock
-
-
 @pytest.fixture
 def sockets():
     """Factory for non-blocking UDP sockets bound to loopback, closed after the test."""
-    made = []
-
-    def make(family=socket.AF_INET, host=None):
-        if host is None:
-            host = "127.0.0.1" if family == socket.AF_INET else "::1"
-        if family == socket.AF_INET6 and not socket.has_ipv6:
-            pytest.skip("no IPv6")
-        sock = _udp(family, host)
-        made.append(sock)
-        return sock
-
-    yield make
-    for sock in made:
-        sock.close()
+    with socket_factory() as make:
+        yield make
 
 
 @pytest.fixture
@@ -65,16 +49,13 @@ def trio(relay, sockets):
 
 def pump(engine, done, timeout=DEADLINE):
     """Poll the engine until done() or the deadline; returns everything poll handed back."""
-    deadline = time.monotonic() + timeout
     got = []
-    while not done():
+
+    def step():
         got.extend(engine.poll())
-        if engine.last_batch_size:
-            continue  # a full or all-relayed batch: more may be waiting
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        select.select([engine.fileno()], [], [], remaining)
+        return engine.last_batch_size  # a full or all-relayed batch: more may be waiting
+
+    wait_until(done, step, engine.fileno(), timeout)
     return got
 
 
@@ -88,18 +69,16 @@ def received(engine, n):
 
 def recv_n(sock, n, timeout=DEADLINE):
     """Up to n datagrams from sock as [(data, addr)], waiting at most timeout."""
-    deadline = time.monotonic() + timeout
     out = []
-    while len(out) < n:
+
+    def step():
         try:
             out.append(sock.recvfrom(70000))
-            continue
         except BlockingIOError:
-            pass
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        select.select([sock], [], [], remaining)
+            return False
+        return True
+
+    wait_until(lambda: len(out) >= n, step, sock, timeout)
     return out
 
 
@@ -537,16 +516,7 @@ def test_ipv6_members(relay, sockets):
 
 
 def test_ipv4_members_of_an_ipv6_socket_are_stored_v4_mapped(relay, sockets):
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    dual = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        dual.bind(("::", 0))
-    except OSError as exc:
-        dual.close()
-        pytest.skip(f"no dual-stack socket: {exc}")
-    dual.setblocking(False)
+    dual = dual_stack()
     try:
         a, b = sockets(), sockets()
         engine = relay.RelayEngine(dual)
@@ -631,17 +601,7 @@ def test_constructor_checks_its_arguments(relay, sockets):
             relay.RelayEngine(sock, **kwargs)
     with pytest.raises(TypeError):
         relay.RelayEngine(sock, rate_limit_bps="fast")
-    blocking = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setblocking(False)
-    try:
-        with pytest.raises(ValueError, match="non-blocking"):
-            relay.RelayEngine(blocking)
-        with pytest.raises(ValueError, match="SOCK_DGRAM"):
-            relay.RelayEngine(tcp)
-    finally:
-        blocking.close()
-        tcp.close()
+    assert_refuses_unsuitable_sockets(relay.RelayEngine)
 
 
 @pytest.mark.parametrize("bad", [b"", b"short", SID + b"x", "01234567"], ids=repr)
@@ -692,7 +652,7 @@ def test_ipv6_socket_refuses_bad_ipv6_addresses(relay, sockets):
 
 
 def test_closed_socket_raises_oserror(relay):
-    sock = _udp(socket.AF_INET, "127.0.0.1")
+    sock = udp(socket.AF_INET, "127.0.0.1")
     engine = relay.RelayEngine(sock)
     sock.close()
     assert engine.fileno() == -1
@@ -704,7 +664,7 @@ def test_closed_socket_raises_oserror(relay):
 def test_both_twins_count_the_same_things(relay):
     from mahole._fast import _relay_py
     assert set(relay.COUNTERS) == set(_relay_py.COUNTERS)
-    sock = _udp(socket.AF_INET, "127.0.0.1")
+    sock = udp(socket.AF_INET, "127.0.0.1")
     try:
         assert set(relay.RelayEngine(sock).counters()) == set(_relay_py.COUNTERS)
     finally:

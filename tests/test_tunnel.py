@@ -14,6 +14,11 @@ from mahole.tunnel import MAX_DATAGRAM_PAYLOAD, RECEIVE_HIGH_WATER, SEND_HIGH_WA
 
 
 
+def relayed(**kw):
+    """A deployment whose sessions stay on the relay (the agent never punches)."""
+    return LocalDeployment(agent_kwargs={"relay_only": True}, **kw)
+
+
 def run(coro, timeout=90):
     async def bounded():
         async with asyncio.timeout(timeout):
@@ -44,7 +49,7 @@ async def _digest_service(reader, writer):
 
 def test_20_mb_arrive_byte_identical():
     async def main():
-        async with LocalDeployment() as d:
+        async with relayed() as d:
             data = os.urandom(20 << 20)
             echoed = await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data)
             assert echoed == data
@@ -59,7 +64,7 @@ def test_20_mb_arrive_byte_identical():
 
 def test_concurrent_tcp_connections_share_one_session():
     async def main():
-        async with LocalDeployment() as d:
+        async with relayed() as d:
             addr = d.agent.forward_address(d.tcp_forward)
             blobs = [os.urandom(random.randint(1, 2 << 20)) for _ in range(8)]
             echoed = await asyncio.gather(*(tcp_round_trip(addr, b) for b in blobs))
@@ -74,7 +79,7 @@ def test_half_close_reaches_the_service_and_the_answer_comes_back():
         server = await asyncio.start_server(_digest_service, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         forward = Forward.parse("tcp:127.0.0.1:0=digest")
-        async with LocalDeployment(extra_services=(Service.parse(f"digest=tcp:127.0.0.1:{port}"),),
+        async with relayed(extra_services=(Service.parse(f"digest=tcp:127.0.0.1:{port}"),),
                                    extra_forwards=(forward,)) as d:
             data = os.urandom(3 << 20)
             reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
@@ -105,7 +110,7 @@ def test_slow_reader_bounds_memory_with_backpressure():
         server = await asyncio.start_server(firehose, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         forward = Forward.parse("tcp:127.0.0.1:0=firehose")
-        async with LocalDeployment(extra_services=(Service.parse(f"firehose=tcp:127.0.0.1:{port}"),),
+        async with relayed(extra_services=(Service.parse(f"firehose=tcp:127.0.0.1:{port}"),),
                                    extra_forwards=(forward,)) as d:
             reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
             writer.write(b"go")
@@ -156,7 +161,7 @@ async def _one_session(node, timeout=10):
 
 def test_udp_round_trips_and_oversize_datagram_does_not_stall_later_ones():
     async def main():
-        async with LocalDeployment() as d:
+        async with relayed() as d:
             addr = d.agent.forward_address(d.udp_forward)
             payloads = [os.urandom(n) for n in (1, 64, 512, MAX_DATAGRAM_PAYLOAD - 2)]
             assert await udp_round_trips(addr, payloads) == payloads
@@ -174,7 +179,7 @@ def test_the_intermediate_only_ever_sees_ciphertext():
     marker = b"PLAINTEXT-MARKER-" + os.urandom(8).hex().encode()
 
     async def main():
-        async with LocalDeployment() as d:
+        async with relayed() as d:
             seen = []
             # The relay forwards frames unchanged, so what reaches the nodes is exactly what
             # the intermediate handled; record every datagram on both sides.
@@ -187,15 +192,15 @@ def test_the_intermediate_only_ever_sees_ciphertext():
                 node.endpoint.process = recording
             data = marker * 2000
             assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
-            relayed = [frame for frame in seen if frame[:1] == b"\x10"]
-            assert len(relayed) > 50
+            frames = [frame for frame in seen if frame[:1] == b"\x10"]
+            assert len(frames) > 50
             assert not any(marker[:16] in frame for frame in seen)
     run(main())
 
 
 def test_malformed_and_random_datagrams_are_dropped_and_counted():
     async def main():
-        async with LocalDeployment() as d:
+        async with relayed() as d:
             rng = random.Random(5)
             junk = [bytes([first]) + rng.randbytes(rng.randint(0, 1300))
                     for first in range(256) for _ in range(2)]

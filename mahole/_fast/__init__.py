@@ -41,6 +41,7 @@ def _load(compiled_name, twin_name):
 _hot, COMPILED = _load("_hot", "_hot_py")
 _batch, BATCH_COMPILED = _load("_batch", "_batch_py")
 _relay, RELAY_COMPILED = _load("_relay", "_relay_py")
+_sched, SCHED_COMPILED = _load("_sched", "_sched_py")
 
 classify = _hot.classify
 parse_header = _hot.parse_header
@@ -49,6 +50,7 @@ Router = _hot.Router
 DispatchResult = _hot.DispatchResult
 BatchSocket = _batch.BatchSocket
 RelayEngine = _relay.RelayEngine
+Scheduler = _sched.Scheduler
 
 
 def implementations(module="hot"):
@@ -59,7 +61,7 @@ def implementations(module="hot"):
     import importlib
 
     names = {"hot": ("_hot", "_hot_py"), "batch": ("_batch", "_batch_py"),
-             "relay": ("_relay", "_relay_py")}[module]
+             "relay": ("_relay", "_relay_py"), "sched": ("_sched", "_sched_py")}[module]
     found = {}
     try:
         found["compiled"] = importlib.import_module(f"{__name__}.{names[0]}")

@@ -5,97 +5,38 @@ Works on any platform; `_batch.pyx` (recvmmsg/sendmmsg) is Linux only.
 """
 
 import errno
-import operator
 import socket as _socket
 import threading
 
-# The kernel caps recvmmsg/sendmmsg vlen at UIO_MAXIOV (1024); the twin keeps the limit.
-MAX_BATCH_SIZE = 1024
-# Largest UDP payload a 16-bit length field can describe (RFC 768).
-MAX_DATAGRAM = 65535
+from ._addr_py import (  # noqa: F401 - MAX_* are this module's constants too
+    MAX_BATCH_SIZE,
+    MAX_DATAGRAM,
+    MAX_FLOWINFO,
+    RECV_TOO_BIG as _RECV_TOO_BIG,
+    batch_args,
+    check_address,
+)
+
 # Destination address cache: cleared (between calls) once it holds more entries.
 DEST_CACHE_MAX = 8192
-# IPv6 flow label is 20 bits (RFC 8200 §3); Python's sendto enforces the same range.
-MAX_FLOWINFO = 0xFFFFF
 
 # send errors that stop the batch, leaving the rest to the caller.
 _SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS))
 # send errors about the socket itself rather than one datagram: raised.
 _SEND_FATAL = frozenset((errno.EBADF, errno.ENOTSOCK, errno.EFAULT))
-# recv errors meaning "datagram longer than the buffer" (Windows reports, Linux truncates).
-_RECV_TOO_BIG = frozenset(e for e in (errno.EMSGSIZE, getattr(errno, "WSAEMSGSIZE", None))
-                          if e is not None)
-
-
-def _check_args(sock, batch_size, max_datagram):
-    """Validate the constructor arguments; returns (family, batch_size, max_datagram)."""
-    batch_size = operator.index(batch_size)
-    max_datagram = operator.index(max_datagram)
-    if not 1 <= batch_size <= MAX_BATCH_SIZE:
-        raise ValueError(f"batch_size must be 1-{MAX_BATCH_SIZE}, not {batch_size}")
-    if not 1 <= max_datagram <= MAX_DATAGRAM:
-        raise ValueError(f"max_datagram must be 1-{MAX_DATAGRAM}, not {max_datagram}")
-    family = sock.family
-    if family != _socket.AF_INET and family != _socket.AF_INET6:
-        raise ValueError(f"BatchSocket needs an AF_INET or AF_INET6 socket, not {family!r}")
-    if sock.type != _socket.SOCK_DGRAM:
-        raise ValueError(f"BatchSocket needs a SOCK_DGRAM socket, not {sock.type!r}")
-    if sock.gettimeout() != 0.0:
-        raise ValueError("BatchSocket needs a non-blocking socket (sock.setblocking(False))")
-    return int(family), batch_size, max_datagram
 
 
 def _sendto_address(family, addr):
     """The address to give sendto for a destination tuple, or ValueError.
 
-    Same rules as `_sockaddr` in _batch.pyx: AF_INET sockets take (host, port) with an
-    IPv4 literal. AF_INET6 sockets take (host, port[, flowinfo[, scope_id]]) with an IPv6
-    literal, or an IPv4 literal, sent to its IPv4-mapped address ::ffff:a.b.c.d
-    (RFC 4291 §2.5.5.2). inet_pton decides what a literal is, as in the compiled module.
+    Same rules as `address_to_sockaddr` (_sockaddr.pxd) in _batch.pyx, with True and False
+    taken as ports 1 and 0 like sendto does: see `check_address` in _addr_py.py. On
+    AF_INET6 an IPv4 literal becomes its IPv4-mapped address "::ffff:a.b.c.d".
     """
-    if not isinstance(addr, tuple):
-        raise ValueError(f"address must be a tuple (host, port), not {addr!r}")
-    n = len(addr)
+    host, port, flowinfo, scope_id, _ = check_address(family, addr, allow_bool=True)
     if family == _socket.AF_INET:
-        if n != 2:
-            raise ValueError(f"AF_INET address must be (host, port), not {addr!r}")
-    elif not 2 <= n <= 4:
-        raise ValueError(f"AF_INET6 address must be (host, port[, flowinfo[, scope_id]]), "
-                         f"not {addr!r}")
-    host = addr[0]
-    if not isinstance(host, str) or not host.isascii() or "\0" in host:
-        raise ValueError(f"address host must be an IP literal, not {host!r}")
-    port = addr[1]
-    if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
-        raise ValueError(f"address port must be an int 0-65535, not {port!r}")
-    flowinfo = scope_id = 0
-    if n > 2:
-        flowinfo = addr[2]
-        if not isinstance(flowinfo, int) or not 0 <= flowinfo <= MAX_FLOWINFO:
-            raise ValueError(f"address flowinfo must be an int 0-{MAX_FLOWINFO}, "
-                             f"not {flowinfo!r}")
-    if n > 3:
-        scope_id = addr[3]
-        if not isinstance(scope_id, int) or not 0 <= scope_id <= 0xFFFFFFFF:
-            raise ValueError(f"address scope_id must be an int 0-4294967295, not {scope_id!r}")
-    if family == _socket.AF_INET:
-        if not _is_literal(_socket.AF_INET, host):
-            raise ValueError(f"address host must be an IPv4 literal on an AF_INET socket, "
-                             f"not {host!r}")
-        return (host, int(port))
-    if not _is_literal(_socket.AF_INET6, host):
-        if not _is_literal(_socket.AF_INET, host):
-            raise ValueError(f"address host must be an IP literal, not {host!r}")
-        host = "::ffff:" + host
-    return (host, int(port), int(flowinfo), int(scope_id))
-
-
-def _is_literal(family, host):
-    try:
-        _socket.inet_pton(family, host)
-    except (OSError, ValueError):
-        return False
-    return True
+        return (host, port)
+    return (host, port, flowinfo, scope_id)
 
 
 def _check_data(data):
@@ -134,7 +75,7 @@ class BatchSocket:
     )
 
     def __init__(self, sock, batch_size=32, max_datagram=65535):
-        self._family, self._batch_size, self._max_datagram = _check_args(
+        self._family, self._batch_size, self._max_datagram = batch_args(
             sock, batch_size, max_datagram)
         self._sock = sock
         self._recv_calls = 0

@@ -29,9 +29,8 @@ Timing (activity, token refill) reads CLOCK_MONOTONIC, the clock of time.monoton
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.unicode cimport PyUnicode_DecodeASCII
-from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcmp, memcpy, memset, strlen
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcmp, memcpy, memset
 
 from mahole._fast._sockaddr cimport (
     AF_INET,
@@ -47,50 +46,48 @@ from mahole._fast._sockaddr cimport (
     EIO,
     ENOBUFS,
     ENOTSOCK,
-    INET6_ADDRSTRLEN,
     MSG_DONTWAIT,
     MSG_TRUNC,
     SOL_UDP,
+    SRC_SLOTS,
     UDP_SEGMENT,
+    RecvBuffers,
+    SrcCache,
+    address_to_sockaddr,
     clock_gettime,
     cmsghdr,
     errno,
-    htonl,
-    htons,
-    inet_ntop,
-    inet_pton,
     iovec,
     mmsghdr,
     msghdr,
-    ntohl,
-    ntohs,
+    received,
+    recv_buffers_alloc,
+    recv_buffers_free,
+    recv_buffers_ready,
     recvmmsg,
-    sa_family_t,
     sendmmsg,
-    sockaddr,
     sockaddr_in,
     sockaddr_in6,
     sockaddr_storage,
+    sockaddr_to_address,
     socklen_t,
     strerror,
     timespec,
     uint16_t,
-    uint32_t,
     uint64_t,
 )
+from mahole._fast._sockaddr cimport MAX_FLOWINFO as C_MAX_FLOWINFO
 
-import operator
 import os
-import socket as _socket
 
+from mahole._fast._addr_py import (
+    MAX_BATCH_SIZE,
+    MAX_DATAGRAM,
+    MAX_FLOWINFO,
+    relay_args,
+    session_id as _session_id,
+)
 from mahole._fast._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN, RELAY_SESSION_ID_LEN
-
-# The kernel caps recvmmsg/sendmmsg vlen at UIO_MAXIOV (1024) without saying so.
-MAX_BATCH_SIZE = 1024
-# Largest UDP payload a 16-bit length field can describe (RFC 768).
-MAX_DATAGRAM = 65535
-# IPv6 flow label is 20 bits (RFC 8200 §3); Python's sendto enforces the same range.
-MAX_FLOWINFO = 0xFFFFF
 
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
@@ -102,15 +99,13 @@ cdef enum:
     FRAME_TYPE = 0x10           # == RELAY_FRAME_TYPE
     HEADER_LEN = 9              # == RELAY_HEADER_LEN: type byte + 8-byte session id
     MIN_CAPACITY = 16           # hash table slots at start (power of two)
-    SRC_SLOTS = 64              # source-address cache entries (power of two)
-    SRC_KEY_MAX = 28            # sizeof(struct sockaddr_in6) on Linux
-    V4_KEY_LEN = 8              # sin_family, sin_port, sin_addr: the rest is zero padding
     GSO_MAX_SEGMENTS = 64       # the kernel's UDP_MAX_SEGMENTS before Linux 6.x raised it
     GSO_MAX_BYTES = 65000       # one GSO send stays under the 64 KiB IP/UDP length limit
     CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
 
 assert FRAME_TYPE == RELAY_FRAME_TYPE and HEADER_LEN == RELAY_HEADER_LEN
 assert RELAY_SESSION_ID_LEN == 8
+assert C_MAX_FLOWINFO == MAX_FLOWINFO
 
 
 cdef struct Member:
@@ -132,11 +127,6 @@ cdef struct Session:
     double refilled_at
 
 
-cdef struct SrcKey:
-    unsigned int length         # 0 = empty slot
-    unsigned char key[SRC_KEY_MAX]
-
-
 cdef inline double _monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -151,14 +141,6 @@ cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
     x *= 0x94D049BB133111EBULL
     x ^= x >> 31
     return x
-
-
-cdef inline unsigned int _fnv1a(const unsigned char *p, unsigned int n) noexcept nogil:
-    cdef unsigned int h = 2166136261u
-    cdef unsigned int i
-    for i in range(n):
-        h = (h ^ p[i]) * 16777619u
-    return h ^ (h >> 16)
 
 
 cdef inline bint _is_member(int family, const sockaddr_storage *src, socklen_t srclen,
@@ -196,129 +178,6 @@ def _has_udp_segment(sock):
     except OSError:
         return False
     return True
-
-
-def _check_args(sock, batch_size, max_datagram, rate_limit_bps, burst_bytes):
-    """Validate the constructor arguments (same rules and messages as the twin)."""
-    batch_size = operator.index(batch_size)
-    max_datagram = operator.index(max_datagram)
-    if not 1 <= batch_size <= MAX_BATCH_SIZE:
-        raise ValueError(f"batch_size must be 1-{MAX_BATCH_SIZE}, not {batch_size}")
-    if not 1 <= max_datagram <= MAX_DATAGRAM:
-        raise ValueError(f"max_datagram must be 1-{MAX_DATAGRAM}, not {max_datagram}")
-    rate = _non_negative("rate_limit_bps", rate_limit_bps)
-    burst = _non_negative("burst_bytes", burst_bytes)
-    family = sock.family
-    if family != _socket.AF_INET and family != _socket.AF_INET6:
-        raise ValueError(f"RelayEngine needs an AF_INET or AF_INET6 socket, not {family!r}")
-    if sock.type != _socket.SOCK_DGRAM:
-        raise ValueError(f"RelayEngine needs a SOCK_DGRAM socket, not {sock.type!r}")
-    if sock.gettimeout() != 0.0:
-        raise ValueError("RelayEngine needs a non-blocking socket (sock.setblocking(False))")
-    if rate > 0 and burst == 0:
-        burst = rate  # one second of traffic
-    return int(family), batch_size, max_datagram, rate, burst
-
-
-def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    value = float(value)
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-    return value
-
-
-def _session_id(session_id):
-    """The 8 session-id bytes; TypeError / ValueError like mahole.wire.relay.encode_frame."""
-    if not isinstance(session_id, (bytes, bytearray, memoryview)):
-        raise TypeError(f"session_id must be bytes-like, not {type(session_id).__name__}")
-    sid = bytes(session_id)
-    if len(sid) != RELAY_SESSION_ID_LEN:
-        raise ValueError(f"session_id must be {RELAY_SESSION_ID_LEN} bytes, got {len(sid)}")
-    return sid
-
-
-cdef bytes _sockaddr(int family, object addr):
-    """The sockaddr bytes for a member address tuple, or ValueError (as _batch's).
-
-    AF_INET sockets take (host, port) with an IPv4 literal. AF_INET6 sockets take
-    (host, port[, flowinfo[, scope_id]]) with an IPv6 literal, or an IPv4 literal which is
-    stored as its IPv4-mapped address ::ffff:a.b.c.d (RFC 4291 §2.5.5.2) - the form the
-    kernel reports for IPv4 peers of an AF_INET6 socket.
-    """
-    cdef sockaddr_in sin
-    cdef sockaddr_in6 sin6
-    cdef bytes hb
-    cdef unsigned long long port, flowinfo = 0, scope_id = 0
-    if not isinstance(addr, tuple):
-        raise ValueError(f"address must be a tuple (host, port), not {addr!r}")
-    n = len(addr)
-    if family == AF_INET:
-        if n != 2:
-            raise ValueError(f"AF_INET address must be (host, port), not {addr!r}")
-    elif not 2 <= n <= 4:
-        raise ValueError(f"AF_INET6 address must be (host, port[, flowinfo[, scope_id]]), "
-                         f"not {addr!r}")
-    host = addr[0]
-    if not isinstance(host, str) or not host.isascii() or "\0" in host:
-        raise ValueError(f"address host must be an IP literal, not {host!r}")
-    p = addr[1]
-    if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 0xFFFF:
-        raise ValueError(f"address port must be an int 0-65535, not {p!r}")
-    port = p
-    if n > 2:
-        f = addr[2]
-        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f <= MAX_FLOWINFO:
-            raise ValueError(f"address flowinfo must be an int 0-{MAX_FLOWINFO}, not {f!r}")
-        flowinfo = f
-    if n > 3:
-        s = addr[3]
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= 0xFFFFFFFF:
-            raise ValueError(f"address scope_id must be an int 0-4294967295, not {s!r}")
-        scope_id = s
-    hb = host.encode("ascii")
-    if family == AF_INET:
-        memset(&sin, 0, sizeof(sin))
-        sin.sin_family = AF_INET
-        sin.sin_port = htons(<uint16_t>port)
-        if inet_pton(AF_INET, hb, &sin.sin_addr) != 1:
-            raise ValueError(f"address host must be an IPv4 literal on an AF_INET socket, "
-                             f"not {host!r}")
-        return PyBytes_FromStringAndSize(<char *>&sin, sizeof(sin))
-    memset(&sin6, 0, sizeof(sin6))
-    sin6.sin6_family = AF_INET6
-    sin6.sin6_port = htons(<uint16_t>port)
-    sin6.sin6_flowinfo = htonl(<uint32_t>flowinfo)
-    sin6.sin6_scope_id = <uint32_t>scope_id
-    if inet_pton(AF_INET6, hb, &sin6.sin6_addr) != 1:
-        if inet_pton(AF_INET, hb, &sin6.sin6_addr.s6_addr[12]) != 1:
-            raise ValueError(f"address host must be an IP literal, not {host!r}")
-        sin6.sin6_addr.s6_addr[10] = 0xFF
-        sin6.sin6_addr.s6_addr[11] = 0xFF
-    return PyBytes_FromStringAndSize(<char *>&sin6, sizeof(sin6))
-
-
-cdef object _address(const unsigned char *name, socklen_t namelen):
-    """A sockaddr as Python's recvfrom shows it."""
-    cdef char buf[INET6_ADDRSTRLEN]
-    cdef const sockaddr_in *sin
-    cdef const sockaddr_in6 *sin6
-    cdef sa_family_t family
-    if namelen < sizeof(sa_family_t):
-        return None
-    family = (<const sockaddr *>name).sa_family
-    if family == AF_INET and namelen >= sizeof(sockaddr_in):
-        sin = <const sockaddr_in *>name
-        inet_ntop(AF_INET, &sin.sin_addr, buf, sizeof(buf))
-        return (PyUnicode_DecodeASCII(buf, strlen(buf), NULL), ntohs(sin.sin_port))
-    if family == AF_INET6 and namelen >= sizeof(sockaddr_in6):
-        sin6 = <const sockaddr_in6 *>name
-        inet_ntop(AF_INET6, &sin6.sin6_addr, buf, sizeof(buf))
-        return (PyUnicode_DecodeASCII(buf, strlen(buf), NULL), ntohs(sin6.sin6_port),
-                ntohl(sin6.sin6_flowinfo), sin6.sin6_scope_id)
-    return (family, PyBytes_FromStringAndSize(<const char *>name + sizeof(sa_family_t),
-                                              namelen - sizeof(sa_family_t)))
 
 
 @cython.final
@@ -381,10 +240,7 @@ cdef class RelayEngine:
     cdef uint64_t _seed
 
     # receive side
-    cdef mmsghdr *_rx
-    cdef iovec *_rx_iov
-    cdef sockaddr_storage *_rx_names
-    cdef char *_rx_buf
+    cdef RecvBuffers _recv
     cdef int *_up                   # indices of datagrams handed back to Python
     # forward side: per queued frame k...
     cdef iovec *_tx_iov             # ...its bytes, in the receive buffer
@@ -398,16 +254,15 @@ cdef class RelayEngine:
     cdef int *_msg_count
     cdef char *_cmsg                # one UDP_SEGMENT control message per message slot
 
-    cdef SrcKey _src_keys[SRC_SLOTS]
+    cdef SrcCache _src              # source addresses: see cached_address in _sockaddr.pxd
     cdef list _src_tuples
-    cdef unsigned int _src_last
 
     def __cinit__(self, sock, batch_size=32, max_datagram=65535, rate_limit_bps=0,
                   burst_bytes=0, *, gso=True):
         cdef Py_ssize_t j, bs, mx
         cdef cmsghdr *cmsg
-        family, bs, mx, rate, burst = _check_args(sock, batch_size, max_datagram,
-                                                  rate_limit_bps, burst_bytes)
+        family, bs, mx, rate, burst = relay_args(sock, batch_size, max_datagram,
+                                                 rate_limit_bps, burst_bytes)
         self._sock = sock
         self._family = family
         self.batch_size = bs
@@ -417,10 +272,7 @@ cdef class RelayEngine:
         self._seed = <uint64_t>int.from_bytes(os.urandom(8), "little")
         self._slots = <Session *>calloc(MIN_CAPACITY, sizeof(Session))
         self._mask = MIN_CAPACITY - 1
-        self._rx = <mmsghdr *>calloc(bs, sizeof(mmsghdr))
-        self._rx_iov = <iovec *>calloc(bs, sizeof(iovec))
-        self._rx_names = <sockaddr_storage *>calloc(bs, sizeof(sockaddr_storage))
-        self._rx_buf = <char *>malloc(bs * mx)
+        recv_buffers_alloc(&self._recv, bs, mx)
         self._up = <int *>calloc(bs, sizeof(int))
         self._tx_iov = <iovec *>calloc(bs, sizeof(iovec))
         self._tx_names = <sockaddr_in6 *>calloc(bs, sizeof(sockaddr_in6))
@@ -431,34 +283,24 @@ cdef class RelayEngine:
         self._msg_first = <int *>calloc(bs, sizeof(int))
         self._msg_count = <int *>calloc(bs, sizeof(int))
         self._cmsg = <char *>calloc(bs, CMSG_STRIDE)
-        if (self._slots == NULL or self._rx == NULL or self._rx_iov == NULL
-                or self._rx_names == NULL or self._rx_buf == NULL or self._up == NULL
-                or self._tx == NULL or self._tx_iov == NULL or self._tx_names == NULL
-                or self._tx_namelen == NULL or self._q_session == NULL or self._q_dir == NULL
-                or self._msg_first == NULL or self._msg_count == NULL or self._cmsg == NULL):
+        if (self._slots == NULL or self._up == NULL or self._tx == NULL or self._tx_iov == NULL
+                or self._tx_names == NULL or self._tx_namelen == NULL or self._q_session == NULL
+                or self._q_dir == NULL or self._msg_first == NULL or self._msg_count == NULL
+                or self._cmsg == NULL):
             raise MemoryError()
         assert CMSG_SPACE(sizeof(uint16_t)) <= CMSG_STRIDE
         for j in range(bs):
-            self._rx_iov[j].iov_base = self._rx_buf + j * mx
-            self._rx_iov[j].iov_len = mx
-            self._rx[j].msg_hdr.msg_name = &self._rx_names[j]
-            self._rx[j].msg_hdr.msg_iov = &self._rx_iov[j]
-            self._rx[j].msg_hdr.msg_iovlen = 1
             cmsg = <cmsghdr *>(self._cmsg + j * CMSG_STRIDE)
             cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
             cmsg.cmsg_level = SOL_UDP
             cmsg.cmsg_type = UDP_SEGMENT
         self.gso = bool(gso) and _has_udp_segment(sock)
-        memset(self._src_keys, 0, sizeof(self._src_keys))
+        memset(&self._src, 0, sizeof(self._src))
         self._src_tuples = [None] * SRC_SLOTS
-        self._src_last = 0
 
     def __dealloc__(self):
         free(self._slots)
-        free(self._rx)
-        free(self._rx_iov)
-        free(self._rx_names)
-        free(self._rx_buf)
+        recv_buffers_free(&self._recv)
         free(self._up)
         free(self._tx_iov)
         free(self._tx_names)
@@ -553,7 +395,7 @@ cdef class RelayEngine:
         if addr is None:
             memset(m, 0, sizeof(Member))
             return 0
-        name = _sockaddr(self._family, addr)
+        name = address_to_sockaddr(self._family, addr, False)  # a bool is not a port here
         memset(m, 0, sizeof(Member))
         memcpy(&m.addr, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
         m.addrlen = <socklen_t>PyBytes_GET_SIZE(name)
@@ -616,7 +458,7 @@ cdef class RelayEngine:
     cdef object _member_address(self, const Member *m):
         if m.addrlen == 0:
             return None
-        return _address(<const unsigned char *>&m.addr, m.addrlen)
+        return sockaddr_to_address(<const unsigned char *>&m.addr, m.addrlen)
 
     def idle_sessions(self, double now, double idle_timeout):
         """Ids of sessions that relayed nothing for idle_timeout seconds before now
@@ -651,32 +493,6 @@ cdef class RelayEngine:
 
     # --- the hot path ------------------------------------------------------------------------
 
-    cdef object _source(self, const unsigned char *name, socklen_t namelen):
-        """The address tuple for a received sockaddr, reused while the sockaddr repeats."""
-        cdef unsigned int keylen, slot
-        cdef SrcKey *entry
-        if namelen < sizeof(sa_family_t):
-            return None
-        family = (<const sockaddr *>name).sa_family
-        if family == AF_INET and namelen >= sizeof(sockaddr_in):
-            keylen = V4_KEY_LEN
-        elif family == AF_INET6 and namelen >= sizeof(sockaddr_in6):
-            keylen = sizeof(sockaddr_in6)
-        else:
-            return _address(name, namelen)
-        entry = &self._src_keys[self._src_last]
-        if entry.length == keylen and memcmp(entry.key, name, keylen) == 0:
-            return self._src_tuples[self._src_last]
-        slot = _fnv1a(name, keylen) & (SRC_SLOTS - 1)
-        entry = &self._src_keys[slot]
-        if not (entry.length == keylen and memcmp(entry.key, name, keylen) == 0):
-            address = _address(name, namelen)
-            self._src_tuples[slot] = address
-            memcpy(entry.key, name, keylen)
-            entry.length = keylen
-        self._src_last = slot
-        return self._src_tuples[slot]
-
     cdef Py_ssize_t _classify(self, int n, double now, Py_ssize_t *nup) noexcept nogil:
         """Forward-or-drop every relay frame of the batch; returns how many were queued."""
         cdef Py_ssize_t j, nq = 0, up = 0
@@ -686,7 +502,7 @@ cdef class RelayEngine:
         cdef const unsigned char *p
         cdef Session *s
         cdef Member *dest
-        cdef mmsghdr *rx = self._rx
+        cdef mmsghdr *rx = self._recv.msgs
         cdef double rate = self.rate_limit_bps, tokens
         cdef int family = self._family
         for j in range(n):
@@ -694,7 +510,7 @@ cdef class RelayEngine:
                 self._truncated += 1
                 continue
             length = rx[j].msg_len
-            p = <const unsigned char *>self._rx_buf + j * self.max_datagram
+            p = <const unsigned char *>self._recv.buf + j * self.max_datagram
             if length == 0 or p[0] != FRAME_TYPE:
                 self._up[up] = <int>j
                 up += 1
@@ -707,10 +523,10 @@ cdef class RelayEngine:
             if s == NULL:
                 self._dropped_unknown += 1
                 continue
-            if _is_member(family, &self._rx_names[j], rx[j].msg_hdr.msg_namelen,
+            if _is_member(family, &self._recv.names[j], rx[j].msg_hdr.msg_namelen,
                           &s.member[0]):
                 d = 0
-            elif _is_member(family, &self._rx_names[j], rx[j].msg_hdr.msg_namelen,
+            elif _is_member(family, &self._recv.names[j], rx[j].msg_hdr.msg_namelen,
                             &s.member[1]):
                 d = 1
             else:
@@ -867,12 +683,11 @@ cdef class RelayEngine:
         """Read one batch, relay its frames; return the other datagrams as [(data, addr)]."""
         cdef int fd = self._sock.fileno()
         cdef int n, err
-        cdef Py_ssize_t j, k, nq, nup = 0
+        cdef Py_ssize_t k, nq, nup = 0
         cdef double now
-        cdef mmsghdr *rx = self._rx
+        cdef mmsghdr *rx = self._recv.msgs
         cdef list out
-        for j in range(self.batch_size):
-            rx[j].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+        recv_buffers_ready(&self._recv)
         while True:
             n = recvmmsg(fd, rx, <unsigned int>self.batch_size, MSG_DONTWAIT, NULL)
             if n >= 0:
@@ -898,9 +713,5 @@ cdef class RelayEngine:
         self._returned += <uint64_t>nup
         out = []
         for k in range(nup):
-            j = self._up[k]
-            data = PyBytes_FromStringAndSize(self._rx_buf + j * self.max_datagram,
-                                             rx[j].msg_len)
-            out.append((data, self._source(<const unsigned char *>&self._rx_names[j],
-                                           rx[j].msg_hdr.msg_namelen)))
+            out.append(received(&self._recv, self._up[k], &self._src, self._src_tuples))
         return out

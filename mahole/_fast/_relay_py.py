@@ -6,18 +6,19 @@ See `RelayEngine` for the semantics.
 """
 
 import errno
-import operator
 import socket as _socket
 import time
 
-from ._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN, RELAY_SESSION_ID_LEN
-
-# The kernel caps recvmmsg/sendmmsg vlen at UIO_MAXIOV (1024); the twin keeps the limit.
-MAX_BATCH_SIZE = 1024
-# Largest UDP payload a 16-bit length field can describe (RFC 768).
-MAX_DATAGRAM = 65535
-# IPv6 flow label is 20 bits (RFC 8200 §3); Python's sendto enforces the same range.
-MAX_FLOWINFO = 0xFFFFF
+from ._addr_py import (  # noqa: F401 - MAX_* are this module's constants too
+    MAX_BATCH_SIZE,
+    MAX_DATAGRAM,
+    MAX_FLOWINFO,
+    RECV_TOO_BIG as _RECV_TOO_BIG,
+    check_address,
+    relay_args,
+    session_id as _session_id,
+)
+from ._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN
 
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
@@ -28,110 +29,22 @@ COUNTERS = (
 # send errors that drop the rest of the batch's frames (a relay never waits).
 _SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS,
                                    errno.EBADF, errno.ENOTSOCK, errno.EFAULT))
-# recv errors meaning "datagram longer than the buffer" (Windows reports, Linux truncates).
-_RECV_TOO_BIG = frozenset(e for e in (errno.EMSGSIZE, getattr(errno, "WSAEMSGSIZE", None))
-                          if e is not None)
-
-
-def _check_args(sock, batch_size, max_datagram, rate_limit_bps, burst_bytes):
-    """Validate the constructor arguments (same rules and messages as the compiled one)."""
-    batch_size = operator.index(batch_size)
-    max_datagram = operator.index(max_datagram)
-    if not 1 <= batch_size <= MAX_BATCH_SIZE:
-        raise ValueError(f"batch_size must be 1-{MAX_BATCH_SIZE}, not {batch_size}")
-    if not 1 <= max_datagram <= MAX_DATAGRAM:
-        raise ValueError(f"max_datagram must be 1-{MAX_DATAGRAM}, not {max_datagram}")
-    rate = _non_negative("rate_limit_bps", rate_limit_bps)
-    burst = _non_negative("burst_bytes", burst_bytes)
-    family = sock.family
-    if family != _socket.AF_INET and family != _socket.AF_INET6:
-        raise ValueError(f"RelayEngine needs an AF_INET or AF_INET6 socket, not {family!r}")
-    if sock.type != _socket.SOCK_DGRAM:
-        raise ValueError(f"RelayEngine needs a SOCK_DGRAM socket, not {sock.type!r}")
-    if sock.gettimeout() != 0.0:
-        raise ValueError("RelayEngine needs a non-blocking socket (sock.setblocking(False))")
-    if rate > 0 and burst == 0:
-        burst = rate  # one second of traffic
-    return int(family), batch_size, max_datagram, rate, burst
-
-
-def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    value = float(value)
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-    return value
-
-
-def _session_id(session_id):
-    """The 8 session-id bytes; TypeError / ValueError like mahole.wire.relay.encode_frame."""
-    if not isinstance(session_id, (bytes, bytearray, memoryview)):
-        raise TypeError(f"session_id must be bytes-like, not {type(session_id).__name__}")
-    sid = bytes(session_id)
-    if len(sid) != RELAY_SESSION_ID_LEN:
-        raise ValueError(f"session_id must be {RELAY_SESSION_ID_LEN} bytes, got {len(sid)}")
-    return sid
 
 
 def _member(family, addr):
     """(sendto address, (host, port) as recvfrom reports it) for a member address tuple.
 
-    Same rules as `_sockaddr` in _relay.pyx: AF_INET sockets take (host, port) with an IPv4
-    literal; AF_INET6 sockets take (host, port[, flowinfo[, scope_id]]) with an IPv6 literal
-    or an IPv4 literal, stored as ::ffff:a.b.c.d (RFC 4291 §2.5.5.2) as the kernel reports
-    IPv4 peers of an AF_INET6 socket. Hosts are normalised with inet_pton/inet_ntop, the
-    functions behind recvfrom's addresses, so the source check is a tuple comparison.
+    Same rules as `address_to_sockaddr` (_sockaddr.pxd) in _relay.pyx, bools refused: see
+    `check_address` in _addr_py.py. On AF_INET6 an IPv4 literal is stored as ::ffff:a.b.c.d,
+    as the kernel reports IPv4 peers of an AF_INET6 socket. Hosts are normalised with
+    inet_ntop, the function behind recvfrom's addresses, so the source check is a tuple
+    comparison.
     """
-    if not isinstance(addr, tuple):
-        raise ValueError(f"address must be a tuple (host, port), not {addr!r}")
-    n = len(addr)
+    _, port, flowinfo, scope_id, packed = check_address(family, addr, allow_bool=False)
+    host = _socket.inet_ntop(family, packed)
     if family == _socket.AF_INET:
-        if n != 2:
-            raise ValueError(f"AF_INET address must be (host, port), not {addr!r}")
-    elif not 2 <= n <= 4:
-        raise ValueError(f"AF_INET6 address must be (host, port[, flowinfo[, scope_id]]), "
-                         f"not {addr!r}")
-    host = addr[0]
-    if not isinstance(host, str) or not host.isascii() or "\0" in host:
-        raise ValueError(f"address host must be an IP literal, not {host!r}")
-    port = addr[1]
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
-        raise ValueError(f"address port must be an int 0-65535, not {port!r}")
-    flowinfo = scope_id = 0
-    if n > 2:
-        flowinfo = addr[2]
-        if (isinstance(flowinfo, bool) or not isinstance(flowinfo, int)
-                or not 0 <= flowinfo <= MAX_FLOWINFO):
-            raise ValueError(f"address flowinfo must be an int 0-{MAX_FLOWINFO}, "
-                             f"not {flowinfo!r}")
-    if n > 3:
-        scope_id = addr[3]
-        if (isinstance(scope_id, bool) or not isinstance(scope_id, int)
-                or not 0 <= scope_id <= 0xFFFFFFFF):
-            raise ValueError(f"address scope_id must be an int 0-4294967295, not {scope_id!r}")
-    if family == _socket.AF_INET:
-        packed = _pton(_socket.AF_INET, host)
-        if packed is None:
-            raise ValueError(f"address host must be an IPv4 literal on an AF_INET socket, "
-                             f"not {host!r}")
-        host = _socket.inet_ntop(_socket.AF_INET, packed)
-        return (host, int(port)), (host, int(port))
-    packed = _pton(_socket.AF_INET6, host)
-    if packed is None:
-        v4 = _pton(_socket.AF_INET, host)
-        if v4 is None:
-            raise ValueError(f"address host must be an IP literal, not {host!r}")
-        packed = b"\0" * 10 + b"\xff\xff" + v4
-    host = _socket.inet_ntop(_socket.AF_INET6, packed)
-    return (host, int(port), int(flowinfo), int(scope_id)), (host, int(port))
-
-
-def _pton(family, host):
-    try:
-        return _socket.inet_pton(family, host)
-    except (OSError, ValueError):
-        return None
+        return (host, port), (host, port)
+    return (host, port, flowinfo, scope_id), (host, port)
 
 
 class _Session:
@@ -192,7 +105,7 @@ class RelayEngine:
     def __init__(self, sock, batch_size=32, max_datagram=65535, rate_limit_bps=0,
                  burst_bytes=0, *, gso=True):
         (self._family, self._batch_size, self._max_datagram, self._rate,
-         self._burst) = _check_args(sock, batch_size, max_datagram, rate_limit_bps, burst_bytes)
+         self._burst) = relay_args(sock, batch_size, max_datagram, rate_limit_bps, burst_bytes)
         self._sock = sock
         self._sessions = {}
         self._counters = dict.fromkeys(COUNTERS, 0)

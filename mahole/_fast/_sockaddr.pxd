@@ -1,7 +1,16 @@
-# C declarations shared by the Linux socket modules of mahole._fast (`_relay.pyx`):
-# errno, sockaddr/msghdr/mmsghdr, recvmmsg/sendmmsg, inet_pton/ntop, clock_gettime, UDP GSO.
-# Declarations only: nothing here is compiled on its own. `_batch.pyx` predates this file and
-# still carries its own copy of the same declarations.
+# C declarations and helpers shared by the Linux socket modules of mahole._fast (`_batch.pyx`,
+# `_relay.pyx`): errno, sockaddr/msghdr/mmsghdr, recvmmsg/sendmmsg, inet_pton/ntop,
+# clock_gettime, UDP GSO; and, as inline functions, the conversions between address tuples
+# and sockaddrs, the cache of received source addresses and the receive buffers.
+# Nothing here is compiled on its own (setup.py builds one extension per .pyx): a module
+# that cimports a helper compiles its own copy of it. `_addr_py.py` holds the pure-Python
+# form of the address rules, for the twins.
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memcpy, memset, strlen
 
 cdef extern from "<errno.h>" nogil:
     int errno
@@ -128,3 +137,211 @@ cdef extern from *:
     enum:
         SOL_UDP
         UDP_SEGMENT
+
+
+# IPv6 flow label is 20 bits (RFC 8200 §3); Python's sendto enforces the same range.
+# == MAX_FLOWINFO in _addr_py.py (the modules' Python-level constant).
+cdef enum:
+    MAX_FLOWINFO = 0xFFFFF
+
+
+cdef inline bint _is_int(object value, bint allow_bool) noexcept:
+    return isinstance(value, int) and (allow_bool or not isinstance(value, bool))
+
+
+cdef inline bytes address_to_sockaddr(int family, object addr, bint allow_bool):
+    """The sockaddr bytes for an address tuple, or ValueError (`check_address` in
+    _addr_py.py is the twins' form: same rules, same order, same messages).
+
+    AF_INET sockets take (host, port) with an IPv4 literal. AF_INET6 sockets take
+    (host, port[, flowinfo[, scope_id]]) with an IPv6 literal, or an IPv4 literal which
+    stands for its IPv4-mapped address ::ffff:a.b.c.d (RFC 4291 §2.5.5.2) - the form the
+    kernel reports for IPv4 peers of an AF_INET6 socket. allow_bool: whether True and
+    False pass as the ints 1 and 0 (as socket.sendto takes them) or are refused.
+    """
+    cdef sockaddr_in sin
+    cdef sockaddr_in6 sin6
+    cdef bytes hb
+    cdef unsigned long long port, flowinfo = 0, scope_id = 0
+    if not isinstance(addr, tuple):
+        raise ValueError(f"address must be a tuple (host, port), not {addr!r}")
+    n = len(addr)
+    if family == AF_INET:
+        if n != 2:
+            raise ValueError(f"AF_INET address must be (host, port), not {addr!r}")
+    elif not 2 <= n <= 4:
+        raise ValueError(f"AF_INET6 address must be (host, port[, flowinfo[, scope_id]]), "
+                         f"not {addr!r}")
+    host = addr[0]
+    if not isinstance(host, str) or not host.isascii() or "\0" in host:
+        raise ValueError(f"address host must be an IP literal, not {host!r}")
+    p = addr[1]
+    if not _is_int(p, allow_bool) or not 0 <= p <= 0xFFFF:
+        raise ValueError(f"address port must be an int 0-65535, not {p!r}")
+    port = p
+    if n > 2:
+        f = addr[2]
+        if not _is_int(f, allow_bool) or not 0 <= f <= MAX_FLOWINFO:
+            raise ValueError(f"address flowinfo must be an int 0-{MAX_FLOWINFO}, not {f!r}")
+        flowinfo = f
+    if n > 3:
+        s = addr[3]
+        if not _is_int(s, allow_bool) or not 0 <= s <= 0xFFFFFFFF:
+            raise ValueError(f"address scope_id must be an int 0-4294967295, not {s!r}")
+        scope_id = s
+    hb = host.encode("ascii")
+    if family == AF_INET:
+        memset(&sin, 0, sizeof(sin))
+        sin.sin_family = AF_INET
+        sin.sin_port = htons(<uint16_t>port)
+        if inet_pton(AF_INET, hb, &sin.sin_addr) != 1:
+            raise ValueError(f"address host must be an IPv4 literal on an AF_INET socket, "
+                             f"not {host!r}")
+        return PyBytes_FromStringAndSize(<char *>&sin, sizeof(sin))
+    memset(&sin6, 0, sizeof(sin6))
+    sin6.sin6_family = AF_INET6
+    sin6.sin6_port = htons(<uint16_t>port)
+    sin6.sin6_flowinfo = htonl(<uint32_t>flowinfo)
+    sin6.sin6_scope_id = <uint32_t>scope_id
+    if inet_pton(AF_INET6, hb, &sin6.sin6_addr) != 1:
+        if inet_pton(AF_INET, hb, &sin6.sin6_addr.s6_addr[12]) != 1:
+            raise ValueError(f"address host must be an IP literal, not {host!r}")
+        sin6.sin6_addr.s6_addr[10] = 0xFF
+        sin6.sin6_addr.s6_addr[11] = 0xFF
+    return PyBytes_FromStringAndSize(<char *>&sin6, sizeof(sin6))
+
+
+cdef inline object sockaddr_to_address(const unsigned char *name, socklen_t namelen):
+    """A sockaddr as Python's recvfrom shows it."""
+    cdef char buf[INET6_ADDRSTRLEN]
+    cdef const sockaddr_in *sin
+    cdef const sockaddr_in6 *sin6
+    cdef sa_family_t family
+    if namelen < sizeof(sa_family_t):
+        return None
+    family = (<const sockaddr *>name).sa_family
+    if family == AF_INET and namelen >= sizeof(sockaddr_in):
+        sin = <const sockaddr_in *>name
+        inet_ntop(AF_INET, &sin.sin_addr, buf, sizeof(buf))
+        return (PyUnicode_DecodeASCII(buf, strlen(buf), NULL), ntohs(sin.sin_port))
+    if family == AF_INET6 and namelen >= sizeof(sockaddr_in6):
+        sin6 = <const sockaddr_in6 *>name
+        inet_ntop(AF_INET6, &sin6.sin6_addr, buf, sizeof(buf))
+        return (PyUnicode_DecodeASCII(buf, strlen(buf), NULL), ntohs(sin6.sin6_port),
+                ntohl(sin6.sin6_flowinfo), sin6.sin6_scope_id)
+    return (family, PyBytes_FromStringAndSize(<const char *>name + sizeof(sa_family_t),
+                                              namelen - sizeof(sa_family_t)))
+
+
+# The cache of received source addresses: direct-mapped, keyed by the raw sockaddr, so that
+# the datagrams of a batch from one peer share one address tuple. The C part lives in the
+# owner's struct; the tuples in a list of SRC_SLOTS entries beside it.
+cdef enum:
+    SRC_SLOTS = 64          # cache entries (power of two)
+    SRC_KEY_MAX = 28        # sizeof(struct sockaddr_in6) on Linux
+    V4_KEY_LEN = 8          # sin_family, sin_port, sin_addr: the rest is zero padding
+
+cdef struct SrcKey:
+    unsigned int length     # 0 = empty slot
+    unsigned char key[SRC_KEY_MAX]
+
+cdef struct SrcCache:
+    SrcKey keys[SRC_SLOTS]
+    unsigned int last       # the slot that answered last
+
+
+cdef inline unsigned int _fnv1a(const unsigned char *p, unsigned int n) noexcept nogil:
+    cdef unsigned int h = 2166136261u
+    cdef unsigned int i
+    for i in range(n):
+        h = (h ^ p[i]) * 16777619u
+    return h ^ (h >> 16)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef inline object cached_address(SrcCache *cache, list tuples, const unsigned char *name,
+                                  socklen_t namelen):
+    """The address tuple for a received sockaddr, reused while the sockaddr repeats.
+
+    tuples: the list of SRC_SLOTS address tuples that goes with cache (None when empty)."""
+    cdef unsigned int keylen, slot
+    cdef SrcKey *entry
+    cdef sa_family_t family
+    if namelen < sizeof(sa_family_t):
+        return None
+    family = (<const sockaddr *>name).sa_family
+    if family == AF_INET and namelen >= sizeof(sockaddr_in):
+        keylen = V4_KEY_LEN
+    elif family == AF_INET6 and namelen >= sizeof(sockaddr_in6):
+        keylen = sizeof(sockaddr_in6)
+    else:
+        return sockaddr_to_address(name, namelen)
+    entry = &cache.keys[cache.last]
+    if entry.length == keylen and memcmp(entry.key, name, keylen) == 0:
+        return tuples[cache.last]
+    slot = _fnv1a(name, keylen) & (SRC_SLOTS - 1)
+    entry = &cache.keys[slot]
+    if not (entry.length == keylen and memcmp(entry.key, name, keylen) == 0):
+        tuples[slot] = sockaddr_to_address(name, namelen)
+        memcpy(entry.key, name, keylen)
+        entry.length = keylen
+    cache.last = slot
+    return tuples[slot]
+
+
+# The receive side of a recvmmsg batch, allocated once per socket: datagram j lands in slot j
+# (max_datagram bytes) of buf, through message header msgs[j] and its one iovec iov[j]; its
+# source sockaddr in names[j].
+cdef struct RecvBuffers:
+    mmsghdr *msgs
+    iovec *iov
+    sockaddr_storage *names
+    char *buf
+    Py_ssize_t size             # datagrams per batch
+    Py_ssize_t max_datagram     # bytes per slot
+
+
+cdef inline int recv_buffers_alloc(RecvBuffers *rx, Py_ssize_t size,
+                                   Py_ssize_t max_datagram) except -1:
+    """Allocate and link the buffers, or MemoryError; recv_buffers_free frees them (also
+    after a MemoryError)."""
+    cdef Py_ssize_t j
+    rx.size = size
+    rx.max_datagram = max_datagram
+    rx.msgs = <mmsghdr *>calloc(size, sizeof(mmsghdr))
+    rx.iov = <iovec *>calloc(size, sizeof(iovec))
+    rx.names = <sockaddr_storage *>calloc(size, sizeof(sockaddr_storage))
+    rx.buf = <char *>malloc(size * max_datagram)
+    if rx.msgs == NULL or rx.iov == NULL or rx.names == NULL or rx.buf == NULL:
+        raise MemoryError()
+    for j in range(size):
+        rx.iov[j].iov_base = rx.buf + j * max_datagram
+        rx.iov[j].iov_len = max_datagram
+        rx.msgs[j].msg_hdr.msg_name = &rx.names[j]
+        rx.msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+        rx.msgs[j].msg_hdr.msg_iov = &rx.iov[j]
+        rx.msgs[j].msg_hdr.msg_iovlen = 1
+    return 0
+
+
+cdef inline void recv_buffers_free(RecvBuffers *rx) noexcept nogil:
+    free(rx.msgs)
+    free(rx.iov)
+    free(rx.names)
+    free(rx.buf)
+
+
+cdef inline void recv_buffers_ready(RecvBuffers *rx) noexcept nogil:
+    """Before each recvmmsg: every source sockaddr buffer back to its full size."""
+    cdef Py_ssize_t j
+    for j in range(rx.size):
+        rx.msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+
+
+cdef inline tuple received(RecvBuffers *rx, Py_ssize_t j, SrcCache *cache, list tuples):
+    """Datagram j of the last recvmmsg as (data, address), the way recvfrom gives them;
+    the address comes from cached_address with cache and tuples."""
+    return (PyBytes_FromStringAndSize(rx.buf + j * rx.max_datagram, rx.msgs[j].msg_len),
+            cached_address(cache, tuples, <const unsigned char *>&rx.names[j],
+                           rx.msgs[j].msg_hdr.msg_namelen))

@@ -272,6 +272,10 @@ class Agent(Node):
             raise SessionError(message.message)
         session = AgentSession(self, message)
         self.sessions[message.session_id] = session
+        if not self.cfg.relay_only:
+            ufrag, pwd, candidates = self.puncher.local_description(session, controlling=True)
+            self.control.send(control.CandidateOffer(session_id=session.session_id, ufrag=ufrag,
+                                                     pwd=pwd, candidates=candidates))
         return await session.ready
 
     def control_message(self, message):
@@ -281,10 +285,16 @@ class Agent(Node):
             if reply is not None and not reply.done():
                 reply.set_result(message)
                 return
+        session = self.sessions.get(getattr(message, "session_id", None))
         if isinstance(message, control.SessionClosed):
-            session = self.sessions.get(message.session_id)
             if session is not None:
                 session.close(message.reason)
+        elif isinstance(message, control.CandidateAnswer):
+            if session is not None:
+                self.puncher.remote_description(session, message)
+        elif isinstance(message, control.StartPunching):
+            if session is not None:
+                self.start_punching(session, message.delay_ms)
         elif isinstance(message, control.Error):
             log.warning("intermediate: %s", message.message)
 

@@ -7,11 +7,13 @@ service's target; DATAGRAM frames go to its UDP target and replies come back.
 
 import asyncio
 import logging
+import os
 
 from aioquic.quic import events as qe
 
 from .. import connection as qc
 from .. import identity
+from ..ice.coordinator import ice_string
 from ..session import VIRTUAL_PEER_ADDR, Session
 from ..tunnel import MAX_DATAGRAM_PAYLOAD, StreamPipe, pack_datagram, unpack_datagram
 from ..wire import control
@@ -215,8 +217,27 @@ class Connector(Node):
             session = self.sessions.get(message.session_id)
             if session is not None:
                 session.close(message.reason)
+        elif isinstance(message, control.CandidateOffer):
+            session = self.sessions.get(message.session_id)
+            if session is not None:
+                self._answer(session, message)
+        elif isinstance(message, control.StartPunching):
+            session = self.sessions.get(message.session_id)
+            if session is not None and not self.cfg.relay_only:
+                self.start_punching(session, message.delay_ms)
         elif isinstance(message, control.Error):
             log.warning("intermediate: %s", message.message)
+
+    def _answer(self, session, offer):
+        if self.cfg.relay_only:
+            # Credentials but no candidates: the agent's checks have nothing to reach, and
+            # this node does not answer checks (its hole punch never exists).
+            ufrag, pwd, candidates = ice_string(os.urandom(6)), ice_string(os.urandom(18)), ()
+        else:
+            ufrag, pwd, candidates = self.puncher.local_description(session, controlling=False)
+            self.puncher.remote_description(session, offer)
+        self.control.send(control.CandidateAnswer(session_id=session.session_id, ufrag=ufrag,
+                                                  pwd=pwd, candidates=candidates))
 
     def session_closed(self, session, reason):
         if self.sessions.pop(session.session_id, None) is session:

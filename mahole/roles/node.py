@@ -16,6 +16,7 @@ from aioquic.quic import events as qe
 from .. import connection as qc
 from .. import identity
 from ..endpoint import Endpoint
+from ..punching import Puncher
 from ..status import StatusServer, metrics_from_counters
 from ..wire import control
 
@@ -271,6 +272,7 @@ class Node:
         self.intermediate_addr = cfg.intermediate
         self.endpoint = None
         self.control = None
+        self.puncher = None
         self.status_server = None
         self.sessions = {}
         self._tasks = []
@@ -281,8 +283,10 @@ class Node:
 
     async def start(self):
         sock = bind_udp(*self.cfg.bind)
-        self.endpoint = Endpoint(sock, on_stun=self._stun_received)
+        self.endpoint = Endpoint(sock, on_stun=self._stun_received,
+                                 on_initial=self._initial_received)
         self.endpoint.start()
+        self.puncher = Puncher(self)
         self.control = ControlClient(self)
         self._tasks.append(asyncio.get_running_loop().create_task(self.control.run()))
         if self.cfg.status is not None:
@@ -301,6 +305,8 @@ class Node:
             session.close("node stopping")
         if self.control is not None:
             self.control.stop()
+        if self.puncher is not None:
+            self.puncher.close()
         if self.endpoint is not None:
             self.endpoint.flush()
         for task in self._tasks:
@@ -321,7 +327,32 @@ class Node:
         pass
 
     def _stun_received(self, data, addr):
-        self.endpoint.counters["dropped_stun"] += 1
+        if not self.puncher.stun_received(data, addr):
+            self.endpoint.counters["dropped_stun"] += 1
+
+    def _initial_received(self, header, data, addr):
+        """A QUIC Initial straight from a peer: only for a session whose direct route it is."""
+        for session in self.sessions.values():
+            if session.connection is None and session.path.inbound(addr):
+                session.first_packet(header, data)
+                return
+        self.endpoint.counters["dropped_initial"] += 1
+
+    def start_punching(self, session, delay_ms):
+        if delay_ms:
+            self.endpoint.loop.call_later(delay_ms / 1000, self._start_if_open, session)
+        else:
+            self._start_if_open(session)
+
+    def _start_if_open(self, session):
+        if not session.closed:
+            self.puncher.start(session)
+            self.endpoint.flush()
+
+    def report(self, message):
+        """Send a message to the intermediate if connected (results are best effort)."""
+        if self.control is not None and self.control.connected:
+            self.control.send(message)
 
     def status(self):
         control_client = self.control

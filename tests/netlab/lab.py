@@ -1,0 +1,438 @@
+"""The lab: a small internet of network namespaces, built per test and always torn down.
+
+```
+             public segment 203.0.113.0/24 (bridge br0 in namespace <prefix>pub)
+   ┌──────────────┬─────────────┴───────┬──────────────────────┐
+ public host    public host        router r1 (wan .x)      router r2 (wan .y)
+ (preset none)                     NAT preset, nft         NAT preset, nft
+                                      │ lan 10.0.1.1/24        │ lan 10.0.2.1/24
+                                   host h1 10.0.1.2         host h2 10.0.2.2
+```
+Nothing in the lab routes beyond it: public hosts and routers know only their connected
+subnets, hosts have a default route to their router only, and the host namespace is untouched.
+IPv6 is disabled inside the lab namespaces (no link-local chatter, one address family).
+"""
+
+import atexit
+import ipaddress
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _ns
+from . import nat as presets
+from ._ns import NetlabError
+
+PUBLIC_NET = ipaddress.ip_network("203.0.113.0/24")
+REFLECTOR_PATH = Path(__file__).with_name("reflector.py")
+STUN_PORT = 3478
+_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+
+_lab_seq = 0
+_swept = False
+
+
+def _next_prefix():
+    global _lab_seq, _swept
+    if not _swept:
+        _swept = True
+        _ns.sweep()  # namespaces of earlier runs whose process died
+        pid = os.getpid()
+        atexit.register(_ns.sweep, only_pid=pid)
+    _lab_seq += 1
+    return f"mhl{os.getpid()}x{_lab_seq}-"
+
+
+def _quiet_sysctls(forwarding=False):
+    values = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1}
+    if not os.path.exists("/proc/sys/net/ipv6"):
+        values = {}
+    if forwarding:
+        values["net.ipv4.ip_forward"] = 1
+    return values
+
+
+class Node:
+    """A namespace of the lab: run commands and processes in it, open sockets in it."""
+
+    def __init__(self, lab, name, ns):
+        self.lab = lab
+        self.name = name
+        self.ns = ns
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name} ns={self.ns}>"
+
+    def _argv(self, cmd):
+        if isinstance(cmd, str):
+            cmd = ["sh", "-c", cmd]
+        return ["ip", "netns", "exec", self.ns, *map(str, cmd)]
+
+    def run(self, cmd, *, check=True, timeout=30, **kwargs):
+        """subprocess.run in this namespace (cmd: argv list, or a string for `sh -c`).
+
+        Output is captured as text unless stdout/stderr are given; check=True raises
+        NetlabError with stderr on a non-zero exit."""
+        if "stdout" not in kwargs and "stderr" not in kwargs:
+            kwargs["capture_output"] = True
+        kwargs.setdefault("text", True)
+        proc = subprocess.run(self._argv(cmd), timeout=timeout, **kwargs)
+        if check and proc.returncode != 0:
+            raise NetlabError(f"[{self.name}] {cmd!r} exited {proc.returncode}: "
+                              f"{(proc.stderr or proc.stdout or '').strip()}")
+        return proc
+
+    def popen(self, cmd, **kwargs):
+        """subprocess.Popen in this namespace, in its own process group (pgid = pid), which
+        the lab ends at teardown (SIGTERM, then SIGKILL). stdin defaults to /dev/null."""
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs["start_new_session"] = True
+        proc = subprocess.Popen(self._argv(cmd), **kwargs)
+        self.lab._procs.append(proc)
+        return proc
+
+    def python(self, code, *args, **kwargs):
+        """popen(`python -c code args…`) with this interpreter."""
+        return self.popen([sys.executable, "-c", code, *args], **kwargs)
+
+    def udp_socket(self, port=0, ip="0.0.0.0"):
+        """A UDP socket created and bound inside this namespace; the lab closes it at teardown."""
+        with _ns.entered(self.ns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.lab._sockets.append(sock)
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def sysctl(self, key):
+        return _ns.read_sysctl(self.ns, key)
+
+
+class Host(Node):
+    """An end host. `ip` is its own address: public for preset none, private behind a router."""
+
+    def __init__(self, lab, name, ns, ip, router=None):
+        super().__init__(lab, name, ns)
+        self.ip = ip
+        self.router = router
+        self.site = None
+
+    @property
+    def public_ip(self):
+        """The address the public segment sees: the router's WAN address, or the host's own."""
+        return self.router.wan_ip if self.router else self.ip
+
+
+class Router(Node):
+    """A NAT router: WAN on the public segment, LAN with one host; rules in table `ip netlab`."""
+
+    def __init__(self, lab, name, ns, preset, wan_ip, lan_ip):
+        super().__init__(lab, name, ns)
+        self.preset = preset
+        self.wan_ip = wan_ip
+        self.lan_ip = lan_ip
+        self.host = None
+
+    def nft(self, script):
+        """Apply an nft script in this router's namespace."""
+        return _ns.nft(self.ns, script)
+
+    def ruleset(self):
+        return self.run(["nft", "list", "ruleset"]).stdout
+
+    def counter(self, name):
+        """Packets counted so far by named counter `name` (see nat.COUNTERS): `unsolicited`
+        (inbound dropped by the filtering), `blocked` (block_udp_from), `cut` (drop_flow)."""
+        out = self.run(["nft", "-j", "list", "counter", "ip", "netlab", name]).stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return item["counter"]["packets"]
+        raise NetlabError(f"no counter {name} in {self.ns}")
+
+    @staticmethod
+    def _element(addr):
+        if isinstance(addr, str):
+            return "hosts", addr
+        ip, port = addr
+        return "endpoints", f"{ip} . {int(port)}"
+
+    def block_udp_from(self, addr):
+        """Drop inbound UDP from `addr` ("ip" or (ip, port)) before conntrack sees it."""
+        kind, elem = self._element(addr)
+        self.nft(f"add element ip netlab blocked_{kind} {{ {elem} }}\n")
+
+    def unblock_udp_from(self, addr):
+        kind, elem = self._element(addr)
+        self.nft(f"delete element ip netlab blocked_{kind} {{ {elem} }}\n")
+
+    def drop_flow(self, local_port=None, remote=None):
+        """Cut traffic both ways: of the host's UDP `local_port`, and/or with `remote`
+        ("ip" or (ip, port)). Several cuts may be active; restore_flow() lifts them."""
+        if local_port is None and remote is None:
+            raise ValueError("drop_flow needs local_port or remote")
+        lines = []
+        if local_port is not None:
+            lines.append(f"add element ip netlab cut_ports {{ {int(local_port)} }}")
+        if remote is not None:
+            kind, elem = self._element(remote)
+            lines.append(f"add element ip netlab cut_{kind} {{ {elem} }}")
+        self.nft("\n".join(lines) + "\n")
+
+    def restore_flow(self, local_port=None, remote=None):
+        """Lift the cut for `local_port` / `remote`, or every cut when called without arguments."""
+        if local_port is None and remote is None:
+            self.nft("flush set ip netlab cut_ports\nflush set ip netlab cut_hosts\n"
+                     "flush set ip netlab cut_endpoints\n")
+            return
+        lines = []
+        if local_port is not None:
+            lines.append(f"delete element ip netlab cut_ports {{ {int(local_port)} }}")
+        if remote is not None:
+            kind, elem = self._element(remote)
+            lines.append(f"delete element ip netlab cut_{kind} {{ {elem} }}")
+        self.nft("\n".join(lines) + "\n")
+
+    def flush_conntrack(self):
+        """Forget every flow and mapping (conntrack -F; full-cone also forgets its open ports).
+        The rules stay: the next outbound packet creates a fresh mapping."""
+        self.run(["conntrack", "-F"])
+        if self.preset == "full-cone":
+            self.nft("flush set ip netlab mapped\n")
+
+    def conntrack_entries(self):
+        """The router's UDP conntrack entries, as `conntrack -L` lines (for diagnostics)."""
+        out = self.run(["conntrack", "-L", "-p", "udp"]).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    def set_udp_timeout(self, seconds, stream=None):
+        """Set this router's UDP conntrack timeouts (per-namespace sysctls
+        nf_conntrack_udp_timeout and nf_conntrack_udp_timeout_stream, the latter = `stream`
+        or `seconds`). They apply from each flow's next packet; a full-cone router's port
+        mappings use the larger value from their next outbound packet."""
+        stream = seconds if stream is None else stream
+        _ns.write_sysctls(self.ns, {"net.netfilter.nf_conntrack_udp_timeout": int(seconds),
+                                    "net.netfilter.nf_conntrack_udp_timeout_stream": int(stream)})
+        if self.preset == "full-cone":
+            rule = presets.mapping_rule(max(int(seconds), int(stream))).strip()
+            self.nft(f"flush chain ip netlab mapping\nadd rule ip netlab mapping {rule}\n")
+
+
+@dataclass
+class Site:
+    """A NAT router and the host behind it (router is None for preset none)."""
+    name: str
+    preset: str
+    router: Router | None
+    host: Host
+
+
+class Reflector:
+    """A STUN-like reflector process (netlab/reflector.py) on a lab host."""
+
+    def __init__(self, host, port, proc):
+        self.host = host
+        self.port = port
+        self.proc = proc
+        self.addr = (host.ip, port)
+        self._buf = b""
+
+    def _line(self, timeout):
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"reflector on {self.host.name} silent for {timeout}s")
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise NetlabError(f"reflector on {self.host.name} exited "
+                                  f"({self.proc.wait()}): {self.proc.stderr.read().decode()}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def send(self, to, payload, timeout=5.0):
+        """Send `payload` (bytes without spaces) from the reflector's socket to `to`."""
+        self.proc.stdin.write(f"send {to[0]} {int(to[1])} {payload.decode()}\n".encode())
+        self.proc.stdin.flush()
+        line = self._line(timeout)
+        if line != "sent":
+            raise NetlabError(f"reflector answered {line!r}")
+
+
+class Lab:
+    """Per-test internet. Use as a context manager; everything is removed on exit, also when
+    the body raises (sockets closed, processes' groups ended, namespaces deleted)."""
+
+    def __init__(self):
+        self.prefix = _next_prefix()
+        self.namespaces = []
+        self.sites = []
+        self.hosts = []
+        self._procs = []
+        self._sockets = []
+        self._public_ips = (str(a) for a in list(PUBLIC_NET.hosts())[1:])  # .2 … .254
+        self._names = set()
+        self._counts = {}
+        self._closed = False
+        try:
+            self.pub = self._namespace("pub")
+            _ns.write_sysctls(self.pub, _quiet_sysctls())
+            _ns.ip(self.pub, "link add br0 type bridge", "link set lo up", "link set br0 up")
+            if os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
+                try:  # keep bridged public traffic out of the pub namespace's netfilter
+                    _ns.write_sysctls(self.pub, {"net.bridge.bridge-nf-call-iptables": 0})
+                except OSError:
+                    pass
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
+
+    # -- building -----------------------------------------------------------------------
+
+    def _name(self, name, kind):
+        if name is None:
+            self._counts[kind] = self._counts.get(kind, 0) + 1
+            name = f"{kind}{self._counts[kind]}"
+        if not _NAME_RE.match(name) or name == "pub":
+            raise ValueError(f"bad lab name {name!r}: lower-case letters and digits, 1-10 chars")
+        if name in self._names:
+            raise ValueError(f"lab name {name!r} already used")
+        self._names.add(name)
+        return name
+
+    def _namespace(self, role):
+        ns = self.prefix + role
+        _ns.run(["ip", "netns", "add", ns])
+        self.namespaces.append(ns)
+        return ns
+
+    def _plug_public(self, ns, ifname, port_name):
+        """A veth from `ns` (named `ifname`) to the public bridge."""
+        _ns.ip(None, f"link add {ifname} netns {ns} type veth "
+                     f"peer name {port_name} netns {self.pub}")
+        _ns.ip(self.pub, f"link set {port_name} master br0", f"link set {port_name} up")
+
+    def public_host(self, name=None):
+        """A host directly on the public segment (preset none)."""
+        return self.site("none", name=name).host
+
+    def host(self, nat="none", name=None, **kwargs):
+        """A host behind a new router running NAT preset `nat` (or on the public segment for
+        none); `.router` is its Router (None for none)."""
+        return self.site(nat, name=name, **kwargs).host
+
+    def site(self, nat="none", name=None, lan=None):
+        """A Site: for a NAT preset a router `<name>r` (WAN on the public segment) with host
+        `<name>` behind it on `lan` (default 10.0.<n>.0/24, router .1, host .2)."""
+        if nat not in presets.PRESETS:
+            raise ValueError(f"unknown NAT preset {nat!r}; "
+                             f"choose one of {', '.join(presets.PRESETS)}")
+        if nat == "none":
+            name = self._name(name, "p")
+            ns = self._namespace(name)
+            ip = next(self._public_ips)
+            _ns.write_sysctls(ns, _quiet_sysctls())
+            self._plug_public(ns, "eth0", f"v-{name}")
+            _ns.ip(ns, f"addr add {ip}/{PUBLIC_NET.prefixlen} dev eth0", "link set lo up",
+                   "link set eth0 up")
+            host = Host(self, name, ns, ip)
+            site = Site(name, nat, None, host)
+        else:
+            name = self._name(name, "h")
+            router_name = self._name(name + "r", "r")
+            index = sum(1 for s in self.sites if s.router) + 1
+            net = ipaddress.ip_network(lan or f"10.0.{index}.0/24")
+            if not net.is_private:
+                raise ValueError(f"LAN {net} is not a private range")
+            lan_ip, host_ip = (str(a) for a in list(net.hosts())[:2])
+            wan_ip = next(self._public_ips)
+            rns = self._namespace(router_name)
+            hns = self._namespace(name)
+            _ns.write_sysctls(rns, _quiet_sysctls(forwarding=True))
+            _ns.write_sysctls(hns, _quiet_sysctls())
+            self._plug_public(rns, "wan", f"v-{router_name}")
+            _ns.ip(None, f"link add lan netns {rns} type veth peer name eth0 netns {hns}")
+            _ns.ip(rns, f"addr add {wan_ip}/{PUBLIC_NET.prefixlen} dev wan",
+                   f"addr add {lan_ip}/{net.prefixlen} dev lan",
+                   "link set lo up", "link set wan up", "link set lan up")
+            _ns.ip(hns, f"addr add {host_ip}/{net.prefixlen} dev eth0", "link set lo up",
+                   "link set eth0 up", f"route add default via {lan_ip}")
+            router = Router(self, router_name, rns, nat, wan_ip, lan_ip)
+            router.nft(presets.ruleset(nat, wan_ip=wan_ip, host_ip=host_ip))
+            host = Host(self, name, hns, host_ip, router)
+            router.host = host
+            site = Site(name, nat, router, host)
+        host.site = site
+        self.sites.append(site)
+        self.hosts.append(host)
+        return site
+
+    def reflector(self, host, port=STUN_PORT, timeout=10.0):
+        """Start a reflector (netlab/reflector.py) on `host`:`port`; returns once it is bound."""
+        proc = host.popen([sys.executable, str(REFLECTOR_PATH), str(port)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        refl = Reflector(host, port, proc)
+        line = refl._line(timeout)
+        if line != f"ready {port}":
+            raise NetlabError(f"reflector on {host.name} said {line!r}")
+        return refl
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(raise_errors=exc_type is None)
+        return False
+
+    def close(self, raise_errors=True):
+        """Close sockets, end process groups, delete namespaces. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        errors = []
+        for sock in self._sockets:
+            sock.close()
+        self._stop_processes()
+        for ns in reversed(self.namespaces):
+            err = _ns.delete_namespace(ns)
+            if err:
+                errors.append(err)
+        if errors and raise_errors:
+            raise NetlabError("lab teardown: " + "; ".join(errors))
+
+    def _stop_processes(self):
+        running = [p for p in self._procs if p.poll() is None]
+        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            for proc in running:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            for proc in running:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            running = [p for p in running if p.poll() is None]
+            if not running:
+                break
+        for proc in self._procs:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+

@@ -1,0 +1,133 @@
+"""Hole punching on loopback: two roles on 127.0.0.1 and 127.0.0.2 (distinct host candidates)."""
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from mahole.demo import LocalDeployment, tcp_round_trip
+from mahole.path import DIRECT, RELAY
+from mahole.roles.agent import SessionError
+
+
+def run(coro, timeout=90):
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await coro
+    return asyncio.run(bounded())
+
+
+async def wait_for(condition, timeout=10.0):
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def two_hosts(agent=None, connector=None, **kw):
+    return LocalDeployment(agent_kwargs={"bind": ("127.0.0.1", 0), **(agent or {})},
+                           connector_kwargs={"bind": ("127.0.0.2", 0), **(connector or {})},
+                           **kw)
+
+
+def _only_session(node):
+    [session] = node.sessions.values()
+    return session
+
+
+def test_session_opens_on_the_relay_then_moves_to_direct_mid_transfer():
+    async def main():
+        async with two_hosts() as d:
+            # Hold StartPunching until a transfer is under way over the relay.
+            gate = asyncio.Event()
+            start_punching = d.intermediate._start_punching
+
+            def held(session):
+                async def later():
+                    await gate.wait()
+                    start_punching(session)
+                asyncio.get_running_loop().create_task(later())
+            d.intermediate._start_punching = held
+
+            data = os.urandom(12 << 20)
+            transfer = asyncio.get_running_loop().create_task(
+                tcp_round_trip(d.agent.forward_address(d.tcp_forward), data))
+            await wait_for(lambda: d.agent.sessions and _only_session(d.agent).connection
+                           and _only_session(d.agent).connection.bytes_received > 1 << 20, 30)
+            agent_session = _only_session(d.agent)
+            assert agent_session.path.name == RELAY and not transfer.done()
+            gate.set()
+            await wait_for(lambda: agent_session.path.name == DIRECT, 10)
+            assert not transfer.done(), "the switch should happen while data is moving"
+            assert await transfer == data  # streams survive the switch, no reconnect
+            connector_session = _only_session(d.connector)
+            for session in (agent_session, connector_session):
+                assert session.path.packets[RELAY] > 100 and session.path.packets[DIRECT] > 100
+                assert len(session.path.switches) == 1
+            assert agent_session.path.direct_addr == connector_session.endpoint.local_address[:2]
+            assert connector_session.path.direct_addr == d.agent.endpoint.local_address[:2]
+            status = d.agent.status()["sessions"][0]
+            assert status["path"] == "direct" and status["switch_ms"] > 0
+            assert status["direct_addr"].startswith("127.0.0.2:")
+            assert d.connector.status()["sessions"][0]["path"] == "direct"
+            # One QUIC connection the whole time: one handshake on each side.
+            assert agent_session.connection.quic.host_cid in agent_session.connection.cids
+            punching = d.intermediate.status()["punching"]
+            assert punching["attempts"] == 1 and punching["direct"] == 1
+            assert punching["time_to_direct_ms_median"] > 0
+    run(main())
+
+
+def test_relay_only_never_punches():
+    async def main():
+        async with two_hosts(agent={"relay_only": True}) as d:
+            data = os.urandom(1 << 20)
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            session = _only_session(d.agent)
+            assert session.path.name == RELAY and session.path.packets[DIRECT] == 0
+            assert d.agent.puncher.punches == {}
+            assert d.intermediate.status()["punching"]["attempts"] == 0
+    run(main())
+
+
+def test_direct_only_uses_no_relay():
+    async def main():
+        async with two_hosts(agent={"direct_only": True},
+                             connector={"direct_only": True}) as d:
+            data = os.urandom(1 << 20)
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            for node in (d.agent, d.connector):
+                session = _only_session(node)
+                assert session.path.name == DIRECT and session.path.packets[RELAY] == 0
+            assert d.intermediate.status()["relay"]["relayed_packets"] == 0
+    run(main())
+
+
+def test_direct_only_fails_clearly_when_punching_fails():
+    async def main():
+        async with two_hosts(agent={"direct_only": True, "punch_deadline": 1.0},
+                             connector={"relay_only": True}) as d:
+            with pytest.raises(SessionError, match=r"direct path required \(--direct-only\) "
+                                                   r"but hole punching failed"):
+                await d.agent.session_for("echo")
+            assert d.intermediate.status()["punching"]["relay"] == 1
+    run(main())
+
+
+def test_direct_packets_from_another_address_are_dropped():
+    async def main():
+        async with two_hosts() as d:
+            data = os.urandom(256 << 10)
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            session = _only_session(d.agent)
+            await wait_for(lambda: session.path.name == DIRECT)
+            before = d.agent.endpoint.counters["dropped_wrong_source"]
+            # A short-header packet for the session's connection, from a stranger.
+            packet = bytes([0x40]) + session.connection.quic.host_cid + os.urandom(40)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+                stranger.bind(("127.0.0.3", 0))
+                for _ in range(5):
+                    stranger.sendto(packet, d.agent.endpoint.local_address[:2])
+            await wait_for(lambda: d.agent.endpoint.counters["dropped_wrong_source"] >= before + 5)
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+    run(main())
