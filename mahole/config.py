@@ -75,16 +75,29 @@ class NodeConfig(Credentials):
     intermediate_name: str | None = None  # TLS name of the intermediate; default its host
     bind: tuple = ("0.0.0.0", 0)
     status: tuple | None = None
-    connect_timeout: float = 5.0  # per attempt to reach and register with the intermediate
-    reconnect_min: float = 0.5  # backoff between attempts doubles up to reconnect_max
-    reconnect_max: float = 10.0
+    connect_timeout: float = 3.0  # per attempt to reach and register with the intermediate
+    # Backoff between attempts doubles up to reconnect_max (with jitter); kept short so a
+    # node is back within a few seconds of the intermediate returning.
+    reconnect_min: float = 0.25
+    reconnect_max: float = 2.0
     control_idle_timeout: float = 15.0
-    keepalive_interval: float = 5.0  # QUIC PING on the control connection when idle
+    keepalive_interval: float = 1.0  # QUIC PING on the control connection
+    control_dead_after: float = 3.0  # nothing heard this long: reconnect to the intermediate
     e2e_idle_timeout: float = 30.0
     relay_only: bool = False  # never punch: every session stays on the relay
     direct_only: bool = False  # no relay: a session fails if hole punching fails
     punch_deadline: float = 5.0  # from StartPunching to giving up on a direct path
     include_loopback: bool = False  # offer loopback host candidates (local testing)
+    # Direct-route liveness (DESIGN.md "Path manager and resilience"): a route with
+    # ack-eliciting packets in flight and nothing heard for failover_timeout (or 3 RTTs if
+    # longer) is dead: back to the relay at once. Idle direct routes are probed with a QUIC
+    # PING every direct_keepalive, which also keeps the NAT mappings open.
+    failover_timeout: float = 0.5
+    direct_keepalive: float = 1.0
+    # After a failover the agent punches again after a cool-down that doubles with every
+    # failover in a minute (bounded switches per minute), up to repunch_cooldown_max.
+    repunch_cooldown: float = 2.0
+    repunch_cooldown_max: float = 30.0
 
     def __post_init__(self):
         if self.intermediate_name is None:

@@ -32,7 +32,7 @@ class Connection:
 
     handler: object with `quic_event(connection, event)`; optional `connection_closed(conn)`.
     path:    None (packets go to and come from the address aioquic uses), or an object with
-             `outbound(data) -> (bytes, addr) | None` and `inbound(addr) -> bool` deciding
+             `outbound(data) -> (bytes, addr) | None` and `inbound(addr, now) -> bool` deciding
              where the end-to-end packets go and which sources are accepted.
     """
 
@@ -49,6 +49,7 @@ class Connection:
         self.bytes_sent = 0
         self.packets_received = 0
         self.packets_sent = 0
+        self.last_rx = None  # when the last datagram of this connection arrived
         self._virtual_addr = peer_addr
 
     def __repr__(self):
@@ -59,7 +60,7 @@ class Connection:
         if self.closed:
             return
         if self.path is not None:
-            if not self.path.inbound(addr):
+            if not self.path.inbound(addr, now):
                 self.endpoint.counters["dropped_wrong_source"] += 1
                 return
             addr = self._virtual_addr
@@ -70,6 +71,7 @@ class Connection:
                 changed(self, previous, addr)
         self.bytes_received += len(data)
         self.packets_received += 1
+        self.last_rx = now
         self.quic.receive_datagram(data, addr, now)
         self.process_events()
         self.endpoint.mark(self)
@@ -80,6 +82,7 @@ class Connection:
             return
         self.bytes_received += len(data)
         self.packets_received += 1
+        self.last_rx = now
         self.quic.receive_datagram(data, self._virtual_addr, now)
         self.process_events()
         self.endpoint.mark(self)

@@ -28,6 +28,8 @@ class PathManager:
         self.allow_relay = allow_relay
         self.allow_direct = allow_direct
         self.direct_addr = None
+        self.direct_since = None
+        self.last_direct_rx = None  # when the last packet arrived by the direct route
         self.switches = []  # (when, route, reason)
         self.packets = {RELAY: 0, DIRECT: 0}
         self.dropped_no_route = 0
@@ -43,6 +45,7 @@ class PathManager:
         if not self.allow_direct:
             raise ValueError("this session is relay-only")
         self.direct_addr = tuple(addr[:2])
+        self.direct_since = self.last_direct_rx = now
         self.switches.append((now, DIRECT, reason))
 
     def use_relay(self, now, reason):
@@ -62,9 +65,15 @@ class PathManager:
         self.dropped_no_route += 1
         return None
 
-    def inbound(self, addr):
+    def inbound(self, addr, now):
         """Whether a QUIC packet that came straight from addr (not relayed) is accepted."""
-        return self.direct_addr is not None and tuple(addr[:2]) == self.direct_addr
+        if self.direct_addr is not None and tuple(addr[:2]) == self.direct_addr:
+            self.last_direct_rx = now
+            return True
+        return False
+
+    def switches_since(self, when):
+        return sum(1 for at, _route, _reason in self.switches if at >= when)
 
     def relay_inbound_allowed(self):
         return self.allow_relay

@@ -33,6 +33,7 @@ class Puncher:
     def local_description(self, session, controlling):
         """Gather candidates and make credentials for the offer (agent) or answer (connector)."""
         cfg = self.node.cfg
+        self.forget(session)  # punching again (after a failover) starts afresh
         punch = HolePunch(controlling, self.scheduler, deadline=cfg.punch_deadline, key=session)
         self.punches[session] = punch
         host, port = self.endpoint.local_address[:2]

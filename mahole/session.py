@@ -13,6 +13,10 @@ from .path import PathManager
 
 log = logging.getLogger(__name__)
 
+# Relay frames right after a switch to direct are stragglers, not a sign of failure.
+PEER_SWITCH_GRACE = 1.0
+PEER_SILENT = 0.1
+
 # What aioquic believes the peer's address is; the path layer knows the real routes.
 VIRTUAL_PEER_ADDR = ("0.0.0.0", 1)
 
@@ -39,6 +43,10 @@ class Session:
         self.dropped_frames = 0
         self.opened_at = self.endpoint.now()
         self.punch_outcome = None  # ice.HolePunchResult once hole punching ended
+        self.failovers = []  # when the direct route died
+        self._awaiting_since = None
+        self._pings = 0
+        self.repunch_attempts = 0  # punches since the direct route last worked
         self.switch_ms = None  # StartPunching -> direct route in use
         self.endpoint.router.add_session(session_id, self)
 
@@ -54,7 +62,14 @@ class Session:
             return
         inner = frame[RELAY_HEADER_LEN:]
         if self.connection is not None:
-            self.connection.path_datagram_received(inner, self.endpoint.now())
+            now = self.endpoint.now()
+            path = self.path
+            if (path.direct_addr is not None and now - path.direct_since > PEER_SWITCH_GRACE
+                    and now - path.last_direct_rx > PEER_SILENT):
+                # The peer sends by the relay again and nothing comes direct: it has seen the
+                # direct route die; follow it now instead of waiting for our own timeout.
+                self.direct_failed(now, "the peer went back to the relay")
+            self.connection.path_datagram_received(inner, now)
         elif classify(inner) == KIND_QUIC_LONG:
             try:
                 header = parse_header(inner)
@@ -72,6 +87,7 @@ class Session:
         if result.path == "direct" and not self.closed:
             self.path.use_direct(result.remote_addr, now)
             self.switch_ms = round(result.elapsed * 1000, 3)
+            self.repunch_attempts = 0
             log.info("session %s: direct path to %s after %.0f ms", self.session_id.hex(),
                      _fmt(result.remote_addr), result.elapsed * 1000)
             if self.connection is not None:
@@ -79,12 +95,61 @@ class Session:
         else:
             log.info("session %s: staying on the relay: %s", self.session_id.hex(),
                      result.reason)
+            self.node.punch_failed(self)
             if not self.path.allow_relay:
                 self.node.report(result.to_wire(self.session_id))
                 self.close("direct path required (--direct-only) but hole punching failed: "
                            f"{result.reason}")
                 return
         self.node.report(result.to_wire(self.session_id))
+
+    def check_direct(self, now):
+        """Liveness of the direct route: fail over to the relay, or probe it when idle."""
+        path, conn = self.path, self.connection
+        if path.direct_addr is None or conn is None or conn.closed or self.closed:
+            return
+        quic = conn.quic
+        cfg = self.node.cfg
+        if quic._loss.bytes_in_flight:  # ack-eliciting packets wait for an answer
+            if self._awaiting_since is None:
+                self._awaiting_since = now
+            heard = max(self._awaiting_since, path.last_direct_rx)
+            # 3 RTTs when the path is slow, but queueing can inflate the RTT estimate during
+            # bulk transfers: never more than twice the configured timeout.
+            timeout = min(max(cfg.failover_timeout, 3 * (quic.smoothed_rtt or 0.0)),
+                          2 * cfg.failover_timeout)
+            if now - heard > timeout:
+                self.direct_failed(now, f"nothing heard on the direct path for "
+                                        f"{(now - path.last_direct_rx) * 1000:.0f} ms")
+        else:
+            self._awaiting_since = None
+            if now - path.last_direct_rx >= cfg.direct_keepalive:
+                # RFC 9000 §19.2: a PING elicits an ACK: liveness evidence, and it keeps
+                # the NAT mappings of the direct route open while the session is idle.
+                self._pings += 1
+                quic.send_ping(self._pings)
+                conn.transmit()
+
+    def direct_failed(self, now, reason):
+        """The direct route died: back to the relay at once, same QUIC connection."""
+        self.path.use_relay(now, reason)
+        self.failovers.append(now)
+        self._awaiting_since = None
+        log.warning("session %s: %s; back on the relay", self.session_id.hex(), reason)
+        if not self.path.allow_relay:
+            self.close(f"direct path lost and the relay is not allowed (--direct-only): {reason}")
+            return
+        if not self.node.control.connected:
+            self.close(f"direct path lost while the intermediate is unreachable: {reason}")
+            return
+        # Packets sent into the dead route are lost: probe at once over the relay so that
+        # loss recovery retransmits them now rather than after a backed-off PTO.
+        quic = self.connection.quic
+        quic._loss._pto_count = 0
+        self._pings += 1
+        quic.send_ping(self._pings)
+        self.connection.transmit()
+        self.node.direct_route_failed(self)
 
     def first_packet(self, header, data):
         """A packet before the connection exists (the connector accepts an Initial here)."""
@@ -107,6 +172,7 @@ class Session:
             "direct_addr": _fmt(self.path.direct_addr) if self.path.direct_addr else None,
             "switch_ms": self.switch_ms,
             "route_switches": len(self.path.switches),
+            "failovers": len(self.failovers),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             "bytes_sent": conn.bytes_sent if conn is not None else 0,
             "bytes_received": conn.bytes_received if conn is not None else 0,

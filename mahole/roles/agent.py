@@ -300,11 +300,38 @@ class Agent(Node):
 
     def session_closed(self, session, reason):
         if self.sessions.pop(session.session_id, None) is session:
+            self.record_closed(session, reason)
             log.info("session %s to %s closed: %s", session.session_id.hex(), session.service,
                      reason)
             if self.control is not None and self.control.connected:
                 self.control.send(control.SessionClosed(session_id=session.session_id,
                                                         reason=reason[:1024]))
+
+    def direct_route_failed(self, session):
+        self._schedule_repunch(session)
+
+    def punch_failed(self, session):
+        if session.path.switches:  # it was direct once: keep trying, with growing pauses
+            self._schedule_repunch(session)
+
+    def _schedule_repunch(self, session):
+        cfg = self.cfg
+        now = self.endpoint.now()
+        # Doubles with every failover in the last minute and every failed attempt since
+        # the last success, so a flapping path settles on the relay (bounded switches).
+        recent = sum(1 for at in session.failovers if at > now - 60)
+        exponent = max(recent - 1, 0) + session.repunch_attempts
+        cooldown = min(cfg.repunch_cooldown * 2 ** exponent, cfg.repunch_cooldown_max)
+        log.info("session %s: punching again in %.1f s", session.session_id.hex(), cooldown)
+        self.endpoint.loop.call_later(cooldown, self._repunch, session)
+
+    def _repunch(self, session):
+        if session.closed or session.path.direct_addr is not None or not self.control.connected:
+            return
+        session.repunch_attempts += 1
+        ufrag, pwd, candidates = self.puncher.local_description(session, controlling=True)
+        self.control.send(control.CandidateOffer(session_id=session.session_id, ufrag=ufrag,
+                                                 pwd=pwd, candidates=candidates))
 
     def control_state_changed(self, state):
         if state == "disconnected":
@@ -313,8 +340,7 @@ class Agent(Node):
                     reply.set_result(control.Error(
                         code=control.ErrorCode.CONNECTOR_OFFLINE,
                         message="lost the intermediate while opening the session"))
-            for session in list(self.sessions.values()):
-                session.close("intermediate connection lost")
+            self.close_relayed_sessions("intermediate connection lost")
 
     # Forwards --------------------------------------------------------------------------
     async def _tcp_accepted(self, forward, reader, writer):

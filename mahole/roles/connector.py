@@ -241,12 +241,13 @@ class Connector(Node):
 
     def session_closed(self, session, reason):
         if self.sessions.pop(session.session_id, None) is session:
+            self.record_closed(session, reason)
             if self.control is not None and self.control.connected:
                 self.control.send(control.SessionClosed(session_id=session.session_id,
                                                         reason=reason[:1024]))
 
     def control_state_changed(self, state):
         if state == "disconnected":
-            # Relayed sessions cannot outlive the relay; their agents will open new ones.
-            for session in list(self.sessions.values()):
-                session.close("intermediate connection lost")
+            # Relayed sessions cannot outlive the relay (their agents will open new ones);
+            # direct sessions carry on without the intermediate.
+            self.close_relayed_sessions("intermediate connection lost")

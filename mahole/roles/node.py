@@ -6,9 +6,12 @@ intermediate is unreachable or restarts.
 """
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
+import random
+import time
 import socket
 
 from aioquic.quic import events as qe
@@ -141,17 +144,26 @@ class ControlClient:
                 await asyncio.wait_for(self._wait_stop(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
-            delay = min(delay * 2, cfg.reconnect_max)
+            delay = min(delay * 2, cfg.reconnect_max) * random.uniform(0.8, 1.0)
 
     async def _keepalive(self):
-        """QUIC PINGs (RFC 9000 §19.2) keep the connection and the NAT mapping alive."""
-        interval = self.node.cfg.keepalive_interval
+        """QUIC PINGs (RFC 9000 §19.2) keep the connection and the NAT mapping alive; an
+        intermediate that stops answering them is given up on (and reconnected to) after
+        control_dead_after, long before QUIC's idle timeout."""
+        cfg = self.node.cfg
         for nonce in itertools.count():
-            await asyncio.sleep(interval)
-            if self.connection is None or self.connection.closed:
+            await asyncio.sleep(cfg.keepalive_interval)
+            conn = self.connection
+            if conn is None or conn.closed:
                 return
-            self.connection.quic.send_ping(nonce)
-            self.connection.transmit()
+            silent = self.node.endpoint.now() - (conn.last_rx or 0.0)
+            if silent > cfg.control_dead_after:
+                self.last_error = f"no answer from the intermediate for {silent:.1f} s"
+                conn.close(qc.ERROR_SHUTDOWN, "intermediate not answering")
+                conn._terminated()  # do not wait for a closing handshake nobody answers
+                return
+            conn.quic.send_ping(nonce)
+            conn.transmit()
 
     async def _wait_stop(self):
         while not self._stopping:
@@ -275,6 +287,7 @@ class Node:
         self.puncher = None
         self.status_server = None
         self.sessions = {}
+        self.closed_sessions = collections.deque(maxlen=20)  # for status: what ended, why
         self._tasks = []
 
     @property
@@ -288,7 +301,9 @@ class Node:
         self.endpoint.start()
         self.puncher = Puncher(self)
         self.control = ControlClient(self)
-        self._tasks.append(asyncio.get_running_loop().create_task(self.control.run()))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.control.run()))
+        self._tasks.append(loop.create_task(self._watch_direct_routes()))
         if self.cfg.status is not None:
             self.status_server = StatusServer(self.status, self.metrics)
             try:
@@ -333,10 +348,34 @@ class Node:
     def _initial_received(self, header, data, addr):
         """A QUIC Initial straight from a peer: only for a session whose direct route it is."""
         for session in self.sessions.values():
-            if session.connection is None and session.path.inbound(addr):
+            if session.connection is None and session.path.inbound(addr, self.endpoint.now()):
                 session.first_packet(header, data)
                 return
         self.endpoint.counters["dropped_initial"] += 1
+
+    async def _watch_direct_routes(self, interval=0.05):
+        while True:
+            await asyncio.sleep(interval)
+            now = self.endpoint.now()
+            for session in list(self.sessions.values()):
+                session.check_direct(now)
+
+    def direct_route_failed(self, session):
+        """A session fell back to the relay (the agent punches again after a cool-down)."""
+
+    def punch_failed(self, session):
+        """Hole punching for a session ended on the relay."""
+
+    def record_closed(self, session, reason):
+        self.closed_sessions.append({
+            "service": session.service, "session_id": session.session_id.hex(),
+            "reason": reason, "closed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def close_relayed_sessions(self, reason):
+        """The intermediate is gone: relayed sessions end, direct ones carry on."""
+        for session in list(self.sessions.values()):
+            if session.path.direct_addr is None:
+                session.close(reason)
 
     def start_punching(self, session, delay_ms):
         if delay_ms:
@@ -373,6 +412,7 @@ class Node:
                 "last_error": control_client.last_error if control_client else None,
             },
             "sessions": [s.stats() for s in self.sessions.values()],
+            "closed_sessions": list(self.closed_sessions),
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},
             "router": self.endpoint.router.counters() if self.endpoint else {},
         }

@@ -1,0 +1,111 @@
+"""Failover, recovery and re-registration times behind real NATs, medians over repeated runs.
+
+Runs the NAT-lab resilience tests (tests/test_resilience.py: real role processes in network
+namespaces with nftables NATs; needs root) --runs times; each run records how long traffic
+stalled after a direct path was cut mid-transfer, how long an idle cut took to notice, how long
+after the cut was lifted the session was direct again, how long a NAT rebinding took to get
+back to direct, and how long nodes took to re-register once the intermediate returned. The NAT
+matrix (time to direct per cell) comes from tests/test_nat_matrix.py the same way.
+
+    sudo python benchmarks/bench_resilience.py [--runs N] [--quick] [--matrix]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _report
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+
+TARGETS = {  # the resilience issue's goals, in seconds
+    "failover_active_s": 1.0,
+    "failover_idle_s": 3.0,
+    "reregister_s": 5.0,
+}
+LABELS = {
+    "failover_active_s": "direct path cut during a transfer -> data flowing (longest stall)",
+    "failover_idle_s": "direct path cut while idle -> on the relay",
+    "recovery_s": "cut lifted -> direct again",
+    "rebinding_to_direct_s": "NAT rebinding -> direct again",
+    "reregister_s": "intermediate back -> nodes re-registered",
+}
+
+
+def run_tests(test_file, out_dir, keyword=None):
+    cmd = [sys.executable, "-m", "pytest", str(TESTS / test_file), "-q", "-p", "no:cacheprovider",
+           "--rootdir", str(HERE.parent)]
+    if keyword:
+        cmd += ["-k", keyword]
+    env = dict(os.environ, MAHOLE_BENCH_DIR=str(out_dir), MAHOLE_REQUIRE_NETLAB="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tempfile.gettempdir())
+    return proc.returncode, proc.stdout[-3000:]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, help="repetitions (default 5, quick 1)")
+    parser.add_argument("--quick", action="store_true", help="one run of the cut tests only")
+    parser.add_argument("--matrix", action="store_true", help="also time the NAT matrix")
+    args = parser.parse_args(argv)
+    runs = args.runs or (1 if args.quick else 5)
+    values, failures, matrix_runs = {}, 0, []
+    for index in range(runs):
+        with tempfile.TemporaryDirectory() as out:
+            code, tail = run_tests("test_resilience.py", out, "cut" if args.quick else None)
+            if code != 0:
+                failures += 1
+                print(f"run {index + 1}: tests failed\n{tail}", file=sys.stderr)
+            path = Path(out) / "resilience_run.json"
+            if path.exists():
+                for name, entry in json.loads(path.read_text()).items():
+                    values.setdefault(name, []).extend(entry["values"])
+            if args.matrix:
+                run_tests("test_nat_matrix.py", out)
+                matrix = Path(out) / "nat_matrix.json"
+                if matrix.exists():
+                    matrix_runs.append(json.loads(matrix.read_text())["cells"])
+        print(f"run {index + 1}/{runs} done", file=sys.stderr)
+    rows = []
+    for name, label in LABELS.items():
+        if name in values:
+            lo, hi = _report.spread(values[name])
+            target = TARGETS.get(name)
+            med = statistics.median(values[name])
+            verdict = "-" if target is None else ("met" if med < target else "MISSED")
+            rows.append([label, round(med, 3), round(lo, 3), round(hi, 3), len(values[name]),
+                         f"< {target:g} s {verdict}" if target else "-"])
+    print(f"resilience behind port-restricted NATs (rebinding: symmetric x full-cone), "
+          f"{runs} run(s)")
+    print(_report.table(["event", "median s", "min s", "max s", "n", "target"], rows))
+    data = {"runs": runs, "test_failures": failures, "values_s": values,
+            "median_s": {k: statistics.median(v) for k, v in values.items()},
+            "targets_s": TARGETS}
+    if matrix_runs:
+        cells = {}
+        for run in matrix_runs:
+            for cell in run:
+                key = f"{cell['agent']} x {cell['connector']}"
+                cells.setdefault(key, {"paths": [], "to_direct_ms": []})
+                cells[key]["paths"].append(cell["path"])
+                if cell["to_direct_ms"] is not None:
+                    cells[key]["to_direct_ms"].append(cell["to_direct_ms"])
+        data["matrix"] = {k: {"paths": v["paths"], "median_to_direct_ms":
+                              statistics.median(v["to_direct_ms"]) if v["to_direct_ms"] else None}
+                          for k, v in cells.items()}
+        print(_report.table(["agent x connector", "paths", "median ms to direct"],
+                            [[k, "/".join(sorted(set(v["paths"]))), v["median_to_direct_ms"]
+                              or "-"] for k, v in data["matrix"].items()]))
+    print(f"wrote {_report.write('resilience' + ('-quick' if args.quick else ''), data)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Real role processes inside the NAT lab (tests/netlab): what the lab tests drive."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from mahole.demo import issue_certificates
+from netlab import _ns
+
+INTERMEDIATE_PORT = 4478
+STATUS_PORT = 9100
+FORWARD_PORT = 8080
+ECHO_PORT = 7000
+
+_ECHO = """
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen()
+def serve(c):
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+class Deployment:
+    """The three roles (and an echo service) as processes inside a lab."""
+
+    def __init__(self, lab, tmp_path, agent_nat, connector_nat, *, agent_args=(),
+                 connector_args=(), intermediate_args=()):
+        self.lab = lab
+        self.tmp_path = tmp_path
+        self.public = lab.public_host(name="inter")
+        self.agent_host = lab.host(agent_nat, name="agent")
+        self.connector_host = lab.host(connector_nat, name="conn")
+        issue_certificates(tmp_path, host=self.public.ip)
+        self.relay_addr = f"{self.public.ip}:{INTERMEDIATE_PORT}"
+        self.intermediate_args = intermediate_args
+        self.connector_args = connector_args
+        self.connector_host.python(_ECHO, str(ECHO_PORT))
+        self.intermediate = self.start_intermediate()
+        self.connector = self.start_connector()
+        self.agent = self._role(self.agent_host, "agent", "--intermediate", self.relay_addr,
+                                "--forward", f"tcp:127.0.0.1:{FORWARD_PORT}=echo",
+                                *agent_args, *self.creds("alice"))
+
+    def creds(self, name):
+        return ["--ca", str(self.tmp_path / "ca.crt"), "--cert",
+                str(self.tmp_path / f"{name}.crt"), "--key", str(self.tmp_path / f"{name}.key")]
+
+    def start_intermediate(self):
+        return self._role(self.public, "intermediate", "--listen",
+                          f"0.0.0.0:{INTERMEDIATE_PORT}", "--allow", "*=*",
+                          *self.intermediate_args, *self.creds("intermediate"))
+
+    def start_connector(self):
+        return self._role(self.connector_host, "connector", "--intermediate", self.relay_addr,
+                          "--service", f"echo=tcp:127.0.0.1:{ECHO_PORT}",
+                          *self.connector_args, *self.creds("connector1"))
+
+    def _role(self, host, role, *args):
+        log = open(self.tmp_path / f"{role}.log", "a")
+        proc = host.popen([sys.executable, "-m", "mahole", role, "--status",
+                           f"127.0.0.1:{STATUS_PORT}", *args], stdout=log,
+                          stderr=subprocess.STDOUT)
+        proc.host, proc.log_path = host, self.tmp_path / f"{role}.log"
+        return proc
+
+    def logs(self):
+        return "\n".join(f"--- {p.log_path.name}\n{p.log_path.read_text()[-3000:]}"
+                         for p in (self.intermediate, self.connector, self.agent))
+
+    def status(self, proc):
+        try:
+            with _ns.entered(proc.host.ns):
+                sock = socket.create_connection(("127.0.0.1", STATUS_PORT), timeout=2)
+            with sock:
+                sock.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            return json.loads(data.split(b"\r\n\r\n", 1)[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def wait_registered(self, timeout=20):
+        for proc in (self.connector, self.agent):
+            wait(lambda: (self.status(proc) or {}).get("intermediate", {}).get("connected"),
+                 timeout, f"{proc.log_path.stem} to register", self)
+
+    def round_trip(self, data, timeout=30):
+        """Send data through the agent's forward (from inside its namespace); the echo."""
+        with _ns.entered(self.agent_host.ns):
+            sock = socket.create_connection(("127.0.0.1", FORWARD_PORT), timeout=timeout)
+        received = bytearray()
+        with sock:
+            sock.settimeout(timeout)
+            sent = 0
+            while sent < len(data) or len(received) < len(data):
+                if sent < len(data):
+                    sent += sock.send(data[sent:sent + 65536])
+                    if sent == len(data):
+                        sock.shutdown(socket.SHUT_WR)
+                try:
+                    sock.settimeout(0 if sent < len(data) else timeout)
+                    chunk = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                received += chunk
+        return bytes(received)
+
+    def session(self):
+        sessions = (self.status(self.agent) or {}).get("sessions") or []
+        return sessions[0] if sessions else None
+
+
+def wait(condition, timeout, what, deployment=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    logs = deployment.logs() if deployment is not None else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
+
+
+class Transfer:
+    """A TCP transfer through the agent's forward running in a thread; it records when
+    echoed bytes arrive, so stalls (e.g. around a failover) can be measured."""
+
+    def __init__(self, deployment, data, chunk=32 << 10, pace=None):
+        self.data = data
+        self.chunk = chunk
+        self.pace = pace  # seconds between chunks, to keep a transfer going for a while
+        self.received = bytearray()
+        self.arrivals = []  # (monotonic time, total bytes received)
+        self.error = None
+        with _ns.entered(deployment.agent_host.ns):
+            self.sock = socket.create_connection(("127.0.0.1", FORWARD_PORT), timeout=60)
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._receive, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self):
+        try:
+            for offset in range(0, len(self.data), self.chunk):
+                self.sock.sendall(self.data[offset:offset + self.chunk])
+                if self.pace:
+                    time.sleep(self.pace)  # a steady sender, not a test wait
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.error = exc
+
+    def _receive(self):
+        try:
+            while chunk := self.sock.recv(1 << 20):
+                self.received += chunk
+                self.arrivals.append((time.monotonic(), len(self.received)))
+        except OSError as exc:
+            self.error = exc
+
+    def join(self, timeout=90):
+        for thread in self._threads:
+            thread.join(timeout)
+        self.sock.close()
+        return bytes(self.received)
+
+    def longest_stall_after(self, when):
+        """Longest gap between arrivals from `when` on (seconds)."""
+        times = [when] + [t for t, _ in self.arrivals if t >= when]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)

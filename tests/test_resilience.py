@@ -1,0 +1,151 @@
+"""Sessions survive what real networks do to them: cuts, NAT rebinding, restarts, idleness.
+
+Every test runs the real roles as processes in the NAT lab (tests/netlab) and moves data
+while the trouble happens. Measured times of the last run go to benchmarks/results/resilience_run.json;
+benchmarks/bench_resilience.py repeats the runs and reports medians.
+"""
+
+import json
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from labroles import Deployment, Transfer, wait
+from netlab import lab  # noqa: F401 - the fixture
+
+RESULTS = Path(os.environ.get("MAHOLE_BENCH_DIR")
+               or Path(__file__).resolve().parent.parent / "benchmarks" / "results")
+measured = {}
+
+
+def record(name, value):
+    measured.setdefault(name, []).append(value)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_measurements():
+    yield
+    if measured:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        summary = {name: {"values": values, "median": statistics.median(values)}
+                   for name, values in measured.items()}
+        (RESULTS / "resilience_run.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def direct_deployment(lab, tmp_path, agent_nat="port-restricted",
+                      connector_nat="port-restricted", **kw):
+    d = Deployment(lab, tmp_path, agent_nat, connector_nat, **kw)
+    d.wait_registered()
+    data = os.urandom(64 << 10)
+    assert d.round_trip(data) == data, d.logs()
+    wait(lambda: (d.session() or {}).get("path") == "direct", 15, "the direct path", d)
+    return d
+
+
+def peer_ip(d):
+    return d.connector_host.router.wan_ip if d.connector_host.router else d.connector_host.ip
+
+
+def test_direct_cut_mid_transfer_falls_back_then_recovers(lab, tmp_path):
+    d = direct_deployment(lab, tmp_path)
+    router = d.agent_host.router
+    data = os.urandom(6 << 20)
+    transfer = Transfer(d, data, pace=0.01)  # ~3 MB/s for about two seconds
+    wait(lambda: len(transfer.received) > 512 << 10, 20, "the transfer to get going", d)
+    cut_at = time.monotonic()
+    router.drop_flow(remote=peer_ip(d))
+    wait(lambda: (d.session() or {}).get("failovers", 0) >= 1, 5, "the failover", d)
+    assert transfer.join() == data, d.logs()  # the same stream, byte-identical
+    stall = transfer.longest_stall_after(cut_at)
+    record("failover_active_s", stall)
+    assert stall < 1.0, f"traffic stalled {stall:.2f} s after the cut\n{d.logs()}"
+    session = d.session()
+    assert session["path"] == "relay" and session["failovers"] == 1
+    # Recovery: lift the cut; after a cool-down the session returns to direct, once.
+    restored_at = time.monotonic()
+    router.restore_flow()
+    wait(lambda: (d.session() or {}).get("path") == "direct", 20, "the return to direct", d)
+    record("recovery_s", time.monotonic() - restored_at)
+    probe = os.urandom(256 << 10)
+    assert d.round_trip(probe) == probe
+    session = d.session()
+    assert session["path"] == "direct"
+    assert session["route_switches"] <= 4, session  # no flapping
+
+
+def test_idle_direct_cut_is_noticed_within_3_s(lab, tmp_path):
+    d = direct_deployment(lab, tmp_path)
+    cut_at = time.monotonic()
+    d.agent_host.router.drop_flow(remote=peer_ip(d))
+    wait(lambda: (d.session() or {}).get("failovers", 0) >= 1, 3.0, "the idle failover", d)
+    record("failover_idle_s", time.monotonic() - cut_at)
+    data = os.urandom(256 << 10)
+    assert d.round_trip(data) == data  # flowing on the relay
+
+
+def test_nat_rebinding_moves_the_relay_and_the_direct_path(lab, tmp_path):
+    # A symmetric NAT gives fresh ports after its state is flushed: a real rebinding.
+    d = direct_deployment(lab, tmp_path, agent_nat="symmetric", connector_nat="full-cone")
+    before = d.status(d.agent)["intermediate"]["observed_addr"]
+    d.agent_host.router.flush_conntrack()
+    rebound_at = time.monotonic()
+    data = os.urandom(512 << 10)
+    assert d.round_trip(data) == data, d.logs()  # keeps flowing through the rebinding
+    after = wait(lambda: (a := d.status(d.agent)["intermediate"]["observed_addr"]) != before
+                 and a, 10, "QAD to report the new address", d)
+    inter = wait(lambda: (s := d.status(d.intermediate)) and s["sessions"]["list"] and s,
+                 5, "the intermediate's session", d)
+    relay = inter["sessions"]["list"][0]["relay"]
+    assert f"{relay['member_a'][0]}:{relay['member_a'][1]}" == after  # the relay followed
+    wait(lambda: (s := d.session()) and s["path"] == "direct" and s["failovers"] >= 1, 30,
+         "the direct path to be re-established", d)
+    record("rebinding_to_direct_s", time.monotonic() - rebound_at)
+    assert d.round_trip(data) == data
+
+
+def test_direct_session_outlives_the_intermediate_and_nodes_come_back(lab, tmp_path):
+    d = direct_deployment(lab, tmp_path)
+    d.intermediate.send_signal(signal.SIGKILL)
+    d.intermediate.wait(10)
+    wait(lambda: not d.status(d.agent)["intermediate"]["connected"], 10,
+         "the agent to notice", d)
+    data = os.urandom(512 << 10)
+    assert d.round_trip(data) == data, d.logs()  # still direct, no intermediate
+    assert d.session()["path"] == "direct"
+    returned_at = time.monotonic()
+    d.intermediate = d.start_intermediate()
+    for proc in (d.agent, d.connector):
+        wait(lambda: d.status(proc)["intermediate"]["connected"], 5.0,
+             f"{proc.log_path.stem} to re-register within 5 s", d)
+    record("reregister_s", time.monotonic() - returned_at)
+    assert d.round_trip(data) == data
+
+
+def test_connector_restart_is_noticed_and_new_connections_work(lab, tmp_path):
+    d = direct_deployment(lab, tmp_path)
+    old = d.session()["session_id"]
+    d.connector.send_signal(signal.SIGKILL)
+    d.connector.wait(10)
+    d.connector = d.start_connector()
+    closed = wait(lambda: [c for c in d.status(d.agent)["closed_sessions"]
+                           if c["session_id"] == old], 30, "the agent to notice", d)
+    assert "connector1" in closed[0]["reason"]
+    data = os.urandom(512 << 10)
+    assert d.round_trip(data) == data, d.logs()  # a new session, same agent process
+    assert d.session()["session_id"] != old
+
+
+def test_keepalives_hold_nat_mappings_through_idle_periods(lab, tmp_path):
+    d = direct_deployment(lab, tmp_path)
+    for host in (d.agent_host, d.connector_host):
+        host.router.set_udp_timeout(3)
+    time.sleep(8)  # idle for longer than the routers remember an unused mapping
+    data = os.urandom(256 << 10)
+    assert d.round_trip(data) == data, d.logs()
+    session = d.session()
+    assert session["path"] == "direct" and session["failovers"] == 0
+    assert d.status(d.agent)["intermediate"]["connects"] == 1  # never reconnected
