@@ -281,7 +281,8 @@ class MaholeTunnel:
     name = "mahole"
     processes = ("bench (client)", "agent", "intermediate", "connector", "sink")
 
-    def __init__(self, procs, certs, total_bytes, profile_dir=None):
+    def __init__(self, procs, certs, total_bytes, profile_dir=None, path="relay"):
+        self.path = path  # "relay": nodes run --relay-only; "direct": hole punching on
         self.procs = procs
         self.total = total_bytes
         self.data = os.urandom(total_bytes)
@@ -306,7 +307,7 @@ class MaholeTunnel:
             return procs.start(name, cmd)
 
         node = ["--intermediate", f"{HOST}:{udp_port}", "--intermediate-name", HOST,
-                "--bind", f"{HOST}:0"]
+                "--bind", f"{HOST}:0", *(["--relay-only"] if path == "relay" else [])]
         role("intermediate", "--listen", f"{HOST}:{udp_port}", "--allow", "alice=*",
              cert="intermediate")
         _wait_for("intermediate", lambda: _status(self.status_ports["intermediate"]),
@@ -320,7 +321,18 @@ class MaholeTunnel:
         forward = agent["forwards"][0]["forward"]  # "tcp:127.0.0.1:PORT"
         self.forward = (HOST, int(forward.rsplit(":", 1)[1]))
 
+    def _session_path(self):
+        sessions = (_status(self.status_ports["agent"]) or {}).get("sessions") or []
+        return sessions[0]["path"] if sessions else None
+
     def transfer(self, timeout):
+        if self._session_path() is not None:  # after the warm-up opened the session
+            deadline = time.monotonic() + 10
+            while self._session_path() != self.path and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self._session_path() != self.path:
+                raise RuntimeError(f"mahole: the session is on {self._session_path()}, "
+                                   f"not {self.path}")
         with socket.create_connection(self.forward, timeout=timeout) as sock:
             start = time.perf_counter()
             sock.sendall(self.data)
@@ -414,6 +426,8 @@ def main(argv=None):
                         "BYTES, as mahole's nodes have (default: the OS default)")
     parser.add_argument("--py-spy", metavar="DIR", help="sample every process under test with "
                         "py-spy during the timed runs; raw stacks in DIR/NAME.txt")
+    parser.add_argument("--path", choices=("relay", "direct"), default="relay",
+                        help="the mahole session's path: relay (--relay-only) or direct")
     parser.add_argument("--allow-twin", action="store_true",
                         help="run even if the compiled hot path is missing")
     parser.add_argument("--only", choices=("mahole", "aioquic"), help=argparse.SUPPRESS)
@@ -455,7 +469,7 @@ def main(argv=None):
     try:
         systems = []
         if args.only != "aioquic":
-            systems.append(MaholeTunnel(procs, certs, total, profile_dir))
+            systems.append(MaholeTunnel(procs, certs, total, profile_dir, path=args.path))
         if args.only != "mahole":
             systems.append(AioquicBulk(procs, certs, total, args.baseline_sockbuf))
         samples = {s.name: [] for s in systems}
@@ -550,7 +564,9 @@ def main(argv=None):
     for directory in (profile_dir, spy_dir):
         if directory is not None:
             print(f"profiles in {directory}")
-    path = _report.write("tunnel-quick" if args.quick else "tunnel", {
+    suffix = "" if args.path == "relay" else "-direct"
+    path = _report.write(("tunnel-quick" if args.quick else "tunnel") + suffix, {
+        "mahole_path": args.path,
         "bytes": total, "reps": reps, "reps_done": cut_short or reps,
         "unit": "MB/s (10^6 bytes/s)",
         "mb_per_s": samples, "median_mb_per_s": medians, "ratio_mahole_vs_aioquic": ratio,

@@ -13,8 +13,9 @@ from .path import PathManager
 
 log = logging.getLogger(__name__)
 
-# Relay frames right after a switch to direct are stragglers, not a sign of failure.
-PEER_SWITCH_GRACE = 1.0
+# Relay frames right after a switch to direct are stragglers (the peer may learn the
+# result a little later than we do), not a sign of failure.
+PEER_SWITCH_GRACE = 0.25
 PEER_SILENT = 0.1
 
 # What aioquic believes the peer's address is; the path layer knows the real routes.

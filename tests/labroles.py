@@ -15,11 +15,11 @@ STATUS_PORT = 9100
 FORWARD_PORT = 8080
 ECHO_PORT = 7000
 
-_ECHO = """
+ECHO_SERVER = """
 import socket, sys, threading
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.bind(("127.0.0.1", int(sys.argv[1])))
 srv.listen()
 def serve(c):
     while True:
@@ -47,7 +47,7 @@ class Deployment:
         self.relay_addr = f"{self.public.ip}:{INTERMEDIATE_PORT}"
         self.intermediate_args = intermediate_args
         self.connector_args = connector_args
-        self.connector_host.python(_ECHO, str(ECHO_PORT))
+        self.connector_host.python(ECHO_SERVER, str(ECHO_PORT))
         self.intermediate = self.start_intermediate()
         self.connector = self.start_connector()
         self.agent = self._role(self.agent_host, "agent", "--intermediate", self.relay_addr,

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from mahole.demo import issue_certificates, tcp_round_trip
+from labroles import ECHO_SERVER
 from mahole.status import fetch
 
 
@@ -84,14 +85,10 @@ def test_three_processes_carry_a_tcp_forward_and_serve_status(tmp_path, processe
     issue_certificates(tmp_path)
     creds = lambda n: ["--ca", str(tmp_path / "ca.crt"), "--cert", str(tmp_path / f"{n}.crt"),
                        "--key", str(tmp_path / f"{n}.key")]
-    echo = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    echo.bind(("127.0.0.1", 0))
-    echo.listen()
-    echo_port = echo.getsockname()[1]
-    echo_proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, str(echo.fileno())],
-                                 pass_fds=[echo.fileno()], start_new_session=True)
+    echo_port = free_port()
+    echo_proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)],
+                                 start_new_session=True)
     processes.procs.append(echo_proc)
-    echo.close()
 
     relay_port = free_port(socket.SOCK_DGRAM)
     s_inter, s_conn, s_agent, forward_port = (free_port() for _ in range(4))
@@ -130,20 +127,6 @@ def test_three_processes_carry_a_tcp_forward_and_serve_status(tmp_path, processe
     assert "mahole_intermediate_relay_relayed_packets_total" in body.decode()
 
 
-_ECHO_SERVER = """
-import socket, sys, threading
-srv = socket.socket(fileno=int(sys.argv[1]))
-def serve(c):
-    while True:
-        d = c.recv(65536)
-        if not d:
-            break
-        c.sendall(d)
-    c.shutdown(socket.SHUT_WR)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
 
 
 def test_agent_says_the_intermediate_is_unreachable_and_connects_when_it_appears(

@@ -67,6 +67,19 @@ def load_credentials(cfg, role):
     return node, ca
 
 
+async def resolve(hostport, bind_host):
+    """The intermediate's address as an IP literal of the bound socket's family."""
+    host, port = hostport
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family,
+                                                             type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise StartupError(f"cannot resolve the intermediate {host!r}: "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+    return infos[0][4][:2]
+
+
 def _a(role):
     return ("an " if role[0] in "aeiou" else "a ") + role
 
@@ -107,6 +120,7 @@ class ControlClient:
         self._closed = asyncio.Event()
         self._registered = asyncio.Event()
         self._stopping = False
+        self._stop = asyncio.Event()
 
     @property
     def connected(self):
@@ -141,7 +155,7 @@ class ControlClient:
             log.warning("intermediate %s unreachable (%s); retrying in %.1f s",
                         _fmt(self.node.intermediate_addr), self.last_error, delay)
             try:
-                await asyncio.wait_for(self._wait_stop(), timeout=delay)
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
             delay = min(delay * 2, cfg.reconnect_max) * random.uniform(0.8, 1.0)
@@ -164,10 +178,6 @@ class ControlClient:
                 return
             conn.quic.send_ping(nonce)
             conn.transmit()
-
-    async def _wait_stop(self):
-        while not self._stopping:
-            await asyncio.sleep(3600)
 
     async def _connect_once(self):
         node = self.node
@@ -261,6 +271,7 @@ class ControlClient:
 
     def stop(self):
         self._stopping = True
+        self._stop.set()
         if self.connection is not None and not self.connection.closed:
             self.connection.close(qc.ERROR_SHUTDOWN, "node stopping")
         self._closed.set()
@@ -295,6 +306,7 @@ class Node:
         return self.identity.name
 
     async def start(self):
+        self.intermediate_addr = await resolve(self.cfg.intermediate, self.cfg.bind[0])
         sock = bind_udp(*self.cfg.bind)
         self.endpoint = Endpoint(sock, on_stun=self._stun_received,
                                  on_initial=self._initial_received)
