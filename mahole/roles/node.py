@@ -104,8 +104,9 @@ class ControlStream:
 class ControlClient:
     """The node's control connection: connect, authenticate the intermediate, register.
 
-    on_message(message) receives every control message after registration; on_state(state)
-    hears "connecting", "connected" and "disconnected".
+    The node hears every control message after registration through `control_message` and
+    the changes between "connecting", "connected" and "disconnected" through
+    `control_state_changed`.
     """
 
     def __init__(self, node):
@@ -119,7 +120,6 @@ class ControlClient:
         self.last_error = None
         self._closed = asyncio.Event()
         self._registered = asyncio.Event()
-        self._stopping = False
         self._stop = asyncio.Event()
 
     @property
@@ -136,10 +136,10 @@ class ControlClient:
         """Keep the control connection up until stop(); back off between failed attempts."""
         cfg = self.node.cfg
         delay = cfg.reconnect_min
-        while not self._stopping:
+        while not self._stop.is_set():
             self.attempts += 1
             ok = await self._connect_once()
-            if self._stopping:
+            if self._stop.is_set():
                 break
             if ok:
                 delay = cfg.reconnect_min
@@ -148,7 +148,7 @@ class ControlClient:
                     await self._closed.wait()
                 finally:
                     keepalive.cancel()
-                if self._stopping:
+                if self._stop.is_set():
                     break
                 log.warning("lost the intermediate at %s; reconnecting",
                             _fmt(self.node.intermediate_addr))
@@ -196,8 +196,7 @@ class ControlClient:
         try:
             await asyncio.wait_for(self._registered.wait(), timeout=node.cfg.connect_timeout)
         except asyncio.TimeoutError:
-            if self.last_error is None or self.connection.closed:
-                self.last_error = self.last_error or "no answer"
+            self.last_error = self.last_error or "no answer"
             self.connection.close(reason="registration timed out")
             self._set_state("disconnected")
             return False
@@ -270,7 +269,6 @@ class ControlClient:
             self._closed.set()
 
     def stop(self):
-        self._stopping = True
         self._stop.set()
         if self.connection is not None and not self.connection.closed:
             self.connection.close(qc.ERROR_SHUTDOWN, "node stopping")
