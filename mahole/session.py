@@ -10,6 +10,7 @@ import logging
 from ._fast import KIND_QUIC_LONG, classify, parse_header
 from ._fast._kinds import RELAY_HEADER_LEN
 from .path import PathManager
+from .tunnel import FLOW_ID_LEN, MAX_DATAGRAM_PAYLOAD, pack_datagram
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,23 @@ class Session:
     def first_packet(self, header, data):
         """A packet before the connection exists (the connector accepts an Initial here)."""
         self.dropped_frames += 1
+
+    def send_datagram(self, flow_id, payload):
+        """One UDP payload of a flow, as a QUIC DATAGRAM frame (RFC 9221).
+
+        A payload too large for one packet is dropped and counted here: aioquic would queue
+        it for ever and stall the datagrams behind it. Subclasses keep `counters`.
+        """
+        if len(payload) + FLOW_ID_LEN > MAX_DATAGRAM_PAYLOAD:
+            self.counters["datagrams_dropped_oversize"] += 1
+            return
+        conn = self.connection
+        if conn is None or conn.closed:
+            self.counters["datagrams_dropped"] += 1
+            return
+        self.counters["datagrams_out"] += 1
+        conn.quic.send_datagram_frame(pack_datagram(flow_id, payload))
+        conn.transmit()
 
     def punch_stats(self):
         punch = self.node.puncher.punches.get(self)

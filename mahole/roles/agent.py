@@ -15,7 +15,7 @@ from aioquic.quic import events as qe
 from .. import connection as qc
 from .. import identity
 from ..session import VIRTUAL_PEER_ADDR, Session
-from ..tunnel import MAX_DATAGRAM_PAYLOAD, StreamPipe, pack_datagram, unpack_datagram
+from ..tunnel import StreamPipe, unpack_datagram
 from ..wire import control
 from .node import Node, StartupError, _fmt
 
@@ -98,16 +98,6 @@ class AgentSession(Session):
         self.pipes[stream_id] = pipe
         self.counters["streams"] += 1
         return pipe
-
-    def send_datagram(self, flow_id, payload):
-        if len(payload) + 2 > MAX_DATAGRAM_PAYLOAD:
-            # aioquic would queue a frame that never fits a packet for ever, stalling the
-            # datagrams behind it: drop it here and count it.
-            self.counters["datagrams_dropped_oversize"] += 1
-            return
-        self.counters["datagrams_out"] += 1
-        self.connection.quic.send_datagram_frame(pack_datagram(flow_id, payload))
-        self.connection.transmit()
 
     def close(self, reason="closed"):
         if self.closed:

@@ -15,7 +15,7 @@ from .. import connection as qc
 from .. import identity
 from ..ice.coordinator import ice_string
 from ..session import VIRTUAL_PEER_ADDR, Session
-from ..tunnel import MAX_DATAGRAM_PAYLOAD, StreamPipe, pack_datagram, unpack_datagram
+from ..tunnel import StreamPipe, unpack_datagram
 from ..wire import control
 from .node import Node
 
@@ -56,7 +56,8 @@ class ConnectorSession(Session):
         self.pipes = {}
         self.flows = {}
         self.counters = {"streams": 0, "stream_connect_failures": 0, "datagrams_in": 0,
-                         "datagrams_out": 0, "datagrams_dropped": 0}
+                         "datagrams_out": 0, "datagrams_dropped": 0,
+                         "datagrams_dropped_oversize": 0}
 
     def first_packet(self, header, data):
         if header.packet_type != "initial" or len(data) < 1200:
@@ -166,15 +167,6 @@ class ConnectorSession(Session):
             transport.close()
             return
         transport.sendto(first_payload)
-
-    def send_datagram(self, flow_id, payload):
-        if (self.connection is None or self.connection.closed
-                or len(payload) + 2 > MAX_DATAGRAM_PAYLOAD):
-            self.counters["datagrams_dropped"] += 1
-            return
-        self.counters["datagrams_out"] += 1
-        self.connection.quic.send_datagram_frame(pack_datagram(flow_id, payload))
-        self.connection.transmit()
 
     def close(self, reason="closed"):
         if self.closed:
