@@ -6,12 +6,24 @@ import re
 DEFAULT_PORT = 4478
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a service name
+TARGET = re.compile(r"(tcp|udp):(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})")  # proto:host:port
+
+
+def _target(text, min_port):
+    """(proto, host, port) of `tcp:HOST:PORT` / `udp:HOST:PORT`, or None."""
+    match = TARGET.fullmatch(text)
+    if not match or not min_port <= int(match.group(3)) < 65536:
+        return None
+    return match.group(1), match.group(2).strip("[]"), int(match.group(3))
+
+
 def parse_target(text):
     """`tcp:HOST:PORT` or `udp:HOST:PORT` -> (proto, host, port)."""
-    match = re.fullmatch(r"(tcp|udp):(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})", text)
-    if not match or not 0 < int(match.group(3)) < 65536:
+    target = _target(text, 1)
+    if target is None:
         raise ValueError(f"expected tcp:HOST:PORT or udp:HOST:PORT, got {text!r}")
-    return match.group(1), match.group(2).strip("[]"), int(match.group(3))
+    return target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +38,7 @@ class Service:
     @classmethod
     def parse(cls, text):
         name, sep, target = text.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        if not sep or not NAME.fullmatch(name):
             raise ValueError(f"expected NAME=tcp:HOST:PORT, got {text!r}")
         return cls(name, *parse_target(target))
 
@@ -43,12 +55,10 @@ class Forward:
     @classmethod
     def parse(cls, text):
         local, sep, service = text.rpartition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", service):
+        target = _target(local, 0) if sep and NAME.fullmatch(service) else None
+        if target is None:
             raise ValueError(f"expected tcp:LHOST:LPORT=SERVICE, got {text!r}")
-        match = re.fullmatch(r"(tcp|udp):(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})", local)
-        if not match or not 0 <= int(match.group(3)) < 65536:
-            raise ValueError(f"expected tcp:LHOST:LPORT=SERVICE, got {text!r}")
-        return cls(match.group(1), match.group(2).strip("[]"), int(match.group(3)), service)
+        return cls(*target, service)
 
 
 @dataclasses.dataclass

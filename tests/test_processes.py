@@ -7,12 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from mahole.demo import issue_certificates, tcp_round_trip
-from labroles import ECHO_SERVER
+from labroles import ECHO_SERVER, wait
 from mahole.status import fetch
 
 
@@ -71,16 +70,6 @@ def status(port):
         return None
 
 
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_three_processes_carry_a_tcp_forward_and_serve_status(tmp_path, processes):
     issue_certificates(tmp_path)
     creds = lambda n: ["--ca", str(tmp_path / "ca.crt"), "--cert", str(tmp_path / f"{n}.crt"),
@@ -102,7 +91,7 @@ def test_three_processes_carry_a_tcp_forward_and_serve_status(tmp_path, processe
                     "--bind", "127.0.0.1:0", "--forward", f"tcp:127.0.0.1:{forward_port}=echo",
                     "--status", f"127.0.0.1:{s_agent}", *creds("alice"), name="agent")
     for port in (s_conn, s_agent):
-        wait_until(lambda: (status(port) or {}).get("intermediate", {}).get("connected"), 20,
+        wait(lambda: (status(port) or {}).get("intermediate", {}).get("connected"), 20,
                    "registration")
 
     data = os.urandom(2 << 20)
@@ -139,12 +128,12 @@ def test_agent_says_the_intermediate_is_unreachable_and_connects_when_it_appears
     agent = processes.start("agent", "--intermediate", f"127.0.0.1:{relay_port}",
                             "--bind", "127.0.0.1:0", "--forward", f"tcp:127.0.0.1:{free_port()}=echo",
                             "--status", f"127.0.0.1:{s_agent}", *creds("alice"), name="agent")
-    wait_until(lambda: "unreachable" in agent.log_path.read_text(), 30, "the retry message")
+    wait(lambda: "unreachable" in agent.log_path.read_text(), 30, "the retry message")
     assert "retrying in" in agent.log_path.read_text()
     assert status(s_agent)["intermediate"]["connected"] is False
     processes.start("intermediate", "--listen", f"127.0.0.1:{relay_port}",
                     *creds("intermediate"), name="intermediate")
-    wait_until(lambda: (status(s_agent) or {}).get("intermediate", {}).get("connected"), 30,
+    wait(lambda: (status(s_agent) or {}).get("intermediate", {}).get("connected"), 30,
                "the agent to register once the intermediate is up")
 
 

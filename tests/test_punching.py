@@ -5,23 +5,13 @@ import os
 import socket
 
 import pytest
+from aio_helpers import run, wait_for
 
 from mahole.demo import LocalDeployment, tcp_round_trip
 from mahole.path import DIRECT, RELAY
 from mahole.roles.agent import SessionError
 
 
-def run(coro, timeout=90):
-    async def bounded():
-        async with asyncio.timeout(timeout):
-            return await coro
-    return asyncio.run(bounded())
-
-
-async def wait_for(condition, timeout=10.0):
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 def two_hosts(agent=None, connector=None, **kw):

@@ -4,32 +4,21 @@ import asyncio
 import datetime
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
+from aio_helpers import run, wait_for
 
 from mahole import identity
 from mahole.config import AgentConfig, Forward
-from mahole.demo import LocalDeployment, issue_certificates, tcp_round_trip
+from mahole.demo import LocalDeployment, issue_certificates
 from mahole.roles import node as node_module
 from mahole.roles.agent import Agent, SessionError
 from mahole.roles.node import StartupError
 
 
-def run(coro, timeout=60):
-    async def bounded():
-        async with asyncio.timeout(timeout):
-            return await coro
-    return asyncio.run(bounded())
-
-
-async def wait_for(condition, timeout=10.0):
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -63,7 +52,7 @@ def test_a_node_with_a_bad_certificate_will_not_start(certs, who, message):
             name = "mallory" if who == "rogue" else who
             with pytest.raises(StartupError, match=message):
                 Agent(_agent_config(d, cert_dir, name))
-    run(main())
+    run(main(), timeout=60)
 
 
 @pytest.mark.parametrize("who, message", [
@@ -96,7 +85,7 @@ def test_the_intermediate_refuses_bad_certificates_itself(certs, monkeypatch, wh
                 assert ("agent", name) not in d.intermediate.nodes
             finally:
                 await bad.stop()
-    run(main())
+    run(main(), timeout=60)
 
 
 @pytest.mark.parametrize("allow, service, message", [
@@ -117,7 +106,7 @@ def test_denied_or_unknown_service(certs, caplog, allow, service, message):
             assert message in caplog.text
             assert not d.connector.sessions  # nothing reached the connector
             assert d.intermediate.status()["sessions"]["open"] == 0
-    run(main())
+    run(main(), timeout=60)
 
 
 def _cli(*args, timeout=30):

@@ -5,7 +5,7 @@ import hashlib
 import os
 import random
 
-import pytest
+from aio_helpers import run, wait_for
 
 from mahole.config import Forward, Service
 from mahole.demo import LocalDeployment, tcp_round_trip, udp_round_trips
@@ -19,18 +19,6 @@ def relayed(**kw):
     return LocalDeployment(agent_kwargs={"relay_only": True}, **kw)
 
 
-def run(coro, timeout=90):
-    async def bounded():
-        async with asyncio.timeout(timeout):
-            return await coro
-    return asyncio.run(bounded())
-
-
-async def wait_for(condition, timeout=10.0, interval=0.01):
-    """Wait until condition() is true, or fail after timeout seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(interval)
 
 
 async def _digest_service(reader, writer):

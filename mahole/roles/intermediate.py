@@ -19,10 +19,10 @@ from .. import connection as qc
 from .. import identity
 from .._fast import RelayEngine
 from ..endpoint import Endpoint
-from ..status import StatusServer, metrics_from_counters
+from ..status import metrics_from_counters
 from ..wire import control, stun
 from ..wire.relay import new_session_id
-from .node import ControlStream, StartupError, _fmt, bind_udp, load_credentials
+from .node import ControlStream, _fmt, bind_udp, load_credentials, start_status
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,7 @@ class Intermediate:
                                  receiver=self.engine)
         self.endpoint.start()
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_sessions())
-        if self.cfg.status is not None:
-            self.status_server = StatusServer(self.status, self.metrics)
-            try:
-                await self.status_server.start(*self.cfg.status)
-            except OSError as exc:
-                raise StartupError(f"cannot serve status on {_fmt(self.cfg.status)}: "
-                                   f"{exc.strerror or exc}") from None
+        self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
         log.info("intermediate %s listening on %s", self.identity.name,
                  _fmt(self.endpoint.local_address))
 

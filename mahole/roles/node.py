@@ -80,6 +80,19 @@ async def resolve(hostport, bind_host):
     return infos[0][4][:2]
 
 
+async def start_status(addr, snapshot, metrics):
+    """The role's /status and /metrics server on addr (None: no server); StartupError if
+    the address cannot be used."""
+    if addr is None:
+        return None
+    server = StatusServer(snapshot, metrics)
+    try:
+        await server.start(*addr)
+    except OSError as exc:
+        raise StartupError(f"cannot serve status on {_fmt(addr)}: {exc.strerror or exc}") from None
+    return server
+
+
 def _a(role):
     return ("an " if role[0] in "aeiou" else "a ") + role
 
@@ -314,13 +327,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.control.run()))
         self._tasks.append(loop.create_task(self._watch_direct_routes()))
-        if self.cfg.status is not None:
-            self.status_server = StatusServer(self.status, self.metrics)
-            try:
-                await self.status_server.start(*self.cfg.status)
-            except OSError as exc:
-                raise StartupError(f"cannot serve status on {_fmt(self.cfg.status)}: "
-                                   f"{exc.strerror or exc}") from None
+        self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
 
     async def wait_registered(self, timeout):
         await asyncio.wait_for(self.control._registered.wait(), timeout)
