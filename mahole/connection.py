@@ -1,10 +1,15 @@
-"""QUIC connections between mahole nodes: TLS configuration and mutual authentication.
+"""QUIC connections between mahole nodes: TLS configuration, mutual authentication, and the
+one adapter to aioquic's internals.
 
 Both kinds of connection — control (node ↔ intermediate) and end-to-end (agent ↔ connector)
 — authenticate both sides with certificates from the deployment CA. aioquic's server does not
 ask for or check client certificates by itself, so `NodeQuicConnection` asks for one during the
 handshake and `verify_peer` checks it (chain to the CA, role, name) on HandshakeCompleted,
 before any stream data of the connection is looked at; a connection that fails is closed.
+
+This is the only module that touches aioquic's private attributes; the aioquic versions it
+was written against are pinned in pyproject.toml, and tests/test_aioquic_adapter.py fails
+when those attributes change.
 """
 
 import ssl
@@ -68,13 +73,40 @@ class NodeQuicConnection(QuicConnection):
     - `pause_stream(id)` stops granting the peer more credit on a stream (RFC 9000 §4.1
       MAX_STREAM_DATA) while our consumer is slow, so a slow local reader bounds memory
       instead of buffering without limit; `resume_stream(id)` grants it again.
+    - `packets_authenticated` counts packets that decrypted (so the caller knows whether a
+      datagram was really from the peer); `local_close` is (error_code, reason) when this
+      side closed the connection (including on a local TLS failure), None otherwise.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._paused_streams = set()
+        self.packets_authenticated = 0
+        self.local_close = None
         self._loss._pacer = TimerAwarePacer(
             max_datagram_size=self._configuration.max_datagram_size)
+
+    def _payload_received(self, context, plain_payload, crypto_frame_required=False):
+        # Called only for a packet that decrypted and passed header protection: the peer's.
+        self.packets_authenticated += 1
+        return super()._payload_received(context, plain_payload,
+                                         crypto_frame_required=crypto_frame_required)
+
+    def close(self, error_code=0, frame_type=None, reason_phrase=""):
+        if self.local_close is None and self._close_event is None:
+            self.local_close = (error_code, reason_phrase)
+        super().close(error_code=error_code, frame_type=frame_type,
+                      reason_phrase=reason_phrase)
+
+    @property
+    def bytes_in_flight(self):
+        """Bytes of ack-eliciting packets sent and not yet acknowledged or lost."""
+        return self._loss.bytes_in_flight
+
+    def reset_probe_backoff(self):
+        """Forget the PTO backoff (RFC 9002 §6.2.1) after a route change: packets lost in a
+        dead route are probed for at once over the new one, not after a backed-off PTO."""
+        self._loss._pto_count = 0
 
     def _initialize(self, peer_cid):
         super()._initialize(peer_cid)

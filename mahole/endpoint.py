@@ -3,20 +3,23 @@
 Every datagram a node sends or receives — control QUIC, STUN, relay frames, end-to-end QUIC —
 goes through one UDP socket (DESIGN.md principle 1). The endpoint reads it in batches, lets
 the `Router` classify and route a whole batch at once, feeds QUIC packets to sans-IO aioquic
-connections, and sends everything they produce in batches. One timer heap serves all
-connections. Connections that carry an end-to-end session have a *path*: aioquic sees a
-stable virtual peer address, and the path decides where each packet really goes.
+connections, and sends everything they produce in batches. One keyed timer scheduler (the
+compiled `Scheduler`) serves every timer of the node: QUIC connections, hole punching,
+session cores, keepalives. Connections that carry an end-to-end session have a *path*:
+aioquic sees a stable virtual peer address, and the path decides where each packet really
+goes.
+
+Nothing a peer sends may break the loop: an exception while handling one datagram or one
+timer is logged once per kind, counted, and the rest of the batch is processed.
 """
 
 import asyncio
-import heapq
-import itertools
 import logging
 from collections import deque
 
 from aioquic.quic import events as qe
 
-from ._fast import BatchSocket, Router
+from ._fast import BatchSocket, Router, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +30,32 @@ MAX_BATCHES_PER_WAKEUP = 16
 MAX_OUTBOX = 4096
 
 
+class ConnectionHandler:
+    """What the owner of a connection on the endpoint hears; every method is optional."""
+
+    def quic_event(self, connection, event):
+        """An aioquic event of the connection."""
+
+    def packet_authenticated(self, connection, addr, now):
+        """A datagram from addr (the real source, not the virtual peer address) carried a
+        packet that aioquic decrypted: proof the peer sent it. Only these change state."""
+
+    def peer_address_changed(self, connection, previous, addr):
+        """An authenticated packet of a path-less connection came from a new address."""
+
+    def progress(self, connection):
+        """Acknowledgements may have freed send buffer (called before collecting packets)."""
+
+    def connection_closed(self, connection):
+        """The connection ended (after its ConnectionTerminated event)."""
+
+
 class Connection:
     """One aioquic connection on the endpoint, with the handler that receives its events.
 
-    handler: object with `quic_event(connection, event)`; optional `connection_closed(conn)`.
+    handler: a `ConnectionHandler`.
     path:    None (packets go to and come from the address aioquic uses), or an object with
-             `outbound(data) -> (bytes, addr) | None` and `inbound(addr, now) -> bool` deciding
+             `outbound(data) -> (bytes, addr) | None` and `inbound(addr) -> bool` deciding
              where the end-to-end packets go and which sources are accepted.
     """
 
@@ -49,7 +72,7 @@ class Connection:
         self.bytes_sent = 0
         self.packets_received = 0
         self.packets_sent = 0
-        self.last_rx = None  # when the last datagram of this connection arrived
+        self.last_rx = None  # when the last authenticated packet of this connection arrived
         self._virtual_addr = peer_addr
 
     def __repr__(self):
@@ -57,33 +80,39 @@ class Connection:
 
     # Receive ---------------------------------------------------------------------------
     def datagram_received(self, data, addr, now):
+        """A datagram straight from addr. aioquic sees it from the address it expects (the
+        virtual peer address under a path), so an unauthenticated packet from elsewhere can
+        never move the connection; only a packet that decrypts tells the handler."""
         if self.closed:
             return
         if self.path is not None:
-            if not self.path.inbound(addr, now):
+            if not self.path.inbound(addr):
                 self.endpoint.counters["dropped_wrong_source"] += 1
                 return
-            addr = self._virtual_addr
-        elif addr != self.peer_addr:
-            previous, self.peer_addr = self.peer_addr, addr
-            changed = getattr(self.handler, "peer_address_changed", None)
-            if changed is not None and previous is not None:
-                changed(self, previous, addr)
-        self.bytes_received += len(data)
-        self.packets_received += 1
-        self.last_rx = now
-        self.quic.receive_datagram(data, addr, now)
-        self.process_events()
-        self.endpoint.mark(self)
+            self._receive(data, addr, self._virtual_addr, now)
+        else:
+            self._receive(data, addr, self.peer_addr or addr, now)
 
-    def path_datagram_received(self, data, now):
-        """An end-to-end packet its path already vouched for (e.g. unwrapped from the relay)."""
+    def path_datagram_received(self, data, addr, now):
+        """An end-to-end packet that arrived by a route of the path (e.g. unwrapped from a
+        relay frame that came from addr)."""
         if self.closed:
             return
+        self._receive(data, addr, self._virtual_addr, now)
+
+    def _receive(self, data, addr, quic_addr, now):
+        quic = self.quic
+        before = quic.packets_authenticated
         self.bytes_received += len(data)
         self.packets_received += 1
-        self.last_rx = now
-        self.quic.receive_datagram(data, self._virtual_addr, now)
+        quic.receive_datagram(data, quic_addr, now)
+        if quic.packets_authenticated != before:
+            self.last_rx = now
+            if self.path is None and addr != self.peer_addr:
+                previous, self.peer_addr = self.peer_addr, addr
+                if previous is not None:
+                    self.handler.peer_address_changed(self, previous, addr)
+            self.handler.packet_authenticated(self, addr, now)
         self.process_events()
         self.endpoint.mark(self)
 
@@ -110,9 +139,7 @@ class Connection:
             return
         self.closed = True
         self.endpoint._forget(self)
-        closed = getattr(self.handler, "connection_closed", None)
-        if closed is not None:
-            closed(self)
+        self.handler.connection_closed(self)
 
     # Send ------------------------------------------------------------------------------
     def transmit(self):
@@ -135,13 +162,28 @@ class Connection:
         timer = self.quic.get_timer()
         if timer != self.timer:
             self.timer = timer
-            if timer is not None:
-                self.endpoint._arm_timer(self, timer)
+            if timer is None:
+                self.endpoint.cancel_timer(self)
+            else:
+                self.endpoint.set_timer(self, timer, self._on_timer)
+
+    def _on_timer(self, now):
+        self.timer = None
+        self.quic.handle_timer(now=now)
+        self.process_events()
+        self.endpoint.mark(self)
 
     def close(self, error_code=0, reason=""):
         if not self.closed:
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self.transmit()
+
+    def abandon(self, error_code=0, reason=""):
+        """Close without waiting for a closing handshake that nobody will answer."""
+        if not self.closed:
+            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self.endpoint.flush()
+            self._terminated()
 
 
 class Endpoint:
@@ -152,6 +194,11 @@ class Endpoint:
     `router.add_session(session_id, entry)`: `entry.relay_frame_received(frame, addr)`.
     `receiver` replaces the plain batch reader (the intermediate's relay engine reads the
     socket itself and hands back what it does not relay).
+
+    Timers: `set_timer(key, when, callback)` runs callback(now) once when due (one deadline
+    per key, a new one replaces it), `cancel_timer(key)`. Sans-IO cores that schedule on
+    `scheduler` themselves (hole punching) name their callbacks with `on_timer(key, callback)`
+    and call `rearm()` afterwards.
     """
 
     def __init__(self, sock, *, on_stun=None, on_initial=None, receiver=None, batch_size=32):
@@ -166,16 +213,18 @@ class Endpoint:
             "datagrams_received": 0, "datagrams_sent": 0, "bytes_received": 0,
             "bytes_sent": 0, "dropped_wrong_source": 0, "dropped_initial": 0,
             "dropped_stun": 0, "dropped_outbox_full": 0, "send_errors": 0,
+            "handler_errors": 0,
         }
         self.loop = None
+        self.scheduler = Scheduler()
+        self._timer_callbacks = {}
+        self._timer_handle = None
+        self._timer_at = None
+        self._errors_logged = set()
         self._dirty = set()
         self._flush_scheduled = False
         self._outbox = deque()
         self._writer_waiting = False
-        self._timers = []
-        self._timer_seq = itertools.count()
-        self._timer_handle = None
-        self._timer_at = None
         self._closed = False
 
     @property
@@ -216,6 +265,7 @@ class Endpoint:
 
     def _forget(self, conn):
         self.connections.discard(conn)
+        self.cancel_timer(conn)
         for cid in conn.cids:
             if self.router.connection(cid) is conn:
                 self.router.remove_connection(cid)
@@ -245,21 +295,43 @@ class Endpoint:
         result = self.router.dispatch(datagrams)
         now = self.loop.time()
         for conn, (data, addr) in zip(result.quic_handles, result.quic_datagrams):
-            conn.datagram_received(data, addr, now)
+            try:
+                conn.datagram_received(data, addr, now)
+            except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the batch
+                self.handler_failed("QUIC packet", exc)
         if result.initials:
             if self.on_initial is None:
                 counters["dropped_initial"] += len(result.initials)
             else:
                 for header, data, addr in result.initials:
-                    self.on_initial(header, data, addr)
+                    try:
+                        self.on_initial(header, data, addr)
+                    except Exception as exc:  # noqa: BLE001
+                        self.handler_failed("QUIC Initial", exc)
         if result.stun:
             if self.on_stun is None:
                 counters["dropped_stun"] += len(result.stun)
             else:
                 for data, addr in result.stun:
-                    self.on_stun(data, addr)
+                    try:
+                        self.on_stun(data, addr)
+                    except Exception as exc:  # noqa: BLE001
+                        self.handler_failed("STUN message", exc)
         for entry, data, addr in result.relay:
-            entry.relay_frame_received(data, addr)
+            try:
+                entry.relay_frame_received(data, addr)
+            except Exception as exc:  # noqa: BLE001
+                self.handler_failed("relay frame", exc)
+
+    def handler_failed(self, kind, exc):
+        """An unexpected exception while handling one input: count it, log it once per kind
+        and exception type (a peer must not be able to flood the log), and carry on."""
+        self.counters["handler_errors"] += 1
+        what = (kind, type(exc).__name__)
+        if what not in self._errors_logged:
+            self._errors_logged.add(what)
+            log.error("error while handling a %s (logged once; counted as handler_errors)",
+                      kind, exc_info=exc)
 
     # Send ------------------------------------------------------------------------------
     def mark(self, conn):
@@ -294,11 +366,12 @@ class Endpoint:
             dirty, self._dirty = self._dirty, set()
             for conn in dirty:
                 if not conn.closed:
-                    progress = getattr(conn.handler, "progress", None)
-                    if progress is not None:
-                        progress(conn)  # acknowledgements may have freed send buffer
-                    conn.collect(now, out)
-                    conn.process_events()  # closing may have ended the connection
+                    try:
+                        conn.handler.progress(conn)  # acks may have freed send buffer
+                        conn.collect(now, out)
+                        conn.process_events()  # closing may have ended the connection
+                    except Exception as exc:  # noqa: BLE001
+                        self.handler_failed("connection flush", exc)
             self._queue(out)
         self._send_outbox()
 
@@ -332,12 +405,31 @@ class Endpoint:
         self._send_outbox()
 
     # Timers ----------------------------------------------------------------------------
-    def _arm_timer(self, conn, when):
-        heapq.heappush(self._timers, (when, next(self._timer_seq), conn))
+    def set_timer(self, key, when, callback):
+        """Run callback(now) once at `when` (loop time); replaces key's earlier deadline."""
+        self._timer_callbacks[key] = (callback, False)
+        self.scheduler.schedule(key, when)
         if self._timer_at is None or when < self._timer_at:
-            self._schedule_timer(when)
+            self._schedule_wakeup(when)
 
-    def _schedule_timer(self, when):
+    def cancel_timer(self, key):
+        self._timer_callbacks.pop(key, None)
+        self.scheduler.cancel(key)
+
+    def on_timer(self, key, callback):
+        """callback(now) runs whenever key comes due; for keys that a sans-IO core schedules
+        on `scheduler` itself (call `rearm()` after it did). `cancel_timer(key)` forgets it."""
+        self._timer_callbacks[key] = (callback, True)
+
+    def rearm(self):
+        """Wake up for the earliest deadline (after a core scheduled on `scheduler`)."""
+        when = self.scheduler.next_deadline()
+        if when is not None and (self._timer_at is None or when < self._timer_at):
+            self._schedule_wakeup(when)
+
+    def _schedule_wakeup(self, when):
+        if self.loop is None or self._closed:
+            return
         if self._timer_handle is not None:
             self._timer_handle.cancel()
         self._timer_at = when
@@ -347,15 +439,20 @@ class Endpoint:
         self._timer_handle = None
         self._timer_at = None
         now = self.loop.time()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            when, _seq, conn = heapq.heappop(timers)
-            if conn.closed or conn.timer != when:
-                continue  # superseded: the connection re-armed or went away
-            conn.timer = None
-            conn.quic.handle_timer(now=now)
-            conn.process_events()
-            self.mark(conn)
-        if timers:
-            self._schedule_timer(timers[0][0])
+        scheduler = self.scheduler
+        callbacks = self._timer_callbacks
+        for key in scheduler.pop_due(now):
+            if scheduler.deadline(key) is not None:
+                continue  # an earlier callback of this round moved it later
+            entry = callbacks.get(key)
+            if entry is None:
+                continue
+            callback, persistent = entry
+            if not persistent:
+                del callbacks[key]
+            try:
+                callback(now)
+            except Exception as exc:  # noqa: BLE001 - one timer must not stop the others
+                self.handler_failed("timer", exc)
+        self.rearm()
         self.flush()

@@ -65,12 +65,14 @@ class PathManager:
         self.dropped_no_route += 1
         return None
 
-    def inbound(self, addr, now):
+    def inbound(self, addr):
         """Whether a QUIC packet that came straight from addr (not relayed) is accepted."""
+        return self.direct_addr is not None and tuple(addr[:2]) == self.direct_addr
+
+    def authenticated(self, addr, now):
+        """A packet from addr decrypted: liveness evidence for the direct route."""
         if self.direct_addr is not None and tuple(addr[:2]) == self.direct_addr:
             self.last_direct_rx = now
-            return True
-        return False
 
     def switches_since(self, when):
         return sum(1 for at, _route, _reason in self.switches if at >= when)

@@ -9,6 +9,7 @@ import logging
 
 from ._fast import KIND_QUIC_LONG, classify, parse_header
 from ._fast._kinds import RELAY_HEADER_LEN
+from .endpoint import ConnectionHandler
 from .path import PathManager
 from .tunnel import FLOW_ID_LEN, MAX_DATAGRAM_PAYLOAD, pack_datagram
 
@@ -23,7 +24,7 @@ PEER_SILENT = 0.1
 VIRTUAL_PEER_ADDR = ("0.0.0.0", 1)
 
 
-class Session:
+class Session(ConnectionHandler):
     """One end-to-end session of a node: its id, peer, path and QUIC connection.
 
     Registered in the endpoint's router under its session id, so relay frames for it arrive at
@@ -71,14 +72,14 @@ class Session:
                 # The peer sends by the relay again and nothing comes direct: it has seen the
                 # direct route die; follow it now instead of waiting for our own timeout.
                 self.direct_failed(now, "the peer went back to the relay")
-            self.connection.path_datagram_received(inner, now)
+            self.connection.path_datagram_received(inner, addr, now)
         elif classify(inner) == KIND_QUIC_LONG:
             try:
                 header = parse_header(inner)
             except ValueError:
                 self.dropped_frames += 1
                 return
-            self.first_packet(header, inner)
+            self.first_packet(header, inner, addr)
         else:
             self.dropped_frames += 1
 
@@ -112,7 +113,7 @@ class Session:
             return
         quic = conn.quic
         cfg = self.node.cfg
-        if quic._loss.bytes_in_flight:  # ack-eliciting packets wait for an answer
+        if quic.bytes_in_flight:  # ack-eliciting packets wait for an answer
             if self._awaiting_since is None:
                 self._awaiting_since = now
             heard = max(self._awaiting_since, path.last_direct_rx)
@@ -147,13 +148,16 @@ class Session:
         # Packets sent into the dead route are lost: probe at once over the relay so that
         # loss recovery retransmits them now rather than after a backed-off PTO.
         quic = self.connection.quic
-        quic._loss._pto_count = 0
+        quic.reset_probe_backoff()
         self._pings += 1
         quic.send_ping(self._pings)
         self.connection.transmit()
         self.node.direct_route_failed(self)
 
-    def first_packet(self, header, data):
+    def packet_authenticated(self, connection, addr, now):
+        self.path.authenticated(addr, now)
+
+    def first_packet(self, header, data, addr):
         """A packet before the connection exists (the connector accepts an Initial here)."""
         self.dropped_frames += 1
 

@@ -59,7 +59,7 @@ class ConnectorSession(Session):
                          "datagrams_out": 0, "datagrams_dropped": 0,
                          "datagrams_dropped_oversize": 0}
 
-    def first_packet(self, header, data):
+    def first_packet(self, header, data, addr):
         if header.packet_type != "initial" or len(data) < 1200:
             self.dropped_frames += 1
             return
@@ -67,7 +67,7 @@ class ConnectorSession(Session):
                                      original_destination_connection_id=header.dcid)
         self.connection = self.endpoint.add_connection(
             quic, self, path=self.path, peer_addr=VIRTUAL_PEER_ADDR, extra_cids=(header.dcid,))
-        self.connection.path_datagram_received(data, self.endpoint.now())
+        self.connection.path_datagram_received(data, addr, self.endpoint.now())
 
     def quic_event(self, connection, event):
         if isinstance(event, qe.HandshakeCompleted):

@@ -18,7 +18,7 @@ from aioquic.quic import events as qe
 from .. import connection as qc
 from .. import identity
 from .._fast import RelayEngine
-from ..endpoint import Endpoint
+from ..endpoint import ConnectionHandler, Endpoint
 from ..status import metrics_from_counters
 from ..wire import control, stun
 from ..wire.relay import new_session_id
@@ -45,7 +45,7 @@ class AclRule:
         return f"{self.agent}={self.service}"
 
 
-class PeerNode:
+class PeerNode(ConnectionHandler):
     """A node's control connection at the intermediate (handler of its QUIC events)."""
 
     def __init__(self, intermediate, connection=None):

@@ -18,7 +18,7 @@ from aioquic.quic import events as qe
 
 from .. import connection as qc
 from .. import identity
-from ..endpoint import Endpoint
+from ..endpoint import ConnectionHandler, Endpoint
 from ..punching import Puncher
 from ..status import StatusServer, metrics_from_counters
 from ..wire import control
@@ -114,7 +114,7 @@ class ControlStream:
         return self.decoder.feed(data)
 
 
-class ControlClient:
+class ControlClient(ConnectionHandler):
     """The node's control connection: connect, authenticate the intermediate, register.
 
     The node hears every control message after registration through `control_message` and
@@ -186,8 +186,7 @@ class ControlClient:
             silent = self.node.endpoint.now() - (conn.last_rx or 0.0)
             if silent > cfg.control_dead_after:
                 self.last_error = f"no answer from the intermediate for {silent:.1f} s"
-                conn.close(qc.ERROR_SHUTDOWN, "intermediate not answering")
-                conn._terminated()  # do not wait for a closing handshake nobody answers
+                conn.abandon(qc.ERROR_SHUTDOWN, "intermediate not answering")
                 return
             conn.quic.send_ping(nonce)
             conn.transmit()
@@ -365,8 +364,8 @@ class Node:
     def _initial_received(self, header, data, addr):
         """A QUIC Initial straight from a peer: only for a session whose direct route it is."""
         for session in self.sessions.values():
-            if session.connection is None and session.path.inbound(addr, self.endpoint.now()):
-                session.first_packet(header, data)
+            if session.connection is None and session.path.inbound(addr):
+                session.first_packet(header, data, addr)
                 return
         self.endpoint.counters["dropped_initial"] += 1
 
