@@ -80,9 +80,9 @@ class Connection:
 
     # Receive ---------------------------------------------------------------------------
     def datagram_received(self, data, addr, now):
-        """A datagram straight from addr. aioquic sees it from the address it expects (the
-        virtual peer address under a path), so an unauthenticated packet from elsewhere can
-        never move the connection; only a packet that decrypts tells the handler."""
+        """A datagram straight from addr. Under a path aioquic sees the virtual peer address
+        (the path picks routes); without one aioquic sees addr and validates a new address
+        itself (RFC 9000 §9). Either way only a packet that decrypts tells the handler."""
         if self.closed:
             return
         if self.path is not None:
@@ -91,7 +91,7 @@ class Connection:
                 return
             self._receive(data, addr, self._virtual_addr, now)
         else:
-            self._receive(data, addr, self.peer_addr or addr, now)
+            self._receive(data, addr, addr, now)
 
     def path_datagram_received(self, data, addr, now):
         """An end-to-end packet that arrived by a route of the path (e.g. unwrapped from a
