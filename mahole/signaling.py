@@ -1,0 +1,842 @@
+"""The intermediate's signaling core (sans-IO): registry, policy, sessions, signaling.
+
+The core holds no sockets, tasks or clock. Its shell (`mahole.roles.intermediate`) feeds it
+what happened, each with the time `now`, and carries out what it asks for:
+
+Inputs
+    ``node_connected(handle, role, name, addr, now)``
+        a control connection completed its handshake with a certificate of the deployment CA
+        for ``role`` ``name``; ``addr`` is its observed address. ``handle`` is an opaque id
+        the shell chooses (a str or an int, unique among the shell's live connections; a
+        fleet makes it unique across intermediates, e.g. ``"relay1/17"``).
+    ``control_message(handle, message, now)``
+        a decoded control message (`mahole.wire.control`) arrived on its control stream.
+    ``packet_authenticated(handle, addr, now, rtt=None)``
+        a packet of the connection decrypted (only these count: an address seen on anything
+        else is an attacker's guess). Refreshes liveness; a new ``addr`` is a NAT rebinding
+        (QAD). ``rtt`` is the connection's smoothed RTT in seconds, if known; StartPunching is
+        timed from it.
+    ``node_disconnected(handle, now)``
+        the connection ended.
+    ``handle_timer(now)``
+        the time ``next_timer()`` asked for has come.
+
+Outputs: ``next_event()`` returns the next of these events (or None), oldest first:
+`SendMessage`, `CloseNode`, `RelayAdd`, `RelayRemove`, `RelaySetMember`. A probe of a node is a
+`SendMessage` carrying a control `Ping`.
+
+State that may be shared between intermediates lives behind the `Registry` interface as
+plain, serialisable records (`NodeRecord`, `SessionRecord`); `MemoryRegistry` keeps them in
+this process. What belongs to one intermediate's connections — liveness, RTT, probes,
+pending StartPunching deliveries, counters — stays in the core.
+
+Behaviour worth knowing (issue 8):
+
+- A session ends only when a member sends SessionClosed, disconnects or is declared dead.
+  Relay traffic has nothing to do with it: a session on the direct path carries no relay
+  frames. Idle sessions are reaped end to end by the nodes themselves.
+- One identity, one live node: a second registration of a (role, name) probes the first
+  with a `Ping`. An answer within ``probe_timeout`` refuses the newcomer (`ErrorCode.CONFLICT`)
+  and the first keeps its sessions; silence replaces the first.
+- A node with no authenticated packet for ``node_dead_after`` is gone: its sessions end (the
+  other member is told why) and its connection is closed.
+- Repeated, out-of-order, foreign or unknown signaling is ignored and counted, never raised.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+import fnmatch
+import heapq
+import itertools
+import logging
+import secrets
+from typing import Hashable
+
+from .wire import control
+from .wire.relay import new_session_id
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AclRule", "CloseNode", "MemoryRegistry", "NodeRecord", "Registry", "RelayAdd",
+    "RelayRemove", "RelaySetMember", "SendMessage", "SessionRecord", "SignalingCore",
+]
+
+# QUIC application error codes of closed control connections; the same numbers as
+# mahole.connection.ERROR_* (kept here so the core does not import aioquic).
+CLOSE_SHUTDOWN = 0x100  # ordinary close: stopping, replaced, gone silent, refused
+CLOSE_UNAUTHENTICATED = 0x101  # the certificate does not match what the node claims
+
+PROBE_TIMEOUT = 1.0  # s: a probed node that answers within this is alive
+NODE_DEAD_AFTER = 2.0  # s without an authenticated packet: the node is gone
+MAX_SESSIONS_PER_NODE = 1000  # open sessions one node may be a member of
+MAX_DEPARTED = 1024  # services remembered after their connector left (CONNECTOR_OFFLINE)
+MAX_PUNCH_TIMES = 1000  # time-to-direct samples kept for the median in /status
+PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at once
+
+AGENT, CONNECTOR = 0, 1  # member index of a session (relay engine member order)
+
+
+class AclRule:
+    """`AGENT_GLOB=SERVICE_GLOB`: agents whose name matches may reach matching services."""
+
+    def __init__(self, text):
+        agent, sep, service = text.partition("=")
+        if not sep or not agent or not service:
+            raise ValueError(f"expected AGENT_GLOB=SERVICE_GLOB, got {text!r}")
+        self.agent, self.service = agent, service
+
+    def allows(self, agent, service):
+        return fnmatch.fnmatchcase(agent, self.agent) and fnmatch.fnmatchcase(service, self.service)
+
+    def __str__(self):
+        return f"{self.agent}={self.service}"
+
+
+# --------------------------------------------------------------------------------------------
+# Records: plain, serialisable state (no connection objects; nodes are named by handle).
+
+
+def _addr(value):
+    return None if value is None else (str(value[0]), int(value[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRecord:
+    """A registered node."""
+
+    handle: Hashable  # the shell's id of its control connection
+    role: str  # "agent" or "connector"
+    name: str  # from its certificate
+    addr: tuple  # observed address of its control connection (host, port)
+    services: tuple = ()  # a connector's service names
+    home: str = ""  # the intermediate holding its control connection
+    since: float = 0.0  # registration time (the home's clock)
+
+    def to_dict(self):
+        return {"handle": self.handle, "role": self.role, "name": self.name,
+                "addr": list(self.addr), "services": list(self.services), "home": self.home,
+                "since": self.since}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(handle=data["handle"], role=data["role"], name=data["name"],
+                   addr=_addr(data["addr"]), services=tuple(data["services"]),
+                   home=data["home"], since=float(data["since"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRecord:
+    """A session between one agent and one connector, and how far its signaling got."""
+
+    session_id: bytes
+    service: str
+    agent: Hashable  # handles of the members
+    connector: Hashable
+    agent_name: str
+    connector_name: str
+    home: str = ""
+    created: float = 0.0
+    offers: int = 0  # CandidateOffers forwarded (a re-punch offers again)
+    answers: int = 0  # CandidateAnswers forwarded; never more than offers
+    punch_round: int = 0  # StartPunching rounds begun
+    punch_started: float | None = None  # when the current round began
+    reported: tuple = ()  # roles whose PunchingResult for the current round arrived
+    path: str = "relay"  # the agent's last PunchingResult decides
+
+    def members(self):
+        return (self.agent, self.connector)
+
+    def other(self, handle):
+        return self.connector if handle == self.agent else self.agent
+
+    def to_dict(self):
+        data = dataclasses.asdict(self)
+        data["session_id"] = self.session_id.hex()
+        data["reported"] = list(self.reported)
+        return data
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(**{**data, "session_id": bytes.fromhex(data["session_id"]),
+                      "reported": tuple(data["reported"])})
+
+
+# --------------------------------------------------------------------------------------------
+# The registry interface and its in-memory implementation.
+
+
+class Registry(abc.ABC):
+    """Where nodes and sessions are kept: in this process, or in a store several
+    intermediates share. Records go in and come out whole (a store serialises them with
+    ``to_dict``/``from_dict``); ``put_*`` adds or replaces by key."""
+
+    # Nodes, by handle, by (role, name) and by service.
+    @abc.abstractmethod
+    def put_node(self, record: NodeRecord) -> None:
+        """Add or replace the node ``record.handle``; at most one node per (role, name)."""
+
+    @abc.abstractmethod
+    def remove_node(self, handle) -> NodeRecord | None: ...
+
+    @abc.abstractmethod
+    def node(self, handle) -> NodeRecord | None: ...
+
+    @abc.abstractmethod
+    def node_by_identity(self, role: str, name: str) -> NodeRecord | None: ...
+
+    @abc.abstractmethod
+    def nodes(self) -> list[NodeRecord]: ...
+
+    @abc.abstractmethod
+    def connectors_for(self, service: str) -> list[NodeRecord]:
+        """Connectors offering ``service``, longest registered first."""
+
+    # Sessions, by id and by member.
+    @abc.abstractmethod
+    def put_session(self, record: SessionRecord) -> None: ...
+
+    @abc.abstractmethod
+    def remove_session(self, session_id: bytes) -> SessionRecord | None: ...
+
+    @abc.abstractmethod
+    def session(self, session_id: bytes) -> SessionRecord | None: ...
+
+    @abc.abstractmethod
+    def sessions(self) -> list[SessionRecord]: ...
+
+    @abc.abstractmethod
+    def sessions_of(self, handle) -> list[SessionRecord]: ...
+
+
+class MemoryRegistry(Registry):
+    """The registry of one intermediate, in dictionaries."""
+
+    def __init__(self):
+        self._nodes = {}  # handle -> NodeRecord
+        self._identities = {}  # (role, name) -> handle
+        self._services = collections.defaultdict(dict)  # service -> {handle: None} (ordered)
+        self._sessions = {}  # session_id -> SessionRecord
+        self._member_of = collections.defaultdict(dict)  # handle -> {session_id: None}
+
+    def put_node(self, record):
+        key = (record.role, record.name)
+        holder = self._identities.get(key)
+        if holder is not None and holder != record.handle:
+            raise KeyError(f"{record.role} {record.name!r} is registered by another handle")
+        old = self._nodes.get(record.handle)
+        if old is not None:
+            self._unindex_services(old)
+        self._nodes[record.handle] = record
+        self._identities[key] = record.handle
+        for service in record.services:
+            self._services[service][record.handle] = None
+
+    def _unindex_services(self, record):
+        for service in record.services:
+            holders = self._services.get(service)
+            if holders is not None:
+                holders.pop(record.handle, None)
+                if not holders:
+                    del self._services[service]
+
+    def remove_node(self, handle):
+        record = self._nodes.pop(handle, None)
+        if record is not None:
+            self._identities.pop((record.role, record.name), None)
+            self._unindex_services(record)
+        return record
+
+    def node(self, handle):
+        return self._nodes.get(handle)
+
+    def node_by_identity(self, role, name):
+        handle = self._identities.get((role, name))
+        return None if handle is None else self._nodes[handle]
+
+    def nodes(self):
+        return list(self._nodes.values())
+
+    def connectors_for(self, service):
+        return [self._nodes[h] for h in self._services.get(service, ())]
+
+    def put_session(self, record):
+        self._sessions[record.session_id] = record
+        for handle in record.members():
+            self._member_of[handle][record.session_id] = None
+
+    def remove_session(self, session_id):
+        record = self._sessions.pop(session_id, None)
+        if record is not None:
+            for handle in record.members():
+                of = self._member_of.get(handle)
+                if of is not None:
+                    of.pop(session_id, None)
+                    if not of:
+                        del self._member_of[handle]
+        return record
+
+    def session(self, session_id):
+        return self._sessions.get(session_id)
+
+    def sessions(self):
+        return list(self._sessions.values())
+
+    def sessions_of(self, handle):
+        return [self._sessions[s] for s in self._member_of.get(handle, ())]
+
+
+# --------------------------------------------------------------------------------------------
+# Events.
+
+
+@dataclasses.dataclass(frozen=True)
+class SendMessage:
+    """Send ``message`` (a `mahole.wire.control.Message`) on the node's control stream."""
+
+    handle: Hashable
+    message: control.Message
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseNode:
+    """Close the node's control connection with a QUIC application error ``code`` and
+    ``reason``. The core has already forgotten the node; `node_disconnected` may follow."""
+
+    handle: Hashable
+    code: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayAdd:
+    """Relay frames of ``session_id`` between these two addresses (agent, connector)."""
+
+    session_id: bytes
+    agent_addr: tuple
+    connector_addr: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayRemove:
+    """Stop relaying ``session_id``."""
+
+    session_id: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaySetMember:
+    """Member ``member`` (0 agent, 1 connector) of ``session_id`` is now at ``addr``."""
+
+    session_id: bytes
+    member: int
+    addr: tuple
+
+
+# --------------------------------------------------------------------------------------------
+# The core.
+
+
+class _Link:
+    """What this intermediate knows of one control connection (never shared)."""
+
+    __slots__ = ("handle", "role", "name", "addr", "last_rx", "rtt", "registered", "probing")
+
+    def __init__(self, handle, role, name, addr, now):
+        self.handle = handle
+        self.role = role
+        self.name = name
+        self.addr = addr
+        self.last_rx = now
+        self.rtt = None
+        self.registered = False
+        self.probing = None  # (role, name) while this newcomer waits for a probe
+
+    def __str__(self):
+        return f"{self.role} {self.name!r}"
+
+
+class _Probe:
+    __slots__ = ("old", "newcomer", "register", "nonce", "deadline")
+
+    def __init__(self, old, newcomer, register, nonce, deadline):
+        self.old = old
+        self.newcomer = newcomer
+        self.register = register
+        self.nonce = nonce
+        self.deadline = deadline
+
+
+def _fmt(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class SignalingCore:
+    """Registry, ACL, sessions and signaling of one intermediate (see the module docstring).
+
+    acl:             `AclRule`s (or their text); none means every session is denied.
+    registry:        a `Registry`; a fresh `MemoryRegistry` by default.
+    home:            this intermediate's name, written into the records it creates.
+    probe_timeout:   how long a registered node has to answer the probe that a second
+                     registration of its identity triggers.
+    node_dead_after: silence (no authenticated packet) after which a node is gone.
+    """
+
+    def __init__(self, *, acl=(), registry=None, home="", probe_timeout=PROBE_TIMEOUT,
+                 node_dead_after=NODE_DEAD_AFTER, max_sessions_per_node=MAX_SESSIONS_PER_NODE):
+        self.acl = [rule if isinstance(rule, AclRule) else AclRule(rule) for rule in acl]
+        self.registry = registry if registry is not None else MemoryRegistry()
+        self.home = home
+        self.probe_timeout = probe_timeout
+        self.node_dead_after = node_dead_after
+        self.max_sessions_per_node = max_sessions_per_node
+        self.counters = dict.fromkeys((
+            "nodes_registered", "refused_registration", "refused_conflict", "nodes_replaced",
+            "nodes_dead", "probes_sent", "probes_answered", "sessions_opened",
+            "sessions_denied", "sessions_unknown_service", "sessions_connector_offline",
+            "sessions_rate_limited", "sessions_closed", "offers_forwarded",
+            "answers_forwarded", "start_punching_sent", "bad_requests", "ignored_signaling",
+            "ignored_unknown_node", "ignored_unknown_session", "ignored_foreign_session",
+            "ignored_wrong_direction", "ignored_duplicate_answer", "ignored_duplicate_result",
+            "ignored_unexpected_result", "ignored_unexpected_pong", "ignored_duplicate_register",
+        ), 0)
+        self.punching = {"attempts": 0, "direct": 0, "relay": 0}
+        self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
+        self._links = {}  # handle -> _Link
+        self._probes = {}  # (role, name) -> _Probe
+        self._departed = collections.OrderedDict()  # service -> text (recently offline)
+        self._events = collections.deque()
+        self._timers = []  # heap of (when, seq, key); valid while _deadlines[key] == when
+        self._deadlines = {}
+        self._seq = itertools.count()
+        self._punches = {}  # ("punch", session_id, handle) -> (punch_round, message)
+
+    # Outputs ---------------------------------------------------------------------------
+    def next_event(self):
+        """The next thing to do, or None."""
+        return self._events.popleft() if self._events else None
+
+    def next_timer(self):
+        """When ``handle_timer`` wants to run next, or None."""
+        timers = self._timers
+        while timers and self._deadlines.get(timers[0][2]) != timers[0][0]:
+            heapq.heappop(timers)  # superseded or cancelled
+        return timers[0][0] if timers else None
+
+    def _send(self, handle, message):
+        self._events.append(SendMessage(handle, message))
+
+    def _error(self, handle, code, text, request_id=None, session_id=None):
+        self._send(handle, control.Error(code=code, message=text[:control.MAX_TEXT_LEN],
+                                         request_id=request_id, session_id=session_id))
+
+    def _ignore(self, kind, link, message):
+        self.counters["ignored_signaling"] += 1
+        self.counters[f"ignored_{kind}"] += 1
+        log.debug("ignored %s from %s: %s", type(message).__name__, link, kind)
+
+    # Timers ----------------------------------------------------------------------------
+    def _schedule(self, key, when):
+        self._deadlines[key] = when
+        heapq.heappush(self._timers, (when, next(self._seq), key))
+
+    def _cancel(self, key):
+        self._deadlines.pop(key, None)
+
+    def handle_timer(self, now):
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _seq, key = heapq.heappop(timers)
+            if self._deadlines.get(key) != when:
+                continue
+            del self._deadlines[key]
+            kind = key[0]
+            if kind == "dead":
+                self._check_alive(key[1], now)
+            elif kind == "probe":
+                self._probe_expired(key[1], now)
+            elif kind == "punch":
+                self._deliver_punch(key)
+
+    # Connections -----------------------------------------------------------------------
+    def node_connected(self, handle, role, name, addr, now):
+        """A control connection authenticated as ``role`` ``name`` (from its certificate)."""
+        if handle in self._links:
+            raise ValueError(f"handle {handle!r} is already connected")
+        self._links[handle] = _Link(handle, role, name, _addr(addr), now)
+        self._schedule(("dead", handle), now + self.node_dead_after)
+
+    def packet_authenticated(self, handle, addr, now, rtt=None):
+        link = self._links.get(handle)
+        if link is None:
+            return
+        if now > link.last_rx:
+            link.last_rx = now
+        if rtt:
+            link.rtt = rtt
+        addr = _addr(addr)
+        if addr == link.addr:
+            return
+        previous, link.addr = link.addr, addr
+        log.info("%s moved from %s to %s", link, _fmt(previous), _fmt(addr))
+        if not link.registered:
+            return
+        record = self.registry.node(handle)
+        if record is not None:
+            self.registry.put_node(dataclasses.replace(record, addr=addr))
+        self._send(handle, control.ObservedAddress(addr=addr))
+        for session in self.registry.sessions_of(handle):
+            member = AGENT if session.agent == handle else CONNECTOR
+            self._events.append(RelaySetMember(session.session_id, member, addr))
+
+    def node_disconnected(self, handle, now):
+        link = self._links.get(handle)
+        if link is not None:
+            self._drop(link, "disconnected", now)
+
+    def _check_alive(self, handle, now):
+        link = self._links.get(handle)
+        if link is None:
+            return
+        deadline = link.last_rx + self.node_dead_after
+        if now < deadline:
+            self._schedule(("dead", handle), deadline)
+            return
+        self.counters["nodes_dead"] += 1
+        log.warning("%s at %s stopped answering (silent for %.1f s)", link, _fmt(link.addr),
+                    now - link.last_rx)
+        self._drop(link, "stopped answering", now)
+        self._events.append(CloseNode(handle, CLOSE_SHUTDOWN, "stopped answering"))
+
+    def _drop(self, link, why, now):
+        """Forget a connection: its registration, its sessions, any probe it is part of.
+        ``why`` completes "ROLE NAME ..." in what the other session members are told."""
+        handle = link.handle
+        del self._links[handle]
+        self._cancel(("dead", handle))
+        key = (link.role, link.name)
+        if link.probing is not None:  # a newcomer left while its predecessor was probed
+            self._probes.pop(key, None)
+            self._cancel(("probe", key))
+        if not link.registered:
+            return
+        reason = f"{link.role} {link.name} {why}"
+        for session in self.registry.sessions_of(handle):
+            self._close_session(session, reason, notify_except=handle)
+        record = self.registry.remove_node(handle)
+        if record is not None and record.role == "connector":
+            for service in record.services:
+                self._departed[service] = (f"connector {record.name!r} offering service "
+                                           f"{service!r} is offline ({why})")
+                self._departed.move_to_end(service)
+            while len(self._departed) > MAX_DEPARTED:
+                self._departed.popitem(last=False)
+        log.info("%s %s", link, why)
+        probe = self._probes.get(key)
+        if probe is not None and probe.old == handle:  # the probed node left: newcomer in
+            del self._probes[key]
+            self._cancel(("probe", key))
+            newcomer = self._links.get(probe.newcomer)
+            if newcomer is not None:
+                newcomer.probing = None
+                self._register(newcomer, probe.register, now)
+
+    # Control messages ------------------------------------------------------------------
+    def control_message(self, handle, message, now):
+        link = self._links.get(handle)
+        if link is None:  # closed here already (replaced, dead): late words are ignored
+            self.counters["ignored_signaling"] += 1
+            self.counters["ignored_unknown_node"] += 1
+            return
+        if isinstance(message, control.Pong):
+            self._pong(link, message)
+        elif not link.registered:
+            if link.probing is not None:
+                self._ignore("duplicate_register", link, message)
+            elif isinstance(message, control.Register):
+                self._check_register(link, message, now)
+            elif isinstance(message, control.Ping):
+                self._send(handle, control.Pong(nonce=message.nonce))
+            else:
+                self._error(handle, control.ErrorCode.NOT_REGISTERED, "register first")
+        elif isinstance(message, control.OpenSession) and link.role == "agent":
+            self._open_session(link, message, now)
+        elif isinstance(message, control.SessionClosed):
+            session = self._own_session(link, message)
+            if session is not None:
+                self._close_session(session, f"closed by {link.role} {link.name}: "
+                                             f"{message.reason}", notify_except=handle)
+        elif isinstance(message, control.CandidateOffer):
+            self._offer(link, message)
+        elif isinstance(message, control.CandidateAnswer):
+            self._answer(link, message, now)
+        elif isinstance(message, control.PunchingResult):
+            self._punching_result(link, message)
+        elif isinstance(message, control.Ping):
+            self._send(handle, control.Pong(nonce=message.nonce))
+        elif isinstance(message, control.Register):
+            self._ignore("duplicate_register", link, message)
+        else:
+            self.counters["bad_requests"] += 1
+            self._error(handle, control.ErrorCode.BAD_MESSAGE,
+                        f"unexpected {type(message).__name__} from {link.role} {link.name}")
+
+    def _own_session(self, link, message):
+        """The session ``message`` is about, if ``link`` is one of its members."""
+        session = self.registry.session(message.session_id)
+        if session is None:
+            self._ignore("unknown_session", link, message)
+            return None
+        if link.handle not in session.members():
+            self._ignore("foreign_session", link, message)
+            return None
+        return session
+
+    # Registration ----------------------------------------------------------------------
+    def _check_register(self, link, message, now):
+        if message.role != link.role or message.name != link.name:
+            self.counters["refused_registration"] += 1
+            text = (f"certificate is for {link.role} {link.name!r} but registration "
+                    f"claims {message.role} {message.name!r}")
+            self._error(link.handle, control.ErrorCode.UNAUTHENTICATED, text)
+            self._drop(link, "was refused", now)
+            self._events.append(CloseNode(link.handle, CLOSE_UNAUTHENTICATED, text[:200]))
+            return
+        key = (link.role, link.name)
+        holder = self.registry.node_by_identity(*key)
+        if holder is None:
+            self._register(link, message, now)
+            return
+        if key in self._probes:  # a third copy while the second waits: refuse it at once
+            self._refuse_conflict(link, holder, "answering", now)
+            return
+        old = self._links.get(holder.handle)
+        if old is None:
+            # Registered by a connection this intermediate does not hold (another home, or a
+            # record left behind): nothing to probe here; the newcomer takes the name.
+            self.registry.remove_node(holder.handle)
+            self._register(link, message, now)
+            return
+        nonce = secrets.randbits(53)
+        probe = _Probe(old.handle, link.handle, message, nonce, now + self.probe_timeout)
+        self._probes[key] = probe
+        link.probing = key
+        self.counters["probes_sent"] += 1
+        self._send(old.handle, control.Ping(nonce=nonce))
+        self._schedule(("probe", key), probe.deadline)
+        log.info("%s registers again from %s; probing the connection from %s", link,
+                 _fmt(link.addr), _fmt(old.addr))
+
+    def _pong(self, link, message):
+        key = (link.role, link.name)
+        probe = self._probes.get(key)
+        if probe is None or probe.old != link.handle or probe.nonce != message.nonce:
+            self._ignore("unexpected_pong", link, message)
+            return
+        del self._probes[key]
+        self._cancel(("probe", key))
+        self.counters["probes_answered"] += 1
+        newcomer = self._links.get(probe.newcomer)
+        if newcomer is not None:
+            newcomer.probing = None
+            self._refuse_conflict(newcomer, self.registry.node(link.handle), "answering", None)
+
+    def _refuse_conflict(self, link, holder, state, now):
+        self.counters["refused_conflict"] += 1
+        addr = _fmt(holder.addr) if holder is not None else "elsewhere"
+        text = (f"{link.role} {link.name!r} is already connected from {addr} and {state}; "
+                f"stop the other copy or use another certificate")
+        log.warning("refused a second %s from %s: %s", link, _fmt(link.addr), text)
+        self._error(link.handle, control.ErrorCode.CONFLICT, text)
+        self._links.pop(link.handle, None)
+        self._cancel(("dead", link.handle))
+        self._events.append(CloseNode(link.handle, CLOSE_SHUTDOWN, "conflict: already connected"))
+
+    def _probe_expired(self, key, now):
+        probe = self._probes.pop(key, None)
+        if probe is None:
+            return
+        self.counters["nodes_replaced"] += 1
+        old = self._links.get(probe.old)
+        newcomer = self._links.get(probe.newcomer)
+        if newcomer is not None:
+            newcomer.probing = None
+        if old is not None:
+            log.warning("%s at %s did not answer a probe within %.1f s; replacing it", old,
+                        _fmt(old.addr), self.probe_timeout)
+            self._drop(old, "was replaced: it did not answer", now)
+            self._events.append(CloseNode(old.handle, CLOSE_SHUTDOWN,
+                                          "replaced: did not answer"))
+        if newcomer is not None and newcomer.handle in self._links:
+            self._register(newcomer, probe.register, now)
+
+    def _register(self, link, message, now):
+        link.registered = True
+        record = NodeRecord(handle=link.handle, role=link.role, name=link.name, addr=link.addr,
+                            services=tuple(message.services), home=self.home, since=now)
+        self.registry.put_node(record)
+        for service in record.services:
+            self._departed.pop(service, None)
+        self.counters["nodes_registered"] += 1
+        self._send(link.handle, control.Registered(node_id=link.name, observed_addr=link.addr))
+        log.info("%s registered from %s%s", link, _fmt(link.addr),
+                 f" with services {', '.join(record.services)}" if record.services else "")
+
+    # Sessions --------------------------------------------------------------------------
+    def _open_session(self, link, message, now):
+        service = message.service
+        handle = link.handle
+        if not any(rule.allows(link.name, service) for rule in self.acl):
+            self.counters["sessions_denied"] += 1
+            self._error(handle, control.ErrorCode.DENIED,
+                        f"agent {link.name!r} is not allowed to reach service {service!r}",
+                        message.request_id)
+            return
+        connectors = [c for c in self.registry.connectors_for(service) if c.handle in self._links
+                      or c.home != self.home]
+        if not connectors:
+            departed = self._departed.get(service)
+            if departed is not None:
+                self.counters["sessions_connector_offline"] += 1
+                self._error(handle, control.ErrorCode.CONNECTOR_OFFLINE, departed,
+                            message.request_id)
+            else:
+                self.counters["sessions_unknown_service"] += 1
+                self._error(handle, control.ErrorCode.UNKNOWN_SERVICE,
+                            f"no connector offers service {service!r}", message.request_id)
+            return
+        connector = connectors[0]
+        for member in (handle, connector.handle):
+            if len(self.registry.sessions_of(member)) >= self.max_sessions_per_node:
+                self.counters["sessions_rate_limited"] += 1
+                self._error(handle, control.ErrorCode.RATE_LIMITED,
+                            f"too many open sessions (at most {self.max_sessions_per_node} "
+                            f"per node)", message.request_id)
+                return
+        session = SessionRecord(session_id=new_session_id(), service=service, agent=handle,
+                                connector=connector.handle, agent_name=link.name,
+                                connector_name=connector.name, home=self.home, created=now)
+        self.registry.put_session(session)
+        self.counters["sessions_opened"] += 1
+        self._events.append(RelayAdd(session.session_id, link.addr, connector.addr))
+        for member, peer in ((connector.handle, link.addr), (handle, connector.addr)):
+            self._send(member, control.SessionOpened(
+                request_id=message.request_id, session_id=session.session_id, service=service,
+                agent=link.name, connector=connector.name, peer_addr=peer))
+        log.info("session %s: agent %s -> service %s at connector %s",
+                 session.session_id.hex(), link.name, service, connector.name)
+
+    def _close_session(self, session, reason, notify_except=None):
+        if self.registry.remove_session(session.session_id) is None:
+            return
+        self.counters["sessions_closed"] += 1
+        self._events.append(RelayRemove(session.session_id))
+        for handle in session.members():
+            self._punches.pop(("punch", session.session_id, handle), None)
+            self._cancel(("punch", session.session_id, handle))
+            if handle != notify_except and handle in self._links:
+                self._send(handle, control.SessionClosed(session_id=session.session_id,
+                                                         reason=reason[:control.MAX_TEXT_LEN]))
+        log.info("session %s closed: %s", session.session_id.hex(), reason)
+
+    # Signaling -------------------------------------------------------------------------
+    def _offer(self, link, message):
+        session = self._own_session(link, message)
+        if session is None:
+            return
+        if link.handle != session.agent:
+            self._ignore("wrong_direction", link, message)
+            return
+        self.registry.put_session(dataclasses.replace(session, offers=session.offers + 1))
+        self.counters["offers_forwarded"] += 1
+        self._send(session.connector, message)
+
+    def _answer(self, link, message, now):
+        session = self._own_session(link, message)
+        if session is None:
+            return
+        if link.handle != session.connector:
+            self._ignore("wrong_direction", link, message)
+            return
+        if session.answers >= session.offers:
+            self._ignore("duplicate_answer", link, message)
+            return
+        session = dataclasses.replace(session, answers=session.answers + 1)
+        self.registry.put_session(session)
+        self.counters["answers_forwarded"] += 1
+        self._send(session.agent, message)
+        self.start_punching(session.session_id, now)
+
+    def start_punching(self, session_id, now):
+        """Send StartPunching so that both members start at the same moment (DCUtR's idea).
+
+        The message to the member with the shorter control RTT leaves later, by half the
+        difference of the two RTTs (the difference of the one-way delays), so both arrive
+        together; each member starts its checks on arrival (delay_ms = 0).
+        """
+        session = self.registry.session(session_id)
+        if session is None:
+            return
+        session = dataclasses.replace(session, punch_round=session.punch_round + 1,
+                                      punch_started=now, reported=())
+        self.registry.put_session(session)
+        self.punching["attempts"] += 1
+        rtts = {}
+        for handle in session.members():
+            link = self._links.get(handle)
+            rtts[handle] = (link.rtt or 0.0) if link is not None else 0.0
+        far = max(rtts.values())
+        message = control.StartPunching(session_id=session_id, delay_ms=0)
+        for handle, rtt in rtts.items():
+            key = ("punch", session_id, handle)
+            wait = (far - rtt) / 2
+            if wait > PUNCH_SKEW_MIN:
+                self._punches[key] = message
+                self._schedule(key, now + wait)
+            else:
+                self._punches.pop(key, None)
+                self._cancel(key)
+                self.counters["start_punching_sent"] += 1
+                self._send(handle, message)
+
+    def _deliver_punch(self, key):
+        message = self._punches.pop(key, None)
+        _kind, session_id, handle = key
+        if message is None or self.registry.session(session_id) is None:
+            return
+        if handle in self._links:
+            self.counters["start_punching_sent"] += 1
+            self._send(handle, message)
+
+    def _punching_result(self, link, message):
+        session = self._own_session(link, message)
+        if session is None:
+            return
+        if session.punch_round == 0:
+            self._ignore("unexpected_result", link, message)
+            return
+        if link.role in session.reported:
+            self._ignore("duplicate_result", link, message)
+            return
+        changes = {"reported": (*session.reported, link.role)}
+        if link.handle == session.agent:  # the controlling side's word decides the path
+            changes["path"] = message.path
+            self.punching[message.path] += 1
+            if message.path == "direct":
+                self.time_to_direct_ms.append(message.elapsed_ms)
+        self.registry.put_session(dataclasses.replace(session, **changes))
+        log.info("session %s: %s reports %s%s", session.session_id.hex(), link, message.path,
+                 f" to {_fmt(message.remote_addr)} after {message.elapsed_ms:.0f} ms"
+                 if message.path == "direct" else "")
+
+    # Introspection ---------------------------------------------------------------------
+    def is_connected(self, handle):
+        return handle in self._links
+
+    def last_heard(self, handle):
+        link = self._links.get(handle)
+        return None if link is None else link.last_rx

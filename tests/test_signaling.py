@@ -1,0 +1,544 @@
+"""The intermediate's signaling core, sans-IO: a fake clock, fake node handles, no sockets."""
+
+import json
+
+import pytest
+
+from mahole import connection as qc
+from mahole import signaling
+from mahole.signaling import (
+    AclRule,
+    CloseNode,
+    MemoryRegistry,
+    NodeRecord,
+    RelayAdd,
+    RelayRemove,
+    RelaySetMember,
+    SendMessage,
+    SessionRecord,
+    SignalingCore,
+)
+from mahole.wire import control
+
+AGENT_ADDR = ("198.51.100.7", 40001)
+CONNECTOR_ADDR = ("203.0.113.9", 50002)
+UFRAG, PWD = "abcd", "p" * 22
+
+
+class Harness:
+    """One core, a fake clock, and helpers that speak for the nodes."""
+
+    def __init__(self, acl=("*=*",), **kwargs):
+        self.core = SignalingCore(acl=acl, home="test", **kwargs)
+        self.now = 1000.0
+        self.log = []  # every event, in order
+        self.timed = []  # (time, event)
+        self.addrs = {}  # handle -> the address its packets come from
+
+    def events(self):
+        out = []
+        while (event := self.core.next_event()) is not None:
+            out.append(event)
+        self.log.extend(out)
+        self.timed.extend((self.now, e) for e in out)
+        return out
+
+    def when(self, event):
+        """The fake time at which event came out of the core."""
+        return next(t for t, e in self.timed if e == event)
+
+    def say(self, handle, message):
+        self.core.control_message(handle, message, self.now)
+        return self.events()
+
+    def connect(self, handle, role, name, addr, services=(), register=True):
+        self.core.node_connected(handle, role, name, addr, self.now)
+        self.addrs[handle] = addr
+        if register:
+            return self.say(handle, control.Register(role=role, name=name, services=services))
+        return []
+
+    def alive(self, *handles, rtt=None):
+        for handle in handles:
+            self.core.packet_authenticated(handle, self.core_addr(handle), self.now, rtt=rtt)
+
+    def core_addr(self, handle):
+        return self.addrs[handle]
+
+    def advance(self, seconds, step=0.25, keep_alive=()):
+        """Move the clock, running due timers; keep_alive handles send a packet each step."""
+        end = self.now + seconds
+        out = []
+        while self.now < end - 1e-9:
+            self.now = min(self.now + step, end)
+            self.alive(*keep_alive)
+            timer = self.core.next_timer()
+            while timer is not None and timer <= self.now:
+                self.core.handle_timer(self.now)
+                timer = self.core.next_timer()
+            out.extend(self.events())
+        return out
+
+    def pair(self, service="web"):
+        """Agent 'alice' (handle 1) and connector 'office' (handle 2) with `service`."""
+        self.connect(1, "agent", "alice", AGENT_ADDR)
+        self.connect(2, "connector", "office", CONNECTOR_ADDR, services=(service,))
+        self.events()
+
+    def open(self, agent=1, service="web", request_id=7):
+        events = self.say(agent, control.OpenSession(request_id=request_id, service=service))
+        opened = [e.message for e in events if isinstance(e, SendMessage)
+                  and isinstance(e.message, control.SessionOpened)]
+        return opened[0].session_id if opened else None, events
+
+
+def offer(session_id):
+    return control.CandidateOffer(session_id=session_id, ufrag=UFRAG, pwd=PWD, candidates=())
+
+
+def answer(session_id):
+    return control.CandidateAnswer(session_id=session_id, ufrag="wxyz", pwd="q" * 22,
+                                   candidates=())
+
+
+def result(session_id, path="direct", elapsed_ms=25.0):
+    return control.PunchingResult(session_id=session_id, path=path, rtt_ms=1.0,
+                                  elapsed_ms=elapsed_ms,
+                                  remote_addr=CONNECTOR_ADDR if path == "direct" else None)
+
+
+# --- registration -----------------------------------------------------------------------------
+
+def test_register_answers_with_the_observed_address():
+    h = Harness()
+    events = h.connect(1, "agent", "alice", AGENT_ADDR)
+    assert events == [SendMessage(1, control.Registered(node_id="alice",
+                                                        observed_addr=AGENT_ADDR))]
+    record = h.core.registry.node_by_identity("agent", "alice")
+    assert (record.handle, record.addr, record.home) == (1, AGENT_ADDR, "test")
+
+
+def test_registration_that_contradicts_the_certificate_is_refused_and_closed():
+    h = Harness()
+    events = h.connect(1, "agent", "alice", AGENT_ADDR, register=False)
+    events = h.say(1, control.Register(role="agent", name="bob"))
+    error, close = events
+    assert error.message.code == control.ErrorCode.UNAUTHENTICATED
+    assert error.message.message == ("certificate is for agent 'alice' but registration "
+                                     "claims agent 'bob'")
+    assert close == CloseNode(1, signaling.CLOSE_UNAUTHENTICATED, error.message.message)
+    assert h.core.registry.nodes() == [] and h.core.counters["refused_registration"] == 1
+    h.say(1, control.Register(role="agent", name="alice"))  # too late: forgotten
+    assert h.core.registry.nodes() == []
+
+
+def test_requests_before_register_are_refused():
+    h = Harness()
+    h.connect(1, "agent", "alice", AGENT_ADDR, register=False)
+    [error] = [e.message for e in h.say(1, control.OpenSession(request_id=1, service="web"))]
+    assert (error.code, error.message) == (control.ErrorCode.NOT_REGISTERED, "register first")
+
+
+def test_close_codes_match_the_connection_module():
+    assert signaling.CLOSE_SHUTDOWN == qc.ERROR_SHUTDOWN
+    assert signaling.CLOSE_UNAUTHENTICATED == qc.ERROR_UNAUTHENTICATED
+
+
+# --- ACL and sessions -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("acl, service, code, text", [
+    (("bob=*",), "web", control.ErrorCode.DENIED,
+     "agent 'alice' is not allowed to reach service 'web'"),
+    ((), "web", control.ErrorCode.DENIED, "agent 'alice' is not allowed to reach service 'web'"),
+    (("alice=w*",), "mail", control.ErrorCode.DENIED,
+     "agent 'alice' is not allowed to reach service 'mail'"),
+    (("*=*",), "nope", control.ErrorCode.UNKNOWN_SERVICE, "no connector offers service 'nope'"),
+])
+def test_open_session_refusals(acl, service, code, text):
+    h = Harness(acl=acl)
+    h.pair()
+    session_id, events = h.open(service=service, request_id=42)
+    assert session_id is None
+    assert events == [SendMessage(1, control.Error(code=code, message=text, request_id=42))]
+    assert h.core.registry.sessions() == []
+
+
+def test_acl_rule_text():
+    assert AclRule("al*=web").allows("alice", "web")
+    assert not AclRule("al*=web").allows("bob", "web")
+    for bad in ("alice", "=web", "alice="):
+        with pytest.raises(ValueError, match="expected AGENT_GLOB=SERVICE_GLOB"):
+            AclRule(bad)
+
+
+def test_open_session_tells_both_members_and_adds_the_relay():
+    h = Harness(acl=("alice=web",))
+    h.pair()
+    session_id, events = h.open()
+    assert events[0] == RelayAdd(session_id, AGENT_ADDR, CONNECTOR_ADDR)
+    to = {e.handle: e.message for e in events[1:]}
+    assert to[2] == control.SessionOpened(request_id=7, session_id=session_id, service="web",
+                                          agent="alice", connector="office",
+                                          peer_addr=AGENT_ADDR)
+    assert to[1].peer_addr == CONNECTOR_ADDR and to[1].session_id == session_id
+    assert h.core.registry.session(session_id).members() == (1, 2)
+    assert h.core.counters["sessions_opened"] == 1
+
+
+def test_session_closed_by_a_member_tells_the_other_and_removes_the_relay():
+    h = Harness()
+    h.pair()
+    session_id, _ = h.open()
+    events = h.say(1, control.SessionClosed(session_id=session_id, reason="done"))
+    assert events == [RelayRemove(session_id), SendMessage(2, control.SessionClosed(
+        session_id=session_id, reason="closed by agent alice: done"))]
+    assert h.core.registry.session(session_id) is None
+    assert h.say(2, control.SessionClosed(session_id=session_id, reason="me too")) == []
+    assert h.core.counters["ignored_unknown_session"] == 1
+
+
+def test_disconnect_ends_the_members_sessions():
+    h = Harness()
+    h.pair()
+    session_id, _ = h.open()
+    h.core.node_disconnected(2, h.now)
+    assert h.events() == [RelayRemove(session_id), SendMessage(1, control.SessionClosed(
+        session_id=session_id, reason="connector office disconnected"))]
+    [error] = [e.message for e in h.open()[1]]
+    assert error.code == control.ErrorCode.CONNECTOR_OFFLINE
+    assert error.message == "connector 'office' offering service 'web' is offline (disconnected)"
+    h.connect(3, "connector", "office", CONNECTOR_ADDR, services=("web",))
+    assert h.open()[0] is not None
+
+
+# --- signaling --------------------------------------------------------------------------------
+
+def test_offer_and_answer_are_forwarded_unchanged_then_both_start_punching():
+    h = Harness()
+    h.pair()
+    session_id, _ = h.open()
+    assert h.say(1, offer(session_id)) == [SendMessage(2, offer(session_id))]
+    events = h.say(2, answer(session_id))
+    start = control.StartPunching(session_id=session_id, delay_ms=0)
+    assert events == [SendMessage(1, answer(session_id)), SendMessage(1, start),
+                      SendMessage(2, start)]
+    assert h.core.punching["attempts"] == 1
+
+
+def test_start_punching_is_timed_from_the_two_control_rtts():
+    h = Harness()
+    h.pair()
+    h.alive(1, rtt=0.100)  # the agent is far
+    h.alive(2, rtt=0.020)
+    session_id, _ = h.open()
+    h.say(1, offer(session_id))
+    start = control.StartPunching(session_id=session_id, delay_ms=0)
+    t0 = h.now
+    events = h.say(2, answer(session_id))
+    assert events == [SendMessage(1, answer(session_id)), SendMessage(1, start)]
+    # the near connector's copy leaves half the RTT difference later: both arrive together
+    assert h.core.next_timer() == pytest.approx(t0 + 0.040)
+    h.now = t0 + 0.039
+    h.core.handle_timer(h.now)
+    assert h.events() == []
+    h.now = t0 + 0.040
+    h.core.handle_timer(h.now)
+    assert h.events() == [SendMessage(2, start)]
+    assert h.core.counters["start_punching_sent"] == 2
+
+
+def test_a_delayed_start_punching_is_dropped_with_its_session():
+    h = Harness()
+    h.pair()
+    h.alive(1, rtt=0.300)
+    h.alive(2, rtt=0.010)
+    session_id, _ = h.open()
+    h.say(1, offer(session_id))
+    h.say(2, answer(session_id))
+    h.say(1, control.SessionClosed(session_id=session_id, reason="bye"))
+    assert not [e for e in h.advance(1.0, keep_alive=(1, 2)) if isinstance(e, SendMessage)
+                and isinstance(e.message, control.StartPunching)]
+
+
+def test_punching_results_are_recorded_once_per_round():
+    h = Harness()
+    h.pair()
+    session_id, _ = h.open()
+    h.say(1, offer(session_id))
+    h.say(2, answer(session_id))
+    assert h.say(2, result(session_id)) == []
+    assert h.say(1, result(session_id, elapsed_ms=30.0)) == []
+    assert h.say(1, result(session_id, "relay")) == []  # a repeat: ignored, counted
+    assert h.core.counters["ignored_duplicate_result"] == 1
+    assert h.core.punching == {"attempts": 1, "direct": 1, "relay": 0}
+    assert list(h.core.time_to_direct_ms) == [30.0]
+    assert h.core.registry.session(session_id).path == "direct"
+    # a re-punch (after a failover) is a new round with its own results
+    h.say(1, offer(session_id))
+    h.say(2, answer(session_id))
+    h.say(1, result(session_id, "relay"))
+    assert h.core.punching == {"attempts": 2, "direct": 1, "relay": 1}
+    assert h.core.registry.session(session_id).path == "relay"
+
+
+def test_duplicate_out_of_order_and_foreign_signaling_is_ignored_and_counted():
+    h = Harness()
+    h.pair()
+    h.connect(3, "agent", "mallory", ("192.0.2.66", 1))
+    session_id, _ = h.open()
+    unknown = bytes(8)
+    c = h.core.counters
+    cases = [
+        (2, answer(session_id), "ignored_duplicate_answer"),  # no offer yet
+        (2, result(session_id), "ignored_unexpected_result"),  # no punching yet
+        (1, offer(unknown), "ignored_unknown_session"),
+        (2, answer(unknown), "ignored_unknown_session"),
+        (1, result(unknown), "ignored_unknown_session"),
+        (3, offer(session_id), "ignored_foreign_session"),  # not mallory's session
+        (3, control.SessionClosed(session_id=session_id, reason="x"), "ignored_foreign_session"),
+        (2, offer(session_id), "ignored_wrong_direction"),  # connectors answer, never offer
+        (1, answer(session_id), "ignored_wrong_direction"),
+        (1, control.Pong(nonce=5), "ignored_unexpected_pong"),  # no probe asked for it
+        (1, control.Register(role="agent", name="alice"), "ignored_duplicate_register"),
+        (99, offer(session_id), "ignored_unknown_node"),
+    ]
+    for handle, message, counter in cases:
+        before = c[counter]
+        assert h.say(handle, message) == [], message
+        assert c[counter] == before + 1, (message, counter)
+    h.say(1, offer(session_id))
+    h.say(2, answer(session_id))
+    assert h.say(2, answer(session_id)) == []  # repeated answer: one answer per offer
+    assert c["ignored_duplicate_answer"] == 2
+    assert c["ignored_signaling"] == len(cases) + 1
+    assert h.core.registry.session(session_id) is not None  # nothing of that hurt the session
+    assert c["answers_forwarded"] == 1
+
+
+def test_unexpected_message_types_get_an_error():
+    h = Harness()
+    h.pair()
+    [error] = [e.message for e in h.say(2, control.OpenSession(request_id=1, service="web"))]
+    assert error.code == control.ErrorCode.BAD_MESSAGE
+    assert error.message == "unexpected OpenSession from connector office"
+
+
+def test_ping_is_answered():
+    h = Harness()
+    h.pair()
+    assert h.say(1, control.Ping(nonce=9)) == [SendMessage(1, control.Pong(nonce=9))]
+
+
+# --- address changes (only authenticated packets reach the core) ------------------------------
+
+def test_a_new_address_is_told_to_the_node_and_moves_its_relay_member():
+    h = Harness()
+    h.pair()
+    session_id, _ = h.open()
+    moved = ("203.0.113.9", 50999)
+    h.addrs[2] = moved
+    h.alive(2)
+    assert h.events() == [SendMessage(2, control.ObservedAddress(addr=moved)),
+                          RelaySetMember(session_id, 1, moved)]
+    assert h.core.registry.node(2).addr == moved
+    h.alive(2)
+    assert h.events() == []
+    events = h.say(1, control.OpenSession(request_id=8, service="web"))
+    [opened] = [e.message for e in events if isinstance(e, SendMessage) and e.handle == 1]
+    assert opened.peer_addr == moved
+
+
+# --- one identity, one live node --------------------------------------------------------------
+
+def test_second_copy_of_a_live_node_is_refused_and_the_first_keeps_its_sessions():
+    h = Harness()
+    h.pair()
+    session_id, _ = h.open()
+    newcomer_events = h.connect(5, "connector", "office", ("127.0.0.1", 6000), services=("web",))
+    [probe] = newcomer_events
+    ping = probe.message
+    assert probe.handle == 2 and isinstance(ping, control.Ping)
+    h.now += 0.2
+    assert h.say(2, control.Pong(nonce=ping.nonce ^ 1)) == []  # wrong nonce: ignored
+    assert h.core.counters["ignored_unexpected_pong"] == 1
+    events = h.say(2, control.Pong(nonce=ping.nonce))
+    error, close = events
+    assert error.handle == 5 and error.message.code == control.ErrorCode.CONFLICT
+    assert error.message.message == (
+        "connector 'office' is already connected from 203.0.113.9:50002 and answering; "
+        "stop the other copy or use another certificate")
+    assert isinstance(close, CloseNode) and close.handle == 5
+    assert h.core.registry.node_by_identity("connector", "office").handle == 2
+    assert h.core.registry.session(session_id) is not None
+    # nothing happens later: no replacement when the probe time runs out
+    assert not [e for e in h.advance(5, keep_alive=(1, 2)) if e.__class__ is not SendMessage]
+    assert h.core.registry.session(session_id) is not None
+    assert h.core.counters["refused_conflict"] == 1 and h.core.counters["nodes_replaced"] == 0
+
+
+def test_second_copy_replaces_a_node_that_does_not_answer_within_the_probe_time():
+    h = Harness(probe_timeout=1.0, node_dead_after=30.0)
+    h.pair()
+    session_id, _ = h.open()
+    t0 = h.now
+    [probe] = h.connect(5, "connector", "office", ("127.0.0.1", 6000), services=("web",))
+    assert probe.handle == 2
+    ping = probe.message
+    events = h.advance(2.0, step=0.05, keep_alive=(1, 2, 5))  # 2 is "alive" but never answers
+    registered = [e for e in events if isinstance(e, SendMessage) and e.handle == 5]
+    assert registered == [SendMessage(5, control.Registered(node_id="office",
+                                                            observed_addr=("127.0.0.1", 6000)))]
+    at = h.log.index(registered[0])
+    assert CloseNode(2, signaling.CLOSE_SHUTDOWN, "replaced: did not answer") in h.log[:at]
+    assert SendMessage(1, control.SessionClosed(
+        session_id=session_id, reason="connector office was replaced: it did not answer")) \
+        in h.log[:at]
+    assert h.core.registry.node_by_identity("connector", "office").handle == 5
+    assert h.core.counters["nodes_replaced"] == 1
+    # it happened at the probe deadline, not later
+    assert h.when(registered[0]) - t0 == pytest.approx(1.0, abs=0.051)
+    assert h.say(2, control.Pong(nonce=ping.nonce)) == []  # too late, and from a closed node
+    assert h.open()[0] is not None  # new sessions go to the newcomer
+
+
+def test_probed_node_that_disconnects_lets_the_newcomer_in_at_once():
+    h = Harness()
+    h.pair()
+    h.connect(5, "agent", "alice", ("127.0.0.1", 6000))
+    h.events()
+    h.core.node_disconnected(1, h.now)
+    assert h.events() == [SendMessage(5, control.Registered(node_id="alice",
+                                                            observed_addr=("127.0.0.1", 6000)))]
+
+
+def test_newcomer_that_leaves_during_the_probe_changes_nothing():
+    h = Harness()
+    h.pair()
+    [probe] = h.connect(5, "agent", "alice", ("127.0.0.1", 6000))
+    ping = probe.message
+    h.core.node_disconnected(5, h.now)
+    assert h.advance(3, keep_alive=(1, 2)) == []
+    assert h.say(1, control.Pong(nonce=ping.nonce)) == []
+    assert h.core.registry.node_by_identity("agent", "alice").handle == 1
+
+
+def test_a_third_copy_during_a_probe_is_refused_at_once():
+    h = Harness()
+    h.pair()
+    h.connect(5, "agent", "alice", ("127.0.0.1", 6000))
+    events = h.connect(6, "agent", "alice", ("127.0.0.1", 7000))
+    assert [type(e) for e in events] == [SendMessage, CloseNode]
+    assert events[0].message.code == control.ErrorCode.CONFLICT
+
+
+# --- death detection --------------------------------------------------------------------------
+
+def test_a_silent_connector_is_declared_dead_and_the_agent_learns_at_once():
+    h = Harness(node_dead_after=2.0)
+    h.pair()
+    session_id, _ = h.open()
+    t0 = h.now  # the connector's last packet; it is kill -9'd now
+    events = h.advance(3.0, step=0.05, keep_alive=(1,))
+    closed = SendMessage(1, control.SessionClosed(
+        session_id=session_id, reason="connector office stopped answering"))
+    assert closed in events
+    assert CloseNode(2, signaling.CLOSE_SHUTDOWN, "stopped answering") in events
+    # found within a clock step of node_dead_after: well inside the 3 s budget
+    assert h.when(closed) - t0 == pytest.approx(2.0, abs=0.051)
+    assert h.core.counters["nodes_dead"] == 1
+    assert h.core.registry.node(2) is None and h.core.registry.node(1) is not None
+    [error] = [e.message for e in h.open()[1]]
+    assert error.code == control.ErrorCode.CONNECTOR_OFFLINE
+    assert "stopped answering" in error.message
+    # late words of the dead connection are ignored
+    assert h.say(2, result(session_id)) == []
+    h.core.node_disconnected(2, h.now)
+    assert h.events() == []
+
+
+def test_death_is_found_at_the_deadline_not_later():
+    h = Harness(node_dead_after=2.0)
+    h.pair()
+    t0 = h.now
+    h.now = t0 + 1.999
+    h.core.handle_timer(h.now)
+    assert h.events() == []
+    assert h.core.next_timer() == pytest.approx(t0 + 2.0)
+    h.now = t0 + 2.0
+    h.core.handle_timer(h.now)
+    assert {e.handle for e in h.events() if isinstance(e, CloseNode)} == {1, 2}
+
+
+def test_sessions_of_live_members_outlast_ten_times_every_timeout():
+    """No timer ends a session whose members are alive: not the old 300 s relay idle
+    expiry, not death detection, not probes. 3000 s of fake time, a packet a second."""
+    h = Harness(probe_timeout=1.0, node_dead_after=2.0)
+    h.pair()
+    session_id, _ = h.open()
+    h.say(1, offer(session_id))
+    h.say(2, answer(session_id))
+    h.say(1, result(session_id))
+    events = h.advance(10 * 300.0, step=1.0, keep_alive=(1, 2))
+    assert not [e for e in events if isinstance(e, (RelayRemove, CloseNode))
+                or isinstance(getattr(e, "message", None), control.SessionClosed)]
+    assert h.core.registry.session(session_id) is not None
+    assert h.core.counters["nodes_dead"] == 0 and h.core.counters["sessions_closed"] == 0
+
+
+def test_liveness_timers_stay_bounded():
+    h = Harness()
+    h.pair()
+    h.advance(100, step=0.1, keep_alive=(1, 2))
+    assert len(h.core._timers) <= 4
+
+
+# --- the registry -----------------------------------------------------------------------------
+
+def test_memory_registry_indexes_nodes_and_sessions():
+    r = MemoryRegistry()
+    a = NodeRecord(handle="h1", role="agent", name="alice", addr=AGENT_ADDR)
+    c1 = NodeRecord(handle="h2", role="connector", name="c1", addr=CONNECTOR_ADDR,
+                    services=("web", "db"))
+    c2 = NodeRecord(handle="h3", role="connector", name="c2", addr=CONNECTOR_ADDR,
+                    services=("web",))
+    for record in (a, c1, c2):
+        r.put_node(record)
+    assert r.node_by_identity("agent", "alice") == a and r.node("h2") == c1
+    assert [n.name for n in r.connectors_for("web")] == ["c1", "c2"]
+    with pytest.raises(KeyError):
+        r.put_node(NodeRecord(handle="h9", role="agent", name="alice", addr=AGENT_ADDR))
+    r.put_node(NodeRecord(handle="h2", role="connector", name="c1", addr=CONNECTOR_ADDR,
+                          services=("db",)))
+    assert [n.name for n in r.connectors_for("web")] == ["c2"]
+    s = SessionRecord(session_id=b"12345678", service="web", agent="h1", connector="h3",
+                      agent_name="alice", connector_name="c2")
+    r.put_session(s)
+    assert r.sessions_of("h1") == [s] == r.sessions_of("h3") and r.sessions_of("h2") == []
+    assert r.remove_session(s.session_id) == s and r.sessions_of("h1") == []
+    assert r.remove_node("h3") == c2 and r.connectors_for("web") == []
+    assert r.node_by_identity("connector", "c2") is None and r.remove_node("h3") is None
+
+
+def test_records_are_plain_serialisable_data():
+    node = NodeRecord(handle="relay1/3", role="connector", name="office", addr=CONNECTOR_ADDR,
+                      services=("web",), home="relay1", since=12.5)
+    session = SessionRecord(session_id=b"\x00" * 7 + b"\x01", service="web", agent="relay1/1",
+                            connector="relay1/3", agent_name="alice", connector_name="office",
+                            home="relay1", created=3.0, offers=2, answers=1, punch_round=1,
+                            punch_started=4.0, reported=("agent",), path="direct")
+    assert NodeRecord.from_dict(json.loads(json.dumps(node.to_dict()))) == node
+    assert SessionRecord.from_dict(json.loads(json.dumps(session.to_dict()))) == session
+
+
+def test_the_core_works_on_any_registry():
+    class Spy(MemoryRegistry):
+        calls = 0
+
+        def put_session(self, record):
+            Spy.calls += 1
+            super().put_session(record)
+
+    h = Harness()
+    h.core = SignalingCore(acl=("*=*",), registry=Spy())
+    h.pair()
+    assert h.open()[0] is not None and Spy.calls == 1
