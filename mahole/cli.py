@@ -92,8 +92,15 @@ def build_parser():
                           "default: deny everything)")
     sub.add_argument("--relay-rate-limit", type=int, default=0, metavar="BYTES_PER_S",
                      help="per-session relay rate limit (default: 0, unlimited)")
-    sub.add_argument("--session-idle-timeout", type=float, default=300.0, metavar="SECONDS",
-                     help="expire relay sessions idle this long (default: 300)")
+    sub.add_argument("--node-dead-after", type=float,
+                     default=IntermediateConfig.node_dead_after, metavar="SECONDS",
+                     help="a node silent this long is gone and its sessions end "
+                          f"(default: {IntermediateConfig.node_dead_after:g})")
+    sub.add_argument("--probe-timeout", type=float, default=IntermediateConfig.probe_timeout,
+                     metavar="SECONDS",
+                     help="a registered node probed because its identity registers again "
+                          "keeps it if it answers within this, else it is replaced "
+                          f"(default: {IntermediateConfig.probe_timeout:g})")
     _add_credentials(sub, "intermediate")
     sub.set_defaults(func=run_intermediate)
 
@@ -127,20 +134,25 @@ def _credentials(args):
 
 
 def run_intermediate(args):
-    from .roles.intermediate import AclRule, Intermediate
+    from .roles.intermediate import Intermediate
+    from .signaling import AclRule
 
     try:
         for rule in args.allow:
             AclRule(rule)
     except ValueError as exc:
         return _error(args, str(exc))
-    if args.relay_rate_limit < 0 or args.session_idle_timeout <= 0:
-        return _error(args, "--relay-rate-limit must be >= 0 and --session-idle-timeout > 0")
+    if args.relay_rate_limit < 0:
+        return _error(args, "--relay-rate-limit must be >= 0")
+    for flag in ("node_dead_after", "probe_timeout"):
+        if not getattr(args, flag) > 0:
+            return _error(args, f"--{flag.replace('_', '-')} must be > 0")
     cfg = IntermediateConfig(listen=args.listen, allow=tuple(args.allow),
                              relay_rate_limit=args.relay_rate_limit,
                              relay_burst=max(args.relay_rate_limit // 4, 64 * 1024)
                              if args.relay_rate_limit else 0,
-                             session_idle_timeout=args.session_idle_timeout,
+                             node_dead_after=args.node_dead_after,
+                             probe_timeout=args.probe_timeout,
                              **_credentials(args))
     return _serve(args, Intermediate, cfg)
 
@@ -177,19 +189,24 @@ def _error(args, text):
 
 
 def _serve(args, role_cls, cfg):
-    """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start."""
-    from .roles.node import StartupError
+    """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start or
+    meets a permanent error (a certificate that does not match, a duplicate identity)."""
+    from .roles.node import PermanentError, StartupError
 
     async def main():
         role = role_cls(cfg)
         await role.start()
-        stop = asyncio.Event()
+        stop = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
         print(f"mahole {args.command} running; Ctrl-C to stop", file=sys.stderr, flush=True)
-        await stop.wait()
+        failed = getattr(role, "failed", None)  # agents and connectors can fail for good
+        await asyncio.wait([stop] if failed is None else [stop, failed],
+                           return_when=asyncio.FIRST_COMPLETED)
         await role.stop()
+        if failed is not None and failed.done():
+            raise PermanentError(failed.result())
 
     try:
         asyncio.run(main())

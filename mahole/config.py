@@ -74,7 +74,14 @@ class IntermediateConfig(Credentials):
     allow: tuple = ()  # AGENT_GLOB=SERVICE_GLOB rules; none means every session is denied
     status: tuple | None = None
     idle_timeout: float = 30.0  # control connections (QUIC idle timeout, RFC 9000 §10.1)
-    session_idle_timeout: float = 300.0  # relay sessions with no traffic are expired
+    # A node with no authenticated packet this long is gone: its sessions end (the other
+    # member is told) and its connection is closed. Nodes send a keepalive every
+    # keepalive_interval, so this notices a kill -9 within about 2 s. Sessions have no idle
+    # expiry here: they end when a member closes them, leaves or is declared gone.
+    node_dead_after: float = 2.0
+    # A second registration of a registered (role, name) probes the first with a Ping; an
+    # answer within this keeps the first and refuses the newcomer, silence replaces it.
+    probe_timeout: float = 1.0
     relay_rate_limit: int = 0  # bytes/s per session, 0 = unlimited
     relay_burst: int = 0
 

@@ -75,6 +75,7 @@ NODE_DEAD_AFTER = 2.0  # s without an authenticated packet: the node is gone
 MAX_SESSIONS_PER_NODE = 1000  # open sessions one node may be a member of
 MAX_DEPARTED = 1024  # services remembered after their connector left (CONNECTOR_OFFLINE)
 MAX_PUNCH_TIMES = 1000  # time-to-direct samples kept for the median in /status
+MAX_REASON = 200  # characters of a close reason (CONNECTION_CLOSE reason phrase)
 PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at once
 
 AGENT, CONNECTOR = 0, 1  # member index of a session (relay engine member order)
@@ -604,7 +605,7 @@ class SignalingCore:
                     f"claims {message.role} {message.name!r}")
             self._error(link.handle, control.ErrorCode.UNAUTHENTICATED, text)
             self._drop(link, "was refused", now)
-            self._events.append(CloseNode(link.handle, CLOSE_UNAUTHENTICATED, text[:200]))
+            self._events.append(CloseNode(link.handle, CLOSE_UNAUTHENTICATED, text[:MAX_REASON]))
             return
         key = (link.role, link.name)
         holder = self.registry.node_by_identity(*key)
@@ -654,7 +655,9 @@ class SignalingCore:
         self._error(link.handle, control.ErrorCode.CONFLICT, text)
         self._links.pop(link.handle, None)
         self._cancel(("dead", link.handle))
-        self._events.append(CloseNode(link.handle, CLOSE_SHUTDOWN, "conflict: already connected"))
+        # The reason repeats the text: a stream message queued just before a close may
+        # never leave (aioquic sends only CONNECTION_CLOSE once closing).
+        self._events.append(CloseNode(link.handle, CLOSE_SHUTDOWN, text[:MAX_REASON]))
 
     def _probe_expired(self, key, now):
         probe = self._probes.pop(key, None)

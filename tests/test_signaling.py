@@ -367,7 +367,7 @@ def test_second_copy_of_a_live_node_is_refused_and_the_first_keeps_its_sessions(
     assert error.message.message == (
         "connector 'office' is already connected from 203.0.113.9:50002 and answering; "
         "stop the other copy or use another certificate")
-    assert isinstance(close, CloseNode) and close.handle == 5
+    assert close == CloseNode(5, signaling.CLOSE_SHUTDOWN, error.message.message)
     assert h.core.registry.node_by_identity("connector", "office").handle == 2
     assert h.core.registry.session(session_id) is not None
     # nothing happens later: no replacement when the probe time runs out
@@ -542,3 +542,80 @@ def test_the_core_works_on_any_registry():
     h.core = SignalingCore(acl=("*=*",), registry=Spy())
     h.pair()
     assert h.open()[0] is not None and Spy.calls == 1
+
+
+# --- the shell: the real intermediate on loopback ---------------------------------------------
+
+def _freeze(node):
+    """What a kill -9 (or a pulled cable) looks like from outside: the node's socket goes
+    silent both ways, without a goodbye."""
+    endpoint = node.endpoint
+    endpoint.loop.remove_reader(endpoint.sock.fileno())
+    endpoint._send_outbox = endpoint._outbox.clear
+
+
+def test_shell_refuses_a_second_live_copy_of_a_connector():
+    import asyncio
+
+    from aio_helpers import run, wait_for
+
+    from mahole.config import ConnectorConfig, Service
+    from mahole.demo import LocalDeployment, tcp_round_trip
+    from mahole.roles.connector import Connector
+
+    async def main():
+        async with LocalDeployment() as d:
+            first = d.intermediate.nodes[("connector", "connector1")].handle
+            twin = Connector(ConnectorConfig(
+                services=(Service.parse("echo=tcp:127.0.0.1:9"),),
+                intermediate=d.intermediate.local_address[:2], bind=("127.0.0.1", 0),
+                **d.creds("connector1")))
+            await twin.start()
+            try:
+                await wait_for(lambda: twin.control.last_error
+                               and "already connected from" in twin.control.last_error, 10)
+                assert "connector 'connector1' is already connected from 127.0.0.1:" in \
+                    twin.control.last_error
+                assert "and answering; stop the other copy or use another certificate" in \
+                    twin.control.last_error
+                assert d.intermediate.nodes[("connector", "connector1")].handle == first
+                assert d.intermediate.counters["refused_conflict"] >= 1
+                data = b"still the first one" * 1000
+                assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward),
+                                            data) == data
+            finally:
+                await twin.stop()
+            await asyncio.sleep(0)
+    run(main(), timeout=60)
+
+
+def test_shell_a_frozen_connector_is_gone_within_the_dead_time_and_the_agent_told():
+    import time
+
+    from aio_helpers import run, wait_for
+
+    from mahole.demo import LocalDeployment, tcp_round_trip
+    from mahole.roles.agent import SessionError
+
+    async def main():
+        async with LocalDeployment(agent_kwargs={"relay_only": True}) as d:
+            data = b"x" * 10000
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert d.intermediate.status()["sessions"]["open"] == 1
+            _freeze(d.connector)
+            t0 = time.monotonic()
+            await wait_for(lambda: not d.agent.sessions, 5)
+            elapsed = time.monotonic() - t0
+            assert elapsed < 3.0, elapsed
+            assert d.intermediate.counters["nodes_dead"] == 1
+            assert ("connector", "connector1") not in d.intermediate.nodes
+            assert d.intermediate.status()["sessions"]["open"] == 0
+            t1 = time.monotonic()
+            try:
+                await d.agent.session_for("echo")
+            except SessionError as exc:
+                assert "offline (stopped answering)" in str(exc)
+            else:
+                raise AssertionError("a session to a dead connector opened")
+            assert time.monotonic() - t1 < 1.0
+    run(main(), timeout=60)

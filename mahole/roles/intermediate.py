@@ -4,14 +4,17 @@ One UDP socket carries control QUIC connections from agents and connectors, STUN
 requests (answered with XOR-MAPPED-ADDRESS, RFC 8489 §14.2) and relay frames. The relay
 engine reads the socket: it forwards relay frames of known sessions between their two members
 entirely in compiled code and hands everything else to the endpoint.
+
+Registry, ACL, sessions and signaling are the sans-IO `mahole.signaling.SignalingCore`; this
+module is its shell: it accepts QUIC connections, checks certificates, decodes the control
+stream, feeds the core with what happened (authenticated packets only) and carries out its
+events on the connections and the relay engine, with one endpoint timer for the core's.
 """
 
-import asyncio
-import fnmatch
+import itertools
 import logging
 import os
 import statistics
-import time
 
 from aioquic.quic import events as qe
 
@@ -19,110 +22,88 @@ from .. import connection as qc
 from .. import identity
 from .._fast import RelayEngine
 from ..endpoint import ConnectionHandler, Endpoint
+from ..signaling import (
+    AclRule,
+    CloseNode,
+    RelayAdd,
+    RelayRemove,
+    RelaySetMember,
+    SendMessage,
+    SignalingCore,
+)
 from ..status import metrics_from_counters
 from ..wire import control, stun
-from ..wire.relay import new_session_id
 from .node import ControlStream, _fmt, bind_udp, load_credentials, start_status
 
 log = logging.getLogger(__name__)
 
+__all__ = ["AclRule", "Intermediate"]
+
 SUPPORTED_VERSIONS = (0x00000001,)  # QUIC v1 (RFC 9000)
+TIMER_KEY = "signaling"  # the core's one timer on the endpoint
 
 
-class AclRule:
-    """`AGENT_GLOB=SERVICE_GLOB`: agents whose name matches may reach matching services."""
+class ControlConnection(ConnectionHandler):
+    """A node's control connection at the intermediate: certificate, control stream, and
+    what the core hears of it under ``handle``."""
 
-    def __init__(self, text):
-        agent, sep, service = text.partition("=")
-        if not sep or not agent or not service:
-            raise ValueError(f"expected AGENT_GLOB=SERVICE_GLOB, got {text!r}")
-        self.agent, self.service = agent, service
-
-    def allows(self, agent, service):
-        return fnmatch.fnmatchcase(agent, self.agent) and fnmatch.fnmatchcase(service, self.service)
-
-    def __str__(self):
-        return f"{self.agent}={self.service}"
-
-
-class PeerNode(ConnectionHandler):
-    """A node's control connection at the intermediate (handler of its QUIC events)."""
-
-    def __init__(self, intermediate, connection=None):
+    def __init__(self, intermediate, handle):
         self.intermediate = intermediate
-        self.connection = connection
+        self.handle = handle
+        self.connection = None
         self.stream = None
         self.peer = None  # identity.Peer once the certificate checked out
-        self.registered = False
-        self.services = ()
-        self.sessions = set()
-
-    @property
-    def name(self):
-        return self.peer.name if self.peer else None
-
-    @property
-    def role(self):
-        return self.peer.role if self.peer else None
-
-    @property
-    def addr(self):
-        return self.connection.peer_addr
 
     def send(self, message):
         if self.stream is not None and not self.connection.closed:
             self.stream.send(message)
 
-    def refuse(self, code, text, request_id=None):
-        self.send(control.Error(code=code, message=text, request_id=request_id))
-
     def quic_event(self, connection, event):
+        intermediate = self.intermediate
         if isinstance(event, qe.HandshakeCompleted):
             try:
-                self.peer = qc.verify_peer(connection.quic, self.intermediate.ca,
+                self.peer = qc.verify_peer(connection.quic, intermediate.ca,
                                            ("agent", "connector"))
             except identity.IdentityError as exc:
-                self.intermediate.counters["refused_unauthenticated"] += 1
+                intermediate.shell_counters["refused_unauthenticated"] += 1
                 log.warning("refused %s: %s", _fmt(connection.peer_addr), exc)
                 connection.close(qc.ERROR_UNAUTHENTICATED, f"unauthenticated: {exc}"[:200])
-        elif isinstance(event, qe.StreamDataReceived):
-            if self.peer is None:
                 return
-            if event.stream_id != 0:
+            intermediate.signaling.node_connected(self.handle, self.peer.role, self.peer.name,
+                                                  connection.peer_addr[:2],
+                                                  intermediate.endpoint.now())
+            intermediate.pump()
+        elif isinstance(event, qe.StreamDataReceived):
+            if self.peer is None or event.stream_id != 0:
                 return  # only the first client stream carries control messages
             if self.stream is None:
                 self.stream = ControlStream(connection, event.stream_id)
             try:
                 messages = self.stream.feed(event.data)
             except ValueError as exc:
-                self.intermediate.counters["bad_control_messages"] += 1
-                self.refuse(control.ErrorCode.BAD_MESSAGE, f"bad control message: {exc}")
-                connection.close(reason="bad control message")
+                intermediate.shell_counters["bad_control_messages"] += 1
+                self.send(control.Error(code=control.ErrorCode.BAD_MESSAGE,
+                                        message=f"bad control message: {exc}"[:1024]))
+                connection.close(qc.ERROR_SHUTDOWN, "bad control message")
                 return
+            now = intermediate.endpoint.now()
             for message in messages:
-                self.intermediate.control_message(self, message)
+                intermediate.signaling.control_message(self.handle, message, now)
+            intermediate.pump()
 
-    def peer_address_changed(self, connection, previous, addr):
-        self.intermediate.address_changed(self, previous, addr)
+    def packet_authenticated(self, connection, addr, now):
+        if self.peer is not None:
+            signaling = self.intermediate.signaling
+            signaling.packet_authenticated(self.handle, addr[:2], now,
+                                           rtt=connection.quic.smoothed_rtt)
+            self.intermediate.pump()
 
     def connection_closed(self, connection):
-        self.intermediate.node_gone(self)
-
-
-class RelaySession:
-    """A session between one agent and one connector, relayed by the engine."""
-
-    def __init__(self, session_id, service, agent, connector):
-        self.session_id = session_id
-        self.service = service
-        self.agent = agent
-        self.connector = connector
-        self.created = time.monotonic()
-        self.punch_started = None
-        self.results = {}  # role -> PunchingResult
-
-    def members(self):
-        return (self.agent, self.connector)
+        intermediate = self.intermediate
+        intermediate.connections.pop(self.handle, None)
+        if self.peer is not None:
+            intermediate.signaling.node_disconnected(self.handle, intermediate.endpoint.now())
+            intermediate.pump()
 
 
 class Intermediate:
@@ -131,24 +112,22 @@ class Intermediate:
     def __init__(self, cfg):
         self.cfg = cfg
         self.identity, self.ca = load_credentials(cfg, "intermediate")
-        self.acl = [AclRule(rule) for rule in cfg.allow]
-        self.nodes = {}  # (role, name) -> PeerNode
-        self.sessions = {}  # session_id -> RelaySession
+        self.signaling = SignalingCore(acl=cfg.allow, home=self.identity.name,
+                                       probe_timeout=cfg.probe_timeout,
+                                       node_dead_after=cfg.node_dead_after)
+        self.connections = {}  # handle -> ControlConnection
+        self._handles = itertools.count(1)
         self.endpoint = None
         self.engine = None
         self.status_server = None
-        self.counters = {
-            "connections_accepted": 0, "refused_unauthenticated": 0, "refused_registration": 0,
-            "sessions_opened": 0, "sessions_denied": 0, "sessions_unknown_service": 0,
-            "sessions_closed": 0, "sessions_expired": 0, "stun_requests": 0,
+        self.shell_counters = {
+            "connections_accepted": 0, "refused_unauthenticated": 0, "stun_requests": 0,
             "stun_malformed": 0, "bad_control_messages": 0, "initials_dropped": 0,
         }
         self._server_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_CONTROL,
             idle_timeout=cfg.idle_timeout)
-        self._expiry_task = None
-        self.punching = {"attempts": 0, "direct": 0, "relay": 0}
-        self.time_to_direct_ms = []
+        self._timer_at = None
 
     async def start(self):
         sock = bind_udp(*self.cfg.listen)
@@ -157,7 +136,6 @@ class Intermediate:
         self.endpoint = Endpoint(sock, on_stun=self._stun, on_initial=self._initial,
                                  receiver=self.engine)
         self.endpoint.start()
-        self._expiry_task = asyncio.get_running_loop().create_task(self._expire_sessions())
         self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
         log.info("intermediate %s listening on %s", self.identity.name,
                  _fmt(self.endpoint.local_address))
@@ -166,215 +144,102 @@ class Intermediate:
     def local_address(self):
         return self.endpoint.local_address
 
+    @property
+    def nodes(self):
+        """(role, name) -> `NodeRecord` of every registered node."""
+        return {(n.role, n.name): n for n in self.signaling.registry.nodes()}
+
+    @property
+    def counters(self):
+        return {**self.shell_counters, **self.signaling.counters}
+
     async def stop(self):
-        for node in list(self.nodes.values()):
-            node.connection.close(qc.ERROR_SHUTDOWN, "intermediate stopping")
+        for conn in list(self.connections.values()):
+            if conn.connection is not None:
+                conn.connection.close(qc.ERROR_SHUTDOWN, "intermediate stopping")
         if self.endpoint is not None:
+            self.endpoint.cancel_timer(TIMER_KEY)
             self.endpoint.flush()
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            await asyncio.gather(self._expiry_task, return_exceptions=True)
         if self.status_server is not None:
             await self.status_server.close()
         if self.endpoint is not None:
             self.endpoint.close()
 
+    # The core's events and timer ---------------------------------------------------------
+    def pump(self):
+        """Carry out what the core asked for and wake up for its next timer. Call after
+        every input to the core (the handlers here do)."""
+        signaling = self.signaling
+        engine = self.engine
+        while (event := signaling.next_event()) is not None:
+            if isinstance(event, SendMessage):
+                conn = self.connections.get(event.handle)
+                if conn is not None:
+                    conn.send(event.message)
+            elif isinstance(event, CloseNode):
+                conn = self.connections.get(event.handle)
+                if conn is not None and conn.connection is not None:
+                    conn.connection.close(event.code, event.reason)
+            elif isinstance(event, RelayAdd):
+                engine.add_session(event.session_id, event.agent_addr, event.connector_addr)
+            elif isinstance(event, RelayRemove):
+                engine.remove_session(event.session_id)
+            elif isinstance(event, RelaySetMember):
+                engine.set_member(event.session_id, event.member, event.addr)
+        when = signaling.next_timer()
+        if when != self._timer_at:
+            self._timer_at = when
+            if when is None:
+                self.endpoint.cancel_timer(TIMER_KEY)
+            else:
+                self.endpoint.set_timer(TIMER_KEY, when, self._on_timer)
+
+    def _on_timer(self, now):
+        self._timer_at = None
+        self.signaling.handle_timer(now)
+        self.pump()
+
     # Datagrams the relay engine did not relay ------------------------------------------
     def _initial(self, header, data, addr):
         if header.version not in SUPPORTED_VERSIONS or len(data) < 1200:
             # RFC 9000 §14.1: Initial datagrams are at least 1200 bytes.
-            self.counters["initials_dropped"] += 1
+            self.shell_counters["initials_dropped"] += 1
             return
         quic = qc.NodeQuicConnection(configuration=self._server_config,
                                      original_destination_connection_id=header.dcid)
-        node = PeerNode(self)
-        node.connection = self.endpoint.add_connection(quic, node, peer_addr=addr,
+        handle = next(self._handles)
+        conn = ControlConnection(self, handle)
+        self.connections[handle] = conn
+        conn.connection = self.endpoint.add_connection(quic, conn, peer_addr=addr,
                                                        extra_cids=(header.dcid,))
-        self.counters["connections_accepted"] += 1
-        node.connection.datagram_received(data, addr, self.endpoint.now())
+        self.shell_counters["connections_accepted"] += 1
+        conn.connection.datagram_received(data, addr, self.endpoint.now())
 
     def _stun(self, data, addr):
         try:
             request = stun.decode(data)
         except ValueError:
-            self.counters["stun_malformed"] += 1
+            self.shell_counters["stun_malformed"] += 1
             return
         if (request.method != stun.METHOD_BINDING
                 or request.message_class != stun.CLASS_REQUEST):
-            self.counters["stun_malformed"] += 1
+            self.shell_counters["stun_malformed"] += 1
             return
-        self.counters["stun_requests"] += 1
+        self.shell_counters["stun_requests"] += 1
         response = stun.binding_success(request, (addr[0], addr[1]))
         self.endpoint.send([(stun.encode(response), addr)])
 
-    # Control messages ------------------------------------------------------------------
-    def control_message(self, node, message):
-        if not node.registered:
-            if isinstance(message, control.Register):
-                self._register(node, message)
-            else:
-                node.refuse(control.ErrorCode.NOT_REGISTERED, "register first")
-            return
-        if isinstance(message, control.OpenSession) and node.role == "agent":
-            self._open_session(node, message)
-        elif isinstance(message, control.SessionClosed):
-            session = self.sessions.get(message.session_id)
-            if session is not None and node in session.members():
-                self._close_session(session, f"closed by {node.role} {node.name}: "
-                                             f"{message.reason}", notify_except=node)
-        elif isinstance(message, (control.CandidateOffer, control.CandidateAnswer)):
-            session = self.sessions.get(message.session_id)
-            if session is not None and node in session.members():
-                other = session.connector if node is session.agent else session.agent
-                other.send(message)
-                if isinstance(message, control.CandidateAnswer) and node is session.connector:
-                    self._start_punching(session)
-        elif isinstance(message, control.PunchingResult):
-            self._punching_result(node, message)
-        elif isinstance(message, control.Ping):
-            node.send(control.Pong(nonce=message.nonce))
-        elif isinstance(message, control.Pong):
-            pass
-        else:
-            node.refuse(control.ErrorCode.BAD_MESSAGE,
-                        f"unexpected {type(message).__name__} from a {node.role}")
-
-    def _register(self, node, message):
-        if message.role != node.role or message.name != node.name:
-            self.counters["refused_registration"] += 1
-            text = (f"certificate is for {node.role} {node.name!r} but registration "
-                    f"claims {message.role} {message.name!r}")
-            node.refuse(control.ErrorCode.UNAUTHENTICATED, text)
-            node.connection.close(qc.ERROR_UNAUTHENTICATED, text[:200])
-            return
-        key = (node.role, node.name)
-        previous = self.nodes.get(key)
-        if previous is not None and previous is not node:
-            log.info("%s %s registered again; replacing its older connection",
-                     node.role, node.name)
-            previous.connection.close(qc.ERROR_SHUTDOWN, "replaced by a newer connection")
-            self.node_gone(previous)
-        node.registered = True
-        node.services = tuple(message.services)
-        self.nodes[key] = node
-        node.send(control.Registered(node_id=node.name, observed_addr=node.addr[:2]))
-        log.info("%s %s registered from %s%s", node.role, node.name, _fmt(node.addr),
-                 f" with services {', '.join(node.services)}" if node.services else "")
-
-    def _open_session(self, agent, message):
-        service = message.service
-        connectors = [n for n in self.nodes.values()
-                      if n.role == "connector" and service in n.services]
-        if not any(rule.allows(agent.name, service) for rule in self.acl):
-            self.counters["sessions_denied"] += 1
-            agent.refuse(control.ErrorCode.DENIED,
-                         f"agent {agent.name!r} is not allowed to reach service {service!r}",
-                         message.request_id)
-            return
-        if not connectors:
-            self.counters["sessions_unknown_service"] += 1
-            agent.refuse(control.ErrorCode.UNKNOWN_SERVICE,
-                         f"no connector offers service {service!r}", message.request_id)
-            return
-        connector = connectors[0]
-        session_id = new_session_id()
-        session = RelaySession(session_id, service, agent, connector)
-        self.sessions[session_id] = session
-        agent.sessions.add(session)
-        connector.sessions.add(session)
-        self.engine.add_session(session_id, agent.addr[:2], connector.addr[:2])
-        self.counters["sessions_opened"] += 1
-        for node, peer in ((connector, agent), (agent, connector)):
-            node.send(control.SessionOpened(
-                request_id=message.request_id, session_id=session_id, service=service,
-                agent=agent.name, connector=connector.name, peer_addr=peer.addr[:2]))
-        log.info("session %s: agent %s -> service %s at connector %s", session_id.hex(),
-                 agent.name, service, connector.name)
-
-    def _start_punching(self, session):
-        """Send StartPunching so that both peers start at the same moment (DCUtR's idea).
-
-        The message to the peer with the shorter control RTT leaves later, by half the
-        difference of the two RTTs (the difference of the one-way delays), so both arrive
-        together; each peer starts its checks on arrival (delay_ms = 0).
-        """
-        rtts = {node: node.connection.quic.smoothed_rtt or 0.0 for node in session.members()}
-        far = max(rtts.values())
-        session.punch_started = time.monotonic()
-        self.punching["attempts"] += 1
-        loop = asyncio.get_running_loop()
-        for node, rtt in rtts.items():
-            message = control.StartPunching(session_id=session.session_id, delay_ms=0)
-            wait = (far - rtt) / 2
-            if wait > 0.0005:
-                loop.call_later(wait, self._send_if_open, node, session, message)
-            else:
-                node.send(message)
-
-    def _send_if_open(self, node, session, message):
-        if session.session_id in self.sessions:
-            node.send(message)
-
-    def _punching_result(self, node, message):
-        session = self.sessions.get(message.session_id)
-        if session is None or node not in session.members():
-            return
-        session.results[node.role] = message
-        if node is session.agent:  # the controlling side's word decides the session's path
-            self.punching[message.path] += 1
-            if message.path == "direct":
-                self.time_to_direct_ms.append(message.elapsed_ms)
-                del self.time_to_direct_ms[:-1000]
-        log.info("session %s: %s %s reports %s%s", session.session_id.hex(), node.role,
-                 node.name, message.path,
-                 f" to {_fmt(message.remote_addr)} after {message.elapsed_ms:.0f} ms"
-                 if message.path == "direct" else "")
-
-    def _close_session(self, session, reason, notify_except=None):
-        if self.sessions.pop(session.session_id, None) is None:
-            return
-        self.engine.remove_session(session.session_id)
-        self.counters["sessions_closed"] += 1
-        for node in session.members():
-            node.sessions.discard(session)
-            if node is not notify_except:
-                node.send(control.SessionClosed(session_id=session.session_id,
-                                                reason=reason[:1024]))
-
-    def address_changed(self, node, previous, addr):
-        """QAD: the node's observed address changed (NAT rebinding); tell it, move relays."""
-        log.info("%s %s moved from %s to %s", node.role, node.name, _fmt(previous), _fmt(addr))
-        if node.registered:
-            node.send(control.ObservedAddress(addr=addr[:2]))
-        for session in node.sessions:
-            self.engine.set_member(session.session_id, 0 if node is session.agent else 1,
-                                   addr[:2])
-
-    def node_gone(self, node):
-        key = (node.role, node.name)
-        if self.nodes.get(key) is node:
-            del self.nodes[key]
-            log.info("%s %s disconnected", node.role, node.name)
-        for session in list(node.sessions):
-            self._close_session(session, f"{node.role} {node.name} disconnected",
-                                notify_except=node)
-
-    async def _expire_sessions(self):
-        while True:
-            await asyncio.sleep(self.cfg.session_idle_timeout / 4)
-            for session_id in self.engine.idle_sessions(time.monotonic(),
-                                                        self.cfg.session_idle_timeout):
-                session = self.sessions.get(session_id)
-                if session is not None:
-                    self.counters["sessions_expired"] += 1
-                    self._close_session(session, "idle")
-
     # Status ----------------------------------------------------------------------------
     def status(self):
+        registry = self.signaling.registry
+        nodes = registry.nodes()
         roles = {"agent": 0, "connector": 0}
-        for role, _name in self.nodes:
-            roles[role] += 1
-        relay = self.engine.counters() if self.engine else {}
+        for node in nodes:
+            roles[node.role] += 1
+        sessions = registry.sessions()
+        engine = self.engine
+        punching = self.signaling.punching
+        times = self.signaling.time_to_direct_ms
         return {
             "role": "intermediate",
             "name": self.identity.name,
@@ -382,18 +247,16 @@ class Intermediate:
             "listen": _fmt(self.endpoint.local_address) if self.endpoint else None,
             "nodes": {"agents": roles["agent"], "connectors": roles["connector"],
                       "list": [{"role": n.role, "name": n.name, "addr": _fmt(n.addr),
-                                "services": list(n.services)} for n in self.nodes.values()]},
-            "sessions": {"open": len(self.sessions), "list": [
+                                "services": list(n.services)} for n in nodes]},
+            "sessions": {"open": len(sessions), "list": [
                 {"session_id": s.session_id.hex(), "service": s.service,
-                 "agent": s.agent.name, "connector": s.connector.name,
-                 "path": s.results["agent"].path if "agent" in s.results else "relay",
-                 "relay": self.engine.session_stats(s.session_id)}
-                for s in self.sessions.values()]},
-            "relay": relay,
-            "punching": {**self.punching, "time_to_direct_ms_median":
-                         statistics.median(self.time_to_direct_ms)
-                         if self.time_to_direct_ms else None},
-            "counters": dict(self.counters),
+                 "agent": s.agent_name, "connector": s.connector_name, "path": s.path,
+                 "relay": engine.session_stats(s.session_id) if engine else None}
+                for s in sessions]},
+            "relay": engine.counters() if engine else {},
+            "punching": {**punching, "time_to_direct_ms_median":
+                         statistics.median(times) if times else None},
+            "counters": self.counters,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},
             "router": self.endpoint.router.counters() if self.endpoint else {},
         }
@@ -405,6 +268,6 @@ class Intermediate:
             "nodes_connectors": status["nodes"]["connectors"],
             "sessions_open": status["sessions"]["open"],
             **{f"relay_{k}": v for k, v in status["relay"].items()},
-            **{f"punching_{k}": v for k, v in self.punching.items()},
+            **{f"punching_{k}": v for k, v in self.signaling.punching.items()},
             **status["counters"], **status["endpoint"], **status["router"],
         })
