@@ -1,14 +1,14 @@
 """Hole punching at a node: the asyncio shell around the sans-IO `mahole.ice` core.
 
-One `Scheduler` (compiled, `mahole._fast`) paces and times the connectivity checks of every
-session of the node (RFC 8445 §14.2: one new check per Ta across the agent). STUN datagrams
+The endpoint's one timer `Scheduler` (compiled, `mahole._fast`) also paces and times the
+connectivity checks of every session of the node (RFC 8445 §14.2: one new check per Ta
+across the agent). STUN datagrams
 that reach the node's socket are offered to each session's hole punch in turn; the checks
 they send leave from the same socket, so the NAT mappings they open are the ones QUIC uses.
 """
 
 import logging
 
-from ._fast import Scheduler
 from .ice import HolePunch, gather
 
 log = logging.getLogger(__name__)
@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 class Puncher:
     def __init__(self, node):
         self.node = node
-        self.scheduler = Scheduler()
+        self.scheduler = node.endpoint.scheduler
         self.punches = {}  # session -> HolePunch
-        self._timer = None
-        self._timer_at = None
         self.unclaimed_stun = 0
+        # Signaling repeated or out of order (a second StartPunching or answer for the same
+        # attempt): ignored, counted.
+        self.duplicate_signaling = 0
 
     @property
     def endpoint(self):
@@ -36,6 +37,8 @@ class Puncher:
         self.forget(session)  # punching again (after a failover) starts afresh
         punch = HolePunch(controlling, self.scheduler, deadline=cfg.punch_deadline, key=session)
         self.punches[session] = punch
+        for key in ((session, "check"), (session, "deadline")):
+            self.endpoint.on_timer(key, lambda now, s=session: self._fire(s, now))
         host, port = self.endpoint.local_address[:2]
         candidates = gather(port, bound_host=host, observed_addr=self.node.control.observed_addr,
                             relay_addr=self.node.intermediate_addr[:2],
@@ -45,7 +48,8 @@ class Puncher:
 
     def remote_description(self, session, message):
         punch = self.punches.get(session)
-        if punch is None:
+        if punch is None or punch.remote_ufrag is not None:
+            self.duplicate_signaling += 1
             return
         try:
             punch.remote_description(message.ufrag, message.pwd, message.candidates, self.now())
@@ -57,9 +61,11 @@ class Puncher:
 
     def start(self, session):
         punch = self.punches.get(session)
-        if punch is not None:
-            punch.start(self.now())
-            self._pump(session, punch)
+        if punch is None or punch.started_at is not None:
+            self.duplicate_signaling += 1
+            return
+        punch.start(self.now())
+        self._pump(session, punch)
 
     def stun_received(self, data, addr):
         now = self.now()
@@ -75,7 +81,7 @@ class Puncher:
         if punch is not None:
             punch.close(self.now())
             for key in ((session, "check"), (session, "deadline")):
-                self.scheduler.cancel(key)
+                self.endpoint.cancel_timer(key)
 
     def _pump(self, session, punch):
         datagrams = punch.datagrams_to_send()
@@ -86,32 +92,14 @@ class Puncher:
             if result is None:
                 break
             session.punch_result(result)
-        self._arm()
+        self.endpoint.rearm()
 
-    def _arm(self):
-        when = self.scheduler.next_deadline()
-        if when == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = when
-        if when is not None:
-            self._timer = self.endpoint.loop.call_at(when, self._fire)
-
-    def _fire(self):
-        self._timer = None
-        self._timer_at = None
-        now = self.now()
-        for session, _kind in self.scheduler.pop_due(now):
-            punch = self.punches.get(session)
-            if punch is not None:
-                punch.handle_timer(now)
-                self._pump(session, punch)
-        self._arm()
-        self.endpoint.flush()
+    def _fire(self, session, now):
+        punch = self.punches.get(session)
+        if punch is not None:
+            punch.handle_timer(now)
+            self._pump(session, punch)
 
     def close(self):
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for session in list(self.punches):
+            self.forget(session)

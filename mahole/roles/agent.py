@@ -30,11 +30,13 @@ class SessionError(Exception):
 
 
 class AgentSession(Session):
+    controlling = True
+
     def __init__(self, agent, message):
         super().__init__(agent, message.session_id, message.service, message.agent,
                          message.connector)
+        self.peer = f"connector {message.connector}"
         self.ready = asyncio.get_running_loop().create_future()
-        self.pipes = {}
         self.counters = {"streams": 0, "datagrams_out": 0, "datagrams_in": 0,
                          "datagrams_dropped_oversize": 0, "datagrams_dropped": 0}
         config = qc.configuration(agent.identity, agent.cfg.ca, is_client=True,
@@ -43,10 +45,11 @@ class AgentSession(Session):
                                   max_datagram_frame_size=65536)
         quic = qc.NodeQuicConnection(configuration=config)
         quic.connect(VIRTUAL_PEER_ADDR, now=self.endpoint.now())
-        self.connection = self.endpoint.add_connection(quic, self, path=self.path,
+        self.connection = self.endpoint.add_connection(quic, self, path=self.core,
                                                        peer_addr=VIRTUAL_PEER_ADDR)
 
     def quic_event(self, connection, event):
+        super().quic_event(connection, event)
         if isinstance(event, qe.HandshakeCompleted):
             try:
                 qc.verify_peer(connection.quic, self.node.ca, "connector", self.connector)
@@ -57,7 +60,7 @@ class AgentSession(Session):
             if not self.ready.done():
                 self.ready.set_result(self)
             log.info("session %s to %s at %s ready (%s)", self.session_id.hex(),
-                     self.service, self.connector, self.path.name)
+                     self.service, self.connector, self.route)
         elif isinstance(event, qe.StreamDataReceived):
             pipe = self.pipes.get(event.stream_id)
             if pipe is not None:
@@ -78,8 +81,19 @@ class AgentSession(Session):
             self._fail(f"end-to-end connection closed: {event.reason_phrase or 'no reason'}")
 
     def progress(self, connection):
+        super().progress(connection)
         for pipe in list(self.pipes.values()):
             pipe.progress()
+
+    def repunch(self, attempt):
+        """The session core's cool-down after a failover (or a failed attempt) is over."""
+        agent = self.node
+        if self.closed or not agent.control.connected:
+            return
+        log.info("session %s: punching again (attempt %d)", self.session_id.hex(), attempt)
+        ufrag, pwd, candidates = agent.puncher.local_description(self, controlling=True)
+        agent.control.send(control.CandidateOffer(session_id=self.session_id, ufrag=ufrag,
+                                                  pwd=pwd, candidates=candidates))
 
     def connection_closed(self, connection):
         self.close("end-to-end connection closed")
@@ -179,8 +193,7 @@ class Agent(Node):
     def register_message(self):
         return control.Register(role="agent", name=self.name)
 
-    async def start(self):
-        await super().start()
+    async def prepare(self):
         loop = asyncio.get_running_loop()
         for forward in self.forwards:
             try:
@@ -196,7 +209,6 @@ class Agent(Node):
                     self.listeners[forward] = protocol
                     self.udp_forwards[forward.service] = protocol
             except OSError as exc:
-                await self.stop()
                 raise StartupError(f"cannot listen on {forward.proto} "
                                    f"{_fmt((forward.host, forward.port))} for {forward.service}: "
                                    f"{exc.strerror or exc}") from None
@@ -297,32 +309,6 @@ class Agent(Node):
                 self.control.send(control.SessionClosed(session_id=session.session_id,
                                                         reason=reason[:1024]))
 
-    def direct_route_failed(self, session):
-        self._schedule_repunch(session)
-
-    def punch_failed(self, session):
-        if session.path.switches:  # it was direct once: keep trying, with growing pauses
-            self._schedule_repunch(session)
-
-    def _schedule_repunch(self, session):
-        cfg = self.cfg
-        now = self.endpoint.now()
-        # Doubles with every failover in the last minute and every failed attempt since
-        # the last success, so a flapping path settles on the relay (bounded switches).
-        recent = sum(1 for at in session.failovers if at > now - 60)
-        exponent = max(recent - 1, 0) + session.repunch_attempts
-        cooldown = min(cfg.repunch_cooldown * 2 ** exponent, cfg.repunch_cooldown_max)
-        log.info("session %s: punching again in %.1f s", session.session_id.hex(), cooldown)
-        self.endpoint.loop.call_later(cooldown, self._repunch, session)
-
-    def _repunch(self, session):
-        if session.closed or session.path.direct_addr is not None or not self.control.connected:
-            return
-        session.repunch_attempts += 1
-        ufrag, pwd, candidates = self.puncher.local_description(session, controlling=True)
-        self.control.send(control.CandidateOffer(session_id=session.session_id, ufrag=ufrag,
-                                                 pwd=pwd, candidates=candidates))
-
     def control_state_changed(self, state):
         if state == "disconnected":
             for reply in self._requests.values():
@@ -330,7 +316,7 @@ class Agent(Node):
                     reply.set_result(control.Error(
                         code=control.ErrorCode.CONNECTOR_OFFLINE,
                         message="lost the intermediate while opening the session"))
-            self.close_relayed_sessions("intermediate connection lost")
+        self.relay_state_changed(state)
 
     # Forwards --------------------------------------------------------------------------
     async def _tcp_accepted(self, forward, reader, writer):

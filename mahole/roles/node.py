@@ -7,12 +7,12 @@ intermediate is unreachable or restarts.
 
 import asyncio
 import collections
-import itertools
 import logging
 import os
 import random
-import time
+import re
 import socket
+import time
 
 from aioquic.quic import events as qe
 
@@ -30,6 +30,34 @@ CONTROL_STREAM = 0  # the first client-initiated bidirectional stream (RFC 9000 
 
 class StartupError(Exception):
     """A problem that stops a role from starting, with a message for a person."""
+
+
+class PermanentError(StartupError):
+    """A problem that retrying cannot fix (wrong certificate, wrong name, a duplicate
+    identity): the node stops with this message and exit code 2."""
+
+
+# Registration refusals that no retry can change.
+PERMANENT_REFUSALS = {control.ErrorCode.UNAUTHENTICATED, control.ErrorCode.DENIED,
+                      control.ErrorCode.CONFLICT}
+# QUIC CRYPTO_ERROR codes (RFC 9001 §4.8): 0x100 + the TLS alert.
+CRYPTO_ERROR_RANGE = range(0x100, 0x200)
+
+
+def explain_tls_failure(reason, cfg):
+    """A person's sentence for a TLS failure of our own handshake with the intermediate."""
+    match = re.match(r"hostname '([^']*)' doesn't match (.*)", reason)
+    if match:
+        names = re.findall(r"(?:hostname=b?|pattern=IPv\dAddress\()'([^']+)'", match.group(2))
+        if names:
+            return (f"the intermediate's certificate names {', '.join(names)}, not "
+                    f"{match.group(1)}: pass --intermediate-name {names[0]}")
+        return (f"the intermediate's certificate does not name {match.group(1)}: "
+                f"pass --intermediate-name NAME with the name it holds")
+    if "expired" in reason.lower() or "no longer valid" in reason or "not valid yet" in reason:
+        return f"the intermediate's certificate is not valid now ({reason})"
+    return (f"the intermediate's certificate is not trusted by --ca {cfg.ca} ({reason}): "
+            f"is this the right deployment's CA?")
 
 
 def bind_udp(host, port):
@@ -119,7 +147,9 @@ class ControlClient(ConnectionHandler):
 
     The node hears every control message after registration through `control_message` and
     the changes between "connecting", "connected" and "disconnected" through
-    `control_state_changed`.
+    `control_state_changed`. Transient failures (no answer, connection lost) are retried
+    with backoff; permanent ones (`PermanentError`: a certificate that does not match, a
+    refused identity, a duplicate) stop the node through `node.fatal_error`.
     """
 
     def __init__(self, node):
@@ -131,6 +161,8 @@ class ControlClient(ConnectionHandler):
         self.attempts = 0
         self.connects = 0
         self.last_error = None
+        self.permanent_error = None
+        self._pings = 0
         self._closed = asyncio.Event()
         self._registered = asyncio.Event()
         self._stop = asyncio.Event()
@@ -152,49 +184,59 @@ class ControlClient(ConnectionHandler):
         while not self._stop.is_set():
             self.attempts += 1
             ok = await self._connect_once()
+            if self.permanent_error is not None:
+                self.node.fatal_error(self.permanent_error)
+                return
             if self._stop.is_set():
                 break
             if ok:
                 delay = cfg.reconnect_min
-                keepalive = asyncio.get_running_loop().create_task(self._keepalive())
-                try:
-                    await self._closed.wait()
-                finally:
-                    keepalive.cancel()
+                self._arm_keepalive()
+                await self._closed.wait()
+                if self.permanent_error is not None:
+                    self.node.fatal_error(self.permanent_error)
+                    return
                 if self._stop.is_set():
                     break
-                log.warning("lost the intermediate at %s; reconnecting",
-                            _fmt(self.node.intermediate_addr))
-            log.warning("intermediate %s unreachable (%s); retrying in %.1f s",
-                        _fmt(self.node.intermediate_addr), self.last_error, delay)
+                log.warning("lost the intermediate at %s (%s); reconnecting",
+                            _fmt(self.node.intermediate_addr), self.last_error)
+            else:
+                log.warning("intermediate %s unreachable (%s); retrying in %.1f s",
+                            _fmt(self.node.intermediate_addr), self.last_error, delay)
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
             delay = min(delay * 2, cfg.reconnect_max) * random.uniform(0.8, 1.0)
 
-    async def _keepalive(self):
+    def _arm_keepalive(self):
+        endpoint = self.node.endpoint
+        endpoint.set_timer((self, "keepalive"), endpoint.now() + self.node.cfg.keepalive_interval,
+                           self._keepalive)
+
+    def _keepalive(self, now):
         """QUIC PINGs (RFC 9000 §19.2) keep the connection and the NAT mapping alive; an
         intermediate that stops answering them is given up on (and reconnected to) after
         control_dead_after, long before QUIC's idle timeout."""
+        conn = self.connection
+        if conn is None or conn.closed:
+            return
         cfg = self.node.cfg
-        for nonce in itertools.count():
-            await asyncio.sleep(cfg.keepalive_interval)
-            conn = self.connection
-            if conn is None or conn.closed:
-                return
-            silent = self.node.endpoint.now() - (conn.last_rx or 0.0)
-            if silent > cfg.control_dead_after:
-                self.last_error = f"no answer from the intermediate for {silent:.1f} s"
-                conn.abandon(qc.ERROR_SHUTDOWN, "intermediate not answering")
-                return
-            conn.quic.send_ping(nonce)
-            conn.transmit()
+        silent = now - (conn.last_rx or 0.0)
+        if silent > cfg.control_dead_after:
+            self.last_error = f"no answer from the intermediate for {silent:.1f} s"
+            conn.abandon(qc.ERROR_SHUTDOWN, "intermediate not answering")
+            return
+        self._pings += 1
+        conn.quic.send_ping(self._pings)
+        conn.transmit()
+        self._arm_keepalive()
 
     async def _connect_once(self):
         node = self.node
         self._closed.clear()
         self._registered.clear()
+        self.last_error = None
         self.state = "connecting"
         config = qc.configuration(node.identity, node.cfg.ca, is_client=True,
                                   alpn=qc.ALPN_CONTROL,
@@ -205,18 +247,24 @@ class ControlClient(ConnectionHandler):
         self.connection = node.endpoint.add_connection(quic, self,
                                                        peer_addr=node.intermediate_addr)
         self.stream = ControlStream(self.connection)
+        registered = asyncio.ensure_future(self._registered.wait())
+        closed = asyncio.ensure_future(self._closed.wait())
         try:
-            await asyncio.wait_for(self._registered.wait(), timeout=node.cfg.connect_timeout)
-        except asyncio.TimeoutError:
-            self.last_error = self.last_error or "no answer"
-            self.connection.close(reason="registration timed out")
-            self._set_state("disconnected")
-            return False
-        if self.connection.closed:
-            return False
-        self.connects += 1
-        self.last_error = None
-        return True
+            await asyncio.wait((registered, closed), timeout=node.cfg.connect_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            registered.cancel()
+            closed.cancel()
+        if self._registered.is_set() and not self.connection.closed:
+            self.connects += 1
+            return True
+        if not self.connection.closed:
+            self.last_error = (f"no answer within {node.cfg.connect_timeout:g} s"
+                               if self.connection.packets_received == 0 else
+                               f"no registration within {node.cfg.connect_timeout:g} s")
+            self.connection.abandon(reason="registration timed out")
+        self._set_state("disconnected")
+        return False
 
     def _set_state(self, state):
         if state != self.state:
@@ -228,6 +276,12 @@ class ControlClient(ConnectionHandler):
             raise ConnectionError("not connected to the intermediate")
         self.stream.send(message)
 
+    def _fail_permanently(self, message, code=qc.ERROR_UNAUTHENTICATED):
+        self.permanent_error = message
+        self.last_error = message
+        if self.connection is not None and not self.connection.closed:
+            self.connection.close(code, message[:200])
+
     # Connection handler ----------------------------------------------------------------
     def quic_event(self, connection, event):
         if connection is not self.connection:
@@ -236,9 +290,7 @@ class ControlClient(ConnectionHandler):
             try:
                 qc.verify_peer(connection.quic, self.node.ca, "intermediate")
             except identity.IdentityError as exc:
-                self.last_error = f"intermediate refused: {exc}"
-                log.error("%s", self.last_error)
-                connection.close(qc.ERROR_UNAUTHENTICATED, str(exc)[:200])
+                self._fail_permanently(f"the intermediate's certificate was refused: {exc}")
                 return
             self.stream.send(self.node.register_message())
         elif isinstance(event, qe.StreamDataReceived) and event.stream_id == self.stream.stream_id:
@@ -246,15 +298,32 @@ class ControlClient(ConnectionHandler):
                 messages = self.stream.feed(event.data)
             except ValueError as exc:
                 log.error("bad control stream from the intermediate: %s", exc)
+                self.last_error = f"bad control stream from the intermediate: {exc}"
                 connection.close(reason="bad control message")
                 return
             for message in messages:
                 self._message(message)
         elif isinstance(event, qe.ConnectionTerminated):
-            if event.reason_phrase:
-                self.last_error = f"closed by the intermediate: {event.reason_phrase}"
+            self._terminated(connection.quic, event)
+
+    def _terminated(self, quic, event):
+        """Say who closed the connection and why; decide whether retrying can help."""
+        if self.permanent_error is not None:
+            return
+        if quic.local_close is not None:
+            code, reason = quic.local_close
+            if code in CRYPTO_ERROR_RANGE:  # our TLS refused the intermediate's certificate
+                self._fail_permanently(explain_tls_failure(reason, self.node.cfg))
             elif self.last_error is None:
-                self.last_error = "connection closed"
+                self.last_error = f"closed here: {reason or 'no reason'}"
+            return
+        reason = event.reason_phrase or "no reason given"
+        if event.error_code == qc.ERROR_UNAUTHENTICATED or (
+                event.error_code in CRYPTO_ERROR_RANGE and not self._registered.is_set()):
+            self._fail_permanently(f"the intermediate refused this node's certificate "
+                                   f"({self.node.cfg.cert}): {reason}")
+        else:
+            self.last_error = f"closed by the intermediate: {reason}"
 
     def _message(self, message):
         if isinstance(message, control.Registered):
@@ -269,14 +338,18 @@ class ControlClient(ConnectionHandler):
         elif isinstance(message, control.Ping):
             self.send(control.Pong(nonce=message.nonce))
         elif isinstance(message, control.Error) and not self._registered.is_set():
-            self.last_error = f"refused by the intermediate: {message.message}"
-            log.error("%s", self.last_error)
-            self.node.control_message(message)
+            text = f"refused by the intermediate: {message.message}"
+            if message.code in PERMANENT_REFUSALS:
+                self._fail_permanently(text, qc.ERROR_SHUTDOWN)
+            else:
+                self.last_error = text
+                log.error("%s", text)
         else:
             self.node.control_message(message)
 
     def connection_closed(self, connection):
         if connection is self.connection:
+            self.node.endpoint.cancel_timer((self, "keepalive"))
             self._set_state("disconnected")
             self._closed.set()
 
@@ -309,6 +382,7 @@ class Node:
         self.status_server = None
         self.sessions = {}
         self.closed_sessions = collections.deque(maxlen=20)  # for status: what ended, why
+        self.failed = None  # Future: set to a PermanentError's message when the node must stop
         self._tasks = []
 
     @property
@@ -316,6 +390,10 @@ class Node:
         return self.identity.name
 
     async def start(self):
+        """Every local check (name, socket, status port, the role's own listeners) passes
+        before the node registers: a copy that cannot start never disturbs a running one."""
+        loop = asyncio.get_running_loop()
+        self.failed = loop.create_future()
         self.intermediate_addr = await resolve(self.cfg.intermediate, self.cfg.bind[0])
         sock = bind_udp(*self.cfg.bind)
         self.endpoint = Endpoint(sock, on_stun=self._stun_received,
@@ -323,13 +401,33 @@ class Node:
         self.endpoint.start()
         self.puncher = Puncher(self)
         self.control = ControlClient(self)
-        loop = asyncio.get_running_loop()
+        try:
+            self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
+            await self.prepare()
+        except BaseException:
+            await self.stop()
+            raise
         self._tasks.append(loop.create_task(self.control.run()))
-        self._tasks.append(loop.create_task(self._watch_direct_routes()))
-        self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
+
+    async def prepare(self):
+        """The role's own start-up (listeners); StartupError if it cannot run."""
+
+    def fatal_error(self, message):
+        """A permanent error: the node cannot work as configured (see PermanentError)."""
+        log.error("%s", message)
+        if self.failed is not None and not self.failed.done():
+            self.failed.set_result(message)
 
     async def wait_registered(self, timeout):
-        await asyncio.wait_for(self.control._registered.wait(), timeout)
+        """Until registered; PermanentError if the node was refused for good."""
+        registered = asyncio.ensure_future(self.control._registered.wait())
+        try:
+            await asyncio.wait_for(asyncio.wait((registered, self.failed),
+                                                return_when=asyncio.FIRST_COMPLETED), timeout)
+        finally:
+            registered.cancel()
+        if self.failed.done():
+            raise PermanentError(self.failed.result())
 
     async def stop(self):
         for session in list(self.sessions.values()):
@@ -364,38 +462,28 @@ class Node:
     def _initial_received(self, header, data, addr):
         """A QUIC Initial straight from a peer: only for a session whose direct route it is."""
         for session in self.sessions.values():
-            if session.connection is None and session.path.inbound(addr):
+            if session.connection is None and session.core.inbound(addr):
                 session.first_packet(header, data, addr)
                 return
         self.endpoint.counters["dropped_initial"] += 1
-
-    async def _watch_direct_routes(self, interval=0.05):
-        while True:
-            await asyncio.sleep(interval)
-            now = self.endpoint.now()
-            for session in list(self.sessions.values()):
-                session.check_direct(now)
-
-    def direct_route_failed(self, session):
-        """A session fell back to the relay (the agent punches again after a cool-down)."""
-
-    def punch_failed(self, session):
-        """Hole punching for a session ended on the relay."""
 
     def record_closed(self, session, reason):
         self.closed_sessions.append({
             "service": session.service, "session_id": session.session_id.hex(),
             "reason": reason, "closed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
-    def close_relayed_sessions(self, reason):
-        """The intermediate is gone: relayed sessions end, direct ones carry on."""
-        for session in list(self.sessions.values()):
-            if session.path.direct_addr is None:
-                session.close(reason)
+    def relay_state_changed(self, state, reason="intermediate connection lost"):
+        """The control connection is `state`: without it there is no relay, so relayed
+        sessions end and direct ones carry on (each session's core decides)."""
+        if state in ("connected", "disconnected"):
+            for session in list(self.sessions.values()):
+                session.relay_state_changed(state == "connected", reason)
 
     def start_punching(self, session, delay_ms):
         if delay_ms:
-            self.endpoint.loop.call_later(delay_ms / 1000, self._start_if_open, session)
+            self.endpoint.set_timer((session, "start punching"),
+                                    self.endpoint.now() + delay_ms / 1000,
+                                    lambda _now: self._start_if_open(session))
         else:
             self._start_if_open(session)
 
@@ -428,6 +516,7 @@ class Node:
                 "last_error": control_client.last_error if control_client else None,
             },
             "sessions": [s.stats() for s in self.sessions.values()],
+            "duplicate_signaling": self.puncher.duplicate_signaling if self.puncher else 0,
             "closed_sessions": list(self.closed_sessions),
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},
             "router": self.endpoint.router.counters() if self.endpoint else {},
