@@ -98,7 +98,9 @@ class NodeConfig(Credentials):
     reconnect_min: float = 0.25
     reconnect_max: float = 2.0
     control_idle_timeout: float = 15.0
-    keepalive_interval: float = 1.0  # QUIC PING on the control connection
+    # QUIC PING on the control connection. Frequent enough that the intermediate can tell a
+    # crashed node from a quiet one within its node_dead_after (2 s: four missed PINGs).
+    keepalive_interval: float = 0.5
     control_dead_after: float = 3.0  # nothing heard this long: reconnect to the intermediate
     e2e_idle_timeout: float = 30.0
     relay_only: bool = False  # never punch: every session stays on the relay
