@@ -189,19 +189,24 @@ def _error(args, text):
 
 
 def _serve(args, role_cls, cfg):
-    """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start."""
-    from .roles.node import StartupError
+    """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start or
+    meets a permanent error (a certificate that does not match, a duplicate identity)."""
+    from .roles.node import PermanentError, StartupError
 
     async def main():
         role = role_cls(cfg)
         await role.start()
-        stop = asyncio.Event()
+        stop = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
         print(f"mahole {args.command} running; Ctrl-C to stop", file=sys.stderr, flush=True)
-        await stop.wait()
+        failed = getattr(role, "failed", None)  # agents and connectors can fail for good
+        await asyncio.wait([stop] if failed is None else [stop, failed],
+                           return_when=asyncio.FIRST_COMPLETED)
         await role.stop()
+        if failed is not None and failed.done():
+            raise PermanentError(failed.result())
 
     try:
         asyncio.run(main())
