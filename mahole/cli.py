@@ -68,7 +68,31 @@ def _add_node(sub, role):
                         help="never use the relay: a session fails if hole punching fails")
     sub.add_argument("--punch-deadline", type=float, default=5.0, metavar="SECONDS",
                      help="give up on a direct path after this long (default: 5)")
+    node = AgentConfig  # the settings every node shares, with their defaults
+    for flag, field, text in (
+            ("--failover-timeout", "failover_timeout",
+             "leave a direct route that answers nothing this long (or 3 RTTs, at most twice "
+             "this) for the relay"),
+            ("--keepalive", "direct_keepalive",
+             "PING an idle session's route this often (keeps NAT mappings open)"),
+            ("--peer-dead-after", "peer_dead_after",
+             "end a session whose peer answers nothing on any route this long"),
+            ("--session-idle-timeout", "session_idle_timeout",
+             "end a session with no open stream and no data this long")):
+        sub.add_argument(flag, dest=field, type=_seconds, default=getattr(node, field),
+                         metavar="SECONDS", help=f"{text} (default: {getattr(node, field):g})")
     _add_credentials(sub, role)
+
+
+def _seconds(text):
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def build_parser():
@@ -160,7 +184,9 @@ def run_intermediate(args):
 def _node_kwargs(args):
     return {"intermediate": args.intermediate, "intermediate_name": args.intermediate_name,
             "bind": args.bind, "relay_only": args.relay_only, "direct_only": args.direct_only,
-            "punch_deadline": args.punch_deadline, **_credentials(args)}
+            "punch_deadline": args.punch_deadline, "failover_timeout": args.failover_timeout,
+            "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,
+            "session_idle_timeout": args.session_idle_timeout, **_credentials(args)}
 
 
 def run_connector(args):

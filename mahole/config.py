@@ -117,6 +117,13 @@ class NodeConfig(Credentials):
     # failover in a minute (bounded switches per minute), up to repunch_cooldown_max.
     repunch_cooldown: float = 2.0
     repunch_cooldown_max: float = 30.0
+    # A session with no open stream and no application data either way this long ends (its
+    # keepalive PINGs do not count); one that carries traffic is never closed by a timer.
+    session_idle_timeout: float = 300.0
+    # Probing (PINGs or data in flight) with nothing authenticated heard from the peer on any
+    # route this long: the peer is gone and the session ends (idle routes are probed every
+    # direct_keepalive, so a dead peer is noticed within about 3 s, even on the relay).
+    peer_dead_after: float = 2.5
 
     def __post_init__(self):
         if self.intermediate_name is None:

@@ -1,35 +1,43 @@
-"""End-to-end sessions at a node: the agent↔connector QUIC connection and its path layer.
+"""End-to-end sessions at a node: the asyncio shell around the sans-IO session core.
 
-aioquic talks to a stable virtual peer address; the session's `PathManager` decides where
-each packet goes: inside relay frames through the intermediate (`0x10 | session_id | inner`,
-DESIGN.md wire table) or straight to the peer once hole punching nominated a pair.
+A `Session` holds the agent↔connector QUIC connection of one session and its
+`mahole.session_core.SessionCore`, which decides everything about routes and lifetime. The
+shell only feeds the core — authenticated packets and where they came from, application
+activity, open streams, what the QUIC connection knows (packets in flight, RTT), hole-punching
+results, the intermediate coming and going — executes its events (route changes, PINGs,
+re-punching, closing) and arms its next timer on the endpoint's one timer scheduler.
+
+aioquic talks to a stable virtual peer address; the core is the connection's *path*: it puts
+each packet inside a relay frame for the intermediate (`0x10 | session_id | inner`, DESIGN.md
+wire table) or sends it straight to the peer once hole punching nominated a pair.
 """
 
 import logging
 
+from aioquic.quic import events as qe
+
 from ._fast import KIND_QUIC_LONG, classify, parse_header
 from ._fast._kinds import RELAY_HEADER_LEN
 from .endpoint import ConnectionHandler
-from .path import PathManager
+from .session_core import NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
 from .tunnel import FLOW_ID_LEN, MAX_DATAGRAM_PAYLOAD, pack_datagram
 
 log = logging.getLogger(__name__)
 
-# Relay frames right after a switch to direct are stragglers (the peer may learn the
-# result a little later than we do), not a sign of failure.
-PEER_SWITCH_GRACE = 0.25
-PEER_SILENT = 0.1
-
-# What aioquic believes the peer's address is; the path layer knows the real routes.
+# What aioquic believes the peer's address is; the session core knows the real routes.
 VIRTUAL_PEER_ADDR = ("0.0.0.0", 1)
 
 
 class Session(ConnectionHandler):
-    """One end-to-end session of a node: its id, peer, path and QUIC connection.
+    """One end-to-end session of a node: its id, peer, session core and QUIC connection.
 
     Registered in the endpoint's router under its session id, so relay frames for it arrive at
-    `relay_frame_received`. Subclasses (agent, connector) handle the QUIC events.
+    `relay_frame_received`. Subclasses (agent, connector) handle the QUIC events after calling
+    `Session.quic_event`, keep their streams in `pipes`, and name the peer in `peer`.
     """
+
+    controlling = False  # the agent's sessions nominate and punch again after a failover
+    peer = "the peer"
 
     def __init__(self, node, session_id, service, agent, connector):
         self.node = node
@@ -38,41 +46,39 @@ class Session(ConnectionHandler):
         self.service = service
         self.agent = agent
         self.connector = connector
-        self.path = PathManager(session_id, node.intermediate_addr,
-                                allow_relay=not node.cfg.direct_only,
-                                allow_direct=not node.cfg.relay_only)
+        now = self.endpoint.now()
+        control = node.control
+        self.core = SessionCore.from_config(
+            node.cfg, session_id, node.intermediate_addr, now, controlling=self.controlling,
+            relay_available=control is not None and control.connected)
         self.connection = None
         self.closed = False
+        self.pipes = {}  # stream id -> what carries the stream (subclasses)
         self.dropped_frames = 0
-        self.opened_at = self.endpoint.now()
+        self.opened_at = now
         self.punch_outcome = None  # ice.HolePunchResult once hole punching ended
-        self.failovers = []  # when the direct route died
-        self._awaiting_since = None
-        self._pings = 0
-        self.repunch_attempts = 0  # punches since the direct route last worked
         self.switch_ms = None  # StartPunching -> direct route in use
+        self._pings = 0
+        self._timer_key = ("session", session_id)
+        self._timer_at = None
         self.endpoint.router.add_session(session_id, self)
+        self._arm()
 
     @property
-    def path_name(self):
+    def route(self):
+        """"relay", "direct" or "none" (no connection yet, or closed)."""
         if self.connection is None or self.closed:
-            return "none"
-        return self.path.name
+            return NONE
+        return self.core.route
 
+    # From the network --------------------------------------------------------------------
     def relay_frame_received(self, frame, addr):
-        if addr != self.path.relay_addr or self.closed or not self.path.allow_relay:
+        if self.closed or not self.core.relay_inbound_allowed(addr):
             self.dropped_frames += 1
             return
         inner = frame[RELAY_HEADER_LEN:]
         if self.connection is not None:
-            now = self.endpoint.now()
-            path = self.path
-            if (path.direct_addr is not None and now - path.direct_since > PEER_SWITCH_GRACE
-                    and now - path.last_direct_rx > PEER_SILENT):
-                # The peer sends by the relay again and nothing comes direct: it has seen the
-                # direct route die; follow it now instead of waiting for our own timeout.
-                self.direct_failed(now, "the peer went back to the relay")
-            self.connection.path_datagram_received(inner, addr, now)
+            self.connection.path_datagram_received(inner, addr, self.endpoint.now())
         elif classify(inner) == KIND_QUIC_LONG:
             try:
                 header = parse_header(inner)
@@ -83,84 +89,121 @@ class Session(ConnectionHandler):
         else:
             self.dropped_frames += 1
 
-    def punch_result(self, result):
-        """Hole punching ended: move to the direct route, or stay on the relay."""
-        now = self.endpoint.now()
-        self.punch_outcome = result
-        if result.path == "direct" and not self.closed:
-            self.path.use_direct(result.remote_addr, now)
-            self.switch_ms = round(result.elapsed * 1000, 3)
-            self.repunch_attempts = 0
-            log.info("session %s: direct path to %s after %.0f ms", self.session_id.hex(),
-                     _fmt(result.remote_addr), result.elapsed * 1000)
-            if self.connection is not None:
-                self.connection.transmit()
-        else:
-            log.info("session %s: staying on the relay: %s", self.session_id.hex(),
-                     result.reason)
-            self.node.punch_failed(self)
-            if not self.path.allow_relay:
-                self.node.report(result.to_wire(self.session_id))
-                self.close("direct path required (--direct-only) but hole punching failed: "
-                           f"{result.reason}")
-                return
-        self.node.report(result.to_wire(self.session_id))
-
-    def check_direct(self, now):
-        """Liveness of the direct route: fail over to the relay, or probe it when idle."""
-        path, conn = self.path, self.connection
-        if path.direct_addr is None or conn is None or conn.closed or self.closed:
-            return
-        quic = conn.quic
-        cfg = self.node.cfg
-        if quic.bytes_in_flight:  # ack-eliciting packets wait for an answer
-            if self._awaiting_since is None:
-                self._awaiting_since = now
-            heard = max(self._awaiting_since, path.last_direct_rx)
-            # 3 RTTs when the path is slow, but queueing can inflate the RTT estimate during
-            # bulk transfers: never more than twice the configured timeout.
-            timeout = min(max(cfg.failover_timeout, 3 * (quic.smoothed_rtt or 0.0)),
-                          2 * cfg.failover_timeout)
-            if now - heard > timeout:
-                self.direct_failed(now, f"nothing heard on the direct path for "
-                                        f"{(now - path.last_direct_rx) * 1000:.0f} ms")
-        else:
-            self._awaiting_since = None
-            if now - path.last_direct_rx >= cfg.direct_keepalive:
-                # RFC 9000 §19.2: a PING elicits an ACK: liveness evidence, and it keeps
-                # the NAT mappings of the direct route open while the session is idle.
-                self._pings += 1
-                quic.send_ping(self._pings)
-                conn.transmit()
-
-    def direct_failed(self, now, reason):
-        """The direct route died: back to the relay at once, same QUIC connection."""
-        self.path.use_relay(now, reason)
-        self.failovers.append(now)
-        self._awaiting_since = None
-        log.warning("session %s: %s; back on the relay", self.session_id.hex(), reason)
-        if not self.path.allow_relay:
-            self.close(f"direct path lost and the relay is not allowed (--direct-only): {reason}")
-            return
-        if not self.node.control.connected:
-            self.close(f"direct path lost while the intermediate is unreachable: {reason}")
-            return
-        # Packets sent into the dead route are lost: probe at once over the relay so that
-        # loss recovery retransmits them now rather than after a backed-off PTO.
-        quic = self.connection.quic
-        quic.reset_probe_backoff()
-        self._pings += 1
-        quic.send_ping(self._pings)
-        self.connection.transmit()
-        self.node.direct_route_failed(self)
-
-    def packet_authenticated(self, connection, addr, now):
-        self.path.authenticated(addr, now)
-
     def first_packet(self, header, data, addr):
         """A packet before the connection exists (the connector accepts an Initial here)."""
         self.dropped_frames += 1
 
+    # Connection handler ------------------------------------------------------------------
+    def packet_authenticated(self, connection, addr, now):
+        self.core.packet_authenticated(addr, now)
+        self._pump(now)
+
+    def quic_event(self, connection, event):
+        """Feeds the core; subclasses call this first, then act on the event."""
+        if isinstance(event, (qe.StreamDataReceived, qe.DatagramFrameReceived)):
+            self.core.app_activity(self.endpoint.now())
+        elif isinstance(event, qe.HandshakeCompleted):
+            self.core.handshake_completed(self.endpoint.now())
+            self._arm()
+
+    def progress(self, connection):
+        """Before the endpoint collects the connection's packets: what the core must know."""
+        now = self.endpoint.now()
+        self._feed_transport(now)
+        self._pump(now)
+
+    def _feed_transport(self, now):
+        conn = self.connection
+        if conn is not None and not conn.closed:
+            quic = conn.quic
+            self.core.transport_state(quic.bytes_in_flight > 0, quic.smoothed_rtt, now)
+        self.core.set_open_streams(len(self.pipes), now)
+
+    # Hole punching and the intermediate ----------------------------------------------------
+    def punch_result(self, result):
+        """Hole punching ended: the direct route, or the relay (or the end, --direct-only)."""
+        now = self.endpoint.now()
+        self.punch_outcome = result
+        if result.path == "direct":
+            if not self.closed:
+                self.switch_ms = round(result.elapsed * 1000, 3)
+                log.info("session %s: direct path to %s after %.0f ms", self.session_id.hex(),
+                         _fmt(result.remote_addr), result.elapsed * 1000)
+            self.core.punch_succeeded(result.remote_addr, now)
+        else:
+            log.info("session %s: staying on the relay: %s", self.session_id.hex(),
+                     result.reason)
+            self.core.punch_failed(result.reason, now)
+        self.node.report(result.to_wire(self.session_id))
+        self._pump(now)
+
+    def relay_state_changed(self, available, reason):
+        """The control connection to the intermediate (and with it the relay) came or went."""
+        now = self.endpoint.now()
+        self.core.relay_available(available, now, reason)
+        self._pump(now)
+
+    def repunch(self, attempt):
+        """Punch again (the controlling side overrides this)."""
+
+    # The core's events and timer ---------------------------------------------------------
+    def _pump(self, now):
+        core = self.core
+        while (event := core.next_event()) is not None:
+            if isinstance(event, SendPing):
+                self._send_ping(event.reset_backoff)
+            elif isinstance(event, RouteChanged):
+                self._route_changed(event)
+            elif isinstance(event, RepunchDue):
+                self.repunch(event.attempt)
+            elif isinstance(event, Closed):
+                reason = event.reason
+                if reason == "the peer stopped answering":
+                    reason = f"{reason} ({self.peer})"
+                self.close(reason)
+                return
+        self._arm()
+
+    def _arm(self):
+        if self.closed:
+            return
+        when = self.core.next_timer()
+        if when is None or (self._timer_at is not None and when >= self._timer_at):
+            # A timer that fires too early finds nothing due and arms the next deadline:
+            # cheaper than moving it on every acknowledgement of a transfer.
+            return
+        self._timer_at = when
+        self.endpoint.set_timer(self._timer_key, when, self._on_timer)
+
+    def _on_timer(self, now):
+        self._timer_at = None
+        if self.closed:
+            return
+        self._feed_transport(now)
+        self.core.handle_timer(now)
+        self._pump(now)
+
+    def _send_ping(self, reset_backoff):
+        conn = self.connection
+        if conn is None or conn.closed:
+            return
+        if reset_backoff:
+            conn.quic.reset_probe_backoff()
+        self._pings += 1
+        conn.quic.send_ping(self._pings)
+        conn.transmit()
+
+    def _route_changed(self, event):
+        if event.reason != "nominated":
+            log.warning("session %s: %s; now on route %s", self.session_id.hex(), event.reason,
+                        event.route)
+        if self.core.repunch_at is not None:
+            log.info("session %s: punching again in %.1f s", self.session_id.hex(),
+                     self.core.repunch_at - self.endpoint.now())
+        if self.connection is not None:
+            self.connection.transmit()
+
+    # Application -------------------------------------------------------------------------
     def send_datagram(self, flow_id, payload):
         """One UDP payload of a flow, as a QUIC DATAGRAM frame (RFC 9221).
 
@@ -175,6 +218,7 @@ class Session(ConnectionHandler):
             self.counters["datagrams_dropped"] += 1
             return
         self.counters["datagrams_out"] += 1
+        self.core.app_activity(self.endpoint.now())
         conn.quic.send_datagram_frame(pack_datagram(flow_id, payload))
         conn.transmit()
 
@@ -184,18 +228,18 @@ class Session(ConnectionHandler):
 
     def stats(self):
         conn = self.connection
-        quic = conn.quic if conn is not None else None
-        rtt = quic.smoothed_rtt if quic is not None else None
+        core = self.core
+        rtt = conn.quic.smoothed_rtt if conn is not None else None
         return {
             "service": self.service,
             "session_id": self.session_id.hex(),
             "agent": self.agent,
             "connector": self.connector,
-            "path": self.path_name,
-            "direct_addr": _fmt(self.path.direct_addr) if self.path.direct_addr else None,
+            "path": self.route,
+            "direct_addr": _fmt(core.direct_addr) if core.direct_addr else None,
             "switch_ms": self.switch_ms,
-            "route_switches": len(self.path.switches),
-            "failovers": len(self.failovers),
+            "route_switches": len(core.switches),
+            "failovers": len(core.failovers),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
             "bytes_sent": conn.bytes_sent if conn is not None else 0,
             "bytes_received": conn.bytes_received if conn is not None else 0,
@@ -207,6 +251,8 @@ class Session(ConnectionHandler):
         if self.closed:
             return
         self.closed = True
+        self.core.close(self.endpoint.now())
+        self.endpoint.cancel_timer(self._timer_key)
         self.endpoint.router.remove_session(self.session_id)
         self.node.puncher.forget(self)
         if self.connection is not None and not self.connection.closed:

@@ -8,7 +8,7 @@ import pytest
 from aio_helpers import run, wait_for
 
 from mahole.demo import LocalDeployment, tcp_round_trip
-from mahole.path import DIRECT, RELAY
+from mahole.session_core import DIRECT, RELAY
 from mahole.roles.agent import SessionError
 
 
@@ -47,17 +47,17 @@ def test_session_opens_on_the_relay_then_moves_to_direct_mid_transfer():
             await wait_for(lambda: d.agent.sessions and _only_session(d.agent).connection
                            and _only_session(d.agent).connection.bytes_received > 1 << 20, 30)
             agent_session = _only_session(d.agent)
-            assert agent_session.path.name == RELAY and not transfer.done()
+            assert agent_session.core.route == RELAY and not transfer.done()
             gate.set()
-            await wait_for(lambda: agent_session.path.name == DIRECT, 10)
+            await wait_for(lambda: agent_session.core.route == DIRECT, 10)
             assert not transfer.done(), "the switch should happen while data is moving"
             assert await transfer == data  # streams survive the switch, no reconnect
             connector_session = _only_session(d.connector)
             for session in (agent_session, connector_session):
-                assert session.path.packets[RELAY] > 100 and session.path.packets[DIRECT] > 100
-                assert len(session.path.switches) == 1
-            assert agent_session.path.direct_addr == connector_session.endpoint.local_address[:2]
-            assert connector_session.path.direct_addr == d.agent.endpoint.local_address[:2]
+                assert session.core.packets[RELAY] > 100 and session.core.packets[DIRECT] > 100
+                assert len(session.core.switches) == 1
+            assert agent_session.core.direct_addr == connector_session.endpoint.local_address[:2]
+            assert connector_session.core.direct_addr == d.agent.endpoint.local_address[:2]
             status = d.agent.status()["sessions"][0]
             assert status["path"] == "direct" and status["switch_ms"] > 0
             assert status["direct_addr"].startswith("127.0.0.2:")
@@ -76,7 +76,7 @@ def test_relay_only_never_punches():
             data = os.urandom(1 << 20)
             assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
             session = _only_session(d.agent)
-            assert session.path.name == RELAY and session.path.packets[DIRECT] == 0
+            assert session.core.route == RELAY and session.core.packets[DIRECT] == 0
             assert d.agent.puncher.punches == {}
             assert d.intermediate.status()["punching"]["attempts"] == 0
     run(main())
@@ -90,7 +90,7 @@ def test_direct_only_uses_no_relay():
             assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
             for node in (d.agent, d.connector):
                 session = _only_session(node)
-                assert session.path.name == DIRECT and session.path.packets[RELAY] == 0
+                assert session.core.route == DIRECT and session.core.packets[RELAY] == 0
             assert d.intermediate.status()["relay"]["relayed_packets"] == 0
     run(main())
 
@@ -112,7 +112,7 @@ def test_direct_packets_from_another_address_are_dropped():
             data = os.urandom(256 << 10)
             assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
             session = _only_session(d.agent)
-            await wait_for(lambda: session.path.name == DIRECT)
+            await wait_for(lambda: session.core.route == DIRECT)
             before = d.agent.endpoint.counters["dropped_wrong_source"]
             # A short-header packet for the session's connection, from a stranger.
             packet = bytes([0x40]) + session.connection.quic.host_cid + os.urandom(40)

@@ -51,9 +51,9 @@ class ConnectorSession(Session):
     def __init__(self, node, message):
         super().__init__(node, message.session_id, message.service, message.agent,
                          message.connector)
+        self.peer = f"agent {message.agent}"
         self.target = node.services[message.service]
         self.verified = False
-        self.pipes = {}
         self.flows = {}
         self.counters = {"streams": 0, "stream_connect_failures": 0, "datagrams_in": 0,
                          "datagrams_out": 0, "datagrams_dropped": 0,
@@ -66,10 +66,11 @@ class ConnectorSession(Session):
         quic = qc.NodeQuicConnection(configuration=self.node.e2e_config,
                                      original_destination_connection_id=header.dcid)
         self.connection = self.endpoint.add_connection(
-            quic, self, path=self.path, peer_addr=VIRTUAL_PEER_ADDR, extra_cids=(header.dcid,))
+            quic, self, path=self.core, peer_addr=VIRTUAL_PEER_ADDR, extra_cids=(header.dcid,))
         self.connection.path_datagram_received(data, addr, self.endpoint.now())
 
     def quic_event(self, connection, event):
+        super().quic_event(connection, event)
         if isinstance(event, qe.HandshakeCompleted):
             try:
                 qc.verify_peer(connection.quic, self.node.ca, "agent", self.agent)
@@ -97,6 +98,7 @@ class ConnectorSession(Session):
         self.close("end-to-end connection closed")
 
     def progress(self, connection):
+        super().progress(connection)
         for pipe in list(self.pipes.values()):
             if isinstance(pipe, StreamPipe):
                 pipe.progress()
@@ -239,7 +241,6 @@ class Connector(Node):
                                                         reason=reason[:1024]))
 
     def control_state_changed(self, state):
-        if state == "disconnected":
-            # Relayed sessions cannot outlive the relay (their agents will open new ones);
-            # direct sessions carry on without the intermediate.
-            self.close_relayed_sessions("intermediate connection lost")
+        # Relayed sessions cannot outlive the relay (their agents will open new ones);
+        # direct sessions carry on without the intermediate.
+        self.relay_state_changed(state)

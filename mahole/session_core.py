@@ -1,0 +1,419 @@
+"""The session core: routes, liveness, keepalive, failover, re-punching and expiry of one
+end-to-end session (agent ↔ connector QUIC connection), sans-IO.
+
+Like aioquic's ``QuicConnection`` and the :mod:`mahole.ice` cores, :class:`SessionCore` does
+no I/O and never reads the clock: every input takes ``now`` (seconds, any monotonic origin),
+:meth:`SessionCore.next_timer` says when it wants :meth:`SessionCore.handle_timer`, and what
+the shell must do is drained with :meth:`SessionCore.next_event` as small dataclasses:
+
+- :class:`RouteChanged` — the session's packets go by another route from now on;
+- :class:`SendPing` — send a QUIC PING now (RFC 9000 §19.2), after resetting the PTO backoff
+  if ``reset_backoff`` (RFC 9002 §6.2.1: packets lost in a dead route are probed for at once);
+- :class:`RepunchDue` — the controlling side (the agent) should punch again now;
+- :class:`Closed` — the session ends, for ``reason``.
+
+Routes
+    aioquic talks to a stable virtual peer address; underneath, a session has up to two
+    routes: the relay (frames ``0x10 | session_id | packet`` through the intermediate,
+    DESIGN.md wire table) and the direct route (the remote address of the nominated
+    candidate pair). :meth:`outbound` picks the route of each packet; :meth:`inbound` accepts
+    direct packets only from the nominated address. Packets from either route go to the same
+    connection, so streams continue across every switch. ``relay_only`` sessions never take
+    the direct route; ``direct_only`` ones have route ``"none"`` until hole punching succeeds
+    and end when it fails or the direct route dies.
+
+Only authenticated packets count
+    The shell reports a packet with :meth:`packet_authenticated` only after aioquic decrypted
+    it (DESIGN.md "Only an authenticated packet changes state"); a source address alone
+    moves nothing.
+
+Liveness and failover (DESIGN.md "Path manager and resilience")
+    The core *probes* while ack-eliciting packets are in flight (reported by the shell with
+    :meth:`transport_state`) or a PING it asked for is unanswered. A direct route probed with
+    nothing heard on it for ``failover_timeout`` (or 3 RTTs when the path is slow, never more
+    than twice the timeout) is dead: the session is back on the relay at once, with a PING
+    to get loss recovery going. An idle route (direct, or the relay) is probed with a PING
+    every ``keepalive``, which also keeps the NAT mappings open. An authenticated packet by
+    the relay while direct, with nothing direct for :data:`PEER_SILENT` (after
+    :data:`PEER_SWITCH_GRACE`), means the peer has seen the direct route die: the core
+    follows it at once.
+
+Death and expiry
+    Probing with nothing authenticated heard on any route for ``peer_dead_after`` ends the
+    session ("the peer stopped answering"). A session with no open stream and no application
+    data either way (:meth:`app_activity`) for ``idle_timeout`` ends ("idle: no traffic for
+    N s"); keepalive PINGs are not activity, and a session that carries traffic is never
+    closed by a timer.
+
+Re-punching (controlling side only)
+    After a failover, and after a failed attempt on a session that was direct once, the
+    agent punches again after a cool-down of ``repunch_cooldown`` doubled for every further
+    failover in the last :data:`REPUNCH_WINDOW` and every failed attempt since the direct
+    route last worked, at most ``repunch_cooldown_max`` — so a flapping path settles on the
+    relay with a bounded number of switches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ._fast._kinds import RELAY_FRAME_TYPE
+from .config import NodeConfig
+
+__all__ = [
+    "DIRECT", "NONE", "RELAY", "PEER_SILENT", "PEER_SWITCH_GRACE", "REPUNCH_WINDOW",
+    "Closed", "RepunchDue", "RouteChanged", "SendPing", "SessionCore", "SessionEvent",
+]
+
+Addr = tuple  # (host, port)
+
+RELAY = "relay"
+DIRECT = "direct"
+NONE = "none"
+
+# Relay frames right after a switch to direct are stragglers (the peer may learn the
+# punching result a little later than we do), not a sign that the direct route died.
+PEER_SWITCH_GRACE = 0.25
+PEER_SILENT = 0.1
+# Failovers within this window each double the re-punch cool-down.
+REPUNCH_WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class RouteChanged:
+    """Packets go by ``route`` ("relay", "direct" or "none") to ``addr`` (None for "none")
+    from now on, because of ``reason`` ("nominated", or why the direct route died)."""
+
+    route: str
+    addr: Optional[Addr]
+    reason: str
+
+
+@dataclass(frozen=True)
+class SendPing:
+    """Send a QUIC PING now; first reset the PTO backoff if ``reset_backoff`` (after a
+    failover: what was sent into the dead route is probed for at once, not after a
+    backed-off PTO)."""
+
+    reset_backoff: bool = False
+
+
+@dataclass(frozen=True)
+class RepunchDue:
+    """Punch again now (controlling side); ``attempt`` counts attempts since the direct route
+    last worked."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The session ended by itself (idle, dead peer, no route left); the shell closes the
+    QUIC connection with ``reason``."""
+
+    reason: str
+
+
+SessionEvent = Union[RouteChanged, SendPing, RepunchDue, Closed]
+
+
+def _addr(addr) -> Addr:
+    return tuple(addr[:2])
+
+
+class SessionCore:
+    """One end-to-end session's routes, liveness and lifetime (see the module docstring).
+
+    ``controlling`` is True at the agent (it nominates and re-punches). The timing arguments
+    default to :class:`~mahole.config.NodeConfig`'s; :meth:`from_config` takes them from a
+    node's configuration.
+    """
+
+    def __init__(self, session_id: bytes, relay_addr: Addr, now: float, *,
+                 controlling: bool,
+                 relay_only: bool = False,
+                 direct_only: bool = False,
+                 relay_available: bool = True,
+                 failover_timeout: float = NodeConfig.failover_timeout,
+                 keepalive: float = NodeConfig.direct_keepalive,
+                 repunch_cooldown: float = NodeConfig.repunch_cooldown,
+                 repunch_cooldown_max: float = NodeConfig.repunch_cooldown_max,
+                 idle_timeout: float = NodeConfig.session_idle_timeout,
+                 peer_dead_after: float = NodeConfig.peer_dead_after) -> None:
+        if relay_only and direct_only:
+            raise ValueError("a session cannot be both relay-only and direct-only")
+        self.header = bytes([RELAY_FRAME_TYPE]) + session_id
+        self.relay_addr = _addr(relay_addr)
+        self.controlling = controlling
+        self.allow_relay = not direct_only
+        self.allow_direct = not relay_only
+        self.failover_timeout = failover_timeout
+        self.keepalive = keepalive
+        self.repunch_cooldown = repunch_cooldown
+        self.repunch_cooldown_max = repunch_cooldown_max
+        self.idle_timeout = idle_timeout
+        self.peer_dead_after = peer_dead_after
+        # Routes
+        self.direct_addr: Optional[Addr] = None
+        self.direct_since: Optional[float] = None
+        self.switches: list = []  # (when, route, reason)
+        self.packets = {RELAY: 0, DIRECT: 0}  # sent by each route
+        self.dropped_no_route = 0
+        self.relay_up = relay_available
+        # Liveness
+        self.established = False  # handshake done: liveness and keepalive run from then on
+        self.last_rx: Optional[float] = None  # last authenticated packet, any route
+        self.last_direct_rx: Optional[float] = None
+        self.rtt: Optional[float] = None
+        self.pings = 0
+        self._in_flight = False
+        self._probe_since: Optional[float] = None  # waiting for an answer on this route
+        self._peer_wait_since: Optional[float] = None  # waiting for anything from the peer
+        # Re-punching
+        self.failovers: list = []  # when the direct route died
+        self.repunch_attempts = 0  # punches since the direct route last worked
+        self.repunch_at: Optional[float] = None
+        # Lifetime
+        self.last_activity = now
+        self.open_streams = 0
+        self.closed = False
+        self.close_reason: Optional[str] = None
+        self._events: deque = deque()
+
+    @classmethod
+    def from_config(cls, cfg, session_id: bytes, relay_addr: Addr, now: float, *,
+                    controlling: bool, relay_available: bool = True) -> "SessionCore":
+        """A core with a node's settings (a :class:`~mahole.config.NodeConfig`)."""
+        return cls(session_id, relay_addr, now, controlling=controlling,
+                   relay_only=cfg.relay_only, direct_only=cfg.direct_only,
+                   relay_available=relay_available,
+                   failover_timeout=cfg.failover_timeout, keepalive=cfg.direct_keepalive,
+                   repunch_cooldown=cfg.repunch_cooldown,
+                   repunch_cooldown_max=cfg.repunch_cooldown_max,
+                   idle_timeout=cfg.session_idle_timeout, peer_dead_after=cfg.peer_dead_after)
+
+    # Routes ----------------------------------------------------------------------------
+    @property
+    def route(self) -> str:
+        """"direct", "relay" or "none" (direct-only and not punched yet, or closed)."""
+        if self.closed:
+            return NONE
+        if self.direct_addr is not None:
+            return DIRECT
+        return RELAY if self.allow_relay else NONE
+
+    def outbound(self, data: bytes):
+        """(datagram, destination) for one QUIC packet, or None to drop it (no route)."""
+        if self.direct_addr is not None:
+            self.packets[DIRECT] += 1
+            return data, self.direct_addr
+        if self.allow_relay:
+            self.packets[RELAY] += 1
+            return self.header + data, self.relay_addr
+        self.dropped_no_route += 1
+        return None
+
+    def inbound(self, addr) -> bool:
+        """Whether a QUIC packet that came straight from addr (not relayed) may be offered
+        to the connection: only from the nominated direct address. Changes nothing."""
+        return self.direct_addr is not None and _addr(addr) == self.direct_addr
+
+    def relay_inbound_allowed(self, addr) -> bool:
+        """Whether a relay frame from addr may be offered to the connection."""
+        return self.allow_relay and not self.closed and _addr(addr) == self.relay_addr
+
+    # Inputs ----------------------------------------------------------------------------
+    def handshake_completed(self, now: float) -> None:
+        """The QUIC handshake is done: liveness, keepalive and death detection start."""
+        if not self.established:
+            self.established = True
+            self.last_rx = now
+
+    def packet_authenticated(self, addr, now: float) -> None:
+        """A packet from addr (the direct peer, or the relay) decrypted: the peer sent it."""
+        if self.closed:
+            return
+        addr = _addr(addr)
+        if self.direct_addr is not None and addr == self.direct_addr:
+            route = DIRECT
+            self.last_direct_rx = now
+        elif addr == self.relay_addr:
+            route = RELAY
+        else:
+            return
+        self.last_rx = now
+        self._peer_wait_since = None
+        if route == self.route:
+            self._probe_since = None
+        elif (self.direct_addr is not None and now - self.direct_since > PEER_SWITCH_GRACE
+                and now - self.last_direct_rx > PEER_SILENT):
+            # The peer sends by the relay again and nothing comes direct: it has seen the
+            # direct route die; follow it now instead of waiting for our own timeout.
+            self._direct_failed(now, "the peer went back to the relay")
+
+    def transport_state(self, in_flight: bool, rtt: Optional[float], now: float) -> None:
+        """What the QUIC connection knows: ack-eliciting packets in flight, smoothed RTT
+        (RFC 9002 §5.3, None before the first sample)."""
+        self._in_flight = in_flight
+        self.rtt = rtt
+        if in_flight:
+            if self.established:
+                self._probing(now)
+        elif (self._probe_since is not None and self.last_rx is not None
+              and self.last_rx >= self._probe_since):
+            # Everything was answered, if by the other route (the peer had not switched
+            # yet): nothing is waiting. Packets declared lost without an answer keep the
+            # probe going.
+            self._probe_since = None
+
+    def app_activity(self, now: float) -> None:
+        """Application data (stream or datagram) was sent or received."""
+        self.last_activity = now
+
+    def set_open_streams(self, count: int, now: float) -> None:
+        """How many streams are open; a session with one is never idle."""
+        if count != self.open_streams:
+            self.open_streams = count
+            self.last_activity = now
+
+    def punch_succeeded(self, addr, now: float) -> None:
+        """Hole punching nominated a pair with remote address addr: the direct route."""
+        if self.closed:
+            return
+        if not self.allow_direct:
+            raise ValueError("this session is relay-only")
+        self.direct_addr = _addr(addr)
+        self.direct_since = self.last_direct_rx = now
+        self.switches.append((now, DIRECT, "nominated"))
+        self.repunch_attempts = 0
+        self.repunch_at = None
+        self._probe_since = None
+        self._events.append(RouteChanged(DIRECT, self.direct_addr, "nominated"))
+
+    def punch_failed(self, reason: str, now: float) -> None:
+        """Hole punching ended without a direct route."""
+        if self.closed:
+            return
+        if not self.allow_relay:
+            self._close("direct path required (--direct-only) but hole punching failed: "
+                        f"{reason}")
+        elif self.controlling and self.switches and self.direct_addr is None:
+            self._schedule_repunch(now)  # it was direct once: keep trying, with pauses
+
+    def relay_available(self, available: bool, now: float,
+                        reason: str = "intermediate connection lost") -> None:
+        """The control connection to the intermediate came up or went down. Without it
+        there is no relay: a session not on the direct route ends."""
+        self.relay_up = available
+        if not available and not self.closed and self.direct_addr is None:
+            self._close(reason)
+
+    def close(self, now: float) -> None:
+        """The shell ends the session: no more timers or events."""
+        self.closed = True
+        self.repunch_at = None
+        self._events.clear()
+
+    # Timers ----------------------------------------------------------------------------
+    def _failover_after(self) -> float:
+        # 3 RTTs when the path is slow, but queueing can inflate the RTT estimate during bulk
+        # transfers: never more than twice the configured timeout.
+        timeout = self.failover_timeout
+        return min(max(timeout, 3 * (self.rtt or 0.0)), 2 * timeout)
+
+    def _deadlines(self):
+        """(when, what) of everything the core waits for."""
+        if self.closed:
+            return
+        if self.open_streams == 0:
+            yield self.last_activity + self.idle_timeout, "idle"
+        if self.repunch_at is not None:
+            yield self.repunch_at, "repunch"
+        route = self.route
+        if not self.established or route == NONE:
+            return
+        if self._peer_wait_since is not None:
+            yield max(self._peer_wait_since, self.last_rx) + self.peer_dead_after, "dead"
+        if route == DIRECT:
+            if self._probe_since is not None:
+                yield (max(self._probe_since, self.last_direct_rx) + self._failover_after(),
+                       "failover")
+            else:
+                yield self.last_direct_rx + self.keepalive, "keepalive"
+        elif self._probe_since is None:
+            yield self.last_rx + self.keepalive, "keepalive"
+
+    def next_timer(self) -> Optional[float]:
+        """When :meth:`handle_timer` should run next, or None."""
+        return min((when for when, _what in self._deadlines()), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        due = {what for when, what in self._deadlines() if when <= now}
+        if not due:
+            return
+        if "idle" in due:
+            self._close(f"idle: no traffic for {self.idle_timeout:g} s")
+            return
+        if "dead" in due:
+            self._close("the peer stopped answering")
+            return
+        if "failover" in due:
+            self._direct_failed(now, "nothing heard on the direct path for "
+                                     f"{(now - self.last_direct_rx) * 1000:.0f} ms")
+        elif "keepalive" in due:
+            # RFC 9000 §19.2: a PING elicits an ACK: liveness evidence, and it keeps the NAT
+            # mappings of the route open while the session is idle.
+            self._ping(now)
+        if "repunch" in due and not self.closed:
+            self.repunch_at = None
+            if self.direct_addr is None and self.relay_up:
+                self.repunch_attempts += 1
+                self._events.append(RepunchDue(self.repunch_attempts))
+
+    def next_event(self) -> Optional[SessionEvent]:
+        return self._events.popleft() if self._events else None
+
+    # Internals -------------------------------------------------------------------------
+    def _probing(self, now):
+        if self._probe_since is None:
+            self._probe_since = now
+        if self._peer_wait_since is None:
+            self._peer_wait_since = now
+
+    def _ping(self, now, reset_backoff=False):
+        self.pings += 1
+        self._probing(now)
+        self._events.append(SendPing(reset_backoff))
+
+    def _direct_failed(self, now, reason):
+        """The direct route died: back to the relay at once, same QUIC connection."""
+        self.direct_addr = None
+        self.failovers.append(now)
+        self._probe_since = None
+        route = self.route
+        self.switches.append((now, route, reason))
+        self._events.append(RouteChanged(route, self.relay_addr if route == RELAY else None,
+                                         reason))
+        if not self.allow_relay:
+            self._close(f"direct path lost and the relay is not allowed (--direct-only): "
+                        f"{reason}")
+        elif not self.relay_up:
+            self._close(f"direct path lost while the intermediate is unreachable: {reason}")
+        else:
+            self._ping(now, reset_backoff=True)
+            if self.controlling:
+                self._schedule_repunch(now)
+
+    def _schedule_repunch(self, now):
+        recent = sum(1 for at in self.failovers if at > now - REPUNCH_WINDOW)
+        exponent = min(max(recent - 1, 0) + self.repunch_attempts, 32)
+        self.repunch_at = now + min(self.repunch_cooldown * 2 ** exponent,
+                                    self.repunch_cooldown_max)
+
+    def _close(self, reason):
+        self.closed = True
+        self.close_reason = reason
+        self.repunch_at = None
+        self._events.append(Closed(reason))

@@ -1,0 +1,399 @@
+"""The session core, pumped with a fake clock and a fake peer: no sockets, no sleeps.
+
+`Pump` plays the shell and the network: it executes the core's events, reports what a QUIC
+connection would (ack-eliciting packets in flight, authenticated packets arriving) and runs
+the core's timers. The peer answers every probe (a PING or application data) one RTT later
+by the route it was sent on, unless that route is cut or the peer is dead.
+"""
+
+import pytest
+
+from mahole.session_core import (
+    DIRECT,
+    NONE,
+    PEER_SWITCH_GRACE,
+    RELAY,
+    Closed,
+    RepunchDue,
+    RouteChanged,
+    SendPing,
+    SessionCore,
+)
+
+SID = bytes(range(8))
+RELAY_ADDR = ("198.51.100.1", 4478)
+PEER = ("203.0.113.9", 40001)
+STRANGER = ("203.0.113.66", 40001)
+
+
+class Pump:
+    def __init__(self, rtt=0.02, **kw):
+        kw.setdefault("controlling", True)
+        self.now = 0.0
+        self.rtt = rtt
+        self.core = SessionCore(SID, RELAY_ADDR, self.now, **kw)
+        self.events = []  # (when, event)
+        self.cut = set()  # routes whose packets are lost
+        self.peer_dead = False
+        self.on_repunch = None  # called at each RepunchDue (a new punching attempt)
+        self.outstanding = 0  # probes sent and not answered (aioquic retransmits them)
+        self.arrivals = []  # when answers reach us
+        self.core.handshake_completed(self.now)
+
+    # What the shell does
+    def _drain(self):
+        while (event := self.core.next_event()) is not None:
+            self.events.append((self.now, event))
+            if isinstance(event, SendPing):
+                self._probe()
+            elif isinstance(event, RepunchDue) and self.on_repunch is not None:
+                self.on_repunch()
+        self.core.transport_state(self.outstanding > 0, self.rtt, self.now)
+
+    def _probe(self):
+        self.outstanding += 1
+        self.arrivals.append(self.now + self.rtt)
+
+    def _answer(self):
+        """An answer arrives by the route the session is on (the peer is on it too)."""
+        route = self.core.route
+        if route == NONE or route in self.cut or self.peer_dead:
+            return
+        self.outstanding = 0  # an ACK covers everything sent before it
+        self.core.packet_authenticated(self.core.direct_addr if route == DIRECT else RELAY_ADDR,
+                                       self.now)
+        self._drain()
+
+    def send_data(self):
+        """The application sends (a stream write or a datagram): it is acknowledged later."""
+        self.core.app_activity(self.now)
+        self._probe()
+        self._drain()
+
+    def punch(self, addr=PEER):
+        self.core.punch_succeeded(addr, self.now)
+        self._drain()
+
+    def run(self, until, every=None, action=None):
+        """Advance the clock to `until`, calling action() every `every` seconds."""
+        next_action = self.now if every else None
+        while self.now < until and not self.core.closed:
+            candidates = [until, *self.arrivals]
+            timer = self.core.next_timer()
+            if timer is not None:
+                candidates.append(timer)
+            if next_action is not None:
+                candidates.append(next_action)
+            self.now = max(self.now, min(candidates))
+            due = [at for at in self.arrivals if at <= self.now]
+            for at in due:
+                self.arrivals.remove(at)
+                self._answer()
+            if next_action is not None and self.now >= next_action:
+                action()
+                next_action += every
+            timer = self.core.next_timer()
+            if timer is not None and timer <= self.now:
+                self.core.handle_timer(self.now)
+                self._drain()
+
+    def of(self, kind):
+        return [(at, event) for at, event in self.events if isinstance(event, kind)]
+
+
+def direct_pump(**kw):
+    pump = Pump(**kw)
+    pump.run(1.0)
+    pump.punch()
+    return pump
+
+
+# Routes ------------------------------------------------------------------------------------
+def test_packets_go_by_the_relay_in_frames_until_a_direct_route_is_nominated():
+    core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True)
+    assert core.route == RELAY
+    assert core.outbound(b"quic") == (b"\x10" + SID + b"quic", RELAY_ADDR)
+    assert not core.inbound(PEER)  # nothing is accepted straight from anyone yet
+    core.punch_succeeded(PEER + ("extra",), 1.0)
+    assert core.next_event() == RouteChanged(DIRECT, PEER, "nominated")
+    assert core.route == DIRECT and core.outbound(b"quic") == (b"quic", PEER)
+    assert core.inbound(PEER) and not core.inbound(STRANGER)
+    assert core.packets == {RELAY: 1, DIRECT: 1}
+    assert core.switches == [(1.0, DIRECT, "nominated")]
+
+
+def test_direct_only_drops_packets_until_punched_and_relay_only_refuses_a_direct_route():
+    core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True, direct_only=True)
+    assert core.route == NONE and core.outbound(b"x") is None and core.dropped_no_route == 1
+    assert not core.relay_inbound_allowed(RELAY_ADDR)
+    core.punch_succeeded(PEER, 0.5)
+    assert core.outbound(b"x") == (b"x", PEER)
+    relay_only = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True, relay_only=True)
+    with pytest.raises(ValueError, match="relay-only"):
+        relay_only.punch_succeeded(PEER, 0.5)
+    assert relay_only.relay_inbound_allowed(RELAY_ADDR)
+    assert not relay_only.relay_inbound_allowed(STRANGER)
+
+
+def test_direct_only_session_ends_when_punching_fails():
+    core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True, direct_only=True)
+    core.punch_failed("no direct path within 5 s", 5.0)
+    assert core.next_event() == Closed(
+        "direct path required (--direct-only) but hole punching failed: "
+        "no direct path within 5 s")
+    assert core.closed and core.next_timer() is None
+
+
+# Liveness and failover ---------------------------------------------------------------------
+def test_direct_route_cut_mid_transfer_fails_over_to_the_relay_within_the_timeout():
+    pump = direct_pump()
+    pump.run(3.0, every=0.01, action=pump.send_data)
+    assert pump.of(RouteChanged)[-1][1].route == DIRECT
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(6.0, every=0.01, action=pump.send_data)
+    [(at, change)] = [(at, e) for at, e in pump.of(RouteChanged) if e.route == RELAY]
+    assert change == RouteChanged(RELAY, RELAY_ADDR, change.reason)
+    assert change.reason.startswith("nothing heard on the direct path for ")
+    assert 0.5 - 0.011 <= at - cut_at <= 0.5 + 0.001
+    # At once a PING that resets the PTO backoff, so loss recovery resends over the relay.
+    assert (at, SendPing(reset_backoff=True)) in pump.events
+    assert pump.core.route == RELAY and pump.core.failovers == [at]
+    assert not pump.core.closed  # traffic kept flowing on the relay
+
+
+def test_idle_direct_cut_is_noticed_by_keepalive_within_1_5_s():
+    pump = direct_pump()
+    pump.run(5.0)
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(10.0)
+    [(at, _change)] = [(at, e) for at, e in pump.of(RouteChanged) if e.route == RELAY]
+    assert at - cut_at <= 1.0 + 0.5 + pump.rtt
+    assert not pump.core.closed
+
+
+def test_failover_waits_3_rtts_on_a_slow_path_but_never_more_than_twice_the_timeout():
+    for rtt, expected in ((0.2, 0.6), (0.4, 1.0)):
+        pump = direct_pump(rtt=rtt)
+        pump.run(3.0, every=0.05, action=pump.send_data)
+        pump.cut.add(DIRECT)
+        cut_at = pump.now
+        pump.run(6.0, every=0.05, action=pump.send_data)
+        [(at, _)] = [(at, e) for at, e in pump.of(RouteChanged) if e.route == RELAY]
+        # The last answer came up to one sending interval before the cut.
+        assert expected - 0.06 <= at - cut_at <= expected + 0.01, (rtt, at - cut_at)
+
+
+def test_idle_routes_are_pinged_every_keepalive_and_never_fail_over_while_answered():
+    pump = direct_pump()
+    start = pump.now
+    pump.run(start + 10.0)
+    pings = [at for at, _ in pump.of(SendPing) if at >= start]
+    assert 8 <= len(pings) <= 10  # one a keepalive (+ the answer's RTT)
+    assert all(1.0 <= b - a <= 1.0 + 2 * pump.rtt for a, b in zip(pings, pings[1:]))
+    assert pump.core.route == DIRECT and pump.core.failovers == [] and not pump.core.closed
+    relay = Pump()
+    relay.run(10.0)
+    assert 8 <= len(relay.of(SendPing)) <= 10 and not relay.core.closed
+
+
+def test_keepalive_pings_are_not_activity_and_data_in_flight_suppresses_them():
+    pump = direct_pump()
+    pump.run(5.0, every=0.2, action=pump.send_data)
+    assert [at for at, _ in pump.of(SendPing) if at > 1.0] == []  # data answered every 0.2 s is liveness enough
+    assert pump.core.last_activity == pytest.approx(4.8, abs=0.21)
+
+
+def test_a_stranger_cannot_keep_a_dead_direct_route_alive():
+    pump = direct_pump()
+    pump.run(3.0)
+    pump.cut.add(DIRECT)
+
+    def stranger():
+        pump.core.packet_authenticated(STRANGER, pump.now)
+        pump._drain()
+    pump.run(6.0, every=0.05, action=stranger)
+    assert [e for _, e in pump.of(RouteChanged)][-1].route == RELAY
+
+
+def test_follows_the_peer_back_to_the_relay_when_its_packets_come_by_the_relay():
+    pump = direct_pump()
+    punched = pump.now
+    pump.run(punched + 0.5)  # idle: nothing direct for a while
+    # A straggler right after the switch would be ignored; this is well after the grace.
+    pump.core.packet_authenticated(RELAY_ADDR, pump.now)
+    pump._drain()
+    change = pump.of(RouteChanged)[-1][1]
+    assert change == RouteChanged(RELAY, RELAY_ADDR, "the peer went back to the relay")
+    assert (pump.now, SendPing(reset_backoff=True)) in pump.events
+
+
+def test_relay_stragglers_right_after_the_switch_do_not_move_the_session():
+    pump = direct_pump()
+    pump.now += PEER_SWITCH_GRACE / 2
+    pump.core.packet_authenticated(RELAY_ADDR, pump.now)
+    pump._drain()
+    # ... nor relay packets while the direct route is carrying packets.
+    pump.run(pump.now + 3.0, every=0.05, action=pump.send_data)
+    pump.core.packet_authenticated(RELAY_ADDR, pump.now)
+    pump._drain()
+    assert pump.core.route == DIRECT and pump.core.failovers == []
+
+
+def test_losing_the_relay_ends_relayed_sessions_and_a_later_failover():
+    relayed = Pump()
+    relayed.core.relay_available(False, 1.0, "intermediate connection lost")
+    assert relayed.core.next_event() == Closed("intermediate connection lost")
+    pump = direct_pump()
+    pump.core.relay_available(False, pump.now)
+    pump.run(pump.now + 5.0, every=0.1, action=pump.send_data)
+    assert not pump.core.closed  # a direct session carries on without the intermediate
+    pump.cut.add(DIRECT)
+    pump.run(pump.now + 5.0, every=0.1, action=pump.send_data)
+    reason = pump.of(Closed)[0][1].reason
+    assert reason.startswith("direct path lost while the intermediate is unreachable: "
+                             "nothing heard on the direct path")
+
+
+def test_direct_only_session_ends_when_the_direct_route_dies():
+    pump = Pump(direct_only=True)
+    pump.punch()
+    pump.run(3.0)
+    pump.cut.add(DIRECT)
+    pump.run(8.0)
+    [(_, closed)] = pump.of(Closed)
+    assert closed.reason.startswith("direct path lost and the relay is not allowed "
+                                    "(--direct-only): ")
+
+
+# Death -------------------------------------------------------------------------------------
+def test_a_dead_peer_is_noticed_within_about_3_s_on_the_relay():
+    pump = Pump()
+    pump.run(10.0)
+    pump.peer_dead = True
+    died_at = pump.now
+    pump.run(30.0)
+    [(at, closed)] = pump.of(Closed)
+    assert closed == Closed("the peer stopped answering")
+    assert 2.5 <= at - died_at <= 3.6
+
+
+def test_a_dead_peer_is_noticed_on_the_direct_route_after_the_failover():
+    pump = direct_pump()
+    pump.run(5.0, every=0.05, action=pump.send_data)
+    pump.peer_dead = True
+    died_at = pump.now
+    pump.run(30.0, every=0.05, action=pump.send_data)  # the application keeps sending
+    assert [e.route for _, e in pump.of(RouteChanged)] == [DIRECT, RELAY]
+    [(at, closed)] = pump.of(Closed)
+    # From the last answer, up to one sending interval before the death.
+    assert closed.reason == "the peer stopped answering"
+    assert 2.5 - 0.06 <= at - died_at <= 2.5 + 0.01
+
+
+def test_a_slow_but_answering_peer_is_not_declared_dead():
+    pump = Pump(rtt=2.0)  # every answer takes 2 s (less than peer_dead_after)
+    pump.run(60.0, every=0.5, action=pump.send_data)
+    assert not pump.core.closed
+
+
+# Expiry ------------------------------------------------------------------------------------
+def test_an_idle_session_ends_after_the_idle_timeout_with_the_reason():
+    pump = Pump(idle_timeout=5.0)
+    pump.run(2.0, every=0.5, action=pump.send_data)
+    last = pump.core.last_activity
+    pump.run(60.0)  # keepalives go on all the while, and are no activity
+    [(at, closed)] = pump.of(Closed)
+    assert closed == Closed("idle: no traffic for 5 s")
+    assert at == pytest.approx(last + 5.0)
+    assert len(pump.of(SendPing)) >= 3
+
+
+def test_a_busy_session_is_never_closed_by_a_timer():
+    # Ten times the idle timeout with a datagram now and then, on every route, with
+    # failovers and re-punches on the way.
+    pump = Pump(idle_timeout=1.0)
+    pump.run(0.5, every=0.9, action=pump.send_data)
+    pump.punch()
+    pump.run(5.0, every=0.9, action=pump.send_data)
+    pump.cut.add(DIRECT)
+    pump.run(12.0, every=0.9, action=pump.send_data)
+    assert not pump.core.closed and pump.core.route == RELAY and pump.of(RepunchDue)
+
+
+def test_an_open_stream_keeps_a_quiet_session_open():
+    pump = Pump(idle_timeout=1.0)
+    pump.core.set_open_streams(1, pump.now)
+    pump.run(10.0)  # ten idle timeouts with the stream open and no data
+    assert not pump.core.closed
+    pump.core.set_open_streams(0, pump.now)
+    closed_at = pump.now
+    pump.run(20.0)
+    [(at, closed)] = pump.of(Closed)
+    assert closed.reason == "idle: no traffic for 1 s" and at == pytest.approx(closed_at + 1)
+
+
+# Re-punching -------------------------------------------------------------------------------
+def test_repunch_cool_down_doubles_with_failed_attempts_and_failovers_and_is_capped():
+    pump = direct_pump(repunch_cooldown=2.0, repunch_cooldown_max=30.0)
+    pump.run(3.0)
+    pump.cut.add(DIRECT)
+    pump.run(5.0, every=0.5, action=pump.send_data)
+    [(failed_at, _)] = [(at, e) for at, e in pump.of(RouteChanged) if e.route == RELAY]
+    # Every attempt fails at once: the next waits twice as long, up to 30 s.
+    pump.on_repunch = lambda: pump.core.punch_failed("checks failed", pump.now)
+    pump.run(200.0, every=5.0, action=pump.send_data)
+    dues = pump.of(RepunchDue)
+    times = [failed_at] + [at for at, _ in dues]
+    gaps = [round(b - a, 6) for a, b in zip(times, times[1:])]
+    assert gaps[:5] == [2.0, 4.0, 8.0, 16.0, 30.0]
+    assert [e.attempt for _, e in dues[:3]] == [1, 2, 3]
+    # Success resets the count; the next failover within a minute of the last waits longer.
+    pump.on_repunch = None
+    pump.cut.discard(DIRECT)
+    pump.punch()
+    assert pump.core.repunch_attempts == 0
+    pump.run(pump.now + 2.0, every=0.1, action=pump.send_data)
+    pump.cut.add(DIRECT)
+    pump.run(pump.now + 3.0, every=0.1, action=pump.send_data)
+    second = [at for at, e in pump.of(RouteChanged) if e.route == RELAY][-1]
+    assert pump.of(RepunchDue)[-1][0] == pytest.approx(second + 2.0)  # the first: long ago
+    pump.cut.discard(DIRECT)
+    pump.punch()
+    pump.run(pump.now + 1.0, every=0.1, action=pump.send_data)
+    pump.cut.add(DIRECT)
+    pump.run(pump.now + 5.0, every=0.1, action=pump.send_data)
+    third = [at for at, e in pump.of(RouteChanged) if e.route == RELAY][-1]
+    assert pump.of(RepunchDue)[-1][0] == pytest.approx(third + 4.0)  # two in a minute
+
+
+def test_only_the_controlling_side_repunches_and_a_punch_result_cancels_it():
+    connector = direct_pump(controlling=False)
+    connector.run(2.0)
+    connector.cut.add(DIRECT)
+    connector.run(60.0, every=0.5, action=connector.send_data)
+    assert connector.core.route == RELAY and connector.of(RepunchDue) == []
+    agent = direct_pump()
+    agent.run(2.0)
+    agent.cut.add(DIRECT)
+    agent.run(3.0)
+    assert agent.core.repunch_at is not None
+    agent.cut.discard(DIRECT)
+    agent.punch()  # the connector's offer, say, succeeded first
+    agent.run(60.0)
+    assert agent.of(RepunchDue) == [] and agent.core.route == DIRECT
+
+
+def test_a_punch_that_fails_before_the_session_was_ever_direct_is_not_retried():
+    pump = Pump()
+    pump.core.punch_failed("no direct path within 5 s", 5.0)
+    pump.run(120.0, every=1.0, action=pump.send_data)
+    assert pump.of(RepunchDue) == [] and pump.core.route == RELAY
+
+
+def test_close_stops_timers_and_events():
+    pump = direct_pump()
+    pump.core.close(pump.now)
+    assert pump.core.next_timer() is None and pump.core.next_event() is None
+    assert pump.core.route == NONE
