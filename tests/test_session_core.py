@@ -241,6 +241,19 @@ def test_relay_stragglers_right_after_the_switch_do_not_move_the_session():
     assert pump.core.route == DIRECT and pump.core.failovers == []
 
 
+def test_packets_acknowledged_by_the_relay_just_after_the_switch_leave_nothing_waiting():
+    core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True)
+    core.handshake_completed(0.0)
+    core.transport_state(True, 0.02, 1.0)  # data in flight over the relay
+    core.punch_succeeded(PEER, 1.0)
+    core.transport_state(True, 0.02, 1.0)
+    core.packet_authenticated(RELAY_ADDR, 1.02)  # the peer has not switched yet
+    core.transport_state(False, 0.02, 1.02)  # everything acknowledged
+    assert core.next_timer() == 2.0  # the next keepalive, not a failover at 1.5
+    core.handle_timer(1.6)
+    assert core.route == DIRECT
+
+
 def test_losing_the_relay_ends_relayed_sessions_and_a_later_failover():
     relayed = Pump()
     relayed.core.relay_available(False, 1.0, "intermediate connection lost")
