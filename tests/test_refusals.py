@@ -56,12 +56,12 @@ def test_a_node_with_a_bad_certificate_will_not_start(certs, who, message):
 
 
 @pytest.mark.parametrize("who, message", [
-    ("rogue", "unauthenticated: certificate of agent 'mallory' is not trusted"),
-    ("old", "unauthenticated: certificate expired on"),
+    ("rogue", "certificate of agent 'mallory' is not trusted"),
+    ("old", "certificate expired on"),
     ("connector1", "registration claims agent"),
 ])
 def test_the_intermediate_refuses_bad_certificates_itself(certs, monkeypatch, who, message):
-    """Even a node that skips its own checks is refused by the intermediate."""
+    """Even a node that skips its own checks is refused by the intermediate, for good."""
     real = node_module.load_credentials
 
     def unchecked(cfg, role):
@@ -80,6 +80,9 @@ def test_the_intermediate_refuses_bad_certificates_itself(certs, monkeypatch, wh
             try:
                 await wait_for(lambda: bad.control.last_error and message in bad.control.last_error)
                 assert not bad.control.connected
+                await wait_for(bad.failed.done)
+                assert "the intermediate refused this node's certificate" in bad.failed.result()
+                assert bad.control.attempts == 1
                 refused = d.intermediate.counters
                 assert refused["refused_unauthenticated"] + refused["refused_registration"] >= 1
                 assert ("agent", name) not in d.intermediate.nodes
@@ -148,3 +151,56 @@ def test_cli_bad_flag_values(tmp_path):
     run_ = _cli("connector", "--intermediate", "127.0.0.1:1", "--cert", "x", "--key", "y",
                 "--service", "web=http://x")
     assert run_.returncode == 2 and "expected tcp:HOST:PORT or udp:HOST:PORT, got 'http://x'" in run_.stderr
+
+
+def _node_config(certs, intermediate, **kw):
+    return AgentConfig(ca=str(certs / "ca.crt"), cert=str(certs / "alice.crt"),
+                       key=str(certs / "alice.key"), intermediate=intermediate,
+                       bind=("127.0.0.1", 0), connect_timeout=1, reconnect_min=0.05,
+                       reconnect_max=0.1, **kw)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"intermediate_name": "relay1"},
+     "the intermediate's certificate names 127.0.0.1, not relay1: "
+     "pass --intermediate-name 127.0.0.1"),
+    ({"ca": "rogue/ca.crt", "cert": "rogue/mallory.crt", "key": "rogue/mallory.key"},
+     "the intermediate's certificate is not trusted by --ca"),
+])
+def test_permanent_errors_stop_the_node_without_retrying(certs, change, message):
+    """A wrong name or another deployment's CA is not retried: the node stops with one
+    sentence that says what to do."""
+    async def main():
+        async with LocalDeployment(str(certs)) as d:
+            cfg = _node_config(certs, d.intermediate.local_address[:2])
+            for key, value in change.items():
+                setattr(cfg, key, str(certs / value) if key in ("ca", "cert", "key") else value)
+            node = Agent(cfg)
+            await node.start()
+            try:
+                with pytest.raises(node_module.PermanentError) as refused:
+                    await node.wait_registered(5)
+                assert message in str(refused.value)
+                assert node.control.attempts == 1
+                assert "closed by the intermediate" not in str(refused.value)
+            finally:
+                await node.stop()
+    run(main(), timeout=60)
+
+
+def test_no_answer_is_transient_and_said_so(certs):
+    """Nobody at the address: retried with backoff, and the reason is ours, not a close by
+    the intermediate."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # holds the port; never answers
+
+        async def main():
+            node = Agent(_node_config(certs, silent.getsockname()))
+            await node.start()
+            try:
+                await wait_for(lambda: node.control.attempts >= 2, timeout=10)
+                assert not node.failed.done()
+                assert node.control.last_error == "no answer within 1 s"
+            finally:
+                await node.stop()
+        run(main(), timeout=60)

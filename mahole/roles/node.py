@@ -162,6 +162,7 @@ class ControlClient(ConnectionHandler):
         self.connects = 0
         self.last_error = None
         self.permanent_error = None
+        self._attempt_error = None
         self._pings = 0
         self._closed = asyncio.Event()
         self._registered = asyncio.Event()
@@ -193,6 +194,7 @@ class ControlClient(ConnectionHandler):
                 delay = cfg.reconnect_min
                 self._arm_keepalive()
                 await self._closed.wait()
+                self.last_error = self._attempt_error or "connection closed"
                 if self.permanent_error is not None:
                     self.node.fatal_error(self.permanent_error)
                     return
@@ -224,7 +226,7 @@ class ControlClient(ConnectionHandler):
         cfg = self.node.cfg
         silent = now - (conn.last_rx or 0.0)
         if silent > cfg.control_dead_after:
-            self.last_error = f"no answer from the intermediate for {silent:.1f} s"
+            self._note(f"no answer from the intermediate for {silent:.1f} s")
             conn.abandon(qc.ERROR_SHUTDOWN, "intermediate not answering")
             return
         self._pings += 1
@@ -236,7 +238,7 @@ class ControlClient(ConnectionHandler):
         node = self.node
         self._closed.clear()
         self._registered.clear()
-        self.last_error = None
+        self._attempt_error = None
         self.state = "connecting"
         config = qc.configuration(node.identity, node.cfg.ca, is_client=True,
                                   alpn=qc.ALPN_CONTROL,
@@ -257,12 +259,14 @@ class ControlClient(ConnectionHandler):
             closed.cancel()
         if self._registered.is_set() and not self.connection.closed:
             self.connects += 1
+            self.last_error = None
             return True
         if not self.connection.closed:
-            self.last_error = (f"no answer within {node.cfg.connect_timeout:g} s"
-                               if self.connection.packets_received == 0 else
-                               f"no registration within {node.cfg.connect_timeout:g} s")
+            self._note(f"no answer within {node.cfg.connect_timeout:g} s"
+                       if self.connection.packets_received == 0 else
+                       f"no registration within {node.cfg.connect_timeout:g} s")
             self.connection.abandon(reason="registration timed out")
+        self.last_error = self._attempt_error or "connection closed"
         self._set_state("disconnected")
         return False
 
@@ -276,9 +280,13 @@ class ControlClient(ConnectionHandler):
             raise ConnectionError("not connected to the intermediate")
         self.stream.send(message)
 
+    def _note(self, error):
+        """The first cause of this attempt's (or connection's) end is the one reported."""
+        if self._attempt_error is None:
+            self._attempt_error = error
+
     def _fail_permanently(self, message, code=qc.ERROR_UNAUTHENTICATED):
-        self.permanent_error = message
-        self.last_error = message
+        self.permanent_error = self.last_error = self._attempt_error = message
         if self.connection is not None and not self.connection.closed:
             self.connection.close(code, message[:200])
 
@@ -298,7 +306,7 @@ class ControlClient(ConnectionHandler):
                 messages = self.stream.feed(event.data)
             except ValueError as exc:
                 log.error("bad control stream from the intermediate: %s", exc)
-                self.last_error = f"bad control stream from the intermediate: {exc}"
+                self._note(f"bad control stream from the intermediate: {exc}")
                 connection.close(reason="bad control message")
                 return
             for message in messages:
@@ -314,8 +322,8 @@ class ControlClient(ConnectionHandler):
             code, reason = quic.local_close
             if code in CRYPTO_ERROR_RANGE:  # our TLS refused the intermediate's certificate
                 self._fail_permanently(explain_tls_failure(reason, self.node.cfg))
-            elif self.last_error is None:
-                self.last_error = f"closed here: {reason or 'no reason'}"
+            else:
+                self._note(f"closed here: {reason or 'no reason'}")
             return
         reason = event.reason_phrase or "no reason given"
         if event.error_code == qc.ERROR_UNAUTHENTICATED or (
@@ -323,7 +331,7 @@ class ControlClient(ConnectionHandler):
             self._fail_permanently(f"the intermediate refused this node's certificate "
                                    f"({self.node.cfg.cert}): {reason}")
         else:
-            self.last_error = f"closed by the intermediate: {reason}"
+            self._note(f"closed by the intermediate: {reason}")
 
     def _message(self, message):
         if isinstance(message, control.Registered):
@@ -342,7 +350,7 @@ class ControlClient(ConnectionHandler):
             if message.code in PERMANENT_REFUSALS:
                 self._fail_permanently(text, qc.ERROR_SHUTDOWN)
             else:
-                self.last_error = text
+                self._note(text)
                 log.error("%s", text)
         else:
             self.node.control_message(message)
