@@ -617,8 +617,9 @@ class SignalingCore:
             return
         old = self._links.get(holder.handle)
         if old is None:
-            # Registered by a connection this intermediate does not hold (another home, or a
-            # record left behind): nothing to probe here; the newcomer takes the name.
+            # Registered by a connection this intermediate does not hold (a record left
+            # behind): nothing to probe here; the newcomer takes the name. With a shared
+            # registry the record's home would be asked to probe instead (not built yet).
             self.registry.remove_node(holder.handle)
             self._register(link, message, now)
             return
@@ -699,8 +700,7 @@ class SignalingCore:
                         f"agent {link.name!r} is not allowed to reach service {service!r}",
                         message.request_id)
             return
-        connectors = [c for c in self.registry.connectors_for(service) if c.handle in self._links
-                      or c.home != self.home]
+        connectors = self.registry.connectors_for(service)
         if not connectors:
             departed = self._departed.get(service)
             if departed is not None:
