@@ -162,8 +162,8 @@ def _node_config(certs, intermediate, **kw):
 
 @pytest.mark.parametrize("change, message", [
     ({"intermediate_name": "relay1"},
-     "the intermediate's certificate names 127.0.0.1, not relay1: "
-     "pass --intermediate-name 127.0.0.1"),
+     "the intermediate's certificate names intermediate, 127.0.0.1, not relay1: "
+     "pass --intermediate-name intermediate"),
     ({"ca": "rogue/ca.crt", "cert": "rogue/mallory.crt", "key": "rogue/mallory.key"},
      "the intermediate's certificate is not trusted by --ca"),
 ])
