@@ -24,9 +24,19 @@ from . import identity
 ALPN_CONTROL = "mahole-control/1"
 ALPN_E2E = "mahole-e2e/1"
 
-# QUIC application error codes used when mahole closes a connection.
-ERROR_UNAUTHENTICATED = 0x101
+# QUIC application error codes used when mahole closes a connection (CONNECTION_CLOSE of
+# type 0x1d, RFC 9000 §19.19: their own space, apart from transport codes such as
+# CRYPTO_ERROR 0x100-0x1ff, which come in frames of type 0x1c).
 ERROR_SHUTDOWN = 0x100
+ERROR_UNAUTHENTICATED = 0x101
+# QUIC transport CRYPTO_ERROR codes (RFC 9001 §4.8): 0x100 + the TLS alert.
+CRYPTO_ERROR_RANGE = range(0x100, 0x200)
+
+
+def is_tls_failure(error_code, frame_type):
+    """Whether a close is the TLS handshake's refusal (a transport CRYPTO_ERROR), as opposed
+    to a mahole application close that happens to share the number."""
+    return frame_type is not None and error_code in CRYPTO_ERROR_RANGE
 
 
 def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_timeout=30.0,
@@ -74,8 +84,9 @@ class NodeQuicConnection(QuicConnection):
       MAX_STREAM_DATA) while our consumer is slow, so a slow local reader bounds memory
       instead of buffering without limit; `resume_stream(id)` grants it again.
     - `packets_authenticated` counts packets that decrypted (so the caller knows whether a
-      datagram was really from the peer); `local_close` is (error_code, reason) when this
-      side closed the connection (including on a local TLS failure), None otherwise.
+      datagram was really from the peer); `local_close` is (error_code, frame_type, reason)
+      when this side closed the connection (frame_type is None for an application close and
+      set for a transport error such as a local TLS failure), None otherwise.
     """
 
     def __init__(self, *args, **kwargs):
@@ -94,7 +105,7 @@ class NodeQuicConnection(QuicConnection):
 
     def close(self, error_code=0, frame_type=None, reason_phrase=""):
         if self.local_close is None and self._close_event is None:
-            self.local_close = (error_code, reason_phrase)
+            self.local_close = (error_code, frame_type, reason_phrase)
         super().close(error_code=error_code, frame_type=frame_type,
                       reason_phrase=reason_phrase)
 
@@ -102,6 +113,11 @@ class NodeQuicConnection(QuicConnection):
     def bytes_in_flight(self):
         """Bytes of ack-eliciting packets sent and not yet acknowledged or lost."""
         return self._loss.bytes_in_flight
+
+    def path_validated(self, addr):
+        """Whether aioquic has validated addr as a path of this connection (RFC 9000 §8.2:
+        PATH_CHALLENGE answered by PATH_RESPONSE, or the handshake's own address)."""
+        return any(path.addr == addr and path.is_validated for path in self._network_paths)
 
     def reset_probe_backoff(self):
         """Forget the PTO backoff (RFC 9002 §6.2.1) after a route change: packets lost in a

@@ -45,6 +45,8 @@ def test_private_attributes_exist_on_a_live_connection():
     assert isinstance(loss._pacer.bucket_max, float)
     assert isinstance(quic._streams, dict)
     assert quic._close_event is None
+    [path] = quic._network_paths
+    assert path.addr == ("127.0.0.1", 4478) and path.is_validated is True
     assert hasattr(quic.tls, "_request_client_certificate")
     assert hasattr(quic._configuration, "max_stream_data")
 
@@ -58,13 +60,15 @@ def test_adapter_properties():
     assert quic._loss._pto_count == 0
     assert quic.smoothed_rtt is None
     assert quic.packets_authenticated == 0
+    assert quic.path_validated(("127.0.0.1", 4478))
+    assert not quic.path_validated(("127.0.0.9", 4478))
 
 
 def test_local_close_is_recorded_once():
     quic = _client()
     quic.close(error_code=0x101, reason_phrase="first")
     quic.close(error_code=0x100, reason_phrase="second")
-    assert quic.local_close == (0x101, "first")
+    assert quic.local_close == (0x101, None, "first")
 
 
 def test_handler_base_class_is_all_no_ops():

@@ -204,3 +204,27 @@ def test_no_answer_is_transient_and_said_so(certs):
             finally:
                 await node.stop()
         run(main(), timeout=60)
+
+
+@pytest.mark.parametrize("code, frame_type, permanent", [
+    (0x100, None, False),  # ERROR_SHUTDOWN: the intermediate stopping or replacing us
+    (0x101, None, True),  # ERROR_UNAUTHENTICATED: our certificate was refused
+    (0x100 + 42, 0x06, True),  # transport CRYPTO_ERROR (bad_certificate) from its TLS
+    (0x0A, 0x06, False),  # a transport PROTOCOL_VIOLATION: retry
+])
+def test_only_refusals_of_our_identity_are_permanent(certs, code, frame_type, permanent):
+    """Application and transport close codes share numbers (0x100 is both ERROR_SHUTDOWN
+    and the first CRYPTO_ERROR): the frame type tells them apart."""
+    from aioquic.quic.events import ConnectionTerminated
+
+    class Quic:
+        local_close = None
+
+    async def main():
+        node = Agent(_node_config(certs, ("127.0.0.1", 9)))
+        client = node_module.ControlClient(node)
+        client._terminated(Quic(), ConnectionTerminated(error_code=code, frame_type=frame_type,
+                                                        reason_phrase="why"))
+        assert (client.permanent_error is not None) == permanent
+        assert "why" in client._attempt_error
+    run(main())

@@ -40,8 +40,6 @@ class PermanentError(StartupError):
 # Registration refusals that no retry can change.
 PERMANENT_REFUSALS = {control.ErrorCode.UNAUTHENTICATED, control.ErrorCode.DENIED,
                       control.ErrorCode.CONFLICT}
-# QUIC CRYPTO_ERROR codes (RFC 9001 §4.8): 0x100 + the TLS alert.
-CRYPTO_ERROR_RANGE = range(0x100, 0x200)
 
 
 def explain_tls_failure(reason, cfg):
@@ -322,15 +320,16 @@ class ControlClient(ConnectionHandler):
         if self.permanent_error is not None:
             return
         if quic.local_close is not None:
-            code, reason = quic.local_close
-            if code in CRYPTO_ERROR_RANGE:  # our TLS refused the intermediate's certificate
+            code, frame_type, reason = quic.local_close
+            if qc.is_tls_failure(code, frame_type):  # our TLS refused the intermediate
                 self._fail_permanently(explain_tls_failure(reason, self.node.cfg))
             else:
                 self._note(f"closed here: {reason or 'no reason'}")
             return
         reason = event.reason_phrase or "no reason given"
-        if event.error_code == qc.ERROR_UNAUTHENTICATED or (
-                event.error_code in CRYPTO_ERROR_RANGE and not self._registered.is_set()):
+        tls_failure = qc.is_tls_failure(event.error_code, event.frame_type)
+        if tls_failure or (event.error_code == qc.ERROR_UNAUTHENTICATED
+                           and event.frame_type is None):
             self._fail_permanently(f"the intermediate refused this node's certificate "
                                    f"({self.node.cfg.cert}): {reason}")
         else:
