@@ -7,9 +7,15 @@ that reach the node's socket are offered to each session's hole punch in turn; t
 they send leave from the same socket, so the NAT mappings they open are the ones QUIC uses.
 """
 
+import ipaddress
 import logging
 
 from .ice import HolePunch, gather
+
+# Pairs checked per session (RFC 8445 §6.1.2.5 suggests 100): with at most 16 remote
+# candidates and a handful of local ones, 32 covers every useful pair while bounding the
+# checks a hostile offer can make this node send (each pair is tried at most 5 times).
+MAX_PAIRS = 32
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +41,15 @@ class Puncher:
         """Gather candidates and make credentials for the offer (agent) or answer (connector)."""
         cfg = self.node.cfg
         self.forget(session)  # punching again (after a failover) starts afresh
-        punch = HolePunch(controlling, self.scheduler, deadline=cfg.punch_deadline, key=session)
+        host, port = self.endpoint.local_address[:2]
+        # A node that itself lives on loopback (a test or a one-machine deployment) may be
+        # reached there; any other node never sends checks to loopback addresses.
+        on_loopback = cfg.include_loopback or ipaddress.ip_address(host).is_loopback
+        punch = HolePunch(controlling, self.scheduler, deadline=cfg.punch_deadline, key=session,
+                          max_pairs=MAX_PAIRS, allow_loopback=on_loopback)
         self.punches[session] = punch
         for key in ((session, "check"), (session, "deadline")):
             self.endpoint.on_timer(key, lambda now, s=session: self._fire(s, now))
-        host, port = self.endpoint.local_address[:2]
         candidates = gather(port, bound_host=host, observed_addr=self.node.control.observed_addr,
                             relay_addr=self.node.intermediate_addr[:2],
                             include_loopback=cfg.include_loopback)

@@ -282,3 +282,45 @@ def test_lossy_networks_end_with_the_same_answer_on_both_sides(make_scheduler, l
             assert a.pair.local.addr == c.pair.remote.addr and a.pair.remote.addr == c.pair.local.addr
         outcomes.add(a.path)
     assert "direct" in outcomes
+
+
+# --- hostile offers (RFC 8445 §19.5.1) -----------------------------------------------------
+
+
+def test_a_hostile_offer_cannot_aim_checks_at_chosen_addresses(make_scheduler):
+    """An 8.8 KB offer of 64 candidates, some at loopback, multicast and unspecified
+    addresses: the connector keeps the 16 best usable ones and sends checks only there,
+    a bounded number of them."""
+    offered = [host("0.0.0.0", 9), host("127.0.0.1", 22), host("224.0.0.1", 5353),
+               host("169.254.1.1", 80), host("198.51.100.1", 0), host("255.255.255.255", 7)]
+    offered += [host(f"198.51.100.{i}", 1000 + i, local_pref=60000 - i) for i in range(2, 60)]
+    scheduler = make_scheduler()
+    connector = HolePunch(False, scheduler, max_pairs=32)
+    connector.local_description(B_CANDS, 0.0)
+    wire = tuple(c.to_wire() for c in offered)
+    assert len(control.encode(control.CandidateOffer(
+        session_id=SESSION, ufrag="abcd", pwd="a" * 22, candidates=wire))) > 5000
+    connector.remote_description("abcd", "a" * 22, wire, 0.0)
+    kept = {c.addr for c in connector.remote_candidates}
+    assert kept == {(f"198.51.100.{i}", 1000 + i) for i in range(2, 18)}  # the best 16
+    assert connector.refused_remote_candidates == 6 + (58 - 16)
+    connector.start(0.0)
+    sent = []
+    now = 0.0
+    while now < 10.0:
+        sent += connector.datagrams_to_send()
+        for _key in scheduler.pop_due(now):
+            connector.handle_timer(now)
+        now += 0.01
+    sent += connector.datagrams_to_send()
+    assert sent, "the connector checks the usable candidates"
+    assert {addr for _data, addr in sent} <= kept
+    assert len(sent) <= 32 * 5  # pairs x tries
+
+
+def test_loopback_candidates_are_kept_for_a_node_on_loopback(make_scheduler):
+    punch = HolePunch(False, make_scheduler(), allow_loopback=True)
+    punch.local_description([host("127.0.0.2", 5000)], 0.0)
+    punch.remote_description("abcd", "a" * 22, [host("127.0.0.3", 6000).to_wire()], 0.0)
+    assert [c.addr for c in punch.remote_candidates] == [("127.0.0.3", 6000)]
+    assert punch.refused_remote_candidates == 0

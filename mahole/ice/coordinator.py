@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import ipaddress
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ __all__ = [
 ]
 
 DEFAULT_DEADLINE = 5.0  # seconds from StartPunching to falling back to the relay
+# RFC 8445 §19.5.1 (STUN amplification): a peer's candidates make us send checks to
+# addresses it chose, so take at most this many (the best by priority), and never
+# addresses no peer can be at.
+DEFAULT_MAX_REMOTE_CANDIDATES = 16
 
 # RFC 8445 §5.3: ufrag at least 24 bits of randomness (4+ chars), pwd at least 128 bits (22+
 # chars). Base64 of 6 and 18 random bytes gives 8 and 24 ice-chars (A-Z a-z 0-9 + /, RFC 8839
@@ -169,9 +174,14 @@ class HolePunch:
         nomination_grace: float = DEFAULT_NOMINATION_GRACE,
         nomination_attempts: int = DEFAULT_NOMINATION_ATTEMPTS,
         max_pairs: int = DEFAULT_MAX_PAIRS,
+        max_remote_candidates: int = DEFAULT_MAX_REMOTE_CANDIDATES,
+        allow_loopback: bool = False,
         urandom: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.controlling = bool(controlling)
+        self.max_remote_candidates = max_remote_candidates
+        self.allow_loopback = allow_loopback
+        self.refused_remote_candidates = 0
         self.scheduler = scheduler
         self.deadline = deadline
         self.key = self if key is None else key
@@ -235,7 +245,7 @@ class HolePunch:
             raise ValueError("the remote description was already received")
         ufrag = _check_credential(ufrag, "ufrag", 4)
         pwd = _check_credential(pwd, "pwd", 22)
-        converted = tuple(as_candidate(c) for c in candidates)
+        converted = self._usable(as_candidate(c) for c in candidates)
         self._transition(HolePunchEvent.REMOTE)
         self.remote_ufrag, self.remote_pwd, self.remote_candidates = ufrag, pwd, converted
         self._make_checklist()
@@ -282,6 +292,24 @@ class HolePunch:
         self._transition(HolePunchEvent.CLOSE)
         self._finish_relay(now, reason)
 
+    def _usable(self, candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
+        """The peer's candidates we will send checks to: no unspecified, multicast, broadcast
+        or port-0 address, loopback and link-local only where this node itself lives on
+        loopback (``allow_loopback``), and at most ``max_remote_candidates``, best first."""
+        usable = []
+        for candidate in candidates:
+            address = ipaddress.ip_address(candidate.addr[0].partition("%")[0])
+            if (address.is_unspecified or address.is_multicast or candidate.addr[1] == 0
+                    or address == ipaddress.IPv4Address("255.255.255.255")
+                    or ((address.is_loopback or address.is_link_local)
+                        and not self.allow_loopback)):
+                self.refused_remote_candidates += 1
+                continue
+            usable.append(candidate)
+        usable.sort(key=lambda c: c.priority, reverse=True)
+        self.refused_remote_candidates += max(len(usable) - self.max_remote_candidates, 0)
+        return tuple(usable[: self.max_remote_candidates])
+
     def stats(self) -> dict[str, Any]:
         """A JSON-friendly summary for status output and PunchingResult logging."""
         result = self.result
@@ -297,6 +325,7 @@ class HolePunch:
             "selected": None if result is None or result.pair is None else result.pair.to_status(),
             "local_candidates": len(self.local_candidates),
             "remote_candidates": len(self.remote_candidates),
+            "refused_remote_candidates": self.refused_remote_candidates,
             "pairs": 0 if checklist is None else len(checklist.pairs),
             "pair_states": {} if checklist is None else _count_states(checklist.pairs),
             "early_requests": self.early_requests,
