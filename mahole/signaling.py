@@ -52,6 +52,7 @@ import fnmatch
 import heapq
 import itertools
 import logging
+import os
 import secrets
 from typing import Hashable
 
@@ -147,6 +148,8 @@ class SessionRecord:
     punch_started: float | None = None  # when the current round began
     reported: tuple = ()  # roles whose PunchingResult for the current round arrived
     path: str = "relay"  # the agent's last PunchingResult decides
+    agent_token: bytes = b""  # relay tokens of the members (RelayAdd); secret, never logged
+    connector_token: bytes = b""
 
     def members(self):
         return (self.agent, self.connector)
@@ -156,13 +159,16 @@ class SessionRecord:
 
     def to_dict(self):
         data = dataclasses.asdict(self)
-        data["session_id"] = self.session_id.hex()
+        for key in ("session_id", "agent_token", "connector_token"):
+            data[key] = data[key].hex()
         data["reported"] = list(self.reported)
         return data
 
     @classmethod
     def from_dict(cls, data):
         return cls(**{**data, "session_id": bytes.fromhex(data["session_id"]),
+                      "agent_token": bytes.fromhex(data["agent_token"]),
+                      "connector_token": bytes.fromhex(data["connector_token"]),
                       "reported": tuple(data["reported"])})
 
 
@@ -314,11 +320,17 @@ class CloseNode:
 
 @dataclasses.dataclass(frozen=True)
 class RelayAdd:
-    """Relay frames of ``session_id`` between these two addresses (agent, connector)."""
+    """Relay frames of ``session_id`` between these two addresses (agent, connector).
+
+    ``agent_token`` / ``connector_token`` (8 random bytes each, independent) are the tokens
+    that member was sent in its `SessionOpened.relay_token` and must put in every relay frame
+    it sends for this session; a frame with the wrong token is not the member's."""
 
     session_id: bytes
     agent_addr: tuple
     connector_addr: tuple
+    agent_token: bytes
+    connector_token: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,16 +397,20 @@ class SignalingCore:
     probe_timeout:   how long a registered node has to answer the probe that a second
                      registration of its identity triggers.
     node_dead_after: silence (no authenticated packet) after which a node is gone.
+    token_source:    ``f(n) -> n random bytes`` for relay tokens (``os.urandom``; tests
+                     inject their own).
     """
 
     def __init__(self, *, acl=(), registry=None, home="", probe_timeout=PROBE_TIMEOUT,
-                 node_dead_after=NODE_DEAD_AFTER, max_sessions_per_node=MAX_SESSIONS_PER_NODE):
+                 node_dead_after=NODE_DEAD_AFTER, max_sessions_per_node=MAX_SESSIONS_PER_NODE,
+                 token_source=os.urandom):
         self.acl = [rule if isinstance(rule, AclRule) else AclRule(rule) for rule in acl]
         self.registry = registry if registry is not None else MemoryRegistry()
         self.home = home
         self.probe_timeout = probe_timeout
         self.node_dead_after = node_dead_after
         self.max_sessions_per_node = max_sessions_per_node
+        self._token_source = token_source
         self.counters = dict.fromkeys((
             "nodes_registered", "refused_registration", "refused_conflict", "nodes_replaced",
             "nodes_dead", "probes_sent", "probes_answered", "sessions_opened",
@@ -720,16 +736,21 @@ class SignalingCore:
                             f"too many open sessions (at most {self.max_sessions_per_node} "
                             f"per node)", message.request_id)
                 return
+        agent_token = self._token_source(control.RELAY_TOKEN_LEN)
+        connector_token = self._token_source(control.RELAY_TOKEN_LEN)
         session = SessionRecord(session_id=new_session_id(), service=service, agent=handle,
                                 connector=connector.handle, agent_name=link.name,
-                                connector_name=connector.name, home=self.home, created=now)
+                                connector_name=connector.name, home=self.home, created=now,
+                                agent_token=agent_token, connector_token=connector_token)
         self.registry.put_session(session)
         self.counters["sessions_opened"] += 1
-        self._events.append(RelayAdd(session.session_id, link.addr, connector.addr))
-        for member, peer in ((connector.handle, link.addr), (handle, connector.addr)):
+        self._events.append(RelayAdd(session.session_id, link.addr, connector.addr,
+                                     agent_token, connector_token))
+        for member, peer, token in ((connector.handle, link.addr, connector_token),
+                                    (handle, connector.addr, agent_token)):
             self._send(member, control.SessionOpened(
                 request_id=message.request_id, session_id=session.session_id, service=service,
-                agent=link.name, connector=connector.name, peer_addr=peer))
+                agent=link.name, connector=connector.name, peer_addr=peer, relay_token=token))
         log.info("session %s: agent %s -> service %s at connector %s",
                  session.session_id.hex(), link.name, service, connector.name)
 

@@ -40,6 +40,7 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 SID = bytes.fromhex("0011223344556677")
 SID_HEX = "0011223344556677"
+TOKEN = bytes.fromhex("a1b2c3d4e5f60718")
 UFRAG = "aB3+"
 PWD = "abcdefghijklmnopqrst/+"  # 22 ice-chars, the RFC 8445 §5.3 minimum
 
@@ -56,8 +57,8 @@ SAMPLES = [
     Registered("node-1f", ("198.51.100.4", 50000)),
     ObservedAddress(("2001:db8::42", 1)),
     OpenSession(7, "web"),
-    SessionOpened(7, SID, "web", "laptop-7", "office", ("198.51.100.4", 50000)),
-    SessionOpened(0, SID, "web", "laptop-7", "office", None),
+    SessionOpened(7, SID, "web", "laptop-7", "office", ("198.51.100.4", 50000), TOKEN),
+    SessionOpened(0, SID, "web", "laptop-7", "office", None, TOKEN),
     SessionClosed(SID, "idle"),
     SessionClosed(SID, ""),
     CandidateOffer(SID, UFRAG, PWD, (HOST, SRFLX, RELAY)),
@@ -310,6 +311,10 @@ BAD_PAYLOADS = [
     ("hex with newline", _payload("StartPunching", session_id=SID_HEX[:-1] + "\n"), "must be 16 lowercase hex digits"),
     ("session id number", _payload("StartPunching", session_id=1), "StartPunching.session_id: must be a hex string, got integer"),
     ("optional session id bad", _payload("Error", session_id="zz"), "Error.session_id: must be 16 lowercase hex digits"),
+    # relay tokens: exactly 8 bytes, required
+    ("short relay token", _payload("SessionOpened", relay_token="a1b2c3"), "SessionOpened.relay_token: must be 16 lowercase hex digits"),
+    ("null relay token", _payload("SessionOpened", relay_token=None), "SessionOpened.relay_token: must be a hex string, got null"),
+    ("no relay token", _payload("SessionOpened", drop=("relay_token",)), "SessionOpened: missing field\\(s\\) 'relay_token'"),
     # addresses
     ("hostname", _payload("ObservedAddress", addr=["example.com", 1]), "ObservedAddress.addr: host is not an IP address: 'example.com'"),
     ("ip with port text", _payload("ObservedAddress", addr=["1.2.3.4:5", 1]), "host is not an IP address"),
@@ -563,6 +568,7 @@ STRATEGIES = {
         agent=names,
         connector=names,
         peer_addr=st.none() | addrs,
+        relay_token=session_ids,
     ),
     SessionClosed: st.builds(SessionClosed, session_id=session_ids, reason=texts),
     CandidateOffer: _exchange(CandidateOffer),

@@ -171,18 +171,45 @@ def test_acl_rule_text():
             AclRule(bad)
 
 
+def counting_tokens():
+    """A token source that hands out 1, 2, 3, ... as 8-byte tokens (predictable in tests)."""
+    counter = iter(range(1, 1 << 30))
+    return lambda n: next(counter).to_bytes(n, "big")
+
+
+def token(i):
+    return i.to_bytes(8, "big")
+
+
 def test_open_session_tells_both_members_and_adds_the_relay():
-    h = Harness(acl=("alice=web",))
+    h = Harness(acl=("alice=web",), token_source=counting_tokens())
     h.pair()
     session_id, events = h.open()
-    assert events[0] == RelayAdd(session_id, AGENT_ADDR, CONNECTOR_ADDR)
+    assert events[0] == RelayAdd(session_id, AGENT_ADDR, CONNECTOR_ADDR,
+                                 agent_token=token(1), connector_token=token(2))
     to = {e.handle: e.message for e in events[1:]}
     assert to[2] == control.SessionOpened(request_id=7, session_id=session_id, service="web",
                                           agent="alice", connector="office",
-                                          peer_addr=AGENT_ADDR)
+                                          peer_addr=AGENT_ADDR, relay_token=token(2))
     assert to[1].peer_addr == CONNECTOR_ADDR and to[1].session_id == session_id
+    assert to[1].relay_token == token(1)  # each member its own token
     assert h.core.registry.session(session_id).members() == (1, 2)
     assert h.core.counters["sessions_opened"] == 1
+
+
+def test_relay_tokens_are_random_independent_and_fresh_for_every_session():
+    h = Harness()  # os.urandom
+    h.pair()
+    tokens = []
+    for request_id in range(1, 21):
+        _session_id, events = h.open(request_id=request_id)
+        [add] = [e for e in events if isinstance(e, RelayAdd)]
+        opened = {e.handle: e.message.relay_token for e in events
+                  if isinstance(e, SendMessage)}
+        assert opened == {1: add.agent_token, 2: add.connector_token}
+        assert len(add.agent_token) == len(add.connector_token) == 8
+        tokens += [add.agent_token, add.connector_token]
+    assert len(set(tokens)) == len(tokens)
 
 
 def test_session_closed_by_a_member_tells_the_other_and_removes_the_relay():
@@ -525,7 +552,8 @@ def test_records_are_plain_serialisable_data():
     session = SessionRecord(session_id=b"\x00" * 7 + b"\x01", service="web", agent="relay1/1",
                             connector="relay1/3", agent_name="alice", connector_name="office",
                             home="relay1", created=3.0, offers=2, answers=1, punch_round=1,
-                            punch_started=4.0, reported=("agent",), path="direct")
+                            punch_started=4.0, reported=("agent",), path="direct",
+                            agent_token=token(5), connector_token=token(6))
     assert NodeRecord.from_dict(json.loads(json.dumps(node.to_dict()))) == node
     assert SessionRecord.from_dict(json.loads(json.dumps(session.to_dict()))) == session
 

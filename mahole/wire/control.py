@@ -17,7 +17,7 @@ Payload
     JSON are all rejected with ``ControlError`` (a ``ValueError``) whose text names the field and
     the problem. Field encodings:
 
-    - session ids: 16 lowercase hex digits (8 bytes, the relay frame's session id);
+    - session ids and relay tokens: 16 lowercase hex digits (8 bytes each);
     - addresses: ``[host, port]``, host an IP literal (normalised by ``ipaddress``), port 0..65535;
     - optional fields are present with ``null`` when absent;
     - integers stay within 0..2**53-1, which every JSON implementation keeps exact
@@ -54,6 +54,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "LENGTH_PREFIX_LEN",
     "MESSAGE_TYPES",
+    "RELAY_TOKEN_LEN",
     "Addr",
     "Candidate",
     "CandidateAnswer",
@@ -85,6 +86,7 @@ MAX_PAYLOAD = 65536  # largest payload accepted or produced (64 KiB)
 MAX_NAME_LEN = 255  # node names, node ids, service names
 MAX_TEXT_LEN = 1024  # free text: Error.message, SessionClosed.reason
 MAX_SERVICES = 64  # services in one Register
+RELAY_TOKEN_LEN = 8  # bytes of SessionOpened.relay_token
 MAX_CANDIDATES = 64  # candidates in one offer/answer
 MAX_SAFE_INT = 2**53 - 1  # RFC 8259 §6: larger integers are not exact in every JSON parser
 MAX_DELAY_MS = 60_000  # StartPunching.delay_ms: more than a minute is a bug, not a plan
@@ -537,7 +539,10 @@ class SessionOpened(Message):
     ``request_id`` echoes the agent's `OpenSession` (connectors may ignore it). ``agent`` is the
     agent identity the connector must accept on the end-to-end connection; ``connector`` is the
     connector serving ``service``. ``peer_addr`` is the other member's observed address, if
-    known. ``session_id`` also keys the relay frames of this session.
+    known. ``session_id`` also keys the relay frames of this session. ``relay_token`` (8 bytes,
+    16 hex digits) is the token the receiving member must put in every relay frame it sends
+    for this session; each member gets its own, drawn at random by the intermediate, so a
+    frame is bound to its sender and session by more than a spoofable source address.
     """
 
     request_id: int = _f(_SAFE_INT)
@@ -546,6 +551,7 @@ class SessionOpened(Message):
     agent: str = _f(_NAME)
     connector: str = _f(_NAME)
     peer_addr: Addr | None = _f(_Optional(_ADDR))
+    relay_token: bytes = _f(_Bytes(RELAY_TOKEN_LEN))
 
 
 @dataclasses.dataclass(frozen=True)
