@@ -124,8 +124,8 @@ def _fill(router, datagrams, mask, short_dcid_len):
         if not mask >> (i % 4) & 1 or not d:
             continue
         handle = f"h{i}"
-        if d[0] == _kinds.RELAY_FRAME_TYPE and len(d) >= _kinds.RELAY_HEADER_LEN:
-            router.add_session(d[1:_kinds.RELAY_HEADER_LEN], handle)
+        if d[0] == _kinds.RELAY_FRAME_TYPE and len(d) > _kinds.RELAY_SESSION_ID_LEN:
+            router.add_session(d[1:1 + _kinds.RELAY_SESSION_ID_LEN], handle)
         elif d[0] & 0x80 and len(d) > 6 and d[5] <= 20:
             router.add_connection(d[6:6 + d[5]], handle)
         elif len(d) >= 1 + short_dcid_len:
@@ -287,8 +287,8 @@ def fuzz_relay(data):
         if module is None:
             continue
         router = module.Router()
-        if len(data) >= relay.HEADER_LEN:
-            router.add_session(data[1:relay.HEADER_LEN], "entry")
+        if len(data) > relay.SESSION_ID_LEN:
+            router.add_session(data[1:1 + relay.SESSION_ID_LEN], "entry")
         result = router.dispatch([(data, ADDR)])
         relayed = [(e, bytes(d)) for e, d, _ in result.relay]
         if relayed != ([("entry", data)] if well_formed else []):
