@@ -41,6 +41,26 @@ Behaviour worth knowing (issue 8):
 - A node with no authenticated packet for ``node_dead_after`` is gone: its sessions end (the
   other member is told why) and its connection is closed.
 - Repeated, out-of-order, foreign or unknown signaling is ignored and counted, never raised.
+
+Policy and quotas (issue 9):
+
+- Which connectors may offer which services: `OfferRule`s (``--offer CONNECTOR_GLOB=
+  SERVICE_GLOB``). With none configured (``offers=None``) any connector of the deployment CA
+  may offer any service, as before; `SignalingCore.from_config` warns about it at start. A
+  `Register` offering a service no rule allows is refused as a whole (`ErrorCode.DENIED`, close
+  code `CLOSE_DENIED`), naming the connector and the service, and logged at WARNING. Several
+  connectors allowed to offer one service are replicas: the longest registered one below its
+  session cap serves the next session.
+- `Limits`, per identity, answered with `ErrorCode.RATE_LIMITED`: control connections per
+  identity and the time to register; sessions opened per minute per agent; open sessions per
+  agent and per connector; control messages per connection (a token bucket: excess messages
+  are ignored and counted, and a node that has more than a burst of them ignored within
+  ``ABUSE_WINDOW`` is closed with `CLOSE_RATE_LIMITED`); relay bandwidth per identity, as a
+  per-session share (`RelaySetRate`).
+- Every refusal that closes a connection sends `Error` and closes with a distinct application
+  code (``CLOSE_*``) whose reason phrase repeats the Error's text: a message queued just before
+  a close may never leave (aioquic sends only CONNECTION_CLOSE once closing).
+- Session ids are secrets of sorts (they key relay frames): logs show `session_tag`.
 """
 
 from __future__ import annotations
@@ -49,6 +69,7 @@ import abc
 import collections
 import dataclasses
 import fnmatch
+import hashlib
 import heapq
 import itertools
 import logging
@@ -62,18 +83,29 @@ from .wire.relay import new_session_id
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "AclRule", "CloseNode", "MemoryRegistry", "NodeRecord", "Registry", "RelayAdd",
-    "RelayRemove", "RelaySetMember", "SendMessage", "SessionRecord", "SignalingCore",
+    "AclRule", "CloseNode", "Limits", "MemoryRegistry", "NodeRecord", "OfferRule", "Registry",
+    "RelayAdd", "RelayRemove", "RelaySetMember", "RelaySetRate", "SendMessage",
+    "SessionRecord", "SignalingCore", "session_tag",
 ]
 
-# QUIC application error codes of closed control connections; the same numbers as
-# mahole.connection.ERROR_* (kept here so the core does not import aioquic).
-CLOSE_SHUTDOWN = 0x100  # ordinary close: stopping, replaced, gone silent, refused
+# QUIC application error codes of closed control connections (CONNECTION_CLOSE type 0x1d,
+# RFC 9000 §19.19); mahole.connection.ERROR_* are the same numbers (kept here so the core
+# does not import aioquic). Never 0 (NO_ERROR) for a refusal; the reason phrase says why.
+CLOSE_SHUTDOWN = 0x100  # ordinary close: stopping, replaced, gone silent
 CLOSE_UNAUTHENTICATED = 0x101  # the certificate does not match what the node claims
+CLOSE_PROTOCOL_ERROR = 0x102  # undecodable control stream, a broken protocol
+CLOSE_RATE_LIMITED = 0x103  # over a quota: connections per identity, a control flood
+CLOSE_CONFLICT = 0x104  # another live connection holds this identity (permanent)
+CLOSE_DENIED = 0x105  # the policy refuses the registration: a service it may not offer
+
+PERMANENT_CLOSES = frozenset((CLOSE_UNAUTHENTICATED, CLOSE_CONFLICT, CLOSE_DENIED))
+"""Close codes after which a node must not retry (the configuration has to change)."""
 
 PROBE_TIMEOUT = 1.0  # s: a probed node that answers within this is alive
 NODE_DEAD_AFTER = 2.0  # s without an authenticated packet: the node is gone
-MAX_SESSIONS_PER_NODE = 1000  # open sessions one node may be a member of
+ABUSE_WINDOW = 10.0  # s: more than a burst of ignored control messages within this closes
+MAX_BUCKETS = 65536  # sessions-per-minute buckets kept (least recently used dropped)
+MIN_RELAY_BURST = 64 * 1024  # bytes: the smallest relay bucket of a session's share
 MAX_DEPARTED = 1024  # services remembered after their connector left (CONNECTOR_OFFLINE)
 MAX_PUNCH_TIMES = 1000  # time-to-direct samples kept for the median in /status
 MAX_REASON = 200  # characters of a close reason (CONNECTION_CLOSE reason phrase)
@@ -82,20 +114,124 @@ PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at
 AGENT, CONNECTOR = 0, 1  # member index of a session (relay engine member order)
 
 
-class AclRule:
-    """`AGENT_GLOB=SERVICE_GLOB`: agents whose name matches may reach matching services."""
+class _GlobRule:
+    """`NODE_GLOB=SERVICE_GLOB` (fnmatch patterns, case-sensitive)."""
+
+    WHAT = "NODE_GLOB=SERVICE_GLOB"
 
     def __init__(self, text):
-        agent, sep, service = text.partition("=")
-        if not sep or not agent or not service:
-            raise ValueError(f"expected AGENT_GLOB=SERVICE_GLOB, got {text!r}")
-        self.agent, self.service = agent, service
+        node, sep, service = text.partition("=")
+        if not sep or not node or not service:
+            raise ValueError(f"expected {self.WHAT}, got {text!r}")
+        self.node, self.service = node, service
 
-    def allows(self, agent, service):
-        return fnmatch.fnmatchcase(agent, self.agent) and fnmatch.fnmatchcase(service, self.service)
+    def allows(self, node, service):
+        return fnmatch.fnmatchcase(node, self.node) and fnmatch.fnmatchcase(service, self.service)
 
     def __str__(self):
-        return f"{self.agent}={self.service}"
+        return f"{self.node}={self.service}"
+
+
+class AclRule(_GlobRule):
+    """`AGENT_GLOB=SERVICE_GLOB` (``--allow``): agents whose name matches may reach matching
+    services."""
+
+    WHAT = "AGENT_GLOB=SERVICE_GLOB"
+
+    @property
+    def agent(self):
+        return self.node
+
+
+class OfferRule(_GlobRule):
+    """`CONNECTOR_GLOB=SERVICE_GLOB` (``--offer``): connectors whose name matches may offer
+    matching services."""
+
+    WHAT = "CONNECTOR_GLOB=SERVICE_GLOB"
+
+    @property
+    def connector(self):
+        return self.node
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Quotas per identity (issue 9), with their defaults; `IntermediateConfig` has fields
+    and the command line flags of the same names. Over a quota means `ErrorCode.RATE_LIMITED`.
+
+    connections_per_identity: control connections of one (role, name) at this intermediate,
+                              registered or not (one registers; the rest are a reconnect in
+                              progress or a twin being probed). Beyond it: closed at once.
+                              (How long a connection may stay unregistered is the shell's
+                              ``handshake_timeout``; a probe bounds a twin's wait.)
+    sessions_per_minute:      sessions one agent may open per minute (a token bucket: that
+                              many at once, then one every 60/N s).
+    sessions_per_agent:       open sessions one agent may be a member of.
+    sessions_per_connector:   open sessions one connector may serve (the next replica of the
+                              service takes over).
+    signaling_rate, signaling_burst: control messages per second per connection (a token
+                              bucket); excess messages are ignored and counted; more than
+                              ``signaling_burst`` ignored within ``ABUSE_WINDOW`` closes the
+                              node (`CLOSE_RATE_LIMITED`).
+    relay_rate_per_identity:  relay bytes/s one identity's sessions may use in all (0: no
+                              cap). Expressed as a per-session share (`RelaySetRate`): the cap
+                              divided by the member's open sessions rounded up to a power of
+                              two (the busier member's), so the shares never add up to more.
+    """
+
+    connections_per_identity: int = 4
+    sessions_per_minute: int = 120
+    sessions_per_agent: int = 256
+    sessions_per_connector: int = 4096
+    signaling_rate: float = 50.0
+    signaling_burst: int = 100
+    relay_rate_per_identity: int = 0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "relay_rate_per_identity":
+                if value < 0:
+                    raise ValueError(f"{field.name} must be >= 0, got {value}")
+            elif not value > 0:
+                raise ValueError(f"{field.name} must be > 0, got {value}")
+
+
+class _Bucket:
+    """A token bucket: ``rate`` tokens a second, at most ``burst``; starts full."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate, burst, now):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now):
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait(self):
+        """Seconds until the next token (after a failed take)."""
+        return (1.0 - self.tokens) / self.rate
+
+
+def session_tag(session_id):
+    """A short, stable name of a session for logs and /status: 8 hex digits of a hash, not
+    the id itself (the id keys relay frames)."""
+    return hashlib.sha256(session_id).hexdigest()[:8]
+
+
+def _share_level(count):
+    """``count`` rounded up to a power of two (1, 2, 4, 8, ...): shares change only when a
+    member's session count crosses one, so opening a session rarely touches the others."""
+    return 1 << (max(count, 1) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +354,10 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     def sessions_of(self, handle) -> list[SessionRecord]: ...
 
+    def session_count(self, handle) -> int:
+        """How many sessions ``handle`` is a member of."""
+        return len(self.sessions_of(handle))
+
 
 class MemoryRegistry(Registry):
     """The registry of one intermediate, in dictionaries."""
@@ -295,6 +435,9 @@ class MemoryRegistry(Registry):
     def sessions_of(self, handle):
         return [self._sessions[s] for s in self._member_of.get(handle, ())]
 
+    def session_count(self, handle):
+        return len(self._member_of.get(handle, ()))
+
 
 # --------------------------------------------------------------------------------------------
 # Events.
@@ -341,6 +484,17 @@ class RelayRemove:
 
 
 @dataclasses.dataclass(frozen=True)
+class RelaySetRate:
+    """Limit the relay of ``session_id`` to ``rate_bps`` bytes/s (with a bucket of
+    ``burst_bytes``): the session's share of its members' per-identity relay cap. Only sent
+    when ``relay_rate_per_identity`` is set; a session never told has no share cap."""
+
+    session_id: bytes
+    rate_bps: int
+    burst_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class RelaySetMember:
     """Member ``member`` (0 agent, 1 connector) of ``session_id`` is now at ``addr``."""
 
@@ -356,9 +510,10 @@ class RelaySetMember:
 class _Link:
     """What this intermediate knows of one control connection (never shared)."""
 
-    __slots__ = ("handle", "role", "name", "addr", "last_rx", "rtt", "registered", "probing")
+    __slots__ = ("handle", "role", "name", "addr", "last_rx", "rtt", "registered", "probing",
+                 "bucket", "ignored", "ignored_since")
 
-    def __init__(self, handle, role, name, addr, now):
+    def __init__(self, handle, role, name, addr, now, bucket):
         self.handle = handle
         self.role = role
         self.name = name
@@ -367,6 +522,9 @@ class _Link:
         self.rtt = None
         self.registered = False
         self.probing = None  # (role, name) while this newcomer waits for a probe
+        self.bucket = bucket  # control messages (Limits.signaling_rate/burst)
+        self.ignored = 0  # messages over the rate since ignored_since
+        self.ignored_since = now
 
     def __str__(self):
         return f"{self.role} {self.name!r}"
@@ -394,22 +552,28 @@ class SignalingCore:
     acl:             `AclRule`s (or their text); none means every session is denied.
     registry:        a `Registry`; a fresh `MemoryRegistry` by default.
     home:            this intermediate's name, written into the records it creates.
+    offers:          `OfferRule`s (or their text): which connectors may offer which
+                     services. None (the default) lets any connector offer any service; an
+                     empty list lets none.
     probe_timeout:   how long a registered node has to answer the probe that a second
                      registration of its identity triggers.
     node_dead_after: silence (no authenticated packet) after which a node is gone.
+    limits:          `Limits` (quotas per identity); the defaults if None.
     token_source:    ``f(n) -> n random bytes`` for relay tokens (``os.urandom``; tests
                      inject their own).
     """
 
-    def __init__(self, *, acl=(), registry=None, home="", probe_timeout=PROBE_TIMEOUT,
-                 node_dead_after=NODE_DEAD_AFTER, max_sessions_per_node=MAX_SESSIONS_PER_NODE,
+    def __init__(self, *, acl=(), offers=None, registry=None, home="",
+                 probe_timeout=PROBE_TIMEOUT, node_dead_after=NODE_DEAD_AFTER, limits=None,
                  token_source=os.urandom):
         self.acl = [rule if isinstance(rule, AclRule) else AclRule(rule) for rule in acl]
+        self.offers = None if offers is None else [
+            rule if isinstance(rule, OfferRule) else OfferRule(rule) for rule in offers]
         self.registry = registry if registry is not None else MemoryRegistry()
         self.home = home
         self.probe_timeout = probe_timeout
         self.node_dead_after = node_dead_after
-        self.max_sessions_per_node = max_sessions_per_node
+        self.limits = limits if limits is not None else Limits()
         self._token_source = token_source
         self.counters = dict.fromkeys((
             "nodes_registered", "refused_registration", "refused_conflict", "nodes_replaced",
@@ -420,6 +584,8 @@ class SignalingCore:
             "ignored_unknown_node", "ignored_unknown_session", "ignored_foreign_session",
             "ignored_wrong_direction", "ignored_duplicate_answer", "ignored_duplicate_result",
             "ignored_unexpected_result", "ignored_unexpected_pong", "ignored_duplicate_register",
+            "refused_offer", "refused_connections", "signaling_dropped",
+            "nodes_flooding", "relay_shares_set",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
@@ -431,6 +597,24 @@ class SignalingCore:
         self._deadlines = {}
         self._seq = itertools.count()
         self._punches = {}  # ("punch", session_id, handle) -> (punch_round, message)
+        self._identity_links = collections.defaultdict(dict)  # (role, name) -> {handle: None}
+        self._open_buckets = collections.OrderedDict()  # agent name -> _Bucket (per minute)
+        self._shares = {}  # session_id -> relay rate share sent (RelaySetRate)
+
+    @classmethod
+    def from_config(cls, cfg, *, home="", registry=None, **kwargs):
+        """The core an `IntermediateConfig` describes (``allow``, ``offer``, ``probe_timeout``,
+        ``node_dead_after`` and the `Limits` fields of the same names). Warns when no
+        ``--offer`` rule is configured: then any connector may offer any service."""
+        limits = Limits(**{field.name: getattr(cfg, field.name)
+                           for field in dataclasses.fields(Limits) if hasattr(cfg, field.name)})
+        offers = tuple(getattr(cfg, "offer", ()) or ())
+        if not offers:
+            log.warning("no --offer rules: any connector of the deployment CA may offer any "
+                        "service; add --offer CONNECTOR_GLOB=SERVICE_GLOB to say which")
+        return cls(acl=cfg.allow, offers=offers or None, registry=registry, home=home,
+                   probe_timeout=cfg.probe_timeout, node_dead_after=cfg.node_dead_after,
+                   limits=limits, **kwargs)
 
     # Outputs ---------------------------------------------------------------------------
     def next_event(self):
@@ -484,8 +668,27 @@ class SignalingCore:
         """A control connection authenticated as ``role`` ``name`` (from its certificate)."""
         if handle in self._links:
             raise ValueError(f"handle {handle!r} is already connected")
-        self._links[handle] = _Link(handle, role, name, _addr(addr), now)
+        limits = self.limits
+        held = self._identity_links[(role, name)]
+        if len(held) >= limits.connections_per_identity:
+            self.counters["refused_connections"] += 1
+            text = (f"{role} {name!r} already has {len(held)} control connections here, the "
+                    f"most allowed (--connections-per-identity)")
+            log.warning("refused a connection from %s: %s", _fmt(_addr(addr)), text)
+            self._events.append(CloseNode(handle, CLOSE_RATE_LIMITED, text[:MAX_REASON]))
+            return
+        held[handle] = None
+        self._links[handle] = _Link(handle, role, name, _addr(addr), now,
+                                    _Bucket(limits.signaling_rate, limits.signaling_burst, now))
         self._schedule(("dead", handle), now + self.node_dead_after)
+
+    def _refuse(self, link, code, close_code, text, now, request_id=None):
+        """Tell the node ``text`` in an Error, forget it and close its connection with
+        ``close_code``, the reason phrase repeating the text (the Error may not arrive)."""
+        self._error(link.handle, code, text, request_id)
+        if link.handle in self._links:
+            self._drop(link, "was refused", now)
+        self._events.append(CloseNode(link.handle, close_code, text[:MAX_REASON]))
 
     def packet_authenticated(self, handle, addr, now, rtt=None):
         link = self._links.get(handle)
@@ -536,14 +739,22 @@ class SignalingCore:
         del self._links[handle]
         self._cancel(("dead", handle))
         key = (link.role, link.name)
+        held = self._identity_links.get(key)
+        if held is not None:
+            held.pop(handle, None)
+            if not held:
+                del self._identity_links[key]
         if link.probing is not None:  # a newcomer left while its predecessor was probed
             self._probes.pop(key, None)
             self._cancel(("probe", key))
         if not link.registered:
             return
         reason = f"{link.role} {link.name} {why}"
+        others = {}
         for session in self.registry.sessions_of(handle):
-            self._close_session(session, reason, notify_except=handle)
+            self._close_session(session, reason, notify_except=handle, rebalance=False)
+            others[session.other(handle)] = None
+        self._rebalance([other for other in others if other in self._links])
         record = self.registry.remove_node(handle)
         if record is not None and record.role == "connector":
             for service in record.services:
@@ -569,8 +780,11 @@ class SignalingCore:
             self.counters["ignored_signaling"] += 1
             self.counters["ignored_unknown_node"] += 1
             return
+        if not link.bucket.take(now):
+            self._flooded(link, now)
+            return
         if isinstance(message, control.Pong):
-            self._pong(link, message)
+            self._pong(link, message, now)
         elif not link.registered:
             if link.probing is not None:
                 self._ignore("duplicate_register", link, message)
@@ -602,6 +816,23 @@ class SignalingCore:
             self._error(handle, control.ErrorCode.BAD_MESSAGE,
                         f"unexpected {type(message).__name__} from {link.role} {link.name}")
 
+    def _flooded(self, link, now):
+        """A message over the node's control-message rate: ignored and counted; more than a
+        burst of them within ABUSE_WINDOW closes the node."""
+        self.counters["signaling_dropped"] += 1
+        if now - link.ignored_since > ABUSE_WINDOW:
+            link.ignored, link.ignored_since = 0, now
+        link.ignored += 1
+        limits = self.limits
+        if link.ignored <= limits.signaling_burst:
+            return
+        self.counters["nodes_flooding"] += 1
+        text = (f"{link.role} {link.name!r} sent control messages faster than "
+                f"{limits.signaling_rate:g}/s (burst {limits.signaling_burst}): "
+                f"{link.ignored} ignored within {ABUSE_WINDOW:g} s")
+        log.warning("closing %s at %s: %s", link, _fmt(link.addr), text)
+        self._refuse(link, control.ErrorCode.RATE_LIMITED, CLOSE_RATE_LIMITED, text, now)
+
     def _own_session(self, link, message):
         """The session ``message`` is about, if ``link`` is one of its members."""
         session = self.registry.session(message.session_id)
@@ -619,9 +850,18 @@ class SignalingCore:
             self.counters["refused_registration"] += 1
             text = (f"certificate is for {link.role} {link.name!r} but registration "
                     f"claims {message.role} {message.name!r}")
-            self._error(link.handle, control.ErrorCode.UNAUTHENTICATED, text)
-            self._drop(link, "was refused", now)
-            self._events.append(CloseNode(link.handle, CLOSE_UNAUTHENTICATED, text[:MAX_REASON]))
+            self._refuse(link, control.ErrorCode.UNAUTHENTICATED, CLOSE_UNAUTHENTICATED, text,
+                         now)
+            return
+        denied = [service for service in message.services
+                  if not self.may_offer(link.name, service)]
+        if denied:
+            self.counters["refused_offer"] += 1
+            more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
+            text = (f"connector {link.name!r} is not allowed to offer service "
+                    f"{denied[0]!r}{more}: no --offer rule matches")
+            log.warning("refused %s from %s: %s", link, _fmt(link.addr), text)
+            self._refuse(link, control.ErrorCode.DENIED, CLOSE_DENIED, text, now)
             return
         key = (link.role, link.name)
         holder = self.registry.node_by_identity(*key)
@@ -649,7 +889,7 @@ class SignalingCore:
         log.info("%s registers again from %s; probing the connection from %s", link,
                  _fmt(link.addr), _fmt(old.addr))
 
-    def _pong(self, link, message):
+    def _pong(self, link, message, now):
         key = (link.role, link.name)
         probe = self._probes.get(key)
         if probe is None or probe.old != link.handle or probe.nonce != message.nonce:
@@ -661,7 +901,7 @@ class SignalingCore:
         newcomer = self._links.get(probe.newcomer)
         if newcomer is not None:
             newcomer.probing = None
-            self._refuse_conflict(newcomer, self.registry.node(link.handle), "answering", None)
+            self._refuse_conflict(newcomer, self.registry.node(link.handle), "answering", now)
 
     def _refuse_conflict(self, link, holder, state, now):
         self.counters["refused_conflict"] += 1
@@ -669,12 +909,7 @@ class SignalingCore:
         text = (f"{link.role} {link.name!r} is already connected from {addr} and {state}; "
                 f"stop the other copy or use another certificate")
         log.warning("refused a second %s from %s: %s", link, _fmt(link.addr), text)
-        self._error(link.handle, control.ErrorCode.CONFLICT, text)
-        self._links.pop(link.handle, None)
-        self._cancel(("dead", link.handle))
-        # The reason repeats the text: a stream message queued just before a close may
-        # never leave (aioquic sends only CONNECTION_CLOSE once closing).
-        self._events.append(CloseNode(link.handle, CLOSE_SHUTDOWN, text[:MAX_REASON]))
+        self._refuse(link, control.ErrorCode.CONFLICT, CLOSE_CONFLICT, text, now)
 
     def _probe_expired(self, key, now):
         probe = self._probes.pop(key, None)
@@ -693,6 +928,11 @@ class SignalingCore:
                                           "replaced: did not answer"))
         if newcomer is not None and newcomer.handle in self._links:
             self._register(newcomer, probe.register, now)
+
+    def may_offer(self, connector, service):
+        """Whether the policy lets ``connector`` (a name) offer ``service``."""
+        return self.offers is None or any(rule.allows(connector, service)
+                                          for rule in self.offers)
 
     def _register(self, link, message, now):
         link.registered = True
@@ -728,14 +968,43 @@ class SignalingCore:
                 self._error(handle, control.ErrorCode.UNKNOWN_SERVICE,
                             f"no connector offers service {service!r}", message.request_id)
             return
-        connector = connectors[0]
-        for member in (handle, connector.handle):
-            if len(self.registry.sessions_of(member)) >= self.max_sessions_per_node:
-                self.counters["sessions_rate_limited"] += 1
-                self._error(handle, control.ErrorCode.RATE_LIMITED,
-                            f"too many open sessions (at most {self.max_sessions_per_node} "
-                            f"per node)", message.request_id)
+        limits = self.limits
+        registry = self.registry
+        request_id = message.request_id
+        if registry.session_count(handle) >= limits.sessions_per_agent:
+            self._rate_limited(handle, f"agent {link.name!r} has {limits.sessions_per_agent} "
+                               f"open sessions, the most allowed (--sessions-per-agent)",
+                               request_id)
+            return
+        # Replicas: the longest registered connector allowed to offer the service (a shared
+        # registry may hold records from elsewhere) and below its session cap.
+        allowed = [c for c in connectors if self.may_offer(c.name, service)]
+        connector = next((c for c in allowed if registry.session_count(c.handle)
+                          < limits.sessions_per_connector), None)
+        if connector is None:
+            if not allowed:
+                self.counters["sessions_unknown_service"] += 1
+                self._error(handle, control.ErrorCode.UNKNOWN_SERVICE,
+                            f"no connector offers service {service!r}", request_id)
                 return
+            self._rate_limited(handle, f"every connector of service {service!r} serves "
+                               f"{limits.sessions_per_connector} sessions, the most allowed "
+                               f"(--sessions-per-connector)", request_id)
+            return
+        bucket = self._open_buckets.get(link.name)
+        if bucket is None:
+            bucket = _Bucket(limits.sessions_per_minute / 60.0, limits.sessions_per_minute, now)
+            self._open_buckets[link.name] = bucket
+            while len(self._open_buckets) > MAX_BUCKETS:
+                self._open_buckets.popitem(last=False)
+        else:
+            self._open_buckets.move_to_end(link.name)
+        if not bucket.take(now):
+            self._rate_limited(handle, f"agent {link.name!r} opened "
+                               f"{limits.sessions_per_minute} sessions within a minute, the "
+                               f"most allowed (--sessions-per-minute); try again in "
+                               f"{bucket.wait():.1f} s", request_id)
+            return
         agent_token = self._token_source(control.RELAY_TOKEN_LEN)
         connector_token = self._token_source(control.RELAY_TOKEN_LEN)
         session = SessionRecord(session_id=new_session_id(), service=service, agent=handle,
@@ -752,12 +1021,43 @@ class SignalingCore:
                 request_id=message.request_id, session_id=session.session_id, service=service,
                 agent=link.name, connector=connector.name, peer_addr=peer, relay_token=token))
         log.info("session %s: agent %s -> service %s at connector %s",
-                 session.session_id.hex(), link.name, service, connector.name)
+                 session_tag(session.session_id), link.name, service, connector.name)
+        self._rebalance(session.members())
 
-    def _close_session(self, session, reason, notify_except=None):
+    def _rate_limited(self, handle, text, request_id):
+        self.counters["sessions_rate_limited"] += 1
+        self._error(handle, control.ErrorCode.RATE_LIMITED, text, request_id)
+
+    def _rebalance(self, handles):
+        """Relay shares (Limits.relay_rate_per_identity) of the sessions of ``handles``,
+        after their session counts changed: each session may use the cap divided by the
+        busier member's session count rounded up to a power of two. Only changed shares are
+        sent, so this is rarely more than the new session's."""
+        cap = self.limits.relay_rate_per_identity
+        if not cap:
+            return
+        registry = self.registry
+        levels = {}
+
+        def level(handle):
+            if handle not in levels:
+                levels[handle] = _share_level(registry.session_count(handle))
+            return levels[handle]
+
+        for handle in handles:
+            for session in registry.sessions_of(handle):
+                share = max(1, cap // max(level(session.agent), level(session.connector)))
+                if self._shares.get(session.session_id) != share:
+                    self._shares[session.session_id] = share
+                    self.counters["relay_shares_set"] += 1
+                    self._events.append(RelaySetRate(session.session_id, share,
+                                                     max(share // 4, MIN_RELAY_BURST)))
+
+    def _close_session(self, session, reason, notify_except=None, rebalance=True):
         if self.registry.remove_session(session.session_id) is None:
             return
         self.counters["sessions_closed"] += 1
+        self._shares.pop(session.session_id, None)
         self._events.append(RelayRemove(session.session_id))
         for handle in session.members():
             self._punches.pop(("punch", session.session_id, handle), None)
@@ -765,7 +1065,9 @@ class SignalingCore:
             if handle != notify_except and handle in self._links:
                 self._send(handle, control.SessionClosed(session_id=session.session_id,
                                                          reason=reason[:control.MAX_TEXT_LEN]))
-        log.info("session %s closed: %s", session.session_id.hex(), reason)
+        log.info("session %s closed: %s", session_tag(session.session_id), reason)
+        if rebalance:
+            self._rebalance([h for h in session.members() if h in self._links])
 
     # Signaling -------------------------------------------------------------------------
     def _offer(self, link, message):
@@ -853,7 +1155,8 @@ class SignalingCore:
             if message.path == "direct":
                 self.time_to_direct_ms.append(message.elapsed_ms)
         self.registry.put_session(dataclasses.replace(session, **changes))
-        log.info("session %s: %s reports %s%s", session.session_id.hex(), link, message.path,
+        log.info("session %s: %s reports %s%s", session_tag(session.session_id), link,
+                 message.path,
                  f" to {_fmt(message.remote_addr)} after {message.elapsed_ms:.0f} ms"
                  if message.path == "direct" else "")
 

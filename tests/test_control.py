@@ -223,13 +223,51 @@ def test_constructor_validates(build, match):
         build()
 
 
-def test_encode_refuses_payload_over_cap():
-    # Only near-maximal names in 4-byte UTF-8 characters can get there.
-    smiley = "\U0001f600"
-    services = tuple(chr(0x1F300 + i) + smiley * 254 for i in range(64))
-    fat = Register("connector", smiley * 255, services)
-    with pytest.raises(ControlError, match="over the 65536-byte cap"):
-        encode(fat)
+def test_the_largest_valid_register_stays_far_below_the_payload_cap():
+    services = tuple(f"{i:02d}" + "s" * 62 for i in range(control.MAX_SERVICES))
+    fat = Register("connector", "n" * control.MAX_NAME_LEN, services)
+    assert len(encode(fat)) < 5000 < MAX_PAYLOAD
+
+
+def test_encode_refuses_payload_over_cap(monkeypatch):
+    monkeypatch.setattr(control, "MAX_PAYLOAD", 100)
+    with pytest.raises(ControlError, match="over the 100-byte cap"):
+        encode(Register("connector", "office", tuple(f"web{i}" for i in range(20))))
+
+
+def test_names_follow_the_command_line_grammar():
+    from mahole import config
+
+    assert config.NAME.pattern == control.NAME_RE.pattern  # one grammar (config imports it)
+    for good in ("a", "web", "office-2", "db.internal", "A_1", "9" * 64):
+        assert OpenSession(1, good).service == good
+        assert config.Service.parse(f"{good}=tcp:127.0.0.1:80").name == good
+    for bad in ("", "*", "web*", "../etc", "a/b", ".hidden", "-x", "_x", "a b", "é",
+                "x" * 65, "web\n", "a:b", "a=b"):
+        with pytest.raises(ControlError, match="OpenSession.service"):
+            OpenSession(1, bad)
+        with pytest.raises(ValueError):
+            config.Service.parse(f"{bad}=tcp:127.0.0.1:80")
+
+
+def test_a_register_with_64_long_hostile_service_names_is_undecodable():
+    """Issue 9: a Register with 64 service names of 250 characters containing */../ was
+    accepted. It is not even decodable now (the intermediate answers BAD_MESSAGE)."""
+    hostile = [f"{i}*/../" + "x" * 240 for i in range(64)]
+    payload = json.dumps({"type": "Register", "role": "connector", "name": "rogue",
+                          "services": hostile}).encode()
+    with pytest.raises(ValueError, match=r"Register.services\[0\]: length must be 1..64"):
+        decode_payload(payload)
+    short = json.dumps({"type": "Register", "role": "connector", "name": "rogue",
+                        "services": ["web", "*/../x"]}).encode()
+    with pytest.raises(ValueError, match=r"Register.services\[1\]: must contain only"):
+        decode_payload(short)
+    many = json.dumps({"type": "Register", "role": "connector", "name": "rogue",
+                       "services": [f"s{i}" for i in range(65)]}).encode()
+    with pytest.raises(ValueError, match="must have at most 64 items, got 65"):
+        decode_payload(many)
+    with pytest.raises(ControlError):
+        FrameDecoder().feed(_frame(payload))
 
 
 def test_encode_refuses_non_messages():
@@ -292,14 +330,16 @@ BAD_PAYLOADS = [
     ("bool as float", _payload("PunchingResult", elapsed_ms=True), "PunchingResult.elapsed_ms: must be a number, got boolean"),
     ("string as float", _payload("PunchingResult", elapsed_ms="1"), "elapsed_ms: must be a number, got string"),
     # strings
-    ("empty name", _payload("Register", name=""), "Register.name: length must be 1..255 characters, got 0"),
-    ("long name", _payload("Register", name=LONG), "Register.name: length must be 1..255 characters, got 256"),
-    ("control char in name", _payload("Register", name="a\nb"), "Register.name: contains a control"),
+    ("empty name", _payload("Register", name=""), "Register.name: length must be 1..64 characters, got 0"),
+    ("long name", _payload("Register", name=LONG), "Register.name: length must be 1..64 characters, got 256"),
+    ("control char in name", _payload("Register", name="a\nb"), "Register.name: must contain only A-Z a-z 0-9"),
+    ("glob in service", _payload("OpenSession", service="w*"), "OpenSession.service: must contain only A-Z a-z 0-9"),
+    ("path in name", _payload("SessionOpened", connector="../office"), "SessionOpened.connector: must contain only"),
     ("name not string", _payload("Register", name=["x"]), "Register.name: must be a string, got array"),
     ("bad role", _payload("Register", role="intermediate"), "Register.role: must be one of 'agent', 'connector', got 'intermediate'"),
     ("agent with services", _payload("Register", services=["web"]), "Register: an agent registers no services"),
     ("services not array", _payload("Register", services="web"), "Register.services: must be an array, got string"),
-    ("long service", _payload("OpenSession", service=LONG), "OpenSession.service: length must be 1..255"),
+    ("long service", _payload("OpenSession", service=LONG), "OpenSession.service: length must be 1..64"),
     ("long reason", _payload("SessionClosed", reason="r" * 1025), "SessionClosed.reason: length must be 0..1024 characters, got 1025"),
     ("long message", _payload("Error", message="m" * 1025), "Error.message: length must be 0..1024"),
     ("lone surrogate", b'{"type":"SessionClosed","session_id":"0011223344556677","reason":"\\ud800"}', "SessionClosed.reason: contains a lone surrogate"),
@@ -498,11 +538,7 @@ def test_decode_wants_exactly_one_frame():
 # Property tests
 
 session_ids = st.binary(min_size=8, max_size=8)
-names = st.text(
-    st.characters(categories=("L", "M", "N", "P", "S"), include_characters=" "),
-    min_size=1,
-    max_size=255,
-)
+names = st.from_regex(control.NAME_RE, fullmatch=True)
 texts = st.text(st.characters(codec="utf-8"), max_size=1024)
 ice = string.ascii_letters + string.digits + "+/"
 safe_ints = st.integers(0, 2**53 - 1)

@@ -394,7 +394,7 @@ def test_second_copy_of_a_live_node_is_refused_and_the_first_keeps_its_sessions(
     assert error.message.message == (
         "connector 'office' is already connected from 203.0.113.9:50002 and answering; "
         "stop the other copy or use another certificate")
-    assert close == CloseNode(5, signaling.CLOSE_SHUTDOWN, error.message.message)
+    assert close == CloseNode(5, signaling.CLOSE_CONFLICT, error.message.message)
     assert h.core.registry.node_by_identity("connector", "office").handle == 2
     assert h.core.registry.session(session_id) is not None
     # nothing happens later: no replacement when the probe time runs out
@@ -650,3 +650,300 @@ def test_shell_a_frozen_connector_is_gone_within_the_dead_time_and_the_agent_tol
                 raise AssertionError("a session to a dead connector opened")
             assert time.monotonic() - t1 < 1.0
     run(main(), timeout=60)
+
+
+# --- policy: which connectors may offer which services (issue 9) ------------------------------
+
+def _refusal(events):
+    """(Error message, CloseNode) of a refusal."""
+    [error] = [e.message for e in events if isinstance(e, SendMessage)]
+    [close] = [e for e in events if isinstance(e, CloseNode)]
+    return error, close
+
+
+def test_a_connector_may_not_offer_a_service_no_offer_rule_allows(caplog):
+    h = Harness(offers=("office=web", "office=db*"))
+    caplog.set_level("WARNING", logger="mahole.signaling")
+    events = h.connect(9, "connector", "rogue", ("192.0.2.66", 4000), services=("web",))
+    error, close = _refusal(events)
+    text = "connector 'rogue' is not allowed to offer service 'web': no --offer rule matches"
+    assert (error.code, error.message) == (control.ErrorCode.DENIED, text)
+    assert close == CloseNode(9, signaling.CLOSE_DENIED, text)
+    assert f"refused connector 'rogue' from 192.0.2.66:4000: {text}" in caplog.text
+    assert h.core.registry.nodes() == [] and h.core.counters["refused_offer"] == 1
+    # The allowed connector registers; one service too many refuses the whole Register.
+    h.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web", "db-main"))
+    assert h.core.registry.node_by_identity("connector", "office") is not None
+    events = h.connect(3, "connector", "office2", CONNECTOR_ADDR, services=("a", "web", "b"))
+    error, close = _refusal(events)
+    assert error.message == ("connector 'office2' is not allowed to offer service 'a' "
+                             "(and 2 more): no --offer rule matches")
+    assert close.code == signaling.CLOSE_DENIED
+
+
+def test_without_offer_rules_any_connector_offers_anything_and_none_means_none():
+    open_core = Harness()  # offers=None: as before
+    open_core.connect(2, "connector", "anyone", CONNECTOR_ADDR, services=("web",))
+    assert open_core.core.registry.connectors_for("web")
+    closed = Harness(offers=())
+    error, close = _refusal(closed.connect(2, "connector", "anyone", CONNECTOR_ADDR,
+                                           services=("web",)))
+    assert error.code == control.ErrorCode.DENIED and close.code == signaling.CLOSE_DENIED
+
+
+def test_a_rogue_connector_never_gets_an_agents_session():
+    """Issue 9 #3: a rogue registered `web`, the real connector reconnected, and the next
+    session went to the rogue. Now the rogue is refused every time; sessions go to the
+    connector the policy names, and SessionOpened tells the agent which one that is (the agent
+    checks it in the end-to-end handshake)."""
+    h = Harness(acl=("alice=web",), offers=("office=web", "rogue=games"))
+    h.connect(1, "agent", "alice", AGENT_ADDR)
+    h.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",))
+    assert _refusal(h.connect(3, "connector", "rogue", ("192.0.2.66", 4000),
+                              services=("web", "games")))[1].code == signaling.CLOSE_DENIED
+    h.connect(4, "connector", "rogue", ("192.0.2.66", 4001), services=("games",))  # allowed
+    h.events()
+    for attempt in range(3):
+        h.core.node_disconnected(2, h.now)  # the real connector goes away ...
+        h.events()
+        _sid, events = h.open(request_id=100 + attempt)
+        [error] = [e.message for e in events]
+        assert error.code == control.ErrorCode.CONNECTOR_OFFLINE  # ... nobody takes over
+        assert _refusal(h.connect(10 + attempt, "connector", "rogue", ("192.0.2.66", 5000),
+                                  services=("web",)))[1].code == signaling.CLOSE_DENIED
+        h.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",))  # ... is back
+        h.events()
+        session_id, events = h.open(request_id=200 + attempt)
+        opened = {e.handle: e.message for e in events if isinstance(e, SendMessage)}
+        assert set(opened) == {1, 2} and opened[1].connector == "office"
+        assert h.core.registry.session(session_id).connector_name == "office"
+    assert all(s.connector_name == "office" for s in h.core.registry.sessions())
+
+
+def test_replicas_allowed_to_offer_a_service_share_it_longest_registered_first():
+    h = Harness(offers=("office-*=web",))
+    h.connect(1, "agent", "alice", AGENT_ADDR)
+    h.connect(2, "connector", "office-a", CONNECTOR_ADDR, services=("web",))
+    h.connect(3, "connector", "office-b", ("203.0.113.10", 50003), services=("web",))
+    h.events()
+    first, _ = h.open(request_id=1)
+    assert h.core.registry.session(first).connector_name == "office-a"
+    h.core.node_disconnected(2, h.now)
+    h.events()
+    second, _ = h.open(request_id=2)
+    assert h.core.registry.session(second).connector_name == "office-b"
+
+
+def test_from_config_reads_the_policy_and_limits_and_warns_without_offer_rules(caplog):
+    import types
+
+    from mahole.config import IntermediateConfig
+
+    cfg = types.SimpleNamespace(allow=("*=*",), offer=(), probe_timeout=1.0,
+                                node_dead_after=2.0, sessions_per_agent=7)
+    caplog.set_level("WARNING", logger="mahole.signaling")
+    core = SignalingCore.from_config(cfg, home="relay1")
+    assert core.offers is None and core.limits.sessions_per_agent == 7
+    assert "no --offer rules: any connector of the deployment CA may offer any service" \
+        in caplog.text
+    caplog.clear()
+    cfg.offer = ("office=web",)
+    core = SignalingCore.from_config(cfg)
+    assert [str(r) for r in core.offers] == ["office=web"] and caplog.text == ""
+    defaults = IntermediateConfig()
+    for field in ("connections_per_identity", "sessions_per_minute", "sessions_per_agent",
+                  "sessions_per_connector", "signaling_rate", "signaling_burst",
+                  "relay_rate_per_identity"):
+        if hasattr(defaults, field):  # the config carries the same defaults
+            assert getattr(defaults, field) == getattr(signaling.Limits(), field), field
+
+
+def test_offer_rule_text():
+    assert signaling.OfferRule("office-*=web").allows("office-2", "web")
+    assert not signaling.OfferRule("office-*=web").allows("rogue", "web")
+    for bad in ("office", "=web", "office="):
+        with pytest.raises(ValueError, match="expected CONNECTOR_GLOB=SERVICE_GLOB"):
+            signaling.OfferRule(bad)
+
+
+# --- quotas per identity (issue 9) ------------------------------------------------------------
+
+def test_close_codes_are_distinct_and_never_no_error():
+    codes = [signaling.CLOSE_SHUTDOWN, signaling.CLOSE_UNAUTHENTICATED,
+             signaling.CLOSE_PROTOCOL_ERROR, signaling.CLOSE_RATE_LIMITED,
+             signaling.CLOSE_CONFLICT, signaling.CLOSE_DENIED]
+    assert len(set(codes)) == len(codes) and 0 not in codes
+    assert codes == list(range(0x100, 0x106))
+    assert signaling.PERMANENT_CLOSES == {signaling.CLOSE_UNAUTHENTICATED,
+                                          signaling.CLOSE_CONFLICT, signaling.CLOSE_DENIED}
+    for name in ("PROTOCOL_ERROR", "RATE_LIMITED", "CONFLICT", "DENIED"):
+        if hasattr(qc, f"ERROR_{name}"):  # the connection module mirrors them
+            assert getattr(qc, f"ERROR_{name}") == getattr(signaling, f"CLOSE_{name}")
+
+
+def test_control_connections_per_identity_are_bounded():
+    h = Harness(limits=signaling.Limits(connections_per_identity=3))
+    h.connect(1, "agent", "alice", AGENT_ADDR)
+    for handle in (2, 3):  # idle, never registering
+        h.connect(handle, "agent", "alice", AGENT_ADDR, register=False)
+    h.events()
+    h.core.node_connected(4, "agent", "alice", AGENT_ADDR, h.now)
+    [close] = h.events()
+    assert close == CloseNode(4, signaling.CLOSE_RATE_LIMITED,
+                              "agent 'alice' already has 3 control connections here, the most "
+                              "allowed (--connections-per-identity)")
+    assert not h.core.is_connected(4) and h.core.counters["refused_connections"] == 1
+    h.say(4, control.Register(role="agent", name="alice"))  # ignored: not a connection
+    h.core.node_connected(5, "agent", "bob", AGENT_ADDR, h.now)  # other identities: fine
+    assert h.core.is_connected(5)
+    h.core.node_disconnected(3, h.now)
+    h.core.node_connected(6, "agent", "alice", AGENT_ADDR, h.now)  # a slot is free again
+    assert h.core.is_connected(6) and h.events() == []
+
+
+def _opened(events):
+    return sum(isinstance(e, SendMessage) and isinstance(e.message, control.SessionOpened)
+               and e.handle == 1 for e in events)
+
+
+def _limited(events):
+    return [e.message for e in events if isinstance(e, SendMessage)
+            and isinstance(e.message, control.Error)
+            and e.message.code == control.ErrorCode.RATE_LIMITED]
+
+
+def test_one_agent_opening_5000_sessions_is_rate_limited_and_another_keeps_working():
+    """Issue 9 #6: one agent opened 5,000 sessions in 7.5 s. With the default limits it gets
+    120 at once, then one every half second (120 a minute), up to 256 open; the rest are
+    RATE_LIMITED,
+    and bob's session opens and signals as usual. Requests come at 40/s (under the
+    control-message rate, so only the session quotas speak)."""
+    h = Harness(acl=("*=*",))
+    h.pair()
+    h.connect(5, "agent", "bob", ("198.51.100.8", 40005))
+    h.events()
+    opened = limited = 0
+    texts = set()
+    for request_id in range(1, 5001):
+        h.now += 0.025
+        h.alive(1, 2, 5)
+        events = h.say(1, control.OpenSession(request_id=request_id, service="web"))
+        opened += _opened(events)
+        errors = _limited(events)
+        limited += len(errors)
+        texts.update(e.message.split(";")[0] for e in errors)
+        if request_id == 130:
+            assert opened == 120 + 6  # the burst, and 2 a second for 3.25 s
+    assert opened == 256 and limited == 5000 - 256
+    assert texts == {"agent 'alice' opened 120 sessions within a minute, the most allowed "
+                     "(--sessions-per-minute)",
+                     "agent 'alice' has 256 open sessions, the most allowed "
+                     "(--sessions-per-agent)"}
+    assert len(h.core.registry.sessions()) == 256  # what /status lists stays bounded
+    session_id, events = h.open(agent=5, request_id=1)
+    assert session_id is not None
+    assert h.say(5, offer(session_id))[0].handle == 2
+    assert h.core.counters["signaling_dropped"] == 0
+
+
+def test_a_control_message_flood_is_ignored_then_the_node_is_closed():
+    h = Harness()
+    h.pair()
+    h.connect(5, "agent", "bob", ("198.51.100.8", 40005))
+    bob_session, _ = h.open(agent=5, request_id=1)
+    h.events()
+    events = []
+    for request_id in range(1, 5001):  # all at once
+        events += h.say(1, control.OpenSession(request_id=request_id, service="web"))
+    assert _opened(events) == 99  # the burst of the control-message bucket, less Register
+    [error] = [e.message for e in events if isinstance(e, SendMessage) and e.handle == 1
+               and isinstance(e.message, control.Error)]
+    [close] = [e for e in events if isinstance(e, CloseNode)]
+    text = ("agent 'alice' sent control messages faster than 50/s (burst 100): 101 ignored "
+            "within 10 s")
+    assert (error.code, error.message) == (control.ErrorCode.RATE_LIMITED, text)
+    assert close == CloseNode(1, signaling.CLOSE_RATE_LIMITED, text)
+    assert h.core.counters["signaling_dropped"] == 101 and h.core.counters["nodes_flooding"] == 1
+    assert [s.session_id for s in h.core.registry.sessions()] == [bob_session]
+    assert h.say(5, offer(bob_session))[0].handle == 2  # bob's session carries on
+
+
+def test_a_node_at_the_control_message_rate_is_never_dropped():
+    h = Harness()
+    h.pair()
+    for i in range(3000):  # 50/s for a minute
+        h.now += 0.02
+        h.alive(1, 2)
+        assert h.say(1, control.Ping(nonce=i)) == [SendMessage(1, control.Pong(nonce=i))]
+    assert h.core.counters["signaling_dropped"] == 0
+    # A short burst over the rate is ignored and counted, and the node stays.
+    h.advance(3, keep_alive=(1, 2))  # the bucket fills up again
+    events = [h.say(1, control.Ping(nonce=i)) for i in range(150)]
+    assert sum(1 for e in events if e) == 100 and h.core.counters["signaling_dropped"] == 50
+    assert h.core.is_connected(1)
+
+
+def test_open_sessions_per_agent_and_per_connector_are_capped():
+    h = Harness(limits=signaling.Limits(sessions_per_agent=3, sessions_per_connector=2,
+                                        sessions_per_minute=1000))
+    h.connect(1, "agent", "alice", AGENT_ADDR)
+    h.connect(2, "connector", "office-a", CONNECTOR_ADDR, services=("web",))
+    h.connect(3, "connector", "office-b", ("203.0.113.10", 50003), services=("web",))
+    h.connect(5, "agent", "bob", ("198.51.100.8", 40005))
+    h.events()
+    ids = [h.open(request_id=i)[0] for i in (1, 2, 3)]
+    assert [h.core.registry.session(s).connector_name for s in ids] == \
+        ["office-a", "office-a", "office-b"]  # a full connector hands over to the replica
+    _sid, events = h.open(request_id=4)
+    assert [e.message for e in events] == [control.Error(
+        code=control.ErrorCode.RATE_LIMITED, request_id=4,
+        message="agent 'alice' has 3 open sessions, the most allowed (--sessions-per-agent)")]
+    bob, _ = h.open(agent=5, request_id=1)  # office-b's second
+    _sid, events = h.open(agent=5, request_id=2)
+    assert events[0].message.message == ("every connector of service 'web' serves 2 "
+                                         "sessions, the most allowed (--sessions-per-connector)")
+    h.say(1, control.SessionClosed(session_id=ids[0], reason="done"))
+    assert h.open(agent=5, request_id=3)[0] is not None  # room again
+
+
+def test_relay_bandwidth_per_identity_is_shared_among_its_sessions():
+    cap = 1_000_000
+    h = Harness(limits=signaling.Limits(relay_rate_per_identity=cap))
+    h.pair()
+
+    def shares(events):
+        return {e.session_id: e.rate_bps for e in events
+                if isinstance(e, signaling.RelaySetRate)}
+
+    s1, events = h.open(request_id=1)
+    assert shares(events) == {s1: cap}
+    s2, events = h.open(request_id=2)
+    assert shares(events) == {s1: cap // 2, s2: cap // 2}
+    s3, events = h.open(request_id=3)
+    assert shares(events) == {s1: cap // 4, s2: cap // 4, s3: cap // 4}
+    s4, events = h.open(request_id=4)
+    assert shares(events) == {s4: cap // 4}  # same power of two: the others stay
+    rates = {}
+    for event in h.log:
+        if isinstance(event, signaling.RelaySetRate):
+            rates[event.session_id] = event.rate_bps
+            assert event.burst_bytes == max(event.rate_bps // 4, 64 * 1024)
+    assert sum(rates.values()) <= cap
+    for sid in (s4, s3):
+        events = h.say(1, control.SessionClosed(session_id=sid, reason="done"))
+    assert shares(events) == {s1: cap // 2, s2: cap // 2}
+    assert Harness().core.limits.relay_rate_per_identity == 0  # off by default: no events
+    h2 = Harness()
+    h2.pair()
+    assert shares(h2.open()[1]) == {}
+
+
+def test_logs_name_sessions_by_a_short_hash_not_their_id(caplog):
+    caplog.set_level("INFO", logger="mahole.signaling")
+    h = Harness()
+    h.pair()
+    session_id, _ = h.open()
+    h.say(2, answer(session_id))
+    h.say(1, control.SessionClosed(session_id=session_id, reason="done"))
+    assert session_id.hex() not in caplog.text
+    assert f"session {signaling.session_tag(session_id)} closed" in caplog.text

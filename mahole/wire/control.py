@@ -19,6 +19,8 @@ Payload
 
     - session ids and relay tokens: 16 lowercase hex digits (8 bytes each);
     - addresses: ``[host, port]``, host an IP literal (normalised by ``ipaddress``), port 0..65535;
+    - node and service names: 1-64 characters of ``A-Z a-z 0-9 . _ -`` starting with a letter
+      or digit (`NAME_RE`, the command line's grammar); at most 64 services per `Register`;
     - optional fields are present with ``null`` when absent;
     - integers stay within 0..2**53-1, which every JSON implementation keeps exact
       (RFC 8259 §6).
@@ -52,6 +54,9 @@ from .relay import SESSION_ID_LEN
 
 __all__ = [
     "MAX_PAYLOAD",
+    "MAX_NAME_LEN",
+    "MAX_SERVICES",
+    "NAME_RE",
     "LENGTH_PREFIX_LEN",
     "MESSAGE_TYPES",
     "RELAY_TOKEN_LEN",
@@ -83,9 +88,13 @@ __all__ = [
 LENGTH_PREFIX_LEN = 4  # bytes of big-endian payload length in front of every payload
 MAX_PAYLOAD = 65536  # largest payload accepted or produced (64 KiB)
 
-MAX_NAME_LEN = 255  # node names, node ids, service names
+# Node names, node ids and service names: the grammar of names on the command line and in
+# certificates (mahole.config.NAME is this pattern): 1-64 characters of A-Z a-z 0-9 . _ -,
+# starting with a letter or digit, so "*", "/", ".." and spaces never reach the registry.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_NAME_LEN = 64
 MAX_TEXT_LEN = 1024  # free text: Error.message, SessionClosed.reason
-MAX_SERVICES = 64  # services in one Register
+MAX_SERVICES = 64  # services in one Register (64 names of at most 64 characters: ~4.5 KB)
 RELAY_TOKEN_LEN = 8  # bytes of SessionOpened.relay_token
 MAX_CANDIDATES = 64  # candidates in one offer/answer
 MAX_SAFE_INT = 2**53 - 1  # RFC 8259 §6: larger integers are not exact in every JSON parser
@@ -371,7 +380,8 @@ class _Nested(_Spec):
         return value._to_json_object()
 
 
-_NAME = _Str(1, MAX_NAME_LEN, printable=True)
+_NAME = _Str(1, MAX_NAME_LEN, pattern=NAME_RE,
+             pattern_text="A-Z a-z 0-9 . _ - (starting with a letter or digit)")
 _TEXT = _Str(0, MAX_TEXT_LEN)
 _SAFE_INT = _Int(0, MAX_SAFE_INT)
 _SESSION_ID = _Bytes(SESSION_ID_LEN)
