@@ -1,11 +1,12 @@
 """A minimal relay server around mahole's RelayEngine, for benchmarks/bench_relay.py.
 
     python benchmarks/_relay_server.py --member-a HOST:PORT --member-b HOST:PORT
-        [--session HEX] [--listen HOST:PORT] [--batch-size N] [--rcvbuf BYTES] [--no-gso]
-        [--allow-twin]
+        [--session HEX] [--token-a HEX] [--token-b HEX] [--listen HOST:PORT]
+        [--batch-size N] [--rcvbuf BYTES] [--no-gso] [--allow-twin]
 
 It binds one UDP socket, creates a `mahole._fast.RelayEngine` on it, installs one session
-whose members are the two given addresses, prints ``ready HOST PORT IMPL`` on stdout and then
+whose members are the two given addresses (with their relay tokens, checked on every frame
+as at the intermediate; without --token-a/--token-b that member's token is not checked), prints ``ready HOST PORT IMPL`` on stdout and then
 relays: it blocks in epoll until the socket is readable (no busy spin when idle), then calls
 poll() until `last_batch_size` is 0. Datagrams that are not relay frames are counted and
 ignored. On SIGTERM, SIGINT or stdin closing it prints the engine's counters as one JSON line
@@ -51,6 +52,8 @@ def _parse(argv):
     parser.add_argument("--member-a", type=_hostport, required=True)
     parser.add_argument("--member-b", type=_hostport, required=True)
     parser.add_argument("--session", default="0123456789abcdef", help="session id, 16 hex digits")
+    parser.add_argument("--token-a", help="member A's relay token, 16 hex digits")
+    parser.add_argument("--token-b", help="member B's relay token, 16 hex digits")
     parser.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rcvbuf", type=int, default=2 << 20, help="SO_RCVBUF wanted (bytes)")
@@ -65,6 +68,17 @@ def _parse(argv):
         parser.error("--session must be hex")
     if len(args.session) != 8:
         parser.error("--session must be 8 bytes (16 hex digits)")
+    for name in ("token_a", "token_b"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            value = bytes.fromhex(value)
+        except ValueError:
+            value = b""
+        if len(value) != 8:
+            parser.error(f"--{name.replace('_', '-')} must be 8 bytes (16 hex digits)")
+        setattr(args, name, value)
     return args
 
 
@@ -83,7 +97,7 @@ def main(argv=None):
     sock.bind(args.listen)
     sock.setblocking(False)
     engine = _fast.RelayEngine(sock, batch_size=args.batch_size, gso=args.gso)
-    engine.add_session(args.session, args.member_a, args.member_b)
+    engine.add_session(args.session, args.member_a, args.member_b, args.token_a, args.token_b)
 
     stop = []
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -8,8 +8,11 @@ results, the intermediate coming and going — executes its events (route change
 re-punching, closing) and arms its next timer on the endpoint's one timer scheduler.
 
 aioquic talks to a stable virtual peer address; the core is the connection's *path*: it puts
-each packet inside a relay frame for the intermediate (`0x10 | session_id | inner`, DESIGN.md
-wire table) or sends it straight to the peer once hole punching nominated a pair.
+each packet inside a relay frame for the intermediate (`0x10 | session_id | relay_token |
+inner`, mahole/wire/relay.py; the token is this member's, from `SessionOpened.relay_token`) or
+sends it straight to the peer once hole punching nominated a pair. Relay frames that arrive
+are stripped of their 17-byte header and offered to the QUIC connection; only what aioquic
+then authenticates reaches the core, so a forged frame moves no route.
 """
 
 import logging
@@ -17,7 +20,7 @@ import logging
 from aioquic.quic import events as qe
 
 from ._fast import KIND_QUIC_LONG, classify, parse_header
-from ._fast._kinds import RELAY_HEADER_LEN
+from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
 from .endpoint import ConnectionHandler
 from .session_core import NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
 from .tunnel import FLOW_ID_LEN, MAX_DATAGRAM_PAYLOAD, pack_datagram
@@ -34,12 +37,26 @@ class Session(ConnectionHandler):
     Registered in the endpoint's router under its session id, so relay frames for it arrive at
     `relay_frame_received`. Subclasses (agent, connector) handle the QUIC events after calling
     `Session.quic_event`, keep their streams in `pipes`, and name the peer in `peer`.
+
+    ``relay_token`` is this member's token from `control.SessionOpened.relay_token`, sent in
+    every relay frame. The roles build their sessions as ``Cls(node, message)`` from the
+    `SessionOpened` message; when the token is not passed explicitly it is taken from that
+    message (see `__new__`), and a message without one gives eight zero bytes.
     """
 
     controlling = False  # the agent's sessions nominate and punch again after a failover
     peer = "the peer"
 
-    def __init__(self, node, session_id, service, agent, connector):
+    def __new__(cls, node=None, message=None, *args, **kwargs):
+        self = super().__new__(cls)
+        # Subclasses are built from the SessionOpened message, Cls(node, message), and pass
+        # its fields on to __init__ one by one: keep the relay token it carries.
+        self._opened_relay_token = _relay_token_of(message) if not args else None
+        return self
+
+    def __init__(self, node, session_id, service, agent, connector, *, relay_token=None):
+        if relay_token is None:
+            relay_token = getattr(self, "_opened_relay_token", None)
         self.node = node
         self.endpoint = node.endpoint
         self.session_id = session_id
@@ -50,7 +67,7 @@ class Session(ConnectionHandler):
         control = node.control
         self.core = SessionCore.from_config(
             node.cfg, session_id, node.intermediate_addr, now, controlling=self.controlling,
-            relay_available=control is not None and control.connected)
+            relay_available=control is not None and control.connected, relay_token=relay_token)
         self.connection = None
         self.closed = False
         self.pipes = {}  # stream id -> what carries the stream (subclasses)
@@ -73,7 +90,10 @@ class Session(ConnectionHandler):
 
     # From the network --------------------------------------------------------------------
     def relay_frame_received(self, frame, addr):
-        if self.closed or not self.core.relay_inbound_allowed(addr):
+        # The router routed the frame by its session id; the rest of the header is ours to
+        # check. The token in it is the sender's, not ours: the intermediate checked it.
+        if (self.closed or len(frame) <= RELAY_HEADER_LEN
+                or not self.core.relay_inbound_allowed(addr)):
             self.dropped_frames += 1
             return
         inner = frame[RELAY_HEADER_LEN:]
@@ -257,6 +277,14 @@ class Session(ConnectionHandler):
         self.node.puncher.forget(self)
         if self.connection is not None and not self.connection.closed:
             self.connection.close(reason=reason)
+
+
+def _relay_token_of(message):
+    """The 8-byte relay token a SessionOpened message carries, or None."""
+    token = getattr(message, "relay_token", None)
+    if isinstance(token, (bytes, bytearray)) and len(token) == RELAY_TOKEN_LEN:
+        return bytes(token)
+    return None
 
 
 def _fmt(addr):

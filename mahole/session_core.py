@@ -14,8 +14,10 @@ the shell must do is drained with :meth:`SessionCore.next_event` as small datacl
 
 Routes
     aioquic talks to a stable virtual peer address; underneath, a session has up to two
-    routes: the relay (frames ``0x10 | session_id | packet`` through the intermediate,
-    DESIGN.md wire table) and the direct route (the remote address of the nominated
+    routes: the relay (frames ``0x10 | session_id | relay_token | packet`` through the
+    intermediate, :mod:`mahole.wire.relay`; the token is this member's, from
+    ``control.SessionOpened.relay_token``, and lets the intermediate tell our frames from
+    frames with a forged source address) and the direct route (the remote address of the nominated
     candidate pair). :meth:`outbound` picks the route of each packet; :meth:`inbound` accepts
     direct packets only from the nominated address. Packets from either route go to the same
     connection, so streams continue across every switch. ``relay_only`` sessions never take
@@ -59,7 +61,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ._fast._kinds import RELAY_FRAME_TYPE
+from ._fast._kinds import RELAY_FRAME_TYPE, RELAY_NO_TOKEN, RELAY_TOKEN_LEN
 from .config import NodeConfig
 
 __all__ = [
@@ -126,13 +128,17 @@ def _addr(addr) -> Addr:
 class SessionCore:
     """One end-to-end session's routes, liveness and lifetime (see the module docstring).
 
-    ``controlling`` is True at the agent (it nominates and re-punches). The timing arguments
-    default to :class:`~mahole.config.NodeConfig`'s; :meth:`from_config` takes them from a
-    node's configuration.
+    ``controlling`` is True at the agent (it nominates and re-punches). ``relay_token`` is
+    this member's 8-byte relay token (``control.SessionOpened.relay_token``), carried in
+    every relay frame it sends; None sends eight zero bytes (an intermediate that gave no
+    token does not check it). The timing arguments default to
+    :class:`~mahole.config.NodeConfig`'s; :meth:`from_config` takes them from a node's
+    configuration.
     """
 
     def __init__(self, session_id: bytes, relay_addr: Addr, now: float, *,
                  controlling: bool,
+                 relay_token: Optional[bytes] = None,
                  relay_only: bool = False,
                  direct_only: bool = False,
                  relay_available: bool = True,
@@ -144,7 +150,12 @@ class SessionCore:
                  peer_dead_after: float = NodeConfig.peer_dead_after) -> None:
         if relay_only and direct_only:
             raise ValueError("a session cannot be both relay-only and direct-only")
-        self.header = bytes([RELAY_FRAME_TYPE]) + session_id
+        if relay_token is None:
+            relay_token = RELAY_NO_TOKEN
+        if len(relay_token) != RELAY_TOKEN_LEN:
+            raise ValueError(f"a relay token is {RELAY_TOKEN_LEN} bytes, not {len(relay_token)}")
+        # Every relay frame we send: 0x10 | session_id | our relay token | packet.
+        self.header = bytes([RELAY_FRAME_TYPE]) + bytes(session_id) + bytes(relay_token)
         self.relay_addr = _addr(relay_addr)
         self.controlling = controlling
         self.allow_relay = not direct_only
@@ -184,9 +195,11 @@ class SessionCore:
 
     @classmethod
     def from_config(cls, cfg, session_id: bytes, relay_addr: Addr, now: float, *,
-                    controlling: bool, relay_available: bool = True) -> "SessionCore":
+                    controlling: bool, relay_available: bool = True,
+                    relay_token: Optional[bytes] = None) -> "SessionCore":
         """A core with a node's settings (a :class:`~mahole.config.NodeConfig`)."""
         return cls(session_id, relay_addr, now, controlling=controlling,
+                   relay_token=relay_token,
                    relay_only=cfg.relay_only, direct_only=cfg.direct_only,
                    relay_available=relay_available,
                    failover_timeout=cfg.failover_timeout, keepalive=cfg.direct_keepalive,

@@ -22,10 +22,12 @@ from udp_helpers import (
     wait_until,
 )
 
-from mahole.wire.relay import encode_frame
+from mahole.wire.relay import HEADER_LEN, NO_TOKEN, encode_frame
 
 SID = bytes.fromhex("0123456789abcdef")
 OTHER_SID = bytes.fromhex("fedcba9876543210")
+TOKEN_A = bytes.fromhex("a1a2a3a4a5a6a7a8")  # member A's relay token
+TOKEN_B = bytes.fromhex("b1b2b3b4b5b6b7b8")
 STUN = bytes.fromhex("000100002112a442") + bytes(12)  # a Binding request header
 QUIC_SHORT = b"\x43" + bytes(range(8)) + b"short-header"
 QUIC_LONG = b"\xc3\x00\x00\x00\x01\x08" + bytes(8) + b"\x00" + b"long-header"
@@ -96,13 +98,13 @@ def relay_through(engine, sender, rsock, frames, receiver, expect=None):
     return recv_n(receiver, len(frames) if expect is None else expect)
 
 
-def frame(inner, sid=SID):
-    return encode_frame(sid, inner)
+def frame(inner, sid=SID, token=NO_TOKEN):
+    return encode_frame(sid, inner, token)
 
 
-def assert_only(sock, expected_first, engine, rsock, sender, sid=SID):
+def assert_only(sock, expected_first, engine, rsock, sender, sid=SID, token=NO_TOKEN):
     """Show nothing else reached sock: a marker relayed now arrives first."""
-    marker = frame(b"marker-" + expected_first, sid)
+    marker = frame(b"marker-" + expected_first, sid, token)
     got = relay_through(engine, sender, rsock, [marker], sock)
     assert [d for d, _ in got] == [marker]
 
@@ -134,8 +136,8 @@ def test_frames_cross_both_ways_unchanged(trio):
     assert counters["relayed_bytes"] == sum(map(len, to_a + to_b))
     assert counters["received"] == len(to_a) + len(to_b)
     assert all(counters[k] == 0 for k in (
-        "returned", "dropped_unknown_session", "dropped_not_member", "dropped_rate_limited",
-        "dropped_malformed", "send_errors", "truncated"))
+        "returned", "dropped_unknown_session", "dropped_not_member", "dropped_bad_token",
+        "dropped_rate_limited", "dropped_malformed", "send_errors", "truncated"))
     assert engine.session_count == 1
 
 
@@ -291,10 +293,134 @@ def test_frames_wait_for_unknown_member_then_flow(relay, sockets):
     assert_only(a, b"not yet a member", engine, rsock, b)
 
 
+# --- relay tokens: a forged source address is not enough --------------------------------------
+
+
+@pytest.fixture
+def tokened(relay, sockets):
+    """(engine, relay socket, A, B) with session SID between A and B, tokens TOKEN_A/TOKEN_B."""
+    rsock, a, b = sockets(), sockets(), sockets()
+    engine = relay.RelayEngine(rsock)
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN_A, TOKEN_B)
+    return engine, rsock, a, b
+
+
+def test_frames_with_the_senders_token_cross_unchanged(tokened):
+    engine, rsock, a, b = tokened
+    to_b = [frame(b"\x40to-b-%d" % i, token=TOKEN_A) for i in range(3)]
+    to_a = [frame(b"\x40to-a", token=TOKEN_B)]
+    assert relay_through(engine, a, rsock, to_b, b) == [(f, rsock.getsockname()) for f in to_b]
+    assert relay_through(engine, b, rsock, to_a, a) == [(f, rsock.getsockname()) for f in to_a]
+    assert engine.counters()["dropped_bad_token"] == 0
+    assert engine.session_stats(SID)["dropped_bad_token"] == 0
+
+
+def test_member_address_with_a_wrong_token_is_dropped_and_counted(tokened):
+    """What a spoofer who forges A's source IP and port can send: frames from A's address
+    with any token but A's. None reaches B, none is relayed, each is counted."""
+    engine, rsock, a, b = tokened
+    wrong = [NO_TOKEN, TOKEN_B, TOKEN_A[:7] + b"\x00", b"\x00" + TOKEN_A[1:],
+             bytes(x ^ 0x80 for x in TOKEN_A)] + [random.Random(i).randbytes(8) for i in range(20)]
+    spoofed = [frame(b"\x40injected", token=t) for t in wrong]
+    relay_through(engine, a, rsock, spoofed, b, expect=0)
+    counters = engine.counters()
+    assert counters["dropped_bad_token"] == len(spoofed)
+    assert engine.session_stats(SID)["dropped_bad_token"] == len(spoofed)
+    assert counters["relayed_packets"] == 0 and counters["dropped_not_member"] == 0
+    stats = engine.session_stats(SID)
+    assert stats["packets_a_to_b"] == stats["bytes_a_to_b"] == 0
+    assert stats["last_activity"] is None  # spoofed frames do not keep a session alive
+    assert_only(b, b"injected", engine, rsock, a, token=TOKEN_A)
+
+
+def test_a_stranger_is_still_not_a_member_even_with_the_right_token(tokened, sockets):
+    """The token does not replace the address check: both must match one member."""
+    engine, rsock, a, b = tokened
+    stranger = sockets()
+    relay_through(engine, stranger, rsock, [frame(b"right token", token=TOKEN_A)], b, expect=0)
+    assert engine.counters()["dropped_not_member"] == 1
+    assert engine.counters()["dropped_bad_token"] == 0
+    assert_only(b, b"right token", engine, rsock, a, token=TOKEN_A)
+
+
+def test_spoofed_frames_do_not_spend_the_sessions_rate(relay, sockets):
+    """Frames are authenticated before the token bucket is charged: a flood with a forged
+    source address cannot starve the members."""
+    rsock, a, b = sockets(), sockets(), sockets()
+    size = 1000
+    engine = relay.RelayEngine(rsock, rate_limit_bps=1.0, burst_bytes=3 * size)
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN_A, TOKEN_B)
+    spoofed = [frame(bytes(size - HEADER_LEN), token=NO_TOKEN) for _ in range(50)]
+    relay_through(engine, a, rsock, spoofed, b, expect=0)
+    assert engine.counters()["dropped_bad_token"] == 50
+    assert engine.counters()["dropped_rate_limited"] == 0
+    good = [frame(bytes([i]) * (size - HEADER_LEN), token=TOKEN_A) for i in range(3)]
+    assert [d for d, _ in relay_through(engine, a, rsock, good, b)] == good
+
+
+def test_tokens_are_per_member_and_unchecked_when_none(relay, sockets):
+    """token None: that member's frames pass with any token (nodes not yet given one)."""
+    rsock, a, b = sockets(), sockets(), sockets()
+    engine = relay.RelayEngine(rsock)
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN_A, None)
+    from_b = [frame(b"any", token=t) for t in (NO_TOKEN, TOKEN_A, TOKEN_B)]
+    assert [d for d, _ in relay_through(engine, b, rsock, from_b, a)] == from_b
+    relay_through(engine, a, rsock, [frame(b"none", token=NO_TOKEN)], b, expect=0)
+    assert engine.counters()["dropped_bad_token"] == 1
+    assert_only(b, b"none", engine, rsock, a, token=TOKEN_A)
+
+
+def test_set_member_keeps_the_members_token(tokened, sockets):
+    """NAT rebinding moves the address; the token stays the member's."""
+    engine, rsock, a, b = tokened
+    b2 = sockets()
+    engine.set_member(SID, 1, b2.getsockname())
+    relay_through(engine, b2, rsock, [frame(b"no token", token=NO_TOKEN)], a, expect=0)
+    assert engine.counters()["dropped_bad_token"] == 1
+    got = relay_through(engine, b2, rsock, [frame(b"rebound", token=TOKEN_B)], a)
+    assert [d for d, _ in got] == [frame(b"rebound", token=TOKEN_B)]
+    engine.set_member(SID, 1, None)
+    engine.set_member(SID, 1, b.getsockname())
+    relay_through(engine, b, rsock, [frame(b"zeros again", token=NO_TOKEN)], a, expect=0)
+    assert engine.counters()["dropped_bad_token"] == 2
+    assert_only(a, b"zeros again", engine, rsock, b, token=TOKEN_B)
+
+
+def test_members_at_one_address_are_told_apart_by_their_tokens(relay, sockets):
+    rsock, a = sockets(), sockets()
+    engine = relay.RelayEngine(rsock)
+    engine.add_session(SID, a.getsockname(), a.getsockname(), TOKEN_A, TOKEN_B)
+    frames = [frame(b"as A", token=TOKEN_A), frame(b"as B", token=TOKEN_B),
+              frame(b"as nobody", token=NO_TOKEN)]
+    got = relay_through(engine, a, rsock, frames, a, expect=2)
+    assert [d for d, _ in got] == frames[:2]
+    stats = engine.session_stats(SID)
+    assert (stats["packets_a_to_b"], stats["packets_b_to_a"], stats["dropped_bad_token"]) == (
+        1, 1, 1)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (b"", ValueError), (bytes(7), ValueError), (bytes(9), ValueError),
+    ("a1a2a3a4", TypeError), (12345678, TypeError),
+], ids=repr)
+def test_bad_tokens_are_refused_before_any_change(relay, sockets, bad, error):
+    engine = relay.RelayEngine(sockets())
+    with pytest.raises(error):
+        engine.add_session(SID, ("127.0.0.1", 9), ("127.0.0.1", 10), TOKEN_A, bad)
+    with pytest.raises(error):
+        engine.add_session(SID, ("127.0.0.1", 9), ("127.0.0.1", 10), token_a=bad)
+    assert engine.session_count == 0
+    engine.add_session(SID, ("127.0.0.1", 9), None, bytearray(TOKEN_A), memoryview(TOKEN_B))
+    assert engine.session_count == 1
+
+
 def test_malformed_relay_frames_are_dropped_and_counted(trio):
+    """Anything short of the 17-byte header plus one byte of inner packet."""
     engine, rsock, a, b = trio
-    relay_through(engine, a, rsock, [b"\x10" + SID, b"\x10", b"\x10" + SID[:4]], b, expect=0)
-    assert engine.counters()["dropped_malformed"] == 3
+    short = [b"\x10" + SID + NO_TOKEN, b"\x10" + SID + b"\x00" * 3, b"\x10" + SID, b"\x10",
+             b"\x10" + SID[:4]]
+    relay_through(engine, a, rsock, short, b, expect=0)
+    assert engine.counters()["dropped_malformed"] == len(short)
     assert engine.counters()["returned"] == 0
     assert_only(b, b"malformed", engine, rsock, a)
 
@@ -432,7 +558,7 @@ def test_rate_limit_drops_the_excess_then_recovers(relay, sockets):
     assert (engine.rate_limit_bps, engine.burst_bytes) == (rate, 3 * size)
     started = time.monotonic()
     engine.add_session(SID, a.getsockname(), b.getsockname())
-    frames = [frame(bytes([i]) * (size - 9)) for i in range(10)]
+    frames = [frame(bytes([i]) * (size - HEADER_LEN)) for i in range(10)]
     assert {len(f) for f in frames} == {size}
 
     relay_through(engine, a, rsock, frames, b, expect=0)
@@ -454,12 +580,13 @@ def test_rate_limit_drops_the_excess_then_recovers(relay, sockets):
     got = []
     while not got and time.monotonic() < deadline:
         before = engine.session_stats(SID)["packets_a_to_b"]
-        relay_through(engine, a, rsock, [frame(b"again" + bytes(size - 14))], b, expect=0)
+        relay_through(engine, a, rsock, [frame(b"again" + bytes(size - HEADER_LEN - 5))], b,
+                      expect=0)
         if engine.session_stats(SID)["packets_a_to_b"] > before:
             got = recv_n(b, 1)
         else:
             select.select([], [], [], 0.1)  # wait for more tokens
-    assert got and got[0][0] == frame(b"again" + bytes(size - 14))
+    assert got and got[0][0] == frame(b"again" + bytes(size - HEADER_LEN - 5))
 
 
 def test_default_burst_is_one_second_of_rate(relay, sockets):
@@ -538,7 +665,7 @@ def test_ipv4_members_of_an_ipv6_socket_are_stored_v4_mapped(relay, sockets):
 
 def _mutations(rng, n):
     """Random datagrams, most of them relay frames bent in one way or another."""
-    good = frame(b"payload-bytes")
+    good = frame(b"payload-bytes", token=TOKEN_A)
     for _ in range(n):
         kind = rng.randrange(6)
         if kind == 0:
@@ -552,8 +679,9 @@ def _mutations(rng, n):
             yield good[:rng.randrange(0, len(good))]
         elif kind == 3:  # a relay frame, random session id and body
             yield b"\x10" + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
-        elif kind == 4:  # known session, random body
-            yield frame(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+        elif kind == 4:  # known session, A's token or none, random body
+            yield frame(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))),
+                        token=rng.choice([TOKEN_A, NO_TOKEN]))
         else:
             yield good + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 8)))
 
@@ -561,7 +689,7 @@ def _mutations(rng, n):
 def test_random_and_mutated_datagrams_never_crash_and_add_up(relay, sockets):
     rsock, a, b, c = sockets(), sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock, batch_size=16)
-    engine.add_session(SID, a.getsockname(), b.getsockname())
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN_A, TOKEN_B)
     rng = random.Random(20240607)
     sent, expect_relayed, expect_returned = 0, [], []
     datagrams = list(_mutations(rng, 1500))
@@ -571,7 +699,8 @@ def test_random_and_mutated_datagrams_never_crash_and_add_up(relay, sockets):
             sender.sendto(data, rsock.getsockname())
             if not data or data[0] != 0x10:
                 expect_returned.append((data, sender.getsockname()))
-            elif len(data) > 9 and data[1:9] == SID and sender is a:
+            elif (len(data) > HEADER_LEN and data[1:9] == SID and data[9:17] == TOKEN_A
+                    and sender is a):
                 expect_relayed.append(data)
         sent = start + len(datagrams[start:start + 50])
         returned = pump(engine, received(engine, sent))
@@ -585,7 +714,9 @@ def test_random_and_mutated_datagrams_never_crash_and_add_up(relay, sockets):
     assert counters["received"] == len(datagrams)
     assert counters["received"] == sum(counters[k] for k in (
         "returned", "relayed_packets", "dropped_unknown_session", "dropped_not_member",
-        "dropped_rate_limited", "dropped_malformed", "send_errors", "truncated"))
+        "dropped_bad_token", "dropped_rate_limited", "dropped_malformed", "send_errors",
+        "truncated"))
+    assert counters["dropped_bad_token"] > 0 and counters["relayed_packets"] > 0
     assert recv_n(a, 1, timeout=0) == []  # B never sent: nothing goes to A
 
 

@@ -19,6 +19,7 @@ from mahole.session_core import (
     SendPing,
     SessionCore,
 )
+from mahole.wire.relay import decode_frame
 
 SID = bytes(range(8))
 RELAY_ADDR = ("198.51.100.1", 4478)
@@ -112,7 +113,7 @@ def direct_pump(**kw):
 def test_packets_go_by_the_relay_in_frames_until_a_direct_route_is_nominated():
     core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True)
     assert core.route == RELAY
-    assert core.outbound(b"quic") == (b"\x10" + SID + b"quic", RELAY_ADDR)
+    assert core.outbound(b"quic") == (b"\x10" + SID + bytes(8) + b"quic", RELAY_ADDR)
     assert not core.inbound(PEER)  # nothing is accepted straight from anyone yet
     core.punch_succeeded(PEER + ("extra",), 1.0)
     assert core.next_event() == RouteChanged(DIRECT, PEER, "nominated")
@@ -120,6 +121,20 @@ def test_packets_go_by_the_relay_in_frames_until_a_direct_route_is_nominated():
     assert core.inbound(PEER) and not core.inbound(STRANGER)
     assert core.packets == {RELAY: 1, DIRECT: 1}
     assert core.switches == [(1.0, DIRECT, "nominated")]
+
+
+def test_relay_frames_carry_the_members_relay_token():
+    """0x10 | session id | this member's token (SessionOpened.relay_token) | packet: the
+    intermediate relays only frames with the sender's token (mahole/wire/relay.py)."""
+    token = bytes.fromhex("a1b2c3d4e5f60718")
+    core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True, relay_token=token)
+    frame, addr = core.outbound(b"quic")
+    assert addr == RELAY_ADDR
+    assert decode_frame(frame) == (SID, token, b"quic")
+    assert core.header == b"\x10" + SID + token
+    for bad in (b"", bytes(7), bytes(9)):
+        with pytest.raises(ValueError, match="relay token is 8 bytes"):
+            SessionCore(SID, RELAY_ADDR, 0.0, controlling=True, relay_token=bad)
 
 
 def test_direct_only_drops_packets_until_punched_and_relay_only_refuses_a_direct_route():

@@ -17,7 +17,7 @@ from ._kinds import (
     KIND_RELAY,
     KIND_STUN,
     KIND_UNKNOWN,
-    RELAY_HEADER_LEN,
+    RELAY_TOKEN_OFFSET,
 )
 
 # RFC 9000 §17.2: connection IDs in long headers are at most 20 bytes in QUIC v1.
@@ -30,7 +30,9 @@ DEF C_KIND_STUN = 1
 DEF C_KIND_RELAY = 2
 DEF C_KIND_QUIC_SHORT = 3
 DEF C_KIND_QUIC_LONG = 4
-DEF C_RELAY_HEADER_LEN = 9
+# Relay frames are routed by their session id (bytes 1-8); the relay token and the inner
+# packet after it are the session handler's to check (mahole/session.py).
+DEF C_RELAY_ROUTE_LEN = 9
 
 # Long header type bits (first byte & 0x30) >> 4: RFC 9000 §17.2 table 5, RFC 9369 §3.2.
 LONG_TYPES_V1 = ("initial", "0rtt", "handshake", "retry")
@@ -38,7 +40,7 @@ LONG_TYPES_V2 = ("retry", "initial", "0rtt", "handshake")
 
 assert KIND_STUN == C_KIND_STUN and KIND_RELAY == C_KIND_RELAY
 assert KIND_QUIC_SHORT == C_KIND_QUIC_SHORT and KIND_QUIC_LONG == C_KIND_QUIC_LONG
-assert RELAY_HEADER_LEN == C_RELAY_HEADER_LEN
+assert RELAY_TOKEN_OFFSET == C_RELAY_ROUTE_LEN
 
 
 cdef inline int _kind(uint8_t b) noexcept nogil:
@@ -426,7 +428,8 @@ cdef class DispatchResult:
     initials: [(QuicHeader, datagram, addr)] Initial packets for unknown DCIDs (may open a
               connection, if the caller allows it)
     stun:     [(datagram, addr)]
-    relay:    [(session entry, datagram, addr)] relay frames of known sessions
+    relay:    [(session entry, datagram, addr)] relay frames of known sessions (routed by
+              session id; the entry checks the rest of the 17-byte header)
     dropped:  how many datagrams of this batch were dropped (also counted on the Router)
     """
 
@@ -589,7 +592,7 @@ cdef class Router:
                     self.dropped_unknown_dcid += 1
                     result.dropped += 1
             elif kind == C_KIND_RELAY:
-                if n <= C_RELAY_HEADER_LEN:
+                if n <= C_RELAY_ROUTE_LEN:
                     self.dropped_malformed += 1
                     result.dropped += 1
                     continue

@@ -9,7 +9,8 @@ from ._kinds import (
     KIND_RELAY,
     KIND_STUN,
     KIND_UNKNOWN,
-    RELAY_HEADER_LEN,
+    RELAY_SESSION_ID_LEN,
+    RELAY_TOKEN_OFFSET,
 )
 
 # RFC 9000 §17.2: connection IDs in long headers are at most 20 bytes in QUIC v1.
@@ -153,7 +154,8 @@ class DispatchResult:
     initials: [(QuicHeader, datagram, addr)] Initial packets for unknown DCIDs (may open a
               connection, if the caller allows it)
     stun:     [(datagram, addr)]
-    relay:    [(session entry, datagram, addr)] relay frames of known sessions
+    relay:    [(session entry, datagram, addr)] relay frames of known sessions (routed by
+              session id; the entry checks the rest of the 17-byte header)
     dropped:  how many datagrams of this batch were dropped (also counted on the Router)
     """
 
@@ -212,7 +214,7 @@ class Router:
 
     # Relay session table ---------------------------------------------------------------
     def add_session(self, session_id, entry):
-        if len(session_id) != RELAY_HEADER_LEN - 1:
+        if len(session_id) != RELAY_SESSION_ID_LEN:
             raise ValueError("relay session ids are 8 bytes")
         self._sessions[bytes(session_id)] = entry
 
@@ -277,11 +279,13 @@ class Router:
                     self.dropped_unknown_dcid += 1
                     result.dropped += 1
             elif kind == KIND_RELAY:
-                if len(data) <= RELAY_HEADER_LEN:
+                # Routed by the session id (bytes 1-8); the relay token and the inner packet
+                # after it are the session handler's to check (mahole/session.py).
+                if len(data) <= RELAY_TOKEN_OFFSET:
                     self.dropped_malformed += 1
                     result.dropped += 1
                     continue
-                entry = sessions.get(data[1:RELAY_HEADER_LEN])
+                entry = sessions.get(data[1:RELAY_TOKEN_OFFSET])
                 if entry is None:
                     self.dropped_unknown_session += 1
                     result.dropped += 1

@@ -14,6 +14,10 @@ KIND_NAMES = {
     KIND_QUIC_LONG: "quic_long",
 }
 
+# Relay frames: ``0x10 | session_id (8) | relay_token (8) | inner packet`` (mahole/wire/relay.py).
 RELAY_FRAME_TYPE = 0x10
 RELAY_SESSION_ID_LEN = 8
-RELAY_HEADER_LEN = 1 + RELAY_SESSION_ID_LEN
+RELAY_TOKEN_LEN = 8  # the sending member's token, from control.SessionOpened.relay_token
+RELAY_TOKEN_OFFSET = 1 + RELAY_SESSION_ID_LEN  # where the token starts (9)
+RELAY_HEADER_LEN = RELAY_TOKEN_OFFSET + RELAY_TOKEN_LEN  # type + session id + token (17)
+RELAY_NO_TOKEN = bytes(RELAY_TOKEN_LEN)  # what a node sends when it was given no token

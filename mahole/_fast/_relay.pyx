@@ -2,13 +2,15 @@
 """The intermediate's relay engine: recvmmsg, forward relay frames in C, sendmmsg (Linux only).
 
 Twin of `_relay_py.py` (same API, same tests: tests/conftest.py `relay`). DESIGN.md, "The
-intermediate": a relay frame ``0x10 | session_id (8) | inner`` whose source is one member of
-a known session goes, unchanged, to the other member.
+intermediate", and mahole/wire/relay.py: a relay frame
+``0x10 | session_id (8) | relay_token (8) | inner`` whose source is one member of a known
+session, and whose token is that member's, goes unchanged to the other member.
 
 One `poll()` is one recvmmsg batch. Every relay frame in it is handled in C: the session is
 found by its 8-byte id in an open-addressing hash table (keyed with a per-engine random seed,
 so chosen ids cannot build long probe chains), the source sockaddr is compared with the two
-stored member sockaddrs, the session's token bucket is charged, and the frame is queued for
+stored member sockaddrs, the frame's 8-byte relay token with that member's (one 64-bit
+compare, no early exit), the session's token bucket is charged, and the frame is queued for
 sendmmsg pointing straight at its receive buffer. All queued frames leave in one sendmmsg
 call; counters are updated from what the kernel accepted. No Python object is created per
 relayed frame. Only the other datagrams (STUN, QUIC, anything not 0x10) become
@@ -87,30 +89,41 @@ from mahole._fast._addr_py import (
     relay_args,
     session_id as _session_id,
 )
-from mahole._fast._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN, RELAY_SESSION_ID_LEN
+from mahole._fast._kinds import (
+    RELAY_FRAME_TYPE,
+    RELAY_HEADER_LEN,
+    RELAY_SESSION_ID_LEN,
+    RELAY_TOKEN_LEN,
+    RELAY_TOKEN_OFFSET,
+)
+from mahole._fast._relay_py import relay_token as _relay_token
 
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
-    "dropped_not_member", "dropped_rate_limited", "dropped_malformed", "send_errors",
-    "truncated",
+    "dropped_not_member", "dropped_bad_token", "dropped_rate_limited", "dropped_malformed",
+    "send_errors", "truncated",
 )
 
 cdef enum:
     FRAME_TYPE = 0x10           # == RELAY_FRAME_TYPE
-    HEADER_LEN = 9              # == RELAY_HEADER_LEN: type byte + 8-byte session id
+    TOKEN_OFFSET = 9            # == RELAY_TOKEN_OFFSET: type byte + 8-byte session id
+    HEADER_LEN = 17             # == RELAY_HEADER_LEN: ... + the sender's 8-byte relay token
     MIN_CAPACITY = 16           # hash table slots at start (power of two)
     GSO_MAX_SEGMENTS = 64       # the kernel's UDP_MAX_SEGMENTS before Linux 6.x raised it
     GSO_MAX_BYTES = 65000       # one GSO send stays under the 64 KiB IP/UDP length limit
     CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
 
 assert FRAME_TYPE == RELAY_FRAME_TYPE and HEADER_LEN == RELAY_HEADER_LEN
-assert RELAY_SESSION_ID_LEN == 8
+assert TOKEN_OFFSET == RELAY_TOKEN_OFFSET
+assert RELAY_SESSION_ID_LEN == 8 and RELAY_TOKEN_LEN == 8
 assert C_MAX_FLOWINFO == MAX_FLOWINFO
 
 
 cdef struct Member:
     socklen_t addrlen           # 0 = address unknown
     sockaddr_in6 addr           # a sockaddr_in on AF_INET sockets (fits: 16 <= 28 bytes)
+    bint check_token            # False: any token is accepted (the member was given none)
+    uint64_t token              # the member's 8 token bytes, as memcpy loads them
 
 
 cdef struct Session:
@@ -121,6 +134,7 @@ cdef struct Session:
     uint64_t nbytes[2]          # whole frames (header included), as sent on the wire
     uint64_t dropped_rate_limited
     uint64_t dropped_not_member
+    uint64_t dropped_bad_token
     double created              # CLOCK_MONOTONIC seconds
     double last_activity        # < 0: nothing relayed yet
     double tokens               # token bucket, in bytes
@@ -164,6 +178,12 @@ cdef inline bint _is_member(int family, const sockaddr_storage *src, socklen_t s
             and memcmp(&a6.sin6_addr, &m.addr.sin6_addr, 16) == 0)
 
 
+cdef inline bint _token_ok(const Member *m, uint64_t token) noexcept nogil:
+    """The frame's token is the member's (or the member has none to check): one 64-bit
+    compare, so the time taken does not depend on how many leading bytes match."""
+    return not m.check_token or m.token == token
+
+
 cdef inline bint _stops_sending(int err) noexcept nogil:
     """Errors after which nothing more of this batch can go out: a full socket buffer
     (EAGAIN, ENOBUFS: a relay never waits) or a dead socket (the next recvmmsg reports it)."""
@@ -201,20 +221,26 @@ cdef class RelayEngine:
         datagram is returned with its source address as socket.recvfrom gives it. Returns []
         when nothing waits - or when the whole batch was relay frames, so loop while
         `last_batch_size` (datagrams read by the last poll) is not 0.
-    add_session(session_id, member_a, member_b): member addresses are tuples like recvfrom's
-        (or None while unknown). On AF_INET6 sockets IPv4 literals are stored v4-mapped, as
-        the kernel reports such peers. A session id already present raises ValueError.
-    set_member(session_id, index, addr): index 0 = A, 1 = B; addr None = unknown. KeyError
-        for an unknown session.
+    add_session(session_id, member_a, member_b, token_a=None, token_b=None): member
+        addresses are tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4
+        literals are stored v4-mapped, as the kernel reports such peers. token_a / token_b:
+        each member's 8-byte relay token (control.SessionOpened.relay_token), which its frames
+        must carry; None = that member's token is not checked. A session id already present
+        raises ValueError; a token that is not 8 bytes ValueError (TypeError if not bytes).
+    set_member(session_id, index, addr): index 0 = A, 1 = B; addr None = unknown. The
+        member's token stays. KeyError for an unknown session.
     remove_session(session_id): forgets it; an unknown id is ignored.
     session_stats(session_id) -> dict | None; idle_sessions(now, idle_timeout) -> [id];
     counters() -> dict; session_count; fileno().
 
     A frame is forwarded when its session is known, its source IP and port equal member A's
-    or B's, the other member's address is known, and the bucket holds its length in tokens.
-    Otherwise it is dropped and counted: dropped_malformed (0x10 with no inner packet),
+    or B's and its relay token (bytes 9-16) is that member's, the other member's address is
+    known, and the bucket holds its length in tokens. Otherwise it is dropped and counted:
+    dropped_malformed (0x10 with no complete 17-byte header and inner packet),
     dropped_unknown_session, dropped_not_member (source not a member, or other member
-    unknown), dropped_rate_limited. A send the kernel refuses on its own is skipped; EAGAIN
+    unknown), dropped_bad_token (source a member's, token not that member's: a spoofed
+    source address), dropped_rate_limited. Frames are authenticated before the bucket is
+    charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on its own is skipped; EAGAIN
     or ENOBUFS drop the rest of the batch's frames (a relay never blocks): all counted in
     send_errors. Datagrams longer than max_datagram are dropped and counted in truncated.
     """
@@ -231,6 +257,7 @@ cdef class RelayEngine:
     # counters
     cdef uint64_t _received, _returned, _relayed_packets, _relayed_bytes
     cdef uint64_t _dropped_unknown, _dropped_not_member, _dropped_rate, _dropped_malformed
+    cdef uint64_t _dropped_bad_token
     cdef uint64_t _send_errors, _truncated
 
     # session table: open addressing, linear probing, load <= 1/2, backward-shift delete
@@ -390,19 +417,33 @@ cdef class RelayEngine:
         memcpy(&key, PyBytes_AS_STRING(sid), 8)
         return self._find(key)
 
-    cdef int _set_member(self, Member *m, object addr) except -1:
+    cdef int _set_address(self, Member *m, object addr) except -1:
+        """The member's address (None = unknown); its token stays."""
         cdef bytes name
         if addr is None:
-            memset(m, 0, sizeof(Member))
+            memset(&m.addr, 0, sizeof(m.addr))
+            m.addrlen = 0
             return 0
         name = address_to_sockaddr(self._family, addr, False)  # a bool is not a port here
-        memset(m, 0, sizeof(Member))
+        memset(&m.addr, 0, sizeof(m.addr))
         memcpy(&m.addr, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
         m.addrlen = <socklen_t>PyBytes_GET_SIZE(name)
         return 0
 
-    def add_session(self, session_id, member_a, member_b):
-        """Start relaying for session_id between member_a and member_b (None = unknown)."""
+    cdef int _set_token(self, Member *m, object token) except -1:
+        """The member's relay token (None = not checked)."""
+        token = _relay_token(token)
+        if token is None:
+            m.check_token = False
+            m.token = 0
+        else:
+            m.check_token = True
+            memcpy(&m.token, PyBytes_AS_STRING(token), 8)
+        return 0
+
+    def add_session(self, session_id, member_a, member_b, token_a=None, token_b=None):
+        """Start relaying for session_id between member_a and member_b (None = unknown),
+        each frame carrying its sender's token (token_a, token_b; None = not checked)."""
         cdef uint64_t key
         cdef Member a, b
         cdef Session *s
@@ -410,8 +451,12 @@ cdef class RelayEngine:
         memcpy(&key, PyBytes_AS_STRING(sid), 8)
         if self._find(key) != NULL:
             raise ValueError(f"session {sid.hex()} already exists")
-        self._set_member(&a, member_a)  # both checked before the table changes
-        self._set_member(&b, member_b)
+        memset(&a, 0, sizeof(Member))
+        memset(&b, 0, sizeof(Member))
+        self._set_address(&a, member_a)  # all checked before the table changes
+        self._set_address(&b, member_b)
+        self._set_token(&a, token_a)
+        self._set_token(&b, token_b)
         s = self._insert(key)
         s.member[0] = a
         s.member[1] = b
@@ -428,7 +473,8 @@ cdef class RelayEngine:
             raise KeyError(_session_id(session_id))
         if isinstance(index, bool) or not isinstance(index, int) or index not in (0, 1):
             raise ValueError(f"member index must be 0 (A) or 1 (B), not {index!r}")
-        self._set_member(&m, addr)
+        m = s.member[<int>index]
+        self._set_address(&m, addr)  # checked before the table changes
         s.member[<int>index] = m
 
     def remove_session(self, session_id):
@@ -451,6 +497,7 @@ cdef class RelayEngine:
             "bytes_b_to_a": s.nbytes[1],
             "dropped_rate_limited": s.dropped_rate_limited,
             "dropped_not_member": s.dropped_not_member,
+            "dropped_bad_token": s.dropped_bad_token,
             "created": s.created,
             "last_activity": s.last_activity if s.last_activity >= 0 else None,
         }
@@ -485,6 +532,7 @@ cdef class RelayEngine:
             "relayed_bytes": self._relayed_bytes,
             "dropped_unknown_session": self._dropped_unknown,
             "dropped_not_member": self._dropped_not_member,
+            "dropped_bad_token": self._dropped_bad_token,
             "dropped_rate_limited": self._dropped_rate,
             "dropped_malformed": self._dropped_malformed,
             "send_errors": self._send_errors,
@@ -497,9 +545,12 @@ cdef class RelayEngine:
         """Forward-or-drop every relay frame of the batch; returns how many were queued."""
         cdef Py_ssize_t j, nq = 0, up = 0
         cdef int d
+        cdef bint claimed
         cdef unsigned int length
-        cdef uint64_t key
+        cdef socklen_t srclen
+        cdef uint64_t key, token
         cdef const unsigned char *p
+        cdef const sockaddr_storage *src
         cdef Session *s
         cdef Member *dest
         cdef mmsghdr *rx = self._recv.msgs
@@ -523,15 +574,30 @@ cdef class RelayEngine:
             if s == NULL:
                 self._dropped_unknown += 1
                 continue
-            if _is_member(family, &self._recv.names[j], rx[j].msg_hdr.msg_namelen,
-                          &s.member[0]):
-                d = 0
-            elif _is_member(family, &self._recv.names[j], rx[j].msg_hdr.msg_namelen,
-                            &s.member[1]):
-                d = 1
-            else:
-                s.dropped_not_member += 1
-                self._dropped_not_member += 1
+            # The sender is the member whose address AND token the frame has (A and B may
+            # share an address: then the token alone tells them apart).
+            memcpy(&token, p + TOKEN_OFFSET, 8)
+            src = &self._recv.names[j]
+            srclen = rx[j].msg_hdr.msg_namelen
+            d = -1
+            claimed = False
+            if _is_member(family, src, srclen, &s.member[0]):
+                if _token_ok(&s.member[0], token):
+                    d = 0
+                else:
+                    claimed = True
+            if d < 0 and _is_member(family, src, srclen, &s.member[1]):
+                if _token_ok(&s.member[1], token):
+                    d = 1
+                else:
+                    claimed = True
+            if d < 0:
+                if claimed:  # a member's address with the wrong token: spoofed
+                    s.dropped_bad_token += 1
+                    self._dropped_bad_token += 1
+                else:
+                    s.dropped_not_member += 1
+                    self._dropped_not_member += 1
                 continue
             dest = &s.member[1 - d]
             if dest.addrlen == 0:

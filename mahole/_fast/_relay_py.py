@@ -6,6 +6,7 @@ See `RelayEngine` for the semantics.
 """
 
 import errno
+import hmac
 import socket as _socket
 import time
 
@@ -18,17 +19,32 @@ from ._addr_py import (  # noqa: F401 - MAX_* are this module's constants too
     relay_args,
     session_id as _session_id,
 )
-from ._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN
+from ._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN, RELAY_TOKEN_LEN, RELAY_TOKEN_OFFSET
 
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
-    "dropped_not_member", "dropped_rate_limited", "dropped_malformed", "send_errors",
-    "truncated",
+    "dropped_not_member", "dropped_bad_token", "dropped_rate_limited", "dropped_malformed",
+    "send_errors", "truncated",
 )
 
 # send errors that drop the rest of the batch's frames (a relay never waits).
 _SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS,
                                    errno.EBADF, errno.ENOTSOCK, errno.EFAULT))
+
+
+def relay_token(value):
+    """A member's relay token as 8 bytes, or None (not checked); shared with _relay.pyx.
+
+    TypeError if it is not bytes-like, ValueError if it is not 8 bytes long.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"relay token must be bytes-like or None, not {type(value).__name__}")
+    token = bytes(value)
+    if len(token) != RELAY_TOKEN_LEN:
+        raise ValueError(f"relay token must be {RELAY_TOKEN_LEN} bytes, got {len(token)}")
+    return token
 
 
 def _member(family, addr):
@@ -48,16 +64,19 @@ def _member(family, addr):
 
 
 class _Session:
-    __slots__ = ("dest", "key", "packets", "nbytes", "dropped_rate_limited",
-                 "dropped_not_member", "created", "last_activity", "tokens", "refilled_at")
+    __slots__ = ("dest", "key", "relay_token", "packets", "nbytes", "dropped_rate_limited",
+                 "dropped_not_member", "dropped_bad_token", "created", "last_activity",
+                 "tokens", "refilled_at")
 
-    def __init__(self, created, tokens):
+    def __init__(self, created, tokens, relay_tokens):
         self.dest = [None, None]   # sendto address per member (0 = A, 1 = B), None = unknown
         self.key = [None, None]    # (host, port) as recvfrom reports the member
+        self.relay_token = relay_tokens  # the member's 8 bytes, None = not checked
         self.packets = [0, 0]      # by source member: [0] = A to B, [1] = B to A
         self.nbytes = [0, 0]       # whole frames (header included), as sent on the wire
         self.dropped_rate_limited = 0
         self.dropped_not_member = 0
+        self.dropped_bad_token = 0
         self.created = created
         self.last_activity = None
         self.tokens = tokens       # token bucket, in bytes
@@ -84,20 +103,26 @@ class RelayEngine:
         returned with its source address as socket.recvfrom gives it. Returns [] when nothing
         waits - or when the whole batch was relay frames, so loop while `last_batch_size`
         (datagrams read by the last poll) is not 0.
-    add_session(session_id, member_a, member_b): member addresses are tuples like recvfrom's
-        (or None while unknown). On AF_INET6 sockets IPv4 literals are stored v4-mapped, as
-        the kernel reports such peers. A session id already present raises ValueError.
-    set_member(session_id, index, addr): index 0 = A, 1 = B; addr None = unknown. KeyError
-        for an unknown session.
+    add_session(session_id, member_a, member_b, token_a=None, token_b=None): member
+        addresses are tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4
+        literals are stored v4-mapped, as the kernel reports such peers. token_a / token_b:
+        each member's 8-byte relay token (control.SessionOpened.relay_token), which its frames
+        must carry; None = that member's token is not checked. A session id already present
+        raises ValueError; a token that is not 8 bytes ValueError (TypeError if not bytes).
+    set_member(session_id, index, addr): index 0 = A, 1 = B; addr None = unknown. The
+        member's token stays. KeyError for an unknown session.
     remove_session(session_id): forgets it; an unknown id is ignored.
     session_stats(session_id) -> dict | None; idle_sessions(now, idle_timeout) -> [id];
     counters() -> dict; session_count; fileno().
 
     A frame is forwarded when its session is known, its source IP and port equal member A's
-    or B's, the other member's address is known, and the bucket holds its length in tokens.
-    Otherwise it is dropped and counted: dropped_malformed (0x10 with no inner packet),
+    or B's and its relay token (bytes 9-16) is that member's, the other member's address is
+    known, and the bucket holds its length in tokens. Otherwise it is dropped and counted:
+    dropped_malformed (0x10 with no complete 17-byte header and inner packet),
     dropped_unknown_session, dropped_not_member (source not a member, or other member
-    unknown), dropped_rate_limited. A send the kernel refuses on its own is skipped; EAGAIN
+    unknown), dropped_bad_token (source a member's, token not that member's: a spoofed
+    source address), dropped_rate_limited. Frames are authenticated before the bucket is
+    charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on its own is skipped; EAGAIN
     or ENOBUFS drop the rest of the batch's frames (a relay never blocks): all counted in
     send_errors. Datagrams longer than max_datagram are dropped and counted in truncated.
     """
@@ -130,14 +155,16 @@ class RelayEngine:
 
     # --- session table ---------------------------------------------------------------------
 
-    def add_session(self, session_id, member_a, member_b):
-        """Start relaying for session_id between member_a and member_b (None = unknown)."""
+    def add_session(self, session_id, member_a, member_b, token_a=None, token_b=None):
+        """Start relaying for session_id between member_a and member_b (None = unknown),
+        each frame carrying its sender's token (token_a, token_b; None = not checked)."""
         sid = _session_id(session_id)
         if sid in self._sessions:
             raise ValueError(f"session {sid.hex()} already exists")
         members = [None if addr is None else _member(self._family, addr)
                    for addr in (member_a, member_b)]
-        session = _Session(time.monotonic(), self._burst)
+        tokens = [relay_token(token_a), relay_token(token_b)]
+        session = _Session(time.monotonic(), self._burst, tokens)
         for index, member in enumerate(members):
             if member is not None:
                 session.dest[index], session.key[index] = member
@@ -174,6 +201,7 @@ class RelayEngine:
             "bytes_b_to_a": session.nbytes[1],
             "dropped_rate_limited": session.dropped_rate_limited,
             "dropped_not_member": session.dropped_not_member,
+            "dropped_bad_token": session.dropped_bad_token,
             "created": session.created,
             "last_activity": session.last_activity,
         }
@@ -236,18 +264,30 @@ class RelayEngine:
             if len(data) <= RELAY_HEADER_LEN:
                 c["dropped_malformed"] += 1
                 continue
-            session = sessions.get(data[1:RELAY_HEADER_LEN])
+            session = sessions.get(data[1:RELAY_TOKEN_OFFSET])
             if session is None:
                 c["dropped_unknown_session"] += 1
                 continue
+            # The sender is the member whose address AND token the frame has (A and B may
+            # share an address: then the token alone tells them apart).
             source = (addr[0], addr[1])
-            if source == session.key[0]:
-                d = 0
-            elif source == session.key[1]:
-                d = 1
-            else:
-                session.dropped_not_member += 1
-                c["dropped_not_member"] += 1
+            d = -1
+            claimed = False
+            for index in (0, 1):
+                if source == session.key[index]:
+                    expected = session.relay_token[index]
+                    if expected is None or hmac.compare_digest(
+                            data[RELAY_TOKEN_OFFSET:RELAY_HEADER_LEN], expected):
+                        d = index
+                        break
+                    claimed = True
+            if d < 0:
+                if claimed:  # a member's address with the wrong token: spoofed
+                    session.dropped_bad_token += 1
+                    c["dropped_bad_token"] += 1
+                else:
+                    session.dropped_not_member += 1
+                    c["dropped_not_member"] += 1
                 continue
             dest = session.dest[1 - d]
             if dest is None:

@@ -1,8 +1,26 @@
-"""Relay frames: ``0x10 | session_id (8 bytes) | inner packet`` (DESIGN.md, wire table).
+"""Relay frames: ``0x10 | session_id (8) | relay_token (8) | inner packet``.
 
 A node wraps each end-to-end packet (QUIC, or a STUN check) in a relay frame and sends it to the
 intermediate, which forwards the frame unchanged to the other member of the session. The inner
 packet is opaque: the intermediate never holds keys for it.
+
+Layout (17-byte header, then the inner packet; the wire table of DESIGN.md predates the token)::
+
+    offset  size  field
+    0       1     0x10, the frame type
+    1       8     session_id: which relay session (control.SessionOpened.session_id)
+    9       8     relay_token: the *sending* member's token (control.SessionOpened.relay_token)
+    17      n>=1  inner packet, opaque to the intermediate
+
+The relay token binds a frame to the member that sends it. The intermediate draws a random
+8-byte token for each member of a session and tells each member only its own, on its
+authenticated control connection. A frame is relayed only if it comes from a member's
+observed address *and* carries that member's token, so an attacker who forges a member's
+source IP and port but never saw the token cannot inject frames (issue 9, item 4). The
+token travels in clear: it stops off-path spoofers, not an on-path observer, who can read
+it; the end-to-end QUIC encryption still keeps such an observer from injecting anything the
+receiving node would accept. The receiving node ignores the token (it is the sender's).
+A node that was given no token sends :data:`NO_TOKEN` (eight zero bytes).
 
 The first byte 0x10 sits in a range that neither STUN (0x00-0x03, RFC 8489 §5) nor QUIC with the
 fixed bit set (0x40-0xFF, RFC 9000 §17) uses, so one socket can demultiplex all of them by first
@@ -14,23 +32,45 @@ on bad bytes and nothing else.
 """
 
 import os
+from typing import NamedTuple
 
-from mahole._fast._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN, RELAY_SESSION_ID_LEN
+from mahole._fast._kinds import (
+    RELAY_FRAME_TYPE,
+    RELAY_HEADER_LEN,
+    RELAY_NO_TOKEN,
+    RELAY_SESSION_ID_LEN,
+    RELAY_TOKEN_LEN,
+    RELAY_TOKEN_OFFSET,
+)
 
 __all__ = [
     "FRAME_TYPE",
     "HEADER_LEN",
+    "NO_TOKEN",
     "SESSION_ID_LEN",
+    "TOKEN_LEN",
+    "RelayFrame",
     "decode_frame",
     "encode_frame",
+    "new_relay_token",
     "new_session_id",
 ]
 
 FRAME_TYPE = RELAY_FRAME_TYPE  # first byte of every relay frame
 SESSION_ID_LEN = RELAY_SESSION_ID_LEN  # bytes of session id after the type byte
-HEADER_LEN = RELAY_HEADER_LEN  # type byte + session id; the inner packet follows
+TOKEN_LEN = RELAY_TOKEN_LEN  # bytes of the sender's relay token after the session id
+HEADER_LEN = RELAY_HEADER_LEN  # type byte + session id + token; the inner packet follows
+NO_TOKEN = RELAY_NO_TOKEN  # the token of a node that was given none
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+class RelayFrame(NamedTuple):
+    """A decoded relay frame."""
+
+    session_id: bytes
+    token: bytes
+    inner: bytes
 
 
 def new_session_id() -> bytes:
@@ -38,27 +78,35 @@ def new_session_id() -> bytes:
     return os.urandom(SESSION_ID_LEN)
 
 
-def encode_frame(session_id: bytes, inner: bytes) -> bytes:
-    """Wrap ``inner`` (one end-to-end packet) in a relay frame for ``session_id``.
+def new_relay_token() -> bytes:
+    """A fresh random relay token for one member of a session (8 bytes from ``os.urandom``)."""
+    return os.urandom(TOKEN_LEN)
 
-    Raises ``ValueError`` if ``session_id`` is not exactly 8 bytes or ``inner`` is empty, and
-    ``TypeError`` if either is not bytes-like.
+
+def encode_frame(session_id: bytes, inner: bytes, token: bytes = NO_TOKEN) -> bytes:
+    """Wrap ``inner`` (one end-to-end packet) in a relay frame for ``session_id``, sent by the
+    member whose relay token is ``token``.
+
+    Raises ``ValueError`` if ``session_id`` or ``token`` is not exactly 8 bytes or ``inner`` is
+    empty, and ``TypeError`` if any of them is not bytes-like.
     """
-    if not isinstance(session_id, _BYTES_LIKE) or not isinstance(inner, _BYTES_LIKE):
-        raise TypeError("relay frame: session_id and inner must be bytes-like")
+    if not all(isinstance(x, _BYTES_LIKE) for x in (session_id, inner, token)):
+        raise TypeError("relay frame: session_id, inner and token must be bytes-like")
     if len(session_id) != SESSION_ID_LEN:
         raise ValueError(
             f"relay frame: session id must be {SESSION_ID_LEN} bytes, got {len(session_id)}"
         )
+    if len(token) != TOKEN_LEN:
+        raise ValueError(f"relay frame: token must be {TOKEN_LEN} bytes, got {len(token)}")
     if len(inner) == 0:
         raise ValueError("relay frame: inner packet is empty")
-    return b"".join((bytes((FRAME_TYPE,)), session_id, inner))
+    return b"".join((bytes((FRAME_TYPE,)), session_id, token, inner))
 
 
-def decode_frame(data: bytes) -> tuple[bytes, bytes]:
-    """Split a relay frame into ``(session_id, inner)``, both ``bytes``.
+def decode_frame(data: bytes) -> RelayFrame:
+    """Split a relay frame into ``RelayFrame(session_id, token, inner)``, all ``bytes``.
 
-    Raises ``ValueError`` if the first byte is not 0x10, the frame is shorter than its 9-byte
+    Raises ``ValueError`` if the first byte is not 0x10, the frame is shorter than its 17-byte
     header, or the inner packet is empty.
     """
     if not isinstance(data, _BYTES_LIKE):
@@ -73,4 +121,5 @@ def decode_frame(data: bytes) -> tuple[bytes, bytes]:
         )
     if len(data) == HEADER_LEN:
         raise ValueError("relay frame: inner packet is empty")
-    return bytes(data[1:HEADER_LEN]), bytes(data[HEADER_LEN:])
+    return RelayFrame(bytes(data[1:RELAY_TOKEN_OFFSET]), bytes(data[RELAY_TOKEN_OFFSET:HEADER_LEN]),
+                      bytes(data[HEADER_LEN:]))
