@@ -87,6 +87,10 @@ class EchoServer:
             pass
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (Linux)
+        except OSError:
+            pass
         self.sock.close()
         for conn in self.conns:
             try:
