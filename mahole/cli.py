@@ -114,6 +114,10 @@ def build_parser():
     sub.add_argument("--allow", action="append", default=[], metavar="AGENT_GLOB=SERVICE_GLOB",
                      help="let matching agents reach matching services (repeatable; "
                           "default: deny everything)")
+    sub.add_argument("--offer", action="append", default=[],
+                     metavar="CONNECTOR_GLOB=SERVICE_GLOB",
+                     help="let matching connectors offer matching services (repeatable; "
+                          "default: any connector may offer any service, with a warning)")
     sub.add_argument("--relay-rate-limit", type=int, default=0, metavar="BYTES_PER_S",
                      help="per-session relay rate limit (default: 0, unlimited)")
     sub.add_argument("--node-dead-after", type=float,
@@ -125,6 +129,38 @@ def build_parser():
                      help="a registered node probed because its identity registers again "
                           "keeps it if it answers within this, else it is replaced "
                           f"(default: {IntermediateConfig.probe_timeout:g})")
+    quota = IntermediateConfig
+    for flag, kind, metavar, text in (
+            ("--connections-per-identity", int, "N",
+             "control connections one identity may hold here"),
+            ("--sessions-per-minute", int, "N",
+             "sessions one agent may open per minute (that many at once)"),
+            ("--sessions-per-agent", int, "N", "open sessions per agent"),
+            ("--sessions-per-connector", int, "N", "open sessions per connector"),
+            ("--signaling-rate", float, "PER_S", "control messages per second per node; "
+             "more are ignored, and a node that keeps it up is closed"),
+            ("--signaling-burst", int, "N", "control messages a node may send at once"),
+            ("--relay-rate-per-identity", int, "BYTES_PER_S",
+             "relay rate of one identity's sessions together, shared among them (0: none)")):
+        field = flag[2:].replace("-", "_")
+        sub.add_argument(flag, type=kind, default=getattr(quota, field), metavar=metavar,
+                         help=f"{text} (default: {getattr(quota, field):g})")
+    edge = IntermediateConfig
+    sub.add_argument("--max-half-open", type=int, default=edge.max_half_open, metavar="N",
+                     help="connections not registered yet, at most (default: "
+                          f"{edge.max_half_open})")
+    sub.add_argument("--retry-threshold", type=int, default=edge.retry_threshold,
+                     metavar="N", help="above this many, new clients must first answer a QUIC "
+                     f"Retry (0: always; default: {edge.retry_threshold})")
+    sub.add_argument("--handshake-timeout", type=float, default=edge.handshake_timeout,
+                     metavar="SECONDS", help="a connection not registered this long after "
+                     f"its first packet is dropped (default: {edge.handshake_timeout:g})")
+    sub.add_argument("--stun-rate", type=float, default=edge.stun_rate, metavar="PER_S",
+                     help="STUN responses per second per source host "
+                          f"(default: {edge.stun_rate:g})")
+    sub.add_argument("--vn-rate", type=float, default=edge.vn_rate, metavar="PER_S",
+                     help="QUIC Version Negotiation packets per second per source host "
+                          f"(default: {edge.vn_rate:g})")
     _add_credentials(sub, "intermediate")
     sub.set_defaults(func=run_intermediate)
 
@@ -159,24 +195,43 @@ def _credentials(args):
 
 def run_intermediate(args):
     from .roles.intermediate import Intermediate
-    from .signaling import AclRule
+    from .signaling import AclRule, Limits, OfferRule
 
+    quotas = {field: getattr(args, field) for field in (
+        "connections_per_identity", "sessions_per_minute", "sessions_per_agent",
+        "sessions_per_connector", "signaling_rate", "signaling_burst",
+        "relay_rate_per_identity")}
     try:
         for rule in args.allow:
             AclRule(rule)
+        for rule in args.offer:
+            OfferRule(rule)
     except ValueError as exc:
         return _error(args, str(exc))
+    try:
+        Limits(**quotas)
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)
+        return _error(args, f"--{field[0].replace('_', '-')} {field[1]}")
     if args.relay_rate_limit < 0:
         return _error(args, "--relay-rate-limit must be >= 0")
-    for flag in ("node_dead_after", "probe_timeout"):
+    for flag in ("node_dead_after", "probe_timeout", "handshake_timeout", "max_half_open"):
         if not getattr(args, flag) > 0:
             return _error(args, f"--{flag.replace('_', '-')} must be > 0")
+    for flag in ("retry_threshold", "stun_rate", "vn_rate"):
+        if not getattr(args, flag) >= 0:
+            return _error(args, f"--{flag.replace('_', '-')} must be >= 0")
     cfg = IntermediateConfig(listen=args.listen, allow=tuple(args.allow),
+                             offer=tuple(args.offer), **quotas,
                              relay_rate_limit=args.relay_rate_limit,
                              relay_burst=max(args.relay_rate_limit // 4, 64 * 1024)
                              if args.relay_rate_limit else 0,
                              node_dead_after=args.node_dead_after,
                              probe_timeout=args.probe_timeout,
+                             max_half_open=args.max_half_open,
+                             retry_threshold=args.retry_threshold,
+                             handshake_timeout=args.handshake_timeout,
+                             stun_rate=args.stun_rate, vn_rate=args.vn_rate,
                              **_credentials(args))
     return _serve(args, Intermediate, cfg)
 

@@ -3,10 +3,10 @@
 import dataclasses
 import re
 
+from .wire.control import NAME_RE as NAME  # a node or service name (one grammar everywhere)
+
 DEFAULT_PORT = 4478
 
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a service name
 TARGET = re.compile(r"(tcp|udp):(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})")  # proto:host:port
 
 
@@ -84,6 +84,38 @@ class IntermediateConfig(Credentials):
     probe_timeout: float = 1.0
     relay_rate_limit: int = 0  # bytes/s per session, 0 = unlimited
     relay_burst: int = 0
+    # Which connectors may offer which services: CONNECTOR_GLOB=SERVICE_GLOB rules. None
+    # given: any connector of the deployment CA may offer any service (warned at start).
+    offer: tuple = ()
+    # Quotas per identity (mahole.signaling.Limits, same names and defaults), answered with
+    # RATE_LIMITED: control connections of one identity; sessions an agent opens per minute
+    # (that many at once, then one every 60/N s); open sessions per agent and per connector;
+    # control messages per connection (token bucket; more than a burst ignored within 10 s
+    # closes the node); relay bytes/s of one identity's sessions together (0 = no cap).
+    connections_per_identity: int = 4
+    sessions_per_minute: int = 120
+    sessions_per_agent: int = 256
+    sessions_per_connector: int = 4096
+    signaling_rate: float = 50.0
+    signaling_burst: int = 100
+    relay_rate_per_identity: int = 0
+    # The edge (issue 9). Connections that have not registered yet ("half-open": handshake
+    # under way, or done and no Register yet) each hold TLS state (~50 KB) and cost ~2 ms of
+    # CPU: at most max_half_open at once (further Initials are dropped); above
+    # retry_threshold a new client first gets a Retry and must echo its token from the
+    # address it claims (RFC 9000 §8.1.2; 0 = always); one not registered handshake_timeout
+    # after its first Initial is dropped.
+    max_half_open: int = 256
+    retry_threshold: int = 64
+    handshake_timeout: float = 5.0
+    # Answers to unauthenticated datagrams, per source host (token buckets, bursts of twice
+    # the rate) and in total: STUN Binding responses (RFC 8489) and QUIC Version Negotiation
+    # (RFC 9000 §6). rate_limit_sources bounds the per-source table (least recent forgotten).
+    stun_rate: float = 10.0
+    stun_total_rate: float = 5000.0
+    vn_rate: float = 1.0
+    vn_total_rate: float = 1000.0
+    rate_limit_sources: int = 4096
 
 
 @dataclasses.dataclass

@@ -9,14 +9,34 @@ Registry, ACL, sessions and signaling are the sans-IO `mahole.signaling.Signalin
 module is its shell: it accepts QUIC connections, checks certificates, decodes the control
 stream, feeds the core with what happened (authenticated packets only) and carries out its
 events on the connections and the relay engine, with one endpoint timer for the core's.
+
+The edge, where every byte is an attacker's (issue 9):
+
+- A node's observed address (its relay address, and what `ObservedAddress` tells it) moves only
+  to an address that sent a packet aioquic decrypted *and* that aioquic validated with
+  PATH_CHALLENGE / PATH_RESPONSE (RFC 9000 §8.2, §9): neither a forged packet carrying a
+  connection ID nor a copied authentic packet sent from elsewhere moves it.
+- Handshakes are bounded: at most ``max_half_open`` connections that have not registered yet;
+  above ``retry_threshold`` of them a new client must first prove its address with a Retry
+  (RFC 9000 §8.1.2); one that has not registered ``handshake_timeout`` after its first Initial
+  is dropped.
+- An Initial of another QUIC version gets Version Negotiation (RFC 9000 §6), and a STUN Binding
+  request its response, each rate-limited per source host in a bounded table.
+- IPv4 clients of a dual-stack (``[::]``) listener are reported as IPv4, and sessions are
+  named by `session_tag` (a hash) in status and logs: the id itself keys relay frames.
 """
 
+import collections
+import ipaddress
 import itertools
 import logging
 import os
+import socket
 import statistics
 
 from aioquic.quic import events as qe
+from aioquic.quic.packet import encode_quic_retry, encode_quic_version_negotiation
+from aioquic.quic.retry import QuicRetryTokenHandler
 
 from .. import connection as qc
 from .. import identity
@@ -28,31 +48,138 @@ from ..signaling import (
     RelayAdd,
     RelayRemove,
     RelaySetMember,
+    RelaySetRate,
     SendMessage,
     SignalingCore,
+    session_tag,
 )
 from ..status import metrics_from_counters
 from ..wire import control, stun
-from .node import ControlStream, _fmt, bind_udp, load_credentials, start_status
+from .node import ControlStream, StartupError, load_credentials, start_status
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AclRule", "Intermediate"]
+__all__ = ["AclRule", "Intermediate", "SourceLimiter", "plain_addr"]
 
 SUPPORTED_VERSIONS = (0x00000001,)  # QUIC v1 (RFC 9000)
 TIMER_KEY = "signaling"  # the core's one timer on the endpoint
+# RFC 9000 §14.1: a datagram carrying a client's Initial is at least 1200 bytes; §6.1 / §5.2.2:
+# only such datagrams get Version Negotiation (so a VN answer never amplifies).
+MIN_INITIAL_DATAGRAM = 1200
+RETRY_CID_LEN = 8  # the connection ID a Retry hands out (the router's DCID length)
+
+
+def plain_addr(addr):
+    """(host, port) of a socket address, an IPv4-mapped IPv6 host (``::ffff:a.b.c.d``, how a
+    dual-stack socket reports IPv4 peers, RFC 4291 §2.5.5.2) given as plain IPv4."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        try:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            host = str(mapped)
+    return (host, addr[1])
+
+
+def _fmt(addr):
+    if addr is None:
+        return "?"
+    host, port = plain_addr(addr)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listen(host, port):
+    """The intermediate's one UDP socket, non-blocking. An IPv6 wildcard or address is bound
+    dual-stack (IPV6_V6ONLY off), so ``[::]`` serves IPv4 clients too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET6:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass  # a host without dual-stack sockets serves IPv6 only
+        for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:
+                pass
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+class SourceLimiter:
+    """Token buckets per source (sans-IO): ``allow(key, now)`` says whether a source may have
+    one more answer. Each source gets ``rate`` answers a second with bursts of ``burst``; all
+    sources together get ``total_rate`` (bursts of twice that), so spoofing many sources buys
+    no more. The table keeps the ``max_sources`` most recently seen sources: a source pushed
+    out starts again with a full bucket, which the total rate still bounds."""
+
+    def __init__(self, rate, burst=None, *, max_sources=4096, total_rate=None):
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else max(1.0, 2 * self.rate))
+        self.max_sources = max(1, int(max_sources))
+        self.total_rate = float(total_rate) if total_rate else None
+        self._total = (self.total_rate * 2 if self.total_rate else 0.0, None)
+        self._buckets = collections.OrderedDict()  # key -> [tokens, refilled_at]
+
+    def __len__(self):
+        return len(self._buckets)
+
+    def allow(self, key, now):
+        if self.rate <= 0:
+            return False
+        if self.total_rate:
+            tokens, at = self._total
+            cap = self.total_rate * 2
+            tokens = cap if at is None else min(cap, tokens + (now - at) * self.total_rate)
+            if tokens < 1:
+                self._total = (tokens, now)
+                return False
+            self._total = (tokens, now)
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= self.max_sources:
+                buckets.popitem(last=False)
+            bucket = buckets[key] = [self.burst, now]
+        else:
+            buckets.move_to_end(key)
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] < 1:
+            return False
+        bucket[0] -= 1
+        if self.total_rate:
+            self._total = (self._total[0] - 1, now)
+        return True
 
 
 class ControlConnection(ConnectionHandler):
     """A node's control connection at the intermediate: certificate, control stream, and
-    what the core hears of it under ``handle``."""
+    what the core hears of it under ``handle``.
 
-    def __init__(self, intermediate, handle):
+    ``addr`` is the address the core knows (raw, as the socket reports it): the one the
+    handshake came from, or the last one aioquic validated. Authenticated packets from any
+    other address keep the node alive but do not move it until aioquic has validated that
+    path (RFC 9000 §8.2, §9)."""
+
+    def __init__(self, intermediate, handle, addr, now):
         self.intermediate = intermediate
         self.handle = handle
         self.connection = None
         self.stream = None
         self.peer = None  # identity.Peer once the certificate checked out
+        self.addr = addr
+        self.created = now
+        self.registered = False
+        self._unvalidated = None  # the last address an unvalidated move was seen from
 
     def send(self, message):
         if self.stream is not None and not self.connection.closed:
@@ -69,8 +196,9 @@ class ControlConnection(ConnectionHandler):
                 log.warning("refused %s: %s", _fmt(connection.peer_addr), exc)
                 connection.close(qc.ERROR_UNAUTHENTICATED, f"unauthenticated: {exc}"[:200])
                 return
+            self.addr = connection.peer_addr
             intermediate.signaling.node_connected(self.handle, self.peer.role, self.peer.name,
-                                                  connection.peer_addr[:2],
+                                                  plain_addr(self.addr),
                                                   intermediate.endpoint.now())
             intermediate.pump()
         elif isinstance(event, qe.StreamDataReceived):
@@ -92,15 +220,33 @@ class ControlConnection(ConnectionHandler):
             intermediate.pump()
 
     def packet_authenticated(self, connection, addr, now):
-        if self.peer is not None:
-            signaling = self.intermediate.signaling
-            signaling.packet_authenticated(self.handle, addr[:2], now,
-                                           rtt=connection.quic.smoothed_rtt)
-            self.intermediate.pump()
+        if self.peer is None:
+            return
+        intermediate = self.intermediate
+        if addr != self.addr:
+            if connection.quic.path_validated(addr):
+                # RFC 9000 §9.3: the peer proved it receives at addr; it is the node's now.
+                self.addr = addr
+                self._unvalidated = None
+                intermediate.shell_counters["address_changes"] += 1
+            else:
+                # Decrypted, but nobody has answered a PATH_CHALLENGE there yet: a NAT
+                # rebinding about to be validated, or a copy of a packet sent from elsewhere.
+                # Liveness only; the core keeps the validated address.
+                if addr != self._unvalidated:
+                    self._unvalidated = addr
+                    intermediate.shell_counters["address_changes_unvalidated"] += 1
+                    log.debug("%s: authenticated packet from %s, not validated yet",
+                              self.peer.name, _fmt(addr))
+                addr = self.addr
+        intermediate.signaling.packet_authenticated(self.handle, plain_addr(addr), now,
+                                                    rtt=connection.quic.smoothed_rtt)
+        intermediate.pump()
 
     def connection_closed(self, connection):
         intermediate = self.intermediate
         intermediate.connections.pop(self.handle, None)
+        intermediate.handshake_over(self)
         if self.peer is not None:
             intermediate.signaling.node_disconnected(self.handle, intermediate.endpoint.now())
             intermediate.pump()
@@ -112,25 +258,34 @@ class Intermediate:
     def __init__(self, cfg):
         self.cfg = cfg
         self.identity, self.ca = load_credentials(cfg, "intermediate")
-        self.signaling = SignalingCore(acl=cfg.allow, home=self.identity.name,
-                                       probe_timeout=cfg.probe_timeout,
-                                       node_dead_after=cfg.node_dead_after)
+        self.signaling = SignalingCore.from_config(cfg, home=self.identity.name)
         self.connections = {}  # handle -> ControlConnection
+        self.half_open = {}  # handle -> ControlConnection not registered yet
         self._handles = itertools.count(1)
         self.endpoint = None
         self.engine = None
         self.status_server = None
         self.shell_counters = {
             "connections_accepted": 0, "refused_unauthenticated": 0, "stun_requests": 0,
-            "stun_malformed": 0, "bad_control_messages": 0, "initials_dropped": 0,
+            "stun_malformed": 0, "stun_unknown_attributes": 0, "stun_classic": 0,
+            "stun_rate_limited": 0, "bad_control_messages": 0, "initials_dropped": 0,
+            "retries_sent": 0, "retry_tokens_invalid": 0, "half_open_full": 0,
+            "handshakes_timed_out": 0, "version_negotiations_sent": 0,
+            "version_negotiation_rate_limited": 0, "address_changes": 0,
+            "address_changes_unvalidated": 0, "relay_rates_not_applied": 0,
         }
         self._server_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_CONTROL,
             idle_timeout=cfg.idle_timeout)
+        self._retry = QuicRetryTokenHandler()
+        self._stun_limiter = SourceLimiter(cfg.stun_rate, max_sources=cfg.rate_limit_sources,
+                                           total_rate=cfg.stun_total_rate)
+        self._vn_limiter = SourceLimiter(cfg.vn_rate, max_sources=cfg.rate_limit_sources,
+                                         total_rate=cfg.vn_total_rate)
         self._timer_at = None
 
     async def start(self):
-        sock = bind_udp(*self.cfg.listen)
+        sock = bind_listen(*self.cfg.listen)
         self.engine = RelayEngine(sock, rate_limit_bps=self.cfg.relay_rate_limit,
                                   burst_bytes=self.cfg.relay_burst)
         self.endpoint = Endpoint(sock, on_stun=self._stun, on_initial=self._initial,
@@ -159,6 +314,8 @@ class Intermediate:
                 conn.connection.close(qc.ERROR_SHUTDOWN, "intermediate stopping")
         if self.endpoint is not None:
             self.endpoint.cancel_timer(TIMER_KEY)
+            for handle in list(self.half_open):
+                self.endpoint.cancel_timer(("handshake", handle))
             self.endpoint.flush()
         if self.status_server is not None:
             await self.status_server.close()
@@ -175,17 +332,24 @@ class Intermediate:
             if isinstance(event, SendMessage):
                 conn = self.connections.get(event.handle)
                 if conn is not None:
+                    if isinstance(event.message, control.Registered):
+                        conn.registered = True
+                        self.handshake_over(conn)
                     conn.send(event.message)
             elif isinstance(event, CloseNode):
                 conn = self.connections.get(event.handle)
                 if conn is not None and conn.connection is not None:
                     conn.connection.close(event.code, event.reason)
             elif isinstance(event, RelayAdd):
-                engine.add_session(event.session_id, event.agent_addr, event.connector_addr)
+                self._relay_add(event)
             elif isinstance(event, RelayRemove):
                 engine.remove_session(event.session_id)
             elif isinstance(event, RelaySetMember):
                 engine.set_member(event.session_id, event.member, event.addr)
+            elif isinstance(event, RelaySetRate):
+                # Per-identity relay shares need a per-session rate in the relay engine,
+                # which it does not have yet: counted, not enforced.
+                self.shell_counters["relay_rates_not_applied"] += 1
         when = signaling.next_timer()
         if when != self._timer_at:
             self._timer_at = when
@@ -194,40 +358,123 @@ class Intermediate:
             else:
                 self.endpoint.set_timer(TIMER_KEY, when, self._on_timer)
 
+    def _relay_add(self, event):
+        # Each member's frames must carry its own token (issue 9 #4): a frame from a member's
+        # address without it is not the member's. No token (b"") means not checked.
+        self.engine.add_session(event.session_id, event.agent_addr, event.connector_addr,
+                                event.agent_token or None, event.connector_token or None)
+
     def _on_timer(self, now):
         self._timer_at = None
         self.signaling.handle_timer(now)
         self.pump()
 
-    # Datagrams the relay engine did not relay ------------------------------------------
+    # Handshakes ------------------------------------------------------------------------
+    def handshake_over(self, conn):
+        """conn registered or closed: it no longer counts as half-open."""
+        if self.half_open.pop(conn.handle, None) is not None:
+            self.endpoint.cancel_timer(("handshake", conn.handle))
+
+    def _handshake_expired(self, handle, now):
+        conn = self.half_open.pop(handle, None)
+        if conn is None or conn.connection is None or conn.connection.closed:
+            return
+        self.shell_counters["handshakes_timed_out"] += 1
+        who = conn.peer.name if conn.peer is not None else "unauthenticated client"
+        log.debug("dropped %s at %s: not registered within %.1f s", who,
+                  _fmt(conn.connection.peer_addr), self.cfg.handshake_timeout)
+        conn.connection.abandon(qc.ERROR_SHUTDOWN, "handshake timeout")
+
     def _initial(self, header, data, addr):
-        if header.version not in SUPPORTED_VERSIONS or len(data) < 1200:
-            # RFC 9000 §14.1: Initial datagrams are at least 1200 bytes.
-            self.shell_counters["initials_dropped"] += 1
+        counters = self.shell_counters
+        if header.version not in SUPPORTED_VERSIONS:
+            self._version_negotiation(header, data, addr)
+            return
+        if len(data) < MIN_INITIAL_DATAGRAM:
+            counters["initials_dropped"] += 1
+            return
+        now = self.endpoint.now()
+        original_dcid, retry_scid = header.dcid, None
+        if header.token:
+            # Our Retry's token coming back (RFC 9000 §8.1.2); nothing else issues tokens.
+            try:
+                original_dcid = self._retry.validate_token(
+                    address=addr, destination_cid=header.dcid, token=header.token, now=now)
+            except ValueError:
+                # §8.1.3 allows discarding it: the client times out, as a forger should.
+                counters["retry_tokens_invalid"] += 1
+                return
+            retry_scid = header.dcid
+        elif len(self.half_open) >= self.cfg.retry_threshold:
+            # §8.1.2: make the client prove it receives at addr before it costs a handshake.
+            scid = os.urandom(RETRY_CID_LEN)
+            token = self._retry.create_token(address=addr,
+                                             original_destination_connection_id=header.dcid,
+                                             retry_source_connection_id=scid, now=now)
+            self.endpoint.send([(encode_quic_retry(
+                version=header.version, source_cid=scid, destination_cid=header.scid,
+                original_destination_cid=header.dcid, retry_token=token), addr)])
+            counters["retries_sent"] += 1
+            return
+        if len(self.half_open) >= self.cfg.max_half_open:
+            counters["half_open_full"] += 1
             return
         quic = qc.NodeQuicConnection(configuration=self._server_config,
-                                     original_destination_connection_id=header.dcid)
+                                     original_destination_connection_id=original_dcid,
+                                     retry_source_connection_id=retry_scid)
         handle = next(self._handles)
-        conn = ControlConnection(self, handle)
+        conn = ControlConnection(self, handle, addr, now)
         self.connections[handle] = conn
+        self.half_open[handle] = conn
+        self.endpoint.set_timer(("handshake", handle), now + self.cfg.handshake_timeout,
+                                lambda when, handle=handle: self._handshake_expired(handle, when))
         conn.connection = self.endpoint.add_connection(quic, conn, peer_addr=addr,
                                                        extra_cids=(header.dcid,))
-        self.shell_counters["connections_accepted"] += 1
-        conn.connection.datagram_received(data, addr, self.endpoint.now())
+        counters["connections_accepted"] += 1
+        conn.connection.datagram_received(data, addr, now)
+
+    def _version_negotiation(self, header, data, addr):
+        """RFC 9000 §6.1: answer a client's first packet of an unsupported version with the
+        versions we support, once it is big enough to start a connection (§14.1), never a
+        Version Negotiation packet itself (version 0, §17.2.1), and at a bounded rate."""
+        counters = self.shell_counters
+        if header.version == 0 or len(data) < MIN_INITIAL_DATAGRAM:
+            counters["initials_dropped"] += 1
+            return
+        if not self._vn_limiter.allow(addr[0], self.endpoint.now()):
+            counters["version_negotiation_rate_limited"] += 1
+            return
+        counters["version_negotiations_sent"] += 1
+        self.endpoint.send([(encode_quic_version_negotiation(
+            source_cid=header.dcid, destination_cid=header.scid,
+            supported_versions=list(SUPPORTED_VERSIONS)), addr)])
 
     def _stun(self, data, addr):
+        counters = self.shell_counters
         try:
-            request = stun.decode(data)
+            request = stun.decode(data, classic=True)
         except ValueError:
-            self.shell_counters["stun_malformed"] += 1
+            counters["stun_malformed"] += 1
             return
         if (request.method != stun.METHOD_BINDING
                 or request.message_class != stun.CLASS_REQUEST):
-            self.shell_counters["stun_malformed"] += 1
+            counters["stun_malformed"] += 1
             return
-        self.shell_counters["stun_requests"] += 1
-        response = stun.binding_success(request, (addr[0], addr[1]))
-        self.endpoint.send([(stun.encode(response), addr)])
+        counters["stun_requests"] += 1
+        if not self._stun_limiter.allow(addr[0], self.endpoint.now()):
+            counters["stun_rate_limited"] += 1
+            return
+        unknown = request.unknown_required()
+        if unknown:
+            # RFC 8489 §6.3.1: list the comprehension-required attributes we do not know.
+            counters["stun_unknown_attributes"] += 1
+            response = stun.binding_error(request, 420, "Unknown Attribute",
+                                          unknown_attributes=unknown[:32])
+        else:
+            # §12.2: an RFC 3489 client gets MAPPED-ADDRESS (binding_success picks it).
+            counters["stun_classic"] += int(request.classic)
+            response = stun.binding_success(request, plain_addr(addr))
+        self.endpoint.send([(stun.encode(response, fingerprint=not request.classic), addr)])
 
     # Status ----------------------------------------------------------------------------
     def status(self):
@@ -245,13 +492,16 @@ class Intermediate:
             "name": self.identity.name,
             "pid": os.getpid(),
             "listen": _fmt(self.endpoint.local_address) if self.endpoint else None,
+            "handshakes": {"half_open": len(self.half_open),
+                           "max_half_open": self.cfg.max_half_open,
+                           "retry_threshold": self.cfg.retry_threshold},
             "nodes": {"agents": roles["agent"], "connectors": roles["connector"],
                       "list": [{"role": n.role, "name": n.name, "addr": _fmt(n.addr),
                                 "services": list(n.services)} for n in nodes]},
             "sessions": {"open": len(sessions), "list": [
-                {"session_id": s.session_id.hex(), "service": s.service,
+                {"session": session_tag(s.session_id), "service": s.service,
                  "agent": s.agent_name, "connector": s.connector_name, "path": s.path,
-                 "relay": engine.session_stats(s.session_id) if engine else None}
+                 "relay": self._relay_stats(s.session_id)}
                 for s in sessions]},
             "relay": engine.counters() if engine else {},
             "punching": {**punching, "time_to_direct_ms_median":
@@ -261,12 +511,22 @@ class Intermediate:
             "router": self.endpoint.router.counters() if self.endpoint else {},
         }
 
+    def _relay_stats(self, session_id):
+        stats = self.engine.session_stats(session_id) if self.engine else None
+        if stats is None:
+            return None
+        for key in ("member_a", "member_b"):
+            if stats.get(key) is not None:
+                stats[key] = list(plain_addr(stats[key]))
+        return stats
+
     def metrics(self):
         status = self.status()
         return metrics_from_counters("mahole_intermediate", {
             "nodes_agents": status["nodes"]["agents"],
             "nodes_connectors": status["nodes"]["connectors"],
             "sessions_open": status["sessions"]["open"],
+            "handshakes_half_open": status["handshakes"]["half_open"],
             **{f"relay_{k}": v for k, v in status["relay"].items()},
             **{f"punching_{k}": v for k, v in self.signaling.punching.items()},
             **status["counters"], **status["endpoint"], **status["router"],

@@ -128,6 +128,15 @@ class Message:
     message_class: int
     transaction_id: bytes = field(default_factory=lambda: secrets.token_bytes(12))
     attributes: dict[str | int, Any] = field(default_factory=dict)
+    # The header's magic cookie field. Anything but MAGIC_COOKIE marks a classic RFC 3489
+    # message (decoded only with ``classic=True``), whose 128-bit transaction id is this
+    # field followed by ``transaction_id`` (RFC 8489 §12).
+    cookie: int = MAGIC_COOKIE
+
+    @property
+    def classic(self) -> bool:
+        """Whether this is a classic RFC 3489 message (no magic cookie, RFC 8489 §12.2)."""
+        return self.cookie != MAGIC_COOKIE
 
     def unknown_required(self) -> tuple[int, ...]:
         """Type codes of comprehension-required attributes (< 0x8000, RFC 8489 §14) this module
@@ -381,10 +390,11 @@ def _tlv(attr_type: int, value: bytes, pad: bytes) -> bytes:
     return _TLV.pack(attr_type, len(value)) + value + pad * (_padded(len(value)) - len(value))
 
 
-def _header(message_type: int, length: int, transaction_id: bytes) -> bytes:
+def _header(message_type: int, length: int, transaction_id: bytes,
+            cookie: int = MAGIC_COOKIE) -> bytes:
     if length > 0xFFFF:
         raise StunError(f"message too long ({length} bytes of attributes)")
-    return _HEADER.pack(message_type, length, MAGIC_COOKIE) + transaction_id
+    return _HEADER.pack(message_type, length, cookie) + transaction_id
 
 
 def _fingerprint(data: bytes) -> int:
@@ -424,6 +434,7 @@ def encode(
     if not isinstance(transaction_id, (bytes, bytearray)) or len(transaction_id) != 12:
         raise StunError(f"transaction id must be 12 bytes, got {transaction_id!r}")
     transaction_id = bytes(transaction_id)
+    cookie = _check_uint(message.cookie, 32, "magic cookie")
     pad = bytes((pad_byte,))
 
     body = bytearray()
@@ -445,17 +456,22 @@ def encode(
     message_type = _join_type(message.method, message.message_class)
     if integrity_key is not None:
         # §14.5: the length covers the message up to and including MESSAGE-INTEGRITY itself.
-        header = _header(message_type, len(body) + 4 + _INTEGRITY_LENGTH, transaction_id)
+        header = _header(message_type, len(body) + 4 + _INTEGRITY_LENGTH, transaction_id,
+                         cookie)
         body += _tlv(_TYPE_MESSAGE_INTEGRITY, _integrity(integrity_key, header + body), pad)
     if fingerprint:
         # §14.7: the length already includes the 8-byte FINGERPRINT attribute.
-        header = _header(message_type, len(body) + 8, transaction_id)
+        header = _header(message_type, len(body) + 8, transaction_id, cookie)
         body += _tlv(_TYPE_FINGERPRINT, _fingerprint(header + body).to_bytes(4, "big"), pad)
-    return _header(message_type, len(body), transaction_id) + bytes(body)
+    return _header(message_type, len(body), transaction_id, cookie) + bytes(body)
 
 
-def decode(data: bytes, integrity_key: bytes | None = None) -> Message:
+def decode(data: bytes, integrity_key: bytes | None = None, *, classic: bool = False) -> Message:
     """Parse one STUN message; raise :class:`StunError` (a ValueError) on anything wrong.
+
+    With ``classic`` a message without the magic cookie is accepted as a classic RFC 3489
+    one (RFC 8489 §12: a server can tell such a client by the cookie and answers it); its
+    cookie field is kept in ``Message.cookie``. Without it the cookie is required.
 
     Checks the header (RFC 8489 §5: top two bits zero, magic cookie, length a multiple of 4
     that matches the datagram), parses every attribute, and verifies FINGERPRINT whenever it is
@@ -470,7 +486,7 @@ def decode(data: bytes, integrity_key: bytes | None = None) -> Message:
     message_type, length, cookie = _HEADER.unpack_from(data)
     if message_type & 0xC000:
         raise StunError("top two bits of a STUN message must be zero")
-    if cookie != MAGIC_COOKIE:
+    if cookie != MAGIC_COOKIE and not classic:
         raise StunError(f"bad magic cookie 0x{cookie:08x}")
     if length % 4:
         raise StunError(f"STUN length {length} is not a multiple of 4")
@@ -516,11 +532,12 @@ def decode(data: bytes, integrity_key: bytes | None = None) -> Message:
     if integrity_key is not None:
         if integrity_at is None:
             raise StunError("MESSAGE-INTEGRITY missing")
-        header = _header(message_type, integrity_at + 4 + _INTEGRITY_LENGTH - HEADER_LENGTH, transaction_id)
+        header = _header(message_type, integrity_at + 4 + _INTEGRITY_LENGTH - HEADER_LENGTH,
+                         transaction_id, cookie)
         expected = _integrity(integrity_key, header + data[HEADER_LENGTH:integrity_at])
         if not hmac.compare_digest(attributes["MESSAGE-INTEGRITY"], expected):
             raise StunError("MESSAGE-INTEGRITY does not match")
-    return Message(method, message_class, transaction_id, attributes)
+    return Message(method, message_class, transaction_id, attributes, cookie)
 
 
 def is_stun(data: bytes) -> bool:
@@ -569,10 +586,14 @@ def binding_indication(**attributes: Any) -> Message:
 
 def binding_success(request: Message, mapped_addr: tuple[str, int], **attributes: Any) -> Message:
     """The success response to ``request``: same transaction id, XOR-MAPPED-ADDRESS =
-    ``mapped_addr`` (the request's source address, RFC 8489 §12 / RFC 8445 §7.3.1.2)."""
-    attrs: dict[str | int, Any] = {"XOR-MAPPED-ADDRESS": mapped_addr}
+    ``mapped_addr`` (the request's source address, RFC 8489 §12 / RFC 8445 §7.3.1.2).
+
+    A classic RFC 3489 request (no magic cookie) gets its cookie field back and a
+    MAPPED-ADDRESS instead, the one attribute such a client reads (RFC 8489 §12.2)."""
+    name = "MAPPED-ADDRESS" if request.classic else "XOR-MAPPED-ADDRESS"
+    attrs: dict[str | int, Any] = {name: mapped_addr}
     attrs.update(_attributes_from_keywords(attributes))
-    return Message(request.method, CLASS_SUCCESS, request.transaction_id, attrs)
+    return Message(request.method, CLASS_SUCCESS, request.transaction_id, attrs, request.cookie)
 
 
 def binding_error(request: Message, code: int, reason: str = "", **attributes: Any) -> Message:
@@ -580,4 +601,4 @@ def binding_error(request: Message, code: int, reason: str = "", **attributes: A
     401 Unauthorized, 420 Unknown Attribute (add ``unknown_attributes=``), 487 Role Conflict."""
     attrs: dict[str | int, Any] = {"ERROR-CODE": (code, reason)}
     attrs.update(_attributes_from_keywords(attributes))
-    return Message(request.method, CLASS_ERROR, request.transaction_id, attrs)
+    return Message(request.method, CLASS_ERROR, request.transaction_id, attrs, request.cookie)
