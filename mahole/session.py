@@ -23,6 +23,7 @@ from ._fast import KIND_QUIC_LONG, classify, parse_header
 from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
 from .endpoint import ConnectionHandler
 from .session_core import NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
+from .signaling import session_tag
 from .tunnel import FLOW_ID_LEN, MAX_DATAGRAM_PAYLOAD, pack_datagram
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Session(ConnectionHandler):
         self.node = node
         self.endpoint = node.endpoint
         self.session_id = session_id
+        self.tag = session_tag(session_id)  # for logs: the id itself keys relay frames
         self.service = service
         self.agent = agent
         self.connector = connector
@@ -147,11 +149,11 @@ class Session(ConnectionHandler):
         if result.path == "direct":
             if not self.closed:
                 self.switch_ms = round(result.elapsed * 1000, 3)
-                log.info("session %s: direct path to %s after %.0f ms", self.session_id.hex(),
+                log.info("session %s: direct path to %s after %.0f ms", self.tag,
                          _fmt(result.remote_addr), result.elapsed * 1000)
             self.core.punch_succeeded(result.remote_addr, now)
         else:
-            log.info("session %s: staying on the relay: %s", self.session_id.hex(),
+            log.info("session %s: staying on the relay: %s", self.tag,
                      result.reason)
             self.core.punch_failed(result.reason, now)
         self.node.report(result.to_wire(self.session_id))
@@ -215,10 +217,10 @@ class Session(ConnectionHandler):
 
     def _route_changed(self, event):
         if event.reason != "nominated":
-            log.warning("session %s: %s; now on route %s", self.session_id.hex(), event.reason,
+            log.warning("session %s: %s; now on route %s", self.tag, event.reason,
                         event.route)
         if self.core.repunch_at is not None:
-            log.info("session %s: punching again in %.1f s", self.session_id.hex(),
+            log.info("session %s: punching again in %.1f s", self.tag,
                      self.core.repunch_at - self.endpoint.now())
         if self.connection is not None:
             self.connection.transmit()
