@@ -27,8 +27,14 @@ ALPN_E2E = "mahole-e2e/1"
 # QUIC application error codes used when mahole closes a connection (CONNECTION_CLOSE of
 # type 0x1d, RFC 9000 §19.19: their own space, apart from transport codes such as
 # CRYPTO_ERROR 0x100-0x1ff, which come in frames of type 0x1c).
-ERROR_SHUTDOWN = 0x100
-ERROR_UNAUTHENTICATED = 0x101
+ERROR_SHUTDOWN = 0x100  # ordinary close: stopping, replaced, gone silent
+ERROR_UNAUTHENTICATED = 0x101  # the certificate does not match what the node claims
+ERROR_PROTOCOL_ERROR = 0x102  # undecodable control stream, a broken protocol
+ERROR_RATE_LIMITED = 0x103  # over a quota
+ERROR_CONFLICT = 0x104  # another live connection holds this identity
+ERROR_DENIED = 0x105  # the policy refuses the registration
+# After these the configuration has to change: a node must not retry.
+PERMANENT_ERRORS = frozenset((ERROR_UNAUTHENTICATED, ERROR_CONFLICT, ERROR_DENIED))
 # QUIC transport CRYPTO_ERROR codes (RFC 9001 §4.8): 0x100 + the TLS alert.
 CRYPTO_ERROR_RANGE = range(0x100, 0x200)
 

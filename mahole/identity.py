@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .wire.control import NAME_RE
+
 
 class _ChainError(Exception):
     """Internal: chain failure found by the fallback check."""
@@ -85,7 +87,7 @@ CA_KEY_FILE = "ca.key"
 
 # A node name is used as a file name and a DNS label, so keep it boring. It must start with a
 # letter or digit (no ".", "..", or "-flag" look-alikes).
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME_RE = NAME_RE  # node names follow the one grammar of names on the wire and the CLI
 # Names that would collide with the CA's files (case-insensitive for such filesystems).
 _RESERVED_NAMES = {"ca"}
 _HOST_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")

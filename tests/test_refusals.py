@@ -209,6 +209,10 @@ def test_no_answer_is_transient_and_said_so(certs):
 @pytest.mark.parametrize("code, frame_type, permanent", [
     (0x100, None, False),  # ERROR_SHUTDOWN: the intermediate stopping or replacing us
     (0x101, None, True),  # ERROR_UNAUTHENTICATED: our certificate was refused
+    (0x104, None, True),  # ERROR_CONFLICT: another live copy holds this identity
+    (0x105, None, True),  # ERROR_DENIED: the policy refuses what we register
+    (0x103, None, False),  # ERROR_RATE_LIMITED: later may work
+    (0x102, None, False),  # ERROR_PROTOCOL_ERROR
     (0x100 + 42, 0x06, True),  # transport CRYPTO_ERROR (bad_certificate) from its TLS
     (0x0A, 0x06, False),  # a transport PROTOCOL_VIOLATION: retry
 ])

@@ -777,8 +777,9 @@ def test_close_codes_are_distinct_and_never_no_error():
     assert signaling.PERMANENT_CLOSES == {signaling.CLOSE_UNAUTHENTICATED,
                                           signaling.CLOSE_CONFLICT, signaling.CLOSE_DENIED}
     for name in ("PROTOCOL_ERROR", "RATE_LIMITED", "CONFLICT", "DENIED"):
-        if hasattr(qc, f"ERROR_{name}"):  # the connection module mirrors them
-            assert getattr(qc, f"ERROR_{name}") == getattr(signaling, f"CLOSE_{name}")
+        # the connection module (which nodes use) mirrors them
+        assert getattr(qc, f"ERROR_{name}") == getattr(signaling, f"CLOSE_{name}")
+    assert qc.PERMANENT_ERRORS == signaling.PERMANENT_CLOSES
 
 
 def test_control_connections_per_identity_are_bounded():

@@ -266,7 +266,7 @@ class ControlClient(ConnectionHandler):
             self._note(f"no answer within {node.cfg.connect_timeout:g} s"
                        if self.connection.packets_received == 0 else
                        f"no registration within {node.cfg.connect_timeout:g} s")
-            self.connection.abandon(reason="registration timed out")
+            self.connection.abandon(qc.ERROR_SHUTDOWN, "registration timed out")
         self.last_error = self._attempt_error or "connection closed"
         self._set_state("disconnected")
         return False
@@ -308,7 +308,7 @@ class ControlClient(ConnectionHandler):
             except ValueError as exc:
                 log.error("bad control stream from the intermediate: %s", exc)
                 self._note(f"bad control stream from the intermediate: {exc}")
-                connection.close(reason="bad control message")
+                connection.close(qc.ERROR_PROTOCOL_ERROR, f"bad control message: {exc}"[:200])
                 return
             for message in messages:
                 self._message(message)
@@ -327,11 +327,12 @@ class ControlClient(ConnectionHandler):
                 self._note(f"closed here: {reason or 'no reason'}")
             return
         reason = event.reason_phrase or "no reason given"
-        tls_failure = qc.is_tls_failure(event.error_code, event.frame_type)
-        if tls_failure or (event.error_code == qc.ERROR_UNAUTHENTICATED
-                           and event.frame_type is None):
+        if qc.is_tls_failure(event.error_code, event.frame_type) or (
+                event.error_code == qc.ERROR_UNAUTHENTICATED and event.frame_type is None):
             self._fail_permanently(f"the intermediate refused this node's certificate "
                                    f"({self.node.cfg.cert}): {reason}")
+        elif event.error_code in qc.PERMANENT_ERRORS and event.frame_type is None:
+            self._fail_permanently(f"refused by the intermediate: {reason}")
         else:
             self._note(f"closed by the intermediate: {reason}")
 
