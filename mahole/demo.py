@@ -94,9 +94,10 @@ class LocalDeployment:
         self.tcp_echo_port = tcp_echo.sockets[0].getsockname()[1]
         self.udp_echo_port = udp_transport.get_extra_info("sockname")[1]
 
-        self.intermediate = Intermediate(IntermediateConfig(
-            listen=("127.0.0.1", 0), allow=tuple(self.allow), **self.creds("intermediate"),
-            **self.intermediate_kwargs))
+        self.intermediate = Intermediate(IntermediateConfig(**{
+            "listen": ("127.0.0.1", 0), "allow": tuple(self.allow),
+            "offer": (f"{self.connector_name}=*",), **self.creds("intermediate"),
+            **self.intermediate_kwargs}))
         await self.intermediate.start()
         node = {"intermediate": self.intermediate.local_address[:2],
                 "bind": ("127.0.0.1", 0)}
