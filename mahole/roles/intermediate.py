@@ -387,6 +387,11 @@ class Intermediate:
 
     def _initial(self, header, data, addr):
         counters = self.shell_counters
+        known = self.endpoint.router.connection(header.dcid)
+        if known is not None:
+            # A retransmission in the same receive batch as the Initial that opened it.
+            known.datagram_received(data, addr, self.endpoint.now())
+            return
         if header.version not in SUPPORTED_VERSIONS:
             self._version_negotiation(header, data, addr)
             return

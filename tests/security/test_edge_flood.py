@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from aio_helpers import run, wait_for
-from edge_helpers import Attacker, Echoer, IntermediateProcess, Nodes
+from edge_helpers import Attacker, Echoer, IntermediateProcess, LoneIntermediate, Nodes
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -111,3 +111,25 @@ def test_a_handshake_flood_is_bounded_and_nodes_keep_working(tmp_path):
         run(main(), timeout=120)
     finally:
         inter.stop()
+
+
+def test_nodes_register_and_relay_through_a_retry(tmp_path):
+    """With Retry for every new connection (--retry-threshold 0) nodes still get in: aioquic's
+    client answers the Retry, the token checks out, the session carries data."""
+
+    issue_certificates(tmp_path)
+
+    async def main():
+        async with LoneIntermediate(tmp_path, retry_threshold=0) as inter:
+            async with Nodes(tmp_path, inter.local_address[:2]) as nodes:
+                echo = await Echoer(nodes.agent.forward_address(nodes.forward)).start()
+                try:
+                    await wait_for(lambda: echo.echoes >= 20 or echo.failures, 10)
+                finally:
+                    await echo.stop()
+                assert not echo.failures, echo.failures
+            counters = inter.counters
+            assert counters["retries_sent"] >= 2  # the connector and the agent
+            assert counters["nodes_registered"] == 2
+            assert counters["retry_tokens_invalid"] == 0
+    run(main(), timeout=60)
