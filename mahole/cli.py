@@ -149,6 +149,10 @@ def build_parser():
     sub.add_argument("--max-half-open", type=int, default=edge.max_half_open, metavar="N",
                      help="connections not registered yet, at most (default: "
                           f"{edge.max_half_open})")
+    sub.add_argument("--max-half-open-per-source", type=int,
+                     default=edge.max_half_open_per_source, metavar="N",
+                     help="of those, from one source host; more get a Retry, or are dropped "
+                          f"after one (default: {edge.max_half_open_per_source})")
     sub.add_argument("--retry-threshold", type=int, default=edge.retry_threshold,
                      metavar="N", help="above this many, new clients must first answer a QUIC "
                      f"Retry (0: always; default: {edge.retry_threshold})")
@@ -215,7 +219,8 @@ def run_intermediate(args):
         return _error(args, f"--{field[0].replace('_', '-')} {field[1]}")
     if args.relay_rate_limit < 0:
         return _error(args, "--relay-rate-limit must be >= 0")
-    for flag in ("node_dead_after", "probe_timeout", "handshake_timeout", "max_half_open"):
+    for flag in ("node_dead_after", "probe_timeout", "handshake_timeout", "max_half_open",
+                 "max_half_open_per_source"):
         if not getattr(args, flag) > 0:
             return _error(args, f"--{flag.replace('_', '-')} must be > 0")
     for flag in ("retry_threshold", "stun_rate", "vn_rate"):
@@ -229,6 +234,7 @@ def run_intermediate(args):
                              node_dead_after=args.node_dead_after,
                              probe_timeout=args.probe_timeout,
                              max_half_open=args.max_half_open,
+                             max_half_open_per_source=args.max_half_open_per_source,
                              retry_threshold=args.retry_threshold,
                              handshake_timeout=args.handshake_timeout,
                              stun_rate=args.stun_rate, vn_rate=args.vn_rate,

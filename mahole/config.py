@@ -106,6 +106,7 @@ class IntermediateConfig(Credentials):
     # address it claims (RFC 9000 §8.1.2; 0 = always); one not registered handshake_timeout
     # after its first Initial is dropped.
     max_half_open: int = 256
+    max_half_open_per_source: int = 16  # of those, from one source host (Retry passed or not)
     retry_threshold: int = 64
     handshake_timeout: float = 5.0
     # Answers to unauthenticated datagrams, per source host (token buckets, bursts of twice

@@ -16,10 +16,11 @@ The edge, where every byte is an attacker's (issue 9):
   to an address that sent a packet aioquic decrypted *and* that aioquic validated with
   PATH_CHALLENGE / PATH_RESPONSE (RFC 9000 §8.2, §9): neither a forged packet carrying a
   connection ID nor a copied authentic packet sent from elsewhere moves it.
-- Handshakes are bounded: at most ``max_half_open`` connections that have not registered yet;
-  above ``retry_threshold`` of them a new client must first prove its address with a Retry
-  (RFC 9000 §8.1.2); one that has not registered ``handshake_timeout`` after its first Initial
-  is dropped.
+- Handshakes are bounded: at most ``max_half_open`` connections that have not registered yet
+  (``max_half_open_per_source`` of them from one host); above ``retry_threshold`` of them, or
+  past a host's share, a new client must first prove its address with a Retry (RFC 9000
+  §8.1.2); one that has not registered ``handshake_timeout`` after its first Initial is
+  dropped.
 - An Initial of another QUIC version gets Version Negotiation (RFC 9000 §6), and a STUN Binding
   request its response, each rate-limited per source host in a bounded table.
 - IPv4 clients of a dual-stack (``[::]``) listener are reported as IPv4, and sessions are
@@ -177,6 +178,7 @@ class ControlConnection(ConnectionHandler):
         self.stream = None
         self.peer = None  # identity.Peer once the certificate checked out
         self.addr = addr
+        self.first_addr = addr  # where its first Initial came from (half-open accounting)
         self.created = now
         self.registered = False
         self._unvalidated = None  # the last address an unvalidated move was seen from
@@ -261,6 +263,7 @@ class Intermediate:
         self.signaling = SignalingCore.from_config(cfg, home=self.identity.name)
         self.connections = {}  # handle -> ControlConnection
         self.half_open = {}  # handle -> ControlConnection not registered yet
+        self._half_open_by_host = {}  # source host -> how many of those it opened
         self._handles = itertools.count(1)
         self.endpoint = None
         self.engine = None
@@ -270,6 +273,7 @@ class Intermediate:
             "stun_malformed": 0, "stun_unknown_attributes": 0, "stun_classic": 0,
             "stun_rate_limited": 0, "bad_control_messages": 0, "initials_dropped": 0,
             "retries_sent": 0, "retry_tokens_invalid": 0, "half_open_full": 0,
+            "half_open_source_full": 0,
             "handshakes_timed_out": 0, "version_negotiations_sent": 0,
             "version_negotiation_rate_limited": 0, "address_changes": 0,
             "address_changes_unvalidated": 0, "relay_rates_not_applied": 0,
@@ -373,11 +377,23 @@ class Intermediate:
     def handshake_over(self, conn):
         """conn registered or closed: it no longer counts as half-open."""
         if self.half_open.pop(conn.handle, None) is not None:
+            self._release_host(conn)
             self.endpoint.cancel_timer(("handshake", conn.handle))
+
+    def _release_host(self, conn):
+        host = conn.first_addr[0]
+        left = self._half_open_by_host.get(host, 0) - 1
+        if left > 0:
+            self._half_open_by_host[host] = left
+        else:
+            self._half_open_by_host.pop(host, None)
 
     def _handshake_expired(self, handle, now):
         conn = self.half_open.pop(handle, None)
-        if conn is None or conn.connection is None or conn.connection.closed:
+        if conn is None:
+            return
+        self._release_host(conn)
+        if conn.connection is None or conn.connection.closed:
             return
         self.shell_counters["handshakes_timed_out"] += 1
         who = conn.peer.name if conn.peer is not None else "unauthenticated client"
@@ -399,6 +415,8 @@ class Intermediate:
             counters["initials_dropped"] += 1
             return
         now = self.endpoint.now()
+        host = addr[0]
+        per_host = self._half_open_by_host.get(host, 0)
         original_dcid, retry_scid = header.dcid, None
         if header.token:
             # Our Retry's token coming back (RFC 9000 §8.1.2); nothing else issues tokens.
@@ -410,7 +428,8 @@ class Intermediate:
                 counters["retry_tokens_invalid"] += 1
                 return
             retry_scid = header.dcid
-        elif len(self.half_open) >= self.cfg.retry_threshold:
+        elif (len(self.half_open) >= self.cfg.retry_threshold
+              or per_host >= self.cfg.max_half_open_per_source):
             # §8.1.2: make the client prove it receives at addr before it costs a handshake.
             scid = os.urandom(RETRY_CID_LEN)
             token = self._retry.create_token(address=addr,
@@ -424,6 +443,11 @@ class Intermediate:
         if len(self.half_open) >= self.cfg.max_half_open:
             counters["half_open_full"] += 1
             return
+        if per_host >= self.cfg.max_half_open_per_source:
+            # One host that answers Retries must not hold every handshake slot.
+            counters["half_open_source_full"] += 1
+            return
+        self._half_open_by_host[host] = per_host + 1
         quic = qc.NodeQuicConnection(configuration=self._server_config,
                                      original_destination_connection_id=original_dcid,
                                      retry_source_connection_id=retry_scid)

@@ -6,6 +6,7 @@ from mahole.cli import build_parser, main
 from mahole.config import IntermediateConfig
 
 FLAGS = {"--max-half-open": "max_half_open", "--retry-threshold": "retry_threshold",
+         "--max-half-open-per-source": "max_half_open_per_source",
          "--handshake-timeout": "handshake_timeout", "--stun-rate": "stun_rate",
          "--vn-rate": "vn_rate"}
 

@@ -21,7 +21,7 @@ from mahole.demo import issue_certificates
 
 FLOOD = 3000  # ClientHellos
 FLOOD_SECONDS = 6.0  # sent evenly over this long
-SOURCES = 4  # attacker sockets
+SOURCES = 4  # attacker hosts (127.0.0.2-5; the nodes are at 127.0.0.1)
 MAX_HALF_OPEN = 128
 RETRY_THRESHOLD = 32
 HANDSHAKE_TIMEOUT = 1.0
@@ -55,7 +55,7 @@ def test_a_handshake_flood_is_bounded_and_nodes_keep_working(tmp_path):
         await inter.wait_up()
         async with Nodes(tmp_path, inter.address) as nodes:
             echo = await Echoer(nodes.agent.forward_address(nodes.forward)).start()
-            attackers = [await Attacker.open() for _ in range(SOURCES)]
+            attackers = [await Attacker.open(f"127.0.0.{2 + n}") for n in range(SOURCES)]
             try:
                 await wait_for(lambda: echo.echoes >= 10, 10)
                 baseline = inter.rss_kb()
@@ -133,3 +133,51 @@ def test_nodes_register_and_relay_through_a_retry(tmp_path):
             assert counters["nodes_registered"] == 2
             assert counters["retry_tokens_invalid"] == 0
     run(main(), timeout=60)
+
+
+def test_one_host_that_answers_retries_gets_only_its_share(tmp_path):
+    """Clients that do answer Retries (real aioquic clients, one host) get
+    --max-half-open-per-source handshakes at once; the rest are refused, and another host
+    still gets in."""
+    issue_certificates(tmp_path)
+    share = 3
+
+    async def main():
+        async with LoneIntermediate(tmp_path, max_half_open_per_source=share,
+                                    retry_threshold=1000) as inter:
+            to = inter.local_address[:2]
+            host = await Attacker.open("127.0.0.2")
+            config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_CONTROL],
+                                       server_name="127.0.0.1")
+            clients = {}
+            now = time.monotonic()
+            for _ in range(10):
+                client = QuicConnection(configuration=config)
+                client.connect(to, now=now)
+                clients[client.host_cid] = client
+                for data, _addr in client.datagrams_to_send(now=now):
+                    host.transport.sendto(data, to)
+            await asyncio.sleep(0.5)
+            assert inter.counters["connections_accepted"] == share
+            retries = [d for d in host.received if d[0] & 0xF0 == 0xF0]
+            assert len(retries) == 10 - share
+            # Each Retry answered from the address it was sent to: the token checks out, but
+            # the host has its share already.
+            for retry in retries:
+                client = clients[retry[6:6 + retry[5]]]  # the Retry's DCID: our SCID
+                client.receive_datagram(retry, to, now=time.monotonic())
+                for data, _addr in client.datagrams_to_send(now=time.monotonic()):
+                    host.transport.sendto(data, to)
+            await asyncio.sleep(0.5)
+            counters = inter.counters
+            assert counters["retry_tokens_invalid"] == 0
+            assert counters["half_open_source_full"] >= 10 - share
+            assert counters["connections_accepted"] == share
+            assert len(inter.half_open) == share
+            # Another host is not held back by this one.
+            other = await Attacker.open("127.0.0.3")
+            other.transport.sendto(client_hellos(1, to)[0], to)
+            await wait_for(lambda: inter.counters["connections_accepted"] == share + 1, 5)
+            host.close()
+            other.close()
+    run(main(), timeout=30)
