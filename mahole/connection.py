@@ -16,6 +16,7 @@ import ssl
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.recovery import QuicPacketPacer
 
@@ -89,6 +90,12 @@ class NodeQuicConnection(QuicConnection):
     - `pause_stream(id)` stops granting the peer more credit on a stream (RFC 9000 §4.1
       MAX_STREAM_DATA) while our consumer is slow, so a slow local reader bounds memory
       instead of buffering without limit; `resume_stream(id)` grants it again.
+    - Credit is granted from data *delivered* in order, never from the highest offset seen:
+      a peer that withholds byte 0 of a stream can make this side hold at most one stream
+      window (`max_stream_data`) for that stream and one connection window (`max_data`) in
+      all, and one that sends past its credit is closed with FLOW_CONTROL_ERROR by aioquic
+      (RFC 9000 §4.1). aioquic's own rule doubles MAX_DATA whenever half of it is used,
+      gaps included, without bound.
     - `packets_authenticated` counts packets that decrypted (so the caller knows whether a
       datagram was really from the peer); `local_close` is (error_code, frame_type, reason)
       when this side closed the connection (frame_type is None for an application close and
@@ -98,6 +105,7 @@ class NodeQuicConnection(QuicConnection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._paused_streams = set()
+        self._delivered = 0  # stream bytes handed to the application, in order
         self.packets_authenticated = 0
         self.local_close = None
         self._loss._pacer = TimerAwarePacer(
@@ -108,6 +116,27 @@ class NodeQuicConnection(QuicConnection):
         self.packets_authenticated += 1
         return super()._payload_received(context, plain_payload,
                                          crypto_frame_required=crypto_frame_required)
+
+    def next_event(self):
+        event = super().next_event()
+        if type(event) is StreamDataReceived:
+            self._delivered += len(event.data)
+        return event
+
+    def _write_connection_limits(self, builder, space):
+        """MAX_DATA one fixed window ahead of what was delivered (see the class docstring);
+        MAX_STREAMS as aioquic does it (one more for each stream that ended)."""
+        max_data = self._local_max_data
+        window = self._configuration.max_data
+        if self._delivered + window // 2 > max_data.value:
+            max_data.value = self._delivered + window
+        # aioquic's rule would double max_data.value when `used` (gaps included) passes half
+        # of it: hide `used` from it while it writes the frames.
+        used, max_data.used = max_data.used, 0
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            max_data.used = used
 
     def close(self, error_code=0, frame_type=None, reason_phrase=""):
         if self.local_close is None and self._close_event is None:
@@ -172,9 +201,9 @@ class NodeQuicConnection(QuicConnection):
         if stream.stream_id in self._paused_streams or not stream.max_stream_data_local:
             return
         window = self._configuration.max_stream_data
-        received = stream.receiver.highest_offset
-        if received + window // 2 > stream.max_stream_data_local:
-            stream.max_stream_data_local = received + window
+        delivered = stream.receiver._buffer_start  # contiguous data handed to the application
+        if delivered + window // 2 > stream.max_stream_data_local:
+            stream.max_stream_data_local = delivered + window
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(
                 QuicFrameType.MAX_STREAM_DATA,

@@ -29,6 +29,8 @@ def test_private_methods_keep_their_signatures():
     assert params == ["self", "context", "plain", "crypto_frame_required"]
     params = list(inspect.signature(QuicConnection._write_stream_limits).parameters)
     assert params == ["self", "builder", "space", "stream"]
+    params = list(inspect.signature(QuicConnection._write_connection_limits).parameters)
+    assert params == ["self", "builder", "space"]
     params = list(inspect.signature(QuicConnection._initialize).parameters)
     assert params == ["self", "peer_cid"]
     assert "update_rate" in vars(QuicPacketPacer)
@@ -44,6 +46,10 @@ def test_private_attributes_exist_on_a_live_connection():
     assert isinstance(loss._pacer, qc.TimerAwarePacer)
     assert isinstance(loss._pacer.bucket_max, float)
     assert isinstance(quic._streams, dict)
+    assert isinstance(quic._local_max_data.used, int)
+    assert isinstance(quic._local_max_data.value, int)
+    stream = quic._get_or_create_stream_for_send(0)
+    assert stream.receiver._buffer_start == 0  # delivered, in order: credit follows it
     assert quic._close_event is None
     [path] = quic._network_paths
     assert path.addr == ("127.0.0.1", 4478) and path.is_validated is True
