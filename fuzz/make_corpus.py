@@ -75,9 +75,11 @@ def main():
     stun_ = stun_seeds()
     quic = quic_seeds()
     sid, half = targets.ENGINE_SID, targets.HALF_SID
-    frames = {f"frame-{name}": relay.encode_frame(sid, data)
+    a, b = targets.TOKEN_A, targets.TOKEN_B
+    frames = {f"frame-{name}": relay.encode_frame(sid, data, a)
               for name, data in list(quic.items())[:3] + list(stun_.items())[:2]}
-    frames.update({"header-only": b"\x10" + sid, "type-only": b"\x10", "one-byte": b"\x10" + sid + b"x"})
+    frames.update({"header-only": b"\x10" + sid + a, "type-only": b"\x10",
+                   "one-byte": b"\x10" + sid + a + b"x", "no-token": b"\x10" + sid + b"x"})
 
     write("stun", stun_)
     write("hot", {**quic, "stun": stun_["rfc5769-0"], "relay": frames["one-byte"]})
@@ -95,13 +97,17 @@ def main():
         return [bytes((peer,)) + d for peer, d in items]
 
     engine = {
-        "a-to-b": targets.records(0, sent((0, frames["one-byte"]), (1, relay.encode_frame(sid, b"back")))),
-        "gso-run": targets.records(0, sent(*[(0, relay.encode_frame(sid, bytes(40)))] * 5,
-                                           (0, relay.encode_frame(sid, bytes(10))))),
+        "a-to-b": targets.records(0, sent((0, frames["one-byte"]),
+                                          (1, relay.encode_frame(sid, b"back", b)))),
+        "gso-run": targets.records(0, sent(*[(0, relay.encode_frame(sid, bytes(40), a))] * 5,
+                                           (0, relay.encode_frame(sid, bytes(10), a)))),
         "mixed": targets.records(1, sent((2, frames["one-byte"]), (0, stun_["rfc5769-0"]),
-                                         (0, relay.encode_frame(half, b"nobody")),
-                                         (1, b"\x10" + sid), (0, b""),
-                                         (1, relay.encode_frame(sid, bytes(200))))),
+                                         (0, relay.encode_frame(half, b"nobody", a)),
+                                         (1, b"\x10" + sid + b), (0, b""),
+                                         (1, relay.encode_frame(sid, bytes(200), b)))),
+        "wrong-token": targets.records(0, sent((0, relay.encode_frame(sid, b"spoof", b)),
+                                               (1, relay.encode_frame(sid, b"spoof", a)),
+                                               (2, relay.encode_frame(sid, b"spoof", a)))),
     }
     write("relay_engine", engine)
 

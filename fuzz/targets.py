@@ -277,12 +277,15 @@ def fuzz_relay(data):
     if (frame is not None) != well_formed:
         raise Finding(f"decode_frame: {status} for {data.hex()}")
     if frame is not None:
-        session_id, inner = frame
-        if relay.encode_frame(session_id, inner) != data:
+        session_id, token, inner = frame
+        if relay.encode_frame(session_id, inner, token) != data:
             raise Finding(f"relay frame round trip changed {data.hex()}")
     if not data or data[0] != relay.FRAME_TYPE:
         return
-    # The routers relay exactly the frames decode_frame accepts.
+    # The routers route by session id alone (the relay engine checks the sender's token; a
+    # node's session drops what does not decrypt): they relay exactly the 0x10 datagrams
+    # longer than type byte + session id.
+    routable = len(data) > 1 + relay.SESSION_ID_LEN
     for module in (_HOT_COMPILED, _HOT_PURE):
         if module is None:
             continue
@@ -291,7 +294,7 @@ def fuzz_relay(data):
             router.add_session(data[1:1 + relay.SESSION_ID_LEN], "entry")
         result = router.dispatch([(data, ADDR)])
         relayed = [(e, bytes(d)) for e, d, _ in result.relay]
-        if relayed != ([("entry", data)] if well_formed else []):
+        if relayed != ([("entry", data)] if routable else []):
             raise Finding(f"{module.__name__}.Router relays {relayed!r} for {data.hex()}")
 
 
@@ -299,6 +302,9 @@ def fuzz_relay(data):
 
 ENGINE_SID = bytes.fromhex("0123456789abcdef")  # session between members A and B
 HALF_SID = bytes.fromhex("fedcba9876543210")  # session whose member B is unknown
+# Each member's relay token: a frame is relayed only from a member's address with its token.
+TOKEN_A = bytes.fromhex("a1a1a1a1a1a1a1a1")
+TOKEN_B = bytes.fromhex("b2b2b2b2b2b2b2b2")
 ENGINE_MAX_DATAGRAM = (65535, 100)  # flags bit 0 picks; 100 makes long frames "truncated"
 _WAIT = 2.0  # seconds; loopback delivery is immediate, this only bounds a failure
 
@@ -316,8 +322,8 @@ class _EngineBench:
             for max_datagram in ENGINE_MAX_DATAGRAM:
                 sock = self._udp()
                 engine = module.RelayEngine(sock, batch_size=32, max_datagram=max_datagram)
-                engine.add_session(ENGINE_SID, self.names[0], self.names[1])
-                engine.add_session(HALF_SID, self.names[0], None)
+                engine.add_session(ENGINE_SID, self.names[0], self.names[1], TOKEN_A, TOKEN_B)
+                engine.add_session(HALF_SID, self.names[0], None, TOKEN_A, TOKEN_B)
                 self.engines[name, max_datagram] = (engine, sock)
 
     @staticmethod
@@ -387,12 +393,13 @@ def fuzz_relay_engine(data):
     sent = [(d[0] % 3, d[1:]) for d in datagrams if d]
     max_datagram = ENGINE_MAX_DATAGRAM[flags & 1]
     pure = _BENCH.run("pure", max_datagram, sent)
-    # What a relay must do, from the pure engine: frames of ENGINE_SID from A or B reach the
-    # other member unchanged (and nothing else reaches anyone).
+    # What a relay must do, from the pure engine: frames of ENGINE_SID from A or B, each with
+    # its own token, reach the other member unchanged (and nothing else reaches anyone).
     expected = [[], [], []]
     for peer, d in sent:
         if (len(d) <= max_datagram and len(d) > relay.HEADER_LEN and d[0] == relay.FRAME_TYPE
-                and d[1:relay.HEADER_LEN] == ENGINE_SID and peer in (0, 1)):
+                and d[1:1 + relay.SESSION_ID_LEN] == ENGINE_SID and peer in (0, 1)
+                and d[1 + relay.SESSION_ID_LEN:relay.HEADER_LEN] == (TOKEN_A, TOKEN_B)[peer]):
             expected[1 - peer].append((d, "engine"))
     got = [[(d, "engine") for d, _ in arrived] for arrived in pure["arrived"]]
     if got != expected:
