@@ -7,7 +7,9 @@ moves data and the path the session ends on must be the one theory predicts: dir
 cell but symmetric × symmetric and symmetric × port-restricted (either order), which use the
 relay — a symmetric side reaching a full-cone or public peer gets through by peer-reflexive
 discovery. The observed matrix is printed in the test report and written to
-benchmarks/results/nat_matrix.json.
+build/nat_matrix.{json,md} (to $MAHOLE_BENCH_DIR if set: `benchmarks/bench_resilience.py
+--matrix` publishes benchmarks/results/nat_matrix.*), so a test run leaves the committed
+results alone.
 """
 
 import itertools
@@ -24,7 +26,7 @@ PRESETS = ("none", "full-cone", "port-restricted", "symmetric")
 RELAY_CELLS = {("symmetric", "symmetric"), ("symmetric", "port-restricted"),
                ("port-restricted", "symmetric")}
 RESULTS = Path(os.environ.get("MAHOLE_BENCH_DIR")
-               or Path(__file__).resolve().parent.parent / "benchmarks" / "results")
+               or Path(__file__).resolve().parent.parent / "build")
 
 observed = {}
 
