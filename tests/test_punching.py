@@ -123,3 +123,30 @@ def test_direct_packets_from_another_address_are_dropped():
             await wait_for(lambda: d.agent.endpoint.counters["dropped_wrong_source"] >= before + 5)
             assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
     run(main())
+
+
+def test_repeated_and_stray_signaling_is_ignored_and_counted():
+    """A second StartPunching (the intermediate sends one per CandidateAnswer) or a stray
+    answer once punching has begun used to raise TransitionError out of the datagram loop
+    and skip the rest of the batch; now each is ignored and counted, and data flows."""
+    from mahole.wire import control
+
+    async def main():
+        async with two_hosts() as d:
+            addr = d.agent.forward_address(d.tcp_forward)
+            assert await tcp_round_trip(addr, b"before") == b"before"
+            session = _only_session(d.agent)
+            await wait_for(lambda: session.core.route == DIRECT, 10)
+            for node in (d.agent, d.connector):
+                sid = _only_session(node).session_id
+                node.control_message(control.StartPunching(session_id=sid, delay_ms=0))
+                node.control_message(control.StartPunching(session_id=sid, delay_ms=0))
+                assert node.puncher.duplicate_signaling >= 1
+                assert node.status()["duplicate_signaling"] == node.puncher.duplicate_signaling
+            answer = control.CandidateAnswer(session_id=session.session_id, ufrag="abcd",
+                                             pwd="a" * 22, candidates=())
+            d.agent.control_message(answer)
+            assert d.agent.endpoint.counters["handler_errors"] == 0
+            assert d.connector.endpoint.counters["handler_errors"] == 0
+            assert await tcp_round_trip(addr, b"after" * 1000) == b"after" * 1000
+    run(main())
