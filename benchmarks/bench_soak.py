@@ -284,7 +284,7 @@ class Workload:
         for s in status["sessions"]:
             if s["service"] not in self.sessions:
                 continue
-            sid = s["session_id"]
+            sid = s["session"]
             self.sessions[s["service"]].add(sid)
             self.switches[sid] = max(self.switches.get(sid, 0), s["route_switches"])
             self.failovers[sid] = max(self.failovers.get(sid, 0), s["failovers"])
@@ -374,7 +374,7 @@ def run(args, workdir):
             for name in ("connector", *(p.agent for p in paths.values())):
                 status = _status(status_ports[name])
                 for c in (status or {}).get("closed_sessions", []):
-                    closed.setdefault((name, c["session_id"]), {**c, "node": name})
+                    closed.setdefault((name, c["session"]), {**c, "node": name})
                 for p in paths.values():
                     if p.agent == name:
                         p.sample(status)
@@ -421,7 +421,7 @@ def run(args, workdir):
                      for sid in ids}
     ended = {}  # session id -> what its agent and the connector said (both end it)
     for (node_name, sid), c in sorted(closed.items(), key=lambda kv: kv[1]["closed_at"]):
-        entry = ended.setdefault(sid, {"session_id": sid, "service": c["service"],
+        entry = ended.setdefault(sid, {"session": sid, "service": c["service"],
                                        "path": sessions_path.get(sid), "reasons": {}})
         entry["path"] = entry["path"] or by_path(node_name)
         entry["reasons"][node_name] = c["reason"]

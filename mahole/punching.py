@@ -65,7 +65,7 @@ class Puncher:
             punch.remote_description(message.ufrag, message.pwd, message.candidates, self.now())
         except ValueError as exc:
             log.warning("session %s: bad candidates from the peer: %s",
-                        session.session_id.hex(), exc)
+                        session.tag, exc)
             return
         self._pump(session, punch)
 

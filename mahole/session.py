@@ -23,7 +23,7 @@ from ._fast import KIND_QUIC_LONG, classify, parse_header
 from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
 from .endpoint import ConnectionHandler
 from .session_core import NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
-from .signaling import session_tag
+from .wire.relay import session_tag
 from .tunnel import FLOW_ID_LEN, MAX_DATAGRAM_PAYLOAD, pack_datagram
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class Session(ConnectionHandler):
         rtt = conn.quic.smoothed_rtt if conn is not None else None
         return {
             "service": self.service,
-            "session_id": self.session_id.hex(),
+            "session": self.tag,
             "agent": self.agent,
             "connector": self.connector,
             "path": self.route,

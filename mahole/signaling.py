@@ -69,7 +69,6 @@ import abc
 import collections
 import dataclasses
 import fnmatch
-import hashlib
 import heapq
 import itertools
 import logging
@@ -78,7 +77,7 @@ import secrets
 from typing import Hashable
 
 from .wire import control
-from .wire.relay import new_session_id
+from .wire.relay import new_session_id, session_tag
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +219,6 @@ class _Bucket:
     def wait(self):
         """Seconds until the next token (after a failed take)."""
         return (1.0 - self.tokens) / self.rate
-
-
-def session_tag(session_id):
-    """A short, stable name of a session for logs and /status: 8 hex digits of a hash, not
-    the id itself (the id keys relay frames)."""
-    return hashlib.sha256(session_id).hexdigest()[:8]
 
 
 def _share_level(count):

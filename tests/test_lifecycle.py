@@ -13,7 +13,6 @@ The connector binds 127.0.0.2 and the agent 127.0.0.3 (the intermediate 127.0.0.
 peers' addresses differ and hole punching finds the direct route on loopback.
 """
 
-import hashlib
 import os
 import re
 import signal
@@ -248,7 +247,7 @@ class Lab:
 
     def closed(self, node, session_id):
         return [c for c in (self.status(node) or {}).get("closed_sessions", [])
-                if c["session_id"] == session_id]
+                if c["session"] == session_id]
 
     def logs(self):
         return "\n".join(f"--- {p.log_path.name}\n{p.log_path.read_text()[-3000:]}"
@@ -269,17 +268,9 @@ class Lab:
 
 
 def intermediate_sessions(lab):
-    """The session ids the intermediate's /status lists (as ids, or as the short tags
-    it may show instead: the first 8 hex digits of the id's SHA-256)."""
-    return [s.get("session_id") or s.get("session")
-            for s in lab.status(lab.intermediate)["sessions"]["list"]]
-
-
-def as_listed(session_id, listed):
-    """session_id in the intermediate's form (see intermediate_sessions)."""
-    if any(len(x) == len(session_id) for x in listed) or not listed:
-        return session_id
-    return hashlib.sha256(bytes.fromhex(session_id)).hexdigest()[:len(listed[0])]
+    """The sessions the intermediate's /status lists, by tag (every role's /status names a
+    session by the same short tag, never by its id)."""
+    return [s["session"] for s in lab.status(lab.intermediate)["sessions"]["list"]]
 
 
 def kill_group(processes, proc):
@@ -307,13 +298,13 @@ def test_a_busy_session_outlives_ten_idle_timeouts(tmp_path, processes, echo, re
     pinger = Pinger(agent.forward_port)
     try:
         session = lab.on_path(agent, path)
-        session_id = session["session_id"]
+        session_id = session["session"]
         end = time.monotonic() + BUSY_FOR
         paths, seen_ids = set(), set()
         while time.monotonic() < end and not pinger.failures:
             current = lab.session(agent)
             if current is not None:
-                seen_ids.add(current["session_id"])
+                seen_ids.add(current["session"])
                 paths.add(current["path"])
             time.sleep(0.25)  # the status sampling interval (the run's length is the point)
         echoes = pinger.echoes
@@ -325,12 +316,12 @@ def test_a_busy_session_outlives_ten_idle_timeouts(tmp_path, processes, echo, re
     assert seen_ids == {session_id}
     assert paths == {path}, paths
     final = lab.session(agent)
-    assert final["session_id"] == session_id and final["path"] == path
+    assert final["session"] == session_id and final["path"] == path
     assert final["route_switches"] == session["route_switches"]
     for node in (agent, connector):
         assert lab.status(node)["closed_sessions"] == [], lab.logs()
     listed = intermediate_sessions(lab)
-    assert listed == [as_listed(session_id, listed)], listed
+    assert listed == [session_id], listed
 
 
 # --- 2, 3: an idle session is reaped, with the reason --------------------------------------
@@ -343,7 +334,7 @@ def test_an_idle_session_is_reaped_and_the_next_connection_opens_a_new_one(
     connector, agent = lab.up(relay_only)
     echo_once(agent.forward_port)  # one echo, then the TCP connection is closed: silence
     silent_since = time.monotonic()
-    session_id = lab.on_path(agent, path)["session_id"]
+    session_id = lab.on_path(agent, path)["session"]
     [closed] = wait(lambda: lab.closed(agent, session_id), IDLE + 5,
                     "the agent to reap the idle session", lab)
     reaped_after = time.monotonic() - silent_since
@@ -357,7 +348,7 @@ def test_an_idle_session_is_reaped_and_the_next_connection_opens_a_new_one(
     # A new connection opens a new session.
     echo_once(agent.forward_port)
     new = lab.on_path(agent, path)
-    assert new["session_id"] != session_id
+    assert new["session"] != session_id
 
 
 # --- 4: two copies of one identity ---------------------------------------------------------
@@ -376,7 +367,7 @@ def test_a_second_copy_of_an_identity_is_refused_and_never_disturbs_the_first(
     assert [n["addr"] for n in alices(lab)] == [a_addr]
     pinger = Pinger(a.forward_port)
     try:
-        session_id = lab.on_path(a, "direct")["session_id"]
+        session_id = lab.on_path(a, "direct")["session"]
 
         # B: same certificate and key, while A is alive and busy.
         b = lab.start_agent(name="agent-b")
@@ -414,7 +405,7 @@ def test_a_second_copy_of_an_identity_is_refused_and_never_disturbs_the_first(
         wait(lambda: pinger.echoes >= echoes + 5 or pinger.failures, 10,
              "more echoes through A", lab)
         assert not pinger.failures, pinger.failures
-        assert lab.session(a)["session_id"] == session_id
+        assert lab.session(a)["session"] == session_id
         assert lab.status(a)["intermediate"]["connects"] == 1
         assert lab.status(a)["closed_sessions"] == []
     finally:
@@ -445,7 +436,7 @@ def test_a_crashed_connector_is_noticed_fast_and_its_replacement_serves(
     try:
         held.sendall(b"hello")
         assert recv_exactly(held, 5) == b"hello"
-        session_id = lab.on_path(agent, "direct")["session_id"]
+        session_id = lab.on_path(agent, "direct")["session"]
 
         kill_group(processes, connector)
         killed = time.monotonic()
@@ -477,7 +468,7 @@ def test_a_crashed_connector_is_noticed_fast_and_its_replacement_serves(
     replacement = lab.start_connector(name="connector-2")
     lab.registered(replacement)
     echo_eventually(agent.forward_port, 15, "an echo through the new connector", lab)
-    assert lab.on_path(agent, "direct")["session_id"] != session_id
+    assert lab.on_path(agent, "direct")["session"] != session_id
 
 
 # --- 6: permanent errors stop a node, an absent intermediate is retried ---------------------

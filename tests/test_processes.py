@@ -103,7 +103,7 @@ def test_three_processes_carry_a_tcp_forward_and_serve_status(tmp_path, processe
     [session] = agent["sessions"]
     # Both nodes on 127.0.0.1 (distinct ports): hole punching finds the direct path.
     assert session["service"] == "echo" and session["path"] == "direct"
-    assert len(session["session_id"]) == 16 and session["rtt_ms"] > 0
+    assert len(session["session"]) == 8 and session["rtt_ms"] > 0
     assert session["bytes_sent"] > len(data) and session["bytes_received"] > len(data)
     inter = status(s_inter)
     assert inter["nodes"]["agents"] == 1 and inter["nodes"]["connectors"] == 1

@@ -127,16 +127,16 @@ def test_direct_session_outlives_the_intermediate_and_nodes_come_back(lab, tmp_p
 
 def test_connector_restart_is_noticed_and_new_connections_work(lab, tmp_path):
     d = direct_deployment(lab, tmp_path)
-    old = d.session()["session_id"]
+    old = d.session()["session"]
     d.connector.send_signal(signal.SIGKILL)
     d.connector.wait(10)
     d.connector = d.start_connector()
     closed = wait(lambda: [c for c in d.status(d.agent)["closed_sessions"]
-                           if c["session_id"] == old], 30, "the agent to notice", d)
+                           if c["session"] == old], 30, "the agent to notice", d)
     assert "connector1" in closed[0]["reason"]
     data = os.urandom(512 << 10)
     assert d.round_trip(data) == data, d.logs()  # a new session, same agent process
-    assert d.session()["session_id"] != old
+    assert d.session()["session"] != old
 
 
 def test_keepalives_hold_nat_mappings_through_idle_periods(lab, tmp_path):

@@ -9,12 +9,13 @@ import time
 from aio_helpers import run, wait_for
 
 from mahole.demo import LocalDeployment, tcp_round_trip
+from mahole.wire.relay import session_tag
 
 IDLE = 0.5
 
 
 def _closed(node, session_id):
-    return [c for c in node.closed_sessions if c["session_id"] == session_id.hex()]
+    return [c for c in node.closed_sessions if c["session"] == session_tag(session_id)]
 
 
 def _only_session(node):

@@ -22,7 +22,7 @@ import time
 
 from labroles import wait
 from mahole import identity
-from test_lifecycle import (AGENT_BIND, Lab, Pinger, as_listed, echo,  # noqa: F401
+from test_lifecycle import (AGENT_BIND, Lab, Pinger, echo,  # noqa: F401
                             echo_once, intermediate_sessions, processes, recv_exactly)
 from test_processes import free_port
 
@@ -53,7 +53,7 @@ class IdleCycler:
     def _session_id(self):
         for s in (self.lab.status(self.agent) or {}).get("sessions", []):
             if s["service"] == "idle":
-                return s["session_id"]
+                return s["session"]
         return None
 
     def _run(self):
@@ -127,7 +127,7 @@ def test_soak_busy_sessions_live_idle_ones_are_reaped(tmp_path, processes, echo)
                 now = services_of(lab, agent)
                 for service in ("busy", "held"):
                     assert service in now, (name, service, lab.status(agent), lab.logs())
-                    assert now[service]["session_id"] == first[name][service]["session_id"]
+                    assert now[service]["session"] == first[name][service]["session"]
                     assert now[service]["path"] == agent.path, (name, service, now[service])
                 assert not pingers[name].failures, (name, pingers[name].failures, lab.logs())
                 assert cyclers[name].error is None, (name, cyclers[name].error, lab.logs())
@@ -162,11 +162,11 @@ def test_soak_busy_sessions_live_idle_ones_are_reaped(tmp_path, processes, echo)
         # Only idle sessions ended, on both sides of every session.
         reaped_ids = {r[0] for r in reaped}
         closed = lab.status(agent)["closed_sessions"]
-        assert {c["session_id"] for c in closed} <= reaped_ids | {None}, closed
+        assert {c["session"] for c in closed} <= reaped_ids | {None}, closed
         assert all(c["service"] == "idle" for c in closed), closed
         final = services_of(lab, agent)
         for service in ("busy", "held"):
-            assert final[service]["session_id"] == first[name][service]["session_id"]
+            assert final[service]["session"] == first[name][service]["session"]
             assert final[service]["failovers"] == 0, final[service]
     connector_closed = lab.status(connector)["closed_sessions"]
     assert connector_closed and all(c["service"] == "idle" for c in connector_closed), \
@@ -174,6 +174,6 @@ def test_soak_busy_sessions_live_idle_ones_are_reaped(tmp_path, processes, echo)
     listed = intermediate_sessions(lab)
     for name in agents:
         for service in ("busy", "held"):
-            assert as_listed(first[name][service]["session_id"], listed) in listed, listed
+            assert first[name][service]["session"] in listed, listed
     inter = lab.status(lab.intermediate)
     assert inter["counters"]["nodes_dead"] == 0 and inter["counters"]["nodes_replaced"] == 0

@@ -59,7 +59,7 @@ class AgentSession(Session):
                 return
             if not self.ready.done():
                 self.ready.set_result(self)
-            log.info("session %s to %s at %s ready (%s)", self.session_id.hex(),
+            log.info("session %s to %s at %s ready (%s)", self.tag,
                      self.service, self.connector, self.route)
         elif isinstance(event, qe.StreamDataReceived):
             pipe = self.pipes.get(event.stream_id)
@@ -90,7 +90,7 @@ class AgentSession(Session):
         agent = self.node
         if self.closed or not agent.control.connected:
             return
-        log.info("session %s: punching again (attempt %d)", self.session_id.hex(), attempt)
+        log.info("session %s: punching again (attempt %d)", self.tag, attempt)
         ufrag, pwd, candidates = agent.puncher.local_description(self, controlling=True)
         agent.control.send(control.CandidateOffer(session_id=self.session_id, ufrag=ufrag,
                                                   pwd=pwd, candidates=candidates))
@@ -303,7 +303,7 @@ class Agent(Node):
     def session_closed(self, session, reason):
         if self.sessions.pop(session.session_id, None) is session:
             self.record_closed(session, reason)
-            log.info("session %s to %s closed: %s", session.session_id.hex(), session.service,
+            log.info("session %s to %s closed: %s", session.tag, session.service,
                      reason)
             if self.control is not None and self.control.connected:
                 self.control.send(control.SessionClosed(session_id=session.session_id,

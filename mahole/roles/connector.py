@@ -75,11 +75,11 @@ class ConnectorSession(Session):
             try:
                 qc.verify_peer(connection.quic, self.node.ca, "agent", self.agent)
             except identity.IdentityError as exc:
-                log.warning("session %s: refused the peer: %s", self.session_id.hex(), exc)
+                log.warning("session %s: refused the peer: %s", self.tag, exc)
                 connection.close(qc.ERROR_UNAUTHENTICATED, str(exc)[:200])
                 return
             self.verified = True
-            log.info("session %s: agent %s connected for %s", self.session_id.hex(),
+            log.info("session %s: agent %s connected for %s", self.tag,
                      self.agent, self.service)
         elif not self.verified:
             return

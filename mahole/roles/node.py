@@ -480,7 +480,7 @@ class Node:
 
     def record_closed(self, session, reason):
         self.closed_sessions.append({
-            "service": session.service, "session_id": session.session_id.hex(),
+            "service": session.service, "session": session.tag,
             "reason": reason, "closed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     def relay_state_changed(self, state, reason="intermediate connection lost"):

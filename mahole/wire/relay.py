@@ -31,6 +31,7 @@ layout in ``mahole._fast``. Like every parser in mahole, ``decode_frame`` raises
 on bad bytes and nothing else.
 """
 
+import hashlib
 import os
 from typing import NamedTuple
 
@@ -54,6 +55,7 @@ __all__ = [
     "encode_frame",
     "new_relay_token",
     "new_session_id",
+    "session_tag",
 ]
 
 FRAME_TYPE = RELAY_FRAME_TYPE  # first byte of every relay frame
@@ -71,6 +73,12 @@ class RelayFrame(NamedTuple):
     session_id: bytes
     token: bytes
     inner: bytes
+
+
+def session_tag(session_id: bytes) -> str:
+    """A short, stable name of a session for logs and status: 8 hex digits of a SHA-256 of
+    the id, never the id itself (the id keys relay frames, so it stays out of sight)."""
+    return hashlib.sha256(session_id).hexdigest()[:8]
 
 
 def new_session_id() -> bytes:
