@@ -99,7 +99,7 @@ class IntermediateConfig(Credentials):
     signaling_rate: float = 50.0
     signaling_burst: int = 100
     relay_rate_per_identity: int = 0
-    # The edge (issue 9). Connections that have not registered yet ("half-open": handshake
+    # The edge. Connections that have not registered yet ("half-open": handshake
     # under way, or done and no Register yet) each hold TLS state (~50 KB) and cost ~2 ms of
     # CPU: at most max_half_open at once (further Initials are dropped); above
     # retry_threshold a new client first gets a Retry and must echo its token from the
@@ -140,7 +140,7 @@ class NodeConfig(Credentials):
     direct_only: bool = False  # no relay: a session fails if hole punching fails
     punch_deadline: float = 5.0  # from StartPunching to giving up on a direct path
     include_loopback: bool = False  # offer loopback host candidates (local testing)
-    # Direct-route liveness (DESIGN.md "Path manager and resilience"): a route with
+    # Direct-route liveness (docs/architecture.md, "The session core"): a route with
     # ack-eliciting packets in flight and nothing heard for failover_timeout (or 3 RTTs if
     # longer) is dead: back to the relay at once. Idle direct routes are probed with a QUIC
     # PING every direct_keepalive, which also keeps the NAT mappings open.

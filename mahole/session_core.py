@@ -26,10 +26,10 @@ Routes
 
 Only authenticated packets count
     The shell reports a packet with :meth:`packet_authenticated` only after aioquic decrypted
-    it (DESIGN.md "Only an authenticated packet changes state"); a source address alone
+    it (docs/architecture.md, principle 5); a source address alone
     moves nothing.
 
-Liveness and failover (DESIGN.md "Path manager and resilience")
+Liveness and failover (docs/architecture.md, "The session core")
     The core *probes* while ack-eliciting packets are in flight (reported by the shell with
     :meth:`transport_state`) or a PING it asked for is unanswered. A direct route probed with
     nothing heard on it for ``failover_timeout`` (or 3 RTTs when the path is slow, never more

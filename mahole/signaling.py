@@ -30,7 +30,7 @@ plain, serialisable records (`NodeRecord`, `SessionRecord`); `MemoryRegistry` ke
 this process. What belongs to one intermediate's connections — liveness, RTT, probes,
 pending StartPunching deliveries, counters — stays in the core.
 
-Behaviour worth knowing (issue 8):
+Behaviour worth knowing:
 
 - A session ends only when a member sends SessionClosed, disconnects or is declared dead.
   Relay traffic has nothing to do with it: a session on the direct path carries no relay
@@ -42,7 +42,7 @@ Behaviour worth knowing (issue 8):
   other member is told why) and its connection is closed.
 - Repeated, out-of-order, foreign or unknown signaling is ignored and counted, never raised.
 
-Policy and quotas (issue 9):
+Policy and quotas:
 
 - Which connectors may offer which services: `OfferRule`s (``--offer CONNECTOR_GLOB=
   SERVICE_GLOB``). With none configured (``offers=None``) any connector of the deployment CA
@@ -155,7 +155,7 @@ class OfferRule(_GlobRule):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Quotas per identity (issue 9), with their defaults; `IntermediateConfig` has fields
+    """Quotas per identity, with their defaults; `IntermediateConfig` has fields
     and the command line flags of the same names. Over a quota means `ErrorCode.RATE_LIMITED`.
 
     connections_per_identity: control connections of one (role, name) at this intermediate,

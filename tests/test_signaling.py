@@ -652,7 +652,7 @@ def test_shell_a_frozen_connector_is_gone_within_the_dead_time_and_the_agent_tol
     run(main(), timeout=60)
 
 
-# --- policy: which connectors may offer which services (issue 9) ------------------------------
+# --- policy: which connectors may offer which services ------------------------------------
 
 def _refusal(events):
     """(Error message, CloseNode) of a refusal."""
@@ -766,7 +766,7 @@ def test_offer_rule_text():
             signaling.OfferRule(bad)
 
 
-# --- quotas per identity (issue 9) ------------------------------------------------------------
+# --- quotas per identity ------------------------------------------------------------------
 
 def test_close_codes_are_distinct_and_never_no_error():
     codes = [signaling.CLOSE_SHUTDOWN, signaling.CLOSE_UNAUTHENTICATED,

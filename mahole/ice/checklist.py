@@ -81,7 +81,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TA = 0.020  # RFC 8445 §14.2: Ta default 50 ms; mahole paces at 20 ms (DESIGN.md)
+DEFAULT_TA = 0.020  # RFC 8445 §14.2: Ta default 50 ms; mahole paces at 20 ms (docs/architecture.md)
 DEFAULT_RTO = 0.100  # first retransmission timeout; doubled each try (RFC 8489 §6.2.1 style)
 DEFAULT_MAX_TRIES = 5  # transmissions of one check before the pair fails (RFC 8489 Rc spirit)
 DEFAULT_NOMINATION_GRACE = 0.050  # controlling agent: wait for better pairs this long

@@ -1,4 +1,4 @@
-"""The per-session hole-punch coordinator (DESIGN.md "Hole punching"), sans-IO.
+"""The per-session hole-punch coordinator (docs/architecture.md, "An end-to-end session"), sans-IO.
 
 :class:`HolePunch` walks one session from nothing to a result::
 

@@ -4,7 +4,7 @@ A node wraps each end-to-end packet (QUIC, or a STUN check) in a relay frame and
 intermediate, which forwards the frame unchanged to the other member of the session. The inner
 packet is opaque: the intermediate never holds keys for it.
 
-Layout (17-byte header, then the inner packet; the wire table of DESIGN.md predates the token)::
+Layout (17-byte header, then the inner packet; docs/architecture.md has the wire table)::
 
     offset  size  field
     0       1     0x10, the frame type
@@ -16,7 +16,7 @@ The relay token binds a frame to the member that sends it. The intermediate draw
 8-byte token for each member of a session and tells each member only its own, on its
 authenticated control connection. A frame is relayed only if it comes from a member's
 observed address *and* carries that member's token, so an attacker who forges a member's
-source IP and port but never saw the token cannot inject frames (issue 9, item 4). The
+source IP and port but never saw the token cannot inject frames. The
 token travels in clear: it stops off-path spoofers, not an on-path observer, who can read
 it; the end-to-end QUIC encryption still keeps such an observer from injecting anything the
 receiving node would accept. The receiving node ignores the token (it is the sender's).

@@ -1,4 +1,4 @@
-"""tests/security: attacks on mahole as regression tests (issue 9).
+"""tests/security: attacks on mahole as regression tests.
 
 The helpers of tests/ (aio_helpers, udp_helpers, ...) are imported by module name, as in the
 rest of the suite; this puts tests/ on the path however these tests are collected.

@@ -1,4 +1,4 @@
-"""The intermediate's policy and quota flags (issue 9): a bad value is one line and exit 2."""
+"""The intermediate's policy and quota flags: a bad value is one line and exit 2."""
 
 import pytest
 
