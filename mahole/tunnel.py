@@ -14,7 +14,10 @@ log = logging.getLogger(__name__)
 READ_SIZE = 64 * 1024
 # Unacknowledged bytes on a QUIC stream before we stop reading its TCP side.
 SEND_HIGH_WATER = 1 << 20
-# Bytes queued towards a TCP peer before we stop granting the QUIC peer more credit.
+# Bytes queued towards a TCP peer (received from QUIC, not yet taken by the kernel) before we
+# stop granting the QUIC peer more stream credit. Credit already granted stays valid, so a
+# stalled reader leaves at most RECEIVE_HIGH_WATER + one stream window (max_stream_data)
+# queued: the window is granted only while the queue is at or under the high water.
 RECEIVE_HIGH_WATER = 1 << 20
 
 FLOW_ID_LEN = 2
@@ -47,6 +50,8 @@ class StreamPipe:
         self._drain_task = None
         self._closed = False
         self._incoming = []
+        self._incoming_size = 0
+        self._paused = False
         self._write_scheduled = False
         self._eof_written = False
         self._pump = asyncio.get_running_loop().create_task(self._tcp_to_quic())
@@ -88,18 +93,29 @@ class StreamPipe:
         """Stream data from QUIC: queued and written to TCP once per event-loop iteration.
 
         One QUIC packet carries about a kilobyte; writing each to the socket costs a system
-        call per packet on both ends, so the chunks of a received batch are joined.
+        call per packet on both ends, so the chunks of a received batch are joined. The queue
+        is checked against the high water here, on every chunk, not when it is written: the
+        endpoint collects packets (and with them new stream credit) as soon as it has handled
+        a receive batch, before the write runs, and that credit must not count the chunks
+        waiting here as taken by the reader.
         """
         if self._closed:
             return
         if data:
             self.bytes_from_quic += len(data)
             self._incoming.append(data)
+            self._incoming_size += len(data)
         if end_stream:
             self._quic_finished = True
         if not self._write_scheduled:
             self._write_scheduled = True
             asyncio.get_running_loop().call_soon(self._write_incoming)
+        if not self._paused and self._queued() > RECEIVE_HIGH_WATER:
+            self._pause()
+
+    def _queued(self):
+        """Bytes received from QUIC and not yet taken by the kernel."""
+        return self.writer.transport.get_write_buffer_size() + self._incoming_size
 
     def _write_incoming(self):
         self._write_scheduled = False
@@ -109,6 +125,7 @@ class StreamPipe:
         if self._incoming:
             data = b"".join(self._incoming) if len(self._incoming) > 1 else self._incoming[0]
             self._incoming.clear()
+            self._incoming_size = 0
             writer.write(data)
         if self._quic_finished and not self._eof_written:
             self._eof_written = True
@@ -119,19 +136,34 @@ class StreamPipe:
                     pass
             self._maybe_done()
             return
-        if (self._drain_task is None and not writer.is_closing()
-                and writer.transport.get_write_buffer_size() > RECEIVE_HIGH_WATER):
-            self.quic.pause_stream(self.stream_id)
+        if not self._paused and self._queued() > RECEIVE_HIGH_WATER:
+            self._pause()
+
+    def _pause(self):
+        """Stop granting the peer credit until the TCP side drained under the high water."""
+        if self.writer.is_closing():
+            return
+        self._paused = True
+        self.quic.pause_stream(self.stream_id)
+        if self._drain_task is None:
             self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self):
         try:
-            await self.writer.drain()
+            while self._queued() > RECEIVE_HIGH_WATER:
+                if self._closed:
+                    return
+                if self._incoming_size:
+                    await asyncio.sleep(0)  # let _write_incoming hand the queue to the transport
+                await self.writer.drain()
         except (ConnectionError, OSError):
             self._abort_quic()
             return
         finally:
             self._drain_task = None
+        if self._closed:
+            return
+        self._paused = False
         self.quic.resume_stream(self.stream_id)
         self.connection.transmit()
 

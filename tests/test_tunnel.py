@@ -9,7 +9,7 @@ from aio_helpers import run, wait_for
 
 from mahole.config import Forward, Service
 from mahole.demo import LocalDeployment, tcp_round_trip, udp_round_trips
-from mahole.tunnel import MAX_DATAGRAM_PAYLOAD, RECEIVE_HIGH_WATER, SEND_HIGH_WATER
+from mahole.tunnel import MAX_DATAGRAM_PAYLOAD, READ_SIZE, RECEIVE_HIGH_WATER, SEND_HIGH_WATER
 
 
 
@@ -115,22 +115,34 @@ def test_slow_reader_bounds_memory_with_backpressure():
                 return sent, queued, sum(p.bytes_to_quic for p in connector_pipes
                                          if hasattr(p, "bytes_to_quic"))
 
-            # Read nothing: the firehose must stall, with bounded buffers in between.
-            await wait_for(lambda: buffered()[2] > 0, 20)
-            stalled_at = None
-            for _ in range(50):
+            # Read nothing: the firehose must stall, with bounded buffers in between. The agent's
+            # queue passing its high water shows that the kernel's socket buffers are full and
+            # the agent stopped granting credit; the stall is then the connector reading no
+            # more from the firehose for 0.3 s (one quiet 0.1 s can be a scheduling hiccup
+            # mid-transfer, and measuring then would check nothing).
+            await wait_for(lambda: buffered()[1] > RECEIVE_HIGH_WATER, 20)
+            stalled_at, quiet = None, 0
+            for _ in range(100):
                 before = buffered()[2]
                 await asyncio.sleep(0.1)
-                if buffered()[2] == before:
+                quiet = quiet + 1 if buffered()[2] == before else 0
+                if quiet == 3:
                     stalled_at = before
                     break
             assert stalled_at is not None and stalled_at < total // 2, buffered()
             sent, queued, _ = buffered()
-            # Between the two apps at most: the connector's unacknowledged stream data (high
-            # water plus one read) and the agent's queue towards the reader (high water plus
-            # one stream window, granted before the pause).
-            assert sent <= SEND_HIGH_WATER + (1 << 16)
-            assert queued <= RECEIVE_HIGH_WATER + (2 << 20) + (1 << 16)
+            # Between the two apps at most, from the configured windows:
+            # - the connector's unacknowledged stream data: its pump stops reading TCP once
+            #   more than SEND_HIGH_WATER is unacknowledged, checked after each read, so
+            #   SEND_HIGH_WATER plus one READ_SIZE;
+            # - the agent's queue towards the reader: stream credit (MAX_STREAM_DATA) is
+            #   granted only while the queue is at or under RECEIVE_HIGH_WATER, and reaches at
+            #   most one window (max_stream_data) past the highest offset received, all of it
+            #   delivered since loopback loses no packet; so after the last grant at most one
+            #   window more arrives: RECEIVE_HIGH_WATER plus one window, with no slack.
+            window = agent_session.connection.quic.configuration.max_stream_data
+            assert sent <= SEND_HIGH_WATER + READ_SIZE, (sent, SEND_HIGH_WATER + READ_SIZE)
+            assert queued <= RECEIVE_HIGH_WATER + window, (queued, RECEIVE_HIGH_WATER + window)
             # Now read everything: all of it arrives.
             received = 0
             async with asyncio.timeout(60):
