@@ -201,7 +201,7 @@ class NodeQuicConnection(QuicConnection):
         if stream.stream_id in self._paused_streams or not stream.max_stream_data_local:
             return
         window = self._configuration.max_stream_data
-        delivered = stream.receiver._buffer_start  # contiguous data handed to the application
+        delivered = stream.receiver.starting_offset()  # handed to the application, in order
         if delivered + window // 2 > stream.max_stream_data_local:
             stream.max_stream_data_local = delivered + window
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:

@@ -49,7 +49,7 @@ def test_private_attributes_exist_on_a_live_connection():
     assert isinstance(quic._local_max_data.used, int)
     assert isinstance(quic._local_max_data.value, int)
     stream = quic._get_or_create_stream_for_send(0)
-    assert stream.receiver._buffer_start == 0  # delivered, in order: credit follows it
+    assert stream.receiver.starting_offset() == 0  # delivered, in order: credit follows it
     assert quic._close_event is None
     [path] = quic._network_paths
     assert path.addr == ("127.0.0.1", 4478) and path.is_validated is True
