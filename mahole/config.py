@@ -3,6 +3,7 @@
 import dataclasses
 import re
 
+from .signaling import Limits  # the quota defaults live with the quotas
 from .wire.control import NAME_RE as NAME  # a node or service name (one grammar everywhere)
 
 DEFAULT_PORT = 4478
@@ -92,13 +93,13 @@ class IntermediateConfig(Credentials):
     # (that many at once, then one every 60/N s); open sessions per agent and per connector;
     # control messages per connection (token bucket; more than a burst ignored within 10 s
     # closes the node); relay bytes/s of one identity's sessions together (0 = no cap).
-    connections_per_identity: int = 4
-    sessions_per_minute: int = 120
-    sessions_per_agent: int = 256
-    sessions_per_connector: int = 4096
-    signaling_rate: float = 50.0
-    signaling_burst: int = 100
-    relay_rate_per_identity: int = 0
+    connections_per_identity: int = Limits.connections_per_identity
+    sessions_per_minute: int = Limits.sessions_per_minute
+    sessions_per_agent: int = Limits.sessions_per_agent
+    sessions_per_connector: int = Limits.sessions_per_connector
+    signaling_rate: float = Limits.signaling_rate
+    signaling_burst: int = Limits.signaling_burst
+    relay_rate_per_identity: int = Limits.relay_rate_per_identity
     # The edge. Connections that have not registered yet ("half-open": handshake
     # under way, or done and no Register yet) each hold TLS state (~50 KB) and cost ~2 ms of
     # CPU: at most max_half_open at once (further Initials are dropped); above

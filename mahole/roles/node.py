@@ -61,12 +61,18 @@ def explain_tls_failure(reason, cfg):
             f"is this the right deployment's CA?")
 
 
-def bind_udp(host, port):
-    """The node's one UDP socket, non-blocking."""
+def bind_udp(host, port, *, dual_stack=False):
+    """A role's one UDP socket, non-blocking. With dual_stack an IPv6 wildcard or address is
+    bound with IPV6_V6ONLY off, so ``[::]`` serves IPv4 clients too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if dual_stack and family == socket.AF_INET6:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass  # a host without dual-stack sockets serves IPv6 only
         for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, size)
