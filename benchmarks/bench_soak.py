@@ -50,10 +50,8 @@ every second. JSON: benchmarks/results/soak.json (soak-quick.json for --quick). 
 
 import argparse
 import asyncio
-import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -71,10 +69,10 @@ except ImportError:
     import mahole
 
 import _report  # noqa: E402
+from _procs import HOST, Processes, free_port, status, wait_for  # noqa: E402
 from mahole import _fast  # noqa: E402
 from mahole.config import IntermediateConfig, NodeConfig  # noqa: E402
 
-HOST = "127.0.0.1"
 CONNECTOR_BIND = "127.0.0.2"
 DIRECT_AGENT_BIND = "127.0.0.3"
 E2E_QUIC_IDLE = NodeConfig.e2e_idle_timeout  # fixed (no flag): the end-to-end idle timeout
@@ -107,105 +105,6 @@ def serve_echo():
         await asyncio.Event().wait()
 
     asyncio.run(main())
-
-
-# --- processes -----------------------------------------------------------------------------
-
-
-class Processes:
-    """Children in their own process groups, output in log files; ended by PID."""
-
-    def __init__(self, logdir):
-        self.logdir = Path(logdir)
-        self.procs = {}
-        package_root = str(Path(mahole.__file__).resolve().parent.parent)
-        path = os.environ.get("PYTHONPATH")
-        self.env = {**os.environ,
-                    "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
-
-    def start(self, name, cmd, stdout=subprocess.DEVNULL):
-        with open(self.logdir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=log,
-                                    start_new_session=True, cwd=self.logdir, env=self.env)
-        self.procs[name] = proc
-        return proc
-
-    def check(self):
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.tail(name)}")
-
-    def tail(self, name, lines=5):
-        try:
-            text = (self.logdir / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def rss_kb(self):
-        """{name: VmRSS in kB} of every running child."""
-        rss = {}
-        for name, proc in self.procs.items():
-            try:
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        rss[name] = int(line.split()[1])
-            except OSError:
-                pass
-        return rss
-
-    def stop_all(self, grace=5.0):
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)  # the group, in case it left children
-            try:
-                proc.wait(1.0)
-            except subprocess.TimeoutExpired:
-                pass
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-
-def _signal_group(proc, sig):
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)  # start_new_session: the group id is the child's PID
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _status(port, timeout=2.0):
-    from mahole.status import fetch
-
-    try:
-        code, _headers, body = asyncio.run(fetch(HOST, port, "/status", timeout=timeout))
-    except (OSError, ValueError, asyncio.TimeoutError):
-        return None
-    return json.loads(body) if code == 200 else None
-
-
-def _wait_for(what, check, procs, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        procs.check()
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready within {timeout:g} s")
-        time.sleep(0.05)  # polling interval, not a readiness guess
 
 
 # --- bursts --------------------------------------------------------------------------------
@@ -337,11 +236,11 @@ def run(args, workdir):
         line = echo.stdout.readline().decode().split()
         echo_port = int(line[1])
 
-        udp_port = _free_port(socket.SOCK_DGRAM)
+        udp_port = free_port(socket.SOCK_DGRAM)
         status_ports = {}
 
         def role(name, role_name, cert, *extra):
-            status_ports[name] = _free_port()
+            status_ports[name] = free_port()
             return procs.start(name, [sys.executable, "-m", "mahole", role_name,
                                       "--ca", str(certs / "ca.crt"),
                                       "--cert", str(certs / f"{cert}.crt"),
@@ -350,19 +249,19 @@ def run(args, workdir):
 
         role("intermediate", "intermediate", "intermediate", "--listen", f"{HOST}:{udp_port}",
              "--allow", "alice=*", "--allow", "bob=*", *inter_flags)
-        _wait_for("intermediate", lambda: _status(status_ports["intermediate"]), procs, 20)
+        wait_for("intermediate", lambda: status(status_ports["intermediate"]), procs, 20)
         node = ["--intermediate", f"{HOST}:{udp_port}", *node_flags]
         role("connector", "connector", "connector1", "--bind", f"{CONNECTOR_BIND}:0", *node,
              *(a for s in SERVICES for a in ("--service", f"{s}=tcp:{HOST}:{echo_port}")))
         paths = {}
         for path, (cert, extra) in AGENTS.items():
-            forwards = {s: _free_port() for s in SERVICES}
+            forwards = {s: free_port() for s in SERVICES}
             name = f"agent-{path}"
             role(name, "agent", cert, *extra, *node,
                  *(a for s in SERVICES for a in ("--forward", f"tcp:{HOST}:{forwards[s]}={s}")))
             paths[path] = Workload(path, name, None, forwards)
         for name in ("connector", *(p.agent for p in paths.values())):
-            _wait_for(name, lambda n=name: (_status(status_ports[n]) or {}).get(
+            wait_for(name, lambda n=name: (status(status_ports[n]) or {}).get(
                 "intermediate", {}).get("connected"), procs, 20)
         for p in paths.values():
             p.status_port = status_ports[p.agent]
@@ -372,20 +271,20 @@ def run(args, workdir):
         def sample():
             procs.check()
             for name in ("connector", *(p.agent for p in paths.values())):
-                status = _status(status_ports[name])
-                for c in (status or {}).get("closed_sessions", []):
+                answer = status(status_ports[name])
+                for c in (answer or {}).get("closed_sessions", []):
                     closed.setdefault((name, c["session"]), {**c, "node": name})
                 for p in paths.values():
                     if p.agent == name:
-                        p.sample(status)
+                        p.sample(answer)
 
         started = time.monotonic()
         for p in paths.values():
             p.open_stream()
             p.burst(data, started)
         # The direct session must be direct before the soak starts.
-        _wait_for("alice's sessions on the direct path", lambda: all(
-            s["path"] == "direct" for s in (_status(status_ports["agent-direct"]) or {}).get(
+        wait_for("alice's sessions on the direct path", lambda: all(
+            s["path"] == "direct" for s in (status(status_ports["agent-direct"]) or {}).get(
                 "sessions", [{"path": None}])), procs, 15)
         rss_start = procs.rss_kb()
         end = started + duration
@@ -405,7 +304,7 @@ def run(args, workdir):
                 print(f"  {time.monotonic() - started:7.1f} s  cycle {cycle}  "
                       f"sessions ended {len({sid for _node, sid in closed})}", flush=True)
         rss_end = procs.rss_kb()
-        inter = _status(status_ports["intermediate"]) or {}
+        inter = status(status_ports["intermediate"]) or {}
         elapsed = time.monotonic() - started
     finally:
         for p in locals().get("paths", {}).values():

@@ -41,7 +41,6 @@ under test for the timed transfers; py-spy must be installed. Profiled numbers a
 
 import argparse
 import asyncio
-import json
 import os
 import select
 import shutil
@@ -64,11 +63,11 @@ except ImportError:
 
 import _aioquic_bulk  # noqa: E402
 import _report  # noqa: E402
+from _procs import HOST, Processes, free_port, status, wait_for  # noqa: E402
 
 TARGET = 1.0  # mahole / aioquic
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-HOST = "127.0.0.1"
 MB = 1e6
+POLL = 0.02  # s between readiness checks
 
 
 # --- the sink service ----------------------------------------------------------------------
@@ -109,145 +108,10 @@ def serve_sink():
 # --- processes -----------------------------------------------------------------------------
 
 
-class Processes:
-    """Children in their own process groups, with their stderr in log files; ended by PID."""
-
-    def __init__(self, logdir):
-        self.logdir = Path(logdir)
-        self.procs = []
-        # Children find the same mahole as this process (installed, or this checkout).
-        package_root = str(Path(mahole.__file__).resolve().parent.parent)
-        path = os.environ.get("PYTHONPATH")
-        self.env = {**os.environ,
-                    "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
-
-    def start(self, name, cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL):
-        log = open(self.logdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=log,
-                                start_new_session=True, cwd=self.logdir, env=self.env)
-        log.close()
-        proc.bench_name = name
-        self.procs.append(proc)
-        return proc
-
-    def cpu_seconds(self):
-        """{name: user+system CPU seconds so far} of every running child, plus this process."""
-        times = {"bench (client)": sum(os.times()[:2])}
-        for proc in self.procs:
-            try:
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
-            times[proc.bench_name] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        return times
-
-    def udp_drops(self):
-        """{name: kernel receive drops summed over the child's UDP sockets} (/proc/net/udp)."""
-        drops_by_inode = {}
-        for table in ("/proc/net/udp", "/proc/net/udp6"):
-            try:
-                lines = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                fields = line.split()
-                drops_by_inode[fields[9]] = int(fields[-1])
-        result = {}
-        for proc in self.procs:
-            try:
-                fds = os.listdir(f"/proc/{proc.pid}/fd")
-            except OSError:
-                continue
-            total = None
-            for fd in fds:
-                try:
-                    target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-                except OSError:
-                    continue
-                inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
-                if inode in drops_by_inode:
-                    total = (total or 0) + drops_by_inode[inode]
-            if total is not None:
-                result[proc.bench_name] = total
-        return result
-
-    def check(self):
-        for proc in self.procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.bench_name} exited with {proc.returncode}: "
-                                   f"{self.tail(proc.bench_name)}")
-
-    def tail(self, name, lines=5):
-        try:
-            text = (self.logdir / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
-
-    def stop_all(self, grace=5.0):
-        """SIGTERM every process group (profiles are written on SIGTERM), then SIGKILL."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)  # the group, in case it left children
-            try:
-                proc.wait(1.0)
-            except subprocess.TimeoutExpired:
-                pass
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    try:
-                        stream.close()
-                    except OSError:
-                        pass
-
-
-def _signal_group(proc, sig):
-    try:
-        os.killpg(proc.pid, sig)  # start_new_session: the group id is the child's PID
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _readline(proc, timeout):
     if not select.select([proc.stdout], [], [], timeout)[0]:
         return ""
     return proc.stdout.readline().decode(errors="replace").strip()
-
-
-def _free_port(kind):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _status(port, timeout=2.0):
-    from mahole.status import fetch
-
-    try:
-        code, _headers, body = asyncio.run(fetch(HOST, port, "/status", timeout=timeout))
-    except (OSError, ValueError, asyncio.TimeoutError):
-        return None
-    return json.loads(body) if code == 200 else None
-
-
-def _wait_for(what, check, procs, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        procs.check()
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready within {timeout:g} s")
-        time.sleep(0.02)  # polling interval, not a readiness guess
 
 
 def _start_py_spy(procs, directory):
@@ -293,8 +157,8 @@ class MaholeTunnel:
             raise RuntimeError(f"sink did not start: {line!r} {procs.tail('sink')}")
         sink_port = int(line.split()[1])
 
-        udp_port = _free_port(socket.SOCK_DGRAM)
-        self.status_ports = {role: _free_port(socket.SOCK_STREAM)
+        udp_port = free_port(socket.SOCK_DGRAM)
+        self.status_ports = {role: free_port(socket.SOCK_STREAM)
                              for role in ("intermediate", "connector", "agent")}
 
         def role(name, *args, cert):
@@ -310,19 +174,19 @@ class MaholeTunnel:
                 "--bind", f"{HOST}:0", *(["--relay-only"] if path == "relay" else [])]
         role("intermediate", "--listen", f"{HOST}:{udp_port}", "--allow", "alice=*",
              cert="intermediate")
-        _wait_for("intermediate", lambda: _status(self.status_ports["intermediate"]),
-                  procs, 20)
+        wait_for("intermediate", lambda: status(self.status_ports["intermediate"]),
+                 procs, 20, interval=POLL)
         role("connector", "--service", f"sink=tcp:{HOST}:{sink_port}", *node, cert="connector1")
         role("agent", "--forward", f"tcp:{HOST}:0=sink", *node, cert="alice")
         for name in ("connector", "agent"):
-            _wait_for(name, lambda n=name: (_status(self.status_ports[n]) or {}).get(
-                "intermediate", {}).get("connected"), procs, 20)
-        agent = _status(self.status_ports["agent"])
+            wait_for(name, lambda n=name: (status(self.status_ports[n]) or {}).get(
+                "intermediate", {}).get("connected"), procs, 20, interval=POLL)
+        agent = status(self.status_ports["agent"])
         forward = agent["forwards"][0]["forward"]  # "tcp:127.0.0.1:PORT"
         self.forward = (HOST, int(forward.rsplit(":", 1)[1]))
 
     def _session_path(self):
-        sessions = (_status(self.status_ports["agent"]) or {}).get("sessions") or []
+        sessions = (status(self.status_ports["agent"]) or {}).get("sessions") or []
         return sessions[0]["path"] if sessions else None
 
     def transfer(self, timeout):
@@ -350,8 +214,8 @@ class MaholeTunnel:
         return elapsed, int(reply)
 
     def details(self):
-        agent = _status(self.status_ports["agent"]) or {}
-        inter = _status(self.status_ports["intermediate"]) or {}
+        agent = status(self.status_ports["agent"]) or {}
+        inter = status(self.status_ports["intermediate"]) or {}
         sessions = agent.get("sessions", [])
         relay = inter.get("relay", {})
         return {"path": sessions[0]["path"] if sessions else None,
