@@ -1,9 +1,9 @@
 """The one-socket node: batch I/O, dispatch by the compiled router, aioquic connections, timers.
 
 Every datagram a node sends or receives — control QUIC, STUN, relay frames, end-to-end QUIC —
-goes through one UDP socket (docs/architecture.md, principle 1). The endpoint reads it in batches, lets
-the `Router` classify and route a whole batch at once, feeds QUIC packets to sans-IO aioquic
-connections, and sends everything they produce in batches. One keyed timer scheduler (the
+goes through one UDP socket (docs/architecture.md, principle 1). The endpoint reads it in
+batches, lets the `Router` classify and route a whole batch at once, feeds QUIC packets to
+sans-IO aioquic connections, and sends everything they produce in batches. One keyed timer scheduler (the
 compiled `Scheduler`) serves every timer of the node: QUIC connections, hole punching,
 session cores, keepalives. Connections that carry an end-to-end session have a *path*:
 aioquic sees a stable virtual peer address, and the path decides where each packet really
