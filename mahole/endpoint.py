@@ -3,11 +3,11 @@
 Every datagram a node sends or receives — control QUIC, STUN, relay frames, end-to-end QUIC —
 goes through one UDP socket (docs/architecture.md, principle 1). The endpoint reads it in
 batches, lets the `Router` classify and route a whole batch at once, feeds QUIC packets to
-sans-IO aioquic connections, and sends everything they produce in batches. One keyed timer scheduler (the
-compiled `Scheduler`) serves every timer of the node: QUIC connections, hole punching,
-session cores, keepalives. Connections that carry an end-to-end session have a *path*:
-aioquic sees a stable virtual peer address, and the path decides where each packet really
-goes.
+sans-IO aioquic connections, and sends everything they produce in batches. One keyed timer
+scheduler (the compiled `Scheduler`) serves every timer of the node: QUIC connections, hole
+punching, session cores, keepalives. Connections that carry an end-to-end session have a
+*path*: aioquic sees a stable virtual peer address, and the path decides where each packet
+really goes.
 
 Nothing a peer sends may break the loop: an exception while handling one datagram or one
 timer is logged once per kind, counted, and the rest of the batch is processed.
