@@ -1,20 +1,20 @@
 """A minimal relay server around mahole's RelayEngine, for benchmarks/bench_relay.py.
 
     python benchmarks/_relay_server.py --member-a HOST:PORT --member-b HOST:PORT
-        [--session HEX] [--token-a HEX] [--token-b HEX] [--listen HOST:PORT]
+        --token-a HEX --token-b HEX [--session HEX] [--listen HOST:PORT]
         [--batch-size N] [--rcvbuf BYTES] [--no-gso] [--allow-twin]
 
 It binds one UDP socket, creates a `mahole._fast.RelayEngine` on it, installs one session
 whose members are the two given addresses (with their relay tokens, checked on every frame
-as at the intermediate; without --token-a/--token-b that member's token is not checked), prints ``ready HOST PORT IMPL`` on stdout and then
-relays: it blocks in epoll until the socket is readable (no busy spin when idle), then calls
-poll() until `last_batch_size` is 0. Datagrams that are not relay frames are counted and
-ignored. On SIGTERM, SIGINT or stdin closing it prints the engine's counters as one JSON line
-(``counters {...}``) and exits 0.
+as at the intermediate, where every session has them), prints ``ready HOST PORT IMPL`` on
+stdout and then relays: it blocks in epoll until the socket is readable (no busy spin when
+idle), then calls poll() until `last_batch_size` is 0. Datagrams that are not relay frames
+are counted and ignored. On SIGTERM, SIGINT or stdin closing it prints the engine's counters
+as one JSON line (``counters {...}``) and exits 0.
 
-Later the real intermediate (mahole/roles/intermediate.py) will drive this same engine on its
-one socket, the same way: there the non-relay datagrams go on to the control QUIC server and
-the STUN responder, and sessions come from signaling instead of the command line.
+The real intermediate (mahole/roles/intermediate.py) drives this same engine on its one
+socket, the same way: there the non-relay datagrams go on to the control QUIC server and the
+STUN responder, and sessions come from signaling instead of the command line.
 """
 
 import argparse
@@ -52,8 +52,8 @@ def _parse(argv):
     parser.add_argument("--member-a", type=_hostport, required=True)
     parser.add_argument("--member-b", type=_hostport, required=True)
     parser.add_argument("--session", default="0123456789abcdef", help="session id, 16 hex digits")
-    parser.add_argument("--token-a", help="member A's relay token, 16 hex digits")
-    parser.add_argument("--token-b", help="member B's relay token, 16 hex digits")
+    parser.add_argument("--token-a", required=True, help="member A's relay token, 16 hex digits")
+    parser.add_argument("--token-b", required=True, help="member B's relay token, 16 hex digits")
     parser.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rcvbuf", type=int, default=2 << 20, help="SO_RCVBUF wanted (bytes)")
@@ -69,15 +69,13 @@ def _parse(argv):
     if len(args.session) != 8:
         parser.error("--session must be 8 bytes (16 hex digits)")
     for name in ("token_a", "token_b"):
-        value = getattr(args, name)
-        if value is None:
-            continue
         try:
-            value = bytes.fromhex(value)
+            value = bytes.fromhex(getattr(args, name))
         except ValueError:
             value = b""
-        if len(value) != 8:
-            parser.error(f"--{name.replace('_', '-')} must be 8 bytes (16 hex digits)")
+        if len(value) != 8 or value == bytes(8):
+            parser.error(f"--{name.replace('_', '-')} must be 8 bytes (16 hex digits), "
+                         "not all zeros")
         setattr(args, name, value)
     return args
 

@@ -28,6 +28,7 @@ SID = bytes.fromhex("0123456789abcdef")
 OTHER_SID = bytes.fromhex("fedcba9876543210")
 TOKEN_A = bytes.fromhex("a1a2a3a4a5a6a7a8")  # member A's relay token
 TOKEN_B = bytes.fromhex("b1b2b3b4b5b6b7b8")
+TOKEN = bytes.fromhex("c1c2c3c4c5c6c7c8")  # both members', where a test is not about tokens
 STUN = bytes.fromhex("000100002112a442") + bytes(12)  # a Binding request header
 QUIC_SHORT = b"\x43" + bytes(range(8)) + b"short-header"
 QUIC_LONG = b"\xc3\x00\x00\x00\x01\x08" + bytes(8) + b"\x00" + b"long-header"
@@ -45,7 +46,7 @@ def trio(relay, sockets):
     """(engine, relay socket, A, B) with session SID between A and B, on IPv4 loopback."""
     rsock, a, b = sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock)
-    engine.add_session(SID, a.getsockname(), b.getsockname())
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
     return engine, rsock, a, b
 
 
@@ -98,11 +99,11 @@ def relay_through(engine, sender, rsock, frames, receiver, expect=None):
     return recv_n(receiver, len(frames) if expect is None else expect)
 
 
-def frame(inner, sid=SID, token=NO_TOKEN):
+def frame(inner, sid=SID, token=TOKEN):
     return encode_frame(sid, inner, token)
 
 
-def assert_only(sock, expected_first, engine, rsock, sender, sid=SID, token=NO_TOKEN):
+def assert_only(sock, expected_first, engine, rsock, sender, sid=SID, token=TOKEN):
     """Show nothing else reached sock: a marker relayed now arrives first."""
     marker = frame(b"marker-" + expected_first, sid, token)
     got = relay_through(engine, sender, rsock, [marker], sock)
@@ -168,9 +169,9 @@ def test_many_sessions_each_relay_to_their_own_peer(relay, sockets):
     ids = [bytes([i]) * 8 for i in range(len(pairs))]
     filler = [bytes([0xEE, i]) * 4 for i in range(200)]  # grows the table past its start
     for sid in filler:
-        engine.add_session(sid, ("127.0.0.1", 1), ("127.0.0.1", 2))
+        engine.add_session(sid, ("127.0.0.1", 1), ("127.0.0.1", 2), TOKEN, TOKEN)
     for sid, (a, b) in zip(ids, pairs):
-        engine.add_session(sid, a.getsockname(), b.getsockname())
+        engine.add_session(sid, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
     for sid in filler[::2]:
         engine.remove_session(sid)  # deletions shift probe runs: lookups must still work
     assert engine.session_count == len(pairs) + len(filler) // 2
@@ -198,8 +199,8 @@ def test_runs_of_sizes_and_destinations_arrive_unchanged_in_order(relay, sockets
     rsock, a, b, c, d = sockets(), sockets(), sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock, batch_size=128, gso=gso)
     assert engine.gso in ((True, False) if gso else (False,))
-    engine.add_session(SID, a.getsockname(), b.getsockname())
-    engine.add_session(OTHER_SID, c.getsockname(), d.getsockname())
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
+    engine.add_session(OTHER_SID, c.getsockname(), d.getsockname(), TOKEN, TOKEN)
     phases = [
         # runs broken by a shorter frame, a longer one, other destinations in between
         [1200] * 5 + [800] + [1200] * 3 + [1300, 1200, 1200, 1, 1],
@@ -233,8 +234,8 @@ def test_refused_run_of_frames_is_retried_one_by_one(relay, sockets):
     and the frames after it still go."""
     rsock, a, b = sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock, batch_size=16)
-    engine.add_session(SID, a.getsockname(), ("127.0.0.1", 0))  # port 0: EINVAL
-    engine.add_session(OTHER_SID, a.getsockname(), b.getsockname())
+    engine.add_session(SID, a.getsockname(), ("127.0.0.1", 0), TOKEN, TOKEN)  # port 0: EINVAL
+    engine.add_session(OTHER_SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
     for i in range(3):
         a.sendto(frame(b"%d" % i * 100), rsock.getsockname())
     for i in range(2):
@@ -279,7 +280,7 @@ def test_unknown_session_is_dropped_and_counted(trio):
 def test_frames_wait_for_unknown_member_then_flow(relay, sockets):
     rsock, a, b = sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock)
-    engine.add_session(SID, a.getsockname(), None)
+    engine.add_session(SID, a.getsockname(), None, TOKEN, TOKEN)
     assert engine.session_stats(SID)["member_b"] is None
 
     relay_through(engine, a, rsock, [frame(b"too early")], b, expect=0)
@@ -358,16 +359,31 @@ def test_spoofed_frames_do_not_spend_the_sessions_rate(relay, sockets):
     assert [d for d, _ in relay_through(engine, a, rsock, good, b)] == good
 
 
-def test_tokens_are_per_member_and_unchecked_when_none(relay, sockets):
-    """token None: that member's frames pass with any token (nodes not yet given one)."""
+def test_every_session_checks_both_members_tokens(relay, sockets):
+    """No session without tokens (issue 9 #4): a token left out, None, or the eight zero
+    bytes a node sends when it was given none is refused, and nothing is added."""
     rsock, a, b = sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock)
-    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN_A, None)
-    from_b = [frame(b"any", token=t) for t in (NO_TOKEN, TOKEN_A, TOKEN_B)]
-    assert [d for d, _ in relay_through(engine, b, rsock, from_b, a)] == from_b
-    relay_through(engine, a, rsock, [frame(b"none", token=NO_TOKEN)], b, expect=0)
-    assert engine.counters()["dropped_bad_token"] == 1
-    assert_only(b, b"none", engine, rsock, a, token=TOKEN_A)
+    members = (a.getsockname(), b.getsockname())
+    with pytest.raises(TypeError):
+        engine.add_session(SID, *members)
+    with pytest.raises(TypeError):
+        engine.add_session(SID, *members, TOKEN_A)
+    for token_a, token_b in ((TOKEN_A, None), (None, TOKEN_B), (None, None)):
+        with pytest.raises(TypeError, match="relay token"):
+            engine.add_session(SID, *members, token_a, token_b)
+    for token_a, token_b in ((TOKEN_A, NO_TOKEN), (NO_TOKEN, TOKEN_B)):
+        with pytest.raises(ValueError, match="zeros"):
+            engine.add_session(SID, *members, token_a, token_b)
+    assert engine.session_count == 0
+
+    # With both tokens, B's frames pass with B's token only, and A's with A's.
+    engine.add_session(SID, *members, TOKEN_A, TOKEN_B)
+    from_b = [frame(b"from b", token=t) for t in (NO_TOKEN, TOKEN_A, TOKEN)]
+    relay_through(engine, b, rsock, from_b, a, expect=0)
+    assert engine.counters()["dropped_bad_token"] == len(from_b)
+    assert_only(a, b"from b", engine, rsock, b, token=TOKEN_B)
+    assert_only(b, b"from a", engine, rsock, a, token=TOKEN_A)
 
 
 def test_set_member_keeps_the_members_token(tokened, sockets):
@@ -400,15 +416,16 @@ def test_members_at_one_address_are_told_apart_by_their_tokens(relay, sockets):
 
 
 @pytest.mark.parametrize("bad, error", [
-    (b"", ValueError), (bytes(7), ValueError), (bytes(9), ValueError),
-    ("a1a2a3a4", TypeError), (12345678, TypeError),
+    (b"", ValueError), (bytes(7), ValueError), (bytes(9), ValueError), (bytes(8), ValueError),
+    ("a1a2a3a4", TypeError), (12345678, TypeError), (None, TypeError),
 ], ids=repr)
 def test_bad_tokens_are_refused_before_any_change(relay, sockets, bad, error):
     engine = relay.RelayEngine(sockets())
     with pytest.raises(error):
         engine.add_session(SID, ("127.0.0.1", 9), ("127.0.0.1", 10), TOKEN_A, bad)
     with pytest.raises(error):
-        engine.add_session(SID, ("127.0.0.1", 9), ("127.0.0.1", 10), token_a=bad)
+        engine.add_session(SID, ("127.0.0.1", 9), ("127.0.0.1", 10), token_a=bad,
+                           token_b=TOKEN_B)
     assert engine.session_count == 0
     engine.add_session(SID, ("127.0.0.1", 9), None, bytearray(TOKEN_A), memoryview(TOKEN_B))
     assert engine.session_count == 1
@@ -428,7 +445,7 @@ def test_malformed_relay_frames_are_dropped_and_counted(trio):
 def test_oversized_datagram_is_dropped_as_truncated(relay, sockets):
     rsock, a, b = sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock, max_datagram=100)
-    engine.add_session(SID, a.getsockname(), b.getsockname())
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
     big_frame, big_other = frame(bytes(200)), b"\xc3" + bytes(200)
     a.sendto(big_frame, rsock.getsockname())
     a.sendto(big_other, rsock.getsockname())
@@ -444,8 +461,8 @@ def test_refused_send_is_counted_and_the_rest_still_go(relay, sockets):
     """A destination the kernel refuses (port 0: EINVAL) costs that frame only."""
     rsock, a, b = sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock)
-    engine.add_session(SID, a.getsockname(), ("127.0.0.1", 0))
-    engine.add_session(OTHER_SID, a.getsockname(), b.getsockname())
+    engine.add_session(SID, a.getsockname(), ("127.0.0.1", 0), TOKEN, TOKEN)
+    engine.add_session(OTHER_SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
     a.sendto(frame(b"nowhere"), rsock.getsockname())
     a.sendto(frame(b"somewhere", OTHER_SID), rsock.getsockname())
     pump(engine, received(engine, 2))
@@ -493,7 +510,7 @@ def test_removed_session_is_unknown(trio):
     assert engine.session_count == 0 and engine.session_stats(SID) is None
     relay_through(engine, a, rsock, [frame(b"late")], b, expect=0)
     assert engine.counters()["dropped_unknown_session"] == 1
-    engine.add_session(SID, a.getsockname(), b.getsockname())  # the id may be reused
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)  # id reused
     assert_only(b, b"late", engine, rsock, a)
 
 
@@ -557,7 +574,7 @@ def test_rate_limit_drops_the_excess_then_recovers(relay, sockets):
     engine = relay.RelayEngine(rsock, rate_limit_bps=rate, burst_bytes=3 * size)
     assert (engine.rate_limit_bps, engine.burst_bytes) == (rate, 3 * size)
     started = time.monotonic()
-    engine.add_session(SID, a.getsockname(), b.getsockname())
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
     frames = [frame(bytes([i]) * (size - HEADER_LEN)) for i in range(10)]
     assert {len(f) for f in frames} == {size}
 
@@ -595,12 +612,105 @@ def test_default_burst_is_one_second_of_rate(relay, sockets):
     assert relay.RelayEngine(sockets()).burst_bytes == 0.0
 
 
+def _passed(engine, sid, sender, rsock, receiver, n, size=1000):
+    """Send n frames of size bytes for sid; returns how many the engine relayed (and checks
+    that exactly those, the first ones, arrived)."""
+    before = engine.session_stats(sid)["packets_a_to_b"]
+    frames = [frame(bytes([i]) * (size - HEADER_LEN), sid) for i in range(n)]
+    relay_through(engine, sender, rsock, frames, receiver, expect=0)
+    passed = engine.session_stats(sid)["packets_a_to_b"] - before
+    assert [d for d, _ in recv_n(receiver, passed)] == frames[:passed]
+    return passed
+
+
+def test_set_rate_limits_that_session_only(relay, sockets):
+    """The intermediate applies a session's relay share (RelaySetRate): that session is held
+    to its bucket at once, another session of the same engine is not, and 0 lifts it."""
+    rsock, a, b, c, d = sockets(), sockets(), sockets(), sockets(), sockets()
+    size = 1000
+    engine = relay.RelayEngine(rsock)  # unlimited by default
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
+    engine.add_session(OTHER_SID, c.getsockname(), d.getsockname(), TOKEN, TOKEN)
+    assert engine.session_stats(SID)["rate_bps"] == 0.0
+
+    engine.set_rate(SID, 1.0, 3 * size)  # 1 byte/s: only the burst gets through
+    stats = engine.session_stats(SID)
+    assert (stats["rate_bps"], stats["burst_bytes"]) == (1.0, 3.0 * size)
+    assert _passed(engine, SID, a, rsock, b, 10) == 3
+    assert engine.session_stats(SID)["dropped_rate_limited"] == 7
+    assert _passed(engine, OTHER_SID, c, rsock, d, 10) == 10
+    other = engine.session_stats(OTHER_SID)
+    assert (other["rate_bps"], other["dropped_rate_limited"]) == (0.0, 0)
+    assert engine.counters()["dropped_rate_limited"] == 7
+    assert (engine.rate_limit_bps, engine.burst_bytes) == (0.0, 0.0)  # the default stays
+
+    engine.set_rate(SID, 0, 0)  # unlimited again
+    assert _passed(engine, SID, a, rsock, b, 10) == 10
+
+
+def test_set_rate_overrides_the_engines_default_for_one_session(relay, sockets):
+    rsock, a, b, c, d = sockets(), sockets(), sockets(), sockets(), sockets()
+    size = 1000
+    engine = relay.RelayEngine(rsock, rate_limit_bps=1.0, burst_bytes=2 * size)
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
+    engine.add_session(OTHER_SID, c.getsockname(), d.getsockname(), TOKEN, TOKEN)
+    assert engine.session_stats(SID)["burst_bytes"] == 2.0 * size
+
+    engine.set_rate(OTHER_SID, 0, 0)
+    assert _passed(engine, OTHER_SID, c, rsock, d, 8) == 8
+    assert _passed(engine, SID, a, rsock, b, 8) == 2  # still the engine's bucket
+
+    # From unlimited to a bucket: it starts full, and the burst 0 means one second of rate.
+    engine.set_rate(OTHER_SID, float(size), 0)
+    assert engine.session_stats(OTHER_SID)["burst_bytes"] == float(size)
+    assert _passed(engine, OTHER_SID, c, rsock, d, 5) == 1
+
+
+def test_set_rate_keeps_what_the_session_spent(relay, sockets):
+    """A new, larger burst is no free refill: tokens already spent stay spent, and a smaller
+    burst cuts what is left."""
+    rsock, a, b = sockets(), sockets(), sockets()
+    size = 1000
+    engine = relay.RelayEngine(rsock)
+    engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN, TOKEN)
+    engine.set_rate(SID, 1.0, 3 * size)
+    assert _passed(engine, SID, a, rsock, b, 2) == 2  # one frame's worth left
+    engine.set_rate(SID, 1.0, 10 * size)
+    assert _passed(engine, SID, a, rsock, b, 5) == 1
+    engine.set_rate(SID, 0, 0)
+    engine.set_rate(SID, 1.0, 4 * size)  # back from unlimited: full again
+    engine.set_rate(SID, 1.0, 2 * size)  # cut to the smaller burst
+    assert _passed(engine, SID, a, rsock, b, 5) == 2
+
+
+def test_set_rate_checks_its_arguments(relay, sockets):
+    engine = relay.RelayEngine(sockets())
+    engine.add_session(SID, ("127.0.0.1", 9), None, TOKEN, TOKEN)
+    with pytest.raises(KeyError):
+        engine.set_rate(OTHER_SID, 1000, 1000)
+    for rate, burst in ((-1, 0), (0, -1), (float("nan"), 0), (float("inf"), 0),
+                        (1000, float("inf"))):
+        with pytest.raises(ValueError):
+            engine.set_rate(SID, rate, burst)
+    for rate, burst in (("fast", 0), (None, 0), (True, 0), (1000, None)):
+        with pytest.raises(TypeError):
+            engine.set_rate(SID, rate, burst)
+    for bad in (b"short", SID + b"x"):
+        with pytest.raises(ValueError):
+            engine.set_rate(bad, 1000, 1000)
+    stats = engine.session_stats(SID)
+    assert (stats["rate_bps"], stats["burst_bytes"]) == (0.0, 0.0)  # nothing changed
+    engine.set_rate(bytearray(SID), 5000, 0)
+    stats = engine.session_stats(SID)
+    assert (stats["rate_bps"], stats["burst_bytes"]) == (5000.0, 5000.0)
+
+
 # --- idle expiry ------------------------------------------------------------------------------
 
 
 def test_idle_sessions(trio):
     engine, rsock, a, b = trio
-    engine.add_session(OTHER_SID, ("127.0.0.1", 9), None)
+    engine.add_session(OTHER_SID, ("127.0.0.1", 9), None, TOKEN, TOKEN)
     created = engine.session_stats(OTHER_SID)["created"]
     assert abs(created - time.monotonic()) < DEADLINE
     assert engine.session_stats(OTHER_SID)["last_activity"] is None
@@ -626,7 +736,7 @@ def test_ipv6_members(relay, sockets):
     rsock = sockets(socket.AF_INET6)
     a, b, c = sockets(socket.AF_INET6), sockets(socket.AF_INET6), sockets(socket.AF_INET6)
     engine = relay.RelayEngine(rsock)
-    engine.add_session(SID, a.getsockname()[:2], b.getsockname())
+    engine.add_session(SID, a.getsockname()[:2], b.getsockname(), TOKEN, TOKEN)
 
     assert [d for d, _ in relay_through(engine, a, rsock, [frame(b"v6 to b")], b)] == [
         frame(b"v6 to b")]
@@ -647,7 +757,8 @@ def test_ipv4_members_of_an_ipv6_socket_are_stored_v4_mapped(relay, sockets):
     try:
         a, b = sockets(), sockets()
         engine = relay.RelayEngine(dual)
-        engine.add_session(SID, a.getsockname(), ("::ffff:127.0.0.1", b.getsockname()[1], 0, 0))
+        engine.add_session(SID, a.getsockname(), ("::ffff:127.0.0.1", b.getsockname()[1], 0, 0),
+                           TOKEN, TOKEN)
         relay_addr = ("127.0.0.1", dual.getsockname()[1])
         a.sendto(frame(b"mapped"), relay_addr)
         b.sendto(frame(b"back"), relay_addr)
@@ -739,7 +850,7 @@ def test_constructor_checks_its_arguments(relay, sockets):
 def test_bad_session_ids_are_refused(relay, sockets, bad):
     engine = relay.RelayEngine(sockets())
     with pytest.raises(TypeError if isinstance(bad, str) else ValueError):
-        engine.add_session(bad, None, None)
+        engine.add_session(bad, None, None, TOKEN, TOKEN)
     with pytest.raises((TypeError, ValueError)):
         engine.session_stats(bad)
     assert engine.session_count == 0
@@ -747,10 +858,10 @@ def test_bad_session_ids_are_refused(relay, sockets, bad):
 
 def test_session_table_misuse(relay, sockets):
     engine = relay.RelayEngine(sockets())
-    engine.add_session(bytearray(SID), None, None)
+    engine.add_session(bytearray(SID), None, None, TOKEN, TOKEN)
     assert engine.session_stats(memoryview(SID)) is not None
     with pytest.raises(ValueError, match="already exists"):
-        engine.add_session(SID, None, None)
+        engine.add_session(SID, None, None, TOKEN, TOKEN)
     with pytest.raises(KeyError):
         engine.set_member(OTHER_SID, 0, ("127.0.0.1", 9))
     for index in (2, -1, True, "0", 0.0):
@@ -765,9 +876,9 @@ def test_session_table_misuse(relay, sockets):
 def test_bad_member_addresses_are_refused_before_any_change(relay, sockets, bad):
     engine = relay.RelayEngine(sockets())
     with pytest.raises(ValueError):
-        engine.add_session(SID, ("127.0.0.1", 9), bad)
+        engine.add_session(SID, ("127.0.0.1", 9), bad, TOKEN, TOKEN)
     assert engine.session_count == 0
-    engine.add_session(SID, ("127.0.0.1", 9), None)
+    engine.add_session(SID, ("127.0.0.1", 9), None, TOKEN, TOKEN)
     with pytest.raises(ValueError):
         engine.set_member(SID, 0, bad)
     assert engine.session_stats(SID)["member_a"] == ("127.0.0.1", 9)
@@ -777,8 +888,8 @@ def test_ipv6_socket_refuses_bad_ipv6_addresses(relay, sockets):
     engine = relay.RelayEngine(sockets(socket.AF_INET6))
     for bad in [("fe80::1%1", 9), ("::1", 9, 1 << 20, 0), ("::1", 9, 0, -1), ("::1", 9, 0, 0, 0)]:
         with pytest.raises(ValueError):
-            engine.add_session(SID, bad, None)
-    engine.add_session(SID, ("::1", 9), ("127.0.0.1", 10))
+            engine.add_session(SID, bad, None, TOKEN, TOKEN)
+    engine.add_session(SID, ("::1", 9), ("127.0.0.1", 10), TOKEN, TOKEN)
     assert engine.session_stats(SID)["member_b"] == ("::ffff:127.0.0.1", 10, 0, 0)
 
 

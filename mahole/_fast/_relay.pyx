@@ -10,7 +10,7 @@ One `poll()` is one recvmmsg batch. Every relay frame in it is handled in C: the
 found by its 8-byte id in an open-addressing hash table (keyed with a per-engine random seed,
 so chosen ids cannot build long probe chains), the source sockaddr is compared with the two
 stored member sockaddrs, the frame's 8-byte relay token with that member's (one 64-bit
-compare, no early exit), the session's token bucket is charged, and the frame is queued for
+compare, no early exit), the session's own token bucket is charged, and the frame is queued for
 sendmmsg pointing straight at its receive buffer. All queued frames leave in one sendmmsg
 call; counters are updated from what the kernel accepted. No Python object is created per
 relayed frame. Only the other datagrams (STUN, QUIC, anything not 0x10) become
@@ -96,7 +96,7 @@ from mahole._fast._kinds import (
     RELAY_TOKEN_LEN,
     RELAY_TOKEN_OFFSET,
 )
-from mahole._fast._relay_py import relay_token as _relay_token
+from mahole._fast._relay_py import relay_rate as _relay_rate, relay_token as _relay_token
 
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
@@ -122,7 +122,6 @@ assert C_MAX_FLOWINFO == MAX_FLOWINFO
 cdef struct Member:
     socklen_t addrlen           # 0 = address unknown
     sockaddr_in6 addr           # a sockaddr_in on AF_INET sockets (fits: 16 <= 28 bytes)
-    bint check_token            # False: any token is accepted (the member was given none)
     uint64_t token              # the member's 8 token bytes, as memcpy loads them
 
 
@@ -137,6 +136,8 @@ cdef struct Session:
     uint64_t dropped_bad_token
     double created              # CLOCK_MONOTONIC seconds
     double last_activity        # < 0: nothing relayed yet
+    double rate                 # bytes/s, 0 = unlimited (the engine's until set_rate)
+    double burst                # the bucket's capacity, in bytes
     double tokens               # token bucket, in bytes
     double refilled_at
 
@@ -179,9 +180,9 @@ cdef inline bint _is_member(int family, const sockaddr_storage *src, socklen_t s
 
 
 cdef inline bint _token_ok(const Member *m, uint64_t token) noexcept nogil:
-    """The frame's token is the member's (or the member has none to check): one 64-bit
-    compare, so the time taken does not depend on how many leading bytes match."""
-    return not m.check_token or m.token == token
+    """The frame's token is the member's: one 64-bit compare, so the time taken does not
+    depend on how many leading bytes match."""
+    return m.token == token
 
 
 cdef inline bint _stops_sending(int err) noexcept nogil:
@@ -211,7 +212,8 @@ cdef class RelayEngine:
         closed, options untouched). The engine is its only reader.
     rate_limit_bps: per-session token bucket rate in BYTES per second (0 = unlimited),
         shared by both directions and charged the whole frame length; burst_bytes is the
-        bucket's capacity (0 = one second at the rate). A new session starts full.
+        bucket's capacity (0 = one second at the rate). A new session starts full, at this
+        rate until set_rate gives it its own.
     gso: send runs of same-size frames for one destination as UDP GSO sends where the
         kernel supports it (see the module docstring); the `gso` attribute says whether it
         is in use. The pure-Python twin accepts the flag and always sends one by one.
@@ -221,14 +223,20 @@ cdef class RelayEngine:
         datagram is returned with its source address as socket.recvfrom gives it. Returns []
         when nothing waits - or when the whole batch was relay frames, so loop while
         `last_batch_size` (datagrams read by the last poll) is not 0.
-    add_session(session_id, member_a, member_b, token_a=None, token_b=None): member
-        addresses are tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4
-        literals are stored v4-mapped, as the kernel reports such peers. token_a / token_b:
-        each member's 8-byte relay token (control.SessionOpened.relay_token), which its frames
-        must carry; None = that member's token is not checked. A session id already present
-        raises ValueError; a token that is not 8 bytes ValueError (TypeError if not bytes).
+    add_session(session_id, member_a, member_b, token_a, token_b): member addresses are
+        tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4 literals are
+        stored v4-mapped, as the kernel reports such peers. token_a / token_b: each member's
+        8-byte relay token (control.SessionOpened.relay_token), which its frames must carry;
+        both are required, so every session checks them. A session id already present raises
+        ValueError; a token that is not 8 bytes, or is all zeros, ValueError (TypeError if
+        not bytes, None included). The session starts at the engine's rate and burst.
     set_member(session_id, index, addr): index 0 = A, 1 = B; addr None = unknown. The
         member's token stays. KeyError for an unknown session.
+    set_rate(session_id, rate_bps, burst_bytes): this session's token bucket from now on
+        (bytes/s, 0 = unlimited; burst 0 = one second at the rate), other sessions keep
+        theirs. Tokens the session earned at its old rate stay, up to the new burst; one that
+        was unlimited starts full. KeyError for an unknown session; rate and burst are checked
+        as the constructor's.
     remove_session(session_id): forgets it; an unknown id is ignored.
     session_stats(session_id) -> dict | None; idle_sessions(now, idle_timeout) -> [id];
     counters() -> dict; session_count; fileno().
@@ -240,9 +248,10 @@ cdef class RelayEngine:
     dropped_unknown_session, dropped_not_member (source not a member, or other member
     unknown), dropped_bad_token (source a member's, token not that member's: a spoofed
     source address), dropped_rate_limited. Frames are authenticated before the bucket is
-    charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on its own is skipped; EAGAIN
-    or ENOBUFS drop the rest of the batch's frames (a relay never blocks): all counted in
-    send_errors. Datagrams longer than max_datagram are dropped and counted in truncated.
+    charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on
+    its own is skipped; EAGAIN or ENOBUFS drop the rest of the batch's frames (a relay never
+    blocks): all counted in send_errors. Datagrams longer than max_datagram are dropped and
+    counted in truncated.
     """
 
     cdef object _sock
@@ -431,19 +440,14 @@ cdef class RelayEngine:
         return 0
 
     cdef int _set_token(self, Member *m, object token) except -1:
-        """The member's relay token (None = not checked)."""
-        token = _relay_token(token)
-        if token is None:
-            m.check_token = False
-            m.token = 0
-        else:
-            m.check_token = True
-            memcpy(&m.token, PyBytes_AS_STRING(token), 8)
+        """The member's relay token (checked by _relay_token: 8 bytes, never all zeros)."""
+        cdef bytes checked = _relay_token(token)
+        memcpy(&m.token, PyBytes_AS_STRING(checked), 8)
         return 0
 
-    def add_session(self, session_id, member_a, member_b, token_a=None, token_b=None):
+    def add_session(self, session_id, member_a, member_b, token_a, token_b):
         """Start relaying for session_id between member_a and member_b (None = unknown),
-        each frame carrying its sender's token (token_a, token_b; None = not checked)."""
+        each frame carrying its sender's token (token_a, token_b)."""
         cdef uint64_t key
         cdef Member a, b
         cdef Session *s
@@ -462,7 +466,9 @@ cdef class RelayEngine:
         s.member[1] = b
         s.created = _monotonic()
         s.last_activity = -1.0
-        s.tokens = self.burst_bytes
+        s.rate = self.rate_limit_bps
+        s.burst = self.burst_bytes
+        s.tokens = s.burst  # a new session starts full
         s.refilled_at = s.created
 
     def set_member(self, session_id, index, addr):
@@ -476,6 +482,29 @@ cdef class RelayEngine:
         m = s.member[<int>index]
         self._set_address(&m, addr)  # checked before the table changes
         s.member[<int>index] = m
+
+    def set_rate(self, session_id, rate_bps, burst_bytes):
+        """This session's relay rate (bytes/s, 0 = unlimited) and burst from now on."""
+        cdef double rate, burst, now, tokens
+        cdef Session *s
+        s = self._lookup(session_id)  # a bad id raises first, then a bad rate, as in the twin
+        rate, burst = _relay_rate(rate_bps, burst_bytes)  # Python that leaves the table be
+        if s == NULL:
+            raise KeyError(_session_id(session_id))
+        now = _monotonic()
+        # Tokens earned at the old rate stay, up to the new burst; an unlimited bucket
+        # starts full (as _Session.set_rate in the twin).
+        if s.rate > 0:
+            if now > s.refilled_at:
+                tokens = s.tokens + (now - s.refilled_at) * s.rate
+                s.tokens = tokens if tokens < s.burst else s.burst
+            if s.tokens > burst:
+                s.tokens = burst
+        else:
+            s.tokens = burst
+        s.refilled_at = now
+        s.rate = rate
+        s.burst = burst
 
     def remove_session(self, session_id):
         """Stop relaying for session_id (an unknown id is ignored)."""
@@ -498,6 +527,8 @@ cdef class RelayEngine:
             "dropped_rate_limited": s.dropped_rate_limited,
             "dropped_not_member": s.dropped_not_member,
             "dropped_bad_token": s.dropped_bad_token,
+            "rate_bps": s.rate,
+            "burst_bytes": s.burst,
             "created": s.created,
             "last_activity": s.last_activity if s.last_activity >= 0 else None,
         }
@@ -554,7 +585,7 @@ cdef class RelayEngine:
         cdef Session *s
         cdef Member *dest
         cdef mmsghdr *rx = self._recv.msgs
-        cdef double rate = self.rate_limit_bps, tokens
+        cdef double tokens
         cdef int family = self._family
         for j in range(n):
             if rx[j].msg_hdr.msg_flags & MSG_TRUNC:
@@ -604,10 +635,10 @@ cdef class RelayEngine:
                 s.dropped_not_member += 1
                 self._dropped_not_member += 1
                 continue
-            if rate > 0:
+            if s.rate > 0:
                 if now > s.refilled_at:
-                    tokens = s.tokens + (now - s.refilled_at) * rate
-                    s.tokens = tokens if tokens < self.burst_bytes else self.burst_bytes
+                    tokens = s.tokens + (now - s.refilled_at) * s.rate
+                    s.tokens = tokens if tokens < s.burst else s.burst
                     s.refilled_at = now
                 if s.tokens < length:
                     s.dropped_rate_limited += 1

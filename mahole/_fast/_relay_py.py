@@ -15,11 +15,18 @@ from ._addr_py import (  # noqa: F401 - MAX_* are this module's constants too
     MAX_DATAGRAM,
     MAX_FLOWINFO,
     RECV_TOO_BIG as _RECV_TOO_BIG,
+    _non_negative,
     check_address,
     relay_args,
     session_id as _session_id,
 )
-from ._kinds import RELAY_FRAME_TYPE, RELAY_HEADER_LEN, RELAY_TOKEN_LEN, RELAY_TOKEN_OFFSET
+from ._kinds import (
+    RELAY_FRAME_TYPE,
+    RELAY_HEADER_LEN,
+    RELAY_NO_TOKEN,
+    RELAY_TOKEN_LEN,
+    RELAY_TOKEN_OFFSET,
+)
 
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
@@ -33,18 +40,32 @@ _SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUF
 
 
 def relay_token(value):
-    """A member's relay token as 8 bytes, or None (not checked); shared with _relay.pyx.
+    """A member's relay token as 8 bytes; shared with _relay.pyx.
 
-    TypeError if it is not bytes-like, ValueError if it is not 8 bytes long.
+    Every member has one (issue 9 #4: a session whose frames are not checked must not
+    exist): TypeError if it is not bytes-like (None included), ValueError if it is not 8
+    bytes long or is eight zero bytes, what a node sends when it was given no token
+    (RELAY_NO_TOKEN).
     """
-    if value is None:
-        return None
     if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise TypeError(f"relay token must be bytes-like or None, not {type(value).__name__}")
+        raise TypeError(f"relay token must be bytes-like, not {type(value).__name__}")
     token = bytes(value)
     if len(token) != RELAY_TOKEN_LEN:
         raise ValueError(f"relay token must be {RELAY_TOKEN_LEN} bytes, got {len(token)}")
+    if token == RELAY_NO_TOKEN:
+        raise ValueError("relay token must not be all zeros (what a node sends without one)")
     return token
+
+
+def relay_rate(rate_bps, burst_bytes):
+    """A session's (rate, burst) for set_rate, checked like the constructor's: finite
+    numbers >= 0 (TypeError if not numbers), a burst of 0 under a rate made one second of
+    traffic; shared with _relay.pyx."""
+    rate = _non_negative("rate_bps", rate_bps)
+    burst = _non_negative("burst_bytes", burst_bytes)
+    if rate > 0 and burst == 0:
+        burst = rate  # one second of traffic
+    return rate, burst
 
 
 def _member(family, addr):
@@ -66,12 +87,12 @@ def _member(family, addr):
 class _Session:
     __slots__ = ("dest", "key", "relay_token", "packets", "nbytes", "dropped_rate_limited",
                  "dropped_not_member", "dropped_bad_token", "created", "last_activity",
-                 "tokens", "refilled_at")
+                 "rate", "burst", "tokens", "refilled_at")
 
-    def __init__(self, created, tokens, relay_tokens):
+    def __init__(self, created, rate, burst, relay_tokens):
         self.dest = [None, None]   # sendto address per member (0 = A, 1 = B), None = unknown
         self.key = [None, None]    # (host, port) as recvfrom reports the member
-        self.relay_token = relay_tokens  # the member's 8 bytes, None = not checked
+        self.relay_token = relay_tokens  # each member's 8 bytes
         self.packets = [0, 0]      # by source member: [0] = A to B, [1] = B to A
         self.nbytes = [0, 0]       # whole frames (header included), as sent on the wire
         self.dropped_rate_limited = 0
@@ -79,8 +100,22 @@ class _Session:
         self.dropped_bad_token = 0
         self.created = created
         self.last_activity = None
-        self.tokens = tokens       # token bucket, in bytes
+        self.rate = rate           # bytes/s, 0 = unlimited (the engine's until set_rate)
+        self.burst = burst         # the bucket's capacity, in bytes
+        self.tokens = burst        # token bucket, in bytes: a new session starts full
         self.refilled_at = created
+
+    def set_rate(self, rate, burst, now):
+        """New rate and burst from now on: tokens earned so far at the old rate are kept,
+        up to the new burst; a bucket that had no rate starts full."""
+        if self.rate > 0:
+            if now > self.refilled_at:
+                self.tokens = min(self.burst, self.tokens + (now - self.refilled_at) * self.rate)
+            self.tokens = min(self.tokens, burst)
+        else:
+            self.tokens = burst
+        self.refilled_at = now
+        self.rate, self.burst = rate, burst
 
 
 class RelayEngine:
@@ -93,7 +128,8 @@ class RelayEngine:
         closed, options untouched). The engine is its only reader.
     rate_limit_bps: per-session token bucket rate in BYTES per second (0 = unlimited),
         shared by both directions and charged the whole frame length; burst_bytes is the
-        bucket's capacity (0 = one second at the rate). A new session starts full.
+        bucket's capacity (0 = one second at the rate). A new session starts full, at this
+        rate until set_rate gives it its own.
     gso: the compiled engine sends runs of same-size frames for one destination as UDP GSO
         sends; this twin accepts the flag and always sends one datagram per sendto, so its
         `gso` attribute is False.
@@ -103,14 +139,20 @@ class RelayEngine:
         returned with its source address as socket.recvfrom gives it. Returns [] when nothing
         waits - or when the whole batch was relay frames, so loop while `last_batch_size`
         (datagrams read by the last poll) is not 0.
-    add_session(session_id, member_a, member_b, token_a=None, token_b=None): member
-        addresses are tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4
-        literals are stored v4-mapped, as the kernel reports such peers. token_a / token_b:
-        each member's 8-byte relay token (control.SessionOpened.relay_token), which its frames
-        must carry; None = that member's token is not checked. A session id already present
-        raises ValueError; a token that is not 8 bytes ValueError (TypeError if not bytes).
+    add_session(session_id, member_a, member_b, token_a, token_b): member addresses are
+        tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4 literals are
+        stored v4-mapped, as the kernel reports such peers. token_a / token_b: each member's
+        8-byte relay token (control.SessionOpened.relay_token), which its frames must carry;
+        both are required, so every session checks them. A session id already present raises
+        ValueError; a token that is not 8 bytes, or is all zeros, ValueError (TypeError if
+        not bytes, None included). The session starts at the engine's rate and burst.
     set_member(session_id, index, addr): index 0 = A, 1 = B; addr None = unknown. The
         member's token stays. KeyError for an unknown session.
+    set_rate(session_id, rate_bps, burst_bytes): this session's token bucket from now on
+        (bytes/s, 0 = unlimited; burst 0 = one second at the rate), other sessions keep
+        theirs. Tokens the session earned at its old rate stay, up to the new burst; one that
+        was unlimited starts full. KeyError for an unknown session; rate and burst are checked
+        as the constructor's.
     remove_session(session_id): forgets it; an unknown id is ignored.
     session_stats(session_id) -> dict | None; idle_sessions(now, idle_timeout) -> [id];
     counters() -> dict; session_count; fileno().
@@ -122,9 +164,10 @@ class RelayEngine:
     dropped_unknown_session, dropped_not_member (source not a member, or other member
     unknown), dropped_bad_token (source a member's, token not that member's: a spoofed
     source address), dropped_rate_limited. Frames are authenticated before the bucket is
-    charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on its own is skipped; EAGAIN
-    or ENOBUFS drop the rest of the batch's frames (a relay never blocks): all counted in
-    send_errors. Datagrams longer than max_datagram are dropped and counted in truncated.
+    charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on
+    its own is skipped; EAGAIN or ENOBUFS drop the rest of the batch's frames (a relay never
+    blocks): all counted in send_errors. Datagrams longer than max_datagram are dropped and
+    counted in truncated.
     """
 
     def __init__(self, sock, batch_size=32, max_datagram=65535, rate_limit_bps=0,
@@ -155,16 +198,16 @@ class RelayEngine:
 
     # --- session table ---------------------------------------------------------------------
 
-    def add_session(self, session_id, member_a, member_b, token_a=None, token_b=None):
+    def add_session(self, session_id, member_a, member_b, token_a, token_b):
         """Start relaying for session_id between member_a and member_b (None = unknown),
-        each frame carrying its sender's token (token_a, token_b; None = not checked)."""
+        each frame carrying its sender's token (token_a, token_b)."""
         sid = _session_id(session_id)
         if sid in self._sessions:
             raise ValueError(f"session {sid.hex()} already exists")
         members = [None if addr is None else _member(self._family, addr)
                    for addr in (member_a, member_b)]
         tokens = [relay_token(token_a), relay_token(token_b)]
-        session = _Session(time.monotonic(), self._burst, tokens)
+        session = _Session(time.monotonic(), self._rate, self._burst, tokens)
         for index, member in enumerate(members):
             if member is not None:
                 session.dest[index], session.key[index] = member
@@ -182,6 +225,15 @@ class RelayEngine:
             session.dest[index] = session.key[index] = None
         else:
             session.dest[index], session.key[index] = _member(self._family, addr)
+
+    def set_rate(self, session_id, rate_bps, burst_bytes):
+        """This session's relay rate (bytes/s, 0 = unlimited) and burst from now on."""
+        sid = _session_id(session_id)
+        rate, burst = relay_rate(rate_bps, burst_bytes)
+        session = self._sessions.get(sid)
+        if session is None:
+            raise KeyError(sid)
+        session.set_rate(rate, burst, time.monotonic())
 
     def remove_session(self, session_id):
         """Stop relaying for session_id (an unknown id is ignored)."""
@@ -202,6 +254,8 @@ class RelayEngine:
             "dropped_rate_limited": session.dropped_rate_limited,
             "dropped_not_member": session.dropped_not_member,
             "dropped_bad_token": session.dropped_bad_token,
+            "rate_bps": session.rate,
+            "burst_bytes": session.burst,
             "created": session.created,
             "last_activity": session.last_activity,
         }
@@ -275,9 +329,8 @@ class RelayEngine:
             claimed = False
             for index in (0, 1):
                 if source == session.key[index]:
-                    expected = session.relay_token[index]
-                    if expected is None or hmac.compare_digest(
-                            data[RELAY_TOKEN_OFFSET:RELAY_HEADER_LEN], expected):
+                    if hmac.compare_digest(data[RELAY_TOKEN_OFFSET:RELAY_HEADER_LEN],
+                                           session.relay_token[index]):
                         d = index
                         break
                     claimed = True
@@ -303,15 +356,16 @@ class RelayEngine:
         return out
 
     def _forward(self, forward, now):
-        """Charge the token buckets, then sendto each frame; count what went out."""
+        """Charge each session's token bucket, then sendto each frame; count what went out."""
         c = self._counters
-        rate, burst = self._rate, self._burst
-        if rate > 0:
-            allowed = []
-            for item in forward:
-                session, length = item[2], len(item[0])
+        allowed = []
+        for item in forward:
+            session = item[2]
+            rate = session.rate
+            if rate > 0:
+                length = len(item[0])
                 if now > session.refilled_at:
-                    session.tokens = min(burst, session.tokens
+                    session.tokens = min(session.burst, session.tokens
                                          + (now - session.refilled_at) * rate)
                     session.refilled_at = now
                 if session.tokens < length:
@@ -319,8 +373,8 @@ class RelayEngine:
                     c["dropped_rate_limited"] += 1
                     continue
                 session.tokens -= length
-                allowed.append(item)
-            forward = allowed
+            allowed.append(item)
+        forward = allowed
         sendto = self._sock.sendto
         for i, (data, dest, session, d) in enumerate(forward):
             try:

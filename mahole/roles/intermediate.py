@@ -276,7 +276,7 @@ class Intermediate:
             "half_open_source_full": 0,
             "handshakes_timed_out": 0, "version_negotiations_sent": 0,
             "version_negotiation_rate_limited": 0, "address_changes": 0,
-            "address_changes_unvalidated": 0, "relay_rates_not_applied": 0,
+            "address_changes_unvalidated": 0,
         }
         self._server_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_CONTROL,
@@ -351,9 +351,7 @@ class Intermediate:
             elif isinstance(event, RelaySetMember):
                 engine.set_member(event.session_id, event.member, event.addr)
             elif isinstance(event, RelaySetRate):
-                # Per-identity relay shares need a per-session rate in the relay engine,
-                # which it does not have yet: counted, not enforced.
-                self.shell_counters["relay_rates_not_applied"] += 1
+                self._relay_set_rate(event)
         when = signaling.next_timer()
         if when != self._timer_at:
             self._timer_at = when
@@ -364,9 +362,18 @@ class Intermediate:
 
     def _relay_add(self, event):
         # Each member's frames must carry its own token (issue 9 #4): a frame from a member's
-        # address without it is not the member's. No token (b"") means not checked.
+        # address without it is not the member's. The engine refuses a session without them.
         self.engine.add_session(event.session_id, event.agent_addr, event.connector_addr,
-                                event.agent_token or None, event.connector_token or None)
+                                event.agent_token, event.connector_token)
+
+    def _relay_set_rate(self, event):
+        # The session's share of its members' per-identity relay cap (issue 9 #6), never
+        # above the per-session --relay-rate-limit the engine was started with.
+        engine = self.engine
+        rate, burst = event.rate_bps, event.burst_bytes
+        if engine.rate_limit_bps and engine.rate_limit_bps <= rate:
+            rate, burst = engine.rate_limit_bps, engine.burst_bytes
+        engine.set_rate(event.session_id, rate, burst)
 
     def _on_timer(self, now):
         self._timer_at = None
@@ -409,6 +416,8 @@ class Intermediate:
             known.datagram_received(data, addr, self.endpoint.now())
             return
         if header.version not in SUPPORTED_VERSIONS:
+            # An Initial of another version, or any long header of a version the router does
+            # not parse (packet_type "unsupported_version", RFC 8999 invariants only).
             self._version_negotiation(header, data, addr)
             return
         if len(data) < MIN_INITIAL_DATAGRAM:
