@@ -279,3 +279,124 @@ def test_dispatch_accepts_any_buffer(hot):
     router.add_connection(b"A" * 8, "a")
     result = router.dispatch([(bytearray(_short(b"A" * 8)), ADDR)])
     assert result.quic_handles == ["a"]
+
+
+# Version Negotiation hand-off (RFC 9000 §6.1, RFC 8999 §5.1) -----------------------------
+GREASE = 0x1A2A3A4A  # a reserved version (RFC 9000 §15): never supported
+QUIC_V2 = 0x6B3343CF  # RFC 9369
+
+
+def _long(first, version, dcid, scid, body=b"", size=1200):
+    """A long header with these fields, then body, padded with 0xee to size bytes."""
+    head = bytes([first]) + version.to_bytes(4, "big") + bytes([len(dcid)]) + dcid \
+        + bytes([len(scid)]) + scid + body
+    return head + b"\xee" * (size - len(head))
+
+
+@pytest.mark.parametrize("first, dcid_len, scid_len", [
+    (0xE0, 8, 8),    # laid out as a v1 Handshake: not an Initial
+    (0xC0, 8, 8),    # an "Initial" whose token length (0xee: 8 bytes) runs off the end
+    (0xF0, 8, 8),    # laid out as a v1 Retry
+    (0xC0, 21, 4),   # longer connection IDs than v1 allows (RFC 9000 §17.2: read them)
+    (0xC0, 0, 255),
+    (0xC0, 255, 255),
+    (0x80, 8, 8),    # no fixed bit: only the first bit is invariant (RFC 8999 §5.1)
+    (0xBF, 8, 0),
+], ids=["handshake", "bad-token-length", "retry", "cid-21", "scid-255", "cids-255",
+        "no-fixed-bit", "no-fixed-bit-empty-scid"])
+def test_any_long_header_of_an_unsupported_version_goes_to_initials(hot, first, dcid_len,
+                                                                    scid_len):
+    """Every client of a version we do not speak is answered with Version Negotiation: the
+    router hands its datagram to the caller whatever its layout, with the two connection IDs
+    the answer needs (RFC 9000 §17.2.1)."""
+    dcid = bytes((1 + i) % 256 for i in range(dcid_len))
+    scid = bytes((100 + i) % 256 for i in range(scid_len))
+    data = _long(first, GREASE, dcid, scid)
+    router = hot.Router()
+    result = router.dispatch([(data, ADDR)])
+    assert len(result.initials) == 1 and result.dropped == 0
+    header, got, addr = result.initials[0]
+    assert (got, addr) == (data, ADDR)
+    assert (header.version, header.dcid, header.scid) == (GREASE, dcid, scid)
+    assert (header.packet_type, header.token, header.length) == ("unsupported_version", b"",
+                                                                 None)
+    assert header.packet_length == len(data)
+    assert router.counters() == dict.fromkeys(router.counters(), 0)
+
+
+@pytest.mark.parametrize("data, counter", [
+    (_long(0xE0, GREASE, b"d" * 8, b"s" * 8, b"\x40\x10", size=1199), "dropped_unknown_dcid"),
+    (_long(0xC0, GREASE, b"d" * 21, b"s" * 8, size=1199), "dropped_malformed"),
+    (_long(0x80, GREASE, b"d" * 8, b"s" * 8, size=1199), "dropped_unknown_kind"),
+    (_long(0xE0, 1, b"d" * 8, b"s" * 8, b"\x40\x10"), "dropped_unknown_dcid"),  # v1 Handshake
+    (_long(0xC0, 1, b"d" * 21, b"s" * 8), "dropped_malformed"),  # a malformed v1 packet
+    (_long(0xD0, QUIC_V2, b"d" * 21, b"s" * 8), "dropped_malformed"),  # ... and v2
+    (_long(0x80, 1, b"d" * 8, b"s" * 8), "dropped_unknown_kind"),  # v1 without the fixed bit
+    (_long(0xC0, 0, b"d" * 8, b"s" * 8, size=1202), "dropped_malformed"),  # partial version
+    (_long(0xC0, 0, b"d" * 8, b"s" * 8, size=1203), "dropped_unknown_dcid"),  # a VN packet
+    (_long(0x80, 0, b"d" * 8, b"s" * 8, size=1203), "dropped_unknown_kind"),
+], ids=["small-grease", "small-grease-long-cid", "small-grease-no-fixed-bit",
+        "v1-handshake", "v1-malformed", "v2-malformed", "v1-no-fixed-bit", "v0-partial",
+        "v0-version-negotiation", "v0-no-fixed-bit"])
+def test_what_gets_no_version_negotiation_is_dropped_as_before(hot, data, counter):
+    """Datagrams too small to start a connection (RFC 9000 §14.1), packets of the versions we
+    parse (1, 2), and Version Negotiation packets (version 0, never answered: §6.1) are not
+    handed over as Initials."""
+    router = hot.Router()
+    result = router.dispatch([(data, ADDR)])
+    assert result.initials == [] and result.dropped == 1
+    assert router.counters()[counter] == 1
+
+
+def test_an_unsupported_version_laid_out_as_an_initial_keeps_its_parsed_header(hot):
+    data = _long(0xC0, GREASE, b"d" * 8, b"s" * 8, b"\x00\x44\x96")  # no token, Length 1174
+    result = hot.Router().dispatch([(data, ADDR)])
+    ((header, _, _),) = result.initials
+    assert (header.packet_type, header.version, header.length) == ("initial", GREASE, 1174)
+    assert header.packet_length == len(data)
+
+
+def test_an_unsupported_version_for_a_known_connection_goes_to_it(hot):
+    router = hot.Router()
+    router.add_connection(b"d" * 8, "conn")
+    data = _long(0xE0, GREASE, b"d" * 8, b"s" * 8, b"\x40\x10")
+    result = router.dispatch([(data, ADDR)])
+    assert result.quic_handles == ["conn"] and result.initials == []
+
+
+def test_twins_hand_over_the_same_unsupported_versions():
+    """Random long headers of at least 1200 bytes, many versions: both routers agree."""
+    impls = list(_fast.implementations("hot").values())
+    rng = random.Random(99)
+    versions = [0, 1, QUIC_V2, GREASE, 0xFF00001D, 0x00000002]
+    batch = []
+    for _ in range(3000):
+        head = bytes([rng.randrange(0x80, 0x100)]) + rng.choice(versions).to_bytes(4, "big")
+        body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
+        size = rng.choice([1199, 1200, 1350, rng.randrange(1, 1500)])
+        batch.append((head + body + bytes(max(0, size - len(head) - len(body))), ADDR))
+    outcomes = []
+    for impl in impls:
+        result = impl.Router().dispatch(batch)
+        outcomes.append(([_parse_outcome(lambda h: h, h) for h, _, _ in result.initials],
+                         [d for _, d, _ in result.initials], result.dropped))
+    assert all(o == outcomes[0] for o in outcomes)
+    assert any(h[1] == "unsupported_version" for h in outcomes[0][0])
+
+
+# Arguments --------------------------------------------------------------------------------
+@pytest.mark.parametrize("short_dcid_len", [-1, -8, -(1 << 40)])
+def test_negative_short_dcid_len_is_a_value_error(hot, short_dcid_len):
+    for data in (b"\x41" + bytes(20), b"\xc0\x00\x00\x00\x01\x00\x00\x00\x00", b""):
+        with pytest.raises(ValueError, match="short_dcid_len"):
+            hot.parse_header(data, short_dcid_len)
+    with pytest.raises(ValueError, match="short_dcid_len"):
+        hot.Router(short_dcid_len)
+
+
+def test_short_dcid_len_zero_is_allowed(hot):
+    header = hot.parse_header(b"\x41payload", 0)
+    assert (header.packet_type, header.dcid) == ("1rtt", b"")
+    router = hot.Router(0)
+    router.add_connection(b"", "zero-length")
+    assert router.dispatch([(b"\x41payload", ADDR)]).quic_handles == ["zero-length"]

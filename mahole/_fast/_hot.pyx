@@ -24,7 +24,12 @@ from ._kinds import (
 DEF MAX_CID_LEN = 20
 # RFC 9001 §5.8: the Retry Integrity Tag is 16 bytes.
 DEF RETRY_TAG_LEN = 16
+DEF VERSION_1 = 0x00000001  # RFC 9000 §15
 DEF VERSION_2 = 0x6B3343CF  # RFC 9369 §3.1
+# RFC 9000 §14.1: a datagram that starts a connection is at least 1200 bytes, so only those
+# of an unsupported version get Version Negotiation (§5.2.2, §6.1): it never amplifies.
+DEF C_MIN_INITIAL_DATAGRAM = 1200
+MIN_INITIAL_DATAGRAM = C_MIN_INITIAL_DATAGRAM
 DEF C_KIND_UNKNOWN = 0
 DEF C_KIND_STUN = 1
 DEF C_KIND_RELAY = 2
@@ -258,9 +263,50 @@ cdef int _scan_long(const uint8_t* p, Py_ssize_t end, Py_ssize_t* dcid_len,
     return 1
 
 
+cdef inline bint _is_unsupported_version(const uint8_t* p, Py_ssize_t end) noexcept nogil:
+    """A datagram a server answers with Version Negotiation (see _unsupported_header)."""
+    cdef uint32_t version
+    if end < C_MIN_INITIAL_DATAGRAM or not p[0] & 0x80:
+        return False
+    version = _be32(p + 1)
+    return version != 0 and version != VERSION_1 and version != VERSION_2
+
+
+cdef QuicHeader _unsupported_header(const uint8_t* p, Py_ssize_t end):
+    """The header of a datagram _is_unsupported_version accepted.
+
+    RFC 9000 §6.1, §5.2.2: a long header (RFC 8999 §5.1: only the first bit is invariant)
+    of a version that is not 1, 2 or 0 (a Version Negotiation packet is never answered,
+    §17.2.1), in a datagram of at least 1200 bytes. Only the invariant fields are read, so
+    connection IDs may be up to 255 bytes (RFC 8999 §5.1; RFC 9000 §17.2 asks servers to
+    read them to answer): packet_type "unsupported_version", no token or length. Twin of
+    `_unsupported_version` in _hot_py.py.
+    """
+    cdef QuicHeader h = QuicHeader.__new__(QuicHeader)
+    # 1200 bytes always hold both connection IDs (at most 6 + 255 + 1 + 255 bytes).
+    cdef Py_ssize_t pos = 6 + p[5]
+    h.version = _be32(p + 1)
+    h.packet_type = "unsupported_version"
+    h.dcid = PyBytes_FromStringAndSize(<const char*>p + 6, pos - 6)
+    h.scid = PyBytes_FromStringAndSize(<const char*>p + pos + 1, p[pos])
+    h.token = b""
+    h.length = None
+    h.packet_length = end
+    h.supported_versions = ()
+    return h
+
+
+cdef int _check_short_dcid_len(Py_ssize_t short_dcid_len) except -1:
+    if short_dcid_len < 0:
+        raise ValueError(f"short_dcid_len must be >= 0, not {short_dcid_len}")
+    return 0
+
+
 def parse_header(data, Py_ssize_t short_dcid_len=8):
-    """Parse a QUIC packet header; raise ValueError on anything malformed."""
+    """Parse a QUIC packet header; raise ValueError on anything malformed (and on a
+    negative short_dcid_len)."""
     cdef const uint8_t[:] view
+    _check_short_dcid_len(short_dcid_len)
     if isinstance(data, bytes):
         return _parse(<const uint8_t*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
                       short_dcid_len)
@@ -426,7 +472,10 @@ cdef class DispatchResult:
     quic_handles, quic_datagrams: parallel lists, the connection handle of each routed QUIC
               (datagram, addr), in arrival order; `grouped_quic()` groups them by handle
     initials: [(QuicHeader, datagram, addr)] Initial packets for unknown DCIDs (may open a
-              connection, if the caller allows it)
+              connection, if the caller allows it), and datagrams to answer with Version
+              Negotiation that do not parse as an Initial: long headers of an unsupported
+              version, >= 1200 bytes (packet_type "unsupported_version", see
+              `_unsupported_header`)
     stun:     [(datagram, addr)]
     relay:    [(session entry, datagram, addr)] relay frames of known sessions (routed by
               session id; the entry checks the rest of the 17-byte header)
@@ -471,6 +520,7 @@ cdef class Router:
     cdef readonly Py_ssize_t dropped_unknown_session
 
     def __init__(self, Py_ssize_t short_dcid_len=8):
+        _check_short_dcid_len(short_dcid_len)
         self.short_dcid_len = short_dcid_len
         self._connections8 = _IdTable()
         self._connections_other = {}
@@ -579,6 +629,11 @@ cdef class Router:
                 quic_datagrams.append(item)
             elif kind == C_KIND_QUIC_LONG:
                 if not _scan_long(p, n, &dcid_len, &is_initial):
+                    if _is_unsupported_version(p, n):
+                        # Every client of a version we do not speak gets Version
+                        # Negotiation (RFC 9000 §6.1), whatever its packet's layout.
+                        result.initials.append((_unsupported_header(p, n), data, item[1]))
+                        continue
                     self.dropped_malformed += 1
                     result.dropped += 1
                     continue
@@ -588,6 +643,8 @@ cdef class Router:
                     quic_datagrams.append(item)
                 elif is_initial:
                     result.initials.append((_parse(p, n, short_len), data, item[1]))
+                elif _is_unsupported_version(p, n):
+                    result.initials.append((_unsupported_header(p, n), data, item[1]))
                 else:
                     self.dropped_unknown_dcid += 1
                     result.dropped += 1
@@ -604,6 +661,10 @@ cdef class Router:
                 result.relay.append((entry, data, item[1]))
             elif kind == C_KIND_STUN:
                 result.stun.append(item)
+            elif _is_unsupported_version(p, n):
+                # 0x80-0xBF: a long header without the fixed bit, which another version
+                # may clear (RFC 8999 §5.1).
+                result.initials.append((_unsupported_header(p, n), data, item[1]))
             else:
                 self.dropped_unknown_kind += 1
                 result.dropped += 1

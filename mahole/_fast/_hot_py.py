@@ -3,6 +3,8 @@
 Keep the two files in step: the same tests run against both (tests/conftest.py `hot`).
 """
 
+import operator
+
 from ._kinds import (
     KIND_QUIC_LONG,
     KIND_QUIC_SHORT,
@@ -18,7 +20,11 @@ MAX_CID_LEN = 20
 # RFC 9001 §5.8: the Retry Integrity Tag is 16 bytes.
 RETRY_TAG_LEN = 16
 VERSION_NEGOTIATION = 0x00000000  # RFC 9000 §17.2.1
+VERSION_1 = 0x00000001  # RFC 9000 §15
 VERSION_2 = 0x6B3343CF  # RFC 9369 §3.1
+# RFC 9000 §14.1: a datagram that starts a connection is at least 1200 bytes, so only those
+# of an unsupported version get Version Negotiation (§5.2.2, §6.1): it never amplifies.
+MIN_INITIAL_DATAGRAM = 1200
 # Long header type bits (first byte & 0x30) >> 4: RFC 9000 §17.2 table 5, RFC 9369 §3.2.
 LONG_TYPES_V1 = ("initial", "0rtt", "handshake", "retry")
 LONG_TYPES_V2 = ("retry", "initial", "0rtt", "handshake")
@@ -81,8 +87,18 @@ def _varint(data, pos, end):
     return value, pos + size
 
 
+def _check_short_dcid_len(short_dcid_len):
+    """The DCID length of short headers, an int >= 0 (TypeError / ValueError otherwise)."""
+    short_dcid_len = operator.index(short_dcid_len)
+    if short_dcid_len < 0:
+        raise ValueError(f"short_dcid_len must be >= 0, not {short_dcid_len}")
+    return short_dcid_len
+
+
 def parse_header(data, short_dcid_len=8):
-    """Parse a QUIC packet header; raise ValueError on anything malformed."""
+    """Parse a QUIC packet header; raise ValueError on anything malformed (and on a
+    negative short_dcid_len)."""
+    short_dcid_len = _check_short_dcid_len(short_dcid_len)
     end = len(data)
     if end == 0:
         raise ValueError("empty datagram")
@@ -146,13 +162,38 @@ def parse_header(data, short_dcid_len=8):
     return QuicHeader(version, packet_type, dcid, scid, token, length, pos + length, ())
 
 
+def _unsupported_version(data):
+    """The header of a datagram a server answers with Version Negotiation, else None.
+
+    RFC 9000 §6.1, §5.2.2: a long header (RFC 8999 §5.1: only the first bit is invariant)
+    of a version that is not 1, 2 or 0 (a Version Negotiation packet is never answered,
+    §17.2.1), in a datagram of at least 1200 bytes. Only the invariant fields are read, so
+    connection IDs may be up to 255 bytes (RFC 8999 §5.1; RFC 9000 §17.2 asks servers to
+    read them to answer): packet_type "unsupported_version", no token or length.
+    """
+    end = len(data)
+    if end < MIN_INITIAL_DATAGRAM or not data[0] & 0x80:
+        return None
+    version = int.from_bytes(data[1:5], "big")
+    if version in (VERSION_NEGOTIATION, VERSION_1, VERSION_2):
+        return None
+    # 1200 bytes always hold both connection IDs (at most 6 + 255 + 1 + 255 bytes).
+    pos = 6 + data[5]
+    dcid = bytes(data[6:pos])
+    scid = bytes(data[pos + 1:pos + 1 + data[pos]])
+    return QuicHeader(version, "unsupported_version", dcid, scid, b"", None, end, ())
+
+
 class DispatchResult:
     """One received batch, grouped so the caller enters Python once per group.
 
     quic_handles, quic_datagrams: parallel lists, the connection handle of each routed QUIC
               (datagram, addr), in arrival order; `grouped_quic()` groups them by handle
     initials: [(QuicHeader, datagram, addr)] Initial packets for unknown DCIDs (may open a
-              connection, if the caller allows it)
+              connection, if the caller allows it), and datagrams to answer with Version
+              Negotiation that do not parse as an Initial: long headers of an unsupported
+              version, >= 1200 bytes (packet_type "unsupported_version", see
+              `_unsupported_version`)
     stun:     [(datagram, addr)]
     relay:    [(session entry, datagram, addr)] relay frames of known sessions (routed by
               session id; the entry checks the rest of the 17-byte header)
@@ -189,7 +230,7 @@ class Router:
     """
 
     def __init__(self, short_dcid_len=8):
-        self.short_dcid_len = short_dcid_len
+        self.short_dcid_len = _check_short_dcid_len(short_dcid_len)
         self._connections = {}
         self._sessions = {}
         self.dropped_malformed = 0
@@ -266,15 +307,24 @@ class Router:
                 try:
                     header = parse_header(data, short_len)
                 except ValueError:
+                    header = None
+                if header is not None:
+                    handle = connections.get(header.dcid)
+                    if handle is not None:
+                        quic_handles.append(handle)
+                        quic_datagrams.append(item)
+                        continue
+                    if header.packet_type == "initial":
+                        result.initials.append((header, data, item[1]))
+                        continue
+                # Not laid out as this version's Initial, but every client of a version we
+                # do not speak gets Version Negotiation (RFC 9000 §6.1).
+                unsupported = _unsupported_version(data)
+                if unsupported is not None:
+                    result.initials.append((unsupported, data, item[1]))
+                elif header is None:
                     self.dropped_malformed += 1
                     result.dropped += 1
-                    continue
-                handle = connections.get(header.dcid)
-                if handle is not None:
-                    quic_handles.append(handle)
-                    quic_datagrams.append(item)
-                elif header.packet_type == "initial":
-                    result.initials.append((header, data, item[1]))
                 else:
                     self.dropped_unknown_dcid += 1
                     result.dropped += 1
@@ -294,6 +344,12 @@ class Router:
             elif kind == KIND_STUN:
                 result.stun.append(item)
             else:
+                # 0x80-0xBF: a long header without the fixed bit, which another version
+                # may clear (RFC 8999 §5.1).
+                unsupported = _unsupported_version(data) if data else None
+                if unsupported is not None:
+                    result.initials.append((unsupported, data, item[1]))
+                    continue
                 self.dropped_unknown_kind += 1
                 result.dropped += 1
         return result
