@@ -29,7 +29,7 @@ here are far below a NIC's; the ratio measured in the same run is the result.
 
 Saturated runs alternate between the systems, --reps times each, so drift hits all alike.
 Per-socket kernel drop counters (/proc/net/udp) say where packets were lost: at the relay's
-socket or at the receiver's. The report gives the ratio mahole/coturn (target >= 2.0, issue 9:
+socket or at the receiver's. The report gives the ratio mahole/coturn (target >= 2.0:
 the relay stays at least twice coturn's rate with the relay-token check on).
 coturn is measured only if `turnserver` is on PATH (it runs with -n and its own temporary
 files, on non-default loopback ports, and is killed by PID at the end). --quick measures
@@ -83,7 +83,7 @@ TRIAL_S = 0.5  # seconds per lossless trial
 SEARCH_STEPS = 6
 CEILING_OVER_SATURATED = 1.25  # the search starts at this times the best saturated rx rate
 PACE_TICK = 0.001  # the paced sender sends a burst about every millisecond
-TARGET = 2.0  # mahole / coturn (issue 9: at least twice coturn's rate with tokens checked)
+TARGET = 2.0  # mahole / coturn: at least twice coturn's rate with tokens checked
 BUDGET_S = 80.0  # the whole run stays under 90 s
 
 # TURN (RFC 8656): methods (§17) and attributes (§18); ChannelData (§12.4).

@@ -164,7 +164,7 @@ def test_differential_against_aioquic(hot):
     for sample in all_samples():
         for data in [sample] + [_mutate(rng, sample) for _ in range(1000)]:
             if hot.classify(data) not in (KIND_QUIC_LONG, KIND_QUIC_SHORT):
-                continue  # mahole drops these before parsing (DESIGN.md wire table)
+                continue  # mahole drops these before parsing (docs/architecture.md wire table)
             ours = _parse_outcome(hot.parse_header, data)
             if ours != "rejected":
                 ours = ours[:5] + ours[6:7]

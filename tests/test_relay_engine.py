@@ -360,7 +360,7 @@ def test_spoofed_frames_do_not_spend_the_sessions_rate(relay, sockets):
 
 
 def test_every_session_checks_both_members_tokens(relay, sockets):
-    """No session without tokens (issue 9 #4): a token left out, None, or the eight zero
+    """No session without tokens: a token left out, None, or the eight zero
     bytes a node sends when it was given none is refused, and nothing is added."""
     rsock, a, b = sockets(), sockets(), sockets()
     engine = relay.RelayEngine(rsock)

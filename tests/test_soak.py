@@ -15,7 +15,6 @@ For each agent, for the whole soak:
          is reaped with "idle" in its reason; the next echo opens a new session.
 """
 
-import os
 import socket
 import threading
 import time

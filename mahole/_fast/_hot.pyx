@@ -49,7 +49,7 @@ assert RELAY_TOKEN_OFFSET == C_RELAY_ROUTE_LEN
 
 
 cdef inline int _kind(uint8_t b) noexcept nogil:
-    # DESIGN.md wire table: 0x00-0x03 STUN, 0x10 relay, 0x40-0x7F short, 0xC0-0xFF long.
+    # docs/architecture.md wire table: 0x00-0x03 STUN, 0x10 relay, 0x40-0x7F short, 0xC0-0xFF long.
     if b <= 0x03:
         return C_KIND_STUN
     if b == 0x10:

@@ -29,7 +29,7 @@ MIN_INITIAL_DATAGRAM = 1200
 LONG_TYPES_V1 = ("initial", "0rtt", "handshake", "retry")
 LONG_TYPES_V2 = ("retry", "initial", "0rtt", "handshake")
 
-# First byte -> kind, per the DESIGN.md wire table.
+# First byte -> kind, per the docs/architecture.md wire table.
 _KIND_BY_BYTE = tuple(
     KIND_STUN if b <= 0x03
     else KIND_RELAY if b == 0x10

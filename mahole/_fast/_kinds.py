@@ -1,4 +1,4 @@
-"""Datagram kinds, decided by the first byte (DESIGN.md wire table; RFC 7983/9443 style)."""
+"""Datagram kinds, decided by the first byte (docs/architecture.md wire table; RFC 7983/9443)."""
 
 KIND_UNKNOWN = 0
 KIND_STUN = 1  # 0x00-0x03: STUN (RFC 8489 §5: the two top bits of a STUN message are zero)

@@ -1,8 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The intermediate's relay engine: recvmmsg, forward relay frames in C, sendmmsg (Linux only).
 
-Twin of `_relay_py.py` (same API, same tests: tests/conftest.py `relay`). DESIGN.md, "The
-intermediate", and mahole/wire/relay.py: a relay frame
+Twin of `_relay_py.py` (same API, same tests: tests/conftest.py `relay`).
+docs/architecture.md, "The intermediate", and mahole/wire/relay.py: a relay frame
 ``0x10 | session_id (8) | relay_token (8) | inner`` whose source is one member of a known
 session, and whose token is that member's, goes unchanged to the other member.
 

@@ -42,8 +42,8 @@ _SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUF
 def relay_token(value):
     """A member's relay token as 8 bytes; shared with _relay.pyx.
 
-    Every member has one (issue 9 #4: a session whose frames are not checked must not
-    exist): TypeError if it is not bytes-like (None included), ValueError if it is not 8
+    Every member has one (a session whose frames are not checked must not exist):
+    TypeError if it is not bytes-like (None included), ValueError if it is not 8
     bytes long or is eight zero bytes, what a node sends when it was given no token
     (RELAY_NO_TOKEN).
     """

@@ -10,7 +10,7 @@ module is its shell: it accepts QUIC connections, checks certificates, decodes t
 stream, feeds the core with what happened (authenticated packets only) and carries out its
 events on the connections and the relay engine, with one endpoint timer for the core's.
 
-The edge, where every byte is an attacker's (issue 9):
+The edge, where every byte is an attacker's:
 
 - A node's observed address (its relay address, and what `ObservedAddress` tells it) moves only
   to an address that sent a packet aioquic decrypted *and* that aioquic validated with
@@ -32,7 +32,6 @@ import ipaddress
 import itertools
 import logging
 import os
-import socket
 import statistics
 
 from aioquic.quic import events as qe
@@ -56,7 +55,7 @@ from ..signaling import (
 )
 from ..status import metrics_from_counters
 from ..wire import control, stun
-from .node import ControlStream, StartupError, load_credentials, start_status
+from .node import ControlStream, bind_udp, load_credentials, start_status
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +88,6 @@ def _fmt(addr):
         return "?"
     host, port = plain_addr(addr)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def bind_listen(host, port):
-    """The intermediate's one UDP socket, non-blocking. An IPv6 wildcard or address is bound
-    dual-stack (IPV6_V6ONLY off), so ``[::]`` serves IPv4 clients too."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        if family == socket.AF_INET6:
-            try:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError:
-                pass  # a host without dual-stack sockets serves IPv6 only
-        for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, size)
-            except OSError:
-                pass
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 class SourceLimiter:
@@ -289,7 +264,7 @@ class Intermediate:
         self._timer_at = None
 
     async def start(self):
-        sock = bind_listen(*self.cfg.listen)
+        sock = bind_udp(*self.cfg.listen, dual_stack=True)  # [::] serves IPv4 too
         self.engine = RelayEngine(sock, rate_limit_bps=self.cfg.relay_rate_limit,
                                   burst_bytes=self.cfg.relay_burst)
         self.endpoint = Endpoint(sock, on_stun=self._stun, on_initial=self._initial,
@@ -361,13 +336,13 @@ class Intermediate:
                 self.endpoint.set_timer(TIMER_KEY, when, self._on_timer)
 
     def _relay_add(self, event):
-        # Each member's frames must carry its own token (issue 9 #4): a frame from a member's
+        # Each member's frames must carry its own token : a frame from a member's
         # address without it is not the member's. The engine refuses a session without them.
         self.engine.add_session(event.session_id, event.agent_addr, event.connector_addr,
                                 event.agent_token, event.connector_token)
 
     def _relay_set_rate(self, event):
-        # The session's share of its members' per-identity relay cap (issue 9 #6), never
+        # The session's share of its members' per-identity relay cap , never
         # above the per-session --relay-rate-limit the engine was started with.
         engine = self.engine
         rate, burst = event.rate_bps, event.burst_bytes
