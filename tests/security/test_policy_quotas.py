@@ -13,7 +13,7 @@ import math
 from aio_helpers import run, wait_for
 from test_policy_offers import policy
 
-from mahole import identity, signaling
+from mahole import identity
 from mahole.config import AgentConfig, Forward
 from mahole.demo import LocalDeployment, tcp_round_trip
 from mahole.roles.agent import Agent
