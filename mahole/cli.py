@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -27,10 +28,36 @@ ROLES = {
 }
 
 
-def _hostport(default_host=None, allow_zero=True):
+def parse_address(text, default_host=None, default_port=None, allow_zero=True):
+    """``HOST:PORT`` with the documented shortcuts: a bare ``PORT`` means ``default_host``
+    (when there is one: any address to listen on, loopback for --status), a bare ``HOST``
+    means ``default_port`` (when there is one: 4478 for --intermediate). An IPv6 address
+    without brackets is refused with the spelling to use. Raises ValueError."""
+    given = text
+    if isinstance(text, str) and not text.startswith("["):
+        if default_host is not None and text.isdigit():
+            text = f":{text}"
+        elif text.count(":") >= 2:
+            port = default_port if default_port is not None else "PORT"
+            try:
+                ipaddress.IPv6Address(text)
+            except ValueError:
+                pass
+            else:
+                raise ValueError(f"expected HOST:PORT, got {text!r}: write an IPv6 address "
+                                 f"in brackets, as in [{text}]:{port}")
+        elif default_port is not None and ":" not in text and not text.isdigit():
+            text = f"{text}:{default_port}"
+    try:
+        return parse_hostport(text, default_host, allow_zero=allow_zero)
+    except ValueError as exc:  # speak of what the user wrote
+        raise ValueError(str(exc).replace(f"got {text!r}", f"got {given!r}", 1)) from None
+
+
+def _hostport(default_host=None, allow_zero=True, default_port=None):
     def parse(text):
         try:
-            return parse_hostport(text, default_host, allow_zero=allow_zero)
+            return parse_address(text, default_host, default_port, allow_zero)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
@@ -51,12 +78,15 @@ def _add_credentials(sub, role):
     sub.add_argument("--cert", required=True, help=f"this {role}'s certificate")
     sub.add_argument("--key", required=True, help=f"this {role}'s private key")
     sub.add_argument("--status", type=_hostport("127.0.0.1"), metavar="HOST:PORT",
-                     help="serve GET /status (JSON) and GET /metrics (Prometheus) here")
+                     help="serve GET /status (JSON) and GET /metrics (Prometheus) here "
+                          "(a bare PORT means 127.0.0.1:PORT)")
 
 
 def _add_node(sub, role):
-    sub.add_argument("--intermediate", required=True, type=_hostport(allow_zero=False),
-                     metavar="HOST:PORT", help="the intermediate's address")
+    sub.add_argument("--intermediate", required=True,
+                     type=_hostport(allow_zero=False, default_port=DEFAULT_PORT),
+                     metavar="HOST[:PORT]",
+                     help=f"the intermediate's address (default port: {DEFAULT_PORT})")
     sub.add_argument("--intermediate-name", metavar="NAME",
                      help="name in the intermediate's certificate (default: its HOST)")
     sub.add_argument("--bind", type=_hostport("0.0.0.0"), default=("0.0.0.0", 0),
@@ -110,7 +140,8 @@ def build_parser():
     sub = commands.add_parser("intermediate", help=ROLES["intermediate"],
                               description=ROLES["intermediate"])
     sub.add_argument("--listen", type=_hostport("0.0.0.0"), default=("0.0.0.0", DEFAULT_PORT),
-                     metavar="HOST:PORT", help=f"UDP address (default: 0.0.0.0:{DEFAULT_PORT})")
+                     metavar="HOST:PORT", help=f"UDP address (default: 0.0.0.0:{DEFAULT_PORT}; "
+                     "a bare PORT means 0.0.0.0:PORT)")
     sub.add_argument("--allow", action="append", default=[], metavar="AGENT_GLOB=SERVICE_GLOB",
                      help="let matching agents reach matching services (repeatable; "
                           "default: deny everything)")
@@ -226,6 +257,9 @@ def run_intermediate(args):
     for flag in ("retry_threshold", "stun_rate", "vn_rate"):
         if not getattr(args, flag) >= 0:
             return _error(args, f"--{flag.replace('_', '-')} must be >= 0")
+    if not args.allow:
+        log.warning("no --allow rule: every session will be refused; add one such as "
+                    "--allow 'alice=web' (AGENT_GLOB=SERVICE_GLOB)")
     cfg = IntermediateConfig(listen=args.listen, allow=tuple(args.allow),
                              offer=tuple(args.offer), **quotas,
                              relay_rate_limit=args.relay_rate_limit,
@@ -253,6 +287,12 @@ def _node_kwargs(args):
 def run_connector(args):
     from .roles.connector import Connector
 
+    seen = set()
+    for service in args.service:
+        if service.name in seen:
+            return _error(args, f"two --service entries are named {service.name!r}; "
+                                "give each service one name")
+        seen.add(service.name)
     cfg = ConnectorConfig(services=tuple(args.service), **_node_kwargs(args))
     return _serve(args, Connector, cfg)
 

@@ -145,9 +145,9 @@ def test_cli_port_in_use_is_one_clear_line(tmp_path):
 
 
 def test_cli_bad_flag_values(tmp_path):
-    run_ = _cli("agent", "--intermediate", "nowhere", "--cert", "x", "--key", "y",
+    run_ = _cli("agent", "--intermediate", "nowhere:", "--cert", "x", "--key", "y",
                 "--forward", "tcp:127.0.0.1:0=web")
-    assert run_.returncode == 2 and "expected HOST:PORT, got 'nowhere'" in run_.stderr
+    assert run_.returncode == 2 and "expected HOST:PORT, got 'nowhere:'" in run_.stderr
     run_ = _cli("connector", "--intermediate", "127.0.0.1:1", "--cert", "x", "--key", "y",
                 "--service", "web=http://x")
     assert run_.returncode == 2 and "expected tcp:HOST:PORT or udp:HOST:PORT, got 'http://x'" in run_.stderr
