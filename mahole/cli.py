@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from . import __version__, certs_cli
+from . import __version__, certs_cli, logs
 from .config import (
     DEFAULT_PORT,
     AgentConfig,
@@ -26,6 +26,11 @@ ROLES = {
     "agent": "runs on the user's machine and exposes local forwards to services",
     "demo": "run an intermediate, a connector and an agent on loopback and check data flows",
 }
+
+# Commands beyond the roles, each a callable add_parser(commands) that adds one command to
+# the subparsers action and sets its func (see certs_cli.add_parser). New commands (status,
+# ping, ...) go in this list; build_parser gives every command -v/-q/--log-format.
+COMMANDS = [certs_cli.add_parser]
 
 
 def parse_address(text, default_host=None, default_port=None, allow_zero=True):
@@ -132,8 +137,7 @@ def build_parser():
                     "through NATs; relayed end-to-end encrypted when no direct path exists.",
     )
     parser.add_argument("--version", action="version", version=f"mahole {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
+    logs.add_flags(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", metavar="ROLE")
     commands.required = True
 
@@ -220,7 +224,13 @@ def build_parser():
                      help="bytes sent through the TCP forward (default: 4 MiB)")
     sub.set_defaults(func=run_demo)
 
-    certs_cli.add_parser(commands)
+    # Commands beyond the roles: each module offers add_parser(commands), which adds its
+    # command and sets func. Add new commands (status, ping, ...) to this list.
+    for add_parser in COMMANDS:
+        add_parser(commands)
+    for sub in commands.choices.values():  # -v/-q/--log-format after the command too
+        if "-v" not in sub._option_string_actions:
+            logs.add_flags(sub)
     return parser
 
 
@@ -342,15 +352,17 @@ def _serve(args, role_cls, cfg):
     return 0
 
 
+def setup_logging(args):
+    """-v/-q before and after the command add up; --log-format after it wins."""
+    logs.setup(verbose=getattr(args, "verbose", 0) + getattr(args, "cmd_verbose", 0),
+               quiet=getattr(args, "quiet", 0) + getattr(args, "cmd_quiet", 0),
+               fmt=getattr(args, "cmd_log_format", None) or getattr(args, "log_format", "text"))
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    if args.command in ("intermediate", "connector", "agent") and args.verbose == 0:
-        level = logging.INFO  # long-running roles say what they do by default
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if level > logging.DEBUG:
-        logging.getLogger("quic").setLevel(logging.WARNING)
+    setup_logging(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:

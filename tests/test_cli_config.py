@@ -94,3 +94,101 @@ def test_an_intermediate_without_allow_warns_it_refuses_everything(caplog, serve
         assert main(["intermediate", "--allow", "alice=web", *CREDS]) == 0
     assert "no --allow rule" not in caplog.text
     assert served["cfg"].allow == ("alice=web",)
+
+
+# --- logs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quic = logging.getLogger("quic").level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("quic").setLevel(quic)
+
+
+@pytest.mark.parametrize("argv, level", [
+    ([], logging.WARNING),
+    (["-v"], logging.INFO),
+    (["-vv"], logging.DEBUG),
+    (["-vvv"], logging.DEBUG),
+    (["-q"], logging.ERROR),
+    (["-qqq"], logging.CRITICAL),
+    (["-v", "@", "-v"], logging.DEBUG),       # before and after the role add up
+    (["@", "-v", "-q", "-q"], logging.ERROR),
+    (["-q", "@", "--verbose"], logging.WARNING),
+])
+def test_v_and_q_count_from_warning_before_or_after_the_role(argv, level, served,
+                                                             restore_logging):
+    if "@" not in argv:
+        argv = [*argv, "@"]
+    at = argv.index("@")
+    argv = [*argv[:at], "intermediate", "--allow", "a=b", *CREDS, *argv[at + 1:]]
+    assert main(argv) == 0
+    assert logging.getLogger().level == level
+    # aioquic's own logger opens below WARNING only with -vv.
+    assert logging.getLogger("quic").getEffectiveLevel() == (
+        max(level, logging.WARNING) if level > logging.DEBUG else logging.DEBUG)
+
+
+def _one_line(fmt, environ, stream, exc=False):
+    from mahole import logs
+
+    handler = logs.setup(verbose=1, fmt=fmt, stream=stream, environ=environ)
+    try:
+        log = logging.getLogger("mahole.test")
+        if exc:
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError:
+                log.exception("it failed: %s", "why")
+        else:
+            log.info("hello %s", "world")
+        handler.flush()
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def test_json_logs_are_one_object_a_line(restore_logging):
+    import io
+    import json
+
+    out = io.StringIO()
+    _one_line("json", {}, out)
+    _one_line("json", {}, out, exc=True)
+    first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert set(first) == {"time", "level", "logger", "message"}
+    assert (first["level"], first["logger"], first["message"]) == (
+        "INFO", "mahole.test", "hello world")
+    assert first["time"].endswith("Z") and first["time"][:2] == "20"
+    assert second["level"] == "ERROR" and second["message"] == "it failed: why"
+    assert "RuntimeError: boom" in second["exception"] and "Traceback" in second["exception"]
+
+
+def test_log_format_json_from_the_command_line(served, restore_logging, capsys):
+    import json
+
+    assert main(["intermediate", *CREDS, "--log-format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert any("every session will be refused" in line["message"] for line in lines)
+    assert all(line["level"] == "WARNING" and line["logger"] == "mahole" for line in lines)
+
+
+def test_under_systemd_text_logs_have_no_timestamp_of_our_own(tmp_path, restore_logging):
+    import os
+
+    with open(tmp_path / "journal", "w") as stream:
+        st = os.fstat(stream.fileno())
+        _one_line("text", {}, stream)
+        _one_line("text", {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, stream)
+        # Inherited by a child whose stderr goes elsewhere: not the journal.
+        _one_line("text", {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, stream)
+    plain, journal, elsewhere = (tmp_path / "journal").read_text().splitlines()
+    assert plain[:2] == "20" and plain.endswith(" mahole.test INFO hello world")
+    assert journal == "<6>mahole.test INFO hello world"
+    assert elsewhere[:2] == "20"
