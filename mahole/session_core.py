@@ -184,6 +184,7 @@ class SessionCore:
         self._peer_wait_since: Optional[float] = None  # waiting for anything from the peer
         # Re-punching
         self.failovers: list = []  # when the direct route died
+        self.failover_durations: list = []  # seconds from the last direct packet to the relay
         self.repunch_attempts = 0  # punches since the direct route last worked
         self.repunch_at: Optional[float] = None
         # Lifetime
@@ -404,6 +405,8 @@ class SessionCore:
         """The direct route died: back to the relay at once, same QUIC connection."""
         self.direct_addr = None
         self.failovers.append(now)
+        if self.last_direct_rx is not None:
+            self.failover_durations.append(now - self.last_direct_rx)
         self._probe_since = None
         route = self.route
         self.switches.append((now, route, reason))

@@ -1,7 +1,9 @@
 """The ``--status HOST:PORT`` endpoint every role offers, and ``HOST:PORT`` parsing.
 
 ``GET /status`` answers the role's snapshot as JSON; ``GET /metrics`` answers Prometheus text
-exposition format 0.0.4. The server is a deliberately small HTTP/1.1 server on
+exposition format 0.0.4 (the roles' metrics come from ``prometheus_client``, see
+:mod:`mahole.metrics`; :class:`Metric` and :func:`render_metrics` remain for simple callers).
+The server is a deliberately small HTTP/1.1 server on
 :func:`asyncio.start_server`: one request per connection, ``Connection: close`` after every
 response, bounded in size and time so that a broken or hostile client costs one short-lived
 task and nothing else.
@@ -33,6 +35,8 @@ import numbers
 import re
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Union
 from urllib.parse import urlsplit
+
+from prometheus_client import generate_latest
 
 __all__ = [
     "METRICS_CONTENT_TYPE",
@@ -367,7 +371,9 @@ class StatusServer:
     """Serves ``/status`` and ``/metrics`` for one role.
 
     ``snapshot()`` returns a JSON-serialisable dict (anything else goes through ``str``);
-    ``metrics()`` returns a list of :class:`Metric`. Either may also be a coroutine function.
+    ``metrics()`` returns a ``prometheus_client`` registry (what the roles do, see
+    :mod:`mahole.metrics`), exposition text (``str`` or ``bytes``) or a list of
+    :class:`Metric`. Either may also be a coroutine function.
     Both are called once per request, on the event loop.
     """
 
@@ -504,7 +510,15 @@ class StatusServer:
         metrics = self._metrics()
         if inspect.isawaitable(metrics):
             metrics = await metrics
-        return _Response(200, render_metrics(metrics).encode(), METRICS_CONTENT_TYPE)
+        if isinstance(metrics, bytes):
+            body = metrics
+        elif isinstance(metrics, str):
+            body = metrics.encode()
+        elif hasattr(metrics, "collect"):  # a prometheus_client registry or collector
+            body = generate_latest(metrics)
+        else:
+            body = render_metrics(metrics).encode()
+        return _Response(200, body, METRICS_CONTENT_TYPE)
 
     @staticmethod
     async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
