@@ -134,8 +134,6 @@ _SESSION_COUNTERS = {  # stats() key -> (metric base name, help)
     "dropped_frames": ("mahole_session_dropped_frames",
                        "End-to-end frames dropped by sessions."),
 }
-_NOT_COUNTERS = frozenset({"rtt_ms", "switch_ms", "service", "session", "agent", "connector",
-                           "path", "direct_addr", "punch"})
 
 
 class NodeCollector:
@@ -152,12 +150,15 @@ class NodeCollector:
 
     # Bookkeeping -----------------------------------------------------------------------------
     def _values(self, session: Any, stats: Mapping[str, Any]) -> dict[str, float]:
+        # Only what counts up: the known session counters and the role's own counter dict
+        # (streams, datagrams, ...); gauges in stats() such as an age or an RTT are not summed.
         values = {}
-        for key, value in stats.items():
+        own = getattr(session, "counters", None)
+        for key, value in (*((k, stats.get(k)) for k in _SESSION_COUNTERS),
+                           *(own.items() if isinstance(own, Mapping) else ())):
             number = _number(value)
-            if key in _NOT_COUNTERS or number is None:
-                continue
-            values[key] = number
+            if number is not None:
+                values[key] = number
         core = getattr(session, "core", None)
         for path, packets in (getattr(core, "packets", None) or {}).items():
             values[f"packets:{path}"] = float(packets)

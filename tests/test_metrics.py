@@ -203,6 +203,7 @@ class FakeSession:
         self.sent = sent
         self.path = path
         self.switch_ms = None
+        self.counters = {"streams": 3}
         self.core = types.SimpleNamespace(packets={"relay": 0, "direct": 0},
                                           failover_durations=[])
 
@@ -210,7 +211,8 @@ class FakeSession:
         return {"service": self.service, "session": "s", "path": self.path,
                 "bytes_sent": self.sent, "bytes_received": 1, "route_switches": 0,
                 "failovers": len(self.core.failover_durations), "rtt_ms": 2.5,
-                "switch_ms": self.switch_ms, "dropped_frames": 0, "streams": 3}
+                "switch_ms": self.switch_ms, "dropped_frames": 0, "age_s": 9.5,
+                **self.counters}
 
 
 class FakeNode:
@@ -235,6 +237,7 @@ def test_session_counters_never_go_backwards_when_sessions_close():
     first = scrape(node)
     assert value(first["mahole_session_sent_bytes"]) == 1010
     assert value(first["mahole_session_streams"]) == 6
+    assert not any("age" in name for name in first)  # a gauge in stats() is not a counter
     assert value(first["mahole_sessions"], path="relay") == 2
     assert samples(first["mahole_intermediate_rtt_seconds"]) == []  # absent, not 0
     assert value(first["mahole_endpoint_sent_bytes"]) == 7
