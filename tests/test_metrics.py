@@ -4,7 +4,9 @@ samples; several roles in one process never share a registry."""
 
 import asyncio
 import collections
+import json
 import os
+import re
 import shutil
 import subprocess
 import types
@@ -178,6 +180,32 @@ def test_every_role_serves_prometheus_metrics_that_parse_with_the_right_types():
     assert value(agent["mahole_session_time_to_direct_seconds"],
                  "mahole_session_time_to_direct_seconds_count") == 1
     assert value(agent["mahole_agent_tcp_accepted"]) == 2
+    check_dashboard(texts)
+
+
+DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "contrib", "grafana", "mahole.json")
+
+
+def check_dashboard(texts):
+    """Every metric the Grafana dashboard queries is one some role exports."""
+    exported = {sample.name for text in texts.values()
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+    with open(DASHBOARD) as f:
+        dashboard = json.load(f)
+    exprs = [target["expr"] for panel in dashboard["panels"]
+             for target in panel.get("targets", ())]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"]
+              if isinstance(v.get("query"), dict)]
+    assert len(exprs) > 20
+    for expr in exprs:
+        names = re.findall(r"\b(mahole_[a-z_]+)\b(?![.*])", expr)
+        patterns = re.findall(r'__name__=~"([^"]+)"', expr)
+        assert names or patterns, expr
+        for name in names:
+            if name not in {p.split(".")[0] for p in patterns}:
+                assert name in exported, f"dashboard queries {name}, which no role exports"
+        for pattern in patterns:
+            assert any(re.fullmatch(pattern, name) for name in exported), pattern
 
 
 def test_roles_in_one_process_have_their_own_registries_and_none_in_the_global_one():
