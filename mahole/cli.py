@@ -2,8 +2,11 @@
 
 import argparse
 import asyncio
+import dataclasses
+import difflib
 import ipaddress
 import logging
+import os
 import signal
 import sys
 
@@ -12,9 +15,12 @@ from .config import (
     DEFAULT_PORT,
     AgentConfig,
     ConnectorConfig,
+    ConfigFileError,
     Forward,
     IntermediateConfig,
     Service,
+    read_config_file,
+    toml_value,
 )
 from .status import parse_hostport
 
@@ -231,7 +237,197 @@ def build_parser():
     for sub in commands.choices.values():  # -v/-q/--log-format after the command too
         if "-v" not in sub._option_string_actions:
             logs.add_flags(sub)
+    for role in CONFIGURABLE:
+        _configurable(commands.choices[role])
     return parser
+
+
+# --- settings from flags, MAHOLE_* environment variables and a TOML file ------------------
+
+CONFIGURABLE = ("intermediate", "connector", "agent")
+ENV_PREFIX = "MAHOLE_"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_LOG_DEFAULTS = {"cmd_verbose": 0, "cmd_quiet": 0, "cmd_log_format": "text"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting of a role: its flag ``--key``, config-file key ``key`` and environment
+    variable ``MAHOLE_KEY`` (upper case, dashes as underscores) all name it."""
+
+    key: str
+    dest: str
+    action: argparse.Action
+    default: object
+    required: bool
+
+    @property
+    def env(self):
+        return ENV_PREFIX + self.key.upper().replace("-", "_")
+
+
+def _configurable(sub):
+    """Give a role's parser --config and --print-config, and record its settings. Their
+    defaults move out of argparse (the namespace holds only flags given), so that the
+    environment and the file can fill what the flags leave; requirements are checked after."""
+    sub.add_argument("--config", metavar="FILE",
+                     help="read settings from this TOML file, keys named like the flags "
+                          "(precedence: flags > MAHOLE_* environment > file > defaults; "
+                          "the file may also be given as MAHOLE_CONFIG)")
+    sub.add_argument("--print-config", action="store_true",
+                     help="print the effective settings as TOML and exit")
+    settings = []
+    for action in sub._actions:
+        if not action.option_strings or action.dest in ("help", "config", "print_config"):
+            continue
+        key = max(action.option_strings, key=len).lstrip("-")
+        default = _LOG_DEFAULTS.get(action.dest, action.default)
+        settings.append(Setting(key, action.dest, action, default, action.required))
+        if action.required:
+            action.required = False
+            action.help = f"{action.help} (required)"
+        action.default = argparse.SUPPRESS
+    sub.set_defaults(settings=tuple(settings))
+
+
+def _scalar(action, raw):
+    """A file or environment value converted as its flag's text would be."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {toml_value(raw) if isinstance(raw, list) else raw!r}")
+    kind = action.type or str
+    try:
+        value = kind(raw)
+    except (ValueError, TypeError):
+        if kind not in (int, float):
+            raise
+        raise ValueError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                         f"got {raw!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}, got {raw!r}")
+    return value
+
+
+def _convert(setting, raw, from_env):
+    action = setting.action
+    if isinstance(action, argparse._StoreTrueAction):
+        if from_env and raw.strip().lower() in _TRUE + _FALSE:
+            return raw.strip().lower() in _TRUE
+        if isinstance(raw, bool):
+            return raw
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if isinstance(action, argparse._CountAction):
+        if from_env and raw.strip().isdigit():
+            raw = int(raw)
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+            return raw
+        raise ValueError(f"expected a whole number >= 0, got {raw!r}")
+    if isinstance(action, argparse._AppendAction):
+        if from_env:  # MAHOLE_FORWARD="tcp:127.0.0.1:8080=web,udp:127.0.0.1:5353=dns"
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        elif not isinstance(raw, list):
+            raw = [raw]
+        return [_scalar(action, item) for item in raw]
+    return _scalar(action, raw)
+
+
+def _unknown_key(key, settings, role, path):
+    text = f"{path}: unknown key {key!r}"
+    known = [s.key for s in settings]
+    for other in CONFIGURABLE:  # a key of another role is said so
+        if other != role and key in _role_keys(other):
+            return f"{text}: it is a setting of the {other}, not of the {role}"
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"{text} (did you mean {close[0]!r}?)" if close else \
+        f"{text}; the keys are the {role}'s long flags without dashes: {', '.join(known)}"
+
+
+def _role_keys(role):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {s.key for s in sub.choices[role].get_default("settings")}
+
+
+def resolve(args, environ=None):
+    """Give every setting of a role its value from the first source that has it: flags,
+    ``MAHOLE_*`` environment variables, the ``--config`` file, defaults. Records where each
+    came from in ``args.sources``. Raises ConfigFileError (a message for people)."""
+    environ = os.environ if environ is None else environ
+    given = dict(vars(args))
+    for name in ("verbose", "quiet"):  # -v/-q before the command count with those after it
+        if name in given or f"cmd_{name}" in given:
+            given[f"cmd_{name}"] = given.pop(name, 0) + given.get(f"cmd_{name}", 0)
+    if "log_format" in given:
+        given.setdefault("cmd_log_format", given.pop("log_format"))
+    for name in ("verbose", "quiet", "log_format"):
+        if hasattr(args, name):
+            delattr(args, name)
+    path = given.get("config") or environ.get(ENV_PREFIX + "CONFIG") or None
+    args.config = path
+    table = read_config_file(path) if path else {}
+    settings = args.settings
+    known = {s.key for s in settings}
+    for key in table:
+        if key not in known:
+            raise ConfigFileError(_unknown_key(key, settings, args.command, path))
+    # -v and -q make one log level: a source that gives either gives both (0 for the other).
+    level = [s for s in settings if s.dest in ("cmd_verbose", "cmd_quiet")]
+    if any(s.dest in given for s in level):
+        for s in level:
+            given.setdefault(s.dest, 0)
+    elif any(s.env in environ for s in level):
+        environ = {**environ, **{s.env: environ.get(s.env, "0") for s in level}}
+    elif any(s.key in table for s in level):
+        table = {**table, **{s.key: table.get(s.key, 0) for s in level}}
+    args.sources = {}
+    for s in settings:
+        if s.dest in given:
+            value, source = given[s.dest], "flag"
+        elif s.env in environ:
+            value, source = _checked(s, environ[s.env], True, s.env), s.env
+        elif s.key in table:
+            value, source = _checked(s, table[s.key], False, f"{path}: {s.key}"), "file"
+        else:
+            value, source = s.default, "default"
+            value = list(value) if isinstance(value, list) else value
+        setattr(args, s.dest, value)
+        args.sources[s.key] = source
+    if getattr(args, "relay_only", False) and getattr(args, "direct_only", False):
+        raise ConfigFileError("relay-only and direct-only exclude each other "
+                              f"(from {args.sources['relay-only']} and "
+                              f"{args.sources['direct-only']})")
+    return args
+
+
+def _checked(setting, raw, from_env, where):
+    try:
+        return _convert(setting, raw, from_env)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise ConfigFileError(f"{where}: {exc}") from None
+
+
+def missing_settings(args):
+    """The required settings no source gave, as their flags."""
+    return [f"--{s.key}" for s in args.settings
+            if s.required and getattr(args, s.dest) in (None, [], ())]
+
+
+def config_text(args):
+    """The effective settings as TOML (feed it back with --config FILE)."""
+    lines = [f"# mahole {args.command}: effective settings",
+             "# precedence: flags > MAHOLE_* environment > config file > defaults"]
+    if args.config:
+        lines.append(f"# config file: {args.config}")
+    for s in args.settings:
+        value = getattr(args, s.dest)
+        source = args.sources[s.key]
+        note = "" if source == "default" else f"  # {source}"
+        if value is None or (s.required and value == []):
+            lines.append(f"# {s.key} = (not set{', required' if s.required else ''})")
+        else:
+            lines.append(f"{s.key} = {toml_value(value)}{note}")
+    return "\n".join(lines) + "\n"
 
 
 def _credentials(args):
@@ -353,7 +549,8 @@ def _serve(args, role_cls, cfg):
 
 
 def setup_logging(args):
-    """-v/-q before and after the command add up; --log-format after it wins."""
+    """-v/-q before and after the command add up; --log-format after it wins (for the roles
+    resolve() has already folded them into the cmd_* settings)."""
     logs.setup(verbose=getattr(args, "verbose", 0) + getattr(args, "cmd_verbose", 0),
                quiet=getattr(args, "quiet", 0) + getattr(args, "cmd_quiet", 0),
                fmt=getattr(args, "cmd_log_format", None) or getattr(args, "log_format", "text"))
@@ -362,6 +559,18 @@ def setup_logging(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in CONFIGURABLE:
+        try:
+            resolve(args)
+        except ConfigFileError as exc:
+            return _error(args, str(exc))
+        if args.print_config:
+            sys.stdout.write(config_text(args))
+            return 0
+        missing = missing_settings(args)
+        if missing:
+            return _error(args, f"missing {', '.join(missing)} (give each as a flag, as a "
+                                "MAHOLE_* environment variable or in --config FILE)")
     setup_logging(args)
     try:
         return args.func(args)

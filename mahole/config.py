@@ -1,7 +1,10 @@
 """Settings of each role, with their defaults; the command line is built from these."""
 
 import dataclasses
+import json
+import math
 import re
+import tomllib
 
 from .signaling import Limits  # the quota defaults live with the quotas
 from .wire.control import NAME_RE as NAME  # a node or service name (one grammar everywhere)
@@ -43,6 +46,10 @@ class Service:
             raise ValueError(f"expected NAME=tcp:HOST:PORT, got {text!r}")
         return cls(name, *parse_target(target))
 
+    def text(self):
+        """The inverse of :meth:`parse`."""
+        return f"{self.name}={self.proto}:{_host(self.host)}:{self.port}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Forward:
@@ -60,6 +67,50 @@ class Forward:
         if target is None:
             raise ValueError(f"expected tcp:LHOST:LPORT=SERVICE, got {text!r}")
         return cls(*target, service)
+
+    def text(self):
+        """The inverse of :meth:`parse`."""
+        return f"{self.proto}:{_host(self.host)}:{self.port}={self.service}"
+
+
+def _host(host):
+    return f"[{host}]" if ":" in host else host
+
+
+class ConfigFileError(ValueError):
+    """A config file that cannot be read or holds a bad key or value (a message for people)."""
+
+
+def read_config_file(path):
+    """The top-level table of the TOML file at `path` (read with tomllib)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigFileError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(f"{path}: not valid TOML: {exc}") from None
+
+
+def toml_value(value):
+    """One setting as TOML, in the form its flag takes (HOST:PORT, NAME=tcp:HOST:PORT, ...)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, (Service, Forward)):
+        return json.dumps(value.text())
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return json.dumps(f"{_host(value[0])}:{value[1]}")  # an address
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # JSON escapes are TOML escapes
 
 
 @dataclasses.dataclass

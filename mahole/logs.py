@@ -110,15 +110,15 @@ def setup(verbose: int = 0, quiet: int = 0, fmt: str = "text", stream=None,
 def add_flags(parser, *, top_level: bool = False) -> None:
     """``-v``, ``-q`` and ``--log-format`` on `parser`. On the top-level parser they land in
     ``verbose``/``quiet``/``log_format``; on a command's parser in ``cmd_verbose``/
-    ``cmd_quiet``/``cmd_log_format`` (absent unless given), so that flags before and after
-    the command add up instead of one overwriting the other."""
+    ``cmd_quiet``/``cmd_log_format``, so that flags before and after the command add up
+    instead of one overwriting the other. Each is absent from the namespace unless given."""
     import argparse
 
-    prefix, default = ("", 0) if top_level else ("cmd_", argparse.SUPPRESS)
+    prefix = "" if top_level else "cmd_"
     parser.add_argument("-v", "--verbose", dest=f"{prefix}verbose", action="count",
-                        default=default, help="more log output (-v info, -vv debug)")
+                        default=argparse.SUPPRESS, help="more log output (-v info, -vv debug)")
     parser.add_argument("-q", "--quiet", dest=f"{prefix}quiet", action="count",
-                        default=default, help="less log output (-q errors only)")
+                        default=argparse.SUPPRESS, help="less log output (-q errors only)")
     parser.add_argument("--log-format", dest=f"{prefix}log_format", choices=FORMATS,
-                        default="text" if top_level else argparse.SUPPRESS,
+                        default=argparse.SUPPRESS,
                         help="text (default) or json: one JSON object a line")

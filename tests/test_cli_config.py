@@ -27,7 +27,7 @@ def refused(capsys, *argv):
 
 
 @pytest.fixture
-def served(monkeypatch):
+def served(monkeypatch, restore_logging):
     """Stop main() where a role would start serving; keep the config it would run."""
     seen = {}
 
@@ -192,3 +192,192 @@ def test_under_systemd_text_logs_have_no_timestamp_of_our_own(tmp_path, restore_
     assert plain[:2] == "20" and plain.endswith(" mahole.test INFO hello world")
     assert journal == "<6>mahole.test INFO hello world"
     assert elsewhere[:2] == "20"
+
+
+# --- config file and environment ----------------------------------------------------------
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+AGENT_TOML = """
+intermediate = "relay.example.org"
+forward = ["tcp:127.0.0.1:8080=web", "udp:[::1]:5353=dns"]
+session-idle-timeout = 60
+relay-only = true
+cert = "certs/alice.crt"
+key = "certs/alice.key"
+status = "9101"
+"""
+
+
+def test_a_config_file_holds_what_the_flags_hold(tmp_path, served):
+    config = write(tmp_path / "agent.toml", AGENT_TOML)
+    assert main(["agent", "--config", config]) == 0
+    cfg = served["cfg"]
+    assert cfg.intermediate == ("relay.example.org", 4478)
+    assert [f.text() for f in cfg.forwards] == ["tcp:127.0.0.1:8080=web", "udp:[::1]:5353=dns"]
+    assert cfg.session_idle_timeout == 60.0 and cfg.relay_only and not cfg.direct_only
+    assert (cfg.cert, cfg.key, cfg.ca) == ("certs/alice.crt", "certs/alice.key", "certs/ca.crt")
+    assert cfg.status == ("127.0.0.1", 9101)
+    assert cfg.punch_deadline == 5.0  # not in the file: the default
+
+
+@pytest.mark.parametrize("file, env, flag, expected", [
+    ("file:1", None, None, ("file", 1)),
+    ("file:1", "env:2", None, ("env", 2)),
+    ("file:1", "env:2", "flag:3", ("flag", 3)),
+    (None, "env:2", "flag:3", ("flag", 3)),
+    (None, None, None, None),
+])
+def test_flags_beat_the_environment_which_beats_the_file(tmp_path, monkeypatch, capsys,
+                                                         served, file, env, flag, expected):
+    config = write(tmp_path / "c.toml", f'intermediate = "{file}"\n' if file else "")
+    if env:
+        monkeypatch.setenv("MAHOLE_INTERMEDIATE", env)
+    argv = ["connector", "--config", config, "--service", "web=tcp:127.0.0.1:80", *CREDS]
+    if flag:
+        argv += ["--intermediate", flag]
+    if expected is None:
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (
+            "mahole connector: error: missing --intermediate (give each as a flag, as a "
+            "MAHOLE_* environment variable or in --config FILE)")
+    else:
+        assert main(argv) == 0
+        assert served["cfg"].intermediate == expected
+
+
+def test_environment_variables_name_the_flags(monkeypatch, served):
+    monkeypatch.setenv("MAHOLE_FORWARD", "tcp:127.0.0.1:8080=web, udp:127.0.0.1:5353=dns")
+    monkeypatch.setenv("MAHOLE_INTERMEDIATE", "relay:5000")
+    monkeypatch.setenv("MAHOLE_DIRECT_ONLY", "yes")
+    monkeypatch.setenv("MAHOLE_SESSION_IDLE_TIMEOUT", "30")
+    monkeypatch.setenv("MAHOLE_CERT", "a.crt")
+    monkeypatch.setenv("MAHOLE_KEY", "a.key")
+    assert main(["agent"]) == 0
+    cfg = served["cfg"]
+    assert [f.service for f in cfg.forwards] == ["web", "dns"]
+    assert cfg.intermediate == ("relay", 5000) and cfg.direct_only
+    assert cfg.session_idle_timeout == 30.0 and (cfg.cert, cfg.key) == ("a.crt", "a.key")
+
+
+def test_mahole_config_names_the_file(tmp_path, monkeypatch, served):
+    monkeypatch.setenv("MAHOLE_CONFIG", write(tmp_path / "agent.toml", AGENT_TOML))
+    assert main(["agent"]) == 0
+    assert served["cfg"].intermediate == ("relay.example.org", 4478)
+
+
+@pytest.mark.parametrize("text, env, message", [
+    ('frward = ["tcp:127.0.0.1:1=web"]\n', {},
+     "{path}: unknown key 'frward' (did you mean 'forward'?)"),
+    ('allow = ["alice=web"]\n', {},
+     "{path}: unknown key 'allow': it is a setting of the intermediate, not of the agent"),
+    ('[agent]\nforward = []\n', {}, "{path}: unknown key 'agent'"),
+    ('forward = ["tcp:127.0.0.1=web"]\n', {},
+     "{path}: forward: expected tcp:LHOST:LPORT=SERVICE, got 'tcp:127.0.0.1=web'"),
+    ('session-idle-timeout = -1\n', {},
+     "{path}: session-idle-timeout: expected a positive number of seconds, got '-1'"),
+    ('relay-only = "maybe"\n', {}, "{path}: relay-only: expected true or false, got 'maybe'"),
+    ('intermediate = 4478\n', {},
+     "{path}: intermediate: expected HOST:PORT, got '4478'"),
+    ('intermediate = "relay"\nforward = [', {}, "{path}: not valid TOML: "),
+    ('', {"MAHOLE_PUNCH_DEADLINE": "soon"},
+     "MAHOLE_PUNCH_DEADLINE: expected a number, got 'soon'"),
+    ('', {"MAHOLE_RELAY_ONLY": "maybe"}, "MAHOLE_RELAY_ONLY: expected true or false"),
+    ('relay-only = true\n', {"MAHOLE_DIRECT_ONLY": "1"},
+     "relay-only and direct-only exclude each other (from file and MAHOLE_DIRECT_ONLY)"),
+])
+def test_bad_settings_are_one_line_naming_the_key(tmp_path, monkeypatch, capsys, served,
+                                                  text, env, message):
+    path = write(tmp_path / "agent.toml", text)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = refused(capsys, "agent", "--config", path, "--intermediate", "relay",
+                   "--forward", "tcp:127.0.0.1:0=web", *CREDS) if "intermediate =" not in text \
+        and "forward =" not in text else refused(capsys, "agent", "--config", path, *CREDS)
+    assert line.startswith("mahole agent: error: " + message.format(path=path)), line
+    assert "cfg" not in served
+
+
+def test_a_missing_config_file_is_one_line(capsys, tmp_path):
+    line = refused(capsys, "intermediate", "--config", str(tmp_path / "nope.toml"))
+    assert line == f"mahole intermediate: error: config file not found: {tmp_path / 'nope.toml'}"
+
+
+def _print_config(*argv, env=None):
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MAHOLE_")
+               or k in ("MAHOLE_NO_EXTENSIONS",)}
+    environ.update(env or {})
+    run = subprocess.run([sys.executable, "-m", "mahole", *argv, "--print-config"],
+                         capture_output=True, text=True, timeout=60, env=environ,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    return run.stdout
+
+
+def test_print_config_shows_the_effective_settings_as_toml(tmp_path):
+    import tomllib
+
+    config = write(tmp_path / "agent.toml", AGENT_TOML)
+    text = _print_config("agent", "--config", config, "--punch-deadline", "2", "-v",
+                         env={"MAHOLE_BIND": "[::]:7000"})
+    settings = tomllib.loads(text)
+    assert settings["intermediate"] == "relay.example.org:4478"
+    assert settings["forward"] == ["tcp:127.0.0.1:8080=web", "udp:[::1]:5353=dns"]
+    assert settings["punch-deadline"] == 2.0 and settings["session-idle-timeout"] == 60.0
+    assert settings["bind"] == "[::]:7000" and settings["status"] == "127.0.0.1:9101"
+    assert settings["verbose"] == 1 and settings["log-format"] == "text"
+    assert "punch-deadline = 2.0  # flag" in text and '"[::]:7000"  # MAHOLE_BIND' in text
+    assert "session-idle-timeout = 60.0  # file" in text
+    assert "# intermediate-name = (not set)" in text
+    # The output is a config file that gives the same settings back.
+    again = _print_config("agent", "--config", write(tmp_path / "again.toml", text))
+    assert tomllib.loads(again) == settings
+
+
+def test_print_config_of_an_intermediate_shows_its_defaults():
+    import tomllib
+
+    settings = tomllib.loads(_print_config("intermediate", "--listen", "5000"))
+    assert settings["listen"] == "0.0.0.0:5000" and settings["allow"] == []
+    assert settings["max-half-open"] == 256 and settings["ca"] == "certs/ca.crt"
+    assert "cert" not in settings  # required, not set: shown as a comment
+
+
+def test_the_log_settings_come_from_the_file_too(tmp_path, served):
+    from mahole import logs
+
+    config = write(tmp_path / "i.toml", 'log-format = "json"\nverbose = 2\n'
+                   'allow = ["*=*"]\ncert = "x"\nkey = "y"\n')
+    assert main(["intermediate", "--config", config]) == 0
+    root = logging.getLogger()
+    assert root.level == logging.DEBUG
+    assert any(isinstance(h.formatter, logs.JsonFormatter) for h in root.handlers)
+    # -v and -q are one level: a flag for either beats the file's
+    assert main(["intermediate", "--config", config, "-q"]) == 0
+    assert root.level == logging.ERROR
+
+
+def test_docs_configuration_lists_every_key_with_its_roles_and_variable():
+    import argparse
+    import re
+    from pathlib import Path
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    roles = {}
+    for role in cli.CONFIGURABLE:
+        for setting in sub.choices[role].get_default("settings"):
+            roles.setdefault((setting.key, setting.env), []).append(role)
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    documented = {}
+    for key, env, where in re.findall(r"^\| `([a-z-]+)` \| `(MAHOLE_[A-Z_]+)` \| ([a-z, ]+) \|",
+                                      doc, re.M):
+        documented[(key, env)] = list(cli.CONFIGURABLE) if where == "all" else where.split(", ")
+    assert documented == roles
