@@ -15,6 +15,7 @@ are stripped of their 17-byte header and offered to the QUIC connection; only wh
 then authenticates reaches the core, so a forged frame moves no route.
 """
 
+import itertools
 import logging
 
 from aioquic.quic import events as qe
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 # What aioquic believes the peer's address is; the session core knows the real routes.
 VIRTUAL_PEER_ADDR = ("0.0.0.0", 1)
+
+# PING uids of `Session.probe` (mahole ping), apart from the core's keepalive PINGs.
+_PROBE_UIDS = itertools.count(1 << 40)
+MAX_PROBES = 64  # unanswered probes kept per session; older ones are forgotten
 
 
 class Session(ConnectionHandler):
@@ -78,6 +83,7 @@ class Session(ConnectionHandler):
         self.punch_outcome = None  # ice.HolePunchResult once hole punching ended
         self.switch_ms = None  # StartPunching -> direct route in use
         self._pings = 0
+        self._probes = {}  # PING uid -> (sent at, Future of the RTT in seconds)
         self._timer_key = ("session", session_id)
         self._timer_at = None
         self.endpoint.router.add_session(session_id, self)
@@ -124,6 +130,10 @@ class Session(ConnectionHandler):
         """Feeds the core; subclasses call this first, then act on the event."""
         if isinstance(event, (qe.StreamDataReceived, qe.DatagramFrameReceived)):
             self.core.app_activity(self.endpoint.now())
+        elif isinstance(event, qe.PingAcknowledged):
+            probe = self._probes.pop(event.uid, None)
+            if probe is not None and not probe[1].done():
+                probe[1].set_result(self.endpoint.now() - probe[0])
         elif isinstance(event, qe.HandshakeCompleted):
             self.core.handshake_completed(self.endpoint.now())
             self._arm()
@@ -149,12 +159,12 @@ class Session(ConnectionHandler):
         if result.path == "direct":
             if not self.closed:
                 self.switch_ms = round(result.elapsed * 1000, 3)
-                log.info("session %s: direct path to %s after %.0f ms", self.tag,
-                         _fmt(result.remote_addr), result.elapsed * 1000)
+                log.info("session %s to %s: direct via %s after %.0f ms", self.tag,
+                         self.service, _fmt(result.remote_addr), result.elapsed * 1000)
             self.core.punch_succeeded(result.remote_addr, now)
         else:
-            log.info("session %s: staying on the relay: %s", self.tag,
-                     result.reason)
+            log.info("session %s to %s: staying on the relay (%s)", self.tag,
+                     self.service, result.reason)
             self.core.punch_failed(result.reason, now)
         self.node.report(result.to_wire(self.session_id))
         self._pump(now)
@@ -217,13 +227,37 @@ class Session(ConnectionHandler):
 
     def _route_changed(self, event):
         if event.reason != "nominated":
-            log.warning("session %s: %s; now on route %s", self.tag, event.reason,
-                        event.route)
+            where = {"relay": "fell back to the relay", "none": "has no route left"}.get(
+                event.route, f"now {event.route}")
+            log.warning("session %s to %s: %s (%s)", self.tag, self.service, where,
+                        event.reason)
         if self.core.repunch_at is not None:
             log.info("session %s: punching again in %.1f s", self.tag,
                      self.core.repunch_at - self.endpoint.now())
         if self.connection is not None:
             self.connection.transmit()
+
+    def probe(self):
+        """One QUIC PING (RFC 9000 §19.2) for `mahole ping`: (route, address, Future of the
+        round-trip time in seconds, set when the peer acknowledges it). aioquic sends a lost
+        PING again; the caller bounds the wait."""
+        conn = self.connection
+        future = self.endpoint.loop.create_future()
+        route = self.route
+        core = self.core
+        addr = core.direct_addr if route == "direct" else core.relay_addr if route == "relay" \
+            else None
+        if conn is None or conn.closed or self.closed:
+            future.set_exception(ConnectionError("the session is closed"))
+            return route, addr, future
+        while len(self._probes) >= MAX_PROBES:
+            _, old = self._probes.pop(next(iter(self._probes)))
+            old.cancel()
+        uid = next(_PROBE_UIDS)
+        self._probes[uid] = (self.endpoint.now(), future)
+        conn.quic.send_ping(uid)
+        conn.transmit()
+        return route, addr, future
 
     # Application -------------------------------------------------------------------------
     def send_datagram(self, flow_id, payload):
@@ -263,6 +297,7 @@ class Session(ConnectionHandler):
             "route_switches": len(core.switches),
             "failovers": len(core.failovers),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+            "age_s": round(self.endpoint.now() - self.opened_at, 3),
             "bytes_sent": conn.bytes_sent if conn is not None else 0,
             "bytes_received": conn.bytes_received if conn is not None else 0,
             "dropped_frames": self.dropped_frames,
@@ -277,6 +312,9 @@ class Session(ConnectionHandler):
         self.endpoint.cancel_timer(self._timer_key)
         self.endpoint.router.remove_session(self.session_id)
         self.node.puncher.forget(self)
+        for _, future in self._probes.values():
+            future.cancel()
+        self._probes.clear()
         if self.connection is not None and not self.connection.closed:
             self.connection.close(reason=reason)
 

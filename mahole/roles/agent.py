@@ -9,6 +9,8 @@ when it ends.
 import asyncio
 import itertools
 import logging
+import numbers
+import sys
 
 from aioquic.quic import events as qe
 
@@ -23,6 +25,11 @@ log = logging.getLogger(__name__)
 
 # UDP datagrams held while a session opens; beyond this they are dropped (UDP semantics).
 MAX_PENDING_DATAGRAMS = 64
+
+# Bounds of a `mahole ping` request on the control socket: (default, lowest, highest).
+PING_COUNT = (4, 1, 1000)
+PING_INTERVAL = (1.0, 0.0, 60.0)  # seconds between probes
+PING_TIMEOUT = (2.0, 0.01, 60.0)  # seconds a probe waits for its acknowledgement
 
 
 class SessionError(Exception):
@@ -212,6 +219,13 @@ class Agent(Node):
                 raise StartupError(f"cannot listen on {forward.proto} "
                                    f"{_fmt((forward.host, forward.port))} for {forward.service}: "
                                    f"{exc.strerror or exc}") from None
+        for line in self.forward_lines():
+            print(line, file=sys.stderr, flush=True)
+
+    def forward_lines(self):
+        """What the agent prints at start: one line a forward, `tcp 127.0.0.1:8080 → web`."""
+        return [f"{f.proto} {_fmt(self.forward_address(f))} \u2192 {f.service}"
+                for f in self.forwards if f in self.listeners]
 
     def forward_address(self, forward):
         """The bound (host, port) of a forward (useful when LPORT was 0)."""
@@ -227,6 +241,49 @@ class Agent(Node):
             elif listener.transport is not None:
                 listener.transport.close()
         await super().stop()
+
+    # The local control socket -------------------------------------------------------------
+    def control_commands(self):
+        return {"ping": self._control_ping}
+
+    async def _control_ping(self, request, send):
+        """`mahole ping`: QUIC PINGs on the service's session (opened if needed), one reply
+        line a probe with its RTT and route, then where the session goes now."""
+        service = request.get("service")
+        if not isinstance(service, str) or not 0 < len(service) <= 255:
+            return {"ok": False, "error": "ping needs a service name"}
+        try:
+            count = _bounded(request, "count", PING_COUNT, integer=True)
+            interval = _bounded(request, "interval", PING_INTERVAL)
+            timeout = _bounded(request, "timeout", PING_TIMEOUT)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        loop = asyncio.get_running_loop()
+        session = None
+        for probe in range(1, count + 1):
+            started = loop.time()
+            if session is None or session.closed:
+                try:
+                    session = await self.session_for(service)
+                except SessionError as exc:
+                    return {"ok": False, "error": f"no session to {service}: {exc}"}
+            route, addr, answered = session.probe()
+            try:
+                rtt = await asyncio.wait_for(answered, timeout)
+            except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError):
+                if asyncio.current_task().cancelling():
+                    raise
+                rtt = None
+            await send({"probe": probe, "service": service, "session": session.tag,
+                        "path": route, "addr": _fmt(addr) if addr else None,
+                        "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None})
+            if probe < count:
+                await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+        core = session.core
+        return {"ok": True, "done": True, "service": service, "session": session.tag,
+                "path": session.route, "connector": session.connector,
+                "direct_addr": _fmt(core.direct_addr) if core.direct_addr else None,
+                "relay_addr": _fmt(core.relay_addr) if core.relay_addr else None}
 
     # Sessions --------------------------------------------------------------------------
     def ready_session(self, service):
@@ -343,3 +400,16 @@ class Agent(Node):
             for f in self.forwards if f in self.listeners]
         status["counters"] = dict(self.counters)
         return status
+
+
+def _bounded(request, key, bounds, *, integer=False):
+    """request[key] within bounds (default, lowest, highest); ValueError for a person."""
+    default, low, high = bounds
+    value = request.get(key, default)
+    if value is None:
+        return default
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        raise ValueError(f"{key} must be {'a whole number' if integer else 'a number'} "
+                         f"from {low:g} to {high:g}")
+    return value

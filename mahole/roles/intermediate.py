@@ -55,7 +55,7 @@ from ..signaling import (
 )
 from ..status import metrics_from_counters
 from ..wire import control, stun
-from .node import ControlStream, bind_udp, load_credentials, start_status
+from .node import ControlStream, bind_udp, load_credentials, start_control, start_status
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,7 @@ class Intermediate:
         self.endpoint = None
         self.engine = None
         self.status_server = None
+        self.control_server = None  # the local control socket (mahole status)
         self.shell_counters = {
             "connections_accepted": 0, "refused_unauthenticated": 0, "stun_requests": 0,
             "stun_malformed": 0, "stun_unknown_attributes": 0, "stun_classic": 0,
@@ -270,7 +271,12 @@ class Intermediate:
         self.endpoint = Endpoint(sock, on_stun=self._stun, on_initial=self._initial,
                                  receiver=self.engine)
         self.endpoint.start()
-        self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
+        try:
+            self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
+            self.control_server = await start_control(self, self.cfg)
+        except BaseException:
+            await self.stop()
+            raise
         log.info("intermediate %s listening on %s", self.identity.name,
                  _fmt(self.endpoint.local_address))
 
@@ -298,6 +304,8 @@ class Intermediate:
             self.endpoint.flush()
         if self.status_server is not None:
             await self.status_server.close()
+        if self.control_server is not None:
+            await self.control_server.close()
         if self.endpoint is not None:
             self.endpoint.close()
 
@@ -490,6 +498,10 @@ class Intermediate:
         self.endpoint.send([(stun.encode(response, fingerprint=not request.classic), addr)])
 
     # Status ----------------------------------------------------------------------------
+    def control_commands(self):
+        """Commands of the local control socket beyond "status": none yet."""
+        return {}
+
     def status(self):
         registry = self.signaling.registry
         nodes = registry.nodes()
@@ -505,6 +517,7 @@ class Intermediate:
             "name": self.identity.name,
             "pid": os.getpid(),
             "listen": _fmt(self.endpoint.local_address) if self.endpoint else None,
+            "control_socket": self.control_server.path if self.control_server else None,
             "handshakes": {"half_open": len(self.half_open),
                            "max_half_open": self.cfg.max_half_open,
                            "retry_threshold": self.cfg.retry_threshold},
@@ -534,13 +547,6 @@ class Intermediate:
         return stats
 
     def metrics(self):
-        status = self.status()
-        return metrics_from_counters("mahole_intermediate", {
-            "nodes_agents": status["nodes"]["agents"],
-            "nodes_connectors": status["nodes"]["connectors"],
-            "sessions_open": status["sessions"]["open"],
-            "handshakes_half_open": status["handshakes"]["half_open"],
-            **{f"relay_{k}": v for k, v in status["relay"].items()},
-            **{f"punching_{k}": v for k, v in self.signaling.punching.items()},
-            **status["counters"], **status["endpoint"], **status["router"],
-        })
+        """The intermediate's prometheus_client registry (nodes, sessions, relay, punching)."""
+        from ..metrics import intermediate_registry
+        return intermediate_registry(self)

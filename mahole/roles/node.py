@@ -17,7 +17,7 @@ import time
 from aioquic.quic import events as qe
 
 from .. import connection as qc
-from .. import identity
+from .. import identity, local_control
 from ..endpoint import ConnectionHandler, Endpoint
 from ..punching import Puncher
 from ..status import StatusServer, metrics_from_counters
@@ -126,6 +126,16 @@ async def start_status(addr, snapshot, metrics):
     except OSError as exc:
         raise StartupError(f"cannot serve status on {_fmt(addr)}: {exc.strerror or exc}") from None
     return server
+
+
+async def start_control(role, cfg):
+    """The role's local control socket (mahole.local_control; None when configured off);
+    StartupError if it cannot be opened."""
+    try:
+        return await local_control.open_for(role.role, role.identity.name, role.status,
+                                            role.control_commands(), cfg)
+    except local_control.ControlError as exc:
+        raise StartupError(f"control socket: {exc}") from None
 
 
 def _a(role):
@@ -397,6 +407,7 @@ class Node:
         self.control = None
         self.puncher = None
         self.status_server = None
+        self.control_server = None  # the local control socket (mahole status, mahole ping)
         self.sessions = {}
         self.closed_sessions = collections.deque(maxlen=20)  # for status: what ended, why
         self.failed = None  # Future: set to a PermanentError's message when the node must stop
@@ -421,6 +432,7 @@ class Node:
         try:
             self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
             await self.prepare()
+            self.control_server = await start_control(self, self.cfg)
         except BaseException:
             await self.stop()
             raise
@@ -428,6 +440,10 @@ class Node:
 
     async def prepare(self):
         """The role's own start-up (listeners); StartupError if it cannot run."""
+
+    def control_commands(self):
+        """Commands of the local control socket beyond "status" (name -> async handler)."""
+        return {}
 
     def fatal_error(self, message):
         """A permanent error: the node cannot work as configured (see PermanentError)."""
@@ -460,6 +476,8 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.status_server is not None:
             await self.status_server.close()
+        if self.control_server is not None:
+            await self.control_server.close()
         if self.endpoint is not None:
             self.endpoint.close()
 
@@ -535,12 +553,12 @@ class Node:
             "sessions": [s.stats() for s in self.sessions.values()],
             "duplicate_signaling": self.puncher.duplicate_signaling if self.puncher else 0,
             "closed_sessions": list(self.closed_sessions),
+            "control_socket": self.control_server.path if self.control_server else None,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},
             "router": self.endpoint.router.counters() if self.endpoint else {},
         }
 
     def metrics(self):
-        status = self.status()
-        metrics = metrics_from_counters(f"mahole_{self.role}", {
-            **status["endpoint"], **status["router"]})
-        return metrics
+        """This node's prometheus_client registry (sessions, routes, endpoint counters)."""
+        from ..metrics import node_registry
+        return node_registry(self)
