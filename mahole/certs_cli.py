@@ -1,8 +1,11 @@
 """``python -m mahole certs``: create the deployment CA and issue node certificates.
 
-    python -m mahole certs init  --dir DIR [--force] [--days N] [--ca-name CN]
-    python -m mahole certs issue --dir DIR --role {intermediate,connector,agent} --name NAME
+    python -m mahole certs init  [--dir DIR] [--force] [--days N] [--ca-name CN]
+    python -m mahole certs issue [--dir DIR] --role {intermediate,connector,agent} --name NAME
                                  [--host H ...] [--days N] [--force]
+
+DIR defaults to ``certs`` (in the working directory): the documented home of a deployment's
+certificates (certs/README.md), where the roles look for ``certs/ca.crt`` by default.
 
 Wiring (in mahole/cli.py)::
 
@@ -54,7 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Create the deployment CA: DIR/ca.crt (give it to every node) and "
                     "DIR/ca.key (keep it secret; needed only to issue certificates).")
     init.add_argument("--dir", default=DEFAULT_DIR,
-                      help=f"directory for the CA files (default: {DEFAULT_DIR})")
+                      help=f"directory for the CA files (default: {DEFAULT_DIR}, the "
+                           "deployment's certificate folder, where the roles look for "
+                           f"{DEFAULT_DIR}/ca.crt)")
     init.add_argument("--force", action="store_true",
                       help="replace an existing CA (every certificate it issued stops working)")
     init.add_argument("--days", type=_positive_int, default=3650,

@@ -381,3 +381,37 @@ def test_docs_configuration_lists_every_key_with_its_roles_and_variable():
                                       doc, re.M):
         documented[(key, env)] = list(cli.CONFIGURABLE) if where == "all" else where.split(", ")
     assert documented == roles
+
+
+# --- certs/ -------------------------------------------------------------------------------
+
+
+def test_certs_init_writes_to_certs_by_default(tmp_path, monkeypatch, capsys, restore_logging):
+    monkeypatch.chdir(tmp_path)
+    assert main(["certs", "init"]) == 0
+    assert main(["certs", "issue", "--role", "agent", "--name", "alice"]) == 0
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == [
+        "alice.crt", "alice.key", "ca.crt", "ca.key"]
+    assert "wrote CA certificate certs/ca.crt" in capsys.readouterr().out
+    # ... which is where the roles look for the CA.
+    ca = next(s for s in build_parser().parse_args(["agent"]).settings if s.key == "ca")
+    assert ca.default == "certs/ca.crt"
+
+
+def test_the_certs_folder_keeps_keys_out_of_version_control():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert (root / "certs" / "README.md").is_file()
+
+    def ignored(path):
+        return subprocess.run(["git", "-C", str(root), "check-ignore", "-q", path],
+                              timeout=30).returncode == 0
+    for key in ("certs/ca.key", "certs/alice.key", "certs/relay1.key"):
+        assert ignored(key), key
+    for public in ("certs/ca.crt", "certs/alice.crt", "certs/README.md", "certs/.gitignore"):
+        assert not ignored(public), public
