@@ -136,7 +136,11 @@ def _seconds(text):
     return value
 
 
-def build_parser():
+def build_parser(*, explicit_only=False):
+    """The parser of every command. Role settings parse to their defaults, and settings the
+    roles require (--cert, ...) are checked after merging the sources (see resolve()); with
+    `explicit_only` (what main() uses) the namespace holds only the flags given, so that the
+    environment and a config file can fill the rest."""
     parser = argparse.ArgumentParser(
         prog="mahole",
         description="Connect devices to private applications directly, peer to peer, "
@@ -238,7 +242,7 @@ def build_parser():
         if "-v" not in sub._option_string_actions:
             logs.add_flags(sub)
     for role in CONFIGURABLE:
-        _configurable(commands.choices[role])
+        _configurable(commands.choices[role], explicit_only)
     return parser
 
 
@@ -266,10 +270,11 @@ class Setting:
         return ENV_PREFIX + self.key.upper().replace("-", "_")
 
 
-def _configurable(sub):
-    """Give a role's parser --config and --print-config, and record its settings. Their
-    defaults move out of argparse (the namespace holds only flags given), so that the
-    environment and the file can fill what the flags leave; requirements are checked after."""
+def _configurable(sub, explicit_only):
+    """Give a role's parser --config and --print-config, and record its settings. With
+    `explicit_only` their defaults move out of argparse (the namespace holds only the flags
+    given), so that the environment and the file can fill what the flags leave. Required
+    settings are checked after merging (missing_settings())."""
     sub.add_argument("--config", metavar="FILE",
                      help="read settings from this TOML file, keys named like the flags "
                           "(precedence: flags > MAHOLE_* environment > file > defaults; "
@@ -286,7 +291,8 @@ def _configurable(sub):
         if action.required:
             action.required = False
             action.help = f"{action.help} (required)"
-        action.default = argparse.SUPPRESS
+        if explicit_only:
+            action.default = argparse.SUPPRESS
     sub.set_defaults(settings=tuple(settings))
 
 
@@ -557,7 +563,7 @@ def setup_logging(args):
 
 
 def main(argv=None):
-    parser = build_parser()
+    parser = build_parser(explicit_only=True)
     args = parser.parse_args(argv)
     if args.command in CONFIGURABLE:
         try:
