@@ -1,7 +1,7 @@
 """The local control socket every role opens, and its client (``mahole status``/``ping``).
 
 Where: a Unix stream socket in :func:`control_dir` — ``$MAHOLE_CONTROL_DIR`` if set, else
-``$XDG_RUNTIME_DIR/mahole``, else ``/run/mahole`` (when it can be used), else
+systemd's ``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR/mahole``, else ``/run/mahole`` (when it can be used), else
 ``<tmp>/mahole-<uid>`` — named by role and name: ``agent-alice.sock``. A directory mahole
 creates is mode 0700 and every socket is mode 0600 (set before it listens), so only the same
 user (and root) can talk to a node. A role configured with ``control_socket`` uses that path
@@ -16,6 +16,9 @@ may run is the intermediate's decision (it refuses a duplicate registration) —
 
 Protocol: the client sends one JSON object on one line (at most :data:`MAX_REQUEST` bytes,
 within :data:`READ_TIMEOUT` seconds) and reads JSON lines back:
+
+``mahole status`` looks in every standard place (:func:`search_dirs`); a systemd unit with
+``RuntimeDirectory=mahole`` puts the socket in ``/run/mahole`` (``$RUNTIME_DIRECTORY``).
 
 * ``{"cmd": "status"}`` → ``{"ok": true, "status": {...the role's status()...}}``
 * ``{"cmd": "ping", "service": "web", "count": N, "interval": S}`` (agents) → one line per
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -43,7 +45,7 @@ import stat
 import tempfile
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional
 
-__all__ = ["ControlServer", "ControlError", "control_dir", "socket_name", "list_sockets",
+__all__ = ["ControlServer", "ControlError", "control_dir", "search_dirs", "socket_name", "list_sockets",
            "parse_request", "request", "open_for", "MAX_REQUEST", "READ_TIMEOUT"]
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,9 @@ def control_dir() -> str:
     env = os.environ.get("MAHOLE_CONTROL_DIR")
     if env:
         return env
+    systemd = os.environ.get("RUNTIME_DIRECTORY")  # a unit's RuntimeDirectory=mahole
+    if systemd:
+        return systemd.split(":")[0]
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "mahole")
@@ -78,6 +83,19 @@ def control_dir() -> str:
             not os.path.exists(run) and os.access("/run", os.W_OK | os.X_OK):
         return run
     return os.path.join(tempfile.gettempdir(), f"mahole-{os.getuid()}")
+
+
+def search_dirs() -> list[str]:
+    """Where ``mahole status`` looks: :func:`control_dir` first, then the other standard
+    places (a node started by systemd or by root while this shell has $XDG_RUNTIME_DIR);
+    only ``$MAHOLE_CONTROL_DIR`` when that is set."""
+    first = control_dir()
+    if os.environ.get("MAHOLE_CONTROL_DIR"):
+        return [first]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    dirs = [first, os.path.join(runtime, "mahole") if runtime else None, "/run/mahole",
+            os.path.join(tempfile.gettempdir(), f"mahole-{os.getuid()}")]
+    return list(dict.fromkeys(d for d in dirs if d))
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -101,8 +101,9 @@ def find_socket(explicit=None, name=None, role=None) -> str:
     """The control socket to use (see the module docstring); ControlError otherwise."""
     if explicit:
         return explicit
-    directory = local_control.control_dir()
-    found = local_control.list_sockets(directory)
+    dirs = local_control.search_dirs()
+    directory = " or ".join(dirs)
+    found = [path for d in dirs for path in local_control.list_sockets(d)]
     if role is not None:
         found = [p for p in found if _label(p).startswith(f"{role}-")]
     if name:

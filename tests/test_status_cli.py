@@ -332,7 +332,7 @@ def test_the_commands_plug_into_python_m_mahole(monkeypatch, capsys):
         monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, status_cli.add_parser])
 
     async def main():
-        async with LocalDeployment() as d:
+        async with LocalDeployment():
             capsys.readouterr()
             code = await asyncio.to_thread(cli.main, ["status", "--json", "alice"])
             assert code == 0
@@ -345,3 +345,14 @@ def test_the_commands_plug_into_python_m_mahole(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["ping", "echo", "-c", "0"])
     assert "must be from 1 to 1000: '0'" in capsys.readouterr().err
+
+
+def test_status_looks_in_every_standard_place(tmp_path, monkeypatch):
+    monkeypatch.delenv("MAHOLE_CONTROL_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    dirs = local_control.search_dirs()
+    assert dirs[0] == str(tmp_path / "mahole") and "/run/mahole" in dirs
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/mahole")  # systemd RuntimeDirectory=mahole
+    assert local_control.control_dir() == "/run/mahole"
+    assert local_control.search_dirs()[:2] == ["/run/mahole", str(tmp_path / "mahole")]

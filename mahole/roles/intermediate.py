@@ -53,7 +53,6 @@ from ..signaling import (
     SignalingCore,
     session_tag,
 )
-from ..status import metrics_from_counters
 from ..wire import control, stun
 from .node import ControlStream, bind_udp, load_credentials, start_control, start_status
 

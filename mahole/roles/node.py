@@ -20,7 +20,7 @@ from .. import connection as qc
 from .. import identity, local_control
 from ..endpoint import ConnectionHandler, Endpoint
 from ..punching import Puncher
-from ..status import StatusServer, metrics_from_counters
+from ..status import StatusServer
 from ..wire import control
 
 log = logging.getLogger(__name__)
