@@ -523,7 +523,7 @@ def run_demo(args):
 
 
 def _error(args, text):
-    print(f"mahole {args.command}: error: {text}", file=sys.stderr)
+    logs.say(f"mahole {args.command}: error: {text}", logging.ERROR)
     return 2
 
 
@@ -539,7 +539,7 @@ def _serve(args, role_cls, cfg):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-        print(f"mahole {args.command} running; Ctrl-C to stop", file=sys.stderr, flush=True)
+        logs.say(f"mahole {args.command} running; Ctrl-C to stop")
         failed = getattr(role, "failed", None)  # agents and connectors can fail for good
         await asyncio.wait([stop] if failed is None else [stop, failed],
                            return_when=asyncio.FIRST_COMPLETED)

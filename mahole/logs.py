@@ -96,6 +96,7 @@ def setup(verbose: int = 0, quiet: int = 0, fmt: str = "text", stream=None,
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     handler._mahole = True
+    handler._mahole_format = fmt
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_mahole", False)]:
         root.removeHandler(old)
@@ -105,6 +106,18 @@ def setup(verbose: int = 0, quiet: int = 0, fmt: str = "text", stream=None,
     logging.getLogger("quic").setLevel(logging.NOTSET if level <= logging.DEBUG
                                        else max(level, logging.WARNING))
     return handler
+
+
+def say(text: str, level: int = logging.INFO, logger: str = "mahole") -> None:
+    """A line for the person running the command (``mahole agent running``, an error): plain
+    on stderr, or, with JSON logs, one JSON object like every other line, whatever the level."""
+    handler = next((h for h in logging.getLogger().handlers
+                    if getattr(h, "_mahole_format", None) == "json"), None)
+    if handler is None:
+        print(text, file=sys.stderr, flush=True)
+        return
+    record = logging.getLogger(logger).makeRecord(logger, level, "(mahole)", 0, text, (), None)
+    handler.handle(record)
 
 
 def add_flags(parser, *, top_level: bool = False) -> None:

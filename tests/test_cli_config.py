@@ -415,3 +415,15 @@ def test_the_certs_folder_keeps_keys_out_of_version_control():
         assert ignored(key), key
     for public in ("certs/ca.crt", "certs/alice.crt", "certs/README.md", "certs/.gitignore"):
         assert not ignored(public), public
+
+
+def test_with_json_logs_every_stderr_line_is_json(restore_logging, capsys):
+    import json
+
+    assert main(["intermediate", *CREDS, "--log-format", "json", "--max-half-open", "0"]) == 2
+    [line] = [json.loads(text) for text in capsys.readouterr().err.splitlines()]
+    assert line["level"] == "ERROR"
+    assert line["message"] == "mahole intermediate: error: --max-half-open must be > 0"
+    assert main(["intermediate", *CREDS, "--max-half-open", "0"]) == 2  # text: as before
+    assert capsys.readouterr().err == (
+        "mahole intermediate: error: --max-half-open must be > 0\n")
