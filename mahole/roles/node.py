@@ -129,13 +129,18 @@ async def start_status(addr, snapshot, metrics):
 
 
 async def start_control(role, cfg):
-    """The role's local control socket (mahole.local_control; None when configured off);
-    StartupError if it cannot be opened."""
+    """The role's local control socket (mahole.local_control; None when configured off).
+    A configured path that cannot be used stops the start (StartupError); the default one
+    only costs `mahole status`, so the role warns and runs without it."""
     try:
         return await local_control.open_for(role.role, role.identity.name, role.status,
                                             role.control_commands(), cfg)
     except local_control.ControlError as exc:
-        raise StartupError(f"control socket: {exc}") from None
+        if getattr(cfg, "control_socket", None):
+            raise StartupError(f"control socket: {exc}") from None
+        log.warning("no control socket (mahole status and ping will not find this %s): %s",
+                    role.role, exc)
+        return None
 
 
 def _a(role):
