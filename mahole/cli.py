@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from . import __version__, certs_cli, logs
+from . import __version__, certs_cli, logs, status_cli, systemd
 from .config import (
     DEFAULT_PORT,
     AgentConfig,
@@ -22,7 +22,7 @@ from .config import (
     read_config_file,
     toml_value,
 )
-from .status import parse_hostport
+from .status import format_hostport, parse_hostport
 
 log = logging.getLogger("mahole")
 
@@ -36,7 +36,7 @@ ROLES = {
 # Commands beyond the roles, each a callable add_parser(commands) that adds one command to
 # the subparsers action and sets its func (see certs_cli.add_parser). New commands (status,
 # ping, ...) go in this list; build_parser gives every command -v/-q/--log-format.
-COMMANDS = [certs_cli.add_parser]
+COMMANDS = [certs_cli.add_parser, status_cli.add_parser]
 
 
 def parse_address(text, default_host=None, default_port=None, allow_zero=True):
@@ -91,6 +91,9 @@ def _add_credentials(sub, role):
     sub.add_argument("--status", type=_hostport("127.0.0.1"), metavar="HOST:PORT",
                      help="serve GET /status (JSON) and GET /metrics (Prometheus) here "
                           "(a bare PORT means 127.0.0.1:PORT)")
+    sub.add_argument("--control-socket", metavar="PATH",
+                     help="local socket for `mahole status` and `mahole ping` (default: "
+                          "ROLE-NAME.sock in $XDG_RUNTIME_DIR/mahole or /run/mahole; '' for none)")
 
 
 def _add_node(sub, role):
@@ -437,7 +440,8 @@ def config_text(args):
 
 
 def _credentials(args):
-    return {"ca": args.ca, "cert": args.cert, "key": args.key, "status": args.status}
+    return {"ca": args.ca, "cert": args.cert, "key": args.key, "status": args.status,
+            "control_socket": args.control_socket}
 
 
 def run_intermediate(args):
@@ -527,6 +531,24 @@ def _error(args, text):
     return 2
 
 
+async def _notify_ready(role, command):
+    """READY=1 for systemd (Type=notify) once the role serves: the intermediate as soon as it
+    listens, a node once the intermediate accepted its registration (a permanent refusal
+    ends _serve through role.failed instead)."""
+    from .roles.node import PermanentError
+
+    if not hasattr(role, "wait_registered"):
+        systemd.ready(f"{command} {role.identity.name} listening on "
+                      f"{format_hostport(*role.local_address[:2])}")
+        return
+    try:
+        await role.wait_registered(None)
+    except PermanentError:
+        return
+    systemd.ready(f"{command} {role.name} registered with "
+                  f"{format_hostport(*role.intermediate_addr[:2])}")
+
+
 def _serve(args, role_cls, cfg):
     """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start or
     meets a permanent error (a certificate that does not match, a duplicate identity)."""
@@ -541,8 +563,11 @@ def _serve(args, role_cls, cfg):
             loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
         logs.say(f"mahole {args.command} running; Ctrl-C to stop")
         failed = getattr(role, "failed", None)  # agents and connectors can fail for good
+        ready = loop.create_task(_notify_ready(role, args.command))
         await asyncio.wait([stop] if failed is None else [stop, failed],
                            return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        systemd.stopping()
         await role.stop()
         if failed is not None and failed.done():
             raise PermanentError(failed.result())

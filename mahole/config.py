@@ -125,6 +125,7 @@ class IntermediateConfig(Credentials):
     listen: tuple = ("0.0.0.0", DEFAULT_PORT)
     allow: tuple = ()  # AGENT_GLOB=SERVICE_GLOB rules; none means every session is denied
     status: tuple | None = None
+    control_socket: str | None = None  # None: the default path (mahole.local_control); "": none
     idle_timeout: float = 30.0  # control connections (QUIC idle timeout, RFC 9000 §10.1)
     # A node with no authenticated packet this long is gone: its sessions end (the other
     # member is told) and its connection is closed. Nodes send a keepalive every
@@ -177,6 +178,7 @@ class NodeConfig(Credentials):
     intermediate_name: str | None = None  # TLS name of the intermediate; default its host
     bind: tuple = ("0.0.0.0", 0)
     status: tuple | None = None
+    control_socket: str | None = None  # None: the default path (mahole.local_control); "": none
     connect_timeout: float = 3.0  # per attempt to reach and register with the intermediate
     # Backoff between attempts doubles up to reconnect_max (with jitter); kept short so a
     # node is back within a few seconds of the intermediate returning.

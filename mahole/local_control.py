@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -93,7 +94,10 @@ def search_dirs() -> list[str]:
     if os.environ.get("MAHOLE_CONTROL_DIR"):
         return [first]
     runtime = os.environ.get("XDG_RUNTIME_DIR")
+    # The example systemd units give each node its own RuntimeDirectory=mahole-ROLE[-NAME].
+    units = sorted(glob.glob("/run/mahole-*/"))
     dirs = [first, os.path.join(runtime, "mahole") if runtime else None, "/run/mahole",
+            *(unit.rstrip("/") for unit in units),
             os.path.join(tempfile.gettempdir(), f"mahole-{os.getuid()}")]
     return list(dict.fromkeys(d for d in dirs if d))
 

@@ -28,11 +28,11 @@ class Processes:
         self.tmp_path = tmp_path
         self.procs = []
 
-    def start(self, *args, name):
+    def start(self, *args, name, env=None):
         log = open(self.tmp_path / f"{name}.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "mahole", *args], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         proc.log_path = self.tmp_path / f"{name}.log"
         self.procs.append(proc)
         return proc

@@ -134,3 +134,41 @@ def test_example_units(name, role):
     assert service["NoNewPrivileges"] == "yes"
     assert service.get("DynamicUser") == "yes" or service.get("User") == "mahole"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_the_roles_tell_systemd_when_they_serve_and_when_they_stop(tmp_path, manager):
+    """`python -m mahole intermediate` sends READY=1 once it listens, an agent once it is
+    registered, each STOPPING=1 on SIGTERM."""
+    import signal
+
+    from mahole.demo import issue_certificates
+
+    from test_processes import Processes, free_port
+
+    name, sock = manager
+    issue_certificates(tmp_path)
+    port = free_port(socket.SOCK_DGRAM)
+
+    def creds(who):
+        return ["--ca", str(tmp_path / "ca.crt"), "--cert", str(tmp_path / f"{who}.crt"),
+                "--key", str(tmp_path / f"{who}.key"), "--control-socket", ""]
+
+    env = {**os.environ, "NOTIFY_SOCKET": name}
+    procs = Processes(tmp_path)
+    sock.settimeout(20)
+    try:
+        inter = procs.start("intermediate", "--listen", f"127.0.0.1:{port}", "--allow", "*=*",
+                            *creds("intermediate"), name="intermediate", env=env)
+        lines = received(sock)
+        assert "READY=1" in lines and any(l.startswith("STATUS=intermediate") for l in lines)
+        agent = procs.start("agent", "--intermediate", f"127.0.0.1:{port}",
+                            "--forward", "tcp:127.0.0.1:0=web", *creds("alice"),
+                            name="agent", env=env)
+        lines = received(sock)
+        assert "READY=1" in lines and any("registered with" in l for l in lines), lines
+        for proc in (agent, inter):
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert "STOPPING=1" in received(sock)
+            assert proc.wait(10) == 0
+    finally:
+        procs.close()
