@@ -94,6 +94,11 @@ def _add_credentials(sub, role):
     sub.add_argument("--control-socket", metavar="PATH",
                      help="local socket for `mahole status` and `mahole ping` (default: "
                           "ROLE-NAME.sock in $XDG_RUNTIME_DIR/mahole or /run/mahole; '' for none)")
+    sub.add_argument("--keylog", metavar="FILE",
+                     help="append the TLS secrets of the control and end-to-end connections "
+                          "here (SSLKEYLOGFILE format, for Wireshark; created 0600)")
+    sub.add_argument("--qlog-dir", metavar="DIR",
+                     help="write one qlog file per QUIC connection here (read with qvis)")
 
 
 def _add_node(sub, role):
@@ -441,7 +446,8 @@ def config_text(args):
 
 def _credentials(args):
     return {"ca": args.ca, "cert": args.cert, "key": args.key, "status": args.status,
-            "control_socket": args.control_socket}
+            "control_socket": args.control_socket, "keylog": args.keylog,
+            "qlog_dir": args.qlog_dir}
 
 
 def run_intermediate(args):

@@ -126,6 +126,8 @@ class IntermediateConfig(Credentials):
     allow: tuple = ()  # AGENT_GLOB=SERVICE_GLOB rules; none means every session is denied
     status: tuple | None = None
     control_socket: str | None = None  # None: the default path (mahole.local_control); "": none
+    keylog: str | None = None  # append TLS secrets here (SSLKEYLOGFILE format; debugging)
+    qlog_dir: str | None = None  # one aioquic qlog file per QUIC connection here (debugging)
     idle_timeout: float = 30.0  # control connections (QUIC idle timeout, RFC 9000 §10.1)
     # A node with no authenticated packet this long is gone: its sessions end (the other
     # member is told) and its connection is closed. Nodes send a keepalive every
@@ -179,6 +181,8 @@ class NodeConfig(Credentials):
     bind: tuple = ("0.0.0.0", 0)
     status: tuple | None = None
     control_socket: str | None = None  # None: the default path (mahole.local_control); "": none
+    keylog: str | None = None  # append TLS secrets here (SSLKEYLOGFILE format; debugging)
+    qlog_dir: str | None = None  # one aioquic qlog file per QUIC connection here (debugging)
     connect_timeout: float = 3.0  # per attempt to reach and register with the intermediate
     # Backoff between attempts doubles up to reconnect_max (with jitter); kept short so a
     # node is back within a few seconds of the intermediate returning.

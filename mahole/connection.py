@@ -48,8 +48,12 @@ def is_tls_failure(error_code, frame_type):
 
 def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_timeout=30.0,
                   max_datagram_frame_size=None, max_stream_data=2 << 20,
-                  max_data=16 << 20, max_datagram_size=1200):
-    """A QuicConfiguration presenting this node's certificate and trusting the deployment CA."""
+                  max_data=16 << 20, max_datagram_size=1200, keylog=None, qlog=None):
+    """A QuicConfiguration presenting this node's certificate and trusting the deployment CA.
+
+    `keylog`: a text file the TLS secrets are appended to (SSLKEYLOGFILE format, for
+    Wireshark); `qlog`: an aioquic QuicLogger (QuicFileLogger writes one .qlog per connection
+    when it ends). Both are for debugging (--keylog, --qlog-dir; mahole.debug_logs)."""
     config = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[alpn],
@@ -58,6 +62,8 @@ def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_time
         max_stream_data=max_stream_data,
         max_data=max_data,
         max_datagram_size=max_datagram_size,
+        secrets_log_file=keylog,
+        quic_logger=qlog,
     )
     config.certificate = node.certificate
     config.certificate_chain = list(node.chain)

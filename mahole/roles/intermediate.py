@@ -41,6 +41,7 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 from .. import connection as qc
 from .. import identity
 from .._fast import RelayEngine
+from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint
 from ..signaling import (
     AclRule,
@@ -234,6 +235,7 @@ class Intermediate:
     def __init__(self, cfg):
         self.cfg = cfg
         self.identity, self.ca = load_credentials(cfg, "intermediate")
+        self.debug_logs = DebugLogs.from_config(cfg)  # --keylog, --qlog-dir
         self.signaling = SignalingCore.from_config(cfg, home=self.identity.name)
         self.connections = {}  # handle -> ControlConnection
         self.half_open = {}  # handle -> ControlConnection not registered yet
@@ -255,7 +257,7 @@ class Intermediate:
         }
         self._server_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_CONTROL,
-            idle_timeout=cfg.idle_timeout)
+            idle_timeout=cfg.idle_timeout, **self.debug_logs.quic_kwargs())
         self._retry = QuicRetryTokenHandler()
         self._stun_limiter = SourceLimiter(cfg.stun_rate, max_sources=cfg.rate_limit_sources,
                                            total_rate=cfg.stun_total_rate)
@@ -307,6 +309,7 @@ class Intermediate:
             await self.control_server.close()
         if self.endpoint is not None:
             self.endpoint.close()
+        self.debug_logs.close()
 
     # The core's events and timer ---------------------------------------------------------
     def pump(self):

@@ -18,6 +18,7 @@ from aioquic.quic import events as qe
 
 from .. import connection as qc
 from .. import identity, local_control
+from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint
 from ..punching import Puncher
 from ..status import StatusServer
@@ -265,7 +266,8 @@ class ControlClient(ConnectionHandler):
         config = qc.configuration(node.identity, node.cfg.ca, is_client=True,
                                   alpn=qc.ALPN_CONTROL,
                                   server_name=node.cfg.intermediate_name,
-                                  idle_timeout=node.cfg.control_idle_timeout)
+                                  idle_timeout=node.cfg.control_idle_timeout,
+                                  **node.debug_logs.quic_kwargs())
         quic = qc.NodeQuicConnection(configuration=config)
         quic.connect(node.intermediate_addr, now=node.endpoint.now())
         self.connection = node.endpoint.add_connection(quic, self,
@@ -407,6 +409,7 @@ class Node:
     def __init__(self, cfg):
         self.cfg = cfg
         self.identity, self.ca = load_credentials(cfg, self.role)
+        self.debug_logs = DebugLogs.from_config(cfg)  # --keylog, --qlog-dir
         self.intermediate_addr = cfg.intermediate
         self.endpoint = None
         self.control = None
@@ -485,6 +488,7 @@ class Node:
             await self.control_server.close()
         if self.endpoint is not None:
             self.endpoint.close()
+        self.debug_logs.close()
 
     def register_message(self):
         raise NotImplementedError
