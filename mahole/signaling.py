@@ -61,6 +61,13 @@ Policy and quotas:
   code (``CLOSE_*``) whose reason phrase repeats the Error's text: a message queued just before
   a close may never leave (aioquic sends only CONNECTION_CLOSE once closing).
 - Session ids are secrets of sorts (they key relay frames): logs show `session_tag`.
+- Every refusal is logged with the node and, for a session, the service: a session denied by
+  the ACL, for an unknown service or an offline connector, or over a quota at INFO; a refused
+  registration (an offer no rule allows, a second copy, too many connections, a control
+  flood) at WARNING. At most ``REFUSAL_LOG_BURST`` lines of one kind are logged per
+  ``REFUSAL_LOG_WINDOW`` seconds of ``now``; the rest are counted and reported in one line
+  (``… and 1,234 more refusals …``) when the window ends (a timer), so a flood of refused
+  requests cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ import os
 import secrets
 from typing import Hashable
 
+from . import logs
 from .wire import control
 from .wire.relay import new_session_id, session_tag
 
@@ -109,6 +117,19 @@ MAX_DEPARTED = 1024  # services remembered after their connector left (CONNECTOR
 MAX_PUNCH_TIMES = 1000  # time-to-direct samples kept for the median in /status
 MAX_REASON = 200  # characters of a close reason (CONNECTION_CLOSE reason phrase)
 PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at once
+REFUSAL_LOG_BURST = 10  # refusal lines of one kind logged per REFUSAL_LOG_WINDOW
+REFUSAL_LOG_WINDOW = 10.0  # s
+REFUSALS = {  # kind of refusal -> (log level, what the summary line calls it)
+    "denied": (logging.INFO, "denied by the ACL"),
+    "unknown_service": (logging.INFO, "for an unknown service"),
+    "connector_offline": (logging.INFO, "for a service whose connector is offline"),
+    "rate_limited": (logging.INFO, "over a session quota"),
+    "unauthenticated": (logging.WARNING, "of a registration contradicting its certificate"),
+    "offer": (logging.WARNING, "of an offer no --offer rule allows"),
+    "conflict": (logging.WARNING, "of a second copy of a node"),
+    "connections": (logging.WARNING, "over the control connections per identity"),
+    "flood": (logging.WARNING, "closing a control message flood"),
+}
 
 AGENT, CONNECTOR = 0, 1  # member index of a session (relay engine member order)
 
@@ -593,6 +614,8 @@ class SignalingCore:
         self._identity_links = collections.defaultdict(dict)  # (role, name) -> {handle: None}
         self._open_buckets = collections.OrderedDict()  # agent name -> _Bucket (per minute)
         self._shares = {}  # session_id -> relay rate share sent (RelaySetRate)
+        self.refusal_log = logs.LogLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW,
+                                         max_kinds=len(REFUSALS))
 
     @classmethod
     def from_config(cls, cfg, *, home="", registry=None, **kwargs):
@@ -628,6 +651,25 @@ class SignalingCore:
         self._send(handle, control.Error(code=code, message=text[:control.MAX_TEXT_LEN],
                                          request_id=request_id, session_id=session_id))
 
+    def _log_refusal(self, kind, now, msg, *args):
+        """Log a refusal of ``kind`` (`REFUSALS`) unless its kind is over the rate limit;
+        lines not logged are summed up in one line when the kind's window ends."""
+        level = REFUSALS[kind][0]
+        logged, missed = self.refusal_log.take(kind, now)
+        if missed:
+            self._log_missed_refusals(kind, missed)
+        if logged:
+            log.log(level, msg, *args)
+            return
+        end = self.refusal_log.window_end(kind)
+        if self._deadlines.get(("refusals", kind)) != end:
+            self._schedule(("refusals", kind), end)
+
+    def _log_missed_refusals(self, kind, missed):
+        level, what = REFUSALS[kind]
+        log.log(level, "… and %s more refusals %s in %g s", f"{missed:,}", what,
+                self.refusal_log.window)
+
     def _ignore(self, kind, link, message):
         self.counters["ignored_signaling"] += 1
         self.counters[f"ignored_{kind}"] += 1
@@ -655,6 +697,9 @@ class SignalingCore:
                 self._probe_expired(key[1], now)
             elif kind == "punch":
                 self._deliver_punch(key)
+            elif kind == "refusals":
+                for refusal, missed in self.refusal_log.due(now):
+                    self._log_missed_refusals(refusal, missed)
 
     # Connections -----------------------------------------------------------------------
     def node_connected(self, handle, role, name, addr, now):
@@ -667,7 +712,8 @@ class SignalingCore:
             self.counters["refused_connections"] += 1
             text = (f"{role} {name!r} already has {len(held)} control connections here, the "
                     f"most allowed (--connections-per-identity)")
-            log.warning("refused a connection from %s: %s", _fmt(_addr(addr)), text)
+            self._log_refusal("connections", now, "refused a connection from %s: %s",
+                              _fmt(_addr(addr)), text)
             self._events.append(CloseNode(handle, CLOSE_RATE_LIMITED, text[:MAX_REASON]))
             return
         held[handle] = None
@@ -823,7 +869,7 @@ class SignalingCore:
         text = (f"{link.role} {link.name!r} sent control messages faster than "
                 f"{limits.signaling_rate:g}/s (burst {limits.signaling_burst}): "
                 f"{link.ignored} ignored within {ABUSE_WINDOW:g} s")
-        log.warning("closing %s at %s: %s", link, _fmt(link.addr), text)
+        self._log_refusal("flood", now, "closing %s at %s: %s", link, _fmt(link.addr), text)
         self._refuse(link, control.ErrorCode.RATE_LIMITED, CLOSE_RATE_LIMITED, text, now)
 
     def _own_session(self, link, message):
@@ -843,6 +889,8 @@ class SignalingCore:
             self.counters["refused_registration"] += 1
             text = (f"certificate is for {link.role} {link.name!r} but registration "
                     f"claims {message.role} {message.name!r}")
+            self._log_refusal("unauthenticated", now, "refused %s from %s: %s", link,
+                              _fmt(link.addr), text)
             self._refuse(link, control.ErrorCode.UNAUTHENTICATED, CLOSE_UNAUTHENTICATED, text,
                          now)
             return
@@ -853,7 +901,8 @@ class SignalingCore:
             more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
             text = (f"connector {link.name!r} is not allowed to offer service "
                     f"{denied[0]!r}{more}: no --offer rule matches")
-            log.warning("refused %s from %s: %s", link, _fmt(link.addr), text)
+            self._log_refusal("offer", now, "refused %s from %s: %s", link, _fmt(link.addr),
+                              text)
             self._refuse(link, control.ErrorCode.DENIED, CLOSE_DENIED, text, now)
             return
         key = (link.role, link.name)
@@ -901,7 +950,8 @@ class SignalingCore:
         addr = _fmt(holder.addr) if holder is not None else "elsewhere"
         text = (f"{link.role} {link.name!r} is already connected from {addr} and {state}; "
                 f"stop the other copy or use another certificate")
-        log.warning("refused a second %s from %s: %s", link, _fmt(link.addr), text)
+        self._log_refusal("conflict", now, "refused a second %s from %s: %s", link,
+                          _fmt(link.addr), text)
         self._refuse(link, control.ErrorCode.CONFLICT, CLOSE_CONFLICT, text, now)
 
     def _probe_expired(self, key, now):
@@ -945,6 +995,7 @@ class SignalingCore:
         handle = link.handle
         if not any(rule.allows(link.name, service) for rule in self.acl):
             self.counters["sessions_denied"] += 1
+            self._log_session_refusal("denied", link, service, "no --allow rule matches", now)
             self._error(handle, control.ErrorCode.DENIED,
                         f"agent {link.name!r} is not allowed to reach service {service!r}",
                         message.request_id)
@@ -954,10 +1005,13 @@ class SignalingCore:
             departed = self._departed.get(service)
             if departed is not None:
                 self.counters["sessions_connector_offline"] += 1
+                self._log_session_refusal("connector_offline", link, service, departed, now)
                 self._error(handle, control.ErrorCode.CONNECTOR_OFFLINE, departed,
                             message.request_id)
             else:
                 self.counters["sessions_unknown_service"] += 1
+                self._log_session_refusal("unknown_service", link, service,
+                                          "no connector offers it", now)
                 self._error(handle, control.ErrorCode.UNKNOWN_SERVICE,
                             f"no connector offers service {service!r}", message.request_id)
             return
@@ -965,7 +1019,8 @@ class SignalingCore:
         registry = self.registry
         request_id = message.request_id
         if registry.session_count(handle) >= limits.sessions_per_agent:
-            self._rate_limited(handle, f"agent {link.name!r} has {limits.sessions_per_agent} "
+            self._rate_limited(link, service, now,
+                               f"agent {link.name!r} has {limits.sessions_per_agent} "
                                f"open sessions, the most allowed (--sessions-per-agent)",
                                request_id)
             return
@@ -977,10 +1032,14 @@ class SignalingCore:
         if connector is None:
             if not allowed:
                 self.counters["sessions_unknown_service"] += 1
+                self._log_session_refusal("unknown_service", link, service,
+                                          "no connector allowed to offer it is registered",
+                                          now)
                 self._error(handle, control.ErrorCode.UNKNOWN_SERVICE,
                             f"no connector offers service {service!r}", request_id)
                 return
-            self._rate_limited(handle, f"every connector of service {service!r} serves "
+            self._rate_limited(link, service, now,
+                               f"every connector of service {service!r} serves "
                                f"{limits.sessions_per_connector} sessions, the most allowed "
                                f"(--sessions-per-connector)", request_id)
             return
@@ -993,7 +1052,7 @@ class SignalingCore:
         else:
             self._open_buckets.move_to_end(link.name)
         if not bucket.take(now):
-            self._rate_limited(handle, f"agent {link.name!r} opened "
+            self._rate_limited(link, service, now, f"agent {link.name!r} opened "
                                f"{limits.sessions_per_minute} sessions within a minute, the "
                                f"most allowed (--sessions-per-minute); try again in "
                                f"{bucket.wait():.1f} s", request_id)
@@ -1017,9 +1076,14 @@ class SignalingCore:
                  session_tag(session.session_id), link.name, service, connector.name)
         self._rebalance(session.members())
 
-    def _rate_limited(self, handle, text, request_id):
+    def _rate_limited(self, link, service, now, text, request_id):
         self.counters["sessions_rate_limited"] += 1
-        self._error(handle, control.ErrorCode.RATE_LIMITED, text, request_id)
+        self._log_session_refusal("rate_limited", link, service, text, now)
+        self._error(link.handle, control.ErrorCode.RATE_LIMITED, text, request_id)
+
+    def _log_session_refusal(self, kind, link, service, why, now):
+        self._log_refusal(kind, now, "refused %s at %s a session to service %r: %s", link,
+                          _fmt(link.addr), service, why)
 
     def _rebalance(self, handles):
         """Relay shares (Limits.relay_rate_per_identity) of the sessions of ``handles``,
