@@ -25,7 +25,7 @@ from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
 from .endpoint import ConnectionHandler
 from .session_core import NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
 from .wire.relay import session_tag
-from .tunnel import FLOW_ID_LEN, MAX_DATAGRAM_PAYLOAD, pack_datagram
+from .tunnel import DatagramReassembler, frame_datagram
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ VIRTUAL_PEER_ADDR = ("0.0.0.0", 1)
 # PING uids of `Session.probe` (mahole ping), apart from the core's keepalive PINGs.
 _PROBE_UIDS = itertools.count(1 << 40)
 MAX_PROBES = 64  # unanswered probes kept per session; older ones are forgotten
+# DATAGRAM frames aioquic may hold unsent (congestion control paces them); beyond this a UDP
+# datagram is dropped and counted rather than queued without bound.
+MAX_QUEUED_DATAGRAM_FRAMES = 1024
+MAX_FLOW_LOGS = 1024  # flows per session whose first datagram drop is logged
 
 
 class Session(ConnectionHandler):
@@ -86,6 +90,9 @@ class Session(ConnectionHandler):
         self._probes = {}  # PING uid -> (sent at, Future of the RTT in seconds)
         self._timer_key = ("session", session_id)
         self._timer_at = None
+        self._datagram_ids = itertools.count()
+        self.reassembler = DatagramReassembler(on_drop=self._datagram_dropped)
+        self._drops_logged = set()  # flow ids whose first datagram drop was logged
         self.endpoint.router.add_session(session_id, self)
         self._arm()
 
@@ -261,22 +268,64 @@ class Session(ConnectionHandler):
 
     # Application -------------------------------------------------------------------------
     def send_datagram(self, flow_id, payload):
-        """One UDP payload of a flow, as a QUIC DATAGRAM frame (RFC 9221).
+        """One UDP payload of a flow, in one QUIC DATAGRAM frame (RFC 9221) or, when too
+        large for one packet, in fragments (`mahole.tunnel.frame_datagram`).
 
-        A payload too large for one packet is dropped and counted here: aioquic would queue
-        it for ever and stall the datagrams behind it. Subclasses keep `counters`.
+        Dropped and counted (never queued for ever): a payload over MAX_UDP_PAYLOAD, one sent
+        before the connection exists or after it closed, and one that would overfill aioquic's
+        queue of unsent DATAGRAM frames. Subclasses keep `counters`.
         """
-        if len(payload) + FLOW_ID_LEN > MAX_DATAGRAM_PAYLOAD:
-            self.counters["datagrams_dropped_oversize"] += 1
+        try:
+            frames = frame_datagram(flow_id, payload, next(self._datagram_ids))
+        except ValueError:
+            self._datagram_dropped(flow_id, "oversize")
             return
         conn = self.connection
         if conn is None or conn.closed:
             self.counters["datagrams_dropped"] += 1
             return
+        quic = conn.quic
+        queued = len(getattr(quic, "_datagrams_pending", ()))
+        if queued + len(frames) > MAX_QUEUED_DATAGRAM_FRAMES:
+            self._datagram_dropped(flow_id, "queue_full")
+            return
         self.counters["datagrams_out"] += 1
+        if len(frames) > 1:
+            self._count("datagrams_fragmented_out")
         self.core.app_activity(self.endpoint.now())
-        conn.quic.send_datagram_frame(pack_datagram(flow_id, payload))
+        for frame in frames:
+            quic.send_datagram_frame(frame)
         conn.transmit()
+
+    def datagram_frame_received(self, data):
+        """(flow_id, payload) of a whole UDP datagram from a DATAGRAM frame's data, or None
+        (a fragment of one not yet complete, or dropped and counted)."""
+        received = self.reassembler.receive(data, self.endpoint.now())
+        if received is not None:
+            self.counters["datagrams_in"] += 1
+            if data[0] & 0x80:
+                self._count("datagrams_reassembled")
+        return received
+
+    def _count(self, key, n=1):
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def _datagram_dropped(self, flow_id, reason):
+        """Counts a UDP datagram (or fragment) dropped, and logs the first drop of each flow."""
+        if reason == "malformed":
+            key = "datagrams_dropped"
+        elif reason == "duplicate":
+            key = "datagram_fragments_duplicate"
+        else:
+            key = f"datagrams_dropped_{reason}"
+        self._count(key)
+        logged = self._drops_logged
+        if flow_id in logged or len(logged) > MAX_FLOW_LOGS:
+            return
+        logged.add(flow_id)
+        log.warning("session %s: udp flow %s of %s: datagram dropped (%s); further drops on "
+                    "this flow are only counted", self.tag,
+                    "?" if flow_id is None else flow_id, self.service, reason.replace("_", " "))
 
     def punch_stats(self):
         punch = self.node.puncher.punches.get(self)

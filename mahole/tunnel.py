@@ -3,11 +3,24 @@
 A `StreamPipe` joins one QUIC stream to one TCP connection, with backpressure both ways and
 half-close: a slow TCP reader pauses the peer through QUIC stream flow control (RFC 9000 §4.1),
 and a slow QUIC path pauses reading from TCP. UDP flows are multiplexed on DATAGRAM frames
-(RFC 9221) with a 2-byte flow id in front of each payload.
+(RFC 9221) with a 2-byte flow id in front of each payload; a UDP datagram too large for one
+DATAGRAM frame is cut into fragments, one frame each, and put together again at the other end
+by a `DatagramReassembler` (sans-IO, bounded, on a clock it is given).
+
+Framing of a DATAGRAM frame's data (the top bit of the first byte tells the two apart):
+
+    whole datagram:  0 | flow id (15 bits) | payload                      (2 bytes of header)
+    fragment:        1 | flow id (15 bits) | datagram id (32 bits) | index (8) | count (8) | part
+
+A datagram that fits in one frame is framed exactly as before fragmentation existed. Fragments
+of one datagram share its flow id, datagram id and count; index runs from 0 to count - 1, and
+every part but the last has the same length. A lost fragment loses the datagram (UDP semantics).
 """
 
 import asyncio
 import logging
+import struct
+from collections import OrderedDict
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +38,24 @@ FLOW_ID_LEN = 2
 # ever: max_datagram_size 1200 minus short header (1 + 8-byte DCID + up to 4-byte packet
 # number), AEAD tag (16), frame type and length (1 + 2), rounded down for safety.
 MAX_DATAGRAM_PAYLOAD = 1200 - (1 + 8 + 4) - 16 - 3 - 8
+
+# The top bit of the 2-byte flow id field marks a fragment, so flow ids have 15 bits.
+FRAGMENT_FLAG = 0x8000
+MAX_FLOW_ID = 0x7FFF
+# flow id | flag, datagram id, fragment index, fragment count
+FRAGMENT_HEADER = struct.Struct("!HIBB")
+FRAGMENT_PAYLOAD = MAX_DATAGRAM_PAYLOAD - FRAGMENT_HEADER.size
+# Largest UDP payload over IPv4: 65535 - 8 (UDP header, RFC 768) - 20 (IPv4 header, RFC 791).
+MAX_UDP_PAYLOAD = 65535 - 8 - 20
+# A receiver accepts up to this many fragments in one datagram: enough for MAX_UDP_PAYLOAD in
+# parts of ~1 kB (QUIC packets are at least 1200 bytes, RFC 9000 §14), whatever the sender's
+# fragment size.
+MAX_FRAGMENTS = 64
+
+# Reassembly bounds, per session (every byte from the network is hostile).
+REASSEMBLY_MAX_INCOMPLETE = 64  # datagrams waiting for fragments
+REASSEMBLY_MAX_BYTES = 1 << 20  # bytes of fragments held
+REASSEMBLY_TIMEOUT = 1.0  # seconds a datagram may wait for its last fragment
 
 
 class StreamPipe:
@@ -201,11 +232,180 @@ class StreamPipe:
 
 
 def pack_datagram(flow_id, payload):
+    """The DATAGRAM frame data of a whole (unfragmented) datagram."""
     return flow_id.to_bytes(FLOW_ID_LEN, "big") + payload
 
 
 def unpack_datagram(data):
-    """(flow_id, payload) of a DATAGRAM frame's data; ValueError if too short."""
+    """(flow_id, payload) of a whole datagram's frame data; ValueError if too short or if the
+    frame is a fragment (see `DatagramReassembler`)."""
     if len(data) < FLOW_ID_LEN:
         raise ValueError("DATAGRAM frame shorter than its flow id")
+    if data[0] & 0x80:
+        raise ValueError("DATAGRAM frame is a fragment")
     return int.from_bytes(data[:FLOW_ID_LEN], "big"), data[FLOW_ID_LEN:]
+
+
+def frame_datagram(flow_id, payload, datagram_id, max_frame=MAX_DATAGRAM_PAYLOAD):
+    """The DATAGRAM frames' data carrying one UDP payload: one frame framed as `pack_datagram`
+    when it fits in `max_frame` bytes, fragments otherwise. `datagram_id` (32 bits) tells the
+    receiver which fragments belong together; the sender counts it up per session.
+    ValueError if the flow id has more than 15 bits or the payload exceeds MAX_UDP_PAYLOAD."""
+    if not 0 <= flow_id <= MAX_FLOW_ID:
+        raise ValueError(f"flow id {flow_id} out of range")
+    if FLOW_ID_LEN + len(payload) <= max_frame:
+        return [pack_datagram(flow_id, payload)]
+    if len(payload) > MAX_UDP_PAYLOAD:
+        raise ValueError(f"datagram of {len(payload)} bytes exceeds {MAX_UDP_PAYLOAD}")
+    part = max_frame - FRAGMENT_HEADER.size
+    count = -(-len(payload) // part)
+    if count > MAX_FRAGMENTS:
+        raise ValueError(f"datagram of {len(payload)} bytes needs {count} fragments")
+    data = memoryview(payload)
+    first = FRAGMENT_FLAG | flow_id
+    datagram_id &= 0xFFFFFFFF
+    return [FRAGMENT_HEADER.pack(first, datagram_id, index, count)
+            + bytes(data[index * part:(index + 1) * part]) for index in range(count)]
+
+
+def unpack_fragment(data):
+    """(flow_id, datagram_id, index, count, part) of a fragment's frame data; ValueError on
+    anything a sender following `frame_datagram` cannot produce."""
+    if len(data) <= FRAGMENT_HEADER.size:
+        raise ValueError("fragment shorter than its header or empty")
+    first, datagram_id, index, count = FRAGMENT_HEADER.unpack_from(data)
+    if not first & FRAGMENT_FLAG:
+        raise ValueError("not a fragment")
+    if not 2 <= count <= MAX_FRAGMENTS:
+        raise ValueError(f"fragment count {count} out of range")
+    if index >= count:
+        raise ValueError(f"fragment index {index} not below count {count}")
+    return first & MAX_FLOW_ID, datagram_id, index, count, data[FRAGMENT_HEADER.size:]
+
+
+class _Partial:
+    __slots__ = ("started", "count", "parts", "have", "size", "part_len")
+
+    def __init__(self, started, count):
+        self.started = started
+        self.count = count
+        self.parts = [None] * count
+        self.have = 0
+        self.size = 0
+        self.part_len = None  # length of every part but the last, once one arrived
+
+
+class DatagramReassembler:
+    """The receiving end of one session's DATAGRAM frames (sans-IO: it is told the time).
+
+    `receive(data, now)` returns `(flow_id, payload)` for a whole datagram (one arrived whole or
+    the last missing fragment of one), or None. Bounded: at most `max_incomplete` datagrams and
+    `max_bytes` bytes of fragments wait at once (the oldest is given up to make room), and each
+    waits at most `timeout` seconds. What it drops it counts in `counters` and reports through
+    `on_drop(flow_id, reason)` (flow_id None when the frame could not be parsed):
+
+    - ``malformed``: a frame no sender produces (too short, bad count or index);
+    - ``duplicate``: a fragment received again, identical — the fragment alone is dropped;
+    - ``inconsistent``: a fragment that contradicts the ones held (another count, other bytes
+      at the same index, another part length, too many bytes) — the datagram is given up;
+    - ``expired``: a datagram whose fragments did not all arrive within `timeout`;
+    - ``evicted``: a datagram given up to make room for newer ones.
+    """
+
+    REASONS = ("malformed", "duplicate", "inconsistent", "expired", "evicted")
+
+    def __init__(self, max_incomplete=REASSEMBLY_MAX_INCOMPLETE,
+                 max_bytes=REASSEMBLY_MAX_BYTES, timeout=REASSEMBLY_TIMEOUT, on_drop=None):
+        if max_bytes < MAX_UDP_PAYLOAD or max_incomplete < 1:
+            raise ValueError("reassembly bounds too small for one datagram")
+        self.max_incomplete = max_incomplete
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self.on_drop = on_drop
+        self.counters = dict.fromkeys(self.REASONS, 0)
+        self.reassembled = 0
+        self.bytes = 0  # bytes of fragments held
+        self._partial = OrderedDict()  # (flow id, datagram id) -> _Partial, oldest first
+
+    def __len__(self):
+        return len(self._partial)
+
+    def _drop(self, reason, flow_id):
+        self.counters[reason] += 1
+        if self.on_drop is not None:
+            self.on_drop(flow_id, reason)
+
+    def _give_up(self, key, reason):
+        partial = self._partial.pop(key)
+        self.bytes -= partial.size
+        self._drop(reason, key[0])
+
+    def expire(self, now):
+        """Give up the datagrams that waited `timeout` seconds or more."""
+        while self._partial:
+            key, partial = next(iter(self._partial.items()))
+            if now - partial.started < self.timeout:
+                break
+            self._give_up(key, "expired")
+
+    def receive(self, data, now):
+        self.expire(now)
+        try:
+            if data[:1] and not data[0] & 0x80:
+                return unpack_datagram(data)
+            flow_id, datagram_id, index, count, part = unpack_fragment(data)
+        except ValueError:
+            self._drop("malformed", None)
+            return None
+        key = (flow_id, datagram_id)
+        partial = self._partial.get(key)
+        if partial is None:
+            while len(self._partial) >= self.max_incomplete:
+                self._give_up(next(iter(self._partial)), "evicted")
+            partial = self._partial[key] = _Partial(now, count)
+        elif partial.count != count:
+            self._give_up(key, "inconsistent")
+            return None
+        held = partial.parts[index]
+        if held is not None:
+            if held == part:
+                self._drop("duplicate", flow_id)
+            else:
+                self._give_up(key, "inconsistent")
+            return None
+        if not self._fits(partial, index, part):
+            self._give_up(key, "inconsistent")
+            return None
+        while self.bytes + len(part) > self.max_bytes:
+            oldest = next(iter(self._partial))
+            if oldest == key:  # cannot happen while max_bytes >= MAX_UDP_PAYLOAD
+                self._give_up(key, "evicted")
+                return None
+            self._give_up(oldest, "evicted")
+        partial.parts[index] = bytes(part)
+        partial.have += 1
+        partial.size += len(part)
+        self.bytes += len(part)
+        if partial.have < partial.count:
+            return None
+        del self._partial[key]
+        self.bytes -= partial.size
+        self.reassembled += 1
+        return flow_id, b"".join(partial.parts)
+
+    @staticmethod
+    def _fits(partial, index, part):
+        """Every part but the last has one length, the last is no longer, and the whole
+        stays a UDP payload."""
+        last = partial.count - 1
+        if index == last:
+            return partial.part_len is None or len(part) <= partial.part_len
+        if partial.part_len is not None:
+            return len(part) == partial.part_len
+        held_last = partial.parts[last]
+        if held_last is not None and len(held_last) > len(part):
+            return False
+        if len(part) * last >= MAX_UDP_PAYLOAD:
+            return False
+        partial.part_len = len(part)
+        return True

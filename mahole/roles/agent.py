@@ -17,7 +17,7 @@ from aioquic.quic import events as qe
 from .. import connection as qc
 from .. import identity
 from ..session import VIRTUAL_PEER_ADDR, Session
-from ..tunnel import StreamPipe, unpack_datagram
+from ..tunnel import MAX_FLOW_ID, StreamPipe
 from ..wire import control
 from .node import Node, StartupError, _fmt
 
@@ -49,7 +49,8 @@ class AgentSession(Session):
         config = qc.configuration(agent.identity, agent.cfg.ca, is_client=True,
                                   alpn=qc.ALPN_E2E, server_name=message.connector,
                                   idle_timeout=agent.cfg.e2e_idle_timeout,
-                                  max_datagram_frame_size=65536)
+                                  max_datagram_frame_size=65536,
+                                  **agent.debug_logs.quic_kwargs())
         quic = qc.NodeQuicConnection(configuration=config)
         quic.connect(VIRTUAL_PEER_ADDR, now=self.endpoint.now())
         self.connection = self.endpoint.add_connection(quic, self, path=self.core,
@@ -77,13 +78,9 @@ class AgentSession(Session):
             if pipe is not None:
                 pipe.reset()
         elif isinstance(event, qe.DatagramFrameReceived):
-            try:
-                flow_id, payload = unpack_datagram(event.data)
-            except ValueError:
-                self.counters["datagrams_dropped"] += 1
-                return
-            self.counters["datagrams_in"] += 1
-            self.node.udp_reply(self.service, flow_id, payload)
+            received = self.datagram_frame_received(event.data)
+            if received is not None:
+                self.node.udp_reply(self.service, *received)
         elif isinstance(event, qe.ConnectionTerminated):
             self._fail(f"end-to-end connection closed: {event.reason_phrase or 'no reason'}")
 
@@ -152,7 +149,7 @@ class _UdpForward(asyncio.DatagramProtocol):
     def datagram_received(self, data, addr):
         flow_id = self.flow_ids.get(addr)
         if flow_id is None:
-            flow_id = next(self._next_flow) & 0xFFFF
+            flow_id = next(self._next_flow) & MAX_FLOW_ID  # the top bit marks fragments
             self.flow_ids[addr] = flow_id
             self.flow_addrs[flow_id] = addr
         session = self.agent.ready_session(self.forward.service)

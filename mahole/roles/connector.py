@@ -15,11 +15,14 @@ from .. import connection as qc
 from .. import identity
 from ..ice.coordinator import ice_string
 from ..session import VIRTUAL_PEER_ADDR, Session
-from ..tunnel import StreamPipe, unpack_datagram
+from ..tunnel import StreamPipe
 from ..wire import control
 from .node import Node
 
 log = logging.getLogger(__name__)
+
+# UDP datagrams of a new flow held while its socket to the target opens; beyond, dropped.
+MAX_PENDING_FLOW_DATAGRAMS = 64
 
 
 class _PendingStream:
@@ -36,9 +39,13 @@ class _UdpFlow(asyncio.DatagramProtocol):
         self.session = session
         self.flow_id = flow_id
         self.transport = None
+        self.pending = []  # datagrams that arrived while the socket to the target opened
 
     def connection_made(self, transport):
         self.transport = transport
+        pending, self.pending = self.pending, []
+        for payload in pending:
+            transport.sendto(payload)
 
     def datagram_received(self, data, addr):
         self.session.send_datagram(self.flow_id, data)
@@ -149,26 +156,27 @@ class ConnectorSession(Session):
     def _datagram(self, data):
         if self.target.proto != "udp":
             return
-        try:
-            flow_id, payload = unpack_datagram(data)
-        except ValueError:
-            self.counters["datagrams_dropped"] += 1
+        received = self.datagram_frame_received(data)
+        if received is None:
             return
-        self.counters["datagrams_in"] += 1
+        flow_id, payload = received
         flow = self.flows.get(flow_id)
         if flow is None:
             flow = self.flows[flow_id] = _UdpFlow(self, flow_id)
-            asyncio.get_running_loop().create_task(self._open_udp(flow, payload))
+            flow.pending.append(payload)
+            asyncio.get_running_loop().create_task(self._open_udp(flow))
         elif flow.transport is not None:
             flow.transport.sendto(payload)
+        elif len(flow.pending) < MAX_PENDING_FLOW_DATAGRAMS:
+            flow.pending.append(payload)
+        else:
+            self._datagram_dropped(flow_id, "flow_opening")
 
-    async def _open_udp(self, flow, first_payload):
+    async def _open_udp(self, flow):
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: flow, remote_addr=(self.target.host, self.target.port))
         if self.closed:
             transport.close()
-            return
-        transport.sendto(first_payload)
 
     def close(self, reason="closed"):
         if self.closed:
@@ -194,7 +202,8 @@ class Connector(Node):
         self.services = {service.name: service for service in cfg.services}
         self.e2e_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_E2E,
-            idle_timeout=cfg.e2e_idle_timeout, max_datagram_frame_size=65536)
+            idle_timeout=cfg.e2e_idle_timeout, max_datagram_frame_size=65536,
+            **self.debug_logs.quic_kwargs())
 
     def register_message(self):
         return control.Register(role="connector", name=self.name,
