@@ -155,6 +155,11 @@ class NodeQuicConnection(QuicConnection):
         """Bytes of ack-eliciting packets sent and not yet acknowledged or lost."""
         return self._loss.bytes_in_flight
 
+    @property
+    def datagrams_queued(self):
+        """DATAGRAM frames (RFC 9221) waiting to be sent: aioquic's queue has no bound."""
+        return len(self._datagrams_pending)
+
     def path_validated(self, addr):
         """Whether aioquic has validated addr as a path of this connection (RFC 9000 §8.2:
         PATH_CHALLENGE answered by PATH_RESPONSE, or the handshake's own address)."""

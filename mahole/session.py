@@ -285,8 +285,7 @@ class Session(ConnectionHandler):
             self.counters["datagrams_dropped"] += 1
             return
         quic = conn.quic
-        queued = len(getattr(quic, "_datagrams_pending", ()))
-        if queued + len(frames) > MAX_QUEUED_DATAGRAM_FRAMES:
+        if quic.datagrams_queued + len(frames) > MAX_QUEUED_DATAGRAM_FRAMES:
             self._datagram_dropped(flow_id, "queue_full")
             return
         self.counters["datagrams_out"] += 1

@@ -67,6 +67,9 @@ def test_adapter_properties():
     assert quic.smoothed_rtt is None
     assert quic.packets_authenticated == 0
     assert quic.path_validated(("127.0.0.1", 4478))
+    assert quic.datagrams_queued == 0
+    quic._datagrams_pending.append(b"x")
+    assert quic.datagrams_queued == 1
     assert not quic.path_validated(("127.0.0.9", 4478))
 
 
