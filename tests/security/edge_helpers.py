@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from mahole.demo import issue_certificates
 from mahole.status import fetch
 
 
@@ -309,3 +312,22 @@ async def exchange(client, data, to, count=1, timeout=1.0):
         client.transport.sendto(data, to)
     await asyncio.sleep(timeout)
     return client.received[before:]
+
+
+def parse_vn(data):
+    """(dcid, scid, versions) of a Version Negotiation packet (RFC 9000 §17.2.1)."""
+    assert data[0] & 0x80 and data[1:5] == b"\x00\x00\x00\x00", data[:8]
+    dcid_len = data[5]
+    dcid = data[6:6 + dcid_len]
+    pos = 6 + dcid_len
+    scid = data[pos + 1:pos + 1 + data[pos]]
+    pos += 1 + data[pos]
+    versions = [int.from_bytes(data[i:i + 4], "big") for i in range(pos, len(data), 4)]
+    return dcid, scid, versions
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """A deployment's certificates in tmp_path."""
+    issue_certificates(tmp_path)
+    return tmp_path

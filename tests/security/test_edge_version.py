@@ -6,9 +6,8 @@ import struct
 
 import pytest
 from aio_helpers import run
-from edge_helpers import Attacker, LoneIntermediate, exchange
+from edge_helpers import Attacker, LoneIntermediate, certs, exchange, parse_vn  # noqa: F401
 
-from mahole.demo import issue_certificates
 
 GREASE = 0x1A2A3A4A  # a reserved version (RFC 9000 §15): never supported
 QUIC_V2 = 0x6B3343CF  # RFC 9369
@@ -20,23 +19,6 @@ def initial(version, dcid, scid, first=0xC0, size=1200):
         + bytes([len(scid)]) + scid + b"\x00"  # no token
     rest = size - len(head) - 2
     return head + struct.pack("!H", 0x4000 | rest) + os.urandom(rest)
-
-
-def parse_vn(data):
-    assert data[0] & 0x80 and data[1:5] == b"\x00\x00\x00\x00", data[:8]
-    dcid_len = data[5]
-    dcid = data[6:6 + dcid_len]
-    pos = 6 + dcid_len
-    scid = data[pos + 1:pos + 1 + data[pos]]
-    pos += 1 + data[pos]
-    versions = [int.from_bytes(data[i:i + 4], "big") for i in range(pos, len(data), 4)]
-    return dcid, scid, versions
-
-
-@pytest.fixture
-def certs(tmp_path):
-    issue_certificates(tmp_path)
-    return tmp_path
 
 
 @pytest.mark.parametrize("version, first", [(GREASE, 0xC0), (QUIC_V2, 0xD0)],

@@ -10,9 +10,8 @@ import struct
 
 import pytest
 from aio_helpers import run
-from edge_helpers import Attacker, LoneIntermediate, exchange
+from edge_helpers import Attacker, LoneIntermediate, certs, exchange, parse_vn  # noqa: F401
 
-from mahole.demo import issue_certificates
 
 GREASE = 0x1A2A3A4A  # a reserved version (RFC 9000 §15): never supported
 OTHER = 0xFF00001D  # draft-29, which a QUIC client may still try first
@@ -24,23 +23,6 @@ def long_header(version, dcid, scid, first, size=1200):
     head = bytes([first]) + struct.pack("!I", version) + bytes([len(dcid)]) + dcid \
         + bytes([len(scid)]) + scid
     return head + b"\xff" * (size - len(head))
-
-
-def parse_vn(data):
-    assert data[0] & 0x80 and data[1:5] == b"\x00\x00\x00\x00", data[:8]
-    dcid_len = data[5]
-    dcid = data[6:6 + dcid_len]
-    pos = 6 + dcid_len
-    scid = data[pos + 1:pos + 1 + data[pos]]
-    pos += 1 + data[pos]
-    versions = [int.from_bytes(data[i:i + 4], "big") for i in range(pos, len(data), 4)]
-    return dcid, scid, versions
-
-
-@pytest.fixture
-def certs(tmp_path):
-    issue_certificates(tmp_path)
-    return tmp_path
 
 
 @pytest.mark.parametrize("version, first, dcid_len, scid_len", [
