@@ -6,17 +6,10 @@ import struct
 
 import pytest
 from aio_helpers import run
-from edge_helpers import Attacker, LoneIntermediate, exchange
+from edge_helpers import Attacker, LoneIntermediate, certs, exchange  # noqa: F401
 
-from mahole.demo import issue_certificates
 from mahole.roles.intermediate import SourceLimiter
 from mahole.wire import stun
-
-
-@pytest.fixture
-def certs(tmp_path):
-    issue_certificates(tmp_path)
-    return tmp_path
 
 
 def test_unknown_comprehension_required_attribute_gets_420(certs):
