@@ -4,7 +4,6 @@
 import os
 import struct
 
-import pytest
 from aio_helpers import run
 from edge_helpers import Attacker, LoneIntermediate, certs, exchange  # noqa: F401
 
