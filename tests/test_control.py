@@ -251,7 +251,7 @@ def test_names_follow_the_command_line_grammar():
 
 
 def test_a_register_with_64_long_hostile_service_names_is_undecodable():
-    """Issue 9: a Register with 64 service names of 250 characters containing */../ was
+    """A Register with 64 service names of 250 characters containing */../ was
     accepted. It is not even decodable now (the intermediate answers BAD_MESSAGE)."""
     hostile = [f"{i}*/../" + "x" * 240 for i in range(64)]
     payload = json.dumps({"type": "Register", "role": "connector", "name": "rogue",

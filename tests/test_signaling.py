@@ -692,7 +692,7 @@ def test_without_offer_rules_any_connector_offers_anything_and_none_means_none()
 
 
 def test_a_rogue_connector_never_gets_an_agents_session():
-    """Issue 9 #3: a rogue registered `web`, the real connector reconnected, and the next
+    """A rogue registered `web`, the real connector reconnected, and the next
     session went to the rogue. Now the rogue is refused every time; sessions go to the
     connector the policy names, and SessionOpened tells the agent which one that is (the agent
     checks it in the end-to-end handshake)."""
@@ -814,7 +814,7 @@ def _limited(events):
 
 
 def test_one_agent_opening_5000_sessions_is_rate_limited_and_another_keeps_working():
-    """Issue 9 #6: one agent opened 5,000 sessions in 7.5 s. With the default limits it gets
+    """One agent opened 5,000 sessions in 7.5 s. With the default limits it gets
     120 at once, then one every half second (120 a minute), up to 256 open; the rest are
     RATE_LIMITED,
     and bob's session opens and signals as usual. Requests come at 40/s (under the

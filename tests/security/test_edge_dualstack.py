@@ -1,4 +1,4 @@
-"""Issue 9: a dual-stack intermediate (`--listen [::]:PORT`) reports IPv4 clients as IPv4 —
+"""A dual-stack intermediate (`--listen [::]:PORT`) reports IPv4 clients as IPv4 —
 in what it tells nodes, its logs and /status — and its logs and /status name sessions by a
 short hash, never by the id that keys their relay frames."""
 

@@ -1,4 +1,4 @@
-"""Issue 9 #5: a flood of QUIC handshakes costs the intermediate bounded memory, and the nodes
+"""A flood of QUIC handshakes costs the intermediate bounded memory, and the nodes
 already there — and a new one — keep working.
 
 The intermediate runs as its own process (`python -m mahole intermediate` with the edge

@@ -1,4 +1,4 @@
-"""Issue 9 #1: nobody but the node itself moves its observed address and its relay address.
+"""Nobody but the node itself moves its observed address and its relay address.
 
 A node sits behind a NAT on loopback (`NatBox`) with a relayed session that carries traffic
 the whole time. Attacks from another address must leave the intermediate's record of the

@@ -1,4 +1,4 @@
-"""Issue 9, STUN at the intermediate (RFC 8489): unknown comprehension-required attributes get
+"""STUN at the intermediate (RFC 8489): unknown comprehension-required attributes get
 420, classic RFC 3489 clients get MAPPED-ADDRESS, and answers are rate-limited per source."""
 
 import os

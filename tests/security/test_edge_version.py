@@ -1,4 +1,4 @@
-"""Issue 9, QUIC Version Negotiation at the intermediate (RFC 9000 §6, §17.2.1): a client's
+"""QUIC Version Negotiation at the intermediate (RFC 9000 §6, §17.2.1): a client's
 first packet of a version it does not speak gets the versions it does, at a bounded rate."""
 
 import os

@@ -1,4 +1,4 @@
-"""Issue 9, Version Negotiation for every client of another version (RFC 9000 §6.1, §5.2.2):
+"""Version Negotiation for every client of another version (RFC 9000 §6.1, §5.2.2):
 the intermediate answers any long header of a version it does not speak, in a datagram big
 enough to start a connection, even when the packet is not laid out as a QUIC v1 Initial
 (another version's packet types, longer connection IDs, no fixed bit: RFC 8999 §5.1 keeps only

@@ -1,4 +1,4 @@
-"""Issue 9, names on the wire, with the real roles on loopback: a `Register` with 64 service
+"""Names on the wire, with the real roles on loopback: a `Register` with 64 service
 names of 250 characters containing `*/../` was accepted. Names on the wire now follow the
 command line's grammar, so such a Register is not even decodable: the intermediate answers
 BAD_MESSAGE, closes the connection, registers nothing, and everyone else carries on."""

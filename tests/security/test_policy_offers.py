@@ -1,4 +1,4 @@
-"""Issue 9 #3, with the real roles on loopback: a rogue connector cannot take over a service.
+"""With the real roles on loopback: a rogue connector cannot take over a service.
 
 A connector with a certificate of the deployment CA registered `web`, and after the real
 connector reconnected an agent's next session went to the rogue and its data was read there.

@@ -1,4 +1,4 @@
-"""Issue 9 #6, with the real roles on loopback: one identity cannot take the intermediate.
+"""With the real roles on loopback: one identity cannot take the intermediate.
 
 One agent opened 5,000 sessions in 7.5 s and /status grew to 1.85 MB. Now sessions opened
 per minute, open sessions and control messages per second are bounded per identity and

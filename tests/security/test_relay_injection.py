@@ -1,4 +1,4 @@
-"""Issue 9 #4: relay frame injection and forced downgrade.
+"""Relay frame injection and forced downgrade.
 
 An attacker who forges a session member's source IP and port (and knows the session id and
 the connection IDs, as anyone who saw one packet does) sends relay frames. With relay tokens

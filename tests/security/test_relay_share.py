@@ -1,4 +1,4 @@
-"""Issue 9 #6: relay bandwidth per identity, enforced by the relay engine.
+"""Relay bandwidth per identity, enforced by the relay engine.
 
 The signaling core turns ``--relay-rate-per-identity`` into a share per session
 (`RelaySetRate`); the intermediate gives it to the relay engine (`RelayEngine.set_rate`), so
