@@ -29,7 +29,7 @@ Timing (activity, token refill) reads CLOCK_MONOTONIC, the clock of time.monoton
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
@@ -238,8 +238,7 @@ cdef class RelayEngine:
         was unlimited starts full. KeyError for an unknown session; rate and burst are checked
         as the constructor's.
     remove_session(session_id): forgets it; an unknown id is ignored.
-    session_stats(session_id) -> dict | None; idle_sessions(now, idle_timeout) -> [id];
-    counters() -> dict; session_count; fileno().
+    session_stats(session_id) -> dict | None; counters() -> dict; session_count; fileno().
 
     A frame is forwarded when its session is known, its source IP and port equal member A's
     or B's and its relay token (bytes 9-16) is that member's, the other member's address is
@@ -537,22 +536,6 @@ cdef class RelayEngine:
         if m.addrlen == 0:
             return None
         return sockaddr_to_address(<const unsigned char *>&m.addr, m.addrlen)
-
-    def idle_sessions(self, double now, double idle_timeout):
-        """Ids of sessions that relayed nothing for idle_timeout seconds before now
-        (a time.monotonic() value), counting from creation if they never relayed."""
-        cdef size_t i
-        cdef double since
-        cdef Session *s
-        out = []
-        for i in range(self._mask + 1):
-            s = &self._slots[i]
-            if not s.used:
-                continue
-            since = s.last_activity if s.last_activity >= 0 else s.created
-            if now - since >= idle_timeout:
-                out.append(PyBytes_FromStringAndSize(<char *>&s.key, 8))
-        return out
 
     def counters(self):
         """Engine-wide counters (see the class docstring)."""

@@ -154,8 +154,7 @@ class RelayEngine:
         was unlimited starts full. KeyError for an unknown session; rate and burst are checked
         as the constructor's.
     remove_session(session_id): forgets it; an unknown id is ignored.
-    session_stats(session_id) -> dict | None; idle_sessions(now, idle_timeout) -> [id];
-    counters() -> dict; session_count; fileno().
+    session_stats(session_id) -> dict | None; counters() -> dict; session_count; fileno().
 
     A frame is forwarded when its session is known, its source IP and port equal member A's
     or B's and its relay token (bytes 9-16) is that member's, the other member's address is
@@ -259,19 +258,6 @@ class RelayEngine:
             "created": session.created,
             "last_activity": session.last_activity,
         }
-
-    def idle_sessions(self, now, idle_timeout):
-        """Ids of sessions that relayed nothing for idle_timeout seconds before now
-        (a time.monotonic() value), counting from creation if they never relayed."""
-        now, idle_timeout = float(now), float(idle_timeout)
-        out = []
-        for sid, session in self._sessions.items():
-            since = session.last_activity
-            if since is None:
-                since = session.created
-            if now - since >= idle_timeout:
-                out.append(sid)
-        return out
 
     def counters(self):
         """Engine-wide counters (see the class docstring)."""
