@@ -226,11 +226,18 @@ class Lab:
                           *self.node_args(CONNECTOR_BIND, relay_only, extra), cert=cert)
 
     def start_agent(self, *extra, name="agent", cert="alice", relay_only=False, **kwargs):
-        forward_port = free_port()
-        proc = self.start("agent", name, "--forward", f"tcp:127.0.0.1:{forward_port}=echo",
+        # The forward listens on a port the agent picks itself (a port chosen here and bound
+        # later can be taken in between); forward_port() reads it from the agent's status.
+        return self.start("agent", name, "--forward", "tcp:127.0.0.1:0=echo",
                           *self.node_args(AGENT_BIND, relay_only, extra), cert=cert, **kwargs)
-        proc.forward_port = forward_port
-        return proc
+
+    def forward_port(self, agent, timeout=20):
+        """The port the agent's forward listens on, once it does."""
+        def listening():
+            assert agent.poll() is None, f"{agent.name} exited with {agent.returncode}"
+            forwards = (self.status(agent) or {}).get("forwards") or []
+            return forwards and int(forwards[0]["forward"].rsplit(":", 1)[1])
+        return wait(listening, timeout, f"{agent.name}'s forward", self)
 
     def status(self, proc):
         return status(proc.status_port)
@@ -295,7 +302,7 @@ PATHS = [pytest.param(False, "direct", id="direct"), pytest.param(True, "relay",
 def test_a_busy_session_outlives_ten_idle_timeouts(tmp_path, processes, echo, relay_only, path):
     lab = Lab(processes, tmp_path, echo)
     connector, agent = lab.up(relay_only)
-    pinger = Pinger(agent.forward_port)
+    pinger = Pinger(lab.forward_port(agent))
     try:
         session = lab.on_path(agent, path)
         session_id = session["session"]
@@ -332,7 +339,7 @@ def test_an_idle_session_is_reaped_and_the_next_connection_opens_a_new_one(
         tmp_path, processes, echo, relay_only, path):
     lab = Lab(processes, tmp_path, echo)
     connector, agent = lab.up(relay_only)
-    echo_once(agent.forward_port)  # one echo, then the TCP connection is closed: silence
+    echo_once(lab.forward_port(agent))  # one echo, then the TCP connection is closed: silence
     silent_since = time.monotonic()
     session_id = lab.on_path(agent, path)["session"]
     [closed] = wait(lambda: lab.closed(agent, session_id), IDLE + 5,
@@ -346,7 +353,7 @@ def test_an_idle_session_is_reaped_and_the_next_connection_opens_a_new_one(
     wait(lambda: not lab.status(lab.intermediate)["sessions"]["list"], 5,
          "the intermediate to forget the session", lab)
     # A new connection opens a new session.
-    echo_once(agent.forward_port)
+    echo_once(lab.forward_port(agent))
     new = lab.on_path(agent, path)
     assert new["session"] != session_id
 
@@ -365,7 +372,7 @@ def test_a_second_copy_of_an_identity_is_refused_and_never_disturbs_the_first(
     connector, a = lab.up()
     a_addr = lab.status(a)["intermediate"]["observed_addr"]
     assert [n["addr"] for n in alices(lab)] == [a_addr]
-    pinger = Pinger(a.forward_port)
+    pinger = Pinger(lab.forward_port(a))
     try:
         session_id = lab.on_path(a, "direct")["session"]
 
@@ -419,7 +426,7 @@ def test_a_second_copy_of_an_identity_is_refused_and_never_disturbs_the_first(
     lab.registered(c)
     took = time.monotonic() - serving
     assert took < 1.0 + 1.5, took  # probe timeout (1 s) and a little
-    echo_once(c.forward_port)
+    echo_once(lab.forward_port(c))
     c_addr = lab.status(c)["intermediate"]["observed_addr"]
     assert [n["addr"] for n in alices(lab)] == [c_addr]
 
@@ -432,7 +439,7 @@ def test_a_crashed_connector_is_noticed_fast_and_its_replacement_serves(
     lab = Lab(processes, tmp_path, echo)
     connector, agent = lab.up()
     # An idle session: a TCP connection held open after one echo.
-    held = socket.create_connection(("127.0.0.1", agent.forward_port), timeout=10)
+    held = socket.create_connection(("127.0.0.1", lab.forward_port(agent)), timeout=10)
     try:
         held.sendall(b"hello")
         assert recv_exactly(held, 5) == b"hello"
@@ -454,7 +461,7 @@ def test_a_crashed_connector_is_noticed_fast_and_its_replacement_serves(
 
     # A new connection fails fast: closed with no data, not a hang until some timeout.
     opened = time.monotonic()
-    with socket.create_connection(("127.0.0.1", agent.forward_port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", lab.forward_port(agent)), timeout=10) as sock:
         sock.settimeout(10)
         try:
             sock.sendall(b"anyone?")
@@ -467,7 +474,7 @@ def test_a_crashed_connector_is_noticed_fast_and_its_replacement_serves(
     # A new connector with the same identity: the forward works again.
     replacement = lab.start_connector(name="connector-2")
     lab.registered(replacement)
-    echo_eventually(agent.forward_port, 15, "an echo through the new connector", lab)
+    echo_eventually(lab.forward_port(agent), 15, "an echo through the new connector", lab)
     assert lab.on_path(agent, "direct")["session"] != session_id
 
 

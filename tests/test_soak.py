@@ -23,7 +23,6 @@ from labroles import wait
 from mahole import identity
 from test_lifecycle import (AGENT_BIND, Lab, Pinger, echo,  # noqa: F401
                             echo_once, intermediate_sessions, processes, recv_exactly)
-from test_processes import free_port
 
 IDLE = 1.5  # --session-idle-timeout: the longest node timeout here
 PEER_DEAD = 1.0  # --peer-dead-after
@@ -91,14 +90,16 @@ def test_soak_busy_sessions_live_idle_ones_are_reaped(tmp_path, processes, echo)
     agents = {}
     for name, path, extra in (("alice", "direct", ("--bind", f"{AGENT_BIND}:0")),
                               ("bob", "relay", ("--bind", "127.0.0.1:0", "--relay-only"))):
-        ports = {s: free_port() for s in SERVICES}
+        # Each forward listens on a port the agent picks (read back from its status below).
         agent = lab.start("agent", name,
-                          *(a for s in SERVICES
-                            for a in ("--forward", f"tcp:127.0.0.1:{ports[s]}={s}")),
+                          *(a for s in SERVICES for a in ("--forward", f"tcp:127.0.0.1:0={s}")),
                           *extra, *relay_node, cert=name)
-        agent.ports, agent.path = ports, path
+        agent.path = path
         agents[name] = agent
     lab.registered(connector, *agents.values())
+    for agent in agents.values():  # a node listens on its forwards before it registers
+        agent.ports = {f["service"]: int(f["forward"].rsplit(":", 1)[1])
+                       for f in lab.status(agent)["forwards"]}
 
     pingers, held, cyclers = {}, {}, {}
     try:
