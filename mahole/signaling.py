@@ -62,9 +62,10 @@ Policy and quotas:
   a close may never leave (aioquic sends only CONNECTION_CLOSE once closing).
 - Session ids are secrets of sorts (they key relay frames): logs show `session_tag`.
 - Every refusal is logged with the node and, for a session, the service: a session denied by
-  the ACL, for an unknown service or an offline connector, or over a quota at INFO; a refused
-  registration (an offer no rule allows, a second copy, too many connections, a control
-  flood) at WARNING. At most ``REFUSAL_LOG_BURST`` lines of one kind are logged per
+  the ACL, for an unknown service or an offline connector, or over a quota, and a service no
+  --offer rule allows, at INFO (ordinary policy at work); a registration that contradicts
+  its certificate, a second copy, too many connections and a control flood at WARNING (a
+  broken or hostile node). At most ``REFUSAL_LOG_BURST`` lines of one kind are logged per
   ``REFUSAL_LOG_WINDOW`` seconds of ``now``; the rest are counted and reported in one line
   (``… and 1,234 more refusals …``) when the window ends (a timer), so a flood of refused
   requests cannot fill the disk.
@@ -125,7 +126,7 @@ REFUSALS = {  # kind of refusal -> (log level, what the summary line calls it)
     "connector_offline": (logging.INFO, "for a service whose connector is offline"),
     "rate_limited": (logging.INFO, "over a session quota"),
     "unauthenticated": (logging.WARNING, "of a registration contradicting its certificate"),
-    "offer": (logging.WARNING, "of an offer no --offer rule allows"),
+    "offer": (logging.INFO, "of an offer no --offer rule allows"),
     "conflict": (logging.WARNING, "of a second copy of a node"),
     "connections": (logging.WARNING, "over the control connections per identity"),
     "flood": (logging.WARNING, "closing a control message flood"),
