@@ -130,7 +130,23 @@ def _add_node(sub, role):
              "end a session with no open stream and no data this long")):
         sub.add_argument(flag, dest=field, type=_seconds, default=getattr(node, field),
                          metavar="SECONDS", help=f"{text} (default: {getattr(node, field):g})")
+    sub.add_argument("--max-udp-payload", type=_udp_payload, default=node.max_udp_payload,
+                     metavar="BYTES",
+                     help="largest end-to-end packet path MTU discovery tries (default: "
+                          f"{node.max_udp_payload}, a 1,500-byte MTU; 1200 turns it off)")
     _add_credentials(sub, role)
+
+
+def _udp_payload(text):
+    """A UDP payload size a QUIC path may use: 1200 (RFC 9000 §14.1) to 65,527 (§18.2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1200 <= value <= 65527:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes from 1200 to 65527, "
+                                         f"got {text!r}")
+    return value
 
 
 def _seconds(text):
@@ -503,7 +519,8 @@ def _node_kwargs(args):
             "bind": args.bind, "relay_only": args.relay_only, "direct_only": args.direct_only,
             "punch_deadline": args.punch_deadline, "failover_timeout": args.failover_timeout,
             "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,
-            "session_idle_timeout": args.session_idle_timeout, **_credentials(args)}
+            "session_idle_timeout": args.session_idle_timeout,
+            "max_udp_payload": args.max_udp_payload, **_credentials(args)}
 
 
 def run_connector(args):

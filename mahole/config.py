@@ -215,6 +215,9 @@ class NodeConfig(Credentials):
     # route this long: the peer is gone and the session ends (idle routes are probed every
     # direct_keepalive, so a dead peer is noticed within about 3 s, even on the relay).
     peer_dead_after: float = 2.5
+    # Path MTU discovery (mahole.pmtu) tries end-to-end packets up to this UDP payload; the
+    # default fits a 1,500-byte Ethernet MTU, 1200 (QUIC's minimum) turns discovery off.
+    max_udp_payload: int = 1472
 
     def __post_init__(self):
         if self.intermediate_name is None:

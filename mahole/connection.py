@@ -14,16 +14,23 @@ when those attributes change.
 
 import ssl
 
+from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.connection import (
+    MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection, QuicConnectionState)
 from aioquic.quic.events import StreamDataReceived
-from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
 
 from . import identity
 
 ALPN_CONTROL = "mahole-control/1"
-ALPN_E2E = "mahole-e2e/1"
+# End-to-end protocol versions, newest first; both sides offer all of them and the connector
+# picks the first it knows (RFC 7301). /2 adds fragmented UDP datagrams (mahole.tunnel): a
+# member that negotiated /1 is sent no fragments.
+ALPN_E2E_FRAGMENTS = "mahole-e2e/2"
+ALPN_E2E = (ALPN_E2E_FRAGMENTS, "mahole-e2e/1")
 
 # QUIC application error codes used when mahole closes a connection (CONNECTION_CLOSE of
 # type 0x1d, RFC 9000 §19.19: their own space, apart from transport codes such as
@@ -50,13 +57,14 @@ def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_time
                   max_datagram_frame_size=None, max_stream_data=2 << 20,
                   max_data=16 << 20, max_datagram_size=1200, keylog=None, qlog=None):
     """A QuicConfiguration presenting this node's certificate and trusting the deployment CA.
+    `alpn`: one protocol name or several, preferred first.
 
     `keylog`: a text file the TLS secrets are appended to (SSLKEYLOGFILE format, for
     Wireshark); `qlog`: an aioquic QuicLogger (QuicFileLogger writes one .qlog per connection
     when it ends). Both are for debugging (--keylog, --qlog-dir; mahole.debug_logs)."""
     config = QuicConfiguration(
         is_client=is_client,
-        alpn_protocols=[alpn],
+        alpn_protocols=[alpn] if isinstance(alpn, str) else list(alpn),
         idle_timeout=idle_timeout,
         max_datagram_frame_size=max_datagram_frame_size,
         max_stream_data=max_stream_data,
@@ -114,8 +122,22 @@ class NodeQuicConnection(QuicConnection):
         self._delivered = 0  # stream bytes handed to the application, in order
         self.packets_authenticated = 0
         self.local_close = None
+        self._mtu_probes = []  # (size, on_result) to send with the next datagrams
+        self.large_packets_lost = 0  # packets over 1,200 bytes declared lost (probes aside)
+        self._loss._on_packets_lost = self._count_large_losses(self._loss._on_packets_lost)
         self._loss._pacer = TimerAwarePacer(
             max_datagram_size=self._configuration.max_datagram_size)
+
+    def _count_large_losses(self, on_packets_lost):
+        """aioquic's loss handler, counting lost packets larger than QUIC's minimum first:
+        when those vanish while small ones get through, the path's packet size may have
+        shrunk (RFC 8899 §4.3 black hole detection, mahole.pmtu)."""
+        def counting(*, packets, **kwargs):
+            packets = list(packets)
+            self.large_packets_lost += sum(
+                1 for packet in packets if packet.in_flight and packet.sent_bytes > 1200)
+            return on_packets_lost(packets=packets, **kwargs)
+        return counting
 
     def _payload_received(self, context, plain_payload, crypto_frame_required=False):
         # Called only for a packet that decrypted and passed header protection: the peer's.
@@ -149,6 +171,69 @@ class NodeQuicConnection(QuicConnection):
             self.local_close = (error_code, frame_type, reason_phrase)
         super().close(error_code=error_code, frame_type=frame_type,
                       reason_phrase=reason_phrase)
+
+    # Path MTU probes (mahole.pmtu) -------------------------------------------------------
+    @property
+    def max_datagram_size(self):
+        """The largest QUIC packet (UDP payload on the path) this side sends."""
+        return self._max_datagram_size
+
+    def set_max_datagram_size(self, size):
+        """Packets up to `size` bytes from now on (what path MTU discovery found). Returns
+        how many queued DATAGRAM frames no longer fit and were dropped: aioquic would keep
+        such a frame at the head of its queue for ever (RFC 9221 §5: one frame, one
+        packet), holding back every datagram behind it."""
+        self._max_datagram_size = size
+        limit = datagram_frame_room(size, len(self._peer_cid.cid))
+        pending = self._datagrams_pending
+        kept = [frame for frame in pending if len(frame) <= limit]
+        dropped = len(pending) - len(kept)
+        if dropped:
+            pending.clear()
+            pending.extend(kept)
+        return dropped
+
+    def send_mtu_probe(self, size, on_result):
+        """Send a path MTU probe with the next datagrams: one 1-RTT packet of exactly `size`
+        bytes holding PING and PADDING (RFC 9000 §14.4). `on_result(size, acked)` is called
+        once, when aioquic sees it acknowledged or declares it lost (by its usual loss
+        detection, RFC 9002 §6), with acked None if it could not be sent (the handshake not
+        confirmed yet, the path not validated, the connection closing). The probe is not counted in flight: its loss says nothing of
+        congestion (RFC 9000 §14.4), so the congestion window does not shrink for it."""
+        self._mtu_probes.append((size, on_result))
+
+    def datagrams_to_send(self, now):
+        datagrams = super().datagrams_to_send(now)
+        if self._mtu_probes:
+            probes, self._mtu_probes = self._mtu_probes, []
+            for size, on_result in probes:
+                if self._can_send_mtu_probe():
+                    datagrams.extend(self._build_mtu_probe(size, on_result, now))
+                else:
+                    on_result(size, None)
+        return datagrams
+
+    def _can_send_mtu_probe(self):
+        return (self._state == QuicConnectionState.CONNECTED and not self._close_pending
+                and self._handshake_confirmed and self._network_paths[0].is_validated
+                and self._cryptos[tls.Epoch.ONE_RTT].send.is_valid())
+
+    def _build_mtu_probe(self, size, on_result, now):
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid, is_client=self._is_client, max_datagram_size=size,
+            packet_number=self._packet_number, peer_cid=self._peer_cid.cid,
+            peer_token=self._peer_token, quic_logger=self._quic_logger,
+            spin_bit=self._spin_bit, version=self._version)
+        builder.start_packet(QuicPacketType.ONE_RTT, self._cryptos[tls.Epoch.ONE_RTT])
+        builder.start_frame(QuicFrameType.PING, handler=_mtu_probe_delivered,
+                            handler_args=(size, on_result))
+        builder._datagram_needs_padding = True  # PADDING up to the builder's full size
+        datagrams, packets = builder.flush()
+        for packet in packets:
+            packet.in_flight = False
+        return self._flush_builder(builder=_Built(datagrams, packets, builder.packet_number),
+                                   network_path=self._network_paths[0],
+                                   peer_cid=self._peer_cid.cid, now=now)
 
     @property
     def bytes_in_flight(self):
@@ -225,6 +310,30 @@ class NodeQuicConnection(QuicConnection):
             buf.push_uint_var(stream.stream_id)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+def _mtu_probe_delivered(delivery, size, on_result):
+    on_result(size, delivery == QuicDeliveryState.ACKED)
+
+
+class _Built:
+    """Packets already built, handed to aioquic's `_flush_builder` as if by a builder."""
+
+    def __init__(self, datagrams, packets, packet_number):
+        self._flushed = (datagrams, packets)
+        self.packet_number = packet_number
+
+    def flush(self):
+        return self._flushed
+
+
+# A 1-RTT packet's bytes around a DATAGRAM frame's data (RFC 9000 §17.3.1, RFC 9221 §4): the
+# first byte, the destination connection id, a packet number of up to 4 bytes, the AEAD tag
+# (16), the frame type (1) and a length of up to 2 bytes; 8 more leave room for aioquic's
+# header-protection padding rule.
+def datagram_frame_room(packet_size, cid_length=8):
+    """The largest DATAGRAM frame data that fits in one packet of `packet_size` bytes."""
+    return packet_size - (1 + cid_length + 4) - 16 - 3 - 8
 
 
 def verify_peer(connection, ca, expected_role, expected_name=None):

@@ -13,8 +13,13 @@ inner`, mahole/wire/relay.py; the token is this member's, from `SessionOpened.re
 sends it straight to the peer once hole punching nominated a pair. Relay frames that arrive
 are stripped of their 17-byte header and offered to the QUIC connection; only what aioquic
 then authenticates reaches the core, so a forged frame moves no route.
+
+Each route also has its packet size, found by path MTU discovery (`mahole.pmtu.PathMtu`, one
+per route: the relay, and each direct peer address): the connection sends packets of the
+current route's size, and UDP datagrams too large for one DATAGRAM frame of it are fragmented.
 """
 
+import functools
 import itertools
 import logging
 
@@ -22,8 +27,10 @@ from aioquic.quic import events as qe
 
 from ._fast import KIND_QUIC_LONG, classify, parse_header
 from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
+from .connection import ALPN_E2E_FRAGMENTS, datagram_frame_room
 from .endpoint import ConnectionHandler
-from .session_core import NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
+from .pmtu import BASE_PLPMTU, PathMtu, route_ceiling
+from .session_core import DIRECT, NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
 from .wire.relay import session_tag
 from .tunnel import DatagramReassembler, frame_datagram
 
@@ -39,6 +46,11 @@ MAX_PROBES = 64  # unanswered probes kept per session; older ones are forgotten
 # datagram is dropped and counted rather than queued without bound.
 MAX_QUEUED_DATAGRAM_FRAMES = 1024
 MAX_FLOW_LOGS = 1024  # flows per session whose first datagram drop is logged
+MAX_MTU_ROUTES = 4  # routes whose packet size a session remembers (the relay, direct peers)
+# Packets over 1,200 bytes declared lost that make a route's packet size suspect, so that
+# path MTU discovery confirms it at once: a black hole that appeared under a working size
+# shows as large packets vanishing (RFC 8899 §4.3). A false alarm costs one probe.
+MTU_SUSPECT_LOSSES = 3
 
 
 class Session(ConnectionHandler):
@@ -93,6 +105,11 @@ class Session(ConnectionHandler):
         self._datagram_ids = itertools.count()
         self.reassembler = DatagramReassembler(on_drop=self._datagram_dropped)
         self._drops_logged = set()  # flow ids whose first datagram drop was logged
+        self.fragments_allowed = False  # the peer reassembles fragments (known at handshake)
+        self._max_udp_payload = getattr(node.cfg, "max_udp_payload", BASE_PLPMTU)
+        self._mtus = {}  # route key -> PathMtu, oldest first
+        self._mtu_key = None  # the route whose size the connection uses
+        self._large_lost_seen = 0  # the connection's large_packets_lost when last looked at
         self.endpoint.router.add_session(session_id, self)
         self._arm()
 
@@ -142,7 +159,10 @@ class Session(ConnectionHandler):
             if probe is not None and not probe[1].done():
                 probe[1].set_result(self.endpoint.now() - probe[0])
         elif isinstance(event, qe.HandshakeCompleted):
-            self.core.handshake_completed(self.endpoint.now())
+            self.fragments_allowed = event.alpn_protocol == ALPN_E2E_FRAGMENTS
+            now = self.endpoint.now()
+            self.core.handshake_completed(now)
+            self._mtu_step(now)
             self._arm()
 
     def progress(self, connection):
@@ -156,6 +176,10 @@ class Session(ConnectionHandler):
         if conn is not None and not conn.closed:
             quic = conn.quic
             self.core.transport_state(quic.bytes_in_flight > 0, quic.smoothed_rtt, now)
+            if (quic.large_packets_lost - self._large_lost_seen >= MTU_SUSPECT_LOSSES
+                    and self._mtu_key is not None):
+                self._large_lost_seen = quic.large_packets_lost
+                self._mtus[self._mtu_key].suspect(now)
         self.core.set_open_streams(len(self.pipes), now)
 
     # Hole punching and the intermediate ----------------------------------------------------
@@ -201,12 +225,14 @@ class Session(ConnectionHandler):
                     reason = f"{reason} ({self.peer})"
                 self.close(reason)
                 return
+        self._mtu_step(now)
         self._arm()
 
     def _arm(self):
         if self.closed:
             return
-        when = self.core.next_timer()
+        when = _earliest(self.core.next_timer(), self.reassembler.next_expiry(),
+                         self._mtus[self._mtu_key].next_timer() if self._mtu_key else None)
         if when is None or (self._timer_at is not None and when >= self._timer_at):
             # A timer that fires too early finds nothing due and arms the next deadline:
             # cheaper than moving it on every acknowledgement of a transfer.
@@ -219,8 +245,86 @@ class Session(ConnectionHandler):
         if self.closed:
             return
         self._feed_transport(now)
+        self.reassembler.expire(now)
         self.core.handle_timer(now)
         self._pump(now)
+
+    # Path MTU ------------------------------------------------------------------------------
+    def _route_key(self):
+        route = self.core.route
+        if route == DIRECT:
+            return (route, self.core.direct_addr)
+        return (route, self.core.relay_addr) if route != NONE else None
+
+    def _mtu_step(self, now):
+        """Keep the connection's packet size that of the route in use, and send the probe
+        that route's discovery wants now."""
+        conn = self.connection
+        if conn is None or conn.closed or self.closed or not self.core.established:
+            return
+        key = self._route_key()
+        if key is None:
+            return
+        mtu = self._mtus.get(key)
+        if mtu is None:
+            while len(self._mtus) >= MAX_MTU_ROUTES:
+                del self._mtus[next(k for k in self._mtus if k != self._mtu_key)]
+            route, addr = key
+            ceiling = route_ceiling(self._max_udp_payload, _is_ipv6(addr),
+                                    header=0 if route == DIRECT else RELAY_HEADER_LEN)
+            mtu = self._mtus[key] = PathMtu(ceiling, now)
+        elif key != self._mtu_key:
+            mtu.suspect(now)  # a route used before: confirm its size before trusting it
+        if key != self._mtu_key:
+            self._mtu_key = key
+            self._apply_mtu(mtu)
+        size = mtu.next_probe(now)
+        if size is not None:
+            conn.quic.send_mtu_probe(size, functools.partial(self._mtu_probe_result, key))
+            conn.transmit()
+
+    def _mtu_probe_result(self, key, size, acked):
+        """A probe's fate, from inside aioquic: recorded now, acted on from the timer."""
+        mtu = self._mtus.get(key)
+        if mtu is None or self.closed:
+            return
+        now = self.endpoint.now()
+        black_holes = mtu.black_holes
+        if acked is None:
+            mtu.probe_unsent(size, now)
+        elif acked:
+            mtu.probe_acked(size, now)
+        else:
+            mtu.probe_lost(size, now)
+        if mtu.black_holes != black_holes:
+            log.info("session %s to %s: %d-byte packets stopped getting through on the %s "
+                     "route; back to %d bytes", self.tag, self.service, size, key[0],
+                     mtu.plpmtu)
+        if key == self._mtu_key:
+            self._apply_mtu(mtu)
+        self._arm()
+
+    def _apply_mtu(self, mtu):
+        conn = self.connection
+        if conn is None or conn.closed or conn.quic.max_datagram_size == mtu.plpmtu:
+            return
+        log.debug("session %s: %d-byte packets on the %s route", self.tag, mtu.plpmtu,
+                  self.core.route)
+        dropped = conn.quic.set_max_datagram_size(mtu.plpmtu)
+        if dropped:
+            self._count("datagrams_dropped_mtu", dropped)
+
+    def max_datagram_frame(self):
+        """The largest DATAGRAM frame data one packet of the current route carries."""
+        conn = self.connection
+        size = conn.quic.max_datagram_size if conn is not None else BASE_PLPMTU
+        return datagram_frame_room(size)
+
+    def mtu_stats(self):
+        """Each remembered route's path MTU discovery (route, address, size, state ...)."""
+        return [{"route": route, "addr": _fmt(addr) if addr else None, **mtu.stats(),
+                 "in_use": (route, addr) == self._mtu_key}
+                for (route, addr), mtu in self._mtus.items()]
 
     def _send_ping(self, reset_backoff):
         conn = self.connection
@@ -269,14 +373,20 @@ class Session(ConnectionHandler):
     # Application -------------------------------------------------------------------------
     def send_datagram(self, flow_id, payload):
         """One UDP payload of a flow, in one QUIC DATAGRAM frame (RFC 9221) or, when too
-        large for one packet, in fragments (`mahole.tunnel.frame_datagram`).
+        large for one packet of the current route, in fragments
+        (`mahole.tunnel.frame_datagram`).
 
-        Dropped and counted (never queued for ever): a payload over MAX_UDP_PAYLOAD, one sent
-        before the connection exists or after it closed, and one that would overfill aioquic's
-        queue of unsent DATAGRAM frames. Subclasses keep `counters`.
+        Dropped and counted (never queued for ever): a payload over MAX_UDP_PAYLOAD, one too
+        large for a packet when the peer cannot reassemble fragments, one sent before the
+        connection exists or after it closed, and one that would overfill aioquic's queue of
+        unsent DATAGRAM frames. Subclasses keep `counters`.
         """
+        max_frame = self.max_datagram_frame()
+        if not self.fragments_allowed and len(payload) + 2 > max_frame:
+            self._datagram_dropped(flow_id, "peer_cannot_reassemble")
+            return
         try:
-            frames = frame_datagram(flow_id, payload, next(self._datagram_ids))
+            frames = frame_datagram(flow_id, payload, next(self._datagram_ids), max_frame)
         except ValueError:
             self._datagram_dropped(flow_id, "oversize")
             return
@@ -349,6 +459,7 @@ class Session(ConnectionHandler):
             "bytes_sent": conn.bytes_sent if conn is not None else 0,
             "bytes_received": conn.bytes_received if conn is not None else 0,
             "dropped_frames": self.dropped_frames,
+            "mtu": self.mtu_stats(),
             "punch": self.punch_stats(),
         }
 
@@ -373,6 +484,16 @@ def _relay_token_of(message):
     if isinstance(token, (bytes, bytearray)) and len(token) == RELAY_TOKEN_LEN:
         return bytes(token)
     return None
+
+
+def _earliest(*times):
+    times = [t for t in times if t is not None]
+    return min(times) if times else None
+
+
+def _is_ipv6(addr):
+    """Whether packets to addr travel over IPv6 (an IPv4-mapped address travels as IPv4)."""
+    return addr is not None and ":" in addr[0] and not addr[0].startswith("::ffff:")
 
 
 def _fmt(addr):

@@ -208,11 +208,20 @@ def format_status(status: dict, now=None) -> str:
         if path == "direct" and s.get("direct_addr"):
             path = f"direct {s['direct_addr']}"
         rows.append((s.get("service"), s.get("session"), s.get(peer_key), path,
-                     _ms(s.get("rtt_ms")), _size(s.get("bytes_sent")),
+                     _ms(s.get("rtt_ms")), _mtu(s.get("mtu")), _size(s.get("bytes_sent")),
                      _size(s.get("bytes_received")), _since(s.get("age_s"), now)))
-    lines += _table(("SERVICE", "SESSION", "PEER", "PATH", "RTT", "SENT", "RECEIVED", "SINCE"),
-                    rows)
+    lines += _table(("SERVICE", "SESSION", "PEER", "PATH", "RTT", "MTU", "SENT", "RECEIVED",
+                     "SINCE"), rows)
     return "\n".join(lines)
+
+
+def _mtu(routes) -> str:
+    """The packet size of the route in use (path MTU discovery), '-' before it is known."""
+    for route in routes or ():
+        if route.get("in_use"):
+            size = str(route.get("size"))
+            return size if route.get("state") == "search complete" else f"{size}…"
+    return "-"
 
 
 def run_status(args) -> int:

@@ -5,7 +5,8 @@ half-close: a slow TCP reader pauses the peer through QUIC stream flow control (
 and a slow QUIC path pauses reading from TCP. UDP flows are multiplexed on DATAGRAM frames
 (RFC 9221) with a 2-byte flow id in front of each payload; a UDP datagram too large for one
 DATAGRAM frame is cut into fragments, one frame each, and put together again at the other end
-by a `DatagramReassembler` (sans-IO, bounded, on a clock it is given).
+by a `DatagramReassembler` (sans-IO, bounded, on a clock it is given). How large one frame
+may be depends on the session's current packet size (path MTU discovery, mahole.pmtu).
 
 Framing of a DATAGRAM frame's data (the top bit of the first byte tells the two apart):
 
@@ -22,6 +23,9 @@ import logging
 import struct
 from collections import OrderedDict
 
+from .connection import datagram_frame_room
+from .pmtu import BASE_PLPMTU
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
@@ -35,9 +39,9 @@ RECEIVE_HIGH_WATER = 1 << 20
 
 FLOW_ID_LEN = 2
 # A DATAGRAM frame must fit in one QUIC packet (RFC 9221 §5) or aioquic keeps it queued for
-# ever: max_datagram_size 1200 minus short header (1 + 8-byte DCID + up to 4-byte packet
-# number), AEAD tag (16), frame type and length (1 + 2), rounded down for safety.
-MAX_DATAGRAM_PAYLOAD = 1200 - (1 + 8 + 4) - 16 - 3 - 8
+# ever: what one packet of QUIC's minimum size (1,200 bytes) carries. Path MTU discovery
+# (mahole.pmtu) raises a session's packet size, and `frame_datagram` is given the larger room.
+MAX_DATAGRAM_PAYLOAD = datagram_frame_room(BASE_PLPMTU)
 
 # The top bit of the 2-byte flow id field marks a fragment, so flow ids have 15 bits.
 FRAGMENT_FLAG = 0x8000
@@ -339,6 +343,14 @@ class DatagramReassembler:
         partial = self._partial.pop(key)
         self.bytes -= partial.size
         self._drop(reason, key[0])
+
+    def next_expiry(self):
+        """When the oldest incomplete datagram expires (None: none waits); the owner calls
+        `expire` then, so a datagram whose last fragment never comes is not held until the
+        next frame arrives."""
+        if not self._partial:
+            return None
+        return next(iter(self._partial.values())).started + self.timeout
 
     def expire(self, now):
         """Give up the datagrams that waited `timeout` seconds or more."""

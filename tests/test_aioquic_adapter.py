@@ -87,3 +87,105 @@ def test_handler_base_class_is_all_no_ops():
     assert handler.peer_address_changed(None, None, None) is None
     assert handler.progress(None) is None
     assert handler.connection_closed(None) is None
+
+
+# Path MTU probes and the packet size --------------------------------------------------------
+
+def _probing_pair(tmp_path):
+    from quic_pair import handshake, make_pair, pump
+
+    client, server = make_pair(tmp_path, max_datagram_frame_size=65536)
+    now = handshake(client, server)
+    while not client._handshake_confirmed:  # HANDSHAKE_DONE has to arrive (RFC 9001 §4.1.2)
+        now += 0.01
+        pump(client, server, now, rounds=4)
+        assert now < 5
+    return client, server, now + 0.01, pump
+
+
+def test_an_mtu_probe_is_one_packet_of_exactly_its_size_and_not_in_flight(tmp_path):
+    client, server, now, pump = _probing_pair(tmp_path)
+    results = []
+    in_flight = client.bytes_in_flight
+    client.send_mtu_probe(1400, lambda size, acked: results.append((size, acked)))
+    datagrams = client.datagrams_to_send(now)
+    assert [len(d) for d, _ in datagrams][-1] == 1400
+    assert client.bytes_in_flight == in_flight  # its loss is no congestion signal
+    for data, _ in datagrams:
+        server.receive_datagram(data, ("127.0.0.1", 5000), now=now)
+    pump(client, server, now + 0.05, rounds=4)
+    assert results == [(1400, True)]
+
+
+def test_a_lost_mtu_probe_is_reported_lost_without_shrinking_the_window(tmp_path):
+    client, server, now, pump = _probing_pair(tmp_path)
+    results = []
+    window = client._loss.congestion_window
+    client.send_mtu_probe(1472, lambda size, acked: results.append((size, acked)))
+    path_mtu = 1300  # the path drops every larger datagram
+    for step in range(1, 200):
+        now += 0.05
+        client.send_ping(step)  # traffic after the probe lets loss detection decide
+        pump(client, server, now, rounds=4, carry=lambda data: len(data) <= path_mtu)
+        timer = client.get_timer()
+        if timer is not None and timer <= now:
+            client.handle_timer(now)
+        if results:
+            break
+    assert results == [(1472, False)]
+    assert client._loss.congestion_window >= window
+    assert client.large_packets_lost == 0  # a probe is not a black-hole signal
+
+
+def test_lost_packets_over_the_minimum_size_are_counted(tmp_path):
+    client, server, now, pump = _probing_pair(tmp_path)
+    client.set_max_datagram_size(1472)
+    stream = client.get_next_available_stream_id()
+    client.send_stream_data(stream, b"x" * 20_000)
+    path_mtu = 1300  # a black hole for the full-size packets
+    for _ in range(100):
+        now += 0.05
+        pump(client, server, now, rounds=4, carry=lambda data: len(data) <= path_mtu)
+        timer = client.get_timer()
+        if timer is not None and timer <= now:
+            client.handle_timer(now)
+        if client.large_packets_lost >= 3:
+            break
+    assert client.large_packets_lost >= 3
+
+
+def test_a_probe_before_the_handshake_is_reported_unsent(tmp_path):
+    from quic_pair import make_pair
+
+    client, _server = make_pair(tmp_path)
+    results = []
+    client.send_mtu_probe(1300, lambda size, acked: results.append((size, acked)))
+    client.datagrams_to_send(0.0)
+    assert results == [(1300, None)]
+
+
+def test_a_smaller_packet_size_drops_the_datagram_frames_that_no_longer_fit(tmp_path):
+    client, server, now, pump = _probing_pair(tmp_path)
+    assert client.set_max_datagram_size(1472) == 0
+    assert client.max_datagram_size == 1472
+    client.send_datagram_frame(b"a" * 1400)
+    client.send_datagram_frame(b"b" * 100)
+    assert client.set_max_datagram_size(1200) == 1  # the 1,400-byte frame cannot go any more
+    assert list(client._datagrams_pending) == [b"b" * 100]
+    room = qc.datagram_frame_room(1200)
+    client.send_datagram_frame(b"c" * room)  # the largest frame one 1,200-byte packet takes
+    sent = client.datagrams_to_send(now + 0.01)
+    assert sent and max(len(d) for d, _ in sent) <= 1200
+    assert client.datagrams_queued == 0
+
+
+def test_the_e2e_protocol_version_with_fragments_is_preferred_and_old_peers_still_connect(
+        tmp_path):
+    from quic_pair import handshake, make_pair
+
+    client, server = make_pair(tmp_path)
+    handshake(client, server)
+    assert client.tls.alpn_negotiated == qc.ALPN_E2E_FRAGMENTS
+    old_client, old_server = make_pair(tmp_path / "old", server_alpn="mahole-e2e/1")
+    handshake(old_client, old_server)
+    assert old_client.tls.alpn_negotiated == "mahole-e2e/1"

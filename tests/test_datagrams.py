@@ -211,27 +211,58 @@ def _udp_session(node):
     return next(s for s in node.sessions.values() if s.service == "echo-udp")
 
 
-@pytest.mark.parametrize("deployment", [relayed, LocalDeployment], ids=["relay", "default"])
-def test_dns_wireguard_and_large_datagrams_arrive_byte_identical(deployment):
+def no_discovery():
+    """Both nodes keep QUIC's minimum packet size: every datagram over 1,158 bytes is cut."""
+    small = {"max_udp_payload": 1200}
+    return LocalDeployment(agent_kwargs=dict(small), connector_kwargs=dict(small))
+
+
+def _route_size(session):
+    """The in-use route's discovered packet size, once its search is complete."""
+    for mtu in session.mtu_stats():
+        if mtu["in_use"] and mtu["state"] == "search complete":
+            return mtu["size"]
+    return None
+
+
+# Packet sizes path MTU discovery finds on loopback (its MTU is 65,536): the 1,472-byte
+# default ceiling, less the relay header on the relay route; 1,200 with discovery off.
+EXPECTED_SIZE = {"relay": 1472 - 17, "default": 1472, "no-discovery": 1200}
+
+
+@pytest.mark.parametrize("deployment", [relayed, LocalDeployment, no_discovery],
+                         ids=["relay", "default", "no-discovery"])
+def test_dns_wireguard_and_large_datagrams_arrive_byte_identical(deployment, request):
     async def main():
         async with deployment() as d:
             addr = d.agent.forward_address(d.udp_forward)
-            # Open the session and let hole punching settle first: a datagram caught in the
-            # switch to the direct route may be lost (UDP semantics), which is not what this
-            # test is about.
+            # Open the session and let hole punching and path MTU discovery settle first: a
+            # datagram caught in the switch to the direct route may be lost (UDP semantics),
+            # which is not what this test is about.
             assert await udp_round_trips(addr, [b"open"]) == [b"open"]
             session = _udp_session(d.agent)
             await wait_for(lambda: session.punch_outcome is not None
                            or d.agent.cfg.relay_only, 10)
-            await wait_for(lambda: _udp_session(d.connector).route == session.route, 10)
-            payloads = [os.urandom(n) for n in (1200, 1232, 1420, 8000, 65507, 100)]
+            peer = _udp_session(d.connector)
+            await wait_for(lambda: peer.route == session.route, 10)
+            await wait_for(lambda: _route_size(session) and _route_size(peer), 10)
+            expected = EXPECTED_SIZE[request.node.callspec.id]
+            assert _route_size(session) == _route_size(peer) == expected
+            assert session.connection.quic.max_datagram_size == expected
+            room = session.max_datagram_frame()
+            sizes = (1200, 1232, 1420, 8000, 65507, 100)
+            payloads = [os.urandom(n) for n in sizes]
             assert await udp_round_trips(addr, payloads) == payloads
-            assert session.counters["datagrams_fragmented_out"] == 5
-            assert session.counters["datagrams_reassembled"] == 5
+            cut = sum(FLOW_ID_LEN + n > room for n in sizes)
+            assert cut == (5 if expected == 1200 else 3 if expected < 1432 + 40 else 2)
+            assert session.counters.get("datagrams_fragmented_out", 0) == cut
+            assert session.counters.get("datagrams_reassembled", 0) == cut
             assert session.counters["datagrams_dropped_oversize"] == 0
             status = next(s for s in d.agent.status()["sessions"]
                           if s["service"] == "echo-udp")
-            assert status["datagrams_reassembled"] == 5
+            assert status.get("datagrams_reassembled", 0) == cut
+            [in_use] = [m for m in status["mtu"] if m["in_use"]]
+            assert in_use["size"] == expected and in_use["route"] == session.route
     run(main())
 
 
@@ -301,4 +332,44 @@ def test_a_datagram_over_the_udp_maximum_is_dropped_counted_and_logged_once_per_
             lines = [r for r in caplog.records if "datagram dropped (oversize)" in r.message]
             assert len(lines) == 1
             assert await udp_round_trips(addr, [b"still"]) == [b"still"]
+    run(main())
+
+
+def test_a_peer_of_the_older_protocol_is_sent_no_fragments(monkeypatch, caplog):
+    """Both ends speak only mahole-e2e/1, the protocol before fragments: a datagram too large
+    for one packet is dropped, counted and logged once, never sent as fragments the peer
+    would take for a datagram of another flow; smaller ones still flow."""
+    from mahole import connection as qc
+
+    monkeypatch.setattr(qc, "ALPN_E2E", ("mahole-e2e/1",))
+
+    async def main():
+        async with relayed() as d:
+            addr = d.agent.forward_address(d.udp_forward)
+            assert await udp_round_trips(addr, [b"open"]) == [b"open"]
+            session = _udp_session(d.agent)
+            assert session.connection.quic.tls.alpn_negotiated == "mahole-e2e/1"
+            assert not session.fragments_allowed
+            with caplog.at_level(logging.WARNING, logger="mahole.session"):
+                big = [os.urandom(8000), os.urandom(8000)]  # one flow: one log line
+                assert await udp_round_trips(addr, big, timeout=1.0) == [None, None]
+            assert session.counters["datagrams_dropped_peer_cannot_reassemble"] == 2
+            assert session.counters.get("datagrams_fragmented_out", 0) == 0
+            assert len([r for r in caplog.records if "peer cannot reassemble" in r.message]) == 1
+            small = os.urandom(1000)
+            assert await udp_round_trips(addr, [small]) == [small]
+    run(main())
+
+
+def test_an_incomplete_datagram_expires_on_its_timer_without_another_frame():
+    async def main():
+        async with relayed() as d:
+            addr = d.agent.forward_address(d.udp_forward)
+            assert await udp_round_trips(addr, [b"open"]) == [b"open"]
+            session = _udp_session(d.connector)
+            first = frame_datagram(1, os.urandom(8000), 77)[0]
+            session.datagram_frame_received(first)  # its other fragments never come
+            assert len(session.reassembler) == 1
+            await wait_for(lambda: len(session.reassembler) == 0, 5)
+            assert session.counters["datagrams_dropped_expired"] == 1
     run(main())

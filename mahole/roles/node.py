@@ -12,6 +12,7 @@ import os
 import random
 import re
 import socket
+import sys
 import time
 
 from aioquic.quic import events as qe
@@ -74,6 +75,7 @@ def bind_udp(host, port, *, dual_stack=False):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             except OSError:
                 pass  # a host without dual-stack sockets serves IPv6 only
+        _forbid_fragmentation(sock, family)
         for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, size)
@@ -84,6 +86,29 @@ def bind_udp(host, port, *, dual_stack=False):
         sock.close()
         raise StartupError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+# Linux's IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE (linux/in.h, linux/in6.h): set DF and
+# never fragment, ignoring the kernel's own path MTU guess. mahole discovers packet sizes
+# itself (mahole.pmtu); a kernel that fragmented its probes would make every size look like
+# it works, and IP fragments are what NATs and firewalls drop first.
+_PMTUDISC_PROBE = 3
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+
+
+def _forbid_fragmentation(sock, family):
+    """Send every datagram whole with the don't-fragment bit (RFC 8899 §3 wants probes that
+    the network may not fragment); a datagram too large for the link fails to send."""
+    if not sys.platform.startswith("linux"):
+        return
+    options = [(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER)] if family == socket.AF_INET6 else []
+    options.append((socket.IPPROTO_IP, _IP_MTU_DISCOVER))  # IPv4, also on dual-stack sockets
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, _PMTUDISC_PROBE)
+        except OSError:
+            pass  # an IPv6-only socket has no IPv4 option
 
 
 def load_credentials(cfg, role):

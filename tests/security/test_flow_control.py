@@ -13,46 +13,15 @@ tests do: no sockets, no clock, so the attack runs as far as it can every time.
 import pytest
 from aioquic.quic import events as qe
 from aioquic.quic.packet import QuicErrorCode
+from quic_pair import handshake, make_pair, pump
 
-from mahole import connection as qc
-from mahole import identity
-from mahole.demo import issue_certificates
-
-CLIENT_ADDR, SERVER_ADDR = ("127.0.0.1", 5000), ("127.0.0.1", 4478)
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
 
 
 @pytest.fixture
 def pair(tmp_path):
-    issue_certificates(tmp_path)
-    ca = str(tmp_path / "ca.crt")
-    mallory = identity.load_identity(tmp_path / "alice.crt", tmp_path / "alice.key")
-    server_id = identity.load_identity(tmp_path / "connector1.crt", tmp_path / "connector1.key")
-    limits = {"max_stream_data": STREAM_WINDOW, "max_data": CONNECTION_WINDOW}
-    client = qc.NodeQuicConnection(configuration=qc.configuration(
-        mallory, ca, is_client=True, alpn=qc.ALPN_E2E, server_name="connector1", **limits))
-    client.connect(SERVER_ADDR, now=0.0)
-    server = qc.NodeQuicConnection(
-        configuration=qc.configuration(server_id, ca, is_client=False, alpn=qc.ALPN_E2E,
-                                       **limits),
-        original_destination_connection_id=client.original_destination_connection_id)
-    return client, server
-
-
-def pump(client, server, now, rounds=1):
-    events = []
-    for _ in range(rounds):
-        moved = False
-        for sender, receiver, source in ((client, server, CLIENT_ADDR),
-                                         (server, client, SERVER_ADDR)):
-            for data, _addr in sender.datagrams_to_send(now=now):
-                receiver.receive_datagram(data, source, now=now)
-                moved = True
-        events += [e for c in (client, server) for e in iter(c.next_event, None)]
-        if not moved:
-            break
-    return events
+    return make_pair(tmp_path, max_stream_data=STREAM_WINDOW, max_data=CONNECTION_WINDOW)
 
 
 def buffered(server):
@@ -65,14 +34,6 @@ def with_gap_at_zero(client, stream_id):
     stream = client._get_or_create_stream_for_send(stream_id)
     stream.sender._buffer_start = stream.sender._buffer_stop = 1
     return stream
-
-
-def handshake(client, server):
-    now = 0.0
-    while not any(isinstance(e, qe.HandshakeCompleted) for e in pump(client, server, now)):
-        now += 0.01
-        assert now < 5, "no handshake"
-    return now
 
 
 def test_a_gap_at_byte_zero_pins_at_most_one_window(pair):
