@@ -76,7 +76,10 @@ def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_time
     config.certificate = node.certificate
     config.certificate_chain = list(node.chain)
     config.private_key = node.private_key
-    config.load_verify_locations(cafile=str(ca_path))
+    if isinstance(ca_path, (bytes, bytearray, memoryview)):
+        config.load_verify_locations(cadata=bytes(ca_path))  # PEM held in memory
+    else:
+        config.load_verify_locations(cafile=str(ca_path))
     if is_client:
         config.verify_mode = ssl.CERT_REQUIRED
         config.server_name = server_name

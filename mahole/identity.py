@@ -240,7 +240,19 @@ def _key_pem(key) -> bytes:
     )
 
 
+def _is_pem(source) -> bool:
+    """Credentials may be given as PEM bytes held in memory instead of a file path."""
+    return isinstance(source, (bytes, bytearray, memoryview))
+
+
+def describe_source(source) -> str:
+    """How messages name a credential: its path, or that it came from memory."""
+    return "(PEM in memory)" if _is_pem(source) else os.fspath(source)
+
+
 def _read(path, what: str) -> bytes:
+    if _is_pem(path):
+        return bytes(path)
     path = os.fspath(path)
     try:
         with open(path, "rb") as fp:
@@ -259,12 +271,12 @@ def _parse_certs(data: bytes, path, what: str) -> list:
     except ValueError:
         certs = []
     if not certs:
-        raise IdentityError(f"{what} file {os.fspath(path)} does not hold a PEM certificate")
+        raise IdentityError(f"{what} file {describe_source(path)} does not hold a PEM certificate")
     return certs
 
 
 def _parse_key(data: bytes, path):
-    path = os.fspath(path)
+    path = describe_source(path)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:  # encrypted key and no password
@@ -276,6 +288,8 @@ def _parse_key(data: bytes, path):
 
 
 def _warn_if_key_readable_by_others(path) -> None:
+    if _is_pem(path):
+        return
     try:
         mode = os.stat(path).st_mode
     except OSError:  # pragma: no cover
@@ -480,7 +494,8 @@ def issue(directory, role: str, name: str, hosts: Iterable[str] = (), days: int 
 
 
 def load_identity(cert_path, key_path) -> Identity:
-    """Load this node's certificate and key, checking they belong together and are mahole's."""
+    """Load this node's certificate and key, checking they belong together and are mahole's.
+    Each is a file path or the PEM bytes themselves."""
     cert_data = _read(cert_path, "certificate")
     key_data = _read(key_path, "key")
     certs = _parse_certs(cert_data, cert_path, "certificate")
@@ -488,12 +503,12 @@ def load_identity(cert_path, key_path) -> Identity:
     leaf = certs[0]
     if not _same_public_key(key.public_key(), leaf.public_key()):
         raise IdentityError(
-            f"key file {os.fspath(key_path)} does not match certificate {os.fspath(cert_path)}"
+            f"key file {describe_source(key_path)} does not match certificate {describe_source(cert_path)}"
         )
     try:
         role, name = role_and_name(leaf)
     except IdentityError as exc:
-        raise IdentityError(f"{os.fspath(cert_path)}: {exc}") from None
+        raise IdentityError(f"{describe_source(cert_path)}: {exc}") from None
     _warn_if_key_readable_by_others(key_path)
     return Identity(
         role=role,
@@ -511,7 +526,8 @@ def load_certificate(cert_path) -> x509.Certificate:
 
 
 def load_ca(ca_path) -> list:
-    """The CA certificate(s) in a PEM file (several are allowed, e.g. during a CA rollover)."""
+    """The CA certificate(s) in a PEM file or PEM bytes (several are allowed, e.g. during a
+    CA rollover)."""
     certs = _parse_certs(_read(ca_path, "CA certificate"), ca_path, "CA certificate")
     for cert in certs:
         try:
@@ -521,7 +537,7 @@ def load_ca(ca_path) -> list:
             is_ca = False
         if not is_ca:
             raise IdentityError(
-                f"{os.fspath(ca_path)} holds a certificate that is not a CA "
+                f"{describe_source(ca_path)} holds a certificate that is not a CA "
                 f"({cert.subject.rfc4514_string()}); give the deployment's ca.crt"
             )
     return certs

@@ -110,6 +110,7 @@ class Session(ConnectionHandler):
         self._mtus = {}  # route key -> PathMtu, oldest first
         self._mtu_key = None  # the route whose size the connection uses
         self._large_lost_seen = 0  # the connection's large_packets_lost when last looked at
+        self.route_watchers = []  # callables(RouteChanged): the library's path_changes()
         self.endpoint.router.add_session(session_id, self)
         self._arm()
 
@@ -337,6 +338,8 @@ class Session(ConnectionHandler):
         conn.transmit()
 
     def _route_changed(self, event):
+        for watcher in list(self.route_watchers):
+            watcher(event)
         if event.reason != "nominated":
             where = {"relay": "fell back to the relay", "none": "has no route left"}.get(
                 event.route, f"now {event.route}")
@@ -474,6 +477,8 @@ class Session(ConnectionHandler):
         for _, future in self._probes.values():
             future.cancel()
         self._probes.clear()
+        for watcher in list(self.route_watchers):
+            watcher(RouteChanged(NONE, None, reason))
         if self.connection is not None and not self.connection.closed:
             self.connection.close(reason=reason)
 

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 # UDP datagrams held while a session opens; beyond this they are dropped (UDP semantics).
 MAX_PENDING_DATAGRAMS = 64
+# Flow id of the library's own datagrams (mahole.api Session.send_datagram); UDP forwards
+# number their flows from 1.
+APP_FLOW = 0
+# Datagrams received for the library and not read yet; beyond this they are dropped.
+MAX_APP_DATAGRAMS = 1024
 
 # Bounds of a `mahole ping` request on the control socket: (default, lowest, highest).
 PING_COUNT = (4, 1, 1000)
@@ -33,7 +38,12 @@ PING_TIMEOUT = (2.0, 0.01, 60.0)  # seconds a probe waits for its acknowledgemen
 
 
 class SessionError(Exception):
-    """Why a forward could not reach its service, for a person."""
+    """Why a forward could not reach its service, for a person; `code` is the
+    intermediate's `control.ErrorCode` when it refused, None otherwise."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
 
 
 class AgentSession(Session):
@@ -46,6 +56,8 @@ class AgentSession(Session):
         self.ready = asyncio.get_running_loop().create_future()
         self.counters = {"streams": 0, "datagrams_out": 0, "datagrams_in": 0,
                          "datagrams_dropped_oversize": 0, "datagrams_dropped": 0}
+        # The library's datagrams (flow APP_FLOW), bounded; None until it asks for them.
+        self.app_datagrams = None
         config = qc.configuration(agent.identity, agent.cfg.ca, is_client=True,
                                   alpn=qc.ALPN_E2E, server_name=message.connector,
                                   idle_timeout=agent.cfg.e2e_idle_timeout,
@@ -79,7 +91,14 @@ class AgentSession(Session):
                 pipe.reset()
         elif isinstance(event, qe.DatagramFrameReceived):
             received = self.datagram_frame_received(event.data)
-            if received is not None:
+            if received is None:
+                pass
+            elif received[0] == APP_FLOW and self.app_datagrams is not None:
+                if self.app_datagrams.full():
+                    self._datagram_dropped(APP_FLOW, "unread")
+                else:
+                    self.app_datagrams.put_nowait(received[1])
+            else:
                 self.node.udp_reply(self.service, *received)
         elif isinstance(event, qe.ConnectionTerminated):
             self._fail(f"end-to-end connection closed: {event.reason_phrase or 'no reason'}")
@@ -325,7 +344,7 @@ class Agent(Node):
         finally:
             self._requests.pop(request_id, None)
         if isinstance(message, control.Error):
-            raise SessionError(message.message)
+            raise SessionError(message.message, message.code)
         session = AgentSession(self, message)
         self.sessions[message.session_id] = session
         if not self.cfg.relay_only:

@@ -2,12 +2,16 @@
 
 It accepts end-to-end QUIC connections only for sessions the intermediate announced, and only
 from the agent the intermediate named. Each QUIC stream becomes a TCP connection to the
-service's target; DATAGRAM frames go to its UDP target and replies come back.
+service's target; DATAGRAM frames go to its UDP target and replies come back. A service can
+also be served in-process (the library, mahole.api): its streams go to a handler given an
+asyncio reader and writer, its datagrams to a handler whose return value is the reply.
 """
 
 import asyncio
+import inspect
 import logging
 import os
+import socket
 
 from aioquic.quic import events as qe
 
@@ -16,6 +20,7 @@ from .. import identity
 from ..ice.coordinator import ice_string
 from ..session import VIRTUAL_PEER_ADDR, Session
 from ..tunnel import StreamPipe
+from ..config import Service
 from ..wire import control
 from .node import Node
 
@@ -23,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # UDP datagrams of a new flow held while its socket to the target opens; beyond, dropped.
 MAX_PENDING_FLOW_DATAGRAMS = 64
+# Kinds of in-process service (Service.proto of a service served by a handler).
+APP_STREAMS, APP_DATAGRAMS = "app-streams", "app-datagrams"
+# Datagram handler calls running at once per session; beyond this datagrams are dropped.
+MAX_DATAGRAM_HANDLERS = 64
 
 
 class _PendingStream:
@@ -62,6 +71,7 @@ class ConnectorSession(Session):
         self.target = node.services[message.service]
         self.verified = False
         self.flows = {}
+        self._handler_calls = set()  # in-process datagram handler tasks running
         self.counters = {"streams": 0, "stream_connect_failures": 0, "datagrams_in": 0,
                          "datagrams_out": 0, "datagrams_dropped": 0,
                          "datagrams_dropped_oversize": 0}
@@ -114,7 +124,7 @@ class ConnectorSession(Session):
     def _stream_data(self, event):
         pipe = self.pipes.get(event.stream_id)
         if pipe is None:
-            if self.target.proto != "tcp":
+            if self.target.proto not in ("tcp", APP_STREAMS):
                 return
             pipe = self.pipes[event.stream_id] = _PendingStream()
             self.counters["streams"] += 1
@@ -127,7 +137,11 @@ class ConnectorSession(Session):
 
     async def _open_tcp(self, stream_id, pending):
         try:
-            reader, writer = await asyncio.open_connection(self.target.host, self.target.port)
+            if self.target.proto == APP_STREAMS:
+                reader, writer = await self._serve_in_process()
+            else:
+                reader, writer = await asyncio.open_connection(self.target.host,
+                                                               self.target.port)
         except OSError as exc:
             self.counters["stream_connect_failures"] += 1
             log.warning("service %s: cannot connect to %s:%d: %s", self.service,
@@ -152,14 +166,35 @@ class ConnectorSession(Session):
         if pending.end:
             pipe.data_received(b"", True)
 
+    async def _serve_in_process(self):
+        """A connected socket pair: one end for the stream's pipe, the other end handed to
+        the service's handler as asyncio streams (the same backpressure as a TCP target)."""
+        ours, theirs = socket.socketpair()
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours)
+            app_reader, app_writer = await asyncio.open_connection(sock=theirs)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        handler = self.node.app_handlers[self.service]
+        task = asyncio.get_running_loop().create_task(
+            _run_stream_handler(handler, app_reader, app_writer, self.service))
+        self.node.app_tasks.add(task)
+        task.add_done_callback(self.node.app_tasks.discard)
+        return reader, writer
+
     # UDP -------------------------------------------------------------------------------
     def _datagram(self, data):
-        if self.target.proto != "udp":
+        if self.target.proto not in ("udp", APP_DATAGRAMS):
             return
         received = self.datagram_frame_received(data)
         if received is None:
             return
         flow_id, payload = received
+        if self.target.proto == APP_DATAGRAMS:
+            self._datagram_in_process(flow_id, payload)
+            return
         flow = self.flows.get(flow_id)
         if flow is None:
             flow = self.flows[flow_id] = _UdpFlow(self, flow_id)
@@ -171,6 +206,38 @@ class ConnectorSession(Session):
             flow.pending.append(payload)
         else:
             self._datagram_dropped(flow_id, "flow_opening")
+
+    def _datagram_in_process(self, flow_id, payload):
+        """The in-process handler's return value (bytes, or None for no reply) goes back on
+        the same flow; a coroutine handler runs as a task, bounded per session."""
+        handler = self.node.app_handlers[self.service]
+        try:
+            reply = handler(payload)
+        except Exception:  # noqa: BLE001 - the application's bug must not end the session
+            log.exception("service %s: datagram handler failed", self.service)
+            return
+        if not inspect.isawaitable(reply):
+            if reply is not None:
+                self.send_datagram(flow_id, bytes(reply))
+            return
+        if len(self._handler_calls) >= MAX_DATAGRAM_HANDLERS:
+            if inspect.iscoroutine(reply):
+                reply.close()  # never awaited: no "coroutine was never awaited" warning
+            self._datagram_dropped(flow_id, "handler_busy")
+            return
+        task = asyncio.ensure_future(reply)
+        self._handler_calls.add(task)
+        task.add_done_callback(lambda t, f=flow_id: self._datagram_handled(t, f))
+
+    def _datagram_handled(self, task, flow_id):
+        self._handler_calls.discard(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("service %s: datagram handler failed: %r", self.service,
+                      task.exception())
+        elif task.result() is not None and not self.closed:
+            self.send_datagram(flow_id, bytes(task.result()))
 
     async def _open_udp(self, flow):
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
@@ -188,6 +255,8 @@ class ConnectorSession(Session):
         for flow in self.flows.values():
             if flow.transport is not None:
                 flow.transport.close()
+        for task in self._handler_calls:
+            task.cancel()
         self.node.session_closed(self, reason)
 
     def stats(self):
@@ -200,10 +269,33 @@ class Connector(Node):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.services = {service.name: service for service in cfg.services}
+        self.app_handlers = {}  # service name -> handler of an in-process service
+        self.app_tasks = set()  # stream handlers running
         self.e2e_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_E2E,
             idle_timeout=cfg.e2e_idle_timeout, max_datagram_frame_size=65536,
             **self.debug_logs.quic_kwargs())
+
+    def add_service(self, service, handler=None):
+        """Offer one more service: a `Service` with a TCP or UDP target, or with proto
+        APP_STREAMS / APP_DATAGRAMS and the handler that serves it in-process. Services are
+        announced when the connector registers, so this works only before it first does
+        (ValueError: a name already offered; RuntimeError: too late)."""
+        if service.name in self.services:
+            raise ValueError(f"service {service.name!r} is already offered")
+        if self.control is not None and self.control.attempts:
+            raise RuntimeError(f"cannot add service {service.name!r}: the connector has "
+                               f"started registering, and services are announced when it "
+                               f"registers; add services before its first await")
+        self.services[service.name] = service
+        if handler is not None:
+            self.app_handlers[service.name] = handler
+
+    async def stop(self):
+        await super().stop()
+        for task in list(self.app_tasks):
+            task.cancel()
+        await asyncio.gather(*self.app_tasks, return_exceptions=True)
 
     def register_message(self):
         return control.Register(role="connector", name=self.name,
@@ -253,3 +345,20 @@ class Connector(Node):
         # Relayed sessions cannot outlive the relay (their agents will open new ones);
         # direct sessions carry on without the intermediate.
         self.relay_state_changed(state)
+
+
+async def _run_stream_handler(handler, reader, writer, service):
+    """One in-process stream: the handler's, closed when it returns or fails."""
+    try:
+        await handler(reader, writer)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the application's bug must not end the connector
+        log.exception("service %s: stream handler failed", service)
+    finally:
+        writer.close()
+
+
+def app_service(name, kind):
+    """The `Service` entry of an in-process service (APP_STREAMS or APP_DATAGRAMS)."""
+    return Service(name, kind, "", 0)

@@ -59,7 +59,8 @@ def explain_tls_failure(reason, cfg):
                 f"pass --intermediate-name NAME with the name it holds")
     if "expired" in reason.lower() or "no longer valid" in reason or "not valid yet" in reason:
         return f"the intermediate's certificate is not valid now ({reason})"
-    return (f"the intermediate's certificate is not trusted by --ca {cfg.ca} ({reason}): "
+    return (f"the intermediate's certificate is not trusted by --ca "
+            f"{identity.describe_source(cfg.ca)} ({reason}): "
             f"is this the right deployment's CA?")
 
 
