@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, Optional, Union
 
@@ -29,6 +28,7 @@ from .config import AgentConfig, ConnectorConfig, DEFAULT_PORT, IntermediateConf
 from .roles import agent as _agent
 from .roles import connector as _connector
 from .roles import node as _node
+from . import tunnel as _tunnel
 from .wire.control import ErrorCode
 
 __all__ = [
@@ -292,8 +292,7 @@ class Session:
 
 
 def _tunnel_max() -> int:
-    from .tunnel import MAX_UDP_PAYLOAD
-    return int(MAX_UDP_PAYLOAD)
+    return int(_tunnel.MAX_UDP_PAYLOAD)
 
 
 # Roles ---------------------------------------------------------------------------------------
@@ -360,14 +359,7 @@ class Agent:
                               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A new stream to `service` as asyncio streams, like `asyncio.open_connection`."""
         session = await self.session(service)
-        ours, theirs = socket.socketpair()
-        try:
-            reader, writer = await asyncio.open_connection(sock=ours)
-            app_reader, app_writer = await asyncio.open_connection(sock=theirs)
-        except BaseException:
-            ours.close()
-            theirs.close()
-            raise
+        (reader, writer), (app_reader, app_writer) = await _tunnel.stream_pair()
         if session.closed:
             writer.close()
             app_writer.close()

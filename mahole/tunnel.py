@@ -20,6 +20,7 @@ every part but the last has the same length. A lost fragment loses the datagram 
 
 import asyncio
 import logging
+import socket
 import struct
 from collections import OrderedDict
 
@@ -233,6 +234,20 @@ class StreamPipe:
             self.writer.close()
         if self.on_done is not None:
             self.on_done(self)
+
+
+async def stream_pair():
+    """Two connected asyncio stream ends, ((reader, writer), (reader, writer)), over a
+    socket pair: one end for a `StreamPipe`, the other for in-process code, with the same
+    backpressure as a TCP peer."""
+    ours, theirs = socket.socketpair()
+    try:
+        return (await asyncio.open_connection(sock=ours),
+                await asyncio.open_connection(sock=theirs))
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
 
 
 def pack_datagram(flow_id, payload):

@@ -11,7 +11,6 @@ import asyncio
 import inspect
 import logging
 import os
-import socket
 
 from aioquic.quic import events as qe
 
@@ -19,7 +18,7 @@ from .. import connection as qc
 from .. import identity
 from ..ice.coordinator import ice_string
 from ..session import VIRTUAL_PEER_ADDR, Session
-from ..tunnel import StreamPipe
+from ..tunnel import StreamPipe, stream_pair
 from ..config import Service
 from ..wire import control
 from .node import Node
@@ -169,14 +168,7 @@ class ConnectorSession(Session):
     async def _serve_in_process(self):
         """A connected socket pair: one end for the stream's pipe, the other end handed to
         the service's handler as asyncio streams (the same backpressure as a TCP target)."""
-        ours, theirs = socket.socketpair()
-        try:
-            reader, writer = await asyncio.open_connection(sock=ours)
-            app_reader, app_writer = await asyncio.open_connection(sock=theirs)
-        except BaseException:
-            ours.close()
-            theirs.close()
-            raise
+        (reader, writer), (app_reader, app_writer) = await stream_pair()
         handler = self.node.app_handlers[self.service]
         task = asyncio.get_running_loop().create_task(
             _run_stream_handler(handler, app_reader, app_writer, self.service))
