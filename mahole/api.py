@@ -24,6 +24,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, Optional, Union
 
+from .cli import parse_address
 from .config import AgentConfig, ConnectorConfig, DEFAULT_PORT, IntermediateConfig, Service
 from .roles import agent as _agent
 from .roles import connector as _connector
@@ -92,17 +93,15 @@ def _session_error(exc: _agent.SessionError) -> Error:
 
 
 def _hostport(value: Union[str, tuple[str, int]], default_port: int) -> tuple[str, int]:
-    """("host", port) from "host", "host:port", "[v6]:port" or a tuple."""
+    """("host", port) from a tuple or from text as the command line reads it ("HOST",
+    "HOST:PORT", "[v6]:PORT"), with its messages."""
     if isinstance(value, tuple):
         return value[0], int(value[1])
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, default_port  # a name, an IPv4 address, or a bare IPv6 address
+    try:
+        host, port = parse_address(value, default_port=default_port, allow_zero=True)
+    except ValueError as exc:
+        raise Error(str(exc)) from None
+    return str(host), int(port)
 
 
 def _credentials(cert: Credential, key: Credential, ca: Credential) -> dict[str, Any]:
@@ -176,6 +175,9 @@ class Session:
     def __init__(self, inner: _agent.AgentSession) -> None:
         self._inner = inner
         self._watchers: list[asyncio.Queue[Optional[PathChange]]] = []
+        self._ended = asyncio.Event()  # set by the route change to "none"
+        if inner.closed:
+            self._ended.set()
         inner.route_watchers.append(self._route_changed)
 
     @property
@@ -223,10 +225,11 @@ class Session:
         inner = self._inner
         if inner.closed:
             raise ConnectionLost(f"the session to {self.service} has ended")
-        if len(data) > _tunnel_max():
+        unsendable = inner.unsendable(len(data))
+        if unsendable == "oversize":
             raise DatagramTooLarge(f"datagram of {len(data):,} bytes exceeds "
-                                   f"{_tunnel_max():,}")
-        if not inner.fragments_allowed and len(data) + 2 > inner.max_datagram_frame():
+                                   f"{_tunnel.MAX_UDP_PAYLOAD:,}")
+        if unsendable is not None:
             raise DatagramTooLarge(f"datagram of {len(data):,} bytes does not fit one packet "
                                    f"and {self.connector} cannot reassemble fragments")
         self._datagrams()
@@ -235,7 +238,7 @@ class Session:
     async def recv_datagram(self) -> bytes:
         """The next datagram from the service; ConnectionLost once the session ends."""
         queue = self._datagrams()
-        closed = asyncio.ensure_future(self._closed_event().wait())
+        closed = asyncio.ensure_future(self._ended.wait())
         got = asyncio.ensure_future(queue.get())
         try:
             await asyncio.wait((got, closed), return_when=asyncio.FIRST_COMPLETED)
@@ -273,7 +276,7 @@ class Session:
             if not queue.full():
                 queue.put_nowait(change)
         if event.route == "none":
-            self._closed_event().set()
+            self._ended.set()
 
     def _datagrams(self) -> asyncio.Queue[bytes]:
         inner = self._inner
@@ -282,17 +285,6 @@ class Session:
         queue: asyncio.Queue[bytes] = inner.app_datagrams
         return queue
 
-    def _closed_event(self) -> asyncio.Event:
-        event = getattr(self, "_closed", None)
-        if event is None:
-            event = self._closed = asyncio.Event()
-            if self.closed:
-                event.set()
-        return event
-
-
-def _tunnel_max() -> int:
-    return int(_tunnel.MAX_UDP_PAYLOAD)
 
 
 # Roles ---------------------------------------------------------------------------------------

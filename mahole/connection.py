@@ -24,6 +24,7 @@ from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
 
 from . import identity
+from .pmtu import BASE_PLPMTU
 
 ALPN_CONTROL = "mahole-control/1"
 # End-to-end protocol versions, newest first; both sides offer all of them and the connector
@@ -138,7 +139,8 @@ class NodeQuicConnection(QuicConnection):
         def counting(*, packets, **kwargs):
             packets = list(packets)
             self.large_packets_lost += sum(
-                1 for packet in packets if packet.in_flight and packet.sent_bytes > 1200)
+                1 for packet in packets
+                if packet.in_flight and packet.sent_bytes > BASE_PLPMTU)
             return on_packets_lost(packets=packets, **kwargs)
         return counting
 
@@ -181,13 +183,18 @@ class NodeQuicConnection(QuicConnection):
         """The largest QUIC packet (UDP payload on the path) this side sends."""
         return self._max_datagram_size
 
+    @property
+    def max_datagram_frame(self):
+        """The largest DATAGRAM frame data one packet of the current size carries."""
+        return datagram_frame_room(self._max_datagram_size, len(self._peer_cid.cid))
+
     def set_max_datagram_size(self, size):
         """Packets up to `size` bytes from now on (what path MTU discovery found). Returns
         how many queued DATAGRAM frames no longer fit and were dropped: aioquic would keep
         such a frame at the head of its queue for ever (RFC 9221 §5: one frame, one
         packet), holding back every datagram behind it."""
         self._max_datagram_size = size
-        limit = datagram_frame_room(size, len(self._peer_cid.cid))
+        limit = self.max_datagram_frame
         pending = self._datagrams_pending
         kept = [frame for frame in pending if len(frame) <= limit]
         dropped = len(pending) - len(kept)
@@ -201,8 +208,9 @@ class NodeQuicConnection(QuicConnection):
         bytes holding PING and PADDING (RFC 9000 §14.4). `on_result(size, acked)` is called
         once, when aioquic sees it acknowledged or declares it lost (by its usual loss
         detection, RFC 9002 §6), with acked None if it could not be sent (the handshake not
-        confirmed yet, the path not validated, the connection closing). The probe is not counted in flight: its loss says nothing of
-        congestion (RFC 9000 §14.4), so the congestion window does not shrink for it."""
+        confirmed yet, the path not validated, the connection closing). The probe is not
+        counted in flight: its loss says nothing of congestion (RFC 9000 §14.4), so the
+        congestion window does not shrink for it."""
         self._mtu_probes.append((size, on_result))
 
     def datagrams_to_send(self, now):

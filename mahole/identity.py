@@ -271,7 +271,8 @@ def _parse_certs(data: bytes, path, what: str) -> list:
     except ValueError:
         certs = []
     if not certs:
-        raise IdentityError(f"{what} file {describe_source(path)} does not hold a PEM certificate")
+        raise IdentityError(
+            f"{what} file {describe_source(path)} does not hold a PEM certificate")
     return certs
 
 
@@ -503,7 +504,8 @@ def load_identity(cert_path, key_path) -> Identity:
     leaf = certs[0]
     if not _same_public_key(key.public_key(), leaf.public_key()):
         raise IdentityError(
-            f"key file {describe_source(key_path)} does not match certificate {describe_source(cert_path)}"
+            f"key file {describe_source(key_path)} does not match certificate "
+            f"{describe_source(cert_path)}"
         )
     try:
         role, name = role_and_name(leaf)

@@ -175,6 +175,7 @@ class PathMtu:
             "ceiling": self.ceiling,
             "state": self.state,
             "probes_sent": self.probes_sent,
+            "probes_acked": self.probes_acked,
             "probes_lost": self.probes_lost,
             "black_holes": self.black_holes,
         }

@@ -32,7 +32,7 @@ from .endpoint import ConnectionHandler
 from .pmtu import BASE_PLPMTU, PathMtu, route_ceiling
 from .session_core import DIRECT, NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
 from .wire.relay import session_tag
-from .tunnel import DatagramReassembler, frame_datagram
+from .tunnel import FLOW_ID_LEN, MAX_UDP_PAYLOAD, DatagramReassembler, frame_datagram
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Session(ConnectionHandler):
         self.reassembler = DatagramReassembler(on_drop=self._datagram_dropped)
         self._drops_logged = set()  # flow ids whose first datagram drop was logged
         self.fragments_allowed = False  # the peer reassembles fragments (known at handshake)
-        self._max_udp_payload = getattr(node.cfg, "max_udp_payload", BASE_PLPMTU)
+        self._max_udp_payload = node.cfg.max_udp_payload
         self._mtus = {}  # route key -> PathMtu, oldest first
         self._mtu_key = None  # the route whose size the connection uses
         self._large_lost_seen = 0  # the connection's large_packets_lost when last looked at
@@ -318,8 +318,8 @@ class Session(ConnectionHandler):
     def max_datagram_frame(self):
         """The largest DATAGRAM frame data one packet of the current route carries."""
         conn = self.connection
-        size = conn.quic.max_datagram_size if conn is not None else BASE_PLPMTU
-        return datagram_frame_room(size)
+        return conn.quic.max_datagram_frame if conn is not None else datagram_frame_room(
+            BASE_PLPMTU)
 
     def mtu_stats(self):
         """Each remembered route's path MTU discovery (route, address, size, state ...)."""
@@ -374,6 +374,16 @@ class Session(ConnectionHandler):
         return route, addr, future
 
     # Application -------------------------------------------------------------------------
+    def unsendable(self, size):
+        """Why a UDP payload of `size` bytes cannot be sent ("oversize": over
+        MAX_UDP_PAYLOAD; "peer_cannot_reassemble": too large for one packet and the peer
+        takes no fragments), or None."""
+        if size > MAX_UDP_PAYLOAD:
+            return "oversize"
+        if not self.fragments_allowed and FLOW_ID_LEN + size > self.max_datagram_frame():
+            return "peer_cannot_reassemble"
+        return None
+
     def send_datagram(self, flow_id, payload):
         """One UDP payload of a flow, in one QUIC DATAGRAM frame (RFC 9221) or, when too
         large for one packet of the current route, in fragments
@@ -384,13 +394,14 @@ class Session(ConnectionHandler):
         connection exists or after it closed, and one that would overfill aioquic's queue of
         unsent DATAGRAM frames. Subclasses keep `counters`.
         """
-        max_frame = self.max_datagram_frame()
-        if not self.fragments_allowed and len(payload) + 2 > max_frame:
-            self._datagram_dropped(flow_id, "peer_cannot_reassemble")
+        unsendable = self.unsendable(len(payload))
+        if unsendable is not None:
+            self._datagram_dropped(flow_id, unsendable)
             return
         try:
-            frames = frame_datagram(flow_id, payload, next(self._datagram_ids), max_frame)
-        except ValueError:
+            frames = frame_datagram(flow_id, payload, next(self._datagram_ids),
+                                    self.max_datagram_frame())
+        except ValueError:  # a flow id out of range: no caller sends one
             self._datagram_dropped(flow_id, "oversize")
             return
         conn = self.connection

@@ -7,6 +7,7 @@ import pytest
 from aio_helpers import run, wait_for
 
 import mahole
+import mahole.api
 from mahole import identity
 from mahole.demo import issue_certificates
 
@@ -138,7 +139,7 @@ def test_several_agents_in_one_process_with_pem_credentials_in_memory(certs):
     run(main(), timeout=60)
 
 
-def test_each_refusal_has_its_error_type(certs):
+def test_each_refusal_has_its_error_type(certs, monkeypatch):
     async def main():
         async with System(certs, allow=("alice=echo", "alice=nope")) as system:
             async with system.agent() as agent:
@@ -155,12 +156,8 @@ def test_each_refusal_has_its_error_type(certs):
             with pytest.raises(mahole.ConnectionLost, match="not registered"):
                 agent = mahole.Agent(("127.0.0.1", 9), bind=("127.0.0.1", 0),
                                      **creds(certs, "alice"))
-                import mahole.api as api
-                old, api.REGISTER_TIMEOUT = api.REGISTER_TIMEOUT, 1.0
-                try:
-                    await agent.start()
-                finally:
-                    api.REGISTER_TIMEOUT = old
+                monkeypatch.setattr(mahole.api, "REGISTER_TIMEOUT", 1.0)
+                await agent.start()
             assert issubclass(mahole.DatagramTooLarge, ValueError)
     run(main(), timeout=60)
 

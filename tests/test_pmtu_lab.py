@@ -4,9 +4,10 @@ The agent's link to its router has a 1,400-byte MTU, and every mahole socket set
 don't-fragment bit: packets larger than the link carries are dropped on the way (the router
 drops them when forwarding, the agent's kernel refuses to send them), as behind a PPPoE or
 tunnelled uplink. (The narrow link is a routed hop, not a veth the bridge feeds: a veth
-accepts frames four bytes over its MTU, room for a VLAN tag.) Each route finds its own packet size (the relay's is 17 bytes
-smaller, the relay header rides in the same datagram), and DNS-, WireGuard- and 8,000-byte
-datagrams still arrive through a UDP forward, whole and byte-identical.
+accepts frames four bytes over its MTU, room for a VLAN tag.) Each route finds its own
+packet size (the relay's is 17 bytes smaller, the relay header rides in the same datagram),
+and DNS-, WireGuard- and 8,000-byte datagrams still arrive through a UDP forward, whole and
+byte-identical.
 """
 
 import os

@@ -91,17 +91,20 @@ class AgentSession(Session):
                 pipe.reset()
         elif isinstance(event, qe.DatagramFrameReceived):
             received = self.datagram_frame_received(event.data)
-            if received is None:
-                pass
-            elif received[0] == APP_FLOW and self.app_datagrams is not None:
-                if self.app_datagrams.full():
-                    self._datagram_dropped(APP_FLOW, "unread")
-                else:
-                    self.app_datagrams.put_nowait(received[1])
-            else:
-                self.node.udp_reply(self.service, *received)
+            if received is not None:
+                self._deliver_datagram(*received)
         elif isinstance(event, qe.ConnectionTerminated):
             self._fail(f"end-to-end connection closed: {event.reason_phrase or 'no reason'}")
+
+    def _deliver_datagram(self, flow_id, payload):
+        """To the library's queue (flow APP_FLOW, once it asked for datagrams) or to the
+        UDP forward the flow belongs to."""
+        if flow_id != APP_FLOW or self.app_datagrams is None:
+            self.node.udp_reply(self.service, flow_id, payload)
+        elif self.app_datagrams.full():
+            self._datagram_dropped(APP_FLOW, "unread")
+        else:
+            self.app_datagrams.put_nowait(payload)
 
     def progress(self, connection):
         super().progress(connection)
