@@ -30,7 +30,7 @@ from .roles import agent as _agent
 from .roles import connector as _connector
 from .roles import node as _node
 from . import tunnel as _tunnel
-from .wire.control import ErrorCode
+from .wire.control import MAX_SERVICES, ErrorCode
 
 __all__ = [
     "Agent", "Connector", "Intermediate", "Session", "SessionStats", "PathChange", "Path",
@@ -372,9 +372,10 @@ class Agent:
 
 class Connector:
     """A connector: offers services to agents. A service is a TCP or UDP target
-    (`expose`), or served in this process (`serve`, `serve_datagrams`). Services are
-    announced when the connector registers: declare them before `async with` or right after
-    it, before the first await (later raises Error)."""
+    (`expose`), or served in this process (`serve`, `serve_datagrams`). A service declared
+    before `async with` goes with the registration; one declared later is announced to the
+    intermediate at once (a service its --offer rules deny is logged there and here, and not
+    offered)."""
 
     def __init__(self, intermediate: Union[str, tuple[str, int]], *, cert: Credential,
                  key: Credential, ca: Credential, bind: tuple[str, int] = ("0.0.0.0", 0),
@@ -453,13 +454,16 @@ class Connector:
         if not NAME_RE.fullmatch(service.name):
             raise Error(f"bad service name {service.name!r}")
         if self._node is None:
-            if any(s.name == service.name for s, _ in self._pending):
+            offered = [s.name for s in self._cfg.services] + [s.name for s, _ in self._pending]
+            if service.name in offered:
                 raise Error(f"service {service.name!r} is already offered")
+            if len(offered) >= MAX_SERVICES:
+                raise Error(f"a connector offers at most {MAX_SERVICES} services")
             self._pending.append((service, handler))
             return
         try:
             self._node.add_service(service, handler)
-        except (ValueError, RuntimeError) as exc:
+        except ValueError as exc:
             raise Error(str(exc)) from None
 
     def _running(self) -> Any:

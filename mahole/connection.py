@@ -29,9 +29,17 @@ from .pmtu import BASE_PLPMTU
 ALPN_CONTROL = "mahole-control/1"
 # End-to-end protocol versions, newest first; both sides offer all of them and the connector
 # picks the first it knows (RFC 7301). /2 adds fragmented UDP datagrams (mahole.tunnel): a
-# member that negotiated /1 is sent no fragments.
+# member that negotiated /1 is sent no fragments. /3 adds the stream-open byte: each stream the
+# agent opens starts with STREAM_OPEN, so the connector learns of it before the app's first
+# byte (QUIC opens a stream only with its first frame, and aioquic sends no empty one) and a
+# service that speaks first (SSH, SMTP) is connected at once.
+ALPN_E2E_STREAM_OPEN = "mahole-e2e/3"
 ALPN_E2E_FRAGMENTS = "mahole-e2e/2"
-ALPN_E2E = (ALPN_E2E_FRAGMENTS, "mahole-e2e/1")
+ALPN_E2E = (ALPN_E2E_STREAM_OPEN, ALPN_E2E_FRAGMENTS, "mahole-e2e/1")
+E2E_WITH_FRAGMENTS = frozenset((ALPN_E2E_STREAM_OPEN, ALPN_E2E_FRAGMENTS))
+# The first byte of every agent-opened stream under /3: "a byte stream to the service" (other
+# values are reserved for other kinds of stream; a connector resets a stream it does not know).
+STREAM_OPEN = b"\x00"
 
 # QUIC application error codes used when mahole closes a connection (CONNECTION_CLOSE of
 # type 0x1d, RFC 9000 §19.19: their own space, apart from transport codes such as

@@ -27,7 +27,7 @@ from aioquic.quic import events as qe
 
 from ._fast import KIND_QUIC_LONG, classify, parse_header
 from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
-from .connection import ALPN_E2E_FRAGMENTS, datagram_frame_room
+from .connection import ALPN_E2E_STREAM_OPEN, E2E_WITH_FRAGMENTS, datagram_frame_room
 from .endpoint import ConnectionHandler
 from .pmtu import BASE_PLPMTU, PathMtu, route_ceiling
 from .session_core import DIRECT, NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
@@ -106,6 +106,7 @@ class Session(ConnectionHandler):
         self.reassembler = DatagramReassembler(on_drop=self._datagram_dropped)
         self._drops_logged = set()  # flow ids whose first datagram drop was logged
         self.fragments_allowed = False  # the peer reassembles fragments (known at handshake)
+        self.stream_open_byte = False  # streams start with STREAM_OPEN (known at handshake)
         self._max_udp_payload = node.cfg.max_udp_payload
         self._mtus = {}  # route key -> PathMtu, oldest first
         self._mtu_key = None  # the route whose size the connection uses
@@ -160,7 +161,8 @@ class Session(ConnectionHandler):
             if probe is not None and not probe[1].done():
                 probe[1].set_result(self.endpoint.now() - probe[0])
         elif isinstance(event, qe.HandshakeCompleted):
-            self.fragments_allowed = event.alpn_protocol == ALPN_E2E_FRAGMENTS
+            self.fragments_allowed = event.alpn_protocol in E2E_WITH_FRAGMENTS
+            self.stream_open_byte = event.alpn_protocol == ALPN_E2E_STREAM_OPEN
             now = self.endpoint.now()
             self.core.handshake_completed(now)
             self._mtu_step(now)

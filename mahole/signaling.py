@@ -600,7 +600,7 @@ class SignalingCore:
             "ignored_wrong_direction", "ignored_duplicate_answer", "ignored_duplicate_result",
             "ignored_unexpected_result", "ignored_unexpected_pong", "ignored_duplicate_register",
             "refused_offer", "refused_connections", "signaling_dropped",
-            "nodes_flooding", "relay_shares_set",
+            "nodes_flooding", "relay_shares_set", "services_updated",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
@@ -836,6 +836,8 @@ class SignalingCore:
                 self._error(handle, control.ErrorCode.NOT_REGISTERED, "register first")
         elif isinstance(message, control.OpenSession) and link.role == "agent":
             self._open_session(link, message, now)
+        elif isinstance(message, control.UpdateServices) and link.role == "connector":
+            self._update_services(link, message, now)
         elif isinstance(message, control.SessionClosed):
             session = self._own_session(link, message)
             if session is not None:
@@ -895,15 +897,8 @@ class SignalingCore:
             self._refuse(link, control.ErrorCode.UNAUTHENTICATED, CLOSE_UNAUTHENTICATED, text,
                          now)
             return
-        denied = [service for service in message.services
-                  if not self.may_offer(link.name, service)]
-        if denied:
-            self.counters["refused_offer"] += 1
-            more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
-            text = (f"connector {link.name!r} is not allowed to offer service "
-                    f"{denied[0]!r}{more}: no --offer rule matches")
-            self._log_refusal("offer", now, "refused %s from %s: %s", link, _fmt(link.addr),
-                              text)
+        text = self._offer_refusal(link, message.services, now)
+        if text is not None:
             self._refuse(link, control.ErrorCode.DENIED, CLOSE_DENIED, text, now)
             return
         key = (link.role, link.name)
@@ -972,6 +967,35 @@ class SignalingCore:
                                           "replaced: did not answer"))
         if newcomer is not None and newcomer.handle in self._links:
             self._register(newcomer, probe.register, now)
+
+    def _offer_refusal(self, link, services, now):
+        """None if the policy lets the connector offer all of ``services``; else why not
+        (counted and logged)."""
+        denied = [service for service in services if not self.may_offer(link.name, service)]
+        if not denied:
+            return None
+        self.counters["refused_offer"] += 1
+        more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
+        text = (f"connector {link.name!r} is not allowed to offer service "
+                f"{denied[0]!r}{more}: no --offer rule matches")
+        self._log_refusal("offer", now, "refused %s from %s: %s", link, _fmt(link.addr), text)
+        return text
+
+    def _update_services(self, link, message, now):
+        """A registered connector's new list of services; refused as a whole (and the old
+        list kept) if the policy denies one of them."""
+        text = self._offer_refusal(link, message.services, now)
+        if text is not None:
+            self._error(link.handle, control.ErrorCode.DENIED, text)
+            return
+        record = self.registry.node(link.handle)
+        if record is None:
+            return
+        self.registry.put_node(dataclasses.replace(record, services=tuple(message.services)))
+        for service in message.services:
+            self._departed.pop(service, None)
+        self.counters["services_updated"] += 1
+        log.info("%s now offers %s", link, ", ".join(message.services) or "no services")
 
     def may_offer(self, connector, service):
         """Whether the policy lets ``connector`` (a name) offer ``service``."""

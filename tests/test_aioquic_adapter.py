@@ -179,13 +179,16 @@ def test_a_smaller_packet_size_drops_the_datagram_frames_that_no_longer_fit(tmp_
     assert client.datagrams_queued == 0
 
 
-def test_the_e2e_protocol_version_with_fragments_is_preferred_and_old_peers_still_connect(
+def test_the_newest_e2e_protocol_version_is_preferred_and_old_peers_still_connect(
         tmp_path):
     from quic_pair import handshake, make_pair
 
     client, server = make_pair(tmp_path)
     handshake(client, server)
-    assert client.tls.alpn_negotiated == qc.ALPN_E2E_FRAGMENTS
+    assert client.tls.alpn_negotiated == qc.ALPN_E2E_STREAM_OPEN
+    mid_client, mid_server = make_pair(tmp_path / "mid", server_alpn=qc.ALPN_E2E[1:])
+    handshake(mid_client, mid_server)
+    assert mid_client.tls.alpn_negotiated == qc.ALPN_E2E_FRAGMENTS
     old_client, old_server = make_pair(tmp_path / "old", server_alpn="mahole-e2e/1")
     handshake(old_client, old_server)
     assert old_client.tls.alpn_negotiated == "mahole-e2e/1"

@@ -207,13 +207,21 @@ def test_path_changes_report_the_route_and_the_end(certs):
     run(main(), timeout=60)
 
 
-def test_services_are_declared_before_registration(certs):
+def test_services_added_while_the_connector_runs_are_announced_at_once(certs):
     async def main():
-        async with System(certs) as system:
+        async with System(certs) as system, system.agent() as agent:
+            with pytest.raises(mahole.ServiceUnavailable):
+                await agent.open_connection("late")
             with pytest.raises(mahole.Error, match="already offered"):
                 system.connector.serve("echo", echo)
-            with pytest.raises(mahole.Error, match="announced when it registers"):
-                system.connector.serve("late", echo)
             with pytest.raises(mahole.Error, match="expected tcp:HOST:PORT"):
                 system.connector.expose("bad", "http://x")
+            system.connector.serve("late", echo)
+            await wait_for(lambda: system.intermediate.status()["counters"].get(
+                "services_updated") == 1, 10)
+            reader, writer = await agent.open_connection("late")
+            writer.write(b"after registration")
+            writer.write_eof()
+            assert await reader.read() == b"after registration"
+            writer.close()
     run(main(), timeout=60)

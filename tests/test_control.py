@@ -26,6 +26,7 @@ from mahole.wire.control import (
     Pong,
     PunchingResult,
     Register,
+    UpdateServices,
     Registered,
     SessionClosed,
     SessionOpened,
@@ -54,6 +55,8 @@ RELAY = Candidate("3", 1, "udp", 16777215, ("2001:db8::1", 4433), "relay", None)
 SAMPLES = [
     Register("agent", "laptop-7"),
     Register("connector", "office", ("web", "dns")),
+    UpdateServices(("web", "dns", "mail")),
+    UpdateServices(()),
     Registered("node-1f", ("198.51.100.4", 50000)),
     ObservedAddress(("2001:db8::42", 1)),
     OpenSession(7, "web"),
@@ -102,7 +105,7 @@ def _frame(payload):
 
 def test_registry_lists_every_message_type_by_class_name():
     assert set(MESSAGE_TYPES) == {
-        "Register", "Registered", "ObservedAddress", "OpenSession", "SessionOpened",
+        "Register", "UpdateServices", "Registered", "ObservedAddress", "OpenSession", "SessionOpened",
         "SessionClosed", "CandidateOffer", "CandidateAnswer", "StartPunching",
         "PunchingResult", "Ping", "Pong", "Error",
     }  # fmt: skip
@@ -593,6 +596,8 @@ STRATEGIES = {
             services=st.lists(names, max_size=8, unique=True).map(tuple),
         ),
     ),
+    UpdateServices: st.builds(
+        UpdateServices, services=st.lists(names, max_size=8, unique=True).map(tuple)),
     Registered: st.builds(Registered, node_id=names, observed_addr=addrs),
     ObservedAddress: st.builds(ObservedAddress, addr=addrs),
     OpenSession: st.builds(OpenSession, request_id=safe_ints, service=names),

@@ -682,6 +682,28 @@ def test_a_connector_may_not_offer_a_service_no_offer_rule_allows(caplog):
     assert close.code == signaling.CLOSE_DENIED
 
 
+def test_a_registered_connector_updates_its_services_within_the_offer_rules():
+    h = Harness(offers=("office=web", "office=db*"))
+    h.pair()
+    assert h.open(service="db-main")[0] is None  # not offered yet
+    assert h.say(2, control.UpdateServices(services=("web", "db-main"))) == []
+    assert h.core.counters["services_updated"] == 1
+    assert h.open(service="db-main", request_id=8)[0] is not None
+    # A list the policy denies is refused whole: an Error, the old list kept, no close.
+    events = h.say(2, control.UpdateServices(services=("web", "mail")))
+    [error] = [e.message for e in events if isinstance(e, SendMessage)]
+    assert error.code == control.ErrorCode.DENIED and "'mail'" in error.message
+    assert not [e for e in events if isinstance(e, CloseNode)]
+    record = h.core.registry.node_by_identity("connector", "office")
+    assert record.services == ("web", "db-main") and h.core.counters["refused_offer"] == 1
+    # Dropping a service: new sessions to it are refused as unknown.
+    h.say(2, control.UpdateServices(services=("web",)))
+    assert h.open(service="db-main", request_id=9)[0] is None
+    # An agent cannot announce services.
+    events = h.say(1, control.UpdateServices(services=("web",)))
+    assert [e.message.code for e in events] == [control.ErrorCode.BAD_MESSAGE]
+
+
 def test_without_offer_rules_any_connector_offers_anything_and_none_means_none():
     open_core = Harness()  # offers=None: as before
     open_core.connect(2, "connector", "anyone", CONNECTOR_ADDR, services=("web",))

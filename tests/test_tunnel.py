@@ -227,3 +227,72 @@ def test_malformed_and_random_datagrams_are_dropped_and_counted():
             data = os.urandom(1 << 20)
             assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
     run(main())
+
+
+async def _banner_service(reader, writer):
+    """Speaks first, like SSH or SMTP: the banner goes out before anything is read."""
+    writer.write(b"SSH-2.0-banner\r\n")
+    await writer.drain()
+    line = await reader.readline()
+    writer.write(b"you said " + line)
+    await writer.drain()
+    writer.close()
+
+
+def test_a_service_that_speaks_first_is_reached_before_the_client_writes():
+    """Under mahole-e2e/3 the agent's stream-open byte tells the connector of the stream at
+    once; without it the connector would wait for the client's first byte, and a client that
+    waits for the banner would wait for ever."""
+    async def main():
+        server = await asyncio.start_server(_banner_service, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        forward = Forward.parse("tcp:127.0.0.1:0=banner")
+        async with relayed(extra_services=(Service.parse(f"banner=tcp:127.0.0.1:{port}"),),
+                           extra_forwards=(forward,)) as d:
+            reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
+            assert await asyncio.wait_for(reader.readline(), 10) == b"SSH-2.0-banner\r\n"
+            writer.write(b"hello\n")
+            assert await asyncio.wait_for(reader.read(), 10) == b"you said hello\n"
+            writer.close()
+            session = next(iter(d.agent.sessions.values()))
+            assert session.connection.quic.tls.alpn_negotiated == "mahole-e2e/3"
+        server.close()
+    run(main())
+
+
+def test_an_agent_of_the_protocol_before_the_stream_open_byte_still_connects(monkeypatch):
+    """An agent that offers only /2 and /1 (an older release) gets streams without the
+    stream-open byte: the connector takes the first byte as data, as before."""
+    import mahole.connection as qc
+
+    async def main():
+        async with relayed() as d:
+            monkeypatch.setattr(qc, "ALPN_E2E", ("mahole-e2e/2", "mahole-e2e/1"))
+            data = os.urandom(100_000)
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            session = next(iter(d.agent.sessions.values()))
+            assert session.connection.quic.tls.alpn_negotiated == "mahole-e2e/2"
+            assert not session.stream_open_byte
+    run(main())
+
+
+def test_streams_that_break_the_stream_open_rule_are_refused_and_counted():
+    """A hostile agent opens a stream without the stream-open byte and a unidirectional
+    stream: neither reaches the service, both are counted, the session keeps serving."""
+    async def main():
+        async with relayed() as d:
+            data = os.urandom(10_000)
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            agent_session = next(iter(d.agent.sessions.values()))
+            quic = agent_session.connection.quic
+            bad = quic.get_next_available_stream_id()
+            quic.send_stream_data(bad, b"\x07not a stream-open byte")
+            uni = quic.get_next_available_stream_id(is_unidirectional=True)
+            quic.send_stream_data(uni, b"\x00one way")
+            agent_session.connection.transmit()
+            session = next(iter(d.connector.sessions.values()))
+            await wait_for(lambda: session.counters["streams_refused"] == 2)
+            streams = session.counters["streams"]
+            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert session.counters["streams"] == streams + 1
+    run(main())

@@ -132,7 +132,10 @@ class AgentSession(Session):
     def open_stream(self, reader, writer):
         quic = self.connection.quic
         stream_id = quic.get_next_available_stream_id()
-        quic.send_stream_data(stream_id, b"")  # claims the id for this pipe at once
+        # Claims the id for this pipe at once; under /3 also tells the connector now, so a
+        # service that speaks first is connected before the app sends anything.
+        quic.send_stream_data(stream_id, qc.STREAM_OPEN if self.stream_open_byte else b"")
+        self.connection.transmit()
         pipe = StreamPipe(self.connection, stream_id, reader, writer,
                           on_done=lambda p: self.pipes.pop(p.stream_id, None))
         self.pipes[stream_id] = pipe

@@ -33,6 +33,10 @@ APP_STREAMS, APP_DATAGRAMS = "app-streams", "app-datagrams"
 MAX_DATAGRAM_HANDLERS = 64
 
 
+# The pipe of a stream refused for breaking the end-to-end protocol: its data is ignored.
+_REFUSED = object()
+
+
 class _PendingStream:
     """Stream data that arrived while the TCP connection to the target is being opened."""
 
@@ -71,7 +75,8 @@ class ConnectorSession(Session):
         self.verified = False
         self.flows = {}
         self._handler_calls = set()  # in-process datagram handler tasks running
-        self.counters = {"streams": 0, "stream_connect_failures": 0, "datagrams_in": 0,
+        self.counters = {"streams": 0, "streams_refused": 0, "stream_connect_failures": 0,
+                         "datagrams_in": 0,
                          "datagrams_out": 0, "datagrams_dropped": 0,
                          "datagrams_dropped_oversize": 0}
 
@@ -105,6 +110,8 @@ class ConnectorSession(Session):
             pipe = self.pipes.get(event.stream_id)
             if isinstance(pipe, _PendingStream):
                 pipe.reset = True
+            elif pipe is _REFUSED:
+                del self.pipes[event.stream_id]
             elif pipe is not None:
                 pipe.reset()
         elif isinstance(event, qe.DatagramFrameReceived):
@@ -122,17 +129,46 @@ class ConnectorSession(Session):
     # TCP -------------------------------------------------------------------------------
     def _stream_data(self, event):
         pipe = self.pipes.get(event.stream_id)
+        data = event.data
+        if pipe is _REFUSED:
+            return
         if pipe is None:
             if self.target.proto not in ("tcp", APP_STREAMS):
                 return
+            if event.stream_id & 3:
+                # Only the agent's bidirectional streams carry connections (RFC 9000 §2.1:
+                # the low bits 0 mean client-initiated, bidirectional).
+                self._refuse_stream(event.stream_id, "not a bidirectional stream")
+                return
+            if self.stream_open_byte:
+                if data[:1] != qc.STREAM_OPEN:
+                    self._refuse_stream(event.stream_id, "no stream-open byte")
+                    return
+                data = data[1:]
             pipe = self.pipes[event.stream_id] = _PendingStream()
             self.counters["streams"] += 1
             asyncio.get_running_loop().create_task(self._open_tcp(event.stream_id, pipe))
         if isinstance(pipe, _PendingStream):
-            pipe.chunks.append(event.data)
+            if data:
+                pipe.chunks.append(data)
             pipe.end = pipe.end or event.end_stream
         else:
-            pipe.data_received(event.data, event.end_stream)
+            pipe.data_received(data, event.end_stream)
+
+    def _refuse_stream(self, stream_id, why):
+        """A stream that breaks the end-to-end protocol: dropped, counted, and reset if it
+        can be (a unidirectional stream of the agent's has no sending side here)."""
+        self.counters["streams_refused"] += 1
+        self.pipes[stream_id] = _REFUSED  # bounded by the QUIC stream limits
+        log.debug("session %s: refused stream %d: %s", self.tag, stream_id, why)
+        quic = self.connection.quic
+        try:
+            quic.stop_stream(stream_id, qc.ERROR_PROTOCOL_ERROR)
+            if stream_id & 2 == 0:
+                quic.reset_stream(stream_id, qc.ERROR_PROTOCOL_ERROR)
+            self.connection.transmit()
+        except Exception:  # noqa: BLE001 - the stream may already be gone
+            pass
 
     async def _open_tcp(self, stream_id, pending):
         try:
@@ -263,6 +299,7 @@ class Connector(Node):
         self.services = {service.name: service for service in cfg.services}
         self.app_handlers = {}  # service name -> handler of an in-process service
         self.app_tasks = set()  # stream handlers running
+        self._announced = ()  # the services the intermediate was last told of
         self.e2e_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_E2E,
             idle_timeout=cfg.e2e_idle_timeout, max_datagram_frame_size=65536,
@@ -270,18 +307,23 @@ class Connector(Node):
 
     def add_service(self, service, handler=None):
         """Offer one more service: a `Service` with a TCP or UDP target, or with proto
-        APP_STREAMS / APP_DATAGRAMS and the handler that serves it in-process. Services are
-        announced when the connector registers, so this works only before it first does
-        (ValueError: a name already offered; RuntimeError: too late)."""
+        APP_STREAMS / APP_DATAGRAMS and the handler that serves it in-process. Once
+        registered the connector announces its new list at once (UpdateServices); before,
+        the list goes with its registration (ValueError: a name already offered, or too
+        many services)."""
         if service.name in self.services:
             raise ValueError(f"service {service.name!r} is already offered")
-        if self.control is not None and self.control.attempts:
-            raise RuntimeError(f"cannot add service {service.name!r}: the connector has "
-                               f"started registering, and services are announced when it "
-                               f"registers; add services before its first await")
+        if len(self.services) >= control.MAX_SERVICES:
+            raise ValueError(f"a connector offers at most {control.MAX_SERVICES} services")
         self.services[service.name] = service
         if handler is not None:
             self.app_handlers[service.name] = handler
+        if self.control is not None and self.control.connected:
+            self._announce_services()
+
+    def _announce_services(self):
+        self._announced = tuple(self.services)
+        self.control.send(control.UpdateServices(services=self._announced))
 
     async def stop(self):
         await super().stop()
@@ -290,8 +332,8 @@ class Connector(Node):
         await asyncio.gather(*self.app_tasks, return_exceptions=True)
 
     def register_message(self):
-        return control.Register(role="connector", name=self.name,
-                                services=tuple(self.services))
+        self._announced = tuple(self.services)
+        return control.Register(role="connector", name=self.name, services=self._announced)
 
     def control_message(self, message):
         if isinstance(message, control.SessionOpened):
@@ -337,6 +379,8 @@ class Connector(Node):
         # Relayed sessions cannot outlive the relay (their agents will open new ones);
         # direct sessions carry on without the intermediate.
         self.relay_state_changed(state)
+        if state == "connected" and self._announced != tuple(self.services):
+            self._announce_services()  # added while the registration was on its way
 
 
 async def _run_stream_handler(handler, reader, writer, service):

@@ -517,6 +517,15 @@ class Register(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class UpdateServices(Message):
+    """Connector → intermediate, after `Registered`: the whole list of services it offers
+    now (one was added while it runs). The intermediate checks it against the --offer policy
+    like `Register`; a refusal is an `Error` (DENIED) and leaves the list as it was."""
+
+    services: tuple[str, ...] = _f(_Tuple(_NAME, MAX_SERVICES, unique=True))
+
+
+@dataclasses.dataclass(frozen=True)
 class Registered(Message):
     """Intermediate → node, reply to `Register`: the node's id for this registration and the
     address the intermediate observes for its control connection (QAD)."""
@@ -666,6 +675,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (
         Register,
+        UpdateServices,
         Registered,
         ObservedAddress,
         OpenSession,
