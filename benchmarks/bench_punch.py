@@ -28,7 +28,7 @@ async def one_session(deployment):
     """(ms to first echoed byte, ms StartPunching→direct as the agent measured it)."""
     agent = deployment.agent
     started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(*agent.forward_address(deployment.tcp_forward))
+    reader, writer = await asyncio.open_connection(*deployment.forward_address(deployment.tcp_forward))
     writer.write(b"x")
     await writer.drain()
     assert await reader.readexactly(1) == b"x"

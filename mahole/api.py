@@ -22,13 +22,14 @@ import asyncio
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 from .cli import parse_address
 from .config import AgentConfig, ConnectorConfig, DEFAULT_PORT, IntermediateConfig, Service
 from .roles import agent as _agent
 from .roles import connector as _connector
 from .roles import node as _node
+from . import forwards as _forwards
 from . import tunnel as _tunnel
 from .wire.control import MAX_SERVICES, ErrorCode
 
@@ -130,17 +131,32 @@ def _built(cls: Any, cfg: Any) -> Any:
         raise Unauthorized(str(exc)) from None
 
 
-async def _registered(role: Any, timeout: float) -> None:
+async def _registered(role: Any, timeout: Optional[float], *, stop: bool = False) -> None:
+    """Until the role is registered; `stop` stops it when that fails (a start that
+    failed)."""
     try:
         await role.wait_registered(timeout)
     except _node.PermanentError as exc:
-        await role.stop()
+        if stop:
+            await role.stop()
         raise Unauthorized(str(exc)) from None
     except asyncio.TimeoutError:
         error = role.control.last_error or "no answer"
-        await role.stop()
+        if stop:
+            await role.stop()
         raise ConnectionLost(f"not registered with the intermediate within {timeout:g} s "
                              f"({error})") from None
+
+
+async def _until_closed(role: Any, closed: asyncio.Event) -> None:
+    """Until `closed` is set; Unauthorized when the role fails for good first."""
+    waiter = asyncio.ensure_future(closed.wait())
+    try:
+        await asyncio.wait((waiter, role.failed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if role.failed.done() and not closed.is_set():
+        raise Unauthorized(str(role.failed.result()))
 
 
 # Sessions ----------------------------------------------------------------------------------
@@ -218,6 +234,20 @@ class Session:
             punch_result=str(punch.path) if punch is not None else None,
             packet_size=int(conn.quic.max_datagram_size) if conn is not None else 1200)
 
+    def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Carry a connection you already hold (an accepted TCP connection's streams, say) on
+        a new stream of this session: `open_connection` without the copy through a socket
+        pair. The writer is closed when the stream ends; ConnectionLost if the session has
+        ended."""
+        if self.closed:
+            raise ConnectionLost(f"the session to {self.service} has ended")
+        self._inner.open_stream(reader, writer)
+
+    def _send_flow(self, flow_id: int, data: bytes) -> None:
+        """A datagram on one of the session's flows (mahole.forwards: one flow per UDP
+        client; flow 0 is `send_datagram`'s)."""
+        self._inner.send_datagram(flow_id, data)
+
     async def send_datagram(self, data: bytes) -> None:
         """Send one datagram (unreliable, unordered: QUIC DATAGRAM frames, fragmented when
         larger than a packet). DatagramTooLarge over 65,507 bytes; ConnectionLost if the
@@ -288,20 +318,88 @@ class Session:
 
 
 # Roles ---------------------------------------------------------------------------------------
-class Agent:
+_N = TypeVar("_N", bound="_Node")
+
+
+class _Node:
+    """What agents and connectors share: start, registration, closing."""
+
+    _what = "node"
+
+    @classmethod
+    def _from_config(cls: type[_N], cfg: Any) -> _N:
+        """One of a whole configuration (the command line's)."""
+        node = cls.__new__(cls)
+        node._setup(cfg)
+        return node
+
+    def _setup(self, cfg: Any) -> None:
+        self._cfg = cfg
+        self._node: Any = None
+        self._closed = asyncio.Event()
+
+    async def _launch(self, node: Any, wait_registered: bool) -> None:
+        self._node = node  # a forward may accept a connection before start() returns
+        try:
+            await _started(node)
+        except BaseException:
+            self._node = None
+            raise
+        self._closed.clear()
+        if wait_registered:
+            try:
+                await _registered(node, REGISTER_TIMEOUT, stop=True)
+            except Error:
+                self._node = None
+                raise
+
+    async def wait_registered(self, timeout: Optional[float] = REGISTER_TIMEOUT) -> None:
+        """Until registered with the intermediate (None: no limit)."""
+        await _registered(self._running(), timeout)
+
+    async def close(self) -> None:
+        """Close every session and the socket."""
+        node, self._node = self._node, None
+        if node is not None:
+            await node.stop()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Until `close()` (or the task is cancelled); Unauthorized if the intermediate
+        refuses this node for good (a duplicate identity, say)."""
+        await _until_closed(self._running(), self._closed)
+
+    def status(self) -> dict[str, Any]:
+        """What `mahole status --json` shows for this node."""
+        status: dict[str, Any] = self._running().status()
+        return status
+
+    def _running(self) -> Any:
+        if self._node is None:
+            raise Error(f"the {self._what} is not running: use `async with "
+                        f"mahole.{type(self).__name__}(...)`")
+        return self._node
+
+
+class Agent(_Node):
     """An agent: opens sessions to services through the intermediate, directly when hole
     punching works and through its relay when not.
 
     Settings beyond the arguments are the agent's (`mahole.config.AgentConfig`, the same as
     the command line's flags), e.g. ``relay_only=True`` or ``open_timeout=5.0``."""
 
+    _what = "agent"
+
     def __init__(self, intermediate: Union[str, tuple[str, int]], *, cert: Credential,
                  key: Credential, ca: Credential, bind: tuple[str, int] = ("0.0.0.0", 0),
                  **settings: Any) -> None:
-        self._cfg = AgentConfig(intermediate=_hostport(intermediate, DEFAULT_PORT), bind=bind,
+        self._setup(AgentConfig(intermediate=_hostport(intermediate, DEFAULT_PORT), bind=bind,
                                 control_socket=settings.pop("control_socket", ""),
-                                **_credentials(cert, key, ca), **settings)
-        self._node: Any = None
+                                **_credentials(cert, key, ca), **settings))
+
+    def _setup(self, cfg: AgentConfig) -> None:
+        super()._setup(cfg)
+        self._forwards: Optional[_forwards.Forwards] = None
         self._sessions: dict[int, Session] = {}
 
     async def __aenter__(self) -> Agent:
@@ -311,18 +409,22 @@ class Agent:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start(self) -> None:
-        """Bind, connect and register with the intermediate (what `async with` does)."""
+    async def start(self, *, wait_registered: bool = True) -> None:
+        """Bind, listen on the forwards, connect and register with the intermediate (what
+        `async with` does). With ``wait_registered=False`` registration goes on in the
+        background, retried until the intermediate answers (the command line's way)."""
         node = _built(_agent.Agent, self._cfg)
-        await _started(node)
-        self._node = node
-        await _registered(node, REGISTER_TIMEOUT)
+        if self._cfg.forwards:
+            node.forwards = self._forwards = _forwards.Forwards(self, self._cfg.forwards)
+        await self._launch(node, wait_registered)
 
-    async def close(self) -> None:
-        """Close every session and the socket."""
-        node, self._node = self._node, None
-        if node is not None:
-            await node.stop()
+    def forward_address(self, forward: Any) -> tuple[str, int]:
+        """Where a forward of the ``forwards`` setting listens (useful with port 0)."""
+        self._running()
+        if self._forwards is None or forward not in self._forwards.listeners:
+            raise Error(f"no such forward: {forward}")
+        host, port = self._forwards.address(forward)
+        return str(host), int(port)
 
     @property
     def name(self) -> str:
@@ -341,52 +443,54 @@ class Agent:
             inner = await node.session_for(service)
         except _agent.SessionError as exc:
             raise _session_error(exc) from None
-        wrapper = self._sessions.get(id(inner))
-        if wrapper is None or wrapper._inner is not inner:
-            self._sessions = {key: s for key, s in self._sessions.items() if not s.closed}
-            wrapper = self._sessions[id(inner)] = Session(inner)
-        return wrapper
+        return self._wrapped(inner)
 
     async def open_connection(self, service: str
                               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A new stream to `service` as asyncio streams, like `asyncio.open_connection`."""
         session = await self.session(service)
         (reader, writer), (app_reader, app_writer) = await _tunnel.stream_pair()
-        if session.closed:
+        try:
+            session.carry(reader, writer)
+        except ConnectionLost:
             writer.close()
             app_writer.close()
-            raise ConnectionLost(f"the session to {service} has ended")
-        session._inner.open_stream(reader, writer)
+            raise
         return app_reader, app_writer
 
-    def status(self) -> dict[str, Any]:
-        """What `mahole status --json` shows for this agent."""
-        status: dict[str, Any] = self._running().status()
-        return status
+    def _ready_session(self, service: str) -> Optional[Session]:
+        """The session to `service` if one is open and ready now, without waiting."""
+        inner = self._running().ready_session(service)
+        return None if inner is None else self._wrapped(inner)
 
-    def _running(self) -> Any:
-        if self._node is None:
-            raise Error("the agent is not running: use `async with mahole.Agent(...)`")
-        return self._node
+    def _wrapped(self, inner: Any) -> Session:
+        wrapper = self._sessions.get(id(inner))
+        if wrapper is None or wrapper._inner is not inner:
+            self._sessions = {key: s for key, s in self._sessions.items() if not s.closed}
+            wrapper = self._sessions[id(inner)] = Session(inner)
+        return wrapper
 
 
-class Connector:
+class Connector(_Node):
     """A connector: offers services to agents. A service is a TCP or UDP target
     (`expose`), or served in this process (`serve`, `serve_datagrams`). A service declared
     before `async with` goes with the registration; one declared later is announced to the
     intermediate at once (a service its --offer rules deny is logged there and here, and not
     offered)."""
 
+    _what = "connector"
+
     def __init__(self, intermediate: Union[str, tuple[str, int]], *, cert: Credential,
                  key: Credential, ca: Credential, bind: tuple[str, int] = ("0.0.0.0", 0),
                  **settings: Any) -> None:
-        self._cfg = ConnectorConfig(intermediate=_hostport(intermediate, DEFAULT_PORT),
+        self._setup(ConnectorConfig(intermediate=_hostport(intermediate, DEFAULT_PORT),
                                     bind=bind,
                                     control_socket=settings.pop("control_socket", ""),
-                                    **_credentials(cert, key, ca), **settings)
+                                    **_credentials(cert, key, ca), **settings))
+
+    def _setup(self, cfg: ConnectorConfig) -> None:
+        super()._setup(cfg)
         self._pending: list[tuple[Service, Any]] = []
-        self._node: Any = None
-        self._closed = asyncio.Event()
 
     async def __aenter__(self) -> Connector:
         await self.start()
@@ -395,36 +499,15 @@ class Connector:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start(self) -> None:
+    async def start(self, *, wait_registered: bool = False) -> None:
         """Bind and start registering (what `async with` does). The registration itself
-        runs in the background, so services declared right after still go with it;
-        `wait_registered()` waits for it."""
+        runs in the background (retried until the intermediate answers), so services
+        declared right after still go with it; `wait_registered()` waits for it, and so does
+        ``wait_registered=True``."""
         node = _built(_connector.Connector, self._cfg)
         for service, handler in self._pending:
             node.add_service(service, handler)
-        await _started(node)
-        self._node = node
-
-    async def wait_registered(self, timeout: float = REGISTER_TIMEOUT) -> None:
-        await _registered(self._running(), timeout)
-
-    async def close(self) -> None:
-        node, self._node = self._node, None
-        if node is not None:
-            await node.stop()
-        self._closed.set()
-
-    async def wait_closed(self) -> None:
-        """Until `close()` (or the task is cancelled); Unauthorized if the intermediate
-        refuses this connector for good."""
-        node = self._running()
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait((closed, node.failed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-        if node.failed.done() and not self._closed.is_set():
-            raise Unauthorized(str(node.failed.result()))
+        await self._launch(node, wait_registered)
 
     def expose(self, name: str, target: str) -> None:
         """Offer `name` with a target like the command line's --service: "tcp:HOST:PORT" or
@@ -445,10 +528,6 @@ class Connector:
         async) returns the reply, or None for none."""
         self._add(_connector.app_service(name, _connector.APP_DATAGRAMS), handler)
 
-    def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = self._running().status()
-        return status
-
     def _add(self, service: Service, handler: Any) -> None:
         from .wire.control import NAME_RE
         if not NAME_RE.fullmatch(service.name):
@@ -465,11 +544,6 @@ class Connector:
             self._node.add_service(service, handler)
         except ValueError as exc:
             raise Error(str(exc)) from None
-
-    def _running(self) -> Any:
-        if self._node is None:
-            raise Error("the connector is not running: use `async with mahole.Connector(...)`")
-        return self._node
 
 
 class Intermediate:

@@ -524,7 +524,7 @@ def _node_kwargs(args):
 
 
 def run_connector(args):
-    from .roles.connector import Connector
+    from .api import Connector
 
     seen = set()
     for service in args.service:
@@ -537,7 +537,7 @@ def run_connector(args):
 
 
 def run_agent(args):
-    from .roles.agent import Agent
+    from .api import Agent
 
     cfg = AgentConfig(forwards=tuple(args.forward), **_node_kwargs(args))
     return _serve(args, Agent, cfg)
@@ -554,50 +554,78 @@ def _error(args, text):
     return 2
 
 
-async def _notify_ready(role, command):
-    """READY=1 for systemd (Type=notify) once the role serves: the intermediate as soon as it
-    listens, a node once the intermediate accepted its registration (a permanent refusal
-    ends _serve through role.failed instead)."""
-    from .roles.node import PermanentError
-
-    if not hasattr(role, "wait_registered"):
-        systemd.ready(f"{command} {role.identity.name} listening on "
-                      f"{format_hostport(*role.local_address[:2])}")
-        return
-    try:
-        await role.wait_registered(None)
-    except PermanentError:
-        return
-    systemd.ready(f"{command} {role.name} registered with "
-                  f"{format_hostport(*role.intermediate_addr[:2])}")
+async def _until_signalled():
+    """Until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    await stop
 
 
 def _serve(args, role_cls, cfg):
-    """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start or
-    meets a permanent error (a certificate that does not match, a duplicate identity)."""
-    from .roles.node import PermanentError, StartupError
+    """Run a role until SIGINT/SIGTERM; one clear line and exit 2 if it cannot start. An
+    agent or a connector is the library's (`_serve_node`)."""
+    from .roles.node import StartupError
+
+    if hasattr(role_cls, "_from_config"):
+        return _serve_node(args, role_cls._from_config(cfg))
 
     async def main():
         role = role_cls(cfg)
         await role.start()
-        stop = asyncio.get_running_loop().create_future()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
         logs.say(f"mahole {args.command} running; Ctrl-C to stop")
-        failed = getattr(role, "failed", None)  # agents and connectors can fail for good
-        ready = loop.create_task(_notify_ready(role, args.command))
-        await asyncio.wait([stop] if failed is None else [stop, failed],
-                           return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        systemd.stopping()
-        await role.stop()
-        if failed is not None and failed.done():
-            raise PermanentError(failed.result())
+        systemd.ready(f"{args.command} {role.identity.name} listening on "
+                      f"{format_hostport(*role.local_address[:2])}")
+        try:
+            await _until_signalled()
+        finally:
+            systemd.stopping()
+            await role.stop()
 
     try:
         asyncio.run(main())
     except StartupError as exc:
+        return _error(args, str(exc))
+    return 0
+
+
+def _serve_node(args, node):
+    """Run an agent or a connector (a `mahole.Agent` or `mahole.Connector`: the command line
+    is a user of the library) until SIGINT/SIGTERM. It keeps trying to reach the
+    intermediate; one clear line and exit 2 if it cannot start or meets a permanent error
+    (a certificate that does not match, a duplicate identity)."""
+    from .api import Error
+
+    async def notify_registered():
+        # READY=1 for systemd (Type=notify) once the intermediate accepted the registration.
+        try:
+            await node.wait_registered(None)
+        except Error:
+            return  # a permanent refusal ends wait_closed() below
+        status = node.status()
+        systemd.ready(f"{args.command} {status['name']} registered with "
+                      f"{status['intermediate']['addr']}")
+
+    async def main():
+        await node.start(wait_registered=False)
+        logs.say(f"mahole {args.command} running; Ctrl-C to stop")
+        ready = asyncio.ensure_future(notify_registered())
+        signalled = asyncio.ensure_future(_until_signalled())
+        closed = asyncio.ensure_future(node.wait_closed())
+        try:
+            await asyncio.wait((signalled, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (ready, signalled, closed):
+                task.cancel()
+            systemd.stopping()
+            await node.close()
+        if closed.done() and not closed.cancelled() and closed.exception() is not None:
+            raise closed.exception()
+
+    try:
+        asyncio.run(main())
+    except Error as exc:
         return _error(args, str(exc))
     return 0
 

@@ -71,7 +71,7 @@ class LocalDeployment:
         self.intermediate_kwargs = intermediate_kwargs or {}
         self.agent_kwargs = agent_kwargs or {}
         self.connector_kwargs = connector_kwargs or {}
-        self.intermediate = self.connector = self.agent = None
+        self.intermediate = self.connector = self.agent = self.agent_api = None
         self._servers = []
 
     def creds(self, name):
@@ -80,7 +80,7 @@ class LocalDeployment:
                 "key": os.path.join(self.dir, f"{name}.key")}
 
     async def start(self):
-        from .roles.agent import Agent
+        from .api import Agent
         from .roles.connector import Connector
         from .roles.intermediate import Intermediate
 
@@ -110,16 +110,25 @@ class LocalDeployment:
         await self.connector.start()
         self.tcp_forward = Forward.parse("tcp:127.0.0.1:0=echo")
         self.udp_forward = Forward.parse("udp:127.0.0.1:0=echo-udp")
-        self.agent = Agent(AgentConfig(
+        # The agent as the command line runs it: the library's Agent with its forwards.
+        self.agent_api = Agent._from_config(AgentConfig(
             forwards=(self.tcp_forward, self.udp_forward, *self.extra_forwards),
             **{**node, **self.agent_kwargs}, **self.creds(self.agent_name)))
-        await self.agent.start()
+        await self.agent_api.start(wait_registered=False)
+        self.agent = self.agent_api._node  # the role inside, for tests that look at it
         await self.connector.wait_registered(10)
         await self.agent.wait_registered(10)
         return self
 
+    def forward_address(self, forward):
+        """Where the agent's forward listens (host, port)."""
+        return self.agent_api.forward_address(forward)
+
     async def stop(self):
-        for role in (self.agent, self.connector, self.intermediate):
+        if self.agent_api is not None:
+            with contextlib.suppress(Exception):
+                await self.agent_api.close()
+        for role in (self.connector, self.intermediate):
             if role is not None:
                 with contextlib.suppress(Exception):
                     await role.stop()
@@ -201,8 +210,8 @@ async def _demo(total_bytes):
     async with LocalDeployment() as deployment:
         agent = deployment.agent
         # First contact opens the sessions over the relay; then hole punching runs.
-        tcp_addr = agent.forward_address(deployment.tcp_forward)
-        udp_addr = agent.forward_address(deployment.udp_forward)
+        tcp_addr = deployment.forward_address(deployment.tcp_forward)
+        udp_addr = deployment.forward_address(deployment.udp_forward)
         await tcp_round_trip(tcp_addr, b"hello")
         await udp_round_trips(udp_addr, [b"hello"])
         await _punching_done(agent, deployment.agent.cfg.punch_deadline + 2)

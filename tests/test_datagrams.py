@@ -235,7 +235,7 @@ EXPECTED_SIZE = {"relay": 1472 - 17, "default": 1472, "no-discovery": 1200}
 def test_dns_wireguard_and_large_datagrams_arrive_byte_identical(deployment, request):
     async def main():
         async with deployment() as d:
-            addr = d.agent.forward_address(d.udp_forward)
+            addr = d.forward_address(d.udp_forward)
             # Open the session and let hole punching and path MTU discovery settle first: a
             # datagram caught in the switch to the direct route may be lost (UDP semantics),
             # which is not what this test is about.
@@ -280,7 +280,7 @@ def test_a_wireguard_sized_flood_keeps_working_with_bounded_memory():
 
     async def main():
         async with relayed() as d:
-            addr = d.agent.forward_address(d.udp_forward)
+            addr = d.forward_address(d.udp_forward)
             assert await udp_round_trips(addr, [b"warm up"]) == [b"warm up"]
             transport, client = await asyncio.get_running_loop().create_datagram_endpoint(
                 _Counter, remote_addr=addr)
@@ -321,7 +321,7 @@ def test_a_wireguard_sized_flood_keeps_working_with_bounded_memory():
 def test_a_datagram_over_the_udp_maximum_is_dropped_counted_and_logged_once_per_flow(caplog):
     async def main():
         async with relayed() as d:
-            addr = d.agent.forward_address(d.udp_forward)
+            addr = d.forward_address(d.udp_forward)
             assert await udp_round_trips(addr, [b"open"]) == [b"open"]
             session = _udp_session(d.agent)
             flow_id = 1  # the forward's first client
@@ -345,7 +345,7 @@ def test_a_peer_of_the_older_protocol_is_sent_no_fragments(monkeypatch, caplog):
 
     async def main():
         async with relayed() as d:
-            addr = d.agent.forward_address(d.udp_forward)
+            addr = d.forward_address(d.udp_forward)
             assert await udp_round_trips(addr, [b"open"]) == [b"open"]
             session = _udp_session(d.agent)
             assert session.connection.quic.tls.alpn_negotiated == "mahole-e2e/1"
@@ -364,7 +364,7 @@ def test_a_peer_of_the_older_protocol_is_sent_no_fragments(monkeypatch, caplog):
 def test_an_incomplete_datagram_expires_on_its_timer_without_another_frame():
     async def main():
         async with relayed() as d:
-            addr = d.agent.forward_address(d.udp_forward)
+            addr = d.forward_address(d.udp_forward)
             assert await udp_round_trips(addr, [b"open"]) == [b"open"]
             session = _udp_session(d.connector)
             first = frame_datagram(1, os.urandom(8000), 77)[0]

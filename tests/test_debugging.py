@@ -50,7 +50,7 @@ def test_keylog_and_qlog_cover_control_and_end_to_end_connections(tmp_path, rela
                                    agent_kwargs={**debug["agent"], "relay_only": relay_only}
                                    ) as d:
             data = os.urandom(50_000)
-            received = await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data)
+            received = await tcp_round_trip(d.forward_address(d.tcp_forward), data)
             assert received == data
     run(main())
 

@@ -54,3 +54,14 @@ def test_the_docs_name_nothing_that_does_not_exist():
         for part in dotted.split("."):
             assert hasattr(obj, part), f"docs/api.md names mahole.{dotted}"
             obj = getattr(obj, part)
+
+
+@pytest.mark.parametrize("cls, var", [(mahole.Agent, "agent"), (mahole.Session, "session"),
+                                      (mahole.Connector, "connector"),
+                                      (mahole.Intermediate, "intermediate")])
+def test_every_public_method_and_property_is_documented(cls, var):
+    text = (ROOT / "docs" / "api.md").read_text()
+    names = {name for klass in cls.__mro__[:-1] for name in vars(klass)
+             if not name.startswith("_")}
+    missing = [name for name in names if f"{var}.{name}" not in text]
+    assert not missing, f"docs/api.md does not mention {var}.{', '.join(sorted(missing))}"

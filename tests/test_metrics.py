@@ -117,11 +117,11 @@ def test_every_role_serves_prometheus_metrics_that_parse_with_the_right_types():
     async def main():
         async with two_hosts() as d:
             data = os.urandom(256 << 10)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             [session] = d.agent.sessions.values()
             await wait_for(lambda: session.core.route == DIRECT
                            and d.intermediate.signaling.punching["direct"] == 1, 15)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             texts = {}
             for role, registry in ((d.intermediate, intermediate_registry(d.intermediate)),
                                    (d.agent, node_registry(d.agent)),

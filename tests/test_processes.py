@@ -13,12 +13,9 @@ import pytest
 from mahole.demo import issue_certificates, tcp_round_trip
 from labroles import ECHO_SERVER, wait
 from mahole.status import fetch
+from ports import free_port  # noqa: F401 - other tests import it from here
 
 
-def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Processes:

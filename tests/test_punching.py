@@ -43,7 +43,7 @@ def test_session_opens_on_the_relay_then_moves_to_direct_mid_transfer():
 
             data = os.urandom(12 << 20)
             transfer = asyncio.get_running_loop().create_task(
-                tcp_round_trip(d.agent.forward_address(d.tcp_forward), data))
+                tcp_round_trip(d.forward_address(d.tcp_forward), data))
             await wait_for(lambda: d.agent.sessions and _only_session(d.agent).connection
                            and _only_session(d.agent).connection.bytes_received > 1 << 20, 30)
             agent_session = _only_session(d.agent)
@@ -74,7 +74,7 @@ def test_relay_only_never_punches():
     async def main():
         async with two_hosts(agent={"relay_only": True}) as d:
             data = os.urandom(1 << 20)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             session = _only_session(d.agent)
             assert session.core.route == RELAY and session.core.packets[DIRECT] == 0
             assert d.agent.puncher.punches == {}
@@ -87,7 +87,7 @@ def test_direct_only_uses_no_relay():
         async with two_hosts(agent={"direct_only": True},
                              connector={"direct_only": True}) as d:
             data = os.urandom(1 << 20)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             for node in (d.agent, d.connector):
                 session = _only_session(node)
                 assert session.core.route == DIRECT and session.core.packets[RELAY] == 0
@@ -110,7 +110,7 @@ def test_direct_packets_from_another_address_are_dropped():
     async def main():
         async with two_hosts() as d:
             data = os.urandom(256 << 10)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             session = _only_session(d.agent)
             await wait_for(lambda: session.core.route == DIRECT)
             before = d.agent.endpoint.counters["dropped_wrong_source"]
@@ -121,7 +121,7 @@ def test_direct_packets_from_another_address_are_dropped():
                 for _ in range(5):
                     stranger.sendto(packet, d.agent.endpoint.local_address[:2])
             await wait_for(lambda: d.agent.endpoint.counters["dropped_wrong_source"] >= before + 5)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
     run(main())
 
 
@@ -133,7 +133,7 @@ def test_repeated_and_stray_signaling_is_ignored_and_counted():
 
     async def main():
         async with two_hosts() as d:
-            addr = d.agent.forward_address(d.tcp_forward)
+            addr = d.forward_address(d.tcp_forward)
             assert await tcp_round_trip(addr, b"before") == b"before"
             session = _only_session(d.agent)
             await wait_for(lambda: session.core.route == DIRECT, 10)

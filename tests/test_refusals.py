@@ -36,8 +36,7 @@ def _agent_config(d, cert_dir, name, **kw):
     return AgentConfig(ca=os.path.join(d.dir, "ca.crt"), cert=str(cert_dir / f"{name}.crt"),
                        key=str(cert_dir / f"{name}.key"),
                        intermediate=d.intermediate.local_address[:2], bind=("127.0.0.1", 0),
-                       forwards=(Forward.parse("tcp:127.0.0.1:0=echo"),), connect_timeout=2,
-                       **kw)
+                       connect_timeout=2, **kw)
 
 
 @pytest.mark.parametrize("who, message", [
@@ -103,7 +102,7 @@ def test_denied_or_unknown_service(certs, caplog, allow, service, message):
                 await d.agent.session_for(service)
             # Through the forward: the local connection is closed, the reason is logged.
             with caplog.at_level(logging.WARNING, logger="mahole"):
-                reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
+                reader, writer = await asyncio.open_connection(*d.forward_address(forward))
                 assert await reader.read() == b""
                 writer.close()
             assert message in caplog.text

@@ -28,7 +28,7 @@ def test_idle_session_ends_and_a_busy_one_never_does():
 
     async def main():
         async with LocalDeployment(agent_kwargs=short, connector_kwargs=short) as d:
-            forward = d.agent.forward_address(d.tcp_forward)
+            forward = d.forward_address(d.tcp_forward)
             # A TCP connection held open without a byte for ten idle timeouts.
             reader, writer = await asyncio.open_connection(*forward)
             writer.write(b"hello")
@@ -49,7 +49,7 @@ def test_idle_session_ends_and_a_busy_one_never_does():
             loop = asyncio.get_running_loop()
             replies = asyncio.Queue()
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Collect(replies), remote_addr=d.agent.forward_address(d.udp_forward))
+                lambda: _Collect(replies), remote_addr=d.forward_address(d.udp_forward))
             try:
                 transport.sendto(b"ping")
                 assert await asyncio.wait_for(replies.get(), 10) == b"ping"
@@ -88,7 +88,7 @@ def test_a_peer_that_goes_silent_is_noticed_within_peer_dead_after():
     async def main():
         async with LocalDeployment(agent_kwargs=fast, connector_kwargs=fast) as d:
             data = os.urandom(64 << 10)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             session = _only_session(d.agent)
             # The connector vanishes without a word (as under kill -9, or a cut cable).
             silenced_at = time.monotonic()

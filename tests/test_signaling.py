@@ -612,7 +612,7 @@ def test_shell_refuses_a_second_live_copy_of_a_connector():
                 assert d.intermediate.nodes[("connector", "connector1")].handle == first
                 assert d.intermediate.counters["refused_conflict"] >= 1
                 data = b"still the first one" * 1000
-                assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward),
+                assert await tcp_round_trip(d.forward_address(d.tcp_forward),
                                             data) == data
             finally:
                 await twin.stop()
@@ -631,7 +631,7 @@ def test_shell_a_frozen_connector_is_gone_within_the_dead_time_and_the_agent_tol
     async def main():
         async with LocalDeployment(agent_kwargs={"relay_only": True}) as d:
             data = b"x" * 10000
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             assert d.intermediate.status()["sessions"]["open"] == 1
             _freeze(d.connector)
             t0 = time.monotonic()

@@ -29,7 +29,7 @@ async def cli(*argv):
 
 
 async def direct(deployment):
-    await tcp_round_trip(deployment.agent.forward_address(deployment.tcp_forward), b"x" * 1000)
+    await tcp_round_trip(deployment.forward_address(deployment.tcp_forward), b"x" * 1000)
     await wait_for(lambda: all(s.route == "direct" for s in deployment.agent.sessions.values())
                    and deployment.agent.sessions, 10)
 
@@ -48,8 +48,8 @@ def test_every_role_opens_a_private_socket_removed_on_stop(control_dir, capfd):
                 assert stat.S_IMODE(os.stat(control_dir / name).st_mode) == 0o600
             assert stat.S_IMODE(os.stat(control_dir).st_mode) == 0o700
             assert d.agent.status()["control_socket"] == str(control_dir / "agent-alice.sock")
-            tcp = d.agent.forward_address(d.tcp_forward)
-            udp = d.agent.forward_address(d.udp_forward)
+            tcp = d.forward_address(d.tcp_forward)
+            udp = d.forward_address(d.udp_forward)
         assert not list(control_dir.iterdir())  # sockets and their locks gone
         return tcp, udp
 
@@ -368,7 +368,7 @@ def test_an_unusable_default_directory_costs_only_the_socket(control_dir, caplog
         async with LocalDeployment() as d:
             assert d.agent.control_server is None and d.agent.status()["control_socket"] is None
             data = os.urandom(10000)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
 
     with caplog.at_level("WARNING", logger="mahole.roles.node"):
         run(main())

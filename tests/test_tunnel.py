@@ -39,7 +39,7 @@ def test_20_mb_arrive_byte_identical():
     async def main():
         async with relayed() as d:
             data = os.urandom(20 << 20)
-            echoed = await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data)
+            echoed = await tcp_round_trip(d.forward_address(d.tcp_forward), data)
             assert echoed == data
             session = d.agent.status()["sessions"][0]
             assert session["path"] == "relay" and session["service"] == "echo"
@@ -53,7 +53,7 @@ def test_20_mb_arrive_byte_identical():
 def test_concurrent_tcp_connections_share_one_session():
     async def main():
         async with relayed() as d:
-            addr = d.agent.forward_address(d.tcp_forward)
+            addr = d.forward_address(d.tcp_forward)
             blobs = [os.urandom(random.randint(1, 2 << 20)) for _ in range(8)]
             echoed = await asyncio.gather(*(tcp_round_trip(addr, b) for b in blobs))
             assert echoed == blobs
@@ -70,7 +70,7 @@ def test_half_close_reaches_the_service_and_the_answer_comes_back():
         async with relayed(extra_services=(Service.parse(f"digest=tcp:127.0.0.1:{port}"),),
                                    extra_forwards=(forward,)) as d:
             data = os.urandom(3 << 20)
-            reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
+            reader, writer = await asyncio.open_connection(*d.forward_address(forward))
             writer.write(data)
             await writer.drain()
             writer.write_eof()  # our side is done; the service answers only after the EOF
@@ -100,7 +100,7 @@ def test_slow_reader_bounds_memory_with_backpressure():
         forward = Forward.parse("tcp:127.0.0.1:0=firehose")
         async with relayed(extra_services=(Service.parse(f"firehose=tcp:127.0.0.1:{port}"),),
                                    extra_forwards=(forward,)) as d:
-            reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
+            reader, writer = await asyncio.open_connection(*d.forward_address(forward))
             writer.write(b"go")
             await writer.drain()
             connector_session = await _one_session(d.connector)
@@ -163,7 +163,7 @@ def test_udp_round_trips_and_a_datagram_over_one_frame_does_not_stall_later_ones
     # Over MAX_DATAGRAM_PAYLOAD - 2 a datagram is fragmented (tests/test_datagrams.py).
     async def main():
         async with relayed() as d:
-            addr = d.agent.forward_address(d.udp_forward)
+            addr = d.forward_address(d.udp_forward)
             payloads = [os.urandom(n) for n in (1, 64, 512, MAX_DATAGRAM_PAYLOAD - 2)]
             assert await udp_round_trips(addr, payloads) == payloads
             over_one_frame = os.urandom(MAX_DATAGRAM_PAYLOAD + 100)
@@ -191,7 +191,7 @@ def test_the_intermediate_only_ever_sees_ciphertext():
                     return original(datagrams)
                 node.endpoint.process = recording
             data = marker * 2000
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             frames = [frame for frame in seen if frame[:1] == b"\x10"]
             assert len(frames) > 50
             assert not any(marker[:16] in frame for frame in seen)
@@ -225,7 +225,7 @@ def test_malformed_and_random_datagrams_are_dropped_and_counted():
                 + d.intermediate.counters["stun_malformed"] > 300)
             # Everything keeps serving.
             data = os.urandom(1 << 20)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
     run(main())
 
 
@@ -249,7 +249,7 @@ def test_a_service_that_speaks_first_is_reached_before_the_client_writes():
         forward = Forward.parse("tcp:127.0.0.1:0=banner")
         async with relayed(extra_services=(Service.parse(f"banner=tcp:127.0.0.1:{port}"),),
                            extra_forwards=(forward,)) as d:
-            reader, writer = await asyncio.open_connection(*d.agent.forward_address(forward))
+            reader, writer = await asyncio.open_connection(*d.forward_address(forward))
             assert await asyncio.wait_for(reader.readline(), 10) == b"SSH-2.0-banner\r\n"
             writer.write(b"hello\n")
             assert await asyncio.wait_for(reader.read(), 10) == b"you said hello\n"
@@ -269,7 +269,7 @@ def test_an_agent_of_the_protocol_before_the_stream_open_byte_still_connects(mon
         async with relayed() as d:
             monkeypatch.setattr(qc, "ALPN_E2E", ("mahole-e2e/2", "mahole-e2e/1"))
             data = os.urandom(100_000)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             session = next(iter(d.agent.sessions.values()))
             assert session.connection.quic.tls.alpn_negotiated == "mahole-e2e/2"
             assert not session.stream_open_byte
@@ -282,7 +282,7 @@ def test_streams_that_break_the_stream_open_rule_are_refused_and_counted():
     async def main():
         async with relayed() as d:
             data = os.urandom(10_000)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             agent_session = next(iter(d.agent.sessions.values()))
             quic = agent_session.connection.quic
             bad = quic.get_next_available_stream_id()
@@ -293,6 +293,6 @@ def test_streams_that_break_the_stream_open_rule_are_refused_and_counted():
             session = next(iter(d.connector.sessions.values()))
             await wait_for(lambda: session.counters["streams_refused"] == 2)
             streams = session.counters["streams"]
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             assert session.counters["streams"] == streams + 1
     run(main())

@@ -1,9 +1,7 @@
-"""The agent: local forwards on the user's machine, carried to services through connectors.
+"""The agent: opens end-to-end sessions to services through the intermediate.
 
-`tcp:LHOST:LPORT=SERVICE` listens locally and carries each accepted connection on a new QUIC
-stream of the service's end-to-end session; `udp:LHOST:LPORT=SERVICE` carries datagrams as
-QUIC DATAGRAM frames. A session is opened on first use through the intermediate and reopened
-when it ends.
+A session is opened on demand (`session_for`) and carries streams (`AgentSession.open_stream`)
+and datagrams. The library (mahole.api) and the local forwards (mahole.forwards) use it.
 """
 
 import asyncio
@@ -17,14 +15,12 @@ from aioquic.quic import events as qe
 from .. import connection as qc
 from .. import identity
 from ..session import VIRTUAL_PEER_ADDR, Session
-from ..tunnel import MAX_FLOW_ID, StreamPipe
+from ..tunnel import StreamPipe
 from ..wire import control
 from .node import Node, StartupError, _fmt
 
 log = logging.getLogger(__name__)
 
-# UDP datagrams held while a session opens; beyond this they are dropped (UDP semantics).
-MAX_PENDING_DATAGRAMS = 64
 # Flow id of the library's own datagrams (mahole.api Session.send_datagram); UDP forwards
 # number their flows from 1.
 APP_FLOW = 0
@@ -155,113 +151,36 @@ class AgentSession(Session):
         return {**super().stats(), **self.counters}
 
 
-class _UdpForward(asyncio.DatagramProtocol):
-    """A local UDP port: each client address is a flow of the service's session."""
-
-    def __init__(self, agent, forward):
-        self.agent = agent
-        self.forward = forward
-        self.transport = None
-        self.flow_ids = {}
-        self.flow_addrs = {}
-        self._next_flow = itertools.count(1)
-        self.pending = []
-        self.dropped = 0
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        flow_id = self.flow_ids.get(addr)
-        if flow_id is None:
-            flow_id = next(self._next_flow) & MAX_FLOW_ID  # the top bit marks fragments
-            self.flow_ids[addr] = flow_id
-            self.flow_addrs[flow_id] = addr
-        session = self.agent.ready_session(self.forward.service)
-        if session is not None:
-            session.send_datagram(flow_id, data)
-            return
-        if len(self.pending) >= MAX_PENDING_DATAGRAMS:
-            self.dropped += 1
-            return
-        self.pending.append((flow_id, data))
-        if len(self.pending) == 1:
-            asyncio.get_running_loop().create_task(self._flush_when_ready())
-
-    async def _flush_when_ready(self):
-        try:
-            session = await self.agent.session_for(self.forward.service)
-        except SessionError as exc:
-            log.warning("udp forward to %s: %s", self.forward.service, exc)
-            self.dropped += len(self.pending)
-            self.pending.clear()
-            return
-        pending, self.pending = self.pending, []
-        for flow_id, data in pending:
-            session.send_datagram(flow_id, data)
-
-    def reply(self, flow_id, payload):
-        addr = self.flow_addrs.get(flow_id)
-        if addr is not None and self.transport is not None:
-            self.transport.sendto(payload, addr)
-
-
 class Agent(Node):
     role = "agent"
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.forwards = list(cfg.forwards)
-        self.listeners = {}  # Forward -> asyncio.Server or _UdpForward
-        self.udp_forwards = {}  # service -> _UdpForward
+        self.forwards = None  # mahole.forwards.Forwards of cfg.forwards, set by mahole.api
         self._opening = {}  # service -> Future of AgentSession
         self._requests = {}  # request_id -> Future of SessionOpened
         self._request_ids = itertools.count(1)
-        self.counters = {"tcp_accepted": 0, "tcp_refused": 0, "session_errors": 0}
+        self.counters = {"session_errors": 0}
 
     def register_message(self):
         return control.Register(role="agent", name=self.name)
 
     async def prepare(self):
-        loop = asyncio.get_running_loop()
-        for forward in self.forwards:
-            try:
-                if forward.proto == "tcp":
-                    server = await asyncio.start_server(
-                        lambda r, w, f=forward: self._tcp_accepted(f, r, w),
-                        forward.host, forward.port)
-                    self.listeners[forward] = server
-                else:
-                    _, protocol = await loop.create_datagram_endpoint(
-                        lambda f=forward: _UdpForward(self, f),
-                        local_addr=(forward.host, forward.port))
-                    self.listeners[forward] = protocol
-                    self.udp_forwards[forward.service] = protocol
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {forward.proto} "
-                                   f"{_fmt((forward.host, forward.port))} for {forward.service}: "
-                                   f"{exc.strerror or exc}") from None
-        for line in self.forward_lines():
+        """Listen on the forwards before registering: a copy that cannot listen never
+        disturbs a running one."""
+        if self.forwards is None:
+            return
+        from ..forwards import ForwardError
+        try:
+            await self.forwards.start()
+        except ForwardError as exc:
+            raise StartupError(str(exc)) from None
+        for line in self.forwards.lines():
             print(line, file=sys.stderr, flush=True)
 
-    def forward_lines(self):
-        """What the agent prints at start: one line a forward, `tcp 127.0.0.1:8080 → web`."""
-        return [f"{f.proto} {_fmt(self.forward_address(f))} \u2192 {f.service}"
-                for f in self.forwards if f in self.listeners]
-
-    def forward_address(self, forward):
-        """The bound (host, port) of a forward (useful when LPORT was 0)."""
-        listener = self.listeners[forward]
-        if forward.proto == "tcp":
-            return listener.sockets[0].getsockname()[:2]
-        return listener.transport.get_extra_info("sockname")[:2]
-
     async def stop(self):
-        for listener in self.listeners.values():
-            if isinstance(listener, asyncio.AbstractServer):
-                listener.close()
-            elif listener.transport is not None:
-                listener.transport.close()
+        if self.forwards is not None:
+            self.forwards.close()
         await super().stop()
 
     # The local control socket -------------------------------------------------------------
@@ -397,30 +316,16 @@ class Agent(Node):
                         message="lost the intermediate while opening the session"))
         self.relay_state_changed(state)
 
-    # Forwards --------------------------------------------------------------------------
-    async def _tcp_accepted(self, forward, reader, writer):
-        self.counters["tcp_accepted"] += 1
-        try:
-            session = await self.session_for(forward.service)
-        except SessionError as exc:
-            self.counters["tcp_refused"] += 1
-            log.warning("forward %s:%d -> %s: %s", forward.host, forward.port, forward.service,
-                        exc)
-            writer.transport.abort()
-            return
-        session.open_stream(reader, writer)
-
     def udp_reply(self, service, flow_id, payload):
-        forward = self.udp_forwards.get(service)
-        if forward is not None:
-            forward.reply(flow_id, payload)
+        if self.forwards is not None:
+            self.forwards.datagram_received(service, flow_id, payload)
 
     def status(self):
         status = super().status()
-        status["forwards"] = [
-            {"forward": f"{f.proto}:{_fmt(self.forward_address(f))}", "service": f.service}
-            for f in self.forwards if f in self.listeners]
         status["counters"] = dict(self.counters)
+        if self.forwards is not None:
+            status["forwards"] = self.forwards.status()
+            status["counters"].update(self.forwards.counters)
         return status
 
 

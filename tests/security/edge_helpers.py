@@ -13,6 +13,7 @@ import pytest
 
 from mahole.demo import issue_certificates
 from mahole.status import fetch
+from ports import free_port
 
 
 class _Side(asyncio.DatagramProtocol):
@@ -164,11 +165,6 @@ def rss_kb(pid=None):
     raise RuntimeError("no VmRSS")
 
 
-def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1"):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class IntermediateProcess:
@@ -259,15 +255,19 @@ class Nodes:
         return self
 
     async def start_agent(self, name):
+        """The role inside a library agent with one TCP forward (as the command line)."""
+        from mahole import Agent
         from mahole.config import AgentConfig
-        from mahole.roles.agent import Agent
 
-        agent = Agent(AgentConfig(forwards=(self.forward,), intermediate=self.address,
-                                  bind=("127.0.0.1", 0), relay_only=self.relay_only,
-                                  **self.creds(name)))
-        await agent.start()
-        await agent.wait_registered(10)
-        return agent
+        agent = Agent._from_config(AgentConfig(
+            forwards=(self.forward,), intermediate=self.address, bind=("127.0.0.1", 0),
+            relay_only=self.relay_only, **self.creds(name)))
+        await agent.start(wait_registered=False)
+        await agent._node.wait_registered(10)
+        return agent._node
+
+    def forward_address(self, forward):
+        return self.agent.forwards.address(forward)
 
     async def __aexit__(self, *exc):
         for role in (self.agent, self.connector):

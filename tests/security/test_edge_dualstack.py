@@ -38,7 +38,7 @@ def test_ipv4_clients_of_a_dual_stack_listener_are_ipv4_and_sessions_are_tagged(
             port = inter.local_address[1]
             with caplog.at_level(logging.DEBUG, logger="mahole"):
                 async with Nodes(tmp_path, ("127.0.0.1", port)) as nodes:
-                    echo = await Echoer(nodes.agent.forward_address(nodes.forward)).start()
+                    echo = await Echoer(nodes.forward_address(nodes.forward)).start()
                     try:
                         await wait_for(lambda: echo.echoes >= 20 or echo.failures, 10)
                     finally:

@@ -54,7 +54,7 @@ def test_a_handshake_flood_is_bounded_and_nodes_keep_working(tmp_path):
     async def main():
         await inter.wait_up()
         async with Nodes(tmp_path, inter.address) as nodes:
-            echo = await Echoer(nodes.agent.forward_address(nodes.forward)).start()
+            echo = await Echoer(nodes.forward_address(nodes.forward)).start()
             attackers = [await Attacker.open(f"127.0.0.{2 + n}") for n in range(SOURCES)]
             try:
                 await wait_for(lambda: echo.echoes >= 10, 10)
@@ -122,7 +122,7 @@ def test_nodes_register_and_relay_through_a_retry(tmp_path):
     async def main():
         async with LoneIntermediate(tmp_path, retry_threshold=0) as inter:
             async with Nodes(tmp_path, inter.local_address[:2]) as nodes:
-                echo = await Echoer(nodes.agent.forward_address(nodes.forward)).start()
+                echo = await Echoer(nodes.forward_address(nodes.forward)).start()
                 try:
                     await wait_for(lambda: echo.echoes >= 20 or echo.failures, 10)
                 finally:

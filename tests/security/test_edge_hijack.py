@@ -32,7 +32,7 @@ class Setup:
             "intermediate": self.nat.inside, "relay_only": True},
             connector_kwargs={"relay_only": True})
         await self.d.start()
-        self.echo = await Echoer(self.d.agent.forward_address(self.d.tcp_forward)).start()
+        self.echo = await Echoer(self.d.forward_address(self.d.tcp_forward)).start()
         await wait_for(lambda: self.echo.echoes >= 5, 10)
         self.attacker = await Attacker.open()
         return self

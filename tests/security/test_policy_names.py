@@ -39,7 +39,7 @@ def test_a_register_with_hostile_service_names_is_refused(caplog):
                 services = {s for n in d.intermediate.nodes.values() for s in n.services}
                 assert services == {"echo", "echo-udp"}
                 data = b"unaffected" * 1000
-                assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward),
+                assert await tcp_round_trip(d.forward_address(d.tcp_forward),
                                             data) == data
             finally:
                 await rogue.stop()

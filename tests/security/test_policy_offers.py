@@ -71,7 +71,7 @@ def test_a_rogue_connector_never_serves_an_agents_session(monkeypatch):
                 assert ("connector", "rogue") not in inter.nodes
                 assert inter.counters["refused_offer"] >= 1
                 data = b"for the office only" * 500
-                addr = d.agent.forward_address(d.tcp_forward)
+                addr = d.forward_address(d.tcp_forward)
                 assert await tcp_round_trip(addr, data) == data
                 # The real connector goes away and comes back; the rogue keeps trying.
                 first = d.connector

@@ -14,7 +14,7 @@ from aio_helpers import run, wait_for
 from test_policy_offers import policy
 
 from mahole import identity
-from mahole.config import AgentConfig, Forward
+from mahole.config import AgentConfig
 from mahole.demo import LocalDeployment, tcp_round_trip
 from mahole.roles.agent import Agent
 from mahole.wire import control
@@ -27,7 +27,6 @@ async def mallory(d, seen):
     intermediate tells it."""
     identity.issue(d.dir, "agent", "mallory")
     node = Agent(AgentConfig(
-        forwards=(Forward.parse("tcp:127.0.0.1:0=echo"),),
         intermediate=d.intermediate.local_address[:2], bind=("127.0.0.1", 0),
         **d.creds("mallory")))
     original = node.control_message
@@ -48,7 +47,7 @@ def test_5000_session_requests_from_one_agent_are_refused_and_alice_keeps_workin
 
     async def main():
         async with LocalDeployment() as d:
-            addr = d.agent.forward_address(d.tcp_forward)
+            addr = d.forward_address(d.tcp_forward)
             data = b"alice's bytes" * 2000
             assert await tcp_round_trip(addr, data) == data
             seen = []
@@ -87,7 +86,7 @@ def test_a_control_flood_closes_the_flooding_agent_with_the_reason(monkeypatch, 
 
     async def main():
         async with LocalDeployment() as d:
-            addr = d.agent.forward_address(d.tcp_forward)
+            addr = d.forward_address(d.tcp_forward)
             data = b"alice's bytes" * 2000
             seen = []
             node = await mallory(d, seen)

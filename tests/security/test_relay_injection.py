@@ -80,7 +80,7 @@ def wrong_tokens(n, right):
 
 async def open_session(d):
     data = os.urandom(20000)
-    assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+    assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
     (agent_session,) = d.agent.sessions.values()
     (connector_session,) = d.connector.sessions.values()
     return agent_session, connector_session
@@ -89,7 +89,7 @@ async def open_session(d):
 async def traffic_flows(d, rounds=3):
     for _ in range(rounds):
         data = os.urandom(50000)
-        assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+        assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
 
 
 def test_forged_source_address_without_the_token_injects_nothing(tmp_path):

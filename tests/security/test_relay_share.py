@@ -26,7 +26,7 @@ def relay_only(tmp_path, **intermediate_kwargs):
 
 async def open_session(d):
     data = os.urandom(20000)
-    assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+    assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
     (session,) = d.agent.sessions.values()
     return session.session_id
 
@@ -46,7 +46,7 @@ def test_a_sessions_relay_share_bounds_what_it_relays(tmp_path):
             before = stats["bytes_a_to_b"] + stats["bytes_b_to_a"]
             started = time.monotonic()
             data = os.urandom(BULK)
-            assert await tcp_round_trip(d.agent.forward_address(d.tcp_forward), data) == data
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             elapsed = time.monotonic() - started
             stats = engine.session_stats(sid)
             relayed = stats["bytes_a_to_b"] + stats["bytes_b_to_a"] - before
