@@ -76,8 +76,7 @@ class ConnectorSession(Session):
         self.flows = {}
         self._handler_calls = set()  # in-process datagram handler tasks running
         self.counters = {"streams": 0, "streams_refused": 0, "stream_connect_failures": 0,
-                         "datagrams_in": 0,
-                         "datagrams_out": 0, "datagrams_dropped": 0,
+                         "datagrams_in": 0, "datagrams_out": 0, "datagrams_dropped": 0,
                          "datagrams_dropped_oversize": 0}
 
     def first_packet(self, header, data, addr):
