@@ -149,6 +149,15 @@ def _udp_payload(text):
     return value
 
 
+def _registry_url(text):
+    """A Redis URL for --registry ("" for none)."""
+    if text and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(
+            f"expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH, "
+            f"not {text!r}")
+    return text
+
+
 def _seconds(text):
     """A positive number of seconds."""
     try:
@@ -187,6 +196,10 @@ def build_parser(*, explicit_only=False):
                      metavar="CONNECTOR_GLOB=SERVICE_GLOB",
                      help="let matching connectors offer matching services (repeatable; "
                           "default: any connector may offer any service, with a warning)")
+    sub.add_argument("--registry", type=_registry_url, default="", metavar="URL",
+                     help="share the directory of nodes with the other intermediates of a "
+                          "fleet through this Redis: redis://HOST:PORT/DB, rediss:// (TLS) "
+                          "or unix:///PATH (default: none, this intermediate alone)")
     sub.add_argument("--relay-rate-limit", type=int, default=0, metavar="BYTES_PER_S",
                      help="per-session relay rate limit (default: 0, unlimited)")
     sub.add_argument("--node-dead-after", type=float,
@@ -510,6 +523,7 @@ def run_intermediate(args):
                              retry_threshold=args.retry_threshold,
                              handshake_timeout=args.handshake_timeout,
                              stun_rate=args.stun_rate, vn_rate=args.vn_rate,
+                             registry=args.registry,
                              **_credentials(args))
     return _serve(args, Intermediate, cfg)
 

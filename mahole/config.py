@@ -142,6 +142,9 @@ class IntermediateConfig(Credentials):
     # Which connectors may offer which services: CONNECTOR_GLOB=SERVICE_GLOB rules. None
     # given: any connector of the deployment CA may offer any service (warned at start).
     offer: tuple = ()
+    # A fleet: intermediates sharing their directory of nodes through this Redis
+    # (redis://HOST:PORT/DB, rediss:// with TLS, unix:///PATH). "": alone, in memory.
+    registry: str = ""
     # Quotas per identity (mahole.signaling.Limits, same names and defaults), answered with
     # RATE_LIMITED: control connections of one identity; sessions an agent opens per minute
     # (that many at once, then one every 60/N s); open sessions per agent and per connector;

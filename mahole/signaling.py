@@ -601,6 +601,7 @@ class SignalingCore:
             "ignored_unexpected_result", "ignored_unexpected_pong", "ignored_duplicate_register",
             "refused_offer", "refused_connections", "signaling_dropped",
             "nodes_flooding", "relay_shares_set", "services_updated",
+            "sessions_connector_elsewhere",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
@@ -906,14 +907,19 @@ class SignalingCore:
         if holder is None:
             self._register(link, message, now)
             return
+        if holder.home != self.home:
+            # Held by another intermediate of the fleet, alive (its records expire with its
+            # heartbeat): one identity, one node across the fleet.
+            self._refuse_conflict(link, holder, f"registered with intermediate "
+                                                f"{holder.home!r}", now)
+            return
         if key in self._probes:  # a third copy while the second waits: refuse it at once
             self._refuse_conflict(link, holder, "answering", now)
             return
         old = self._links.get(holder.handle)
         if old is None:
             # Registered by a connection this intermediate does not hold (a record left
-            # behind): nothing to probe here; the newcomer takes the name. With a shared
-            # registry the record's home would be asked to probe instead (not built yet).
+            # behind): nothing to probe here; the newcomer takes the name.
             self.registry.remove_node(holder.handle)
             self._register(link, message, now)
             return
@@ -1052,9 +1058,23 @@ class SignalingCore:
         # Replicas: the longest registered connector allowed to offer the service (a shared
         # registry may hold records from elsewhere) and below its session cap.
         allowed = [c for c in connectors if self.may_offer(c.name, service)]
+        elsewhere = [c for c in allowed if c.home != self.home]
+        allowed = [c for c in allowed if c.home == self.home]
         connector = next((c for c in allowed if registry.session_count(c.handle)
                           < limits.sessions_per_connector), None)
         if connector is None:
+            if not allowed and elsewhere:
+                # Signaling and relaying between intermediates are not built yet: say where
+                # the service is, so the agent can be pointed there.
+                other = elsewhere[0]
+                text = (f"service {service!r} is offered by connector {other.name!r} at "
+                        f"intermediate {other.home!r}, and sessions between intermediates "
+                        f"are not supported yet; connect agent {link.name!r} to "
+                        f"{other.home!r}")
+                self.counters["sessions_connector_elsewhere"] += 1
+                self._log_session_refusal("connector_offline", link, service, text, now)
+                self._error(handle, control.ErrorCode.CONNECTOR_OFFLINE, text, request_id)
+                return
             if not allowed:
                 self.counters["sessions_unknown_service"] += 1
                 self._log_session_refusal("unknown_service", link, service,

@@ -43,6 +43,8 @@ from .. import identity
 from .._fast import RelayEngine
 from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint
+from ..fleet import FleetRegistry
+from ..fleet_redis import FleetError, RedisFleet
 from ..signaling import (
     AclRule,
     CloseNode,
@@ -55,7 +57,8 @@ from ..signaling import (
     session_tag,
 )
 from ..wire import control, stun
-from .node import ControlStream, bind_udp, load_credentials, start_control, start_status
+from .node import (
+    ControlStream, StartupError, bind_udp, load_credentials, start_control, start_status)
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +239,12 @@ class Intermediate:
         self.cfg = cfg
         self.identity, self.ca = load_credentials(cfg, "intermediate")
         self.debug_logs = DebugLogs.from_config(cfg)  # --keylog, --qlog-dir
-        self.signaling = SignalingCore.from_config(cfg, home=self.identity.name)
+        # A fleet shares a directory of nodes through Redis (mahole.fleet); alone, the
+        # registry is this process's memory.
+        self.fleet = None
+        registry = FleetRegistry(self.identity.name) if cfg.registry else None
+        self.signaling = SignalingCore.from_config(cfg, home=self.identity.name,
+                                                   registry=registry)
         self.connections = {}  # handle -> ControlConnection
         self.half_open = {}  # handle -> ControlConnection not registered yet
         self._half_open_by_host = {}  # source host -> how many of those it opened
@@ -275,6 +283,14 @@ class Intermediate:
         try:
             self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
             self.control_server = await start_control(self, self.cfg)
+            if self.cfg.registry:
+                fleet = RedisFleet(self.cfg.registry, self.identity.name,
+                                   _fmt(self.endpoint.local_address), self.signaling.registry)
+                try:
+                    await fleet.start()
+                except FleetError as exc:
+                    raise StartupError(str(exc)) from None
+                self.fleet = fleet
         except BaseException:
             await self.stop()
             raise
@@ -307,6 +323,8 @@ class Intermediate:
             await self.status_server.close()
         if self.control_server is not None:
             await self.control_server.close()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self.endpoint is not None:
             self.endpoint.close()
         self.debug_logs.close()
@@ -337,6 +355,8 @@ class Intermediate:
                 engine.set_member(event.session_id, event.member, event.addr)
             elif isinstance(event, RelaySetRate):
                 self._relay_set_rate(event)
+        if self.fleet is not None and self.signaling.registry.outbox:
+            self.fleet.changed()
         when = signaling.next_timer()
         if when != self._timer_at:
             self._timer_at = when
@@ -535,6 +555,7 @@ class Intermediate:
             "punching": {**punching, "time_to_direct_ms_median":
                          statistics.median(times) if times else None},
             "counters": self.counters,
+            "fleet": self.fleet.status() if self.fleet is not None else None,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},
             "router": self.endpoint.router.counters() if self.endpoint else {},
         }

@@ -1,0 +1,172 @@
+"""A fleet of intermediates sharing one directory of nodes (sans-IO part).
+
+Each intermediate keeps the nodes it holds itself in memory, as before (`MemoryRegistry`):
+the signaling core reads and writes them synchronously, on the hot path of every control
+message. What a fleet adds is a *view of the other intermediates' nodes*, copied from a store
+they share (Redis, `mahole.fleet_redis`). `FleetRegistry` is that pair:
+
+- the local part: this intermediate's nodes and sessions. Every change to one of its nodes
+  is queued in ``outbox`` (``("put", record)`` or ``("del", handle)``) for the shell to
+  publish;
+- the remote part: records the shell copies in (`apply_remote`, `replace_remote`), keyed by
+  their home intermediate. Their handles are rewritten ``"HOME/HANDLE"`` so they never collide
+  with local handles.
+
+Lookups by identity and by service see both parts, the local one first: so one identity
+stays one node across the fleet, and an agent's request can find a connector homed on another
+intermediate. Sessions stay local (a session lives where its members are homed).
+
+Everything read from the store is hostile until parsed: records are bounded in number and
+size, and a malformed one is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+from .signaling import MemoryRegistry, NodeRecord
+
+# Remote nodes kept from the store, in all; beyond this new ones are dropped and counted.
+MAX_REMOTE_NODES = 100_000
+# Bytes of one record in the store (a connector with 64 services of 64 characters is ~5 KB).
+MAX_RECORD_BYTES = 16 * 1024
+
+
+class FleetRegistry(MemoryRegistry):
+    """This intermediate's registry plus the view of the fleet's other nodes."""
+
+    def __init__(self, home):
+        super().__init__()
+        self.home = home
+        self.outbox = collections.deque()  # ("put", NodeRecord) / ("del", handle) to publish
+        self._remote = {}  # home -> {handle (rewritten): NodeRecord}
+        self._remote_identities = {}  # (role, name) -> NodeRecord
+        self._remote_services = collections.defaultdict(dict)  # service -> {handle: record}
+        self.counters = {"remote_malformed": 0, "remote_dropped_full": 0,
+                         "remote_updates": 0}
+
+    # Local changes are published ---------------------------------------------------------
+    def put_node(self, record):
+        super().put_node(record)
+        self.outbox.append(("put", record))
+
+    def remove_node(self, handle):
+        record = super().remove_node(handle)
+        if record is not None:
+            self.outbox.append(("del", handle))
+        return record
+
+    # Lookups see the fleet -----------------------------------------------------------------
+    def node_by_identity(self, role, name):
+        local = super().node_by_identity(role, name)
+        return local if local is not None else self._remote_identities.get((role, name))
+
+    def connectors_for(self, service):
+        return super().connectors_for(service) + list(self._remote_services.get(service, {})
+                                                      .values())
+
+    def remote_nodes(self):
+        return [r for records in self._remote.values() for r in records.values()]
+
+    def remote_homes(self):
+        """{home: number of nodes} of the other intermediates seen in the store."""
+        return {home: len(records) for home, records in self._remote.items()}
+
+    def is_remote(self, record):
+        return record.home != self.home
+
+    # The store's view comes in ---------------------------------------------------------------
+    def replace_remote(self, home, encoded_records):
+        """All nodes of ``home`` as the store holds them now ({handle: encoded record})."""
+        if home == self.home:
+            return
+        self.forget_home(home)
+        for handle, encoded in encoded_records.items():
+            self.apply_remote(home, "put", handle, encoded)
+
+    def apply_remote(self, home, op, handle, encoded=None):
+        """One change of another intermediate's node: ``op`` "put" (with the encoded
+        record) or "del"."""
+        if home == self.home:
+            return
+        key = f"{home}/{handle}"
+        if op == "del":
+            self._drop_remote(home, key)
+            self.counters["remote_updates"] += 1
+            return
+        record = parse_record(encoded, home)
+        if record is None:
+            self.counters["remote_malformed"] += 1
+            return
+        records = self._remote.setdefault(home, {})
+        if key not in records and sum(map(len, self._remote.values())) >= MAX_REMOTE_NODES:
+            self.counters["remote_dropped_full"] += 1
+            return
+        self._drop_remote(home, key)
+        record = dataclasses.replace(record, handle=key)
+        records[key] = record
+        identity = (record.role, record.name)
+        held = self._remote_identities.get(identity)
+        if held is None or held.since >= record.since:
+            self._remote_identities[identity] = record  # the longest registered wins
+        for service in record.services:
+            self._remote_services[service][key] = record
+        self.counters["remote_updates"] += 1
+
+    def forget_home(self, home):
+        """Everything of ``home`` (it stopped, or its heartbeat expired)."""
+        for key in list(self._remote.get(home, ())):
+            self._drop_remote(home, key)
+        self._remote.pop(home, None)
+
+    def _drop_remote(self, home, key):
+        records = self._remote.get(home)
+        record = records.pop(key, None) if records is not None else None
+        if record is None:
+            return
+        if not records:
+            del self._remote[home]
+        identity = (record.role, record.name)
+        if self._remote_identities.get(identity) is record:
+            del self._remote_identities[identity]
+            other = next((r for rs in self._remote.values() for r in rs.values()
+                          if (r.role, r.name) == identity), None)
+            if other is not None:
+                self._remote_identities[identity] = other
+        for service in record.services:
+            holders = self._remote_services.get(service)
+            if holders is not None:
+                holders.pop(key, None)
+                if not holders:
+                    del self._remote_services[service]
+
+
+def encode_record(record):
+    """A node record as the store keeps it (JSON text)."""
+    return json.dumps(record.to_dict(), separators=(",", ":"))
+
+
+def parse_record(encoded, home):
+    """The `NodeRecord` in ``encoded`` (bytes or text from the store), or None if it is
+    malformed, too large or claims another home."""
+    if isinstance(encoded, (bytes, bytearray)):
+        if len(encoded) > MAX_RECORD_BYTES:
+            return None
+        try:
+            encoded = encoded.decode()
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(encoded, str) or len(encoded) > MAX_RECORD_BYTES:
+        return None
+    try:
+        data = json.loads(encoded)
+        record = NodeRecord.from_dict(data)
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    if (record.home != home or record.role not in ("agent", "connector")
+            or not isinstance(record.name, str) or not record.name
+            or not all(isinstance(s, str) for s in record.services)):
+        return None
+    return record

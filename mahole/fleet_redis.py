@@ -1,0 +1,346 @@
+"""The fleet's shared directory in Redis: the intermediate's shell around `FleetRegistry`.
+
+Why Redis: the fleet needs a small, shared, expiring key-value store with change
+notifications, which Redis (or Valkey) gives out of the box and users already run; the
+maintained `redis` client's asyncio API talks to it. No cluster protocol of our own.
+
+What each intermediate keeps there (keys under ``mahole:``):
+
+- ``mahole:im:NAME``: its heartbeat, {"name", "addr", "instance"}, refreshed every
+  `HEARTBEAT` s and expiring after `TTL` s. Intermediates find each other by these keys (no
+  static peer list); a name already live with another instance is refused at start.
+- ``mahole:nodes:NAME``: a hash of the nodes it holds (handle → JSON `NodeRecord`). It expires
+  with the heartbeat, so what a dead intermediate left behind is gone within `TTL` s.
+- channel ``mahole:nodes``: each change as it happens ({"home", "op": "put" | "del" | "bye",
+  "handle", "record"}), so the others' views follow within milliseconds. Pub/sub rather than
+  streams: a missed message costs nothing lasting, because every `RESYNC` s (and after any
+  reconnect) each intermediate reads the hashes again; streams would add trimming and
+  consumer bookkeeping for no gain.
+
+Redis unavailable: the intermediate keeps serving the nodes and sessions it holds (the local
+registry is the truth for them). It cannot vouch for the other intermediates' nodes any more,
+so after `TTL` s without Redis it forgets them; an agent asking for a service held elsewhere
+is told no connector offers it. Reconnection backs off up to `MAX_BACKOFF` s; once back, the
+intermediate writes its whole hash again and reads everyone else's.
+"""
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+
+from .fleet import MAX_RECORD_BYTES, encode_record
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 1.0  # s between heartbeats (and flushes of a quiet outbox)
+TTL = 3.0  # s: an intermediate silent this long is gone, and its nodes with it
+RESYNC = 5.0  # s between full reads of the other intermediates' nodes
+MAX_BACKOFF = 5.0  # s between reconnection attempts at most
+COMMAND_TIMEOUT = 2.0  # s for one Redis command
+CHANNEL = "mahole:nodes"
+MAX_MESSAGE_BYTES = MAX_RECORD_BYTES + 1024
+MAX_INTERMEDIATES = 1024  # heartbeat keys read at most (a hostile store cannot flood us)
+
+
+def heartbeat_key(name):
+    return f"mahole:im:{name}"
+
+
+def nodes_key(name):
+    return f"mahole:nodes:{name}"
+
+
+class FleetError(Exception):
+    """The fleet cannot be joined as configured (a name already live), for a person."""
+
+
+def redacted(url):
+    """The Redis URL without its password, for logs and status."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+class RedisFleet:
+    """Keeps `registry` (a `FleetRegistry`) in step with the fleet's Redis."""
+
+    def __init__(self, url, name, addr, registry):
+        self.url = url
+        self.name = name
+        self.addr = addr  # where nodes reach this intermediate, "HOST:PORT"
+        self.registry = registry
+        self.instance = secrets.token_hex(8)
+        self.connected = False
+        self.last_error = None
+        self.counters = {"connects": 0, "errors": 0, "published": 0, "received": 0,
+                         "messages_malformed": 0, "resyncs": 0, "homes_expired": 0}
+        self._redis = None
+        self._wake = asyncio.Event()  # the outbox has something
+        self._tasks = []
+        self._lost_at = None  # monotonic time Redis went away (None while connected)
+        self._homes = set()  # other intermediates seen live
+
+    # Life --------------------------------------------------------------------------------
+    async def start(self):
+        """Claim this intermediate's name if Redis answers (FleetError if another live
+        intermediate has it); if Redis does not answer, keep trying in the background."""
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.from_url(self.url, socket_timeout=COMMAND_TIMEOUT,
+                                        socket_connect_timeout=COMMAND_TIMEOUT,
+                                        health_check_interval=0)
+        try:
+            await self._claim()
+        except FleetError:
+            await self._redis.aclose()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any Redis or network failure
+            self._lost(exc)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._keep()), loop.create_task(self._listen())]
+
+    async def stop(self):
+        """Leave the fleet: the others forget this intermediate's nodes at once."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is None:
+            return
+        if self.connected:
+            try:
+                await self._redis.eval(_RELEASE, 2, heartbeat_key(self.name),
+                                       nodes_key(self.name), self.instance)
+                await self._publish("bye")
+            except Exception as exc:  # noqa: BLE001 - leaving anyway; the TTL cleans up
+                log.debug("fleet: leaving: %s", exc)
+        await self._redis.aclose()
+
+    def changed(self):
+        """The registry's outbox has entries: publish them soon."""
+        self._wake.set()
+
+    # Writing -----------------------------------------------------------------------------
+    async def _claim(self):
+        heartbeat = json.dumps({"name": self.name, "addr": self.addr,
+                                "instance": self.instance})
+        taken = await self._redis.eval(_CLAIM, 1, heartbeat_key(self.name), heartbeat,
+                                       self.instance, int(TTL * 1000))
+        if taken:
+            raise FleetError(f"another intermediate named {self.name!r} is live in this fleet "
+                             f"(its heartbeat is in {redacted(self.url)}); each intermediate "
+                             f"needs a certificate of its own name")
+        await self._write_all()
+        if not self.connected:
+            self.connected = True
+            self.counters["connects"] += 1
+            log.info("fleet: joined through %s as %s", redacted(self.url), self.name)
+        self._lost_at = None
+
+    async def _write_all(self):
+        """This intermediate's whole hash, replacing what Redis held."""
+        self.registry.outbox.clear()  # everything below supersedes it
+        records = {str(r.handle): encode_record(r) for r in self.registry.nodes()}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(nodes_key(self.name))
+            if records:
+                pipe.hset(nodes_key(self.name), mapping=records)
+                pipe.pexpire(nodes_key(self.name), int(TTL * 1000))
+            await pipe.execute()
+
+    async def _flush(self):
+        outbox = self.registry.outbox
+        if not outbox:
+            return
+        changes = list(outbox)
+        outbox.clear()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for op, item in changes:
+                if op == "put":
+                    encoded = encode_record(item)
+                    pipe.hset(nodes_key(self.name), str(item.handle), encoded)
+                    pipe.publish(CHANNEL, self._message("put", str(item.handle), encoded))
+                else:
+                    pipe.hdel(nodes_key(self.name), str(item))
+                    pipe.publish(CHANNEL, self._message("del", str(item)))
+            pipe.pexpire(nodes_key(self.name), int(TTL * 1000))
+            await pipe.execute()
+        self.counters["published"] += len(changes)
+
+    async def _publish(self, op):
+        await self._redis.publish(CHANNEL, self._message(op))
+
+    def _message(self, op, handle=None, record=None):
+        return json.dumps({"home": self.name, "op": op, "handle": handle, "record": record})
+
+    async def _keep(self):
+        """Heartbeat, publish changes, read the others; reconnect with backoff."""
+        backoff = 0.25
+        next_heartbeat = next_resync = 0.0
+        while True:
+            try:
+                if not self.connected:
+                    await self._claim()
+                    next_resync = 0.0
+                    backoff = 0.25
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    await self._heartbeat()
+                    next_heartbeat = now + HEARTBEAT
+                await self._flush()
+                if now >= next_resync:
+                    await self._resync()
+                    next_resync = now + RESYNC
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(),
+                                           max(0.0, next_heartbeat - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+            except FleetError as exc:
+                # Another instance took the name while Redis was away: keep serving what we
+                # hold, say so, and try again (it may be a restart of this one).
+                self._lost(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any Redis or network failure
+                self._lost(exc)
+                self._forget_stale()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _heartbeat(self):
+        renewed = await self._redis.eval(_RENEW, 2, heartbeat_key(self.name),
+                                         nodes_key(self.name), self.instance,
+                                         int(TTL * 1000))
+        if not renewed:  # expired while we were slow, or taken: claim again
+            self.connected = False
+            await self._claim()
+
+    def _lost(self, exc):
+        self.counters["errors"] += 1
+        self.last_error = str(exc) or type(exc).__name__
+        if self.connected or self._lost_at is None:
+            log.warning("fleet: Redis at %s unavailable (%s); serving the nodes held here",
+                        redacted(self.url), self.last_error)
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+        self.connected = False
+
+    def _forget_stale(self):
+        """Without Redis the others' nodes cannot be vouched for beyond the TTL."""
+        if self._lost_at is not None and time.monotonic() - self._lost_at >= TTL:
+            for home in list(self.registry.remote_homes()):
+                self.registry.forget_home(home)
+            self._homes.clear()
+
+    # Reading -----------------------------------------------------------------------------
+    async def _resync(self):
+        """Every live intermediate's hash, read again; homes whose heartbeat expired are
+        forgotten."""
+        homes = set()
+        async for key in self._redis.scan_iter(match="mahole:im:*", count=256):
+            name = key.decode(errors="replace")[len("mahole:im:"):]
+            if name and name != self.name:
+                homes.add(name)
+            if len(homes) >= MAX_INTERMEDIATES:
+                break
+        for home in homes:
+            records = await self._redis.hgetall(nodes_key(home))
+            self.registry.replace_remote(home, {k.decode(errors="replace"): v
+                                                for k, v in records.items()})
+        for home in set(self.registry.remote_homes()) - homes:
+            self.registry.forget_home(home)
+            self.counters["homes_expired"] += 1
+            log.info("fleet: intermediate %s is gone; forgot its nodes", home)
+        self._homes = homes
+        self.counters["resyncs"] += 1
+
+    async def _listen(self):
+        """Changes as the others publish them; resubscribes after a failure."""
+        while True:
+            pubsub = None
+            try:
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(CHANNEL)
+                while True:
+                    message = await pubsub.get_message(timeout=HEARTBEAT)
+                    if message is not None:
+                        self._received(message.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any Redis or network failure
+                log.debug("fleet: subscription lost: %s", exc)
+                await asyncio.sleep(min(MAX_BACKOFF, HEARTBEAT))
+            finally:
+                if pubsub is not None:
+                    try:
+                        await pubsub.aclose()
+                    except Exception:  # noqa: BLE001 - the connection is gone already
+                        pass
+
+    def _received(self, data):
+        self.counters["received"] += 1
+        try:
+            if not isinstance(data, (bytes, str)) or len(data) > MAX_MESSAGE_BYTES:
+                raise ValueError("not a message")
+            message = json.loads(data)
+            home, op = message["home"], message["op"]
+            if not isinstance(home, str) or op not in ("put", "del", "bye"):
+                raise ValueError("bad fields")
+        except (ValueError, TypeError, KeyError):
+            self.counters["messages_malformed"] += 1
+            return
+        if home == self.name:
+            return
+        if op == "bye":
+            self.registry.forget_home(home)
+            self._homes.discard(home)
+            log.info("fleet: intermediate %s left", home)
+            return
+        handle = message.get("handle")
+        if not isinstance(handle, str):
+            self.counters["messages_malformed"] += 1
+            return
+        self._homes.add(home)
+        self.registry.apply_remote(home, op, handle, message.get("record"))
+
+    def status(self):
+        return {"registry": redacted(self.url), "connected": self.connected,
+                "last_error": self.last_error, "intermediates": sorted(self._homes),
+                "remote_nodes": self.registry.remote_homes(),
+                "counters": {**self.counters, **self.registry.counters}}
+
+
+# Lua, so each step is one atomic command (Redis runs a script without interleaving).
+# KEYS[1] heartbeat; ARGV: value, instance, ttl ms. Returns 1 if another instance holds it.
+_CLAIM = """
+local held = redis.call('GET', KEYS[1])
+if held and not string.find(held, '"instance": "' .. ARGV[2] .. '"', 1, true) then
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 0
+"""
+# KEYS heartbeat, nodes; ARGV instance, ttl ms. Returns 0 if the heartbeat is not ours.
+_RENEW = """
+local held = redis.call('GET', KEYS[1])
+if not held or not string.find(held, '"instance": "' .. ARGV[1] .. '"', 1, true) then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+# KEYS heartbeat, nodes; ARGV instance: delete both if the heartbeat is ours.
+_RELEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and string.find(held, '"instance": "' .. ARGV[1] .. '"', 1, true) then
+  redis.call('DEL', KEYS[1], KEYS[2])
+end
+return 0
+"""

@@ -1,0 +1,243 @@
+"""A fleet of intermediates sharing a directory of nodes: the registry view (sans-IO), the
+signaling core with it, and intermediates in this process on a real redis-server."""
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from aio_helpers import run, wait_for
+from redis_helpers import redis_server  # noqa: F401 - a fixture
+from test_signaling import AGENT_ADDR, CONNECTOR_ADDR, Harness, _refusal
+
+import mahole
+from mahole import fleet, fleet_redis, identity, signaling
+from mahole.demo import _echo_tcp, issue_certificates
+from mahole.fleet import FleetRegistry, encode_record
+from mahole.signaling import NodeRecord, SendMessage
+from mahole.wire import control
+
+
+def record(handle, role="connector", name="office", services=("web",), home="relay2",
+           since=10.0):
+    return NodeRecord(handle=handle, role=role, name=name, addr=("192.0.2.5", 4000),
+                      services=services, home=home, since=since)
+
+
+# The registry view, sans-IO ------------------------------------------------------------------
+def test_remote_nodes_are_found_by_identity_and_service_with_handles_of_their_own():
+    reg = FleetRegistry("relay1")
+    reg.apply_remote("relay2", "put", "7", encode_record(record(7)))
+    [office] = reg.connectors_for("web")
+    assert office.handle == "relay2/7" and office.home == "relay2"
+    assert reg.node_by_identity("connector", "office") == office
+    assert reg.nodes() == [] and reg.remote_homes() == {"relay2": 1}
+    # A local node of the same identity is found first; local changes go to the outbox.
+    local = record(7, home="relay1")
+    reg.put_node(local)
+    assert reg.node_by_identity("connector", "office") == local
+    assert [c.home for c in reg.connectors_for("web")] == ["relay1", "relay2"]
+    assert list(reg.outbox) == [("put", local)]
+    reg.remove_node(7)
+    assert list(reg.outbox)[-1] == ("del", 7)
+    # A delete, and forgetting a whole home.
+    reg.apply_remote("relay2", "del", "7")
+    assert reg.connectors_for("web") == [] and reg.node_by_identity("connector", "office") is None
+    reg.replace_remote("relay3", {"1": encode_record(record(1, home="relay3")),
+                                  "2": encode_record(record(2, name="b", home="relay3"))})
+    assert reg.remote_homes() == {"relay3": 2}
+    reg.forget_home("relay3")
+    assert reg.remote_homes() == {} and reg.connectors_for("web") == []
+
+
+def test_the_longest_registered_copy_of_an_identity_is_the_one_found():
+    reg = FleetRegistry("relay1")
+    reg.apply_remote("relay2", "put", "1", encode_record(record(1, since=50.0)))
+    reg.apply_remote("relay3", "put", "1", encode_record(record(1, home="relay3", since=20.0)))
+    assert reg.node_by_identity("connector", "office").home == "relay3"
+    reg.forget_home("relay3")
+    assert reg.node_by_identity("connector", "office").home == "relay2"
+
+
+@pytest.mark.parametrize("encoded", [
+    b"\xff\xfe", "not json", "[]", json.dumps({"handle": 1}),
+    encode_record(record(1, home="relay9")),  # claims another home
+    encode_record(record(1, role="intermediate")),
+    "x" * (fleet.MAX_RECORD_BYTES + 1),
+])
+def test_malformed_records_from_the_store_are_dropped_and_counted(encoded):
+    reg = FleetRegistry("relay1")
+    reg.apply_remote("relay2", "put", "1", encoded)
+    assert reg.remote_homes() == {}
+    assert reg.counters["remote_malformed"] == 1
+
+
+def test_remote_nodes_are_bounded(monkeypatch):
+    monkeypatch.setattr(fleet, "MAX_REMOTE_NODES", 3)
+    reg = FleetRegistry("relay1")
+    for i in range(5):
+        reg.apply_remote("relay2", "put", str(i), encode_record(record(i, name=f"c{i}")))
+    assert sum(reg.remote_homes().values()) == 3 and reg.counters["remote_dropped_full"] == 2
+    reg.apply_remote("relay2", "put", "0", encode_record(record(0, name="c0", since=11.0)))
+    assert reg.counters["remote_dropped_full"] == 2  # an update of a known node still lands
+
+
+def test_own_records_in_the_store_are_not_taken_as_remote():
+    reg = FleetRegistry("relay1")
+    reg.apply_remote("relay1", "put", "1", encode_record(record(1, home="relay1")))
+    reg.replace_remote("relay1", {"1": encode_record(record(1, home="relay1"))})
+    assert reg.remote_homes() == {} and reg.connectors_for("web") == []
+
+
+# The signaling core with a fleet registry -------------------------------------------------------
+def fleet_harness(**kwargs):
+    h = Harness(registry=FleetRegistry("test"), **kwargs)
+    return h, h.core.registry
+
+
+def test_one_identity_is_one_node_across_the_fleet():
+    h, reg = fleet_harness()
+    reg.apply_remote("relay2", "put", "4", encode_record(record(4, role="agent", name="alice",
+                                                               services=())))
+    error, close = _refusal(h.connect(1, "agent", "alice", AGENT_ADDR))
+    assert error.code == control.ErrorCode.CONFLICT
+    assert "registered with intermediate 'relay2'" in error.message
+    assert close.code == signaling.CLOSE_CONFLICT
+    # Once relay2 lets go (or its heartbeat expires), the name is free here.
+    reg.forget_home("relay2")
+    h.connect(2, "agent", "alice", AGENT_ADDR)
+    assert reg.node_by_identity("agent", "alice").home == "test"
+
+
+def test_a_service_only_offered_elsewhere_is_refused_saying_where():
+    h, reg = fleet_harness()
+    h.connect(1, "agent", "alice", AGENT_ADDR)
+    reg.apply_remote("relay2", "put", "4", encode_record(record(4)))
+    session_id, events = h.open(service="web")
+    assert session_id is None
+    [error] = [e.message for e in events if isinstance(e, SendMessage)]
+    assert error.code == control.ErrorCode.CONNECTOR_OFFLINE
+    assert error.message == ("service 'web' is offered by connector 'office' at intermediate "
+                             "'relay2', and sessions between intermediates are not supported "
+                             "yet; connect agent 'alice' to 'relay2'")
+    assert h.core.counters["sessions_connector_elsewhere"] == 1
+    # A local replica is preferred to one elsewhere.
+    h.connect(2, "connector", "office-b", CONNECTOR_ADDR, services=("web",))
+    session_id, _ = h.open(service="web", request_id=8)
+    assert reg.session(session_id).connector_name == "office-b"
+
+
+# Intermediates on a real Redis ------------------------------------------------------------------
+@pytest.fixture
+def fleet_certs(tmp_path):
+    issue_certificates(tmp_path, intermediate="relay1")
+    identity.issue(tmp_path, "intermediate", "relay2", hosts=["127.0.0.1"])
+    identity.issue(tmp_path, "connector", "office")
+    return tmp_path
+
+
+def creds(directory, name):
+    return {"cert": str(directory / f"{name}.crt"), "key": str(directory / f"{name}.key"),
+            "ca": str(directory / "ca.crt")}
+
+
+def intermediate(directory, name, url, **settings):
+    return mahole.Intermediate(allow=("*=*",), registry=url, control_socket="",
+                               **creds(directory, name), **settings)
+
+
+def remote(inter):
+    return inter._role.signaling.registry.remote_homes()
+
+
+def test_intermediates_share_their_nodes_and_forget_a_dead_ones(fleet_certs, redis_server):
+    """relay2's connector shows at relay1 within moments; an agent at relay1 is told where
+    the service is; relay2 crashing (no goodbye) is forgotten when its heartbeat expires."""
+    async def main():
+        echo = await asyncio.start_server(_echo_tcp, "127.0.0.1", 0)
+        port = echo.sockets[0].getsockname()[1]
+        async with intermediate(fleet_certs, "relay1", redis_server.url) as relay1, \
+                intermediate(fleet_certs, "relay2", redis_server.url) as relay2:
+            connector = mahole.Connector(relay2.address, bind=("127.0.0.1", 0),
+                                         control_socket="", **creds(fleet_certs, "office"))
+            connector.expose("web", f"tcp:127.0.0.1:{port}")
+            async with connector:
+                await connector.wait_registered()
+                await wait_for(lambda: remote(relay1) == {"relay2": 1}, 5)
+                async with mahole.Agent(relay1.address, bind=("127.0.0.1", 0),
+                                        control_socket="", **creds(fleet_certs, "alice")) as a:
+                    with pytest.raises(mahole.ServiceUnavailable,
+                                       match="at intermediate 'relay2'"):
+                        await a.open_connection("web")
+                    # The same identity cannot register at relay1 as well.
+                    copy = mahole.Connector(relay1.address, bind=("127.0.0.1", 0),
+                                            control_socket="", **creds(fleet_certs, "office"))
+                    with pytest.raises(mahole.Unauthorized,
+                                       match="registered with intermediate 'relay2'"):
+                        async with copy:
+                            await copy.wait_registered()
+                status = relay1.status()["fleet"]
+                assert status["connected"] and status["intermediates"] == ["relay2"]
+                # relay2 dies: its fleet link stops without a goodbye.
+                crashed = relay2._role.fleet
+                for task in crashed._tasks:
+                    task.cancel()
+                await asyncio.gather(*crashed._tasks, return_exceptions=True)
+                crashed.connected = False
+                started = asyncio.get_running_loop().time()
+                await wait_for(lambda: remote(relay1) == {}, fleet_redis.TTL
+                               + fleet_redis.RESYNC + 2)
+                gone_after = asyncio.get_running_loop().time() - started
+                assert relay1.status()["fleet"]["counters"]["homes_expired"] == 1
+        echo.close()
+        return gone_after
+
+    gone_after = run(main(), timeout=90)
+    assert gone_after <= fleet_redis.TTL + fleet_redis.RESYNC + 2
+
+
+def test_a_second_intermediate_of_the_same_name_is_refused(fleet_certs, redis_server):
+    async def main():
+        async with intermediate(fleet_certs, "relay1", redis_server.url):
+            twin = intermediate(fleet_certs, "relay1", redis_server.url)
+            with pytest.raises(mahole.Error, match="another intermediate named 'relay1' is "
+                                                   "live in this fleet"):
+                await twin.start()
+    run(main(), timeout=60)
+
+
+def test_without_redis_an_intermediate_serves_what_it_holds_and_rebuilds_after(
+        fleet_certs, redis_server):
+    """Redis dies: relay1's own agent and connector keep working, relay2's nodes are
+    forgotten after the TTL; Redis returns: relay1 rejoins and sees relay2's nodes again."""
+    async def main():
+        async with intermediate(fleet_certs, "relay1", redis_server.url) as relay1, \
+                intermediate(fleet_certs, "relay2", redis_server.url) as relay2:
+            local = mahole.Connector(relay1.address, bind=("127.0.0.1", 0), control_socket="",
+                                     **creds(fleet_certs, "connector1"))
+            local.serve("echo", _echo_tcp)
+            far = mahole.Connector(relay2.address, bind=("127.0.0.1", 0), control_socket="",
+                                   **creds(fleet_certs, "office"))
+            far.serve("far", _echo_tcp)
+            async with local, far, mahole.Agent(relay1.address, bind=("127.0.0.1", 0),
+                                                control_socket="",
+                                                **creds(fleet_certs, "alice")) as agent:
+                await far.wait_registered()
+                await wait_for(lambda: remote(relay1) == {"relay2": 1}, 5)
+                redis_server.stop()
+                await wait_for(lambda: not relay1.status()["fleet"]["connected"], 10)
+                await wait_for(lambda: remote(relay1) == {}, fleet_redis.TTL + 5)
+                data = os.urandom(200_000)
+                reader, writer = await agent.open_connection("echo")
+                writer.write(data)
+                writer.write_eof()
+                assert await reader.read() == data
+                writer.close()
+                with pytest.raises(mahole.ServiceUnavailable, match="no connector offers"):
+                    await agent.open_connection("far")
+                redis_server.start()
+                await wait_for(lambda: relay1.status()["fleet"]["connected"]
+                               and remote(relay1) == {"relay2": 1}, 20)
+                assert relay1.status()["fleet"]["counters"]["connects"] >= 2
+    run(main(), timeout=120)
