@@ -200,6 +200,10 @@ def build_parser(*, explicit_only=False):
                      help="share the directory of nodes with the other intermediates of a "
                           "fleet through this Redis: redis://HOST:PORT/DB, rediss:// (TLS) "
                           "or unix:///PATH (default: none, this intermediate alone)")
+    sub.add_argument("--fleet-address", type=_hostport(allow_zero=False), default=None,
+                     metavar="HOST:PORT",
+                     help="where the other intermediates of the fleet send relay frames for "
+                          "this one (default: the --listen address, if it is a specific one)")
     sub.add_argument("--relay-rate-limit", type=int, default=0, metavar="BYTES_PER_S",
                      help="per-session relay rate limit (default: 0, unlimited)")
     sub.add_argument("--node-dead-after", type=float,
@@ -523,7 +527,7 @@ def run_intermediate(args):
                              retry_threshold=args.retry_threshold,
                              handshake_timeout=args.handshake_timeout,
                              stun_rate=args.stun_rate, vn_rate=args.vn_rate,
-                             registry=args.registry,
+                             registry=args.registry, fleet_address=args.fleet_address,
                              **_credentials(args))
     return _serve(args, Intermediate, cfg)
 

@@ -145,6 +145,9 @@ class IntermediateConfig(Credentials):
     # A fleet: intermediates sharing their directory of nodes through this Redis
     # (redis://HOST:PORT/DB, rediss:// with TLS, unix:///PATH). "": alone, in memory.
     registry: str = ""
+    # Where the other intermediates of the fleet send relay frames for this one (host, port);
+    # None: the --listen address, which must then be a specific one.
+    fleet_address: tuple | None = None
     # Quotas per identity (mahole.signaling.Limits, same names and defaults), answered with
     # RATE_LIMITED: control connections of one identity; sessions an agent opens per minute
     # (that many at once, then one every 60/N s); open sessions per agent and per connector;

@@ -10,11 +10,14 @@ they share (Redis, `mahole.fleet_redis`). `FleetRegistry` is that pair:
   publish;
 - the remote part: records the shell copies in (`apply_remote`, `replace_remote`), keyed by
   their home intermediate. Their handles are rewritten ``"HOME/HANDLE"`` so they never collide
-  with local handles.
+  with local handles (`mahole.signaling.remote_handle` reads them back);
+- where each reachable intermediate takes relay frames (``relay_addrs``), for sessions
+  between intermediates.
 
 Lookups by identity and by service see both parts, the local one first: so one identity
 stays one node across the fleet, and an agent's request can find a connector homed on another
-intermediate. Sessions stay local (a session lives where its members are homed).
+intermediate. Sessions are not shared: a session lives at its agent's intermediate, and the
+connector's intermediate keeps a mirror of it (`mahole.signaling`).
 
 Everything read from the store is hostile until parsed: records are bounded in number and
 size, and a malformed one is dropped and counted.
@@ -46,6 +49,12 @@ class FleetRegistry(MemoryRegistry):
         self._remote_services = collections.defaultdict(dict)  # service -> {handle: record}
         self.counters = {"remote_malformed": 0, "remote_dropped_full": 0,
                          "remote_updates": 0}
+        # home -> (host, port) where it takes relay frames, for the intermediates that can be
+        # reached now (the shell keeps it: emptied while the store is unavailable).
+        self.relay_addrs = {}
+
+    def relay_address(self, home):
+        return self.relay_addrs.get(home)
 
     # Local changes are published ---------------------------------------------------------
     def put_node(self, record):

@@ -16,6 +16,9 @@ What each intermediate keeps there (keys under ``mahole:``):
   streams: a missed message costs nothing lasting, because every `RESYNC` s (and after any
   reconnect) each intermediate reads the hashes again; streams would add trimming and
   consumer bookkeeping for no gain.
+- channel ``mahole:to:NAME``: signaling of sessions between intermediates (`FleetSend` of
+  the signaling core: {"from", "sender", "to", "message", "session"}). A lost message is what
+  a lost control packet would be: the nodes' own timeouts and re-punching deal with it.
 
 Redis unavailable: the intermediate keeps serving the nodes and sessions it holds (the local
 registry is the truth for them). It cannot vouch for the other intermediates' nodes any more,
@@ -25,12 +28,16 @@ intermediate writes its whole hash again and reads everyone else's.
 """
 
 import asyncio
+import collections
 import json
 import logging
 import secrets
 import time
 
 from .fleet import MAX_RECORD_BYTES, encode_record
+from .signaling import SessionRecord
+from .status import parse_hostport
+from .wire import control
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ MAX_BACKOFF = 5.0  # s between reconnection attempts at most
 COMMAND_TIMEOUT = 2.0  # s for one Redis command
 CHANNEL = "mahole:nodes"
 MAX_MESSAGE_BYTES = MAX_RECORD_BYTES + 1024
+MAX_OUTGOING = 10_000  # fleet messages waiting for Redis; beyond, dropped and counted
 MAX_INTERMEDIATES = 1024  # heartbeat keys read at most (a hostile store cannot flood us)
 
 
@@ -50,6 +58,10 @@ def heartbeat_key(name):
 
 def nodes_key(name):
     return f"mahole:nodes:{name}"
+
+
+def inbox(name):
+    return f"mahole:to:{name}"
 
 
 class FleetError(Exception):
@@ -67,21 +79,28 @@ def redacted(url):
 class RedisFleet:
     """Keeps `registry` (a `FleetRegistry`) in step with the fleet's Redis."""
 
-    def __init__(self, url, name, addr, registry):
+    def __init__(self, url, name, addr, registry, on_message=None):
         self.url = url
         self.name = name
-        self.addr = addr  # where nodes reach this intermediate, "HOST:PORT"
+        self.addr = addr  # where the others send relay frames for this one, "HOST:PORT"
         self.registry = registry
+        # on_message(home, sender, to, message, session): a FleetSend of another
+        # intermediate's core, for this one's (mahole.signaling.SignalingCore.fleet_message).
+        self.on_message = on_message
         self.instance = secrets.token_hex(8)
         self.connected = False
         self.last_error = None
         self.counters = {"connects": 0, "errors": 0, "published": 0, "received": 0,
-                         "messages_malformed": 0, "resyncs": 0, "homes_expired": 0}
+                         "messages_malformed": 0, "resyncs": 0, "homes_expired": 0,
+                         "signaling_sent": 0, "signaling_received": 0,
+                         "signaling_dropped": 0}
+        self._outgoing = collections.deque()  # (channel, text) of signaling to publish
         self._redis = None
         self._wake = asyncio.Event()  # the outbox has something
         self._tasks = []
         self._lost_at = None  # monotonic time Redis went away (None while connected)
         self._homes = set()  # other intermediates seen live
+        self._stopping = False
 
     # Life --------------------------------------------------------------------------------
     async def start(self):
@@ -104,9 +123,21 @@ class RedisFleet:
 
     async def stop(self):
         """Leave the fleet: the others forget this intermediate's nodes at once."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True
+        # A cancellation can be swallowed inside the client (a read's own timeout firing at
+        # the same moment): cancel again until the tasks are done; their loops also end on
+        # _stopping at their next turn (at most HEARTBEAT s).
+        deadline = time.monotonic() + 2 * HEARTBEAT + COMMAND_TIMEOUT
+        while True:
+            pending = [task for task in self._tasks if not task.done()]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                log.warning("fleet: %d tasks did not stop", len(pending))
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.25)
         if self._redis is None:
             return
         if self.connected:
@@ -120,6 +151,20 @@ class RedisFleet:
 
     def changed(self):
         """The registry's outbox has entries: publish them soon."""
+        self._wake.set()
+
+    def send(self, event):
+        """Carry a `FleetSend` of the signaling core to its intermediate (soon; dropped and
+        counted while Redis is unavailable)."""
+        if not self.connected or len(self._outgoing) >= MAX_OUTGOING:
+            self.counters["signaling_dropped"] += 1
+            return
+        text = json.dumps({
+            "from": self.name, "to": None if event.to is None else str(event.to),
+            "sender": None if event.sender is None else str(event.sender),
+            "message": control.encode_payload(event.message).decode(),
+            "session": event.session.to_dict() if event.session is not None else None})
+        self._outgoing.append((inbox(event.home), text))
         self._wake.set()
 
     # Writing -----------------------------------------------------------------------------
@@ -151,6 +196,14 @@ class RedisFleet:
             await pipe.execute()
 
     async def _flush(self):
+        if self._outgoing:
+            messages = list(self._outgoing)
+            self._outgoing.clear()
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for channel, text in messages:
+                    pipe.publish(channel, text)
+                await pipe.execute()
+            self.counters["signaling_sent"] += len(messages)
         outbox = self.registry.outbox
         if not outbox:
             return
@@ -179,7 +232,7 @@ class RedisFleet:
         """Heartbeat, publish changes, read the others; reconnect with backoff."""
         backoff = 0.25
         next_heartbeat = next_resync = 0.0
-        while True:
+        while not self._stopping:
             try:
                 if not self.connected:
                     await self._claim()
@@ -230,6 +283,10 @@ class RedisFleet:
         if self._lost_at is None:
             self._lost_at = time.monotonic()
         self.connected = False
+        # No new sessions through the others while they cannot be told.
+        self.registry.relay_addrs.clear()
+        self.counters["signaling_dropped"] += len(self._outgoing)
+        self._outgoing.clear()
 
     def _forget_stale(self):
         """Without Redis the others' nodes cannot be vouched for beyond the TTL."""
@@ -249,10 +306,16 @@ class RedisFleet:
                 homes.add(name)
             if len(homes) >= MAX_INTERMEDIATES:
                 break
+        relay_addrs = {}
         for home in homes:
+            relay_addr = _relay_addr(await self._redis.get(heartbeat_key(home)))
+            if relay_addr is not None:
+                relay_addrs[home] = relay_addr
             records = await self._redis.hgetall(nodes_key(home))
             self.registry.replace_remote(home, {k.decode(errors="replace"): v
                                                 for k, v in records.items()})
+        self.registry.relay_addrs.clear()
+        self.registry.relay_addrs.update(relay_addrs)
         for home in set(self.registry.remote_homes()) - homes:
             self.registry.forget_home(home)
             self.counters["homes_expired"] += 1
@@ -262,14 +325,19 @@ class RedisFleet:
 
     async def _listen(self):
         """Changes as the others publish them; resubscribes after a failure."""
-        while True:
+        while not self._stopping:
             pubsub = None
             try:
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(CHANNEL)
-                while True:
+                mine = inbox(self.name)
+                await pubsub.subscribe(CHANNEL, mine)
+                while not self._stopping:
                     message = await pubsub.get_message(timeout=HEARTBEAT)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    if message.get("channel") in (mine, mine.encode()):
+                        self._signaling(message.get("data"))
+                    else:
                         self._received(message.get("data"))
             except asyncio.CancelledError:
                 raise
@@ -279,7 +347,7 @@ class RedisFleet:
             finally:
                 if pubsub is not None:
                     try:
-                        await pubsub.aclose()
+                        await asyncio.wait_for(pubsub.aclose(), COMMAND_TIMEOUT)
                     except Exception:  # noqa: BLE001 - the connection is gone already
                         pass
 
@@ -299,6 +367,7 @@ class RedisFleet:
             return
         if op == "bye":
             self.registry.forget_home(home)
+            self.registry.relay_addrs.pop(home, None)
             self._homes.discard(home)
             log.info("fleet: intermediate %s left", home)
             return
@@ -309,11 +378,41 @@ class RedisFleet:
         self._homes.add(home)
         self.registry.apply_remote(home, op, handle, message.get("record"))
 
+    def _signaling(self, data):
+        """Another intermediate's FleetSend for this one: parsed and checked like network
+        input before the core sees it."""
+        self.counters["signaling_received"] += 1
+        try:
+            if not isinstance(data, (bytes, str)) or len(data) > MAX_MESSAGE_BYTES:
+                raise ValueError("not a message")
+            envelope = json.loads(data)
+            home = envelope["from"]
+            sender, to = envelope.get("sender"), envelope.get("to")
+            if not isinstance(home, str) or not all(isinstance(v, (str, type(None)))
+                                                    for v in (sender, to)):
+                raise ValueError("bad fields")
+            message = control.decode_payload(str(envelope["message"]).encode())
+            session = envelope.get("session")
+            session = SessionRecord.from_dict(session) if session is not None else None
+        except (ValueError, TypeError, KeyError, AttributeError, control.ControlError):
+            self.counters["messages_malformed"] += 1
+            return
+        if home != self.name and self.on_message is not None:
+            self.on_message(home, sender, to, message, session)
+
     def status(self):
         return {"registry": redacted(self.url), "connected": self.connected,
                 "last_error": self.last_error, "intermediates": sorted(self._homes),
                 "remote_nodes": self.registry.remote_homes(),
                 "counters": {**self.counters, **self.registry.counters}}
+
+
+def _relay_addr(heartbeat):
+    """(host, port) an intermediate's heartbeat names, or None if it names none."""
+    try:
+        return parse_hostport(json.loads(heartbeat)["addr"], allow_zero=False)
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 # Lua, so each step is one atomic command (Redis runs a script without interleaving).

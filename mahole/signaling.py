@@ -373,6 +373,20 @@ class Registry(abc.ABC):
         """How many sessions ``handle`` is a member of."""
         return len(self.sessions_of(handle))
 
+    def relay_address(self, home: str) -> tuple | None:
+        """Where intermediate ``home`` of the fleet takes relay frames, while it can be
+        reached; None alone (a fleet's registry says)."""
+        return None
+
+
+def remote_handle(handle):
+    """(home, handle there) of a member held by another intermediate of the fleet (its
+    handle here is "HOME/HANDLE", mahole.fleet), or None for a member held here."""
+    if isinstance(handle, str) and "/" in handle:
+        home, there = handle.split("/", 1)
+        return home, there
+    return None
+
 
 class MemoryRegistry(Registry):
     """The registry of one intermediate, in dictionaries."""
@@ -467,6 +481,20 @@ class SendMessage:
 
 
 @dataclasses.dataclass(frozen=True)
+class FleetSend:
+    """Carry ``message`` to intermediate ``home`` of the fleet, for its member ``to`` (the
+    handle there) or, with ``to`` None, for its core; ``sender`` is the member here it comes
+    from (None: this core). ``session`` goes with a SessionOpened, so the other intermediate
+    can relay the session's frames."""
+
+    home: str
+    to: Hashable
+    sender: Hashable
+    message: control.Message
+    session: "SessionRecord | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
 class CloseNode:
     """Close the node's control connection with a QUIC application error ``code`` and
     ``reason``. The core has already forgotten the node; `node_disconnected` may follow."""
@@ -545,6 +573,21 @@ class _Link:
         return f"{self.role} {self.name!r}"
 
 
+class _RemoteLink:
+    """A session member held by another intermediate of the fleet, as the signaling of a
+    session owned here sees it."""
+
+    __slots__ = ("handle", "role", "name")
+
+    def __init__(self, handle, role, name):
+        self.handle = handle
+        self.role = role
+        self.name = name
+
+    def __str__(self):
+        return f"{self.role} {self.name!r}"
+
+
 class _Probe:
     __slots__ = ("old", "newcomer", "register", "nonce", "deadline")
 
@@ -601,7 +644,8 @@ class SignalingCore:
             "ignored_unexpected_result", "ignored_unexpected_pong", "ignored_duplicate_register",
             "refused_offer", "refused_connections", "signaling_dropped",
             "nodes_flooding", "relay_shares_set", "services_updated",
-            "sessions_connector_elsewhere",
+            "sessions_connector_elsewhere", "sessions_across", "fleet_sent", "fleet_received",
+            "fleet_ignored", "sessions_mirrored",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
@@ -646,8 +690,18 @@ class SignalingCore:
             heapq.heappop(timers)  # superseded or cancelled
         return timers[0][0] if timers else None
 
-    def _send(self, handle, message):
-        self._events.append(SendMessage(handle, message))
+    def _send(self, handle, message, sender=None, session=None):
+        remote = remote_handle(handle)
+        if remote is None:
+            self._events.append(SendMessage(handle, message))
+            return
+        self.counters["fleet_sent"] += 1
+        self._events.append(FleetSend(remote[0], remote[1], sender, message, session))
+
+    def _reachable(self, handle):
+        """A member this core can send to: connected here, or held by another intermediate
+        of the fleet."""
+        return handle in self._links or remote_handle(handle) is not None
 
     def _error(self, handle, code, text, request_id=None, session_id=None):
         self._send(handle, control.Error(code=code, message=text[:control.MAX_TEXT_LEN],
@@ -835,6 +889,8 @@ class SignalingCore:
                 self._send(handle, control.Pong(nonce=message.nonce))
             else:
                 self._error(handle, control.ErrorCode.NOT_REGISTERED, "register first")
+        elif self._mirrored(link, message):
+            return
         elif isinstance(message, control.OpenSession) and link.role == "agent":
             self._open_session(link, message, now)
         elif isinstance(message, control.UpdateServices) and link.role == "connector":
@@ -875,6 +931,116 @@ class SignalingCore:
                 f"{link.ignored} ignored within {ABUSE_WINDOW:g} s")
         self._log_refusal("flood", now, "closing %s at %s: %s", link, _fmt(link.addr), text)
         self._refuse(link, control.ErrorCode.RATE_LIMITED, CLOSE_RATE_LIMITED, text, now)
+
+    # Sessions across intermediates -------------------------------------------------------
+    # The agent's intermediate owns the session: its core runs the signaling (offers,
+    # answers, StartPunching, results), and its relay forwards the agent's frames to the
+    # connector's intermediate. That one keeps a mirror of the session (home = the owner):
+    # enough to relay the connector's frames and to pass messages both ways.
+
+    def _mirrored(self, link, message):
+        """A member's message about a session mirrored here goes to the session's owner;
+        True if it was such a message (handled)."""
+        session_id = getattr(message, "session_id", None)
+        if session_id is None or isinstance(message, control.Error):
+            return False
+        session = self.registry.session(session_id)
+        if session is None or session.home == self.home:
+            return False
+        if link.handle not in session.members():
+            self._ignore("foreign_session", link, message)
+            return True
+        if not isinstance(message, (control.CandidateAnswer, control.PunchingResult,
+                                    control.SessionClosed)):
+            self._ignore("wrong_direction", link, message)
+            return True
+        if isinstance(message, control.SessionClosed):
+            self._forget_mirror(session)
+        owner, there = remote_handle(session.other(link.handle))
+        self.counters["fleet_sent"] += 1
+        self._events.append(FleetSend(owner, there, link.handle, message))
+        return True
+
+    def _forget_mirror(self, session):
+        if self.registry.remove_session(session.session_id) is not None:
+            self._events.append(RelayRemove(session.session_id))
+
+    def fleet_message(self, home, sender, to, message, now, session=None):
+        """A message from intermediate ``home`` of the fleet (`FleetSend` there): from its
+        member ``sender``, for member ``to`` here (handles as text), with the session's
+        record if it is a SessionOpened. Checked like any input: it must fit a session and
+        its members, or it is ignored and counted."""
+        self.counters["fleet_received"] += 1
+        target = self._local_link(to)
+        if isinstance(message, control.SessionOpened):
+            if target is None or session is None:
+                return self._fleet_ignore("session_opened", home)
+            self._mirror(home, target, message, session)
+            return None
+        session_id = getattr(message, "session_id", None)
+        record = self.registry.session(session_id) if session_id is not None else None
+        if record is None or (target is not None and target.handle not in record.members()):
+            return self._fleet_ignore("unknown_session", home)
+        remote_member = f"{home}/{sender}"
+        if record.home == self.home:  # the owner: as if the remote member had sent it here
+            if remote_member not in record.members():
+                return self._fleet_ignore("foreign_member", home)
+            peer = _RemoteLink(remote_member, "agent" if remote_member == record.agent
+                               else "connector", record.agent_name
+                               if remote_member == record.agent else record.connector_name)
+            if isinstance(message, control.CandidateAnswer):
+                self._answer(peer, message, now)
+            elif isinstance(message, control.PunchingResult):
+                self._punching_result(peer, message)
+            elif isinstance(message, control.SessionClosed):
+                self._close_session(record, f"closed by {peer}: {message.reason}",
+                                    notify_except=remote_member)
+            else:
+                self._fleet_ignore("wrong_direction", home)
+            return None
+        if record.home != home or target is None:  # a mirror takes words from its owner only
+            return self._fleet_ignore("foreign_member", home)
+        if isinstance(message, control.SessionClosed):
+            self._forget_mirror(record)
+        elif not isinstance(message, (control.CandidateOffer, control.StartPunching)):
+            return self._fleet_ignore("wrong_direction", home)
+        self._send(target.handle, message)
+        return None
+
+    def _mirror(self, home, target, message, session):
+        """Intermediate ``home`` opened a session to connector ``target`` held here."""
+        relay_peer = self.registry.relay_address(home)
+        if (target.role != "connector" or message.connector != target.name
+                or relay_peer is None or session.session_id != message.session_id
+                or session.connector_token != message.relay_token
+                or len(session.agent_token) != control.RELAY_TOKEN_LEN
+                or self.registry.session(session.session_id) is not None):
+            self._fleet_ignore("session_opened", home)
+            return
+        mirror = dataclasses.replace(session, agent=f"{home}/{session.agent}",
+                                     connector=target.handle, home=home)
+        self.registry.put_session(mirror)
+        self.counters["sessions_mirrored"] += 1
+        self._events.append(RelayAdd(session.session_id, relay_peer, target.addr,
+                                     session.agent_token, session.connector_token))
+        self._send(target.handle, message)
+        log.info("session %s: agent %s at intermediate %s -> service %s here",
+                 session_tag(session.session_id), session.agent_name, home, session.service)
+
+    def _local_link(self, text):
+        """The registered link here whose handle is ``text`` (handles travel as text)."""
+        if text is None:
+            return None
+        for handle in (text, int(text)) if str(text).isdigit() else (text,):
+            link = self._links.get(handle)
+            if link is not None and link.registered:
+                return link
+        return None
+
+    def _fleet_ignore(self, kind, home):
+        self.counters["fleet_ignored"] += 1
+        log.debug("ignored a fleet message from %s: %s", home, kind)
+        return None
 
     def _own_session(self, link, message):
         """The session ``message`` is about, if ``link`` is one of its members."""
@@ -1057,20 +1223,20 @@ class SignalingCore:
             return
         # Replicas: the longest registered connector allowed to offer the service (a shared
         # registry may hold records from elsewhere) and below its session cap.
+        # A connector held here first; then one at another intermediate of the fleet that
+        # can be reached now (the session is signaled and relayed through it).
         allowed = [c for c in connectors if self.may_offer(c.name, service)]
         elsewhere = [c for c in allowed if c.home != self.home]
         allowed = [c for c in allowed if c.home == self.home]
+        allowed += [c for c in elsewhere if registry.relay_address(c.home) is not None]
         connector = next((c for c in allowed if registry.session_count(c.handle)
                           < limits.sessions_per_connector), None)
         if connector is None:
             if not allowed and elsewhere:
-                # Signaling and relaying between intermediates are not built yet: say where
-                # the service is, so the agent can be pointed there.
                 other = elsewhere[0]
                 text = (f"service {service!r} is offered by connector {other.name!r} at "
-                        f"intermediate {other.home!r}, and sessions between intermediates "
-                        f"are not supported yet; connect agent {link.name!r} to "
-                        f"{other.home!r}")
+                        f"intermediate {other.home!r}, which cannot be reached now (the "
+                        f"fleet's registry is unavailable)")
                 self.counters["sessions_connector_elsewhere"] += 1
                 self._log_session_refusal("connector_offline", link, service, text, now)
                 self._error(handle, control.ErrorCode.CONNECTOR_OFFLINE, text, request_id)
@@ -1110,13 +1276,20 @@ class SignalingCore:
                                 agent_token=agent_token, connector_token=connector_token)
         self.registry.put_session(session)
         self.counters["sessions_opened"] += 1
-        self._events.append(RelayAdd(session.session_id, link.addr, connector.addr,
+        # A connector at another intermediate: the relay here forwards its frames to that
+        # intermediate, which relays them on to the connector (and back).
+        across = connector.home != self.home
+        if across:
+            self.counters["sessions_across"] += 1
+        relay_peer = registry.relay_address(connector.home) if across else connector.addr
+        self._events.append(RelayAdd(session.session_id, link.addr, relay_peer,
                                      agent_token, connector_token))
         for member, peer, token in ((connector.handle, link.addr, connector_token),
                                     (handle, connector.addr, agent_token)):
             self._send(member, control.SessionOpened(
                 request_id=message.request_id, session_id=session.session_id, service=service,
-                agent=link.name, connector=connector.name, peer_addr=peer, relay_token=token))
+                agent=link.name, connector=connector.name, peer_addr=peer, relay_token=token),
+                sender=handle, session=session if member == connector.handle else None)
         log.info("session %s: agent %s -> service %s at connector %s",
                  session_tag(session.session_id), link.name, service, connector.name)
         self._rebalance(session.members())
@@ -1164,9 +1337,10 @@ class SignalingCore:
         for handle in session.members():
             self._punches.pop(("punch", session.session_id, handle), None)
             self._cancel(("punch", session.session_id, handle))
-            if handle != notify_except and handle in self._links:
+            if handle != notify_except and self._reachable(handle):
                 self._send(handle, control.SessionClosed(session_id=session.session_id,
-                                                         reason=reason[:control.MAX_TEXT_LEN]))
+                                                         reason=reason[:control.MAX_TEXT_LEN]),
+                           sender=session.other(handle))
         log.info("session %s closed: %s", session_tag(session.session_id), reason)
         if rebalance:
             self._rebalance([h for h in session.members() if h in self._links])
@@ -1181,7 +1355,7 @@ class SignalingCore:
             return
         self.registry.put_session(dataclasses.replace(session, offers=session.offers + 1))
         self.counters["offers_forwarded"] += 1
-        self._send(session.connector, message)
+        self._send(session.connector, message, sender=link.handle)
 
     def _answer(self, link, message, now):
         session = self._own_session(link, message)
@@ -1196,7 +1370,7 @@ class SignalingCore:
         session = dataclasses.replace(session, answers=session.answers + 1)
         self.registry.put_session(session)
         self.counters["answers_forwarded"] += 1
-        self._send(session.agent, message)
+        self._send(session.agent, message, sender=link.handle)
         self.start_punching(session.session_id, now)
 
     def start_punching(self, session_id, now):
@@ -1229,14 +1403,14 @@ class SignalingCore:
                 self._punches.pop(key, None)
                 self._cancel(key)
                 self.counters["start_punching_sent"] += 1
-                self._send(handle, message)
+                self._send(handle, message, sender=session.other(handle))
 
     def _deliver_punch(self, key):
         message = self._punches.pop(key, None)
         _kind, session_id, handle = key
         if message is None or self.registry.session(session_id) is None:
             return
-        if handle in self._links:
+        if self._reachable(handle):
             self.counters["start_punching_sent"] += 1
             self._send(handle, message)
 

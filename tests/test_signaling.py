@@ -28,8 +28,8 @@ UFRAG, PWD = "abcd", "p" * 22
 class Harness:
     """One core, a fake clock, and helpers that speak for the nodes."""
 
-    def __init__(self, acl=("*=*",), **kwargs):
-        self.core = SignalingCore(acl=acl, home="test", **kwargs)
+    def __init__(self, acl=("*=*",), home="test", **kwargs):
+        self.core = SignalingCore(acl=acl, home=home, **kwargs)
         self.now = 1000.0
         self.log = []  # every event, in order
         self.timed = []  # (time, event)

@@ -48,6 +48,7 @@ from ..fleet_redis import FleetError, RedisFleet
 from ..signaling import (
     AclRule,
     CloseNode,
+    FleetSend,
     RelayAdd,
     RelayRemove,
     RelaySetMember,
@@ -285,7 +286,8 @@ class Intermediate:
             self.control_server = await start_control(self, self.cfg)
             if self.cfg.registry:
                 fleet = RedisFleet(self.cfg.registry, self.identity.name,
-                                   _fmt(self.endpoint.local_address), self.signaling.registry)
+                                   self._fleet_address(), self.signaling.registry,
+                                   on_message=self._fleet_message)
                 try:
                     await fleet.start()
                 except FleetError as exc:
@@ -296,6 +298,24 @@ class Intermediate:
             raise
         log.info("intermediate %s listening on %s", self.identity.name,
                  _fmt(self.endpoint.local_address))
+
+    def _fleet_address(self):
+        """Where the other intermediates of the fleet send relay frames for this one."""
+        host, port = plain_addr(self.cfg.fleet_address or self.endpoint.local_address[:2])
+        try:
+            unspecified = ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            unspecified = False  # a host name
+        if unspecified:
+            raise StartupError(f"--registry needs --fleet-address HOST:PORT: where the other "
+                               f"intermediates reach this one ({_fmt((host, port))} is every "
+                               f"address, not one)")
+        return _fmt((host, port))
+
+    def _fleet_message(self, home, sender, to, message, session):
+        self.signaling.fleet_message(home, sender, to, message, self.endpoint.now(),
+                                     session=session)
+        self.pump()
 
     @property
     def local_address(self):
@@ -355,6 +375,9 @@ class Intermediate:
                 engine.set_member(event.session_id, event.member, event.addr)
             elif isinstance(event, RelaySetRate):
                 self._relay_set_rate(event)
+            elif isinstance(event, FleetSend):
+                if self.fleet is not None:
+                    self.fleet.send(event)
         if self.fleet is not None and self.signaling.registry.outbox:
             self.fleet.changed()
         when = signaling.next_timer()
