@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, Optional, TypeVar, Union
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Literal, Optional, TypeVar, Union, cast
 
 from .cli import parse_address
 from .config import AgentConfig, ConnectorConfig, DEFAULT_PORT, IntermediateConfig, Service
@@ -103,6 +103,25 @@ def _hostport(value: Union[str, tuple[str, int]], default_port: int) -> tuple[st
     except ValueError as exc:
         raise Error(str(exc)) from None
     return str(host), int(port)
+
+
+Address = Union[str, tuple[str, int]]
+Intermediates = Union[Address, Sequence[Address]]
+
+
+def _intermediates(value: Intermediates) -> dict[str, Any]:
+    """The config fields of one intermediate or several (the first, then the fallbacks):
+    "HOST:PORT", ("host", port), or a list of them."""
+    given: list[Address]
+    if isinstance(value, str) or (isinstance(value, tuple) and len(value) == 2
+                                  and isinstance(value[1], int)):
+        given = [value]
+    else:
+        given = list(cast(Sequence[Address], value))
+    if not given:
+        raise Error("no intermediate given")
+    addrs = [_hostport(item, DEFAULT_PORT) for item in given]
+    return {"intermediate": addrs[0], "fallbacks": tuple(addrs[1:])}
 
 
 def _credentials(cert: Credential, key: Credential, ca: Credential) -> dict[str, Any]:
@@ -390,10 +409,10 @@ class Agent(_Node):
 
     _what = "agent"
 
-    def __init__(self, intermediate: Union[str, tuple[str, int]], *, cert: Credential,
+    def __init__(self, intermediate: Intermediates, *, cert: Credential,
                  key: Credential, ca: Credential, bind: tuple[str, int] = ("0.0.0.0", 0),
                  **settings: Any) -> None:
-        self._setup(AgentConfig(intermediate=_hostport(intermediate, DEFAULT_PORT), bind=bind,
+        self._setup(AgentConfig(**_intermediates(intermediate), bind=bind,
                                 control_socket=settings.pop("control_socket", ""),
                                 **_credentials(cert, key, ca), **settings))
 
@@ -480,11 +499,10 @@ class Connector(_Node):
 
     _what = "connector"
 
-    def __init__(self, intermediate: Union[str, tuple[str, int]], *, cert: Credential,
+    def __init__(self, intermediate: Intermediates, *, cert: Credential,
                  key: Credential, ca: Credential, bind: tuple[str, int] = ("0.0.0.0", 0),
                  **settings: Any) -> None:
-        self._setup(ConnectorConfig(intermediate=_hostport(intermediate, DEFAULT_PORT),
-                                    bind=bind,
+        self._setup(ConnectorConfig(**_intermediates(intermediate), bind=bind,
                                     control_socket=settings.pop("control_socket", ""),
                                     **_credentials(cert, key, ca), **settings))
 

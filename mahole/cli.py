@@ -102,12 +102,15 @@ def _add_credentials(sub, role):
 
 
 def _add_node(sub, role):
-    sub.add_argument("--intermediate", required=True,
+    sub.add_argument("--intermediate", required=True, action="append",
                      type=_hostport(allow_zero=False, default_port=DEFAULT_PORT),
                      metavar="HOST[:PORT]",
-                     help=f"the intermediate's address (default port: {DEFAULT_PORT})")
+                     help=f"the intermediate's address (default port: {DEFAULT_PORT}); "
+                          "repeat it for the intermediates of a fleet: the node homes on the "
+                          "nearest and moves to the next when it is lost")
     sub.add_argument("--intermediate-name", metavar="NAME",
-                     help="name in the intermediate's certificate (default: its HOST)")
+                     help="name in the (first) intermediate's certificate (default: its "
+                          "HOST; the others are checked against their own HOST)")
     sub.add_argument("--bind", type=_hostport("0.0.0.0"), default=("0.0.0.0", 0),
                      metavar="HOST:PORT", help="local UDP address (default: any, port 0)")
     policy = sub.add_mutually_exclusive_group()
@@ -533,7 +536,8 @@ def run_intermediate(args):
 
 
 def _node_kwargs(args):
-    return {"intermediate": args.intermediate, "intermediate_name": args.intermediate_name,
+    return {"intermediate": args.intermediate[0], "fallbacks": tuple(args.intermediate[1:]),
+            "intermediate_name": args.intermediate_name,
             "bind": args.bind, "relay_only": args.relay_only, "direct_only": args.direct_only,
             "punch_deadline": args.punch_deadline, "failover_timeout": args.failover_timeout,
             "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,

@@ -184,6 +184,9 @@ class IntermediateConfig(Credentials):
 class NodeConfig(Credentials):
     intermediate: tuple = ("127.0.0.1", DEFAULT_PORT)
     intermediate_name: str | None = None  # TLS name of the intermediate; default its host
+    # More intermediates of the fleet (host, port): the node homes on the nearest of all
+    # (mahole.homing) and moves to the next when its home is lost.
+    fallbacks: tuple = ()
     bind: tuple = ("0.0.0.0", 0)
     status: tuple | None = None
     control_socket: str | None = None  # None: the default path (mahole.local_control); "": none
@@ -198,7 +201,9 @@ class NodeConfig(Credentials):
     # QUIC PING on the control connection. Frequent enough that the intermediate can tell a
     # crashed node from a quiet one within its node_dead_after (2 s: four missed PINGs).
     keepalive_interval: float = 0.5
-    control_dead_after: float = 3.0  # nothing heard this long: reconnect to the intermediate
+    # Nothing heard this long (four missed PINGs): the intermediate is lost; reconnect, or home
+    # on the next one of a fleet (re-homed within 3 s: this, a ranking, a handshake).
+    control_dead_after: float = 2.0
     e2e_idle_timeout: float = 30.0
     relay_only: bool = False  # never punch: every session stays on the relay
     direct_only: bool = False  # no relay: a session fails if hole punching fails

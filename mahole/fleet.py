@@ -68,6 +68,12 @@ class FleetRegistry(MemoryRegistry):
         return record
 
     # Lookups see the fleet -----------------------------------------------------------------
+    def node(self, handle):
+        local = super().node(handle)
+        if local is not None or not isinstance(handle, str) or "/" not in handle:
+            return local
+        return self._remote.get(handle.split("/", 1)[0], {}).get(handle)
+
     def node_by_identity(self, role, name):
         local = super().node_by_identity(role, name)
         return local if local is not None else self._remote_identities.get((role, name))

@@ -12,7 +12,8 @@ What each intermediate keeps there (keys under ``mahole:``):
 - ``mahole:nodes:NAME``: a hash of the nodes it holds (handle → JSON `NodeRecord`). It expires
   with the heartbeat, so what a dead intermediate left behind is gone within `TTL` s.
 - channel ``mahole:nodes``: each change as it happens ({"home", "op": "put" | "del" | "bye",
-  "handle", "record"}), so the others' views follow within milliseconds. Pub/sub rather than
+  "handle", "record"}), so the others' views follow within milliseconds, and each heartbeat
+  ({"op": "beat", "addr"}): an intermediate not heard for `HOME_SILENT` s is unreachable. Pub/sub rather than
   streams: a missed message costs nothing lasting, because every `RESYNC` s (and after any
   reconnect) each intermediate reads the hashes again; streams would add trimming and
   consumer bookkeeping for no gain.
@@ -42,6 +43,10 @@ from .wire import control
 log = logging.getLogger(__name__)
 
 HEARTBEAT = 1.0  # s between heartbeats (and flushes of a quiet outbox)
+# s without a heartbeat message: an intermediate is taken as unreachable (no new sessions
+# through it, and a node it held may register elsewhere at once). Its nodes stay known until
+# its keys expire.
+HOME_SILENT = 1.6
 TTL = 3.0  # s: an intermediate silent this long is gone, and its nodes with it
 RESYNC = 5.0  # s between full reads of the other intermediates' nodes
 MAX_BACKOFF = 5.0  # s between reconnection attempts at most
@@ -100,6 +105,7 @@ class RedisFleet:
         self._tasks = []
         self._lost_at = None  # monotonic time Redis went away (None while connected)
         self._homes = set()  # other intermediates seen live
+        self._last_beat = {}  # home -> monotonic time of its last heartbeat message
         self._stopping = False
 
     # Life --------------------------------------------------------------------------------
@@ -273,6 +279,8 @@ class RedisFleet:
         if not renewed:  # expired while we were slow, or taken: claim again
             self.connected = False
             await self._claim()
+        await self._redis.publish(CHANNEL, json.dumps({"home": self.name, "op": "beat",
+                                                       "addr": self.addr}))
 
     def _lost(self, exc):
         self.counters["errors"] += 1
@@ -314,8 +322,13 @@ class RedisFleet:
             records = await self._redis.hgetall(nodes_key(home))
             self.registry.replace_remote(home, {k.decode(errors="replace"): v
                                                 for k, v in records.items()})
-        self.registry.relay_addrs.clear()
-        self.registry.relay_addrs.update(relay_addrs)
+        now = time.monotonic()
+        for home, relay_addr in relay_addrs.items():
+            heard = self._last_beat.setdefault(home, now)  # a newcomer: heard at its key
+            if now - heard <= HOME_SILENT:
+                self.registry.relay_addrs[home] = relay_addr
+        for home in set(self.registry.relay_addrs) - set(relay_addrs):
+            del self.registry.relay_addrs[home]
         for home in set(self.registry.remote_homes()) - homes:
             self.registry.forget_home(home)
             self.counters["homes_expired"] += 1
@@ -332,7 +345,8 @@ class RedisFleet:
                 mine = inbox(self.name)
                 await pubsub.subscribe(CHANNEL, mine)
                 while not self._stopping:
-                    message = await pubsub.get_message(timeout=HEARTBEAT)
+                    message = await pubsub.get_message(timeout=HOME_SILENT / 4)
+                    self._expire_silent()
                     if message is None:
                         continue
                     if message.get("channel") in (mine, mine.encode()):
@@ -358,14 +372,25 @@ class RedisFleet:
                 raise ValueError("not a message")
             message = json.loads(data)
             home, op = message["home"], message["op"]
-            if not isinstance(home, str) or op not in ("put", "del", "bye"):
+            if not isinstance(home, str) or op not in ("put", "del", "bye", "beat"):
                 raise ValueError("bad fields")
         except (ValueError, TypeError, KeyError):
             self.counters["messages_malformed"] += 1
             return
         if home == self.name:
             return
+        if op == "beat":
+            relay_addr = _relay_addr(data)
+            if relay_addr is None:
+                self.counters["messages_malformed"] += 1
+                return
+            self._last_beat[home] = time.monotonic()
+            self._homes.add(home)
+            if self.connected:
+                self.registry.relay_addrs[home] = relay_addr
+            return
         if op == "bye":
+            self._last_beat.pop(home, None)
             self.registry.forget_home(home)
             self.registry.relay_addrs.pop(home, None)
             self._homes.discard(home)
@@ -377,6 +402,15 @@ class RedisFleet:
             return
         self._homes.add(home)
         self.registry.apply_remote(home, op, handle, message.get("record"))
+
+    def _expire_silent(self):
+        """Intermediates whose heartbeats stopped are unreachable: no sessions through them,
+        and the nodes they held may register elsewhere at once."""
+        now = time.monotonic()
+        for home in list(self.registry.relay_addrs):
+            if now - self._last_beat.get(home, now) > HOME_SILENT:
+                del self.registry.relay_addrs[home]
+                log.info("fleet: intermediate %s is silent", home)
 
     def _signaling(self, data):
         """Another intermediate's FleetSend for this one: parsed and checked like network

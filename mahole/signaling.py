@@ -49,8 +49,9 @@ Policy and quotas:
   may offer any service, as before; `SignalingCore.from_config` warns about it at start. A
   `Register` offering a service no rule allows is refused as a whole (`ErrorCode.DENIED`, close
   code `CLOSE_DENIED`), naming the connector and the service, and logged at WARNING. Several
-  connectors allowed to offer one service are replicas: the longest registered one below its
-  session cap serves the next session.
+  connectors allowed to offer one service are replicas: of those below their session cap, the
+  one serving the fewest sessions takes the next (the longest registered on a tie; one held
+  by this intermediate before one elsewhere in the fleet).
 - `Limits`, per identity, answered with `ErrorCode.RATE_LIMITED`: control connections per
   identity and the time to register; sessions opened per minute per agent; open sessions per
   agent and per connector; control messages per connection (a token bucket: excess messages
@@ -117,6 +118,7 @@ MIN_RELAY_BURST = 64 * 1024  # bytes: the smallest relay bucket of a session's s
 MAX_DEPARTED = 1024  # services remembered after their connector left (CONNECTOR_OFFLINE)
 MAX_PUNCH_TIMES = 1000  # time-to-direct samples kept for the median in /status
 MAX_REASON = 200  # characters of a close reason (CONNECTION_CLOSE reason phrase)
+MAX_REMOTE_PROBES = 1024  # other intermediates' probes of nodes here awaiting a Pong
 PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at once
 REFUSAL_LOG_BURST = 10  # refusal lines of one kind logged per REFUSAL_LOG_WINDOW
 REFUSAL_LOG_WINDOW = 10.0  # s
@@ -651,6 +653,7 @@ class SignalingCore:
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
         self._links = {}  # handle -> _Link
         self._probes = {}  # (role, name) -> _Probe
+        self._remote_probes = {}  # (handle, nonce) -> intermediate that asked (bounded)
         self._departed = collections.OrderedDict()  # service -> text (recently offline)
         self._events = collections.deque()
         self._timers = []  # heap of (when, seq, key); valid while _deadlines[key] == when
@@ -753,6 +756,8 @@ class SignalingCore:
                 self._probe_expired(key[1], now)
             elif kind == "punch":
                 self._deliver_punch(key)
+            elif kind == "remote_probe":  # the asker has given up by now
+                self._remote_probes.pop(key[1:], None)
             elif kind == "refusals":
                 for refusal, missed in self.refusal_log.due(now):
                     self._log_missed_refusals(refusal, missed)
@@ -972,6 +977,9 @@ class SignalingCore:
         its members, or it is ignored and counted."""
         self.counters["fleet_received"] += 1
         target = self._local_link(to)
+        if isinstance(message, (control.Ping, control.Pong, control.Error)):
+            self._fleet_probe(home, sender, target, message, now)
+            return None
         if isinstance(message, control.SessionOpened):
             if target is None or session is None:
                 return self._fleet_ignore("session_opened", home)
@@ -1006,6 +1014,39 @@ class SignalingCore:
             return self._fleet_ignore("wrong_direction", home)
         self._send(target.handle, message)
         return None
+
+    def _fleet_probe(self, home, sender, target, message, now):
+        """Probing a node across the fleet: another intermediate asks whether a node here is
+        alive (Ping), answers for its own (Pong), or took over its identity (Error)."""
+        if isinstance(message, control.Ping):
+            if target is None or len(self._remote_probes) >= MAX_REMOTE_PROBES:
+                self._fleet_ignore("probe", home)
+                return
+            self._remote_probes[(target.handle, message.nonce)] = home
+            self._schedule(("remote_probe", target.handle, message.nonce),
+                           now + 2 * self.probe_timeout)
+            self._send(target.handle, message)
+        elif isinstance(message, control.Pong):
+            holder = f"{home}/{sender}"
+            for key, probe in list(self._probes.items()):
+                if probe.old == holder and probe.nonce == message.nonce:
+                    del self._probes[key]
+                    self._cancel(("probe", key))
+                    self.counters["probes_answered"] += 1
+                    newcomer = self._links.get(probe.newcomer)
+                    if newcomer is not None:
+                        newcomer.probing = None
+                        self._refuse_conflict(newcomer, self.registry.node(holder),
+                                              f"answering at intermediate {home!r}", now)
+                    return
+            self._fleet_ignore("unexpected_pong", home)
+        elif (target is not None and message.code == control.ErrorCode.CONFLICT
+              and self.registry.node_by_identity(target.role, target.name) is not None):
+            log.warning("%s was registered at intermediate %s; letting it go", target, home)
+            self._drop(target, f"moved to intermediate {home}", now)
+            self._events.append(CloseNode(target.handle, CLOSE_SHUTDOWN, message.message))
+        else:
+            self._fleet_ignore("error", home)
 
     def _mirror(self, home, target, message, session):
         """Intermediate ``home`` opened a session to connector ``target`` held here."""
@@ -1074,10 +1115,16 @@ class SignalingCore:
             self._register(link, message, now)
             return
         if holder.home != self.home:
-            # Held by another intermediate of the fleet, alive (its records expire with its
-            # heartbeat): one identity, one node across the fleet.
-            self._refuse_conflict(link, holder, f"registered with intermediate "
-                                                f"{holder.home!r}", now)
+            # Held at another intermediate of the fleet. A silent intermediate (dead, or cut
+            # off) cannot vouch for its node: the newcomer takes the name, as a node re-homing
+            # after its intermediate died must. A live one probes its node for us.
+            if self.registry.relay_address(holder.home) is None:
+                self._register(link, message, now)
+                return
+            if key in self._probes:
+                self._refuse_conflict(link, holder, "answering", now)
+                return
+            self._probe(link, holder.handle, key, message, now)
             return
         if key in self._probes:  # a third copy while the second waits: refuse it at once
             self._refuse_conflict(link, holder, "answering", now)
@@ -1089,18 +1136,28 @@ class SignalingCore:
             self.registry.remove_node(holder.handle)
             self._register(link, message, now)
             return
-        nonce = secrets.randbits(53)
-        probe = _Probe(old.handle, link.handle, message, nonce, now + self.probe_timeout)
-        self._probes[key] = probe
-        link.probing = key
-        self.counters["probes_sent"] += 1
-        self._send(old.handle, control.Ping(nonce=nonce))
-        self._schedule(("probe", key), probe.deadline)
+        self._probe(link, old.handle, key, message, now)
         log.info("%s registers again from %s; probing the connection from %s", link,
                  _fmt(link.addr), _fmt(old.addr))
 
+    def _probe(self, link, old, key, message, now):
+        """Ask the node holding ``key`` (handle ``old``, here or at another intermediate)
+        whether it is alive; the newcomer ``link`` waits for the answer or the timeout."""
+        nonce = secrets.randbits(53)
+        probe = _Probe(old, link.handle, message, nonce, now + self.probe_timeout)
+        self._probes[key] = probe
+        link.probing = key
+        self.counters["probes_sent"] += 1
+        self._send(old, control.Ping(nonce=nonce))
+        self._schedule(("probe", key), probe.deadline)
+
     def _pong(self, link, message, now):
         key = (link.role, link.name)
+        asker = self._remote_probes.pop((link.handle, message.nonce), None)
+        if asker is not None:  # another intermediate's probe of this node: it is alive
+            self.counters["fleet_sent"] += 1
+            self._events.append(FleetSend(asker, None, link.handle, message))
+            return
         probe = self._probes.get(key)
         if probe is None or probe.old != link.handle or probe.nonce != message.nonce:
             self._ignore("unexpected_pong", link, message)
@@ -1137,6 +1194,14 @@ class SignalingCore:
             self._drop(old, "was replaced: it did not answer", now)
             self._events.append(CloseNode(old.handle, CLOSE_SHUTDOWN,
                                           "replaced: did not answer"))
+        elif remote_handle(probe.old) is not None:  # its intermediate lets it go
+            home, there = remote_handle(probe.old)
+            log.warning("%s %r at intermediate %s did not answer a probe within %.1f s; "
+                        "replacing it", key[0], key[1], home, self.probe_timeout)
+            self.counters["fleet_sent"] += 1
+            self._events.append(FleetSend(home, there, None, control.Error(
+                code=control.ErrorCode.CONFLICT,
+                message=f"replaced: registered at intermediate {self.home}")))
         if newcomer is not None and newcomer.handle in self._links:
             self._register(newcomer, probe.register, now)
 
@@ -1221,16 +1286,18 @@ class SignalingCore:
                                f"open sessions, the most allowed (--sessions-per-agent)",
                                request_id)
             return
-        # Replicas: the longest registered connector allowed to offer the service (a shared
-        # registry may hold records from elsewhere) and below its session cap.
-        # A connector held here first; then one at another intermediate of the fleet that
-        # can be reached now (the session is signaled and relayed through it).
+        # Replicas (several connectors allowed to offer the service): those held here
+        # first, then those at another intermediate of the fleet that can be reached now
+        # (the session is signaled and relayed through it); among them the one serving the
+        # fewest sessions (spread), the longest registered on a tie, below its session cap.
         allowed = [c for c in connectors if self.may_offer(c.name, service)]
         elsewhere = [c for c in allowed if c.home != self.home]
         allowed = [c for c in allowed if c.home == self.home]
         allowed += [c for c in elsewhere if registry.relay_address(c.home) is not None]
-        connector = next((c for c in allowed if registry.session_count(c.handle)
-                          < limits.sessions_per_connector), None)
+        loads = {c.handle: registry.session_count(c.handle) for c in allowed}
+        open_to = [c for c in allowed if loads[c.handle] < limits.sessions_per_connector]
+        connector = min(open_to, key=lambda c: (c.home != self.home, loads[c.handle]),
+                        default=None)
         if connector is None:
             if not allowed and elsewhere:
                 other = elsewhere[0]

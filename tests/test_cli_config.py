@@ -50,14 +50,22 @@ def test_a_bare_port_means_the_documented_host():
     assert args.status == ("127.0.0.1", 9101) and args.bind == ("0.0.0.0", 5000)
 
 
+def test_several_intermediates_are_one_home_and_its_fallbacks(served):
+    assert cli.main(["agent", "--intermediate", "relay1", "--intermediate", "relay2:5000",
+                     "--forward", "tcp:127.0.0.1:0=web", *CREDS]) == 0
+    cfg = served["cfg"]
+    assert cfg.intermediate == ("relay1", 4478) and cfg.fallbacks == (("relay2", 5000),)
+    assert cfg.intermediate_name == "relay1"
+
+
 def test_an_intermediate_without_a_port_uses_4478():
     args = parse("agent", "--intermediate", "relay.example.org", "--forward",
                  "tcp:127.0.0.1:0=web", *CREDS)
-    assert args.intermediate == ("relay.example.org", 4478)
+    assert args.intermediate == [("relay.example.org", 4478)]
     assert parse("connector", "--intermediate", "[2001:db8::1]:5000", "--service",
-                 "web=tcp:127.0.0.1:80", *CREDS).intermediate == ("2001:db8::1", 5000)
+                 "web=tcp:127.0.0.1:80", *CREDS).intermediate == [("2001:db8::1", 5000)]
     assert parse("connector", "--intermediate", "203.0.113.7", "--service",
-                 "web=tcp:127.0.0.1:80", *CREDS).intermediate == ("203.0.113.7", 4478)
+                 "web=tcp:127.0.0.1:80", *CREDS).intermediate == [("203.0.113.7", 4478)]
 
 
 def test_an_ipv6_address_without_brackets_gets_a_hint(capsys):
@@ -329,7 +337,7 @@ def test_print_config_shows_the_effective_settings_as_toml(tmp_path):
     text = _print_config("agent", "--config", config, "--punch-deadline", "2", "-v",
                          env={"MAHOLE_BIND": "[::]:7000"})
     settings = tomllib.loads(text)
-    assert settings["intermediate"] == "relay.example.org:4478"
+    assert settings["intermediate"] == ["relay.example.org:4478"]
     assert settings["forward"] == ["tcp:127.0.0.1:8080=web", "udp:[::1]:5353=dns"]
     assert settings["punch-deadline"] == 2.0 and settings["session-idle-timeout"] == 60.0
     assert settings["bind"] == "[::]:7000" and settings["status"] == "127.0.0.1:9101"

@@ -2,13 +2,19 @@
 signaling core with it, and intermediates in this process on a real redis-server."""
 
 import asyncio
+import hashlib
 import json
 import os
+import signal
+import socket
+import time
 
 import pytest
 
 from aio_helpers import run, wait_for
+from ports import free_port
 from redis_helpers import redis_server  # noqa: F401 - a fixture
+from test_processes import processes  # noqa: F401 - a fixture
 from test_signaling import AGENT_ADDR, CONNECTOR_ADDR, Harness, _refusal, answer, offer, result
 
 import mahole
@@ -96,20 +102,6 @@ def fleet_harness(**kwargs):
     return h, h.core.registry
 
 
-def test_one_identity_is_one_node_across_the_fleet():
-    h, reg = fleet_harness()
-    reg.apply_remote("relay2", "put", "4", encode_record(record(4, role="agent", name="alice",
-                                                               services=())))
-    error, close = _refusal(h.connect(1, "agent", "alice", AGENT_ADDR))
-    assert error.code == control.ErrorCode.CONFLICT
-    assert "registered with intermediate 'relay2'" in error.message
-    assert close.code == signaling.CLOSE_CONFLICT
-    # Once relay2 lets go (or its heartbeat expires), the name is free here.
-    reg.forget_home("relay2")
-    h.connect(2, "agent", "alice", AGENT_ADDR)
-    assert reg.node_by_identity("agent", "alice").home == "test"
-
-
 def test_a_local_replica_is_preferred_to_one_elsewhere():
     h, reg = fleet_harness()
     reg.relay_addrs["relay2"] = ("192.0.2.2", 4478)
@@ -163,7 +155,7 @@ def test_intermediates_share_their_nodes_and_forget_a_dead_ones(fleet_certs, red
                     copy = mahole.Connector(relay1.address, bind=("127.0.0.1", 0),
                                             control_socket="", **creds(fleet_certs, "office"))
                     with pytest.raises(mahole.Unauthorized,
-                                       match="registered with intermediate 'relay2'"):
+                                       match="answering at intermediate 'relay2'"):
                         async with copy:
                             await copy.wait_registered()
                 status = relay1.status()["fleet"]
@@ -198,8 +190,9 @@ def test_a_second_intermediate_of_the_same_name_is_refused(fleet_certs, redis_se
 
 def test_without_redis_an_intermediate_serves_what_it_holds_and_rebuilds_after(
         fleet_certs, redis_server):
-    """Redis dies: relay1's own agent and connector keep working, relay2's nodes are
-    forgotten after the TTL; Redis returns: relay1 rejoins and sees relay2's nodes again."""
+    """Redis dies: a relayed session between the two intermediates carries on, relay1's own
+    agent and connector keep working, relay2's nodes are forgotten after the TTL; Redis
+    returns: relay1 rejoins and sees relay2's nodes again."""
     async def main():
         async with intermediate(fleet_certs, "relay1", redis_server.url) as relay1, \
                 intermediate(fleet_certs, "relay2", redis_server.url) as relay2:
@@ -209,14 +202,23 @@ def test_without_redis_an_intermediate_serves_what_it_holds_and_rebuilds_after(
             far = mahole.Connector(relay2.address, bind=("127.0.0.1", 0), control_socket="",
                                    **creds(fleet_certs, "office"))
             far.serve("far", _echo_tcp)
+            far.serve("far-too", _echo_tcp)
             async with local, far, mahole.Agent(relay1.address, bind=("127.0.0.1", 0),
-                                                control_socket="",
+                                                control_socket="", relay_only=True,
                                                 **creds(fleet_certs, "alice")) as agent:
                 await far.wait_registered()
-                await wait_for(lambda: remote(relay1) == {"relay2": 1}, 5)
+                await wait_for(lambda: remote(relay1) == {"relay2": 1}
+                               and relay1._role.signaling.registry.relay_address("relay2"), 10)
+                across_reader, across = await agent.open_connection("far")
+                across.write(b"before ")
                 redis_server.stop()
                 await wait_for(lambda: not relay1.status()["fleet"]["connected"], 10)
                 await wait_for(lambda: remote(relay1) == {}, fleet_redis.TTL + 5)
+                # The session between the intermediates never needed Redis to relay.
+                across.write(b"and after Redis died")
+                across.write_eof()
+                assert await across_reader.read() == b"before and after Redis died"
+                across.close()
                 data = os.urandom(200_000)
                 reader, writer = await agent.open_connection("echo")
                 writer.write(data)
@@ -224,7 +226,7 @@ def test_without_redis_an_intermediate_serves_what_it_holds_and_rebuilds_after(
                 assert await reader.read() == data
                 writer.close()
                 with pytest.raises(mahole.ServiceUnavailable, match="no connector offers"):
-                    await agent.open_connection("far")
+                    await agent.open_connection("far-too")
                 redis_server.start()
                 await wait_for(lambda: relay1.status()["fleet"]["connected"]
                                and remote(relay1) == {"relay2": 1}, 20)
@@ -407,3 +409,181 @@ def test_an_agent_reaches_a_connector_at_another_intermediate(fleet_certs, redis
             await wait_for(lambda: relay1.status()["sessions"]["open"] == 0
                            and relay2.status()["sessions"]["open"] == 0, 10)
     run(main(), timeout=120)
+
+
+# Intermediates as processes, killed ------------------------------------------------------------
+def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_direct_stream_goes_on(
+        fleet_certs, redis_server, processes):
+    """Two intermediate processes of one fleet; an agent and a connector (in this process)
+    know both. A stream flows on the direct path; the agent's home is killed (SIGKILL): the
+    agent is registered at the other within 3 s, and the stream ends byte-identical."""
+    from test_processes import status
+
+    relays = {}
+    for name in ("relay1", "relay2"):
+        port, status_port = free_port(socket.SOCK_DGRAM), free_port()
+        proc = processes.start(
+            "intermediate", "--listen", f"127.0.0.1:{port}", "--registry", redis_server.url,
+            "--allow", "*=*", "--status", f"127.0.0.1:{status_port}",
+            "--control-socket", "", *creds_args(fleet_certs, name), name=name)
+        relays[name] = (proc, ("127.0.0.1", port), status_port)
+    for name, (proc, _addr, status_port) in relays.items():
+        deadline = time.monotonic() + 20
+        while ((status(status_port) or {}).get("fleet") or {}).get("connected") is not True:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{name} did not start"
+            time.sleep(0.05)
+    everywhere = [addr for _proc, addr, _port in relays.values()]
+
+    async def main():
+        common = {"bind": ("127.0.0.1", 0), "control_socket": "", "include_loopback": True}
+        connector = mahole.Connector(everywhere, **common, **creds(fleet_certs, "office"))
+        connector.serve("sink", _digest)
+        async with connector, mahole.Agent(everywhere, **common,
+                                           **creds(fleet_certs, "alice")) as agent:
+            await connector.wait_registered()
+            session = await agent.session("sink")
+            await wait_for(lambda: session.path == "direct", 15)
+            reader, writer = await agent.open_connection("sink")
+            home = agent.status()["intermediate"]["addr"]
+            [victim] = [n for n, (_p, addr, _s) in relays.items() if f"{addr[0]}:{addr[1]}" == home]
+            digest, sent, killed_at = hashlib.sha256(), 0, None
+            loop = asyncio.get_running_loop()
+            while sent < 24 << 20:
+                chunk = os.urandom(64 << 10)
+                digest.update(chunk)
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+                if killed_at is None and sent >= 4 << 20:
+                    processes.stop(relays[victim][0], signal.SIGKILL)
+                    killed_at = loop.time()
+                await asyncio.sleep(0.002)  # a steady stream across the kill
+            await wait_for(lambda: agent.status()["intermediate"]["connected"]
+                           and agent.status()["intermediate"]["addr"] != home, 10)
+            rehomed_after = loop.time() - killed_at
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), 30)
+            assert answer.decode() == f"{digest.hexdigest()} {sent}\n"
+            assert session.path == "direct" and not session.closed
+            writer.close()
+            return rehomed_after
+
+    rehomed_after = run(main(), timeout=120)
+    print(f"re-homed {rehomed_after:.2f} s after the kill")
+    assert rehomed_after < 3.0
+
+
+async def _digest(reader, writer):
+    digest, size = hashlib.sha256(), 0
+    while chunk := await reader.read(1 << 16):
+        digest.update(chunk)
+        size += len(chunk)
+    writer.write(f"{digest.hexdigest()} {size}\n".encode())
+    await writer.drain()
+
+
+def creds_args(directory, name):
+    return ["--ca", str(directory / "ca.crt"), "--cert", str(directory / f"{name}.crt"),
+            "--key", str(directory / f"{name}.key")]
+
+
+# One identity across the fleet -----------------------------------------------------------------
+def test_a_second_copy_at_another_intermediate_is_refused_while_the_first_answers():
+    t = TwoIntermediates()
+    office = t.h1.core.registry.node_by_identity("connector", "office")
+    assert office.home == "relay2"
+    # A copy of 'office' registers at relay1: relay1 asks relay2, relay2 pings its node.
+    seen = t.carry(t.h1.connect(9, "connector", "office", ("198.51.100.9", 7000),
+                                services=("web",)), t.h1)
+    [ping] = sent(seen["relay2"], 2)
+    assert isinstance(ping, control.Ping)
+    # The first copy answers: the newcomer is refused, naming where the first one is.
+    seen = t.carry(t.h2.say(2, control.Pong(nonce=ping.nonce)), t.h2)
+    error, close = _refusal(seen["relay1"])
+    assert error.code == control.ErrorCode.CONFLICT
+    assert "answering at intermediate 'relay2'" in error.message
+    assert close.code == signaling.CLOSE_CONFLICT
+    assert t.h2.core.is_connected(2)
+
+
+def test_a_copy_elsewhere_that_does_not_answer_is_replaced_and_let_go():
+    t = TwoIntermediates()
+    seen = t.carry(t.h1.connect(9, "connector", "office", ("198.51.100.9", 7000),
+                                services=("web",)), t.h1)
+    assert isinstance(sent(seen["relay2"], 2)[0], control.Ping)
+    # No Pong within the probe timeout: relay1 registers the newcomer, relay2 lets go.
+    seen = t.carry(t.h1.advance(t.h1.core.probe_timeout + 0.5, keep_alive=(1, 9)), t.h1)
+    assert [type(m) for m in sent(seen["relay1"], 9)] == [control.Registered]
+    assert t.h1.core.registry.node_by_identity("connector", "office").home == "relay1"
+    assert [e.handle for e in seen["relay2"] if isinstance(e, signaling.CloseNode)] == [2]
+    assert not t.h2.core.is_connected(2)
+
+
+def test_a_node_whose_intermediate_is_silent_registers_elsewhere_at_once():
+    """The fleet shell takes a silent intermediate out of relay_addrs: its nodes can
+    re-home at once (what a node does when its intermediate dies)."""
+    t = TwoIntermediates()
+    t.h1.core.registry.relay_addrs.clear()
+    events = t.h1.connect(9, "connector", "office", ("198.51.100.9", 7000), services=("web",))
+    assert [type(m) for m in sent(events, 9)] == [control.Registered]
+    assert not [e for e in events if isinstance(e, signaling.FleetSend)]
+
+
+# Service replicas ------------------------------------------------------------------------------
+def test_when_a_replica_is_killed_new_connections_reach_the_other_within_3_s(tmp_path,
+                                                                             processes):
+    """Two connectors offer one service; /status names the replica of each session; the one
+    serving the agent is killed (SIGKILL) and a new connection works within 3 s."""
+    issue_certificates(tmp_path)
+    for name in ("office-a", "office-b"):
+        identity.issue(tmp_path, "connector", name)
+
+    async def main():
+        echo = await asyncio.start_server(_echo_tcp, "127.0.0.1", 0)
+        echo_port = echo.sockets[0].getsockname()[1]
+        async with mahole.Intermediate(allow=("*=*",), offer=("office-*=web",),
+                                       control_socket="",
+                                       **creds(tmp_path, "intermediate")) as relay:
+            host, port = relay.address
+            replicas = {
+                name: processes.start(
+                    "connector", "--intermediate", f"{host}:{port}", "--bind", "127.0.0.1:0",
+                    "--service", f"web=tcp:127.0.0.1:{echo_port}", "--control-socket", "",
+                    *creds_args(tmp_path, name), name=name)
+                for name in ("office-a", "office-b")}
+            await wait_for(lambda: relay.status()["nodes"]["connectors"] == 2, 20)
+            async with mahole.Agent(relay.address, bind=("127.0.0.1", 0), control_socket="",
+                                    **creds(tmp_path, "alice")) as agent:
+                assert await _round_trip(agent, b"first") == b"first"
+                [serving] = [s["connector"] for s in relay.status()["sessions"]["list"]]
+                assert serving in replicas
+                loop = asyncio.get_running_loop()
+                processes.stop(replicas[serving], signal.SIGKILL)
+                killed_at = loop.time()
+                while True:
+                    try:
+                        if await asyncio.wait_for(_round_trip(agent, b"again"), 0.5) == b"again":
+                            break
+                    except (mahole.Error, asyncio.TimeoutError, ConnectionError):
+                        pass
+                    assert loop.time() - killed_at < 10, "no replica took over"
+                    await asyncio.sleep(0.05)
+                took_over = loop.time() - killed_at
+                [now_serving] = [s["connector"] for s in relay.status()["sessions"]["list"]]
+                assert now_serving != serving
+        echo.close()
+        return took_over
+
+    took_over = run(main(), timeout=90)
+    print(f"a new connection reached the other replica {took_over:.2f} s after the kill")
+    assert took_over < 3.0
+
+
+async def _round_trip(agent, data):
+    reader, writer = await agent.open_connection("web")
+    try:
+        writer.write(data)
+        writer.write_eof()
+        return await reader.read()
+    finally:
+        writer.close()

@@ -743,17 +743,23 @@ def test_a_rogue_connector_never_gets_an_agents_session():
     assert all(s.connector_name == "office" for s in h.core.registry.sessions())
 
 
-def test_replicas_allowed_to_offer_a_service_share_it_longest_registered_first():
+def test_replicas_allowed_to_offer_a_service_share_its_sessions():
     h = Harness(offers=("office-*=web",))
     h.connect(1, "agent", "alice", AGENT_ADDR)
+    h.connect(4, "agent", "bob", ("198.51.100.8", 40002))
+    h.connect(5, "agent", "carol", ("198.51.100.9", 40003))
     h.connect(2, "connector", "office-a", CONNECTOR_ADDR, services=("web",))
     h.connect(3, "connector", "office-b", ("203.0.113.10", 50003), services=("web",))
     h.events()
-    first, _ = h.open(request_id=1)
-    assert h.core.registry.session(first).connector_name == "office-a"
+    # The longest registered first, then the one with fewer sessions: spread.
+    names = [h.core.registry.session(h.open(agent=a, request_id=a)[0]).connector_name
+             for a in (1, 4, 5)]
+    assert names == ["office-a", "office-b", "office-a"]
+    # A replica that leaves takes no more sessions.
     h.core.node_disconnected(2, h.now)
     h.events()
-    second, _ = h.open(request_id=2)
+    assert h.core.registry.sessions_of(1) == []  # alice's session went with office-a
+    second, _ = h.open(request_id=9)
     assert h.core.registry.session(second).connector_name == "office-b"
 
 

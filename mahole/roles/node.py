@@ -21,6 +21,7 @@ from .. import connection as qc
 from .. import identity, local_control
 from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint
+from ..homing import RANK_TIMEOUT, HomeRanking
 from ..punching import Puncher
 from ..status import StatusServer
 from ..wire import control
@@ -131,6 +132,12 @@ def load_credentials(cfg, role):
 
 async def resolve(hostport, bind_host):
     """The intermediate's address as an IP literal of the bound socket's family."""
+    return (await resolve_all(hostport, bind_host))[0]
+
+
+async def resolve_all(hostport, bind_host):
+    """Every address of the intermediate's name (of the bound socket's family), in the
+    resolver's order."""
     host, port = hostport
     family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
     try:
@@ -139,7 +146,7 @@ async def resolve(hostport, bind_host):
     except (OSError, UnicodeError) as exc:
         raise StartupError(f"cannot resolve the intermediate {host!r}: "
                            f"{getattr(exc, 'strerror', None) or exc}") from None
-    return infos[0][4][:2]
+    return list(dict.fromkeys(tuple(info[4][:2]) for info in infos))
 
 
 async def start_status(addr, snapshot, metrics):
@@ -228,32 +235,46 @@ class ControlClient(ConnectionHandler):
         return self.connection.quic.smoothed_rtt
 
     async def run(self):
-        """Keep the control connection up until stop(); back off between failed attempts."""
-        cfg = self.node.cfg
+        """Keep the control connection up until stop(). With several intermediates, home on
+        the nearest and, when it is lost, on the next at once (mahole.homing); back off only
+        when none could be reached."""
+        node = self.node
+        cfg = node.cfg
         delay = cfg.reconnect_min
+        lost_home = None
         while not self._stop.is_set():
-            self.attempts += 1
-            ok = await self._connect_once()
-            if self.permanent_error is not None:
-                self.node.fatal_error(self.permanent_error)
-                return
-            if self._stop.is_set():
-                break
-            if ok:
+            homes = await node.ranked_homes(lost_home)
+            lost_home = None
+            for home in homes:
+                node.use_home(home)
+                self.attempts += 1
+                ok = await self._connect_once()
+                if self.permanent_error is not None:
+                    node.fatal_error(self.permanent_error)
+                    return
+                if self._stop.is_set():
+                    return
+                if not ok:
+                    log.warning("intermediate %s unreachable (%s)",
+                                _fmt(node.intermediate_addr), self.last_error)
+                    continue
                 delay = cfg.reconnect_min
                 self._arm_keepalive()
                 await self._closed.wait()
                 self.last_error = self._attempt_error or "connection closed"
                 if self.permanent_error is not None:
-                    self.node.fatal_error(self.permanent_error)
+                    node.fatal_error(self.permanent_error)
                     return
                 if self._stop.is_set():
-                    break
-                log.warning("lost the intermediate at %s (%s); reconnecting",
-                            _fmt(self.node.intermediate_addr), self.last_error)
-            else:
-                log.warning("intermediate %s unreachable (%s); retrying in %.1f s",
-                            _fmt(self.node.intermediate_addr), self.last_error, delay)
+                    return
+                log.warning("lost the intermediate at %s (%s); %s",
+                            _fmt(node.intermediate_addr), self.last_error,
+                            "homing again" if len(node.homes) > 1 else "reconnecting")
+                lost_home = home[0]
+                break
+            if lost_home is not None and len(node.homes) > 1:
+                continue  # rank again now: a dead home answers no STUN and sorts last
+            log.warning("no intermediate reachable; retrying in %.1f s", delay)
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
             except asyncio.TimeoutError:
@@ -291,7 +312,7 @@ class ControlClient(ConnectionHandler):
         self.state = "connecting"
         config = qc.configuration(node.identity, node.cfg.ca, is_client=True,
                                   alpn=qc.ALPN_CONTROL,
-                                  server_name=node.cfg.intermediate_name,
+                                  server_name=node.intermediate_name,
                                   idle_timeout=node.cfg.control_idle_timeout,
                                   **node.debug_logs.quic_kwargs())
         quic = qc.NodeQuicConnection(configuration=config)
@@ -436,7 +457,12 @@ class Node:
         self.cfg = cfg
         self.identity, self.ca = load_credentials(cfg, self.role)
         self.debug_logs = DebugLogs.from_config(cfg)  # --keylog, --qlog-dir
-        self.intermediate_addr = cfg.intermediate
+        self.intermediate_addr = cfg.intermediate  # the home: where the node is registered
+        self.intermediate_name = cfg.intermediate_name  # its name in its certificate
+        self.homes = []  # [(addr, tls name)] of every intermediate known (mahole.homing)
+        self.home_rtts = {}  # addr -> s, from the last ranking
+        self._ranking = None  # a HomeRanking waiting for answers
+        self._ranked = asyncio.Event()
         self.endpoint = None
         self.control = None
         self.puncher = None
@@ -456,7 +482,8 @@ class Node:
         before the node registers: a copy that cannot start never disturbs a running one."""
         loop = asyncio.get_running_loop()
         self.failed = loop.create_future()
-        self.intermediate_addr = await resolve(self.cfg.intermediate, self.cfg.bind[0])
+        self.homes = await self._resolve_homes()
+        self.intermediate_addr, self.intermediate_name = self.homes[0]
         sock = bind_udp(*self.cfg.bind)
         self.endpoint = Endpoint(sock, on_stun=self._stun_received,
                                  on_initial=self._initial_received)
@@ -525,7 +552,43 @@ class Node:
     def control_message(self, message):
         pass
 
+    async def _resolve_homes(self):
+        """Every address of every intermediate configured, with the TLS name to expect."""
+        cfg = self.cfg
+        homes = {}
+        for hostport, name in ((cfg.intermediate, cfg.intermediate_name),
+                               *((f, f[0]) for f in cfg.fallbacks)):
+            for addr in await resolve_all(hostport, cfg.bind[0]):
+                homes.setdefault(addr, name)
+        return list(homes.items())
+
+    async def ranked_homes(self, lost=None):
+        """The intermediates, nearest first (STUN round trips; one alone is not asked). The
+        home just ``lost`` goes last without waiting for it."""
+        last = [home for home in self.homes if home[0] == lost]
+        others = [home for home in self.homes if home[0] != lost]
+        if len(others) < 2:
+            return others + last
+        ranking = self._ranking = HomeRanking(others)
+        self._ranked.clear()
+        self.endpoint.send(ranking.probes(self.endpoint.now()))
+        try:
+            await asyncio.wait_for(self._ranked.wait(), RANK_TIMEOUT)
+        except asyncio.TimeoutError:
+            pass
+        self._ranking = None
+        self.home_rtts = dict(ranking.rtts)
+        return ranking.order() + last
+
+    def use_home(self, home):
+        self.intermediate_addr, self.intermediate_name = home
+
     def _stun_received(self, data, addr):
+        ranking = self._ranking
+        if ranking is not None and ranking.response(data, addr, self.endpoint.now()):
+            if ranking.done:
+                self._ranked.set()
+            return
         if not self.puncher.stun_received(data, addr):
             self.endpoint.counters["dropped_stun"] += 1
 
@@ -576,6 +639,8 @@ class Node:
             "local_addr": _fmt(self.endpoint.local_address) if self.endpoint else None,
             "intermediate": {
                 "addr": _fmt(self.intermediate_addr),
+                "known": [{"addr": _fmt(addr), "rtt_ms": round(self.home_rtts[addr] * 1000, 3)
+                           if addr in self.home_rtts else None} for addr, _ in self.homes],
                 "connected": bool(control_client and control_client.connected),
                 "observed_addr": _fmt(control_client.observed_addr)
                 if control_client and control_client.observed_addr else None,
