@@ -923,12 +923,12 @@ def test_open_sessions_per_agent_and_per_connector_are_capped():
     h.events()
     ids = [h.open(request_id=i)[0] for i in (1, 2, 3)]
     assert [h.core.registry.session(s).connector_name for s in ids] == \
-        ["office-a", "office-a", "office-b"]  # a full connector hands over to the replica
+        ["office-a", "office-b", "office-a"]  # spread over the replicas
     _sid, events = h.open(request_id=4)
     assert [e.message for e in events] == [control.Error(
         code=control.ErrorCode.RATE_LIMITED, request_id=4,
         message="agent 'alice' has 3 open sessions, the most allowed (--sessions-per-agent)")]
-    bob, _ = h.open(agent=5, request_id=1)  # office-b's second
+    bob, _ = h.open(agent=5, request_id=1)  # office-b's second: both are full now
     _sid, events = h.open(agent=5, request_id=2)
     assert events[0].message.message == ("every connector of service 'web' serves 2 "
                                          "sessions, the most allowed (--sessions-per-connector)")
