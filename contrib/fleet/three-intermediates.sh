@@ -44,11 +44,12 @@ for n in 1 2 3; do
         --ca ca.crt --cert "relay$n.crt" --key "relay$n.key" --control-socket "relay$n.sock"
 done
 start web $PY -m http.server 8000 --bind 127.0.0.1 --directory "$DIR"
-start connector $PY -m mahole connector --intermediate 127.0.0.1:4480 \
+# Nodes bind loopback: on one host the whole fleet stays on 127.0.0.1.
+start connector $PY -m mahole connector --intermediate 127.0.0.1:4480 --bind 127.0.0.1:0 \
     --service web=tcp:127.0.0.1:8000 --ca ca.crt --cert office.crt --key office.key \
     --control-socket connector.sock
 start agent $PY -m mahole agent --intermediate 127.0.0.1:4478 --intermediate 127.0.0.1:4479 \
-    --intermediate 127.0.0.1:4480 --forward tcp:127.0.0.1:8080=web \
+    --intermediate 127.0.0.1:4480 --bind 127.0.0.1:0 --forward tcp:127.0.0.1:8080=web \
     --ca ca.crt --cert alice.crt --key alice.key --control-socket agent.sock
 
 echo "fleet running in $DIR; try: curl -s http://127.0.0.1:8080/ | head"
