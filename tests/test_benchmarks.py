@@ -18,8 +18,12 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("bench_tunnel.py", "tunnel-quick.json", "median_mb_per_s"),
     ("bench_sched.py", "sched-quick.json", "median_ns_per_timer"),
     ("bench_punch.py", "punch-quick.json", None),
+    ("bench_fleet.py", "fleet-quick.json", None),
 ])
 def test_benchmark_quick_run(tmp_path, script, report, key):
+    if script == "bench_fleet.py":
+        from redis_helpers import need_redis
+        need_redis()
     env = dict(os.environ, MAHOLE_BENCH_DIR=str(tmp_path))
     run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--allow-twin"],
                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
