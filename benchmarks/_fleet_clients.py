@@ -107,6 +107,9 @@ class Worker:
         started = time.perf_counter()
         failed = 0
         gate = asyncio.Semaphore(HANDSHAKES_AT_ONCE)
+        # From the start: the first nodes must not fall silent (and be closed by the
+        # intermediate's 30 s idle timeout) while the last ones are still registering.
+        keepalive = asyncio.get_running_loop().create_task(self._keepalive())
 
         async def register(node):
             nonlocal failed
@@ -120,7 +123,6 @@ class Worker:
         await asyncio.gather(*(register(node) for node in self.nodes))
         _say({"registered": len(self.nodes) - failed, "failed": failed,
               "seconds": time.perf_counter() - started})
-        keepalive = asyncio.get_running_loop().create_task(self._keepalive())
         reader = await _stdin_reader()
         while line := await reader.readline():
             command = json.loads(line)
@@ -132,10 +134,14 @@ class Worker:
         keepalive.cancel()
 
     async def _keepalive(self):
+        """A PING from every node each interval, spread evenly over it (as independent
+        nodes would send them), not in one burst."""
+        slices = 20
         while True:
-            await asyncio.sleep(self.args.keepalive)
-            for node in self.nodes:
-                node.keepalive()
+            for part in range(slices):
+                await asyncio.sleep(self.args.keepalive / slices)
+                for node in self.nodes[part::slices]:
+                    node.keepalive()
 
     async def _open(self, count, service, interval):
         latencies, errors = [], 0

@@ -123,6 +123,7 @@ def run(tmp, steps, sessions):
             have_c, have_a = want_c, want_a
             registered = {name: count_nodes(port) for name, (_a, port) in relays.items()}
             rss = procs.rss_kb()
+            drops = procs.udp_drops()
             rss_per_node = {name: (rss[name] - baseline[name]) / max(1, registered[name])
                             for name in relays}
             latencies, errors = open_sessions(procs, clients, sessions)
@@ -136,6 +137,8 @@ def run(tmp, steps, sessions):
                 "session_p99_ms": percentile(latencies, 99),
                 "sessions": len(latencies), "session_errors": errors,
                 "held": sum(held.values()) == target and failed == 0,
+                "held_nodes": held,
+                "udp_receive_drops": {n: drops.get(n) for n in relays},
             }
             rows.append(row)
             print(f"{target:,} nodes: {row['registrations_per_s']:.0f} registered/s, "

@@ -45,7 +45,10 @@ class FleetRegistry(MemoryRegistry):
         self.home = home
         self.outbox = collections.deque()  # ("put", NodeRecord) / ("del", handle) to publish
         self._remote = {}  # home -> {handle (rewritten): NodeRecord}
-        self._remote_identities = {}  # (role, name) -> NodeRecord
+        self._encoded = {}  # home -> {handle (rewritten): the record as the store had it}
+        # (role, name) -> {handle (rewritten): NodeRecord}: usually one; several only while
+        # a node moves between intermediates.
+        self._remote_identities = collections.defaultdict(dict)
         self._remote_services = collections.defaultdict(dict)  # service -> {handle: record}
         self.counters = {"remote_malformed": 0, "remote_dropped_full": 0,
                          "remote_updates": 0}
@@ -76,7 +79,11 @@ class FleetRegistry(MemoryRegistry):
 
     def node_by_identity(self, role, name):
         local = super().node_by_identity(role, name)
-        return local if local is not None else self._remote_identities.get((role, name))
+        if local is not None:
+            return local
+        held = self._remote_identities.get((role, name))
+        # The longest registered copy is the one found.
+        return min(held.values(), key=lambda r: r.since) if held else None
 
     def connectors_for(self, service):
         return super().connectors_for(service) + list(self._remote_services.get(service, {})
@@ -94,12 +101,18 @@ class FleetRegistry(MemoryRegistry):
 
     # The store's view comes in ---------------------------------------------------------------
     def replace_remote(self, home, encoded_records):
-        """All nodes of ``home`` as the store holds them now ({handle: encoded record})."""
+        """All nodes of ``home`` as the store holds them now ({handle: encoded record}):
+        only what changed is parsed and applied (a full read comes every few seconds)."""
         if home == self.home:
             return
-        self.forget_home(home)
-        for handle, encoded in encoded_records.items():
-            self.apply_remote(home, "put", handle, encoded)
+        known = self._encoded.get(home, {})
+        fresh = {f"{home}/{handle}": _as_bytes(encoded)
+                 for handle, encoded in encoded_records.items()}
+        for key in [key for key in known if key not in fresh]:
+            self._drop_remote(home, key)
+        for key, encoded in fresh.items():
+            if known.get(key) != encoded:
+                self.apply_remote(home, "put", key.split("/", 1)[1], encoded)
 
     def apply_remote(self, home, op, handle, encoded=None):
         """One change of another intermediate's node: ``op`` "put" (with the encoded
@@ -115,17 +128,15 @@ class FleetRegistry(MemoryRegistry):
         if record is None:
             self.counters["remote_malformed"] += 1
             return
-        records = self._remote.setdefault(home, {})
+        records = self._remote.get(home, {})
         if key not in records and sum(map(len, self._remote.values())) >= MAX_REMOTE_NODES:
             self.counters["remote_dropped_full"] += 1
             return
         self._drop_remote(home, key)
         record = dataclasses.replace(record, handle=key)
-        records[key] = record
-        identity = (record.role, record.name)
-        held = self._remote_identities.get(identity)
-        if held is None or held.since >= record.since:
-            self._remote_identities[identity] = record  # the longest registered wins
+        self._remote.setdefault(home, {})[key] = record
+        self._encoded.setdefault(home, {})[key] = _as_bytes(encoded)
+        self._remote_identities[(record.role, record.name)][key] = record
         for service in record.services:
             self._remote_services[service][key] = record
         self.counters["remote_updates"] += 1
@@ -135,27 +146,32 @@ class FleetRegistry(MemoryRegistry):
         for key in list(self._remote.get(home, ())):
             self._drop_remote(home, key)
         self._remote.pop(home, None)
+        self._encoded.pop(home, None)
 
     def _drop_remote(self, home, key):
         records = self._remote.get(home)
         record = records.pop(key, None) if records is not None else None
         if record is None:
             return
+        self._encoded[home].pop(key, None)
         if not records:
             del self._remote[home]
+            del self._encoded[home]
         identity = (record.role, record.name)
-        if self._remote_identities.get(identity) is record:
+        held = self._remote_identities[identity]
+        held.pop(key, None)
+        if not held:
             del self._remote_identities[identity]
-            other = next((r for rs in self._remote.values() for r in rs.values()
-                          if (r.role, r.name) == identity), None)
-            if other is not None:
-                self._remote_identities[identity] = other
         for service in record.services:
             holders = self._remote_services.get(service)
             if holders is not None:
                 holders.pop(key, None)
                 if not holders:
                     del self._remote_services[service]
+
+
+def _as_bytes(encoded):
+    return encoded.encode() if isinstance(encoded, str) else bytes(encoded)
 
 
 def encode_record(record):
