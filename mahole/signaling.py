@@ -1030,14 +1030,8 @@ class SignalingCore:
             holder = f"{home}/{sender}"
             for key, probe in list(self._probes.items()):
                 if probe.old == holder and probe.nonce == message.nonce:
-                    del self._probes[key]
-                    self._cancel(("probe", key))
-                    self.counters["probes_answered"] += 1
-                    newcomer = self._links.get(probe.newcomer)
-                    if newcomer is not None:
-                        newcomer.probing = None
-                        self._refuse_conflict(newcomer, self.registry.node(holder),
-                                              f"answering at intermediate {home!r}", now)
+                    self._probe_answered(key, probe, f"answering at intermediate {home!r}",
+                                         now)
                     return
             self._fleet_ignore("unexpected_pong", home)
         elif (target is not None and message.code == control.ErrorCode.CONFLICT
@@ -1162,13 +1156,18 @@ class SignalingCore:
         if probe is None or probe.old != link.handle or probe.nonce != message.nonce:
             self._ignore("unexpected_pong", link, message)
             return
+        self._probe_answered(key, probe, "answering", now)
+
+    def _probe_answered(self, key, probe, state, now):
+        """The node holding ``key`` answered its probe: it keeps the name, the newcomer is
+        refused."""
         del self._probes[key]
         self._cancel(("probe", key))
         self.counters["probes_answered"] += 1
         newcomer = self._links.get(probe.newcomer)
         if newcomer is not None:
             newcomer.probing = None
-            self._refuse_conflict(newcomer, self.registry.node(link.handle), "answering", now)
+            self._refuse_conflict(newcomer, self.registry.node(probe.old), state, now)
 
     def _refuse_conflict(self, link, holder, state, now):
         self.counters["refused_conflict"] += 1

@@ -80,10 +80,10 @@ class Deployment:
         return "\n".join(f"--- {p.log_path.name}\n{p.log_path.read_text()[-3000:]}"
                          for p in (self.intermediate, self.connector, self.agent))
 
-    def status(self, proc):
+    def status(self, proc, port=STATUS_PORT):
         try:
             with _ns.entered(proc.host.ns):
-                sock = socket.create_connection(("127.0.0.1", STATUS_PORT), timeout=2)
+                sock = socket.create_connection(("127.0.0.1", port), timeout=2)
             with sock:
                 sock.sendall(b"GET /status HTTP/1.0\r\n\r\n")
                 data = b""

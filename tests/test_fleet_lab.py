@@ -61,18 +61,7 @@ class FleetDeployment(Deployment):
             return False
 
     def relay2_status(self):
-        import json
-        try:
-            with _ns.entered(self.public.ns):
-                sock = socket.create_connection(("127.0.0.1", RELAY2_STATUS), timeout=2)
-            with sock:
-                sock.sendall(b"GET /status HTTP/1.0\r\n\r\n")
-                data = b""
-                while chunk := sock.recv(65536):
-                    data += chunk
-            return json.loads(data.split(b"\r\n\r\n", 1)[1])
-        except (OSError, ValueError, IndexError):
-            return None
+        return self.status(self.relay2, RELAY2_STATUS)
 
     def logs(self):
         return super().logs() + (f"\n--- relay2.log\n"
