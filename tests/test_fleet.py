@@ -587,3 +587,27 @@ async def _round_trip(agent, data):
         return await reader.read()
     finally:
         writer.close()
+
+
+# Homing, sans-IO ---------------------------------------------------------------------------
+def test_a_node_homes_on_the_intermediate_that_answers_first():
+    from mahole.homing import HomeRanking
+    from mahole.wire import stun
+
+    a, b, c = ("192.0.2.1", 4478), ("192.0.2.2", 4478), ("192.0.2.3", 4478)
+    ranking = HomeRanking([(a, "a"), (b, "b"), (c, "c")])
+    probes = ranking.probes(now=10.0)
+    assert [addr for _data, addr in probes] == [a, b, c]
+
+    def answer(data, addr, now, source=None):
+        request = stun.decode(data)
+        reply = stun.encode(stun.binding_success(request, ("198.51.100.1", 5000)))
+        return ranking.response(reply, source or addr, now)
+
+    (pa, _), (pb, _), (pc, _) = probes
+    assert not answer(pb, b, 10.02, source=c)  # an answer from elsewhere is not b's
+    assert answer(pb, b, 10.02) and answer(pa, a, 10.05)
+    assert not answer(pa, a, 10.06)  # once only
+    assert not ranking.response(b"\x00" * 40, a, 10.1) and not ranking.done
+    assert [name for _addr, name in ranking.order()] == ["b", "a", "c"]  # c never answered
+    assert ranking.rtts == {b: pytest.approx(0.02), a: pytest.approx(0.05)}

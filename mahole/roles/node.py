@@ -130,11 +130,6 @@ def load_credentials(cfg, role):
     return node, ca
 
 
-async def resolve(hostport, bind_host):
-    """The intermediate's address as an IP literal of the bound socket's family."""
-    return (await resolve_all(hostport, bind_host))[0]
-
-
 async def resolve_all(hostport, bind_host):
     """Every address of the intermediate's name (of the bound socket's family), in the
     resolver's order."""
@@ -272,9 +267,11 @@ class ControlClient(ConnectionHandler):
                             "homing again" if len(node.homes) > 1 else "reconnecting")
                 lost_home = home[0]
                 break
-            if lost_home is not None and len(node.homes) > 1:
-                continue  # rank again now: a dead home answers no STUN and sorts last
-            log.warning("no intermediate reachable; retrying in %.1f s", delay)
+            if lost_home is not None:
+                if len(node.homes) > 1:
+                    continue  # rank again now: a dead home answers no STUN and sorts last
+            else:
+                log.warning("no intermediate reachable; retrying in %.1f s", delay)
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
             except asyncio.TimeoutError:
