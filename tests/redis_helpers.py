@@ -7,11 +7,11 @@ redis-server the tests skip, or fail when MAHOLE_REQUIRE_REDIS=1 (as in CI)."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
+import redis
 
 from ports import free_port
 
@@ -28,35 +28,47 @@ def need_redis():
 
 
 class RedisServer:
-    def __init__(self, directory):
+    """`tls`: (ca, cert, key) files: TLS only (rediss://), clients checked against ca."""
+
+    def __init__(self, directory, tls=None):
         self.directory = directory
         self.port = free_port()
+        self.tls = tls
         self.proc = None
 
     @property
     def url(self):
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout=10.0):
         """Start (or start again, on the same port) and wait until it answers PING."""
         os.makedirs(self.directory, exist_ok=True)
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            ca, cert, key = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-ca-cert-file", ca,
+                     "--tls-cert-file", cert, "--tls-key-file", key, "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            ["redis-server", *ports, "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.directory),
              "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5,
+                                      socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
+                if client.ping():
+                    client.close()
+                    return self
+            except redis.RedisError:
                 pass
             time.sleep(0.02)
+        client.close()
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within "
                            f"{timeout:g} s")

@@ -611,3 +611,28 @@ def test_a_node_homes_on_the_intermediate_that_answers_first():
     assert not ranking.response(b"\x00" * 40, a, 10.1) and not ranking.done
     assert [name for _addr, name in ranking.order()] == ["b", "a", "c"]  # c never answered
     assert ranking.rtts == {b: pytest.approx(0.02), a: pytest.approx(0.05)}
+
+
+def test_a_fleet_through_redis_over_tls(fleet_certs, tmp_path):
+    """rediss://: the intermediates reach Redis over TLS, checking its certificate."""
+    from redis_helpers import RedisServer, need_redis
+
+    need_redis()
+    identity.issue(fleet_certs, "intermediate", "redis", hosts=["127.0.0.1"])
+    server = RedisServer(tmp_path / "redis-tls", tls=(
+        str(fleet_certs / "ca.crt"), str(fleet_certs / "redis.crt"),
+        str(fleet_certs / "redis.key"))).start()
+    try:
+        async def main():
+            assert server.url.startswith("rediss://")
+            async with intermediate(fleet_certs, "relay1", server.url) as relay1, \
+                    intermediate(fleet_certs, "relay2", server.url) as relay2:
+                async with mahole.Connector(relay2.address, bind=("127.0.0.1", 0),
+                                            control_socket="",
+                                            **creds(fleet_certs, "office")) as connector:
+                    await connector.wait_registered()
+                    await wait_for(lambda: remote(relay1) == {"relay2": 1}, 10)
+                    assert relay1.status()["fleet"]["connected"]
+        run(main(), timeout=60)
+    finally:
+        server.stop()
