@@ -3,8 +3,10 @@ what the adapter assumes. This fails (never skips) when an aioquic release chang
 then fix the adapter and widen the version pin in pyproject.toml."""
 
 import inspect
+import os
 
 import aioquic
+from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
@@ -192,3 +194,29 @@ def test_the_newest_e2e_protocol_version_is_preferred_and_old_peers_still_connec
     old_client, old_server = make_pair(tmp_path / "old", server_alpn="mahole-e2e/1")
     handshake(old_client, old_server)
     assert old_client.tls.alpn_negotiated == "mahole-e2e/1"
+
+
+def test_crypto_buffers_shrink_after_the_handshake_and_the_connection_goes_on(tmp_path):
+    """aioquic keeps three 16 KB TLS output buffers for a connection's life; mahole swaps
+    them for small ones once the handshake completed (what an intermediate holding thousands
+    of control connections saves), and the connection carries on: streams, a key update."""
+    from quic_pair import handshake, make_pair, pump
+
+    client, server = make_pair(tmp_path)
+    handshake(client, server)
+    pump(client, server, 1.0, rounds=10)
+    for conn in (client, server):
+        capacities = {buf.capacity for buf in conn._crypto_buffers.values()}
+        assert capacities == {qc.CRYPTO_BUFFER_AFTER_HANDSHAKE}
+    data = os.urandom(200_000)
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, data, end_stream=True)
+    client.request_key_update()
+    received = b""
+    for step in range(200):
+        for event in pump(client, server, 1.0 + step * 0.01, rounds=5):
+            if isinstance(event, qe.StreamDataReceived) and event.stream_id == stream_id:
+                received += event.data
+        if len(received) == len(data):
+            break
+    assert received == data
