@@ -55,9 +55,13 @@ class FleetRegistry(MemoryRegistry):
         # home -> (host, port) where it takes relay frames, for the intermediates that can be
         # reached now (the shell keeps it: emptied while the store is unavailable).
         self.relay_addrs = {}
+        self.store_rtt = 0.0  # s, smoothed round trip to the store (the shell measures it)
 
     def relay_address(self, home):
         return self.relay_addrs.get(home)
+
+    def fleet_rtt(self):
+        return self.store_rtt
 
     # Local changes are published ---------------------------------------------------------
     def put_node(self, record):

@@ -84,14 +84,15 @@ def redacted(url):
 class RedisFleet:
     """Keeps `registry` (a `FleetRegistry`) in step with the fleet's Redis."""
 
-    def __init__(self, url, name, addr, registry, on_message=None):
+    def __init__(self, url, name, addr, registry, on_message=None, on_silent=None):
         self.url = url
         self.name = name
         self.addr = addr  # where the others send relay frames for this one, "HOST:PORT"
         self.registry = registry
-        # on_message(home, sender, to, message, session): a FleetSend of another
+        # on_message(home, sender, to, message, session, rtt): a FleetSend of another
         # intermediate's core, for this one's (mahole.signaling.SignalingCore.fleet_message).
         self.on_message = on_message
+        self.on_silent = on_silent  # on_silent(home): its heartbeats stopped
         self.instance = secrets.token_hex(8)
         self.connected = False
         self.last_error = None
@@ -168,6 +169,7 @@ class RedisFleet:
         text = json.dumps({
             "from": self.name, "to": None if event.to is None else str(event.to),
             "sender": None if event.sender is None else str(event.sender),
+            "rtt": event.rtt,
             "message": control.encode_payload(event.message).decode(),
             "session": event.session.to_dict() if event.session is not None else None})
         self._outgoing.append((inbox(event.home), text))
@@ -273,9 +275,16 @@ class RedisFleet:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _heartbeat(self):
+        started = time.monotonic()
         renewed = await self._redis.eval(_RENEW, 2, heartbeat_key(self.name),
                                          nodes_key(self.name), self.instance,
                                          int(TTL * 1000))
+        # The store's round trip, smoothed as RFC 6298 §2 does an RTT (gain 1/8): messages to
+        # the other intermediates cross it twice (publish, delivery), about one round trip.
+        sample = time.monotonic() - started
+        registry = self.registry
+        registry.store_rtt = (sample if not registry.store_rtt
+                              else registry.store_rtt + (sample - registry.store_rtt) / 8)
         if not renewed:  # expired while we were slow, or taken: claim again
             self.connected = False
             await self._claim()
@@ -411,6 +420,8 @@ class RedisFleet:
             if now - self._last_beat.get(home, now) > HOME_SILENT:
                 del self.registry.relay_addrs[home]
                 log.info("fleet: intermediate %s is silent", home)
+                if self.on_silent is not None:
+                    self.on_silent(home)
 
     def _signaling(self, data):
         """Another intermediate's FleetSend for this one: parsed and checked like network
@@ -428,15 +439,19 @@ class RedisFleet:
             message = control.decode_payload(str(envelope["message"]).encode())
             session = envelope.get("session")
             session = SessionRecord.from_dict(session) if session is not None else None
+            rtt = envelope.get("rtt")
+            if rtt is not None and (isinstance(rtt, bool) or not isinstance(rtt, (int, float))):
+                raise ValueError("bad rtt")
         except (ValueError, TypeError, KeyError, AttributeError, control.ControlError):
             self.counters["messages_malformed"] += 1
             return
         if home != self.name and self.on_message is not None:
-            self.on_message(home, sender, to, message, session)
+            self.on_message(home, sender, to, message, session, rtt)
 
     def status(self):
         return {"registry": redacted(self.url), "connected": self.connected,
                 "last_error": self.last_error, "intermediates": sorted(self._homes),
+                "reachable": sorted(self.registry.relay_addrs),
                 "remote_nodes": self.registry.remote_homes(),
                 "counters": {**self.counters, **self.registry.counters}}
 

@@ -119,6 +119,7 @@ MAX_DEPARTED = 1024  # services remembered after their connector left (CONNECTOR
 MAX_PUNCH_TIMES = 1000  # time-to-direct samples kept for the median in /status
 MAX_REASON = 200  # characters of a close reason (CONNECTION_CLOSE reason phrase)
 MAX_REMOTE_PROBES = 1024  # other intermediates' probes of nodes here awaiting a Pong
+MAX_REMOTE_RTT = 10.0  # s: a member's RTT reported by another intermediate, at most
 PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at once
 REFUSAL_LOG_BURST = 10  # refusal lines of one kind logged per REFUSAL_LOG_WINDOW
 REFUSAL_LOG_WINDOW = 10.0  # s
@@ -375,6 +376,11 @@ class Registry(abc.ABC):
         """How many sessions ``handle`` is a member of."""
         return len(self.sessions_of(handle))
 
+    def fleet_rtt(self) -> float:
+        """The round trip through the fleet's store, s (what a message to another
+        intermediate adds); 0 alone."""
+        return 0.0
+
     def relay_address(self, home: str) -> tuple | None:
         """Where intermediate ``home`` of the fleet takes relay frames, while it can be
         reached; None alone (a fleet's registry says)."""
@@ -487,13 +493,15 @@ class FleetSend:
     """Carry ``message`` to intermediate ``home`` of the fleet, for its member ``to`` (the
     handle there) or, with ``to`` None, for its core; ``sender`` is the member here it comes
     from (None: this core). ``session`` goes with a SessionOpened, so the other intermediate
-    can relay the session's frames."""
+    can relay the session's frames; ``rtt`` lets the owner time StartPunching for a member
+    it reaches through another intermediate."""
 
     home: str
     to: Hashable
     sender: Hashable
     message: control.Message
     session: "SessionRecord | None" = None
+    rtt: float | None = None  # the sender's control RTT here, s (with a CandidateAnswer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,6 +662,9 @@ class SignalingCore:
         self._links = {}  # handle -> _Link
         self._probes = {}  # (role, name) -> _Probe
         self._remote_probes = {}  # (handle, nonce) -> intermediate that asked (bounded)
+        # Members at other intermediates -> their RTT as StartPunching sees it, s (one per
+        # member of a session owned here: bounded by the session quotas).
+        self._remote_rtts = {}
         self._departed = collections.OrderedDict()  # service -> text (recently offline)
         self._events = collections.deque()
         self._timers = []  # heap of (when, seq, key); valid while _deadlines[key] == when
@@ -963,14 +974,14 @@ class SignalingCore:
             self._forget_mirror(session)
         owner, there = remote_handle(session.other(link.handle))
         self.counters["fleet_sent"] += 1
-        self._events.append(FleetSend(owner, there, link.handle, message))
+        self._events.append(FleetSend(owner, there, link.handle, message, rtt=link.rtt))
         return True
 
     def _forget_mirror(self, session):
         if self.registry.remove_session(session.session_id) is not None:
             self._events.append(RelayRemove(session.session_id))
 
-    def fleet_message(self, home, sender, to, message, now, session=None):
+    def fleet_message(self, home, sender, to, message, now, session=None, rtt=None):
         """A message from intermediate ``home`` of the fleet (`FleetSend` there): from its
         member ``sender``, for member ``to`` here (handles as text), with the session's
         record if it is a SessionOpened. Checked like any input: it must fit a session and
@@ -997,6 +1008,10 @@ class SignalingCore:
                                else "connector", record.agent_name
                                if remote_member == record.agent else record.connector_name)
             if isinstance(message, control.CandidateAnswer):
+                if isinstance(rtt, (int, float)) and 0 <= rtt < MAX_REMOTE_RTT:
+                    # StartPunching reaches it through the fleet's store and its intermediate:
+                    # as far as its own control RTT plus the store's round trip.
+                    self._remote_rtts[remote_member] = rtt + self.registry.fleet_rtt()
                 self._answer(peer, message, now)
             elif isinstance(message, control.PunchingResult):
                 self._punching_result(peer, message)
@@ -1014,6 +1029,16 @@ class SignalingCore:
             return self._fleet_ignore("wrong_direction", home)
         self._send(target.handle, message)
         return None
+
+    def fleet_home_silent(self, home, now):
+        """Intermediate ``home`` of the fleet stopped sending heartbeats: a probe of a node
+        it held will not be answered, so the newcomer waiting for it registers now (a node
+        re-homing after its intermediate died)."""
+        for key, probe in list(self._probes.items()):
+            held_at = remote_handle(probe.old)
+            if held_at is not None and held_at[0] == home:
+                self._cancel(("probe", key))
+                self._probe_expired(key, now)
 
     def _fleet_probe(self, home, sender, target, message, now):
         """Probing a node across the fleet: another intermediate asks whether a node here is
@@ -1397,6 +1422,9 @@ class SignalingCore:
     def _close_session(self, session, reason, notify_except=None, rebalance=True):
         if self.registry.remove_session(session.session_id) is None:
             return
+        for handle in session.members():
+            if handle in self._remote_rtts and not self.registry.sessions_of(handle):
+                del self._remote_rtts[handle]
         self.counters["sessions_closed"] += 1
         self._shares.pop(session.session_id, None)
         self._events.append(RelayRemove(session.session_id))
@@ -1456,7 +1484,8 @@ class SignalingCore:
         rtts = {}
         for handle in session.members():
             link = self._links.get(handle)
-            rtts[handle] = (link.rtt or 0.0) if link is not None else 0.0
+            rtts[handle] = ((link.rtt or 0.0) if link is not None
+                            else self._remote_rtts.get(handle, self.registry.fleet_rtt()))
         far = max(rtts.values())
         message = control.StartPunching(session_id=session_id, delay_ms=0)
         for handle, rtt in rtts.items():

@@ -160,6 +160,7 @@ def test_intermediates_share_their_nodes_and_forget_a_dead_ones(fleet_certs, red
                             await copy.wait_registered()
                 status = relay1.status()["fleet"]
                 assert status["connected"] and status["intermediates"] == ["relay2"]
+                await wait_for(lambda: relay1.status()["fleet"]["reachable"] == ["relay2"], 5)
                 # relay2 dies: its fleet link stops without a goodbye.
                 crashed = relay2._role.fleet
                 for task in crashed._tasks:
@@ -268,7 +269,7 @@ class TwoIntermediates:
                     other.core.fleet_message(
                         harness.core.home, None if event.sender is None else str(event.sender),
                         None if event.to is None else str(event.to), event.message, other.now,
-                        session=event.session)
+                        session=event.session, rtt=event.rtt)
                     pending.append((other, other.events()))
         return seen
 
@@ -319,6 +320,26 @@ def test_a_session_across_two_intermediates_is_signaled_and_relayed_through_both
     [closed] = sent(seen["relay1"], 1)
     assert isinstance(closed, control.SessionClosed) and "office" in closed.reason
     assert t.h1.core.registry.sessions() == [] and t.h2.core.registry.sessions() == []
+
+
+def test_start_punching_across_intermediates_counts_the_connectors_longer_way():
+    """The connector's StartPunching goes through the store and its intermediate: the owner
+    counts the connector's control RTT (its intermediate reports it with the answer) plus the
+    store's round trip, and holds the agent's back by half the difference."""
+    t = TwoIntermediates()
+    t.h1.alive(1, rtt=0.010)
+    t.h2.alive(2, rtt=0.100)
+    t.h1.core.registry.store_rtt = 0.020
+    session_id, _ = t.open()
+    t.carry(t.h1.say(1, offer(session_id)), t.h1)
+    seen = t.carry(t.h2.say(2, answer(session_id)), t.h2)
+    assert [type(m) for m in sent(seen["relay2"], 2)] == [control.StartPunching]
+    assert [type(m) for m in sent(seen["relay1"], 1)] == [control.CandidateAnswer]
+    answered_at = t.h1.now
+    later = t.h1.advance(0.1, step=0.005)
+    [start] = [e for e in later if isinstance(e, SendMessage)
+               and isinstance(e.message, control.StartPunching)]
+    assert t.h1.when(start) - answered_at == pytest.approx((0.120 - 0.010) / 2, abs=0.006)
 
 
 def test_the_agent_leaving_ends_the_mirror_and_tells_the_connector():
@@ -441,13 +462,22 @@ def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_direct_
         async with connector, mahole.Agent(everywhere, **common,
                                            **creds(fleet_certs, "alice")) as agent:
             await connector.wait_registered()
-            session = await agent.session("sink")
+            # The two may have homed on different intermediates: the agent's learns of the
+            # connector through Redis within moments.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                try:
+                    session = await agent.session("sink")
+                    break
+                except mahole.ServiceUnavailable:
+                    assert loop.time() < deadline, "the connector never became reachable"
+                    await asyncio.sleep(0.05)
             await wait_for(lambda: session.path == "direct", 15)
             reader, writer = await agent.open_connection("sink")
             home = agent.status()["intermediate"]["addr"]
             [victim] = [n for n, (_p, addr, _s) in relays.items() if f"{addr[0]}:{addr[1]}" == home]
             digest, sent, killed_at = hashlib.sha256(), 0, None
-            loop = asyncio.get_running_loop()
             while sent < 24 << 20:
                 chunk = os.urandom(64 << 10)
                 digest.update(chunk)
@@ -517,6 +547,21 @@ def test_a_copy_elsewhere_that_does_not_answer_is_replaced_and_let_go():
     assert t.h1.core.registry.node_by_identity("connector", "office").home == "relay1"
     assert [e.handle for e in seen["relay2"] if isinstance(e, signaling.CloseNode)] == [2]
     assert not t.h2.core.is_connected(2)
+
+
+def test_a_probe_waiting_on_an_intermediate_that_falls_silent_ends_at_once():
+    """The node re-homes before its dead intermediate is known to be silent: the probe is
+    sent; when the heartbeats are found missing, the newcomer registers without waiting for
+    the probe timeout."""
+    t = TwoIntermediates()
+    seen = t.carry(t.h1.connect(9, "connector", "office", ("198.51.100.9", 7000),
+                                services=("web",)), t.h1)
+    assert isinstance(sent(seen["relay2"], 2)[0], control.Ping)
+    assert not sent(seen["relay1"], 9)  # waiting for the answer
+    t.h1.core.registry.relay_addrs.pop("relay2")
+    t.h1.core.fleet_home_silent("relay2", t.h1.now + 0.2)
+    assert [type(m) for m in sent(t.h1.events(), 9)] == [control.Registered]
+    assert t.h1.core.registry.node_by_identity("connector", "office").home == "relay1"
 
 
 def test_a_node_whose_intermediate_is_silent_registers_elsewhere_at_once():

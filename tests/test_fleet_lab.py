@@ -73,8 +73,10 @@ def test_a_session_between_intermediates_behind_nats(lab, tmp_path, nat, path):
     need_redis()
     d = FleetDeployment(lab, tmp_path, nat, nat)
     d.wait_registered()
-    wait(lambda: ((d.status(d.intermediate) or {}).get("fleet") or {}).get("remote_nodes")
-         == {"relay2": 1}, 20, "relay1 to see the connector at relay2", d)
+    def sees_relay2():
+        fleet = (d.status(d.intermediate) or {}).get("fleet") or {}
+        return fleet.get("remote_nodes") == {"relay2": 1} and "relay2" in fleet["reachable"]
+    wait(sees_relay2, 20, "relay1 to see the connector at relay2", d)
     data = os.urandom(1 << 20)
     assert d.round_trip(data) == data, d.logs()
     wait(lambda: (d.session() or {}).get("path") == path, 20, f"the {path} path", d)

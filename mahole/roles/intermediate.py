@@ -287,7 +287,8 @@ class Intermediate:
             if self.cfg.registry:
                 fleet = RedisFleet(self.cfg.registry, self.identity.name,
                                    self._fleet_address(), self.signaling.registry,
-                                   on_message=self._fleet_message)
+                                   on_message=self._fleet_message,
+                                   on_silent=self._fleet_home_silent)
                 try:
                     await fleet.start()
                 except FleetError as exc:
@@ -312,9 +313,13 @@ class Intermediate:
                                f"address, not one)")
         return _fmt((host, port))
 
-    def _fleet_message(self, home, sender, to, message, session):
+    def _fleet_home_silent(self, home):
+        self.signaling.fleet_home_silent(home, self.endpoint.now())
+        self.pump()
+
+    def _fleet_message(self, home, sender, to, message, session, rtt):
         self.signaling.fleet_message(home, sender, to, message, self.endpoint.now(),
-                                     session=session)
+                                     session=session, rtt=rtt)
         self.pump()
 
     @property
