@@ -93,15 +93,9 @@ class FleetRegistry(MemoryRegistry):
         return super().connectors_for(service) + list(self._remote_services.get(service, {})
                                                       .values())
 
-    def remote_nodes(self):
-        return [r for records in self._remote.values() for r in records.values()]
-
     def remote_homes(self):
         """{home: number of nodes} of the other intermediates seen in the store."""
         return {home: len(records) for home, records in self._remote.items()}
-
-    def is_remote(self, record):
-        return record.home != self.home
 
     # The store's view comes in ---------------------------------------------------------------
     def replace_remote(self, home, encoded_records):
