@@ -42,7 +42,9 @@ from .wire import control
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = 1.0  # s between heartbeats (and flushes of a quiet outbox)
+# s between heartbeats (and flushes of a quiet outbox): three fit in HOME_SILENT, so one
+# late or lost beat (a busy store, a stalled process) does not make an intermediate silent.
+HEARTBEAT = 0.5
 # s without a heartbeat message: an intermediate is taken as unreachable (no new sessions
 # through it, and a node it held may register elsewhere at once). Its nodes stay known until
 # its keys expire.
@@ -53,6 +55,7 @@ MAX_BACKOFF = 5.0  # s between reconnection attempts at most
 COMMAND_TIMEOUT = 2.0  # s for one Redis command
 CHANNEL = "mahole:nodes"
 MAX_MESSAGE_BYTES = MAX_RECORD_BYTES + 1024
+MAX_DRAIN = 1000  # fleet messages read in a row before silence is judged again
 MAX_OUTGOING = 10_000  # fleet messages waiting for Redis; beyond, dropped and counted
 MAX_INTERMEDIATES = 1024  # heartbeat keys read at most (a hostile store cannot flood us)
 
@@ -355,13 +358,21 @@ class RedisFleet:
                 await pubsub.subscribe(CHANNEL, mine)
                 while not self._stopping:
                     message = await pubsub.get_message(timeout=HOME_SILENT / 4)
-                    self._expire_silent()
+                    # Silence is judged only once what has arrived is read: after a stall
+                    # of this process (the wait above may have timed out during it), the
+                    # beats waiting in the socket are news, not silence. Bounded, so a flood
+                    # cannot put the judgement off for ever.
                     if message is None:
-                        continue
-                    if message.get("channel") in (mine, mine.encode()):
-                        self._signaling(message.get("data"))
-                    else:
-                        self._received(message.get("data"))
+                        message = await pubsub.get_message(timeout=0)
+                    for _ in range(MAX_DRAIN):
+                        if message is None:
+                            break
+                        if message.get("channel") in (mine, mine.encode()):
+                            self._signaling(message.get("data"))
+                        else:
+                            self._received(message.get("data"))
+                        message = await pubsub.get_message(timeout=0)
+                    self._expire_silent()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any Redis or network failure

@@ -99,7 +99,14 @@ class Deployment:
                  timeout, f"{proc.log_path.stem} to register", self)
 
     def round_trip(self, data, timeout=30):
-        """Send data through the agent's forward (from inside its namespace); the echo."""
+        """Send data through the agent's forward (from inside its namespace); the echo.
+        A failed connection raises with the roles' logs, which say why."""
+        try:
+            return self._round_trip(data, timeout)
+        except OSError as exc:
+            raise AssertionError(f"round trip failed: {exc!r}\n{self.logs()}") from exc
+
+    def _round_trip(self, data, timeout):
         with _ns.entered(self.agent_host.ns):
             sock = socket.create_connection(("127.0.0.1", FORWARD_PORT), timeout=timeout)
         received = bytearray()

@@ -179,6 +179,53 @@ def test_intermediates_share_their_nodes_and_forget_a_dead_ones(fleet_certs, red
     assert gone_after <= fleet_redis.TTL + fleet_redis.RESYNC + 2
 
 
+def test_a_stalled_intermediate_reads_the_beats_that_waited_before_judging_silence(
+        redis_server):
+    """relay1's process stalls longer than HOME_SILENT while relay2 (its own thread and
+    event loop) goes on beating: on waking relay1 reads the waiting beats first, so relay2
+    is never taken as silent (which refused new sessions through it)."""
+    import threading
+
+    stop = threading.Event()
+
+    def relay2_thread():
+        async def beat():
+            other = fleet_redis.RedisFleet(redis_server.url, "relay2", "127.0.0.1:5000",
+                                           FleetRegistry("relay2"))
+            await other.start()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await other.stop()
+        asyncio.run(beat())
+
+    thread = threading.Thread(target=relay2_thread, daemon=True)
+    thread.start()
+
+    async def main():
+        silent = []
+        registry = FleetRegistry("relay1")
+        relay1 = fleet_redis.RedisFleet(redis_server.url, "relay1", "127.0.0.1:5001", registry,
+                                        on_silent=silent.append)
+        await relay1.start()
+        try:
+            await wait_for(lambda: "relay2" in registry.relay_addrs, 10)
+            time.sleep(fleet_redis.HOME_SILENT + 1.0)  # the stall: this whole loop blocked
+            settled = asyncio.get_running_loop().time() + fleet_redis.HOME_SILENT
+            while asyncio.get_running_loop().time() < settled:
+                assert "relay2" in registry.relay_addrs and silent == []
+                await asyncio.sleep(0.05)
+        finally:
+            await relay1.stop()
+        return relay1.counters
+
+    try:
+        counters = run(main(), timeout=60)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert counters["received"] > 0
+
+
 def test_a_second_intermediate_of_the_same_name_is_refused(fleet_certs, redis_server):
     async def main():
         async with intermediate(fleet_certs, "relay1", redis_server.url):
