@@ -4,6 +4,7 @@ ended by PID; what /proc says about them; and the loopback helpers the benchmark
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -139,10 +140,22 @@ def signal_group(proc, sig):
         pass
 
 
+# Ports for --listen / --status are drawn below the kernel's ephemeral range (32768-60999
+# by default): a port found free there stays free until the process started binds it, while
+# one from bind(0) can be handed to another socket (an outgoing connection) in between.
+PORT_RANGE = (20000, 32767)
+
+
 def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randint(*PORT_RANGE)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free {kind.name} port on {HOST} in {PORT_RANGE}")
 
 
 def status(port, timeout=2.0):

@@ -30,7 +30,9 @@ from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
 from .connection import ALPN_E2E_STREAM_OPEN, E2E_WITH_FRAGMENTS, datagram_frame_room
 from .endpoint import ConnectionHandler
 from .pmtu import BASE_PLPMTU, PathMtu, route_ceiling
-from .session_core import DIRECT, NONE, Closed, RepunchDue, RouteChanged, SendPing, SessionCore
+from .session_core import (DIRECT, NONE, RELAY_MOVED, Closed, RepunchDue, RouteChanged, SendPing,
+                           SessionCore)
+from .wire import control
 from .wire.relay import session_tag
 from .tunnel import FLOW_ID_LEN, MAX_UDP_PAYLOAD, DatagramReassembler, frame_datagram
 
@@ -86,11 +88,13 @@ class Session(ConnectionHandler):
         self.service = service
         self.agent = agent
         self.connector = connector
+        self.relay_token = relay_token  # ours, for ResumeSession after homing again
         now = self.endpoint.now()
-        control = node.control
+        control_client = node.control
         self.core = SessionCore.from_config(
             node.cfg, session_id, node.intermediate_addr, now, controlling=self.controlling,
-            relay_available=control is not None and control.connected, relay_token=relay_token)
+            relay_available=control_client is not None and control_client.connected,
+            relay_token=relay_token)
         self.connection = None
         self.closed = False
         self.pipes = {}  # stream id -> what carries the stream (subclasses)
@@ -203,10 +207,34 @@ class Session(ConnectionHandler):
         self.node.report(result.to_wire(self.session_id))
         self._pump(now)
 
-    def relay_state_changed(self, available, reason):
-        """The control connection to the intermediate (and with it the relay) came or went."""
+    def relay_state_changed(self, available, reason, hold=0.0):
+        """The control connection to the intermediate (and with it the relay) came or went;
+        with ``hold`` a relayed session waits that long for a resumption."""
         now = self.endpoint.now()
-        self.core.relay_available(available, now, reason)
+        self.core.relay_available(available, now, reason, hold)
+        self._pump(now)
+
+    def resume_message(self):
+        """ResumeSession for this session, after the node homed again (None: no token)."""
+        if self.closed or self.relay_token is None:
+            return None
+        return control.ResumeSession(session_id=self.session_id, service=self.service,
+                                     agent=self.agent, connector=self.connector,
+                                     relay_token=self.relay_token)
+
+    def relay_moved(self, addr):
+        """The intermediate at addr took the session over (SessionResumed)."""
+        now = self.endpoint.now()
+        if addr != self.core.relay_addr:
+            log.info("session %s to %s: resumed through the relay at %s", self.tag,
+                     self.service, _fmt(addr))
+        self.core.relay_moved(addr, now)
+        self._pump(now)
+
+    def hold(self, seconds):
+        """The peer is homing again (SessionHeld): not dead for ``seconds``."""
+        now = self.endpoint.now()
+        self.core.hold(now + seconds)
         self._pump(now)
 
     def repunch(self, attempt):
@@ -249,6 +277,7 @@ class Session(ConnectionHandler):
             return
         self._feed_transport(now)
         self.reassembler.expire(now)
+        self.core.relay_heard(self.node.relay_last_heard())
         self.core.handle_timer(now)
         self._pump(now)
 
@@ -342,7 +371,9 @@ class Session(ConnectionHandler):
     def _route_changed(self, event):
         for watcher in list(self.route_watchers):
             watcher(event)
-        if event.reason != "nominated":
+        if event.reason == RELAY_MOVED:
+            pass  # relay_moved said so
+        elif event.reason != "nominated":
             where = {"relay": "fell back to the relay", "none": "has no route left"}.get(
                 event.route, f"now {event.route}")
             log.warning("session %s to %s: %s (%s)", self.tag, self.service, where,
@@ -467,6 +498,8 @@ class Session(ConnectionHandler):
             "connector": self.connector,
             "path": self.route,
             "direct_addr": _fmt(core.direct_addr) if core.direct_addr else None,
+            "relay_addr": _fmt(core.relay_addr),
+            "relay_moves": core.relay_moves,
             "switch_ms": self.switch_ms,
             "route_switches": len(core.switches),
             "failovers": len(core.failovers),

@@ -47,6 +47,15 @@ Death and expiry
     N s"); keepalive PINGs are not activity, and a session that carries traffic is never
     closed by a timer.
 
+Resumption (control protocol /2)
+    When the control connection is lost and the node will home again, the shell says so
+    with ``relay_available(False, now, reason, hold=s)``: a relayed session is held (not
+    closed) for ``hold`` seconds, until :meth:`relay_moved` names the relay that took the
+    session over (a new home, or the same one restarted), the route changing under the same
+    QUIC connection. :meth:`hold` keeps a session whose peer is homing again (SessionHeld)
+    from declaring it dead; and a relayed peer falling silent while the relay itself is quiet
+    (:meth:`relay_heard`) is held for :data:`RELAY_DOUBT_HOLD` rather than given up.
+
 Re-punching (controlling side only)
     After a failover, and after a failed attempt on a session that was direct once, the
     agent punches again after a cool-down of ``repunch_cooldown`` doubled for every further
@@ -81,6 +90,12 @@ PEER_SWITCH_GRACE = 0.25
 PEER_SILENT = 0.1
 # Failovers within this window each double the re-punch cool-down.
 REPUNCH_WINDOW = 60.0
+# The relay silent this long as well when the peer falls silent on it: the relay, not the
+# peer, may be what died; the peer is not given up for RELAY_DOUBT_HOLD more, time enough for
+# the control connection's verdict (control_dead_after) and, with resumption, a new home.
+RELAY_QUIET = 1.0
+RELAY_DOUBT_HOLD = 2.0
+RELAY_MOVED = "the relay moved"
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,10 @@ class SessionCore:
         self.packets = {RELAY: 0, DIRECT: 0}  # sent by each route
         self.dropped_no_route = 0
         self.relay_up = relay_available
+        self.relay_moves = 0  # times the session moved to another relay (resumption)
+        self.hold_until: Optional[float] = None  # the peer is not given up before this
+        self._relay_lost_reason: Optional[str] = None  # while held for a resumption
+        self._relay_heard: Optional[float] = None  # the intermediate's last packet (shell)
         # Liveness
         self.established = False  # handshake done: liveness and keepalive run from then on
         self.last_rx: Optional[float] = None  # last authenticated packet, any route
@@ -259,6 +278,8 @@ class SessionCore:
             return
         self.last_rx = now
         self._peer_wait_since = None
+        if self.relay_up:
+            self.hold_until = None
         if route == self.route:
             self._probe_since = None
         elif (self.direct_addr is not None and now - self.direct_since > PEER_SWITCH_GRACE
@@ -317,12 +338,49 @@ class SessionCore:
             self._schedule_repunch(now)  # it was direct once: keep trying, with pauses
 
     def relay_available(self, available: bool, now: float,
-                        reason: str = "intermediate connection lost") -> None:
+                        reason: str = "intermediate connection lost",
+                        hold: float = 0.0) -> None:
         """The control connection to the intermediate came up or went down. Without it
-        there is no relay: a session not on the direct route ends."""
+        there is no relay: a session not on the direct route ends, at once or, with
+        ``hold``, if no relay has taken it over (:meth:`relay_moved`) within ``hold`` s."""
         self.relay_up = available
-        if not available and not self.closed and self.direct_addr is None:
+        if available:
+            self._relay_lost_reason = None
+        elif hold > 0 and not self.closed:
+            self._relay_lost_reason = reason
+            if self.direct_addr is None:  # a direct session needs no hold
+                self.hold(now + hold)
+        elif not self.closed and self.direct_addr is None:
             self._close(reason)
+
+    def relay_moved(self, addr, now: float) -> None:
+        """The session's relay is at addr from now on (a resumption was accepted there): the
+        relayed route changes under the same connection, and loss recovery starts at once."""
+        if self.closed:
+            return
+        addr = _addr(addr)
+        moved = addr != self.relay_addr
+        self.relay_addr = addr
+        self.relay_up = True
+        self._relay_lost_reason = None
+        self.hold_until = None
+        if moved:
+            self.relay_moves += 1
+        if self.route == RELAY:
+            self._peer_wait_since = None
+            if moved:
+                self.switches.append((now, RELAY, RELAY_MOVED))
+                self._events.append(RouteChanged(RELAY, addr, RELAY_MOVED))
+            self._ping(now, reset_backoff=True)
+
+    def hold(self, until: float) -> None:
+        """Do not give the peer up before ``until`` (it is homing again: SessionHeld)."""
+        if not self.closed:
+            self.hold_until = max(self.hold_until or until, until)
+
+    def relay_heard(self, when: Optional[float]) -> None:
+        """When the intermediate (the relay) was last heard on the control connection."""
+        self._relay_heard = when
 
     def close(self, now: float) -> None:
         """The shell ends the session: no more timers or events."""
@@ -345,11 +403,14 @@ class SessionCore:
             yield self.last_activity + self.idle_timeout, "idle"
         if self.repunch_at is not None:
             yield self.repunch_at, "repunch"
+        if self._relay_lost_reason is not None and self.hold_until is not None:
+            yield self.hold_until, "resume"
         route = self.route
         if not self.established or route == NONE:
             return
         if self._peer_wait_since is not None:
-            yield max(self._peer_wait_since, self.last_rx) + self.peer_dead_after, "dead"
+            dead = max(self._peer_wait_since, self.last_rx) + self.peer_dead_after
+            yield max(dead, self.hold_until or dead), "dead"
         if route == DIRECT:
             if self._probe_since is not None:
                 yield (max(self._probe_since, self.last_direct_rx) + self._failover_after(),
@@ -370,7 +431,18 @@ class SessionCore:
         if "idle" in due:
             self._close(f"idle: no traffic for {self.idle_timeout:g} s")
             return
+        if "resume" in due:
+            reason, self._relay_lost_reason = self._relay_lost_reason, None
+            if self.direct_addr is None:
+                self._close(f"{reason}; no intermediate took the session over")
+                return
         if "dead" in due:
+            if (self.route == RELAY and self.hold_until is None and self._relay_heard is not None
+                    and now - self._relay_heard >= RELAY_QUIET):
+                # The relay is as silent as the peer: it may be the relay that died. Wait
+                # for the control connection's verdict (and a resumption) a little longer.
+                self.hold(now + RELAY_DOUBT_HOLD)
+                return
             self._close("the peer stopped answering")
             return
         if "failover" in due:

@@ -120,6 +120,13 @@ MAX_PUNCH_TIMES = 1000  # time-to-direct samples kept for the median in /status
 MAX_REASON = 200  # characters of a close reason (CONNECTION_CLOSE reason phrase)
 MAX_REMOTE_PROBES = 1024  # other intermediates' probes of nodes here awaiting a Pong
 MAX_REMOTE_RTT = 10.0  # s: a member's RTT reported by another intermediate, at most
+# Resuming a session after a member homed again (control protocol /2, ResumeSession): a
+# resume that waits for the other member's (no record here) or for its old intermediate to
+# be known silent waits this long at most; the member left behind is told to hold the
+# session (SessionHeld) this long; at most this many resumes wait at once.
+RESUME_WAIT = 5.0  # s
+SESSION_HOLD = 6.0  # s: silence detection, re-homing (within 3 s) and the resume itself
+MAX_PENDING_RESUMES = 4096
 PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at once
 REFUSAL_LOG_BURST = 10  # refusal lines of one kind logged per REFUSAL_LOG_WINDOW
 REFUSAL_LOG_WINDOW = 10.0  # s
@@ -564,9 +571,10 @@ class _Link:
     """What this intermediate knows of one control connection (never shared)."""
 
     __slots__ = ("handle", "role", "name", "addr", "last_rx", "rtt", "registered", "probing",
-                 "bucket", "ignored", "ignored_since")
+                 "bucket", "ignored", "ignored_since", "resumable")
 
-    def __init__(self, handle, role, name, addr, now, bucket):
+    def __init__(self, handle, role, name, addr, now, bucket, resumable=False):
+        self.resumable = resumable  # speaks control protocol /2 (session resumption)
         self.handle = handle
         self.role = role
         self.name = name
@@ -596,6 +604,18 @@ class _RemoteLink:
 
     def __str__(self):
         return f"{self.role} {self.name!r}"
+
+
+class _Resume:
+    """A ResumeSession waiting for the other member's, or for the intermediate that held
+    the session to be known silent."""
+
+    __slots__ = ("handle", "message", "deadline")
+
+    def __init__(self, handle, message, deadline):
+        self.handle = handle
+        self.message = message
+        self.deadline = deadline
 
 
 class _Probe:
@@ -655,7 +675,8 @@ class SignalingCore:
             "refused_offer", "refused_connections", "signaling_dropped",
             "nodes_flooding", "relay_shares_set", "services_updated",
             "sessions_connector_elsewhere", "sessions_across", "fleet_sent", "fleet_received",
-            "fleet_ignored", "sessions_mirrored",
+            "fleet_ignored", "sessions_mirrored", "sessions_resumed", "sessions_held",
+            "resumes_refused", "resumes_expired",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
@@ -674,6 +695,7 @@ class SignalingCore:
         self._identity_links = collections.defaultdict(dict)  # (role, name) -> {handle: None}
         self._open_buckets = collections.OrderedDict()  # agent name -> _Bucket (per minute)
         self._shares = {}  # session_id -> relay rate share sent (RelaySetRate)
+        self._resumes = {}  # session_id -> _Resume (bounded: MAX_PENDING_RESUMES)
         self.refusal_log = logs.LogLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW,
                                          max_kinds=len(REFUSALS))
 
@@ -767,6 +789,8 @@ class SignalingCore:
                 self._probe_expired(key[1], now)
             elif kind == "punch":
                 self._deliver_punch(key)
+            elif kind == "resume":
+                self._resume_expired(key[1], now)
             elif kind == "remote_probe":  # the asker has given up by now
                 self._remote_probes.pop(key[1:], None)
             elif kind == "refusals":
@@ -774,8 +798,9 @@ class SignalingCore:
                     self._log_missed_refusals(refusal, missed)
 
     # Connections -----------------------------------------------------------------------
-    def node_connected(self, handle, role, name, addr, now):
-        """A control connection authenticated as ``role`` ``name`` (from its certificate)."""
+    def node_connected(self, handle, role, name, addr, now, resumable=False):
+        """A control connection authenticated as ``role`` ``name`` (from its certificate);
+        ``resumable`` if it speaks control protocol /2 (session resumption)."""
         if handle in self._links:
             raise ValueError(f"handle {handle!r} is already connected")
         limits = self.limits
@@ -790,7 +815,8 @@ class SignalingCore:
             return
         held[handle] = None
         self._links[handle] = _Link(handle, role, name, _addr(addr), now,
-                                    _Bucket(limits.signaling_rate, limits.signaling_burst, now))
+                                    _Bucket(limits.signaling_rate, limits.signaling_burst, now),
+                                    resumable)
         self._schedule(("dead", handle), now + self.node_dead_after)
 
     def _refuse(self, link, code, close_code, text, now, request_id=None):
@@ -860,6 +886,9 @@ class SignalingCore:
             self._cancel(("probe", key))
         if not link.registered:
             return
+        for session_id in [s for s, r in self._resumes.items() if r.handle == handle]:
+            del self._resumes[session_id]
+            self._cancel(("resume", session_id))
         reason = f"{link.role} {link.name} {why}"
         others = {}
         for session in self.registry.sessions_of(handle):
@@ -905,6 +934,8 @@ class SignalingCore:
                 self._send(handle, control.Pong(nonce=message.nonce))
             else:
                 self._error(handle, control.ErrorCode.NOT_REGISTERED, "register first")
+        elif isinstance(message, control.ResumeSession):
+            self._resume(link, message, now)
         elif self._mirrored(link, message):
             return
         elif isinstance(message, control.OpenSession) and link.role == "agent":
@@ -1039,6 +1070,25 @@ class SignalingCore:
             if held_at is not None and held_at[0] == home:
                 self._cancel(("probe", key))
                 self._probe_expired(key, now)
+        # A member held there is homing again and may resume its sessions: the members
+        # here must not take its silence for death meanwhile.
+        hold = control.SessionHeld(session_id=b"\0" * 8, hold_ms=int(SESSION_HOLD * 1000))
+        for session in self.registry.sessions():
+            for handle in session.members():
+                held_at = remote_handle(handle)
+                other = self._links.get(session.other(handle))
+                if held_at is not None and held_at[0] == home and other is not None \
+                        and other.resumable:
+                    self.counters["sessions_held"] += 1
+                    self._send(other.handle, dataclasses.replace(
+                        hold, session_id=session.session_id))
+        for session_id, waiting in list(self._resumes.items()):
+            if self.registry.session(session_id) is not None:  # waited for this silence
+                del self._resumes[session_id]
+                self._cancel(("resume", session_id))
+                link = self._links.get(waiting.handle)
+                if link is not None:
+                    self._resume(link, waiting.message, now)
 
     def _fleet_probe(self, home, sender, target, message, now):
         """Probing a node across the fleet: another intermediate asks whether a node here is
@@ -1086,6 +1136,133 @@ class SignalingCore:
         self._send(target.handle, message)
         log.info("session %s: agent %s at intermediate %s -> service %s here",
                  session_tag(session.session_id), session.agent_name, home, session.service)
+
+    # Resuming sessions -------------------------------------------------------------------
+    # A node whose intermediate died (or restarted) homes again and asks to carry on each of
+    # its sessions here (ResumeSession). If this intermediate holds the session (it owned
+    # it, or mirrored it for the member it holds) and the asker's old intermediate is known
+    # silent, it takes the session over: the asker becomes a member here and the relay
+    # sends its frames straight to it. Without a record, the resume waits for the other
+    # member's: both tokens and identities agreeing, the session is rebuilt here. Either
+    # way the end-to-end connection goes on over this relay, without a new handshake.
+
+    def _resume(self, link, message, now):
+        session_id = message.session_id
+        claimed = message.agent if link.role == "agent" else message.connector
+        if claimed != link.name:
+            return self._refuse_resume(link, session_id, f"{link} is not the {link.role} of "
+                                       f"session {session_tag(session_id)}")
+        record = self.registry.session(session_id)
+        if record is None:
+            return self._pair_resume(link, message, now)
+        index = AGENT if link.role == "agent" else CONNECTOR
+        member = record.members()[index]
+        token = record.agent_token if index == AGENT else record.connector_token
+        if ((record.agent_name, record.connector_name, record.service)
+                != (message.agent, message.connector, message.service)
+                or not secrets.compare_digest(token, message.relay_token)):
+            return self._refuse_resume(link, session_id, f"session "
+                                       f"{session_tag(session_id)} is not {link}'s")
+        if member == link.handle:  # resumed already (a repeated request)
+            self._send(link.handle, control.SessionResumed(session_id=session_id))
+            return None
+        held_at = remote_handle(member)
+        if held_at is None:  # a member here on another connection: a copy, not a move
+            return self._refuse_resume(link, session_id, f"session {session_tag(session_id)}"
+                                       f" has its {link.role} at this intermediate")
+        if self.registry.relay_address(held_at[0]) is not None:
+            # Its old intermediate is not known silent yet (it may be a moment behind):
+            # wait for that, within RESUME_WAIT.
+            return self._wait_resume(link, message, now)
+        self.registry.remove_session(session_id)
+        self._remote_rtts.pop(member, None)
+        changes = {"agent" if index == AGENT else "connector": link.handle, "home": self.home}
+        record = dataclasses.replace(record, **changes)
+        self.registry.put_session(record)
+        self._events.append(RelaySetMember(session_id, index, link.addr))
+        log.info("session %s: %s resumed it here (its intermediate %s is gone)",
+                 session_tag(session_id), link, held_at[0])
+        return self._resumed(record)
+
+    def _pair_resume(self, link, message, now):
+        session_id = message.session_id
+        waiting = self._resumes.get(session_id)
+        other = None if waiting is None else self._links.get(waiting.handle)
+        if other is None or other.role == link.role:
+            if waiting is not None and other is not None:
+                return self._refuse_resume(link, session_id, f"session "
+                                           f"{session_tag(session_id)} is being resumed by "
+                                           f"another {link.role}")
+            return self._wait_resume(link, message, now)
+        mine, theirs = message, waiting.message
+        if (mine.service, mine.agent, mine.connector) != (
+                theirs.service, theirs.agent, theirs.connector):
+            return self._refuse_resume(link, session_id, f"session {session_tag(session_id)}"
+                                       f" was resumed with other members or service")
+        del self._resumes[session_id]
+        self._cancel(("resume", session_id))
+        agent, connector = (link, other) if link.role == "agent" else (other, link)
+        agent_msg, connector_msg = (mine, theirs) if link.role == "agent" else (theirs, mine)
+        service = message.service
+        limits, registry = self.limits, self.registry
+        why = None
+        if not any(rule.allows(agent.name, service) for rule in self.acl):
+            why = f"agent {agent.name!r} is not allowed to reach service {service!r}"
+        elif not self.may_offer(connector.name, service):
+            why = f"connector {connector.name!r} may not offer service {service!r}"
+        elif registry.session_count(agent.handle) >= limits.sessions_per_agent:
+            why = f"agent {agent.name!r} has {limits.sessions_per_agent} open sessions"
+        elif registry.session_count(connector.handle) >= limits.sessions_per_connector:
+            why = f"connector {connector.name!r} serves {limits.sessions_per_connector} sessions"
+        if why is not None:
+            self._refuse_resume(other, session_id, why)
+            return self._refuse_resume(link, session_id, why)
+        record = SessionRecord(session_id=session_id, service=service, agent=agent.handle,
+                               connector=connector.handle, agent_name=agent.name,
+                               connector_name=connector.name, home=self.home, created=now,
+                               agent_token=agent_msg.relay_token,
+                               connector_token=connector_msg.relay_token)
+        registry.put_session(record)
+        self._events.append(RelayAdd(session_id, agent.addr, connector.addr,
+                                     agent_msg.relay_token, connector_msg.relay_token))
+        log.info("session %s: agent %s and connector %s resumed it here",
+                 session_tag(session_id), agent.name, connector.name)
+        return self._resumed(record)
+
+    def _wait_resume(self, link, message, now):
+        session_id = message.session_id
+        if (len(self._resumes) >= MAX_PENDING_RESUMES
+                or sum(r.handle == link.handle for r in self._resumes.values())
+                >= max(self.limits.sessions_per_agent, self.limits.sessions_per_connector)):
+            return self._refuse_resume(link, session_id, "too many sessions waiting to resume")
+        self._resumes[session_id] = _Resume(link.handle, message, now + RESUME_WAIT)
+        self._schedule(("resume", session_id), now + RESUME_WAIT)
+        return None
+
+    def _resume_expired(self, session_id, now):
+        waiting = self._resumes.pop(session_id, None)
+        link = None if waiting is None else self._links.get(waiting.handle)
+        if link is not None:
+            self.counters["resumes_expired"] += 1
+            self._refuse_resume(link, session_id, f"the other member of session "
+                                f"{session_tag(session_id)} did not resume it here within "
+                                f"{RESUME_WAIT:g} s", count=False)
+
+    def _refuse_resume(self, link, session_id, text, count=True):
+        if count:
+            self.counters["resumes_refused"] += 1
+        log.info("could not resume session %s for %s: %s", session_tag(session_id), link, text)
+        self._error(link.handle, control.ErrorCode.UNKNOWN_SESSION,
+                    f"cannot resume the session: {text}", session_id=session_id)
+
+    def _resumed(self, record):
+        self.counters["sessions_resumed"] += 1
+        resumed = control.SessionResumed(session_id=record.session_id)
+        for handle in record.members():
+            link = self._links.get(handle)
+            if link is not None and link.resumable:
+                self._send(handle, resumed)
+        self._rebalance(record.members())
 
     def _local_link(self, text):
         """The registered link here whose handle is ``text`` (handles travel as text)."""

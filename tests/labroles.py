@@ -50,9 +50,12 @@ class Deployment:
         self.connector_host.python(ECHO_SERVER, str(ECHO_PORT))
         self.intermediate = self.start_intermediate()
         self.connector = self.start_connector()
-        self.agent = self._role(self.agent_host, "agent", "--intermediate", self.relay_addr,
-                                "--forward", f"tcp:127.0.0.1:{FORWARD_PORT}=echo",
-                                *agent_args, *self.creds("alice"))
+        self.agent = self.start_agent(agent_args)
+
+    def start_agent(self, agent_args):
+        return self._role(self.agent_host, "agent", "--intermediate", self.relay_addr,
+                          "--forward", f"tcp:127.0.0.1:{FORWARD_PORT}=echo",
+                          *agent_args, *self.creds("alice"))
 
     def creds(self, name):
         return ["--ca", str(self.tmp_path / "ca.crt"), "--cert",

@@ -28,8 +28,11 @@ from mahole.wire.control import (
     Register,
     UpdateServices,
     Registered,
+    ResumeSession,
     SessionClosed,
+    SessionHeld,
     SessionOpened,
+    SessionResumed,
     StartPunching,
     decode,
     decode_payload,
@@ -64,6 +67,9 @@ SAMPLES = [
     SessionOpened(0, SID, "web", "laptop-7", "office", None, TOKEN),
     SessionClosed(SID, "idle"),
     SessionClosed(SID, ""),
+    ResumeSession(SID, "web", "laptop-7", "office", TOKEN),
+    SessionResumed(SID),
+    SessionHeld(SID, 6000),
     CandidateOffer(SID, UFRAG, PWD, (HOST, SRFLX, RELAY)),
     CandidateAnswer(SID, "x" * 256, "y" * 256, ()),
     StartPunching(SID, 0),
@@ -106,7 +112,7 @@ def _frame(payload):
 def test_registry_lists_every_message_type_by_class_name():
     assert set(MESSAGE_TYPES) == {
         "Register", "UpdateServices", "Registered", "ObservedAddress", "OpenSession", "SessionOpened",
-        "SessionClosed", "CandidateOffer", "CandidateAnswer", "StartPunching",
+        "SessionClosed", "ResumeSession", "SessionResumed", "SessionHeld", "CandidateOffer", "CandidateAnswer", "StartPunching",
         "PunchingResult", "Ping", "Pong", "Error",
     }  # fmt: skip
     for name, cls in MESSAGE_TYPES.items():
@@ -612,6 +618,10 @@ STRATEGIES = {
         relay_token=session_ids,
     ),
     SessionClosed: st.builds(SessionClosed, session_id=session_ids, reason=texts),
+    ResumeSession: st.builds(ResumeSession, session_id=session_ids, service=names, agent=names,
+                             connector=names, relay_token=session_ids),
+    SessionResumed: st.builds(SessionResumed, session_id=session_ids),
+    SessionHeld: st.builds(SessionHeld, session_id=session_ids, hold_ms=st.integers(0, 60_000)),
     CandidateOffer: _exchange(CandidateOffer),
     CandidateAnswer: _exchange(CandidateAnswer),
     StartPunching: st.builds(StartPunching, session_id=session_ids, delay_ms=st.integers(0, 60_000)),

@@ -290,13 +290,14 @@ class TwoIntermediates:
     """Two signaling cores of one fleet; their FleetSend events carried to each other as
     the Redis shell would."""
 
-    def __init__(self):
+    def __init__(self, resumable=False):
         self.h1 = Harness(home="relay1", registry=FleetRegistry("relay1"))
         self.h2 = Harness(home="relay2", registry=FleetRegistry("relay2"))
         self.h1.core.registry.relay_addrs["relay2"] = RELAY2
         self.h2.core.registry.relay_addrs["relay1"] = RELAY1
-        self.h2.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",))
-        self.h1.connect(1, "agent", "alice", AGENT_ADDR)
+        self.h2.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",),
+                        resumable=resumable)
+        self.h1.connect(1, "agent", "alice", AGENT_ADDR, resumable=resumable)
         [office] = self.h2.core.registry.nodes()
         self.h1.core.registry.apply_remote("relay2", "put", "2", encode_record(office))
         self.carried = 0
@@ -400,6 +401,140 @@ def test_the_agent_leaving_ends_the_mirror_and_tells_the_connector():
     assert any(isinstance(e, signaling.RelayRemove) for e in seen["relay2"])
 
 
+# Resuming a session after its intermediate died ----------------------------------------------
+NEW_ADDR = ("198.51.100.77", 50001)
+
+
+def tokens(seen):
+    """The relay tokens the members were given: {handle: token}."""
+    return {e.handle: e.message.relay_token for events in seen.values() for e in events
+            if isinstance(e, SendMessage) and isinstance(e.message, control.SessionOpened)}
+
+
+def resume(session_id, token, service="web", agent="alice", connector="office"):
+    return control.ResumeSession(session_id=session_id, service=service, agent=agent,
+                                 connector=connector, relay_token=token)
+
+
+def test_an_agent_whose_intermediate_died_resumes_where_its_connector_is():
+    """relay1 (the owner) dies. relay2 tells its connector to hold the session; the agent,
+    homed again at relay2, resumes it with its token: relay2 takes the session over and
+    relays straight between the two, the tokens unchanged."""
+    t = TwoIntermediates(resumable=True)
+    session_id, seen = t.open()
+    agent_token = tokens(seen)[1]
+    h2 = t.h2
+    h2.core.registry.relay_addrs.pop("relay1")
+    h2.core.fleet_home_silent("relay1", h2.now)
+    [held] = sent(h2.events(), 2)
+    assert held == control.SessionHeld(session_id=session_id, hold_ms=6000)
+    h2.connect(3, "agent", "alice", NEW_ADDR, resumable=True)
+    h2.events()
+    # Someone else's token, or another agent's name, resumes nothing.
+    [refused] = sent(h2.say(3, resume(session_id, b"\x00" * 8)), 3)
+    assert refused.code == control.ErrorCode.UNKNOWN_SESSION
+    assert refused.session_id == session_id
+    [refused] = sent(h2.say(3, resume(session_id, agent_token, agent="mallory")), 3)
+    assert "is not the agent of session" in refused.message
+    events = h2.say(3, resume(session_id, agent_token))
+    assert signaling.RelaySetMember(session_id, signaling.AGENT, NEW_ADDR) in events
+    assert sent(events, 3) == sent(events, 2) == [control.SessionResumed(session_id=session_id)]
+    record = h2.core.registry.session(session_id)
+    assert (record.agent, record.connector, record.home) == (3, 2, "relay2")
+    assert h2.core.counters["sessions_resumed"] == 1
+    assert h2.core.counters["resumes_refused"] == 2
+    # From now on relay2 owns it: signaling and the end go straight between the two.
+    assert [type(m) for m in sent(h2.say(3, offer(session_id)), 2)] == [control.CandidateOffer]
+    events = h2.say(3, control.SessionClosed(session_id=session_id, reason="done"))
+    assert [type(m) for m in sent(events, 2)] == [control.SessionClosed]
+    assert signaling.RelayRemove(session_id) in events
+    assert not any(isinstance(e, signaling.FleetSend) for e in events)
+
+
+def test_a_connector_whose_intermediate_died_resumes_at_the_owner():
+    t = TwoIntermediates(resumable=True)
+    session_id, seen = t.open()
+    connector_token = tokens(seen)[2]
+    h1 = t.h1
+    h1.core.registry.relay_addrs.pop("relay2")
+    h1.core.fleet_home_silent("relay2", h1.now)
+    assert sent(h1.events(), 1) == [control.SessionHeld(session_id=session_id, hold_ms=6000)]
+    h1.connect(4, "connector", "office", NEW_ADDR, services=("web",), resumable=True)
+    h1.events()
+    events = h1.say(4, resume(session_id, connector_token))
+    assert signaling.RelaySetMember(session_id, signaling.CONNECTOR, NEW_ADDR) in events
+    assert sent(events, 1) == sent(events, 4) == [control.SessionResumed(session_id=session_id)]
+    assert h1.core.registry.session(session_id).members() == (1, 4)
+
+
+def test_a_resume_waits_for_the_old_intermediate_to_be_known_silent():
+    """The agent may home again a moment before relay2 takes relay1 for silent: its resume
+    waits for that (within RESUME_WAIT), and without it is refused."""
+    t = TwoIntermediates(resumable=True)
+    session_id, seen = t.open()
+    agent_token = tokens(seen)[1]
+    h2 = t.h2
+    h2.connect(3, "agent", "alice", NEW_ADDR, resumable=True)
+    h2.events()
+    assert h2.say(3, resume(session_id, agent_token)) == []
+    h2.now += 1.0
+    h2.core.registry.relay_addrs.pop("relay1")
+    h2.core.fleet_home_silent("relay1", h2.now)
+    assert control.SessionResumed(session_id=session_id) in sent(h2.events(), 3)
+    # relay1 never falls silent: the resume is refused after RESUME_WAIT.
+    t = TwoIntermediates(resumable=True)
+    session_id, seen = t.open()
+    t.h2.connect(3, "agent", "alice", NEW_ADDR, resumable=True)
+    t.h2.events()
+    t.h2.say(3, resume(session_id, tokens(seen)[1]))
+    [refused] = sent(t.h2.advance(signaling.RESUME_WAIT + 0.5, keep_alive=(2, 3)), 3)
+    assert "did not resume it here within 5 s" in refused.message
+    assert t.h2.core.counters["resumes_expired"] == 1
+    assert t.h2.core.registry.session(session_id).agent == "relay1/1"  # untouched
+
+
+def test_members_of_a_session_this_intermediate_never_saw_resume_it_together():
+    """Both members homed again here (their intermediate died or restarted): each resumes
+    with its own token; when both have, and agree, the session is rebuilt and relayed."""
+    h = Harness()
+    h.connect(1, "agent", "alice", AGENT_ADDR, resumable=True)
+    h.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",), resumable=True)
+    h.events()
+    sid, agent_token, connector_token = b"\x05" * 8, b"a" * 8, b"c" * 8
+    assert h.say(1, resume(sid, agent_token)) == []
+    events = h.say(2, resume(sid, connector_token))
+    assert signaling.RelayAdd(sid, AGENT_ADDR, CONNECTOR_ADDR, agent_token,
+                              connector_token) in events
+    assert sent(events, 1) == sent(events, 2) == [control.SessionResumed(session_id=sid)]
+    assert h.core.registry.session(sid).members() == (1, 2)
+    # A member that disagrees (another service) is refused and cannot disturb the one
+    # waiting, which is refused in turn when nobody agreeing came within RESUME_WAIT.
+    other = b"\x06" * 8
+    h.say(1, resume(other, agent_token))
+    [refused] = sent(h.say(2, resume(other, connector_token, service="mail")), 2)
+    assert refused.code == control.ErrorCode.UNKNOWN_SESSION
+    assert h.core.registry.session(other) is None
+    [refused] = sent(h.advance(signaling.RESUME_WAIT + 0.5, keep_alive=(1, 2)), 1)
+    assert refused.code == control.ErrorCode.UNKNOWN_SESSION
+    assert "did not resume it here" in refused.message
+    # The ACL holds for a resumed session as for a new one.
+    strict = Harness(acl=("bob=web",))
+    strict.connect(1, "agent", "alice", AGENT_ADDR, resumable=True)
+    strict.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",), resumable=True)
+    strict.events()
+    strict.say(1, resume(sid, agent_token))
+    [refused] = sent(strict.say(2, resume(sid, connector_token)), 2)
+    assert "not allowed to reach service 'web'" in refused.message
+
+
+def test_a_member_of_control_protocol_1_is_never_sent_the_new_messages():
+    t = TwoIntermediates(resumable=False)
+    session_id, _ = t.open()
+    t.h2.core.registry.relay_addrs.pop("relay1")
+    t.h2.core.fleet_home_silent("relay1", t.h2.now)
+    assert sent(t.h2.events()) == []
+
+
 def test_fleet_messages_that_fit_no_session_are_ignored_and_counted():
     t = TwoIntermediates()
     session_id, _ = t.open()
@@ -480,11 +615,15 @@ def test_an_agent_reaches_a_connector_at_another_intermediate(fleet_certs, redis
 
 
 # Intermediates as processes, killed ------------------------------------------------------------
-def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_direct_stream_goes_on(
-        fleet_certs, redis_server, processes):
+@pytest.mark.parametrize("path", ["direct", "relay"])
+def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_stream_goes_on(
+        fleet_certs, redis_server, processes, path):
     """Two intermediate processes of one fleet; an agent and a connector (in this process)
-    know both. A stream flows on the direct path; the agent's home is killed (SIGKILL): the
-    agent is registered at the other within 3 s, and the stream ends byte-identical."""
+    know both. A stream flows on the direct path, or through the relay (relay-only nodes);
+    the agent's home is killed (SIGKILL): the agent is registered at the other within 3 s,
+    and the stream ends byte-identical on the same session. A relayed session is resumed at
+    the surviving intermediate (it took the session over, or both members re-homed there
+    and resumed it together), and its route moves there under the same connection."""
     from test_processes import status
 
     relays = {}
@@ -503,7 +642,8 @@ def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_direct_
     everywhere = [addr for _proc, addr, _port in relays.values()]
 
     async def main():
-        common = {"bind": ("127.0.0.1", 0), "control_socket": "", "include_loopback": True}
+        common = {"bind": ("127.0.0.1", 0), "control_socket": "", "include_loopback": True,
+                  "relay_only": path == "relay"}
         connector = mahole.Connector(everywhere, **common, **creds(fleet_certs, "office"))
         connector.serve("sink", _digest)
         async with connector, mahole.Agent(everywhere, **common,
@@ -520,34 +660,44 @@ def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_direct_
                 except mahole.ServiceUnavailable:
                     assert loop.time() < deadline, "the connector never became reachable"
                     await asyncio.sleep(0.05)
-            await wait_for(lambda: session.path == "direct", 15)
+            await wait_for(lambda: session.path == path, 15)
             reader, writer = await agent.open_connection("sink")
             home = agent.status()["intermediate"]["addr"]
             [victim] = [n for n, (_p, addr, _s) in relays.items() if f"{addr[0]}:{addr[1]}" == home]
-            digest, sent, killed_at = hashlib.sha256(), 0, None
+            digest, sent, rehomed = hashlib.sha256(), 0, None
             while sent < 24 << 20:
                 chunk = os.urandom(64 << 10)
                 digest.update(chunk)
                 writer.write(chunk)
                 await writer.drain()
                 sent += len(chunk)
-                if killed_at is None and sent >= 4 << 20:
+                if rehomed is None and sent >= 4 << 20:
                     processes.stop(relays[victim][0], signal.SIGKILL)
+                    # Timed on its own: a relayed stream waits for the resumption.
+                    rehomed = loop.create_task(rehomed_at(agent, home))
                     killed_at = loop.time()
                 await asyncio.sleep(0.002)  # a steady stream across the kill
-            await wait_for(lambda: agent.status()["intermediate"]["connected"]
-                           and agent.status()["intermediate"]["addr"] != home, 10)
-            rehomed_after = loop.time() - killed_at
+            rehomed_after = await rehomed - killed_at
             writer.write_eof()
             answer = await asyncio.wait_for(reader.read(), 30)
             assert answer.decode() == f"{digest.hexdigest()} {sent}\n"
-            assert session.path == "direct" and not session.closed
+            assert session.path == path and not session.closed
+            [stats] = agent.status()["sessions"]
+            if path == "relay":
+                assert stats["relay_addr"] != home and stats["relay_moves"] == 1, stats
             writer.close()
             return rehomed_after
 
     rehomed_after = run(main(), timeout=120)
-    print(f"re-homed {rehomed_after:.2f} s after the kill")
+    print(f"{path}: re-homed {rehomed_after:.2f} s after the kill")
     assert rehomed_after < 3.0
+
+
+async def rehomed_at(node, home):
+    """When ``node`` is registered at an intermediate other than ``home`` (loop time)."""
+    await wait_for(lambda: node.status()["intermediate"]["connected"]
+                   and node.status()["intermediate"]["addr"] != home, 10)
+    return asyncio.get_running_loop().time()
 
 
 async def _digest(reader, writer):

@@ -7,13 +7,15 @@ session stays on the relay, carried through both intermediates.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from labroles import INTERMEDIATE_PORT, Deployment, wait
+from labroles import INTERMEDIATE_PORT, Deployment, Transfer, wait
 from netlab import _ns, lab  # noqa: F401 - the fixture
 from redis_helpers import need_redis
 
@@ -25,6 +27,18 @@ REDIS_PORT = 6379  # inside the lab's public namespace, on its own loopback
 
 
 class FleetDeployment(Deployment):
+    """relay1 and relay2 of one fleet; with ``everywhere`` both nodes know both (the agent
+    relay1 first, the connector relay2 first) and home on the nearest."""
+
+    def __init__(self, *args, everywhere=False, **kwargs):
+        self.everywhere = everywhere
+        super().__init__(*args, **kwargs)
+
+    def start_agent(self, agent_args):
+        if self.everywhere:
+            agent_args = (*agent_args, "--intermediate", self.relay2_addr)
+        return super().start_agent(agent_args)
+
     def start_intermediate(self):
         identity.issue(self.tmp_path, "intermediate", "relay2", hosts=[self.public.ip])
         self.redis = self.public.popen(
@@ -46,9 +60,10 @@ class FleetDeployment(Deployment):
                           *fleet, *self.creds("intermediate"))
 
     def start_connector(self):
+        fallback = ("--intermediate", self.relay_addr) if self.everywhere else ()
         return self._role(self.connector_host, "connector", "--intermediate", self.relay2_addr,
-                          "--service", "echo=tcp:127.0.0.1:7000", *self.connector_args,
-                          *self.creds("connector1"))
+                          *fallback, "--service", "echo=tcp:127.0.0.1:7000",
+                          *self.connector_args, *self.creds("connector1"))
 
     def _redis_up(self):
         try:
@@ -87,3 +102,31 @@ def test_a_session_between_intermediates_behind_nats(lab, tmp_path, nat, path):
         for status in (relay1, relay2):
             assert status["relay"]["relayed_bytes"] > 2 * len(data), d.logs()
     assert d.round_trip(data) == data, d.logs()
+
+
+def test_killing_the_agents_intermediate_mid_transfer_loses_nothing_on_the_relay(lab, tmp_path):
+    """Behind symmetric NATs the session is relayed. The agent's intermediate is killed
+    (SIGKILL) mid-transfer: the agent homes on the other, which takes the session over (or
+    both members re-home there and resume it together); the same TCP stream, on the same
+    end-to-end connection, ends byte-identical."""
+    need_redis()
+    d = FleetDeployment(lab, tmp_path, "symmetric", "symmetric", everywhere=True)
+    d.wait_registered()
+    wait(lambda: "relay2" in (((d.status(d.intermediate) or {}).get("fleet") or {})
+                              .get("reachable") or ()), 20, "relay1 to see relay2", d)
+    data = os.urandom(12 << 20)
+    transfer = Transfer(d, data, pace=0.01)  # ~3 MB/s for about four seconds
+    wait(lambda: len(transfer.received) > 1 << 20, 30, "the transfer to get going", d)
+    session = d.session()
+    assert session["path"] == "relay", d.logs()
+    home = d.status(d.agent)["intermediate"]["addr"]
+    victim = d.intermediate if home == d.relay_addr else d.relay2
+    killed_at = time.monotonic()
+    os.killpg(victim.pid, signal.SIGKILL)
+    assert transfer.join() == data, d.logs()
+    stall = transfer.longest_stall_after(killed_at)
+    after = d.session()
+    assert after["session"] == session["session"] and after["path"] == "relay", d.logs()
+    assert after["relay_moves"] == 1 and after["relay_addr"] != home, d.logs()
+    print(f"relayed stream stalled {stall:.2f} s across the kill of its intermediate")
+    assert stall < 6.0, d.logs()

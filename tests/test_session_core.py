@@ -13,6 +13,8 @@ from mahole.session_core import (
     NONE,
     PEER_SWITCH_GRACE,
     RELAY,
+    RELAY_DOUBT_HOLD,
+    RELAY_MOVED,
     Closed,
     RepunchDue,
     RouteChanged,
@@ -61,8 +63,8 @@ class Pump:
         if route == NONE or route in self.cut or self.peer_dead:
             return
         self.outstanding = 0  # an ACK covers everything sent before it
-        self.core.packet_authenticated(self.core.direct_addr if route == DIRECT else RELAY_ADDR,
-                                       self.now)
+        self.core.packet_authenticated(self.core.direct_addr if route == DIRECT
+                                       else self.core.relay_addr, self.now)
         self._drain()
 
     def send_data(self):
@@ -282,6 +284,81 @@ def test_losing_the_relay_ends_relayed_sessions_and_a_later_failover():
     reason = pump.of(Closed)[0][1].reason
     assert reason.startswith("direct path lost while the intermediate is unreachable: "
                              "nothing heard on the direct path")
+
+
+# Resumption (a new home takes the relay over) ----------------------------------------------
+NEW_RELAY = ("198.51.100.2", 4478)
+
+
+def test_a_relayed_session_held_for_resumption_moves_to_the_new_relay_and_goes_on():
+    pump = Pump()
+    pump.run(1.0, every=0.1, action=pump.send_data)
+    pump.cut.add(RELAY)  # the intermediate dies: nothing relayed any more
+    pump.run(3.0, every=0.1, action=pump.send_data)  # data waits, unanswered
+    pump.core.relay_available(False, pump.now, "intermediate connection lost", hold=5.0)
+    pump.run(6.0, every=0.1, action=pump.send_data)  # past peer_dead_after: held, not dead
+    assert not pump.core.closed
+    pump.cut.clear()
+    pump.core.relay_moved(NEW_RELAY, pump.now)
+    pump._drain()
+    assert pump.of(RouteChanged)[-1][1] == RouteChanged(RELAY, NEW_RELAY, RELAY_MOVED)
+    assert pump.of(SendPing)[-1][1] == SendPing(True)  # loss recovery at once
+    assert pump.core.outbound(b"q")[1] == NEW_RELAY and pump.core.relay_moves == 1
+    assert pump.core.relay_inbound_allowed(NEW_RELAY)
+    assert not pump.core.relay_inbound_allowed(RELAY_ADDR)
+    pump.run(20.0, every=0.1, action=pump.send_data)
+    assert not pump.core.closed and pump.core.hold_until is None
+
+
+def test_a_held_session_no_relay_takes_over_ends_when_the_hold_does():
+    pump = Pump()
+    pump.run(1.0)
+    pump.core.relay_available(False, pump.now, "intermediate connection lost", hold=5.0)
+    pump.run(5.9)
+    assert not pump.core.closed
+    pump.run(7.0)
+    [(at, closed)] = pump.of(Closed)
+    assert at == pytest.approx(6.0)
+    assert closed.reason == "intermediate connection lost; no intermediate took the session over"
+
+
+def test_a_direct_session_is_not_held_and_carries_on_without_the_relay():
+    pump = direct_pump()
+    pump.core.relay_available(False, pump.now, "intermediate connection lost", hold=5.0)
+    assert pump.core.hold_until is None
+    pump.run(pump.now + 20.0, every=0.1, action=pump.send_data)
+    assert not pump.core.closed and pump.core.route == DIRECT
+    pump.core.relay_moved(NEW_RELAY, pump.now)  # the relay for a later failover
+    assert pump.core.route == DIRECT and pump.core.relay_addr == NEW_RELAY
+
+
+@pytest.mark.parametrize("relay_quiet", [True, False])
+def test_a_peer_silent_on_a_quiet_relay_is_given_a_little_longer(relay_quiet):
+    """The peer falls silent on the relay. If the intermediate is quiet as well, the relay
+    may be what died: the core waits RELAY_DOUBT_HOLD longer (for the control verdict);
+    if the intermediate is heard, the peer is dead after peer_dead_after as ever."""
+    pump = Pump(peer_dead_after=2.5)
+    pump.run(1.0, every=0.1, action=pump.send_data)
+    pump.cut.add(RELAY)
+    silent_from = pump.now
+    pump.core.relay_heard(silent_from if relay_quiet else 1e9)
+    pump.run(10.0, every=0.1, action=pump.send_data)
+    [(at, closed)] = pump.of(Closed)
+    expected = silent_from + 2.5 + (RELAY_DOUBT_HOLD if relay_quiet else 0.0)
+    assert at == pytest.approx(expected, abs=0.15)
+    assert closed.reason == "the peer stopped answering"
+
+
+def test_a_peer_homing_again_is_not_declared_dead_during_the_hold():
+    pump = Pump(peer_dead_after=2.5)
+    pump.run(1.0, every=0.1, action=pump.send_data)
+    pump.cut.add(RELAY)  # the peer's side of the relay is gone
+    pump.core.hold(pump.now + 6.0)  # SessionHeld from our intermediate
+    pump.run(6.5, every=0.1, action=pump.send_data)
+    assert not pump.core.closed
+    pump.cut.clear()  # the peer resumed the session at our intermediate
+    pump.run(20.0, every=0.1, action=pump.send_data)
+    assert not pump.core.closed and pump.core.hold_until is None
 
 
 def test_direct_only_session_ends_when_the_direct_route_dies():

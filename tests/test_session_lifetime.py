@@ -100,3 +100,41 @@ def test_a_peer_that_goes_silent_is_noticed_within_peer_dead_after():
             # Keepalive + failover + peer_dead_after, with room for a loaded machine.
             assert noticed < 0.2 + 0.5 + 0.8 + 1.0, noticed
     run(main())
+
+
+def test_a_relayed_stream_survives_a_restart_of_the_intermediate():
+    """Relay-only nodes; the intermediate stops mid-stream and a new one starts on the same
+    address with no memory of the session. Both members register again and resume the
+    session together (ResumeSession): the same stream goes on, byte-identical, on the same
+    end-to-end connection."""
+    relay = {"relay_only": True}
+
+    async def main():
+        from mahole.config import IntermediateConfig
+        from mahole.roles.intermediate import Intermediate
+
+        async with LocalDeployment(agent_kwargs=relay, connector_kwargs=relay) as d:
+            reader, writer = await asyncio.open_connection(*d.forward_address(d.tcp_forward))
+            data = os.urandom(8 << 20)
+            echoed = asyncio.ensure_future(reader.readexactly(len(data)))
+            session = None
+            for offset in range(0, len(data), 64 << 10):
+                writer.write(data[offset:offset + (64 << 10)])
+                await writer.drain()
+                if offset == 2 << 20:
+                    session = _only_session(d.agent)
+                    assert session.route == "relay"
+                    old = d.intermediate
+                    listen = old.local_address[:2]
+                    await old.stop()
+                    d.intermediate = Intermediate(IntermediateConfig(**{
+                        **vars(old.cfg), "listen": listen}))
+                    await d.intermediate.start()
+                await asyncio.sleep(0.002)
+            assert await asyncio.wait_for(echoed, 30) == data
+            assert _only_session(d.agent) is session and not session.closed
+            assert session.core.relay_moves == 0  # the same address: no move, a resumption
+            counters = d.intermediate.signaling.counters
+            assert counters["sessions_resumed"] == 1 and counters["sessions_opened"] == 0
+            writer.close()
+    run(main(), timeout=60)

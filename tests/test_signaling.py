@@ -51,8 +51,8 @@ class Harness:
         self.core.control_message(handle, message, self.now)
         return self.events()
 
-    def connect(self, handle, role, name, addr, services=(), register=True):
-        self.core.node_connected(handle, role, name, addr, self.now)
+    def connect(self, handle, role, name, addr, services=(), register=True, resumable=False):
+        self.core.node_connected(handle, role, name, addr, self.now, resumable=resumable)
         self.addrs[handle] = addr
         if register:
             return self.say(handle, control.Register(role=role, name=name, services=services))

@@ -279,6 +279,8 @@ class Agent(Node):
         return await session.ready
 
     def control_message(self, message):
+        if self.session_message(message):
+            return
         request_id = getattr(message, "request_id", None)
         if isinstance(message, (control.SessionOpened, control.Error)) and request_id:
             reply = self._requests.get(request_id)

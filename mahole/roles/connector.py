@@ -335,6 +335,8 @@ class Connector(Node):
         return control.Register(role="connector", name=self.name, services=self._announced)
 
     def control_message(self, message):
+        if self.session_message(message):
+            return
         if isinstance(message, control.SessionOpened):
             if message.connector != self.name or message.service not in self.services:
                 log.warning("ignoring a session for %s at %s", message.service,

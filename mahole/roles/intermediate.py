@@ -178,9 +178,10 @@ class ControlConnection(ConnectionHandler):
                 connection.close(qc.ERROR_UNAUTHENTICATED, f"unauthenticated: {exc}"[:200])
                 return
             self.addr = connection.peer_addr
-            intermediate.signaling.node_connected(self.handle, self.peer.role, self.peer.name,
-                                                  plain_addr(self.addr),
-                                                  intermediate.endpoint.now())
+            intermediate.signaling.node_connected(
+                self.handle, self.peer.role, self.peer.name, plain_addr(self.addr),
+                intermediate.endpoint.now(),
+                resumable=event.alpn_protocol == qc.ALPN_CONTROL_RESUME)
             intermediate.pump()
         elif isinstance(event, qe.StreamDataReceived):
             if self.peer is None or event.stream_id != 0:
@@ -265,7 +266,7 @@ class Intermediate:
             "address_changes_unvalidated": 0,
         }
         self._server_config = qc.configuration(
-            self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_CONTROL,
+            self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_CONTROLS,
             idle_timeout=cfg.idle_timeout, **self.debug_logs.quic_kwargs())
         self._retry = QuicRetryTokenHandler()
         self._stun_limiter = SourceLimiter(cfg.stun_rate, max_sources=cfg.rate_limit_sources,

@@ -28,6 +28,10 @@ from ..wire import control
 
 log = logging.getLogger(__name__)
 
+# A relayed session waits this long, from losing its intermediate, for a new home (or the
+# same one restarted) to take it over (SessionResumed) before it ends: re-homing takes up
+# to 3 s, the resumption a round trip more.
+RESUME_HOLD = 5.0
 CONTROL_STREAM = 0  # the first client-initiated bidirectional stream (RFC 9000 §2.1)
 
 
@@ -211,6 +215,7 @@ class ControlClient(ConnectionHandler):
         self.stream = None
         self.attempts = 0
         self.connects = 0
+        self.resumable = False  # the intermediate speaks control protocol /2 (resumption)
         self.last_error = None
         self.permanent_error = None
         self._attempt_error = None
@@ -308,7 +313,7 @@ class ControlClient(ConnectionHandler):
         self._attempt_error = None
         self.state = "connecting"
         config = qc.configuration(node.identity, node.cfg.ca, is_client=True,
-                                  alpn=qc.ALPN_CONTROL,
+                                  alpn=qc.ALPN_CONTROLS,
                                   server_name=node.intermediate_name,
                                   idle_timeout=node.cfg.control_idle_timeout,
                                   **node.debug_logs.quic_kwargs())
@@ -368,6 +373,7 @@ class ControlClient(ConnectionHandler):
             except identity.IdentityError as exc:
                 self._fail_permanently(f"the intermediate's certificate was refused: {exc}")
                 return
+            self.resumable = event.alpn_protocol == qc.ALPN_CONTROL_RESUME
             self.stream.send(self.node.register_message())
         elif isinstance(event, qe.StreamDataReceived) and event.stream_id == self.stream.stream_id:
             try:
@@ -604,10 +610,49 @@ class Node:
 
     def relay_state_changed(self, state, reason="intermediate connection lost"):
         """The control connection is `state`: without it there is no relay, so relayed
-        sessions end and direct ones carry on (each session's core decides)."""
-        if state in ("connected", "disconnected"):
+        sessions end and direct ones carry on (each session's core decides). An
+        intermediate that speaks control protocol /2 can resume sessions: relayed ones are
+        held for RESUME_HOLD instead, and once registered again (at a new home, or the same
+        one restarted) the node asks it to carry on each (ResumeSession); a session's relay
+        is back only when it answers SessionResumed."""
+        control_client = self.control
+        resumable = control_client is not None and control_client.resumable
+        if state == "disconnected":
             for session in list(self.sessions.values()):
-                session.relay_state_changed(state == "connected", reason)
+                session.relay_state_changed(False, reason,
+                                            hold=RESUME_HOLD if resumable else 0.0)
+        elif state == "connected":
+            for session in list(self.sessions.values()):
+                message = session.resume_message() if resumable else None
+                if message is None:
+                    session.relay_state_changed(True, reason)
+                else:
+                    control_client.send(message)
+
+    def session_message(self, message):
+        """SessionResumed, SessionHeld or a session's Error from the intermediate; True if
+        it was one of those."""
+        session = self.sessions.get(getattr(message, "session_id", None))
+        if isinstance(message, control.SessionResumed):
+            if session is not None:
+                session.relay_moved(self.intermediate_addr)
+        elif isinstance(message, control.SessionHeld):
+            if session is not None:
+                session.hold(message.hold_ms / 1000)
+        elif (isinstance(message, control.Error) and message.session_id is not None
+              and message.request_id is None):
+            log.warning("intermediate: %s", message.message)
+            if session is not None:
+                session.relay_state_changed(False, message.message)
+        else:
+            return False
+        return True
+
+    def relay_last_heard(self):
+        """When the intermediate was last heard on the control connection (endpoint clock)."""
+        control_client = self.control
+        connection = control_client.connection if control_client is not None else None
+        return connection.last_rx if connection is not None else None
 
     def start_punching(self, session, delay_ms):
         if delay_ms:

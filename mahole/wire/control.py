@@ -584,6 +584,42 @@ class SessionClosed(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class ResumeSession(Message):
+    """Node → intermediate (control protocol /2), after it homed again: carry on session
+    ``session_id`` here, whose relay was at an intermediate that is gone (or restarted).
+
+    ``service``, ``agent`` and ``connector`` repeat what `SessionOpened` said and
+    ``relay_token`` is the sender's token from it, which proves membership: the intermediate
+    takes the session over from its own record of it (a fleet member that held the other
+    side), or pairs this with the other member's ResumeSession. It answers
+    `SessionResumed`, or `Error` (code UNKNOWN_SESSION) with ``session_id`` set."""
+
+    session_id: bytes = _f(_SESSION_ID)
+    service: str = _f(_NAME)
+    agent: str = _f(_NAME)
+    connector: str = _f(_NAME)
+    relay_token: bytes = _f(_Bytes(RELAY_TOKEN_LEN))
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionResumed(Message):
+    """Intermediate → node (control protocol /2): the relay of ``session_id`` is this
+    intermediate from now on (same tokens); the end-to-end connection goes on over it."""
+
+    session_id: bytes = _f(_SESSION_ID)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionHeld(Message):
+    """Intermediate → node (control protocol /2): the other member's intermediate of
+    ``session_id`` is gone; that member is homing again and may resume the session within
+    ``hold_ms``, so the peer's silence until then is not its death."""
+
+    session_id: bytes = _f(_SESSION_ID)
+    hold_ms: int = _f(_Int(0, MAX_DELAY_MS))
+
+
+@dataclasses.dataclass(frozen=True)
 class _CandidateExchange(Message):
     """Fields shared by `CandidateOffer` and `CandidateAnswer` (RFC 8445 §5.3 credentials)."""
 
@@ -681,6 +717,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         OpenSession,
         SessionOpened,
         SessionClosed,
+        ResumeSession,
+        SessionResumed,
+        SessionHeld,
         CandidateOffer,
         CandidateAnswer,
         StartPunching,
