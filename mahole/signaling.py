@@ -607,15 +607,34 @@ class _RemoteLink:
 
 
 class _Resume:
-    """A ResumeSession waiting for the other member's, or for the intermediate that held
-    the session to be known silent."""
+    """A ResumeSession waiting for the other member's, for the intermediate that held the
+    session to be known silent, or for the one it was passed on to."""
 
-    __slots__ = ("handle", "message", "deadline")
+    __slots__ = ("asker", "message", "deadline")
 
-    def __init__(self, handle, message, deadline):
-        self.handle = handle
+    def __init__(self, asker, message, deadline):
+        self.asker = asker  # _Link, or _Asker of another intermediate
         self.message = message
         self.deadline = deadline
+
+
+class _Asker:
+    """A member at another intermediate of the fleet asking to resume a session held
+    here; that intermediate checked its identity, as for any member it passes words on
+    for. Frames for it go to that intermediate's relay (``addr``)."""
+
+    __slots__ = ("home", "sender", "handle", "role", "name", "addr")
+
+    def __init__(self, home, sender, role, name, addr):
+        self.home = home
+        self.sender = sender  # its handle there
+        self.handle = f"{home}/{sender}"
+        self.role = role
+        self.name = name
+        self.addr = addr
+
+    def __str__(self):
+        return f"{self.role} {self.name!r}"
 
 
 class _Probe:
@@ -886,7 +905,7 @@ class SignalingCore:
             self._cancel(("probe", key))
         if not link.registered:
             return
-        for session_id in [s for s, r in self._resumes.items() if r.handle == handle]:
+        for session_id in [s for s, r in self._resumes.items() if r.asker.handle == handle]:
             del self._resumes[session_id]
             self._cancel(("resume", session_id))
         reason = f"{link.role} {link.name} {why}"
@@ -997,7 +1016,8 @@ class SignalingCore:
         if link.handle not in session.members():
             self._ignore("foreign_session", link, message)
             return True
-        if not isinstance(message, (control.CandidateAnswer, control.PunchingResult,
+        if not isinstance(message, (control.CandidateOffer if link.role == "agent"
+                                    else control.CandidateAnswer, control.PunchingResult,
                                     control.SessionClosed)):
             self._ignore("wrong_direction", link, message)
             return True
@@ -1019,6 +1039,9 @@ class SignalingCore:
         its members, or it is ignored and counted."""
         self.counters["fleet_received"] += 1
         target = self._local_link(to)
+        if isinstance(message, (control.ResumeSession, control.SessionResumed)) or (
+                isinstance(message, control.Error) and message.session_id is not None):
+            return self._fleet_resume(home, sender, target, message, now, session)
         if isinstance(message, (control.Ping, control.Pong, control.Error)):
             self._fleet_probe(home, sender, target, message, now)
             return None
@@ -1038,12 +1061,15 @@ class SignalingCore:
             peer = _RemoteLink(remote_member, "agent" if remote_member == record.agent
                                else "connector", record.agent_name
                                if remote_member == record.agent else record.connector_name)
-            if isinstance(message, control.CandidateAnswer):
+            if isinstance(message, (control.CandidateAnswer, control.CandidateOffer)):
                 if isinstance(rtt, (int, float)) and 0 <= rtt < MAX_REMOTE_RTT:
                     # StartPunching reaches it through the fleet's store and its intermediate:
                     # as far as its own control RTT plus the store's round trip.
                     self._remote_rtts[remote_member] = rtt + self.registry.fleet_rtt()
-                self._answer(peer, message, now)
+                if isinstance(message, control.CandidateOffer):  # an agent resumed elsewhere
+                    self._offer(peer, message)
+                else:
+                    self._answer(peer, message, now)
             elif isinstance(message, control.PunchingResult):
                 self._punching_result(peer, message)
             elif isinstance(message, control.SessionClosed):
@@ -1056,9 +1082,36 @@ class SignalingCore:
             return self._fleet_ignore("foreign_member", home)
         if isinstance(message, control.SessionClosed):
             self._forget_mirror(record)
-        elif not isinstance(message, (control.CandidateOffer, control.StartPunching)):
+        elif not isinstance(message, (control.CandidateOffer if target.role == "connector"
+                                      else control.CandidateAnswer, control.StartPunching)):
             return self._fleet_ignore("wrong_direction", home)
         self._send(target.handle, message)
+        return None
+
+    def _fleet_resume(self, home, sender, target, message, now, session):
+        """Resumption across the fleet: a member at ``home`` asks to resume a session whose
+        other member (``target``) is here; ``home`` took over a session a member here asked
+        to resume (SessionResumed with its record); or it refused to (Error)."""
+        if target is None:
+            return self._fleet_ignore("resume", home)
+        if isinstance(message, control.SessionResumed):
+            return self._mirror_resumed(home, target, message, session)
+        if isinstance(message, control.Error):
+            waiting = self._resumes.get(message.session_id)
+            if waiting is None or waiting.asker is not target:
+                return self._fleet_ignore("resume", home)
+            del self._resumes[message.session_id]
+            self._cancel(("resume", message.session_id))
+            self.counters["resumes_refused"] += 1
+            self._send(target.handle, message)
+            return None
+        relay_peer = self.registry.relay_address(home)
+        if relay_peer is None or not isinstance(sender, str) or not sender:
+            return self._fleet_ignore("resume", home)
+        role = "connector" if target.role == "agent" else "agent"
+        asker = _Asker(home, sender, role,
+                       message.agent if role == "agent" else message.connector, relay_peer)
+        self._resume(asker, message, now)
         return None
 
     def fleet_home_silent(self, home, now):
@@ -1086,9 +1139,7 @@ class SignalingCore:
             if self.registry.session(session_id) is not None:  # waited for this silence
                 del self._resumes[session_id]
                 self._cancel(("resume", session_id))
-                link = self._links.get(waiting.handle)
-                if link is not None:
-                    self._resume(link, waiting.message, now)
+                self._resume(waiting.asker, waiting.message, now)
 
     def _fleet_probe(self, home, sender, target, message, now):
         """Probing a node across the fleet: another intermediate asks whether a node here is
@@ -1142,67 +1193,93 @@ class SignalingCore:
     # its sessions here (ResumeSession). If this intermediate holds the session (it owned
     # it, or mirrored it for the member it holds) and the asker's old intermediate is known
     # silent, it takes the session over: the asker becomes a member here and the relay
-    # sends its frames straight to it. Without a record, the resume waits for the other
-    # member's: both tokens and identities agreeing, the session is rebuilt here. Either
-    # way the end-to-end connection goes on over this relay, without a new handshake.
+    # sends its frames straight to it. If the other member is held by another intermediate
+    # of the fleet, the resume goes there (it holds the record) and that one takes the
+    # session over with the asker as a member here, which then mirrors it. Without a
+    # record anywhere, the resume waits for the other member's: both tokens and identities
+    # agreeing, the session is rebuilt here. Either way the end-to-end connection goes on
+    # over this relay, without a new handshake.
 
-    def _resume(self, link, message, now):
+    def _resume(self, asker, message, now):
+        """``asker``: the `_Link` that sent ``message``, or the `_Asker` of another
+        intermediate that passed it on."""
         session_id = message.session_id
-        claimed = message.agent if link.role == "agent" else message.connector
-        if claimed != link.name:
-            return self._refuse_resume(link, session_id, f"{link} is not the {link.role} of "
-                                       f"session {session_tag(session_id)}")
+        claimed = message.agent if asker.role == "agent" else message.connector
+        if claimed != asker.name:
+            return self._refuse_resume(asker, session_id, f"{asker} is not the {asker.role} "
+                                       f"of session {session_tag(session_id)}")
         record = self.registry.session(session_id)
         if record is None:
-            return self._pair_resume(link, message, now)
-        index = AGENT if link.role == "agent" else CONNECTOR
+            return self._pair_resume(asker, message, now)
+        index = AGENT if asker.role == "agent" else CONNECTOR
         member = record.members()[index]
         token = record.agent_token if index == AGENT else record.connector_token
         if ((record.agent_name, record.connector_name, record.service)
                 != (message.agent, message.connector, message.service)
                 or not secrets.compare_digest(token, message.relay_token)):
-            return self._refuse_resume(link, session_id, f"session "
-                                       f"{session_tag(session_id)} is not {link}'s")
-        if member == link.handle:  # resumed already (a repeated request)
-            self._send(link.handle, control.SessionResumed(session_id=session_id))
-            return None
+            return self._refuse_resume(asker, session_id, f"session "
+                                       f"{session_tag(session_id)} is not {asker}'s")
+        if member == asker.handle:  # resumed already (a repeated request)
+            return self._resumed(record, asker)
         held_at = remote_handle(member)
         if held_at is None:  # a member here on another connection: a copy, not a move
-            return self._refuse_resume(link, session_id, f"session {session_tag(session_id)}"
-                                       f" has its {link.role} at this intermediate")
+            return self._refuse_resume(asker, session_id, f"session {session_tag(session_id)}"
+                                       f" has its {asker.role} at intermediate {self.home}")
         if self.registry.relay_address(held_at[0]) is not None:
             # Its old intermediate is not known silent yet (it may be a moment behind):
             # wait for that, within RESUME_WAIT.
-            return self._wait_resume(link, message, now)
+            return self._wait_resume(asker, message, now)
+        if not isinstance(asker, _Link):
+            # The other member must be here to own the session (a mirror for one member
+            # held elsewhere cannot be handed to a third intermediate).
+            other = self._links.get(record.other(member))
+            if other is None:
+                return self._refuse_resume(asker, session_id, f"session "
+                                           f"{session_tag(session_id)} has no member at "
+                                           f"intermediate {self.home}")
         self.registry.remove_session(session_id)
         self._remote_rtts.pop(member, None)
-        changes = {"agent" if index == AGENT else "connector": link.handle, "home": self.home}
+        changes = {"agent" if index == AGENT else "connector": asker.handle, "home": self.home}
         record = dataclasses.replace(record, **changes)
         self.registry.put_session(record)
-        self._events.append(RelaySetMember(session_id, index, link.addr))
-        log.info("session %s: %s resumed it here (its intermediate %s is gone)",
-                 session_tag(session_id), link, held_at[0])
-        return self._resumed(record)
+        self._events.append(RelaySetMember(session_id, index, asker.addr))
+        log.info("session %s: %s resumed it%s (its intermediate %s is gone)",
+                 session_tag(session_id), asker, "" if isinstance(asker, _Link)
+                 else f" from intermediate {asker.home}", held_at[0])
+        return self._resumed(record, asker)
 
-    def _pair_resume(self, link, message, now):
+    def _pair_resume(self, asker, message, now):
         session_id = message.session_id
+        if not isinstance(asker, _Link):  # no record here, none to hand over
+            return self._refuse_resume(asker, session_id, f"intermediate {self.home} does "
+                                       f"not hold session {session_tag(session_id)}")
+        other_role = "connector" if asker.role == "agent" else "agent"
+        peer = self.registry.node_by_identity(
+            other_role, message.connector if other_role == "connector" else message.agent)
+        held_at = remote_handle(peer.handle) if peer is not None else None
+        if held_at is not None and self.registry.relay_address(held_at[0]) is not None:
+            # The other member is at another intermediate, which holds the session: it takes
+            # the session over with the asker here, and sends back the record to mirror.
+            self.counters["fleet_sent"] += 1
+            self._events.append(FleetSend(held_at[0], held_at[1], asker.handle, message))
+            return self._wait_resume(asker, message, now)
         waiting = self._resumes.get(session_id)
-        other = None if waiting is None else self._links.get(waiting.handle)
-        if other is None or other.role == link.role:
-            if waiting is not None and other is not None:
-                return self._refuse_resume(link, session_id, f"session "
+        other = None if waiting is None else waiting.asker
+        if other is None or other.role == asker.role or not isinstance(other, _Link):
+            if other is not None:
+                return self._refuse_resume(asker, session_id, f"session "
                                            f"{session_tag(session_id)} is being resumed by "
-                                           f"another {link.role}")
-            return self._wait_resume(link, message, now)
+                                           f"another {asker.role}")
+            return self._wait_resume(asker, message, now)
         mine, theirs = message, waiting.message
         if (mine.service, mine.agent, mine.connector) != (
                 theirs.service, theirs.agent, theirs.connector):
-            return self._refuse_resume(link, session_id, f"session {session_tag(session_id)}"
+            return self._refuse_resume(asker, session_id, f"session {session_tag(session_id)}"
                                        f" was resumed with other members or service")
         del self._resumes[session_id]
         self._cancel(("resume", session_id))
-        agent, connector = (link, other) if link.role == "agent" else (other, link)
-        agent_msg, connector_msg = (mine, theirs) if link.role == "agent" else (theirs, mine)
+        agent, connector = (asker, other) if asker.role == "agent" else (other, asker)
+        agent_msg, connector_msg = (mine, theirs) if asker.role == "agent" else (theirs, mine)
         service = message.service
         limits, registry = self.limits, self.registry
         why = None
@@ -1216,7 +1293,7 @@ class SignalingCore:
             why = f"connector {connector.name!r} serves {limits.sessions_per_connector} sessions"
         if why is not None:
             self._refuse_resume(other, session_id, why)
-            return self._refuse_resume(link, session_id, why)
+            return self._refuse_resume(asker, session_id, why)
         record = SessionRecord(session_id=session_id, service=service, agent=agent.handle,
                                connector=connector.handle, agent_name=agent.name,
                                connector_name=connector.name, home=self.home, created=now,
@@ -1227,42 +1304,85 @@ class SignalingCore:
                                      agent_msg.relay_token, connector_msg.relay_token))
         log.info("session %s: agent %s and connector %s resumed it here",
                  session_tag(session_id), agent.name, connector.name)
-        return self._resumed(record)
+        return self._resumed(record, asker)
 
-    def _wait_resume(self, link, message, now):
+    def _wait_resume(self, asker, message, now):
         session_id = message.session_id
         if (len(self._resumes) >= MAX_PENDING_RESUMES
-                or sum(r.handle == link.handle for r in self._resumes.values())
+                or sum(r.asker.handle == asker.handle for r in self._resumes.values())
                 >= max(self.limits.sessions_per_agent, self.limits.sessions_per_connector)):
-            return self._refuse_resume(link, session_id, "too many sessions waiting to resume")
-        self._resumes[session_id] = _Resume(link.handle, message, now + RESUME_WAIT)
+            return self._refuse_resume(asker, session_id, "too many sessions waiting to resume")
+        self._resumes[session_id] = _Resume(asker, message, now + RESUME_WAIT)
         self._schedule(("resume", session_id), now + RESUME_WAIT)
         return None
 
     def _resume_expired(self, session_id, now):
         waiting = self._resumes.pop(session_id, None)
-        link = None if waiting is None else self._links.get(waiting.handle)
-        if link is not None:
+        if waiting is not None and isinstance(waiting.asker, _Link):
+            # (Another intermediate's asker is told by its own, whose wait ends too.)
             self.counters["resumes_expired"] += 1
-            self._refuse_resume(link, session_id, f"the other member of session "
+            self._refuse_resume(waiting.asker, session_id, f"the other member of session "
                                 f"{session_tag(session_id)} did not resume it here within "
                                 f"{RESUME_WAIT:g} s", count=False)
 
-    def _refuse_resume(self, link, session_id, text, count=True):
+    def _refuse_resume(self, asker, session_id, text, count=True):
         if count:
             self.counters["resumes_refused"] += 1
-        log.info("could not resume session %s for %s: %s", session_tag(session_id), link, text)
-        self._error(link.handle, control.ErrorCode.UNKNOWN_SESSION,
-                    f"cannot resume the session: {text}", session_id=session_id)
+        log.info("could not resume session %s for %s: %s", session_tag(session_id), asker, text)
+        error = control.Error(code=control.ErrorCode.UNKNOWN_SESSION,
+                              message=f"cannot resume the session: {text}"[:control.MAX_TEXT_LEN],
+                              session_id=session_id)
+        if isinstance(asker, _Link):
+            self._send(asker.handle, error)
+        else:
+            self.counters["fleet_sent"] += 1
+            self._events.append(FleetSend(asker.home, asker.sender, None, error))
 
-    def _resumed(self, record):
+    def _resumed(self, record, asker):
         self.counters["sessions_resumed"] += 1
         resumed = control.SessionResumed(session_id=record.session_id)
         for handle in record.members():
             link = self._links.get(handle)
             if link is not None and link.resumable:
                 self._send(handle, resumed)
-        self._rebalance(record.members())
+        if not isinstance(asker, _Link):  # its intermediate mirrors the session
+            self.counters["fleet_sent"] += 1
+            self._events.append(FleetSend(asker.home, asker.sender, record.other(asker.handle),
+                                          resumed, session=record))
+        self._rebalance([h for h in record.members() if h in self._links])
+
+    def _mirror_resumed(self, home, target, message, session):
+        """Intermediate ``home`` took over a session that member ``target`` here asked to
+        resume (passed on by `_pair_resume`): mirror it, as for a session opened there."""
+        session_id = message.session_id
+        waiting = self._resumes.get(session_id)
+        relay_peer = self.registry.relay_address(home)
+        index = AGENT if target.role == "agent" else CONNECTOR
+        if (waiting is None or waiting.asker is not target or session is None
+                or relay_peer is None or session.session_id != session_id
+                or session.home != home
+                or session.members()[index] != f"{self.home}/{target.handle}"
+                or (session.agent_name, session.connector_name, session.service)
+                != (waiting.message.agent, waiting.message.connector, waiting.message.service)
+                or self.registry.session(session_id) is not None):
+            return self._fleet_ignore("session_resumed", home)
+        del self._resumes[session_id]
+        self._cancel(("resume", session_id))
+        other = session.members()[1 - index]
+        members = {"agent": target.handle, "connector": f"{home}/{other}"} if index == AGENT \
+            else {"agent": f"{home}/{other}", "connector": target.handle}
+        mirror = dataclasses.replace(session, **members)
+        self.registry.put_session(mirror)
+        addrs = (target.addr, relay_peer) if index == AGENT else (relay_peer, target.addr)
+        self._events.append(RelayAdd(session_id, *addrs, session.agent_token,
+                                     session.connector_token))
+        self.counters["sessions_resumed"] += 1
+        self.counters["sessions_mirrored"] += 1
+        if target.resumable:
+            self._send(target.handle, message)
+        log.info("session %s: %s resumed it here, held by intermediate %s",
+                 session_tag(session_id), target, home)
+        return None
 
     def _local_link(self, text):
         """The registered link here whose handle is ``text`` (handles travel as text)."""

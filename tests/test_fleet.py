@@ -116,7 +116,8 @@ def test_a_local_replica_is_preferred_to_one_elsewhere():
 @pytest.fixture
 def fleet_certs(tmp_path):
     issue_certificates(tmp_path, intermediate="relay1")
-    identity.issue(tmp_path, "intermediate", "relay2", hosts=["127.0.0.1"])
+    for name in ("relay2", "relay3"):
+        identity.issue(tmp_path, "intermediate", name, hosts=["127.0.0.1"])
     identity.issue(tmp_path, "connector", "office")
     return tmp_path
 
@@ -527,6 +528,104 @@ def test_members_of_a_session_this_intermediate_never_saw_resume_it_together():
     assert "not allowed to reach service 'web'" in refused.message
 
 
+RELAY3 = ("192.0.2.3", 4478)
+
+
+class ThreeIntermediates(TwoIntermediates):
+    """relay1 (the agent, owner) and relay2 (the connector, mirror) as in TwoIntermediates,
+    and relay3, which knows both and holds nobody yet; FleetSends go to their home."""
+
+    def __init__(self):
+        super().__init__(resumable=True)
+        self.h3 = Harness(home="relay3", registry=FleetRegistry("relay3"))
+        reg3 = self.h3.core.registry
+        reg3.relay_addrs.update(relay1=RELAY1, relay2=RELAY2)
+        for h in (self.h1, self.h2):
+            h.core.registry.relay_addrs["relay3"] = RELAY3
+            for node in h.core.registry.nodes():
+                if node.home == h.core.home:
+                    reg3.apply_remote(h.core.home, "put", str(node.handle), encode_record(node))
+        [alice] = [n for n in self.h1.core.registry.nodes() if n.name == "alice"]
+        self.h2.core.registry.apply_remote("relay1", "put", "1", encode_record(alice))
+        self.by_home = {"relay1": self.h1, "relay2": self.h2, "relay3": self.h3}
+
+    def carry(self, events, source):
+        seen = {home: [] for home in self.by_home}
+        pending = [(source, events)]
+        while pending:
+            harness, batch = pending.pop()
+            seen[harness.core.home].extend(batch)
+            for event in batch:
+                if isinstance(event, signaling.FleetSend):
+                    other = self.by_home[event.home]
+                    other.core.fleet_message(
+                        harness.core.home, None if event.sender is None else str(event.sender),
+                        None if event.to is None else str(event.to), event.message, other.now,
+                        session=event.session, rtt=event.rtt)
+                    pending.append((other, other.events()))
+        return seen
+
+    def dies(self, home):
+        for h in self.by_home.values():
+            if h.core.home != home:
+                h.core.registry.relay_addrs.pop(home, None)
+                h.core.fleet_home_silent(home, h.now)
+                self.carry(h.events(), h)
+
+
+def test_an_agent_homing_at_a_third_intermediate_resumes_through_the_connectors():
+    """relay1 (the agent's, the owner) dies and the agent homes at relay3, which holds no
+    record: its resume goes to relay2, which holds the connector's side; relay2 takes the
+    session over with the agent at relay3, and relay3 mirrors it. Signaling then runs
+    relay3 <-> relay2, and each relay forwards to the other with the same tokens."""
+    t = ThreeIntermediates()
+    session_id, seen = t.open()
+    agent_token = tokens(seen)[1]
+    t.dies("relay1")
+    h3 = t.h3
+    h3.connect(5, "agent", "alice", NEW_ADDR, resumable=True)
+    h3.events()
+    seen = t.carry(h3.say(5, resume(session_id, agent_token)), h3)
+    assert signaling.RelaySetMember(session_id, signaling.AGENT, RELAY3) in seen["relay2"]
+    [add] = [e for e in seen["relay3"] if isinstance(e, signaling.RelayAdd)]
+    assert (add.agent_addr, add.connector_addr) == (NEW_ADDR, RELAY2)
+    assert control.SessionResumed(session_id=session_id) in sent(seen["relay3"], 5)
+    assert control.SessionResumed(session_id=session_id) in sent(seen["relay2"], 2)
+    owned, mirror = t.h2.core.registry.session(session_id), h3.core.registry.session(session_id)
+    assert (owned.home, owned.agent, owned.connector) == ("relay2", "relay3/5", 2)
+    assert (mirror.home, mirror.agent, mirror.connector) == ("relay2", 5, "relay2/2")
+    # Punching again goes through both: offer to the connector, answer and StartPunching back.
+    seen = t.carry(h3.say(5, offer(session_id)), h3)
+    assert [type(m) for m in sent(seen["relay2"], 2)] == [control.CandidateOffer]
+    seen = t.carry(t.h2.say(2, answer(session_id)), t.h2)
+    assert {type(m) for m in sent(seen["relay3"], 5)} == {control.CandidateAnswer,
+                                                          control.StartPunching}
+
+
+def test_a_connector_homing_at_a_third_intermediate_resumes_through_the_owner():
+    t = ThreeIntermediates()
+    session_id, seen = t.open()
+    connector_token = tokens(seen)[2]
+    t.dies("relay2")
+    h3 = t.h3
+    h3.connect(7, "connector", "office", NEW_ADDR, services=("web",), resumable=True)
+    h3.events()
+    # Someone else's token: refused by the owner, and the node is told.
+    seen = t.carry(h3.say(7, resume(session_id, b"\x00" * 8)), h3)
+    [refused] = sent(seen["relay3"], 7)
+    assert refused.code == control.ErrorCode.UNKNOWN_SESSION and refused.session_id == session_id
+    seen = t.carry(h3.say(7, resume(session_id, connector_token)), h3)
+    assert signaling.RelaySetMember(session_id, signaling.CONNECTOR, RELAY3) in seen["relay1"]
+    [add] = [e for e in seen["relay3"] if isinstance(e, signaling.RelayAdd)]
+    assert (add.agent_addr, add.connector_addr) == (RELAY1, NEW_ADDR)
+    assert control.SessionResumed(session_id=session_id) in sent(seen["relay3"], 7)
+    assert t.h1.core.registry.session(session_id).connector == "relay3/7"
+    # The end travels back the same way.
+    seen = t.carry(t.h1.say(1, control.SessionClosed(session_id=session_id, reason="bye")), t.h1)
+    assert [type(m) for m in sent(seen["relay3"], 7)] == [control.SessionClosed]
+    assert h3.core.registry.session(session_id) is None
+
+
 def test_a_member_of_control_protocol_1_is_never_sent_the_new_messages():
     t = TwoIntermediates(resumable=False)
     session_id, _ = t.open()
@@ -618,16 +717,17 @@ def test_an_agent_reaches_a_connector_at_another_intermediate(fleet_certs, redis
 @pytest.mark.parametrize("path", ["direct", "relay"])
 def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_stream_goes_on(
         fleet_certs, redis_server, processes, path):
-    """Two intermediate processes of one fleet; an agent and a connector (in this process)
-    know both. A stream flows on the direct path, or through the relay (relay-only nodes);
-    the agent's home is killed (SIGKILL): the agent is registered at the other within 3 s,
-    and the stream ends byte-identical on the same session. A relayed session is resumed at
-    the surviving intermediate (it took the session over, or both members re-homed there
-    and resumed it together), and its route moves there under the same connection."""
+    """Three intermediate processes of one fleet: a connector (in this process) at relay2,
+    an agent that knows relay1 and relay3 and homes on the nearest. A stream flows on the
+    direct path, or through both relays (relay-only nodes); the agent's home is killed
+    (SIGKILL): the agent is registered at the other within 3 s, and the stream ends
+    byte-identical on the same session. A relayed session is resumed: the agent's new home
+    holds no record of it, so it asks relay2, which holds the connector's side; relay2 takes
+    the session over and the route moves under the same connection."""
     from test_processes import status
 
     relays = {}
-    for name in ("relay1", "relay2"):
+    for name in ("relay1", "relay2", "relay3"):
         port, status_port = free_port(socket.SOCK_DGRAM), free_port()
         proc = processes.start(
             "intermediate", "--listen", f"127.0.0.1:{port}", "--registry", redis_server.url,
@@ -639,18 +739,18 @@ def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_stream_
         while ((status(status_port) or {}).get("fleet") or {}).get("connected") is not True:
             assert proc.poll() is None and time.monotonic() < deadline, f"{name} did not start"
             time.sleep(0.05)
-    everywhere = [addr for _proc, addr, _port in relays.values()]
+    agent_homes = [relays[name][1] for name in ("relay1", "relay3")]
 
     async def main():
         common = {"bind": ("127.0.0.1", 0), "control_socket": "", "include_loopback": True,
                   "relay_only": path == "relay"}
-        connector = mahole.Connector(everywhere, **common, **creds(fleet_certs, "office"))
+        connector = mahole.Connector(relays["relay2"][1], **common,
+                                     **creds(fleet_certs, "office"))
         connector.serve("sink", _digest)
-        async with connector, mahole.Agent(everywhere, **common,
+        async with connector, mahole.Agent(agent_homes, **common,
                                            **creds(fleet_certs, "alice")) as agent:
             await connector.wait_registered()
-            # The two may have homed on different intermediates: the agent's learns of the
-            # connector through Redis within moments.
+            # The agent's intermediate learns of the connector through Redis within moments.
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
             while True:
@@ -689,6 +789,8 @@ def test_nodes_rehome_within_3_s_when_their_intermediate_is_killed_and_a_stream_
             return rehomed_after
 
     rehomed_after = run(main(), timeout=120)
+    if path == "relay":  # relay2 took the session over
+        assert status(relays["relay2"][2])["counters"]["sessions_resumed"] == 1
     print(f"{path}: re-homed {rehomed_after:.2f} s after the kill")
     assert rehomed_after < 3.0
 
