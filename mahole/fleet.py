@@ -56,6 +56,9 @@ class FleetRegistry(MemoryRegistry):
         # reached now (the shell keeps it: emptied while the store is unavailable).
         self.relay_addrs = {}
         self.store_rtt = 0.0  # s, smoothed round trip to the store (the shell measures it)
+        # Identities held here that the store shows held elsewhere too ({(role, name):
+        # None}, bounded by the nodes held here): for SignalingCore.resolve_duplicates.
+        self.duplicates = {}
 
     def relay_address(self, home):
         return self.relay_addrs.get(home)
@@ -67,6 +70,11 @@ class FleetRegistry(MemoryRegistry):
     def put_node(self, record):
         super().put_node(record)
         self.outbox.append(("put", record))
+        copies = self._remote_identities.get((record.role, record.name))
+        if copies and any(r.home not in self.relay_addrs for r in copies.values()):
+            # Registered while another copy's intermediate could not be asked (the store
+            # was unavailable): that copy may live.
+            self.duplicates[(record.role, record.name)] = None
 
     def remove_node(self, handle):
         record = super().remove_node(handle)
@@ -92,6 +100,10 @@ class FleetRegistry(MemoryRegistry):
     def connectors_for(self, service):
         return super().connectors_for(service) + list(self._remote_services.get(service, {})
                                                       .values())
+
+    def remote_copies(self, role, name):
+        """The other intermediates' records of this identity."""
+        return list(self._remote_identities.get((role, name), {}).values())
 
     def remote_homes(self):
         """{home: number of nodes} of the other intermediates seen in the store."""
@@ -137,6 +149,8 @@ class FleetRegistry(MemoryRegistry):
         self._remote_identities[(record.role, record.name)][key] = record
         for service in record.services:
             self._remote_services[service][key] = record
+        if MemoryRegistry.node_by_identity(self, record.role, record.name) is not None:
+            self.duplicates[(record.role, record.name)] = None
         self.counters["remote_updates"] += 1
 
     def forget_home(self, home):

@@ -87,7 +87,8 @@ def redacted(url):
 class RedisFleet:
     """Keeps `registry` (a `FleetRegistry`) in step with the fleet's Redis."""
 
-    def __init__(self, url, name, addr, registry, on_message=None, on_silent=None):
+    def __init__(self, url, name, addr, registry, on_message=None, on_silent=None,
+                 on_duplicates=None):
         self.url = url
         self.name = name
         self.addr = addr  # where the others send relay frames for this one, "HOST:PORT"
@@ -96,6 +97,8 @@ class RedisFleet:
         # intermediate's core, for this one's (mahole.signaling.SignalingCore.fleet_message).
         self.on_message = on_message
         self.on_silent = on_silent  # on_silent(home): its heartbeats stopped
+        # on_duplicates(): identities held here showed up elsewhere (registry.duplicates)
+        self.on_duplicates = on_duplicates
         self.instance = secrets.token_hex(8)
         self.connected = False
         self.last_error = None
@@ -256,6 +259,7 @@ class RedisFleet:
                 await self._flush()
                 if now >= next_resync:
                     await self._resync()
+                    self._duplicates_found()
                     next_resync = now + RESYNC
                 self._wake.clear()
                 try:
@@ -371,6 +375,7 @@ class RedisFleet:
                             self._signaling(message.get("data"))
                         else:
                             self._received(message.get("data"))
+                            self._duplicates_found()
                         message = await pubsub.get_message(timeout=0)
                     self._expire_silent()
             except asyncio.CancelledError:
@@ -422,6 +427,10 @@ class RedisFleet:
             return
         self._homes.add(home)
         self.registry.apply_remote(home, op, handle, message.get("record"))
+
+    def _duplicates_found(self):
+        if self.registry.duplicates and self.on_duplicates is not None:
+            self.on_duplicates()
 
     def _expire_silent(self):
         """Intermediates whose heartbeats stopped are unreachable: no sessions through them,

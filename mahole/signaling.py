@@ -83,6 +83,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from typing import Hashable
 
 from . import logs
@@ -278,17 +279,19 @@ class NodeRecord:
     services: tuple = ()  # a connector's service names
     home: str = ""  # the intermediate holding its control connection
     since: float = 0.0  # registration time (the home's clock)
+    wall: float = 0.0  # registration time, wall clock: compares copies across a fleet
 
     def to_dict(self):
         return {"handle": self.handle, "role": self.role, "name": self.name,
                 "addr": list(self.addr), "services": list(self.services), "home": self.home,
-                "since": self.since}
+                "since": self.since, "wall": self.wall}
 
     @classmethod
     def from_dict(cls, data):
         return cls(handle=data["handle"], role=data["role"], name=data["name"],
                    addr=_addr(data["addr"]), services=tuple(data["services"]),
-                   home=data["home"], since=float(data["since"]))
+                   home=data["home"], since=float(data["since"]),
+                   wall=float(data.get("wall", 0.0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -668,11 +671,14 @@ class SignalingCore:
     limits:          `Limits` (quotas per identity); the defaults if None.
     token_source:    ``f(n) -> n random bytes`` for relay tokens (``os.urandom``; tests
                      inject their own).
+    wall_clock:      ``f() -> seconds`` of the wall clock (``time.time``), stamped on node
+                     records so that copies of an identity at two intermediates of a fleet
+                     can be told apart by age (tests inject their own).
     """
 
     def __init__(self, *, acl=(), offers=None, registry=None, home="",
                  probe_timeout=PROBE_TIMEOUT, node_dead_after=NODE_DEAD_AFTER, limits=None,
-                 token_source=os.urandom):
+                 token_source=os.urandom, wall_clock=time.time):
         self.acl = [rule if isinstance(rule, AclRule) else AclRule(rule) for rule in acl]
         self.offers = None if offers is None else [
             rule if isinstance(rule, OfferRule) else OfferRule(rule) for rule in offers]
@@ -682,6 +688,7 @@ class SignalingCore:
         self.node_dead_after = node_dead_after
         self.limits = limits if limits is not None else Limits()
         self._token_source = token_source
+        self._wall_clock = wall_clock
         self.counters = dict.fromkeys((
             "nodes_registered", "refused_registration", "refused_conflict", "nodes_replaced",
             "nodes_dead", "probes_sent", "probes_answered", "sessions_opened",
@@ -695,7 +702,7 @@ class SignalingCore:
             "nodes_flooding", "relay_shares_set", "services_updated",
             "sessions_connector_elsewhere", "sessions_across", "fleet_sent", "fleet_received",
             "fleet_ignored", "sessions_mirrored", "sessions_resumed", "sessions_held",
-            "resumes_refused", "resumes_expired",
+            "resumes_refused", "resumes_expired", "duplicates_found", "duplicates_let_go",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
@@ -715,6 +722,9 @@ class SignalingCore:
         self._open_buckets = collections.OrderedDict()  # agent name -> _Bucket (per minute)
         self._shares = {}  # session_id -> relay rate share sent (RelaySetRate)
         self._resumes = {}  # session_id -> _Resume (bounded: MAX_PENDING_RESUMES)
+        # (role, name) -> (local handle, remote handle, nonce): a copy here asking an older
+        # copy elsewhere whether it lives (one per identity held here: bounded).
+        self._duplicate_probes = {}
         self.refusal_log = logs.LogLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW,
                                          max_kinds=len(REFUSALS))
 
@@ -810,6 +820,8 @@ class SignalingCore:
                 self._deliver_punch(key)
             elif kind == "resume":
                 self._resume_expired(key[1], now)
+            elif kind == "duplicate":  # the older copy did not answer: it is stale
+                self._duplicate_probes.pop(key[1], None)
             elif kind == "remote_probe":  # the asker has given up by now
                 self._remote_probes.pop(key[1:], None)
             elif kind == "refusals":
@@ -1048,7 +1060,7 @@ class SignalingCore:
         if isinstance(message, control.SessionOpened):
             if target is None or session is None:
                 return self._fleet_ignore("session_opened", home)
-            self._mirror(home, target, message, session)
+            self._mirror(home, target, message, session, now)
             return None
         session_id = getattr(message, "session_id", None)
         record = self.registry.session(session_id) if session_id is not None else None
@@ -1114,6 +1126,55 @@ class SignalingCore:
         self._resume(asker, message, now)
         return None
 
+    def resolve_duplicates(self, now):
+        """Identities the fleet's view found registered here and at another intermediate
+        (``registry.duplicates``): only possible when copies registered while the store was
+        unavailable. The newer copy's intermediate asks the older copy whether it lives (a
+        probe through the fleet); if it answers, the newer copy is let go with CONFLICT, as
+        a second copy is at registration. A stale record (the older copy left) changes
+        nothing."""
+        found = getattr(self.registry, "duplicates", None)
+        later = []
+        while found:
+            key, _ = found.popitem()
+            local = self.registry.node_by_identity(*key)
+            if local is None or local.home != self.home or key in self._duplicate_probes:
+                continue
+            older = [r for r in self.registry.remote_copies(*key)
+                     if (r.wall, r.home) < (local.wall, self.home)]
+            if not older:
+                continue  # this copy is the older: the other's intermediate acts
+            older = [r for r in older if self.registry.relay_address(r.home) is not None]
+            if not older:  # not reachable yet (the store is just back): at the next change
+                later.append(key)
+                continue
+            self.counters["duplicates_found"] += 1
+            remote = min(older, key=lambda r: (r.wall, r.home))
+            home, there = remote_handle(remote.handle)
+            nonce = secrets.randbits(53)
+            self._duplicate_probes[key] = (local.handle, remote.handle, nonce)
+            self._schedule(("duplicate", key), now + 2 * self.probe_timeout)
+            log.warning("%s %r is registered here and at intermediate %s (the fleet's store was "
+                        "unavailable); asking whether the older copy there lives", key[0],
+                        key[1], home)
+            self.counters["fleet_sent"] += 1
+            self._events.append(FleetSend(home, there, None, control.Ping(nonce=nonce)))
+        if found is not None:
+            found.update(dict.fromkeys(later))
+
+    def _duplicate_answered(self, key, local, home, now):
+        del self._duplicate_probes[key]
+        self._cancel(("duplicate", key))
+        link = self._links.get(local)
+        if link is None:
+            return
+        self.counters["duplicates_let_go"] += 1
+        text = (f"{key[0]} {key[1]!r} is registered at intermediate {home!r} since before it "
+                f"registered here (while the fleet's store was unavailable); this copy is let "
+                f"go")
+        self._log_refusal("conflict", now, "%s", text)
+        self._refuse(link, control.ErrorCode.CONFLICT, CLOSE_CONFLICT, text, now)
+
     def fleet_home_silent(self, home, now):
         """Intermediate ``home`` of the fleet stopped sending heartbeats: a probe of a node
         it held will not be answered, so the newcomer waiting for it registers now (a node
@@ -1159,6 +1220,10 @@ class SignalingCore:
                     self._probe_answered(key, probe, f"answering at intermediate {home!r}",
                                          now)
                     return
+            for key, (local, remote, nonce) in list(self._duplicate_probes.items()):
+                if remote == holder and nonce == message.nonce:
+                    self._duplicate_answered(key, local, home, now)
+                    return
             self._fleet_ignore("unexpected_pong", home)
         elif (target is not None and message.code == control.ErrorCode.CONFLICT
               and self.registry.node_by_identity(target.role, target.name) is not None):
@@ -1168,7 +1233,7 @@ class SignalingCore:
         else:
             self._fleet_ignore("error", home)
 
-    def _mirror(self, home, target, message, session):
+    def _mirror(self, home, target, message, session, now):
         """Intermediate ``home`` opened a session to connector ``target`` held here."""
         relay_peer = self.registry.relay_address(home)
         if (target.role != "connector" or message.connector != target.name
@@ -1178,6 +1243,21 @@ class SignalingCore:
                 or self.registry.session(session.session_id) is not None):
             self._fleet_ignore("session_opened", home)
             return
+        cap = self.limits.sessions_per_connector
+        if self.registry.session_count(target.handle) >= cap:
+            # The connector's quota holds fleet-wide: the intermediate holding it counts
+            # every session it serves, the ones owned elsewhere too, and refuses the extra
+            # one back to its owner (which tells the agent).
+            text = (f"connector {target.name!r} serves {cap} sessions, the most allowed "
+                    f"(--sessions-per-connector)")
+            self.counters["sessions_rate_limited"] += 1
+            self._log_refusal("rate_limited", now, "refused a session to service %r "
+                              "from intermediate %s: %s", session.service, home, text)
+            self.counters["fleet_sent"] += 1
+            self._events.append(FleetSend(home, session.agent, target.handle,
+                                          control.SessionClosed(session_id=session.session_id,
+                                                                reason=text)))
+            return
         mirror = dataclasses.replace(session, agent=f"{home}/{session.agent}",
                                      connector=target.handle, home=home)
         self.registry.put_session(mirror)
@@ -1185,6 +1265,8 @@ class SignalingCore:
         self._events.append(RelayAdd(session.session_id, relay_peer, target.addr,
                                      session.agent_token, session.connector_token))
         self._send(target.handle, message)
+        # Its relay share counts every session of the connector's, the mirrored ones too.
+        self._rebalance([target.handle])
         log.info("session %s: agent %s at intermediate %s -> service %s here",
                  session_tag(session.session_id), session.agent_name, home, session.service)
 
@@ -1563,7 +1645,8 @@ class SignalingCore:
     def _register(self, link, message, now):
         link.registered = True
         record = NodeRecord(handle=link.handle, role=link.role, name=link.name, addr=link.addr,
-                            services=tuple(message.services), home=self.home, since=now)
+                            services=tuple(message.services), home=self.home, since=now,
+                            wall=self._wall_clock())
         self.registry.put_node(record)
         for service in record.services:
             self._departed.pop(service, None)

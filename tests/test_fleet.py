@@ -240,8 +240,9 @@ def test_a_second_intermediate_of_the_same_name_is_refused(fleet_certs, redis_se
 def test_without_redis_an_intermediate_serves_what_it_holds_and_rebuilds_after(
         fleet_certs, redis_server):
     """Redis dies: a relayed session between the two intermediates carries on, relay1's own
-    agent and connector keep working, relay2's nodes are forgotten after the TTL; Redis
-    returns: relay1 rejoins and sees relay2's nodes again."""
+    agent and connector keep working, relay2's nodes are forgotten after the TTL; a second
+    copy of relay1's connector registers at relay2 meanwhile. Redis returns: relay1 rejoins
+    and sees relay2's nodes again, and the second copy is let go."""
     async def main():
         async with intermediate(fleet_certs, "relay1", redis_server.url) as relay1, \
                 intermediate(fleet_certs, "relay2", redis_server.url) as relay2:
@@ -276,10 +277,27 @@ def test_without_redis_an_intermediate_serves_what_it_holds_and_rebuilds_after(
                 writer.close()
                 with pytest.raises(mahole.ServiceUnavailable, match="no connector offers"):
                     await agent.open_connection("far-too")
+                # A second copy of relay1's connector registers at relay2: nobody can ask
+                # relay1 whether the first lives.
+                copy = mahole.Connector(relay2.address, bind=("127.0.0.1", 0),
+                                        control_socket="", **creds(fleet_certs, "connector1"))
+                copy.serve("echo", _echo_tcp)
+                await copy.start()
                 redis_server.start()
                 await wait_for(lambda: relay1.status()["fleet"]["connected"]
                                and remote(relay1) == {"relay2": 1}, 20)
                 assert relay1.status()["fleet"]["counters"]["connects"] >= 2
+                # Redis is back: the newer copy is let go, the first keeps serving.
+                with pytest.raises(mahole.Unauthorized, match="is registered at intermediate "
+                                                              "'relay1' since before"):
+                    await asyncio.wait_for(copy.wait_closed(), 15)
+                await copy.close()
+                assert relay2.status()["counters"]["duplicates_let_go"] == 1
+                reader, writer = await agent.open_connection("echo")
+                writer.write(b"still the first")
+                writer.write_eof()
+                assert await reader.read() == b"still the first"
+                writer.close()
     run(main(), timeout=120)
 
 
@@ -291,9 +309,9 @@ class TwoIntermediates:
     """Two signaling cores of one fleet; their FleetSend events carried to each other as
     the Redis shell would."""
 
-    def __init__(self, resumable=False):
+    def __init__(self, resumable=False, limits2=None):
         self.h1 = Harness(home="relay1", registry=FleetRegistry("relay1"))
-        self.h2 = Harness(home="relay2", registry=FleetRegistry("relay2"))
+        self.h2 = Harness(home="relay2", registry=FleetRegistry("relay2"), limits=limits2)
         self.h1.core.registry.relay_addrs["relay2"] = RELAY2
         self.h2.core.registry.relay_addrs["relay1"] = RELAY1
         self.h2.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",),
@@ -632,6 +650,25 @@ def test_a_member_of_control_protocol_1_is_never_sent_the_new_messages():
     t.h2.core.registry.relay_addrs.pop("relay1")
     t.h2.core.fleet_home_silent("relay1", t.h2.now)
     assert sent(t.h2.events()) == []
+
+
+def test_a_connectors_session_quota_holds_for_sessions_opened_at_other_intermediates():
+    """relay1 does not know how many sessions the connector at relay2 serves: relay2 does,
+    counts the ones it mirrors, and refuses one over the quota back to relay1, which ends
+    it and tells the agent why. Relay shares count the mirrored sessions too."""
+    t = TwoIntermediates(limits2=signaling.Limits(sessions_per_connector=1,
+                                                  relay_rate_per_identity=1_000_000))
+    first, seen = t.open()
+    assert t.h2.core.registry.session(first) is not None
+    assert any(isinstance(e, signaling.RelaySetRate) for e in seen["relay2"])
+    second, seen = t.open()
+    assert t.h2.core.registry.session(second) is None
+    assert t.h1.core.registry.session(second) is None
+    [closed] = [m for m in sent(seen["relay1"], 1) if isinstance(m, control.SessionClosed)]
+    assert closed.session_id == second
+    assert "serves 1 sessions, the most allowed (--sessions-per-connector)" in closed.reason
+    assert signaling.RelayRemove(second) in seen["relay1"]
+    assert t.h2.core.counters["sessions_rate_limited"] == 1
 
 
 def test_fleet_messages_that_fit_no_session_are_ignored_and_counted():
@@ -980,3 +1017,59 @@ def test_a_fleet_through_redis_over_tls(fleet_certs, tmp_path):
         run(main(), timeout=60)
     finally:
         server.stop()
+
+
+# Copies registered while the store was unavailable ---------------------------------------------
+def test_copies_registered_while_the_store_was_away_are_resolved_in_favour_of_the_older():
+    """alice lives at relay1 (registered first). While relay2 cannot reach the store, a
+    second alice registers there. When the views meet again, relay2 (the newer copy's)
+    asks relay1's copy whether it lives; it answers, so relay2 lets its copy go with
+    CONFLICT, as at registration. relay1 does nothing: its copy is the older."""
+    walls = iter([100.0, 200.0])
+    clock = lambda: next(walls)  # noqa: E731 - the registrations' wall clock, in order
+    h1 = Harness(home="relay1", registry=FleetRegistry("relay1"), wall_clock=clock)
+    h2 = Harness(home="relay2", registry=FleetRegistry("relay2"), wall_clock=clock)
+    h1.connect(1, "agent", "alice", AGENT_ADDR, resumable=True)
+    h2.connect(9, "agent", "alice", NEW_ADDR, resumable=True)  # relay1 unknown here: no probe
+    h1.events(), h2.events()
+    [a1] = h1.core.registry.nodes()
+    [a2] = h2.core.registry.nodes()
+    # The store is back: each reads the other's nodes.
+    h1.core.registry.relay_addrs["relay2"] = RELAY2
+    h2.core.registry.relay_addrs["relay1"] = RELAY1
+    h1.core.registry.apply_remote("relay2", "put", "9", encode_record(a2))
+    h2.core.registry.apply_remote("relay1", "put", "1", encode_record(a1))
+    h1.core.resolve_duplicates(h1.now)
+    assert h1.events() == [] and h1.core.counters["duplicates_found"] == 0
+    h2.core.resolve_duplicates(h2.now)
+    [ask] = h2.events()
+    assert isinstance(ask, signaling.FleetSend) and ask.home == "relay1"
+    h1.core.fleet_message("relay2", None, ask.to, ask.message, h1.now)
+    [ping] = sent(h1.events(), 1)
+    [answer] = [e for e in h1.say(1, control.Pong(nonce=ping.nonce))
+                if isinstance(e, signaling.FleetSend)]
+    h2.core.fleet_message("relay1", str(answer.sender), answer.to, answer.message, h2.now)
+    events = h2.events()
+    [error] = sent(events, 9)
+    assert error.code == control.ErrorCode.CONFLICT and "relay1" in error.message
+    assert any(isinstance(e, signaling.CloseNode) and e.code == signaling.CLOSE_CONFLICT
+               for e in events)
+    assert not h2.core.is_connected(9) and h1.core.is_connected(1)
+    assert h2.core.counters["duplicates_let_go"] == 1
+
+
+def test_a_stale_record_of_an_older_copy_changes_nothing():
+    walls = iter([100.0, 200.0])
+    clock = lambda: next(walls)  # noqa: E731
+    h1 = Harness(home="relay1", registry=FleetRegistry("relay1"), wall_clock=clock)
+    h2 = Harness(home="relay2", registry=FleetRegistry("relay2"), wall_clock=clock)
+    h1.connect(1, "agent", "alice", AGENT_ADDR)
+    h2.connect(9, "agent", "alice", NEW_ADDR)
+    h1.events(), h2.events()
+    [a1] = h1.core.registry.nodes()
+    h2.core.registry.relay_addrs["relay1"] = RELAY1
+    h2.core.registry.apply_remote("relay1", "put", "1", encode_record(a1))
+    h2.core.resolve_duplicates(h2.now)
+    assert len(h2.events()) == 1  # the question, which nobody answers
+    h2.advance(3 * signaling.PROBE_TIMEOUT, keep_alive=(9,))
+    assert h2.core.is_connected(9) and h2.core.counters["duplicates_let_go"] == 0

@@ -289,7 +289,8 @@ class Intermediate:
                 fleet = RedisFleet(self.cfg.registry, self.identity.name,
                                    self._fleet_address(), self.signaling.registry,
                                    on_message=self._fleet_message,
-                                   on_silent=self._fleet_home_silent)
+                                   on_silent=self._fleet_home_silent,
+                                   on_duplicates=self._fleet_duplicates)
                 try:
                     await fleet.start()
                 except FleetError as exc:
@@ -316,6 +317,10 @@ class Intermediate:
 
     def _fleet_home_silent(self, home):
         self.signaling.fleet_home_silent(home, self.endpoint.now())
+        self.pump()
+
+    def _fleet_duplicates(self):
+        self.signaling.resolve_duplicates(self.endpoint.now())
         self.pump()
 
     def _fleet_message(self, home, sender, to, message, session, rtt):
