@@ -1331,27 +1331,29 @@ class SignalingCore:
         return self._resumed(record, asker)
 
     def _pair_resume(self, asker, message, now):
+        """No record here: pair with the other member's resume if it waits here (from a
+        node here, or passed on by its intermediate); else pass this one on to the other
+        member's intermediate (it may hold the session, or pair it there) and wait."""
         session_id = message.session_id
-        if not isinstance(asker, _Link):  # no record here, none to hand over
-            return self._refuse_resume(asker, session_id, f"intermediate {self.home} does "
-                                       f"not hold session {session_tag(session_id)}")
-        other_role = "connector" if asker.role == "agent" else "agent"
-        peer = self.registry.node_by_identity(
-            other_role, message.connector if other_role == "connector" else message.agent)
-        held_at = remote_handle(peer.handle) if peer is not None else None
-        if held_at is not None and self.registry.relay_address(held_at[0]) is not None:
-            # The other member is at another intermediate, which holds the session: it takes
-            # the session over with the asker here, and sends back the record to mirror.
-            self.counters["fleet_sent"] += 1
-            self._events.append(FleetSend(held_at[0], held_at[1], asker.handle, message))
-            return self._wait_resume(asker, message, now)
         waiting = self._resumes.get(session_id)
         other = None if waiting is None else waiting.asker
-        if other is None or other.role == asker.role or not isinstance(other, _Link):
-            if other is not None:
-                return self._refuse_resume(asker, session_id, f"session "
-                                           f"{session_tag(session_id)} is being resumed by "
-                                           f"another {asker.role}")
+        if other is not None and other.role == asker.role:
+            return self._refuse_resume(asker, session_id, f"session {session_tag(session_id)}"
+                                       f" is being resumed by another {asker.role}")
+        if other is None or (not isinstance(asker, _Link) and not isinstance(other, _Link)):
+            if isinstance(asker, _Link):
+                other_role = "connector" if asker.role == "agent" else "agent"
+                peer = self.registry.node_by_identity(
+                    other_role, message.connector if other_role == "connector"
+                    else message.agent)
+                held_at = remote_handle(peer.handle) if peer is not None else None
+                if held_at is not None and self.registry.relay_address(held_at[0]) is not None:
+                    # The other member is at another intermediate: it holds the session and
+                    # takes it over with the asker here (sending the record back to mirror),
+                    # or it pairs the two resumes there.
+                    self.counters["fleet_sent"] += 1
+                    self._events.append(FleetSend(held_at[0], held_at[1], asker.handle,
+                                                  message))
             return self._wait_resume(asker, message, now)
         mine, theirs = message, waiting.message
         if (mine.service, mine.agent, mine.connector) != (
@@ -1386,7 +1388,7 @@ class SignalingCore:
                                      agent_msg.relay_token, connector_msg.relay_token))
         log.info("session %s: agent %s and connector %s resumed it here",
                  session_tag(session_id), agent.name, connector.name)
-        return self._resumed(record, asker)
+        return self._resumed(record, asker, other)
 
     def _wait_resume(self, asker, message, now):
         session_id = message.session_id
@@ -1420,17 +1422,19 @@ class SignalingCore:
             self.counters["fleet_sent"] += 1
             self._events.append(FleetSend(asker.home, asker.sender, None, error))
 
-    def _resumed(self, record, asker):
+    def _resumed(self, record, *askers):
         self.counters["sessions_resumed"] += 1
         resumed = control.SessionResumed(session_id=record.session_id)
         for handle in record.members():
             link = self._links.get(handle)
             if link is not None and link.resumable:
                 self._send(handle, resumed)
-        if not isinstance(asker, _Link):  # its intermediate mirrors the session
-            self.counters["fleet_sent"] += 1
-            self._events.append(FleetSend(asker.home, asker.sender, record.other(asker.handle),
-                                          resumed, session=record))
+        for asker in askers:
+            if not isinstance(asker, _Link):  # its intermediate mirrors the session
+                self.counters["fleet_sent"] += 1
+                self._events.append(FleetSend(asker.home, asker.sender,
+                                              record.other(asker.handle), resumed,
+                                              session=record))
         self._rebalance([h for h in record.members() if h in self._links])
 
     def _mirror_resumed(self, home, target, message, session):

@@ -644,6 +644,74 @@ def test_a_connector_homing_at_a_third_intermediate_resumes_through_the_owner():
     assert h3.core.registry.session(session_id) is None
 
 
+class SplitUp(ThreeIntermediates):
+    """Both members of a session at relay1, which dies: the agent homes at relay2 (handle
+    5), the connector at relay3 (handle 6), and each intermediate's view shows the other's
+    node."""
+
+    def __init__(self):  # noqa: super().__init__ is not called: another starting point
+        addrs = {"relay1": RELAY1, "relay2": RELAY2, "relay3": RELAY3}
+        self.by_home = {}
+        for home in addrs:
+            h = self.by_home[home] = Harness(home=home, registry=FleetRegistry(home))
+            h.core.registry.relay_addrs.update({k: v for k, v in addrs.items() if k != home})
+        self.h1, self.h2, self.h3 = self.by_home.values()
+        h1 = self.h1
+        h1.connect(1, "agent", "alice", AGENT_ADDR, resumable=True)
+        h1.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",),
+                   resumable=True)
+        h1.events()
+        self.session_id, events = h1.open(service="web")
+        self.tokens = tokens({"relay1": events})
+        self.dies("relay1")
+        self.h2.connect(5, "agent", "alice", NEW_ADDR, resumable=True)
+        self.h3.connect(6, "connector", "office", CONNECTOR_ADDR, services=("web",),
+                        resumable=True)
+        for here, there, handle in ((self.h2, self.h3, 6), (self.h3, self.h2, 5)):
+            [node] = [n for n in there.core.registry.nodes() if n.handle == handle]
+            here.core.registry.apply_remote(there.core.home, "put", str(handle),
+                                            encode_record(node))
+        self.h2.events(), self.h3.events()
+
+    def resume(self, harness, handle, token):
+        return self.carry(harness.say(handle, resume(self.session_id, token)), harness)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_members_that_home_at_two_different_intermediates_resume_across_them(together):
+    """Neither relay2 nor relay3 holds a record. The agent's resume goes to relay3 (where
+    the connector is) and waits there; the connector's, arriving at relay3, pairs with it:
+    relay3 owns the session, relay2 mirrors it. When both resumes cross on the way
+    (``together``), each intermediate pairs the one it received with its own and owns the
+    session with the other member remote: the frames still pass both relays and each
+    member hears SessionResumed."""
+    t = SplitUp()
+    sid = t.session_id
+    if together:
+        first = t.h2.say(5, resume(sid, t.tokens[1]))  # held back: both are on their way
+        t.carry(t.h3.say(6, resume(sid, t.tokens[2])), t.h3)
+        t.carry(first, t.h2)
+    else:
+        t.resume(t.h2, 5, t.tokens[1])
+        t.resume(t.h3, 6, t.tokens[2])
+    resumed = control.SessionResumed(session_id=sid)
+    assert resumed in [e.message for e in t.h2.log if isinstance(e, SendMessage)
+                       and e.handle == 5]
+    assert resumed in [e.message for e in t.h3.log if isinstance(e, SendMessage)
+                       and e.handle == 6]
+    at2, at3 = t.h2.core.registry.session(sid), t.h3.core.registry.session(sid)
+    assert (at2.agent, at2.connector) == (5, "relay3/6")
+    assert (at3.agent, at3.connector) == ("relay2/5", 6)
+    adds2 = [e for e in t.h2.log if isinstance(e, signaling.RelayAdd)]
+    adds3 = [e for e in t.h3.log if isinstance(e, signaling.RelayAdd)]
+    assert [(a.agent_addr, a.connector_addr) for a in adds2] == [(NEW_ADDR, RELAY3)]
+    assert [(a.agent_addr, a.connector_addr) for a in adds3] == [(RELAY2, CONNECTOR_ADDR)]
+    assert adds2[0].agent_token == adds3[0].agent_token == t.tokens[1]
+    # Signaling runs between them: an offer from the agent reaches the connector.
+    seen = t.carry(t.h2.say(5, offer(sid)), t.h2)
+    assert [type(m) for m in sent(seen["relay3"], 6)] == [control.CandidateOffer]
+
+
 def test_a_member_of_control_protocol_1_is_never_sent_the_new_messages():
     t = TwoIntermediates(resumable=False)
     session_id, _ = t.open()
