@@ -231,6 +231,12 @@ class Session(ConnectionHandler):
         self.core.relay_moved(addr, now)
         self._pump(now)
 
+    def network_changed(self, reason):
+        """This node's public address moved: off the direct route, and punch again now."""
+        now = self.endpoint.now()
+        self.core.network_changed(now, reason)
+        self._pump(now)
+
     def hold(self, seconds):
         """The peer is homing again (SessionHeld): not dead for ``seconds``."""
         now = self.endpoint.now()
@@ -500,6 +506,7 @@ class Session(ConnectionHandler):
             "direct_addr": _fmt(core.direct_addr) if core.direct_addr else None,
             "relay_addr": _fmt(core.relay_addr),
             "relay_moves": core.relay_moves,
+            "network_changes": core.network_changes,
             "switch_ms": self.switch_ms,
             "route_switches": len(core.switches),
             "failovers": len(core.failovers),

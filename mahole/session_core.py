@@ -56,6 +56,11 @@ Resumption (control protocol /2)
     from declaring it dead; and a relayed peer falling silent while the relay itself is quiet
     (:meth:`relay_heard`) is held for :data:`RELAY_DOUBT_HOLD` rather than given up.
 
+Network changes
+    :meth:`network_changed` (the node's public address moved) takes a direct session back to
+    the relay at once, and the controlling side punches again at once: a new network is not
+    a flapping path, so no cool-down applies.
+
 Re-punching (controlling side only)
     After a failover, and after a failed attempt on a session that was direct once, the
     agent punches again after a cool-down of ``repunch_cooldown`` doubled for every further
@@ -189,6 +194,7 @@ class SessionCore:
         self.dropped_no_route = 0
         self.relay_up = relay_available
         self.relay_moves = 0  # times the session moved to another relay (resumption)
+        self.network_changes = 0  # times this node's public address moved
         self.hold_until: Optional[float] = None  # the peer is not given up before this
         self._relay_lost_reason: Optional[str] = None  # while held for a resumption
         self._relay_heard: Optional[float] = None  # the intermediate's last packet (shell)
@@ -337,6 +343,20 @@ class SessionCore:
         elif self.controlling and self.switches and self.direct_addr is None:
             self._schedule_repunch(now)  # it was direct once: keep trying, with pauses
 
+    def network_changed(self, now: float, reason: str) -> None:
+        """This node's own network changed (its public address moved: a new uplink, a NAT
+        that rebound): the direct route is gone with the old address, which is no failed
+        route. Back to the relay at once, without waiting for the failover timeout, and the
+        controlling side punches again now, not after a cool-down."""
+        if self.closed:
+            return
+        self.network_changes += 1
+        if self.direct_addr is not None:
+            self._direct_failed(now, reason, counts=False)
+        if self.controlling and self.allow_direct and self.route == RELAY and self.relay_up \
+                and (self.switches or self.repunch_at is not None):
+            self.repunch_at = now
+
     def relay_available(self, available: bool, now: float,
                         reason: str = "intermediate connection lost",
                         hold: float = 0.0) -> None:
@@ -473,12 +493,14 @@ class SessionCore:
         self._probing(now)
         self._events.append(SendPing(reset_backoff))
 
-    def _direct_failed(self, now, reason):
-        """The direct route died: back to the relay at once, same QUIC connection."""
+    def _direct_failed(self, now, reason, counts=True):
+        """The direct route died: back to the relay at once, same QUIC connection. A route
+        lost to a change of our own network (``counts`` False) does not slow re-punching."""
         self.direct_addr = None
-        self.failovers.append(now)
-        if self.last_direct_rx is not None:
-            self.failover_durations.append(now - self.last_direct_rx)
+        if counts:
+            self.failovers.append(now)
+            if self.last_direct_rx is not None:
+                self.failover_durations.append(now - self.last_direct_rx)
         self._probe_since = None
         route = self.route
         self.switches.append((now, route, reason))

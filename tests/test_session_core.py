@@ -502,3 +502,34 @@ def test_close_stops_timers_and_events():
     pump.core.close(pump.now)
     assert pump.core.next_timer() is None and pump.core.next_event() is None
     assert pump.core.route == NONE
+
+
+# A change of the node's own network ---------------------------------------------------------
+def test_a_network_change_leaves_the_direct_route_at_once_and_punches_again_now():
+    pump = direct_pump()
+    pump.run(5.0, every=0.1, action=pump.send_data)
+    repunches = []
+    pump.on_repunch = lambda: repunches.append(pump.now)
+    moved_at = pump.now
+    pump.core.network_changed(moved_at, "this node's public address moved")
+    pump._drain()
+    assert pump.core.route == RELAY and pump.core.failovers == []
+    assert pump.of(RouteChanged)[-1][1] == RouteChanged(RELAY, RELAY_ADDR,
+                                                        "this node's public address moved")
+    pump.run(moved_at + 0.01)
+    assert repunches == [moved_at]  # no cool-down
+    assert pump.core.network_changes == 1
+    pump.punch()
+    assert pump.core.route == DIRECT
+
+
+def test_a_network_change_on_the_relay_brings_a_pending_repunch_forward():
+    pump = direct_pump()
+    pump.cut.add(DIRECT)
+    pump.run(pump.now + 1.5, every=0.1, action=pump.send_data)  # failed over by timeout
+    assert pump.core.route == RELAY and pump.core.repunch_at > pump.now + 0.5
+    pump.core.network_changed(pump.now, "moved")
+    assert pump.core.repunch_at == pump.now
+    relayed = Pump(controlling=False)  # the connector never punches on its own
+    relayed.core.network_changed(1.0, "moved")
+    assert relayed.core.repunch_at is None and relayed.core.route == RELAY

@@ -417,8 +417,11 @@ class ControlClient(ConnectionHandler):
             log.info("registered with the intermediate as %s; observed address %s",
                      message.node_id, _fmt(self.observed_addr))
         elif isinstance(message, control.ObservedAddress):
-            self.observed_addr = tuple(message.addr)
+            before, self.observed_addr = self.observed_addr, tuple(message.addr)
             log.info("observed address is now %s", _fmt(self.observed_addr))
+            if before is not None and before != self.observed_addr:
+                self.node.network_changed(f"this node's public address moved from "
+                                          f"{_fmt(before)} to {_fmt(self.observed_addr)}")
         elif isinstance(message, control.Ping):
             self.send(control.Pong(nonce=message.nonce))
         elif isinstance(message, control.Error) and not self._registered.is_set():
@@ -628,6 +631,13 @@ class Node:
                     session.relay_state_changed(True, reason)
                 else:
                     control_client.send(message)
+
+    def network_changed(self, reason):
+        """This node's public address moved (a new uplink, a NAT that rebound): direct
+        routes went with the old one. Sessions go back to the relay at once and the agent
+        punches again now (the candidates are gathered anew, with the new address)."""
+        for session in list(self.sessions.values()):
+            session.network_changed(reason)
 
     def session_message(self, message):
         """SessionResumed, SessionHeld or a session's Error from the intermediate; True if
