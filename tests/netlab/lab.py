@@ -27,12 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _ns
+from . import _ns, wire
 from . import nat as presets
 from ._ns import NetlabError
 
 PUBLIC_NET = ipaddress.ip_network("203.0.113.0/24")
 REFLECTOR_PATH = Path(__file__).with_name("reflector.py")
+WIRE_PATH = Path(__file__).with_name("wire.py")
 STUN_PORT = 3478
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
@@ -132,6 +133,17 @@ class Host(Node):
     def public_ip(self):
         """The address the public segment sees: the router's WAN address, or the host's own."""
         return self.router.wan_ip if self.router else self.ip
+
+
+class Wire(Node):
+    """A link with delay, jitter, loss or a rate (netlab/wire.py) between two namespaces:
+    its own namespace, with the two ends of the link as interfaces `wa` and `wb` and the
+    forwarder process copying frames between them."""
+
+    def __init__(self, lab, name, ns, link):
+        super().__init__(lab, name, ns)
+        self.link = link
+        self.proc = None
 
 
 class Router(Node):
@@ -280,6 +292,7 @@ class Lab:
         self.namespaces = []
         self.sites = []
         self.hosts = []
+        self.wires = []
         self._procs = []
         self._sockets = []
         self._public_ips = (str(a) for a in list(PUBLIC_NET.hosts())[1:])  # .2 … .254
@@ -318,33 +331,66 @@ class Lab:
         self.namespaces.append(ns)
         return ns
 
-    def _plug_public(self, ns, ifname, port_name):
-        """A veth from `ns` (named `ifname`) to the public bridge."""
-        _ns.ip(None, f"link add {ifname} netns {ns} type veth "
-                     f"peer name {port_name} netns {self.pub}")
+    def _plug_public(self, ns, ifname, port_name, link=None):
+        """A link from `ns` (interface `ifname`) to the public bridge."""
+        self._link(ns, ifname, self.pub, port_name, link)
         _ns.ip(self.pub, f"link set {port_name} master br0", f"link set {port_name} up")
 
-    def public_host(self, name=None):
-        """A host directly on the public segment (preset none)."""
-        return self.site("none", name=name).host
+    def _link(self, ns_a, if_a, ns_b, if_b, link=None, seed=None):
+        """A veth pair from `ns_a` (`if_a`) to `ns_b` (`if_b`); with `link` (a preset of
+        netlab/wire.py, or its settings) through a Wire of that character."""
+        if link is None:
+            _ns.ip(None, f"link add {if_a} netns {ns_a} type veth peer name {if_b} netns {ns_b}")
+            return None
+        wire.settings(link)  # a bad preset fails before anything is built
+        name = self._name(None, "w")
+        wns = self._namespace(name)
+        _ns.write_sysctls(wns, _quiet_sysctls())
+        _ns.ip(None, f"link add name {if_a} netns {ns_a} type veth peer name wa netns {wns}",
+               f"link add name wb netns {wns} type veth peer name {if_b} netns {ns_b}")
+        # Segment before the wire: it forwards and drops frames, not 64 KB GSO trains.
+        for ns, ifname in ((ns_a, if_a), (wns, "wa"), (wns, "wb"), (ns_b, if_b)):
+            _ns.ip(ns, f"link set dev {ifname} gso_max_segs 1")
+        _ns.ip(wns, "link set lo up", "link set wa promisc on", "link set wb promisc on",
+               "link set wa up", "link set wb up")
+        node = Wire(self, name, wns, link)
+        node.proc = node.popen([sys.executable, str(WIRE_PATH), "wa", "wb",
+                                *wire.argv(link, seed)], stdout=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([node.proc.stdout], [], [], 10)
+        line = node.proc.stdout.readline().strip() if ready else ""
+        if line != "ready":
+            raise NetlabError(f"wire {name} did not start ({line!r})")
+        self.wires.append(node)
+        return node
+
+    def public_host(self, name=None, link=None):
+        """A host directly on the public segment (preset none), through a `link` if given
+        (netlab/wire.py: a preset name or settings)."""
+        return self.site("none", name=name, link=link).host
 
     def host(self, nat="none", name=None, **kwargs):
         """A host behind a new router running NAT preset `nat` (or on the public segment for
         none); `.router` is its Router (None for none)."""
         return self.site(nat, name=name, **kwargs).host
 
-    def site(self, nat="none", name=None, lan=None):
+    def site(self, nat="none", name=None, lan=None, link=None, uplink=None):
         """A Site: for a NAT preset a router `<name>r` (WAN on the public segment) with host
-        `<name>` behind it on `lan` (default 10.0.<n>.0/24, router .1, host .2)."""
+        `<name>` behind it on `lan` (default 10.0.<n>.0/24, router .1, host .2).
+
+        `link` gives the host's own link (to its router, or to the public segment) and
+        `uplink` the router's link to the public segment the character of a netlab/wire.py
+        preset (or settings): delay, jitter, loss, bursts, a rate."""
         if nat not in presets.PRESETS:
             raise ValueError(f"unknown NAT preset {nat!r}; "
                              f"choose one of {', '.join(presets.PRESETS)}")
         if nat == "none":
+            if uplink is not None:
+                raise ValueError("a public host has no router: give its link as link=")
             name = self._name(name, "p")
             ns = self._namespace(name)
             ip = next(self._public_ips)
             _ns.write_sysctls(ns, _quiet_sysctls())
-            self._plug_public(ns, "eth0", f"v-{name}")
+            self._plug_public(ns, "eth0", f"v-{name}", link)
             _ns.ip(ns, f"addr add {ip}/{PUBLIC_NET.prefixlen} dev eth0", "link set lo up",
                    "link set eth0 up")
             host = Host(self, name, ns, ip)
@@ -362,8 +408,8 @@ class Lab:
             hns = self._namespace(name)
             _ns.write_sysctls(rns, _quiet_sysctls(forwarding=True))
             _ns.write_sysctls(hns, _quiet_sysctls())
-            self._plug_public(rns, "wan", f"v-{router_name}")
-            _ns.ip(None, f"link add lan netns {rns} type veth peer name eth0 netns {hns}")
+            self._plug_public(rns, "wan", f"v-{router_name}", uplink)
+            self._link(rns, "lan", hns, "eth0", link)
             _ns.ip(rns, f"addr add {wan_ip}/{PUBLIC_NET.prefixlen} dev wan",
                    f"addr add {lan_ip}/{net.prefixlen} dev lan",
                    "link set lo up", "link set wan up", "link set lan up")
