@@ -213,6 +213,9 @@ def build_parser(*, explicit_only=False):
                      default=IntermediateConfig.node_dead_after, metavar="SECONDS",
                      help="a node silent this long is gone and its sessions end "
                           f"(default: {IntermediateConfig.node_dead_after:g})")
+    sub.add_argument("--no-punch-sync", action="store_true",
+                     help="send StartPunching to both members at once instead of timing it "
+                          "from their RTTs so that both start together (for measurements)")
     sub.add_argument("--probe-timeout", type=float, default=IntermediateConfig.probe_timeout,
                      metavar="SECONDS",
                      help="a registered node probed because its identity registers again "
@@ -525,6 +528,7 @@ def run_intermediate(args):
                              if args.relay_rate_limit else 0,
                              node_dead_after=args.node_dead_after,
                              probe_timeout=args.probe_timeout,
+                             punch_sync=not args.no_punch_sync,
                              max_half_open=args.max_half_open,
                              max_half_open_per_source=args.max_half_open_per_source,
                              retry_threshold=args.retry_threshold,

@@ -137,6 +137,9 @@ class IntermediateConfig(Credentials):
     # A second registration of a registered (role, name) probes the first with a Ping; an
     # answer within this keeps the first and refuses the newcomer, silence replaces it.
     probe_timeout: float = 1.0
+    # StartPunching timed so both members get it at the same moment (the nearer one's held
+    # back by half the RTT difference); off sends both at once (for measuring what it buys).
+    punch_sync: bool = True
     relay_rate_limit: int = 0  # bytes/s per session, 0 = unlimited
     relay_burst: int = 0
     # Which connectors may offer which services: CONNECTOR_GLOB=SERVICE_GLOB rules. None

@@ -508,6 +508,9 @@ class Session(ConnectionHandler):
             "relay_moves": core.relay_moves,
             "network_changes": core.network_changes,
             "switch_ms": self.switch_ms,
+            "to_direct_ms": next((round((at - self.opened_at) * 1000, 3)
+                                  for at, route, _why in core.switches if route == DIRECT),
+                                 None),
             "route_switches": len(core.switches),
             "failovers": len(core.failovers),
             "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,

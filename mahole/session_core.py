@@ -35,7 +35,9 @@ Liveness and failover (docs/architecture.md, "The session core")
     nothing heard on it for ``failover_timeout`` (or 3 RTTs when the path is slow, never more
     than twice the timeout) is dead: the session is back on the relay at once, with a PING
     to get loss recovery going. An idle route (direct, or the relay) is probed with a PING
-    every ``keepalive``, which also keeps the NAT mappings open. An authenticated packet by
+    every ``keepalive``, which also keeps the NAT mappings open. While the direct route is
+    probed and nothing is heard on it, a PING goes out every :data:`REPROBE_INTERVAL`: on a
+    lossy path one lost PING or ACK is no verdict, several unanswered in a row are. An authenticated packet by
     the relay while direct, with nothing direct for :data:`PEER_SILENT` (after
     :data:`PEER_SWITCH_GRACE`), means the peer has seen the direct route die: the core
     follows it at once.
@@ -98,6 +100,10 @@ REPUNCH_WINDOW = 60.0
 # The relay silent this long as well when the peer falls silent on it: the relay, not the
 # peer, may be what died; the peer is not given up for RELAY_DOUBT_HOLD more, time enough for
 # the control connection's verdict (control_dead_after) and, with resumption, a new home.
+# While the direct route is probed and nothing is heard, a PING goes out this often (or every
+# two RTTs, if longer): one lost PING or ACK is no verdict on a lossy path; several unanswered
+# in a row are.
+REPROBE_INTERVAL = 0.1
 RELAY_QUIET = 1.0
 RELAY_DOUBT_HOLD = 2.0
 RELAY_MOVED = "the relay moved"
@@ -204,6 +210,7 @@ class SessionCore:
         self.last_direct_rx: Optional[float] = None
         self.rtt: Optional[float] = None
         self.pings = 0
+        self._last_ping = now
         self._in_flight = False
         self._probe_since: Optional[float] = None  # waiting for an answer on this route
         self._peer_wait_since: Optional[float] = None  # waiting for anything from the peer
@@ -435,6 +442,8 @@ class SessionCore:
             if self._probe_since is not None:
                 yield (max(self._probe_since, self.last_direct_rx) + self._failover_after(),
                        "failover")
+                yield (max(self._last_ping, self.last_direct_rx, self._probe_since)
+                       + max(REPROBE_INTERVAL, 2 * (self.rtt or 0.0)), "reprobe")
             else:
                 yield self.last_direct_rx + self.keepalive, "keepalive"
         elif self._probe_since is None:
@@ -468,7 +477,7 @@ class SessionCore:
         if "failover" in due:
             self._direct_failed(now, "nothing heard on the direct path for "
                                      f"{(now - self.last_direct_rx) * 1000:.0f} ms")
-        elif "keepalive" in due:
+        elif "keepalive" in due or "reprobe" in due:
             # RFC 9000 §19.2: a PING elicits an ACK: liveness evidence, and it keeps the NAT
             # mappings of the route open while the session is idle.
             self._ping(now)
@@ -490,6 +499,7 @@ class SessionCore:
 
     def _ping(self, now, reset_backoff=False):
         self.pings += 1
+        self._last_ping = now
         self._probing(now)
         self._events.append(SendPing(reset_backoff))
 

@@ -671,6 +671,8 @@ class SignalingCore:
     limits:          `Limits` (quotas per identity); the defaults if None.
     token_source:    ``f(n) -> n random bytes`` for relay tokens (``os.urandom``; tests
                      inject their own).
+    punch_sync:      time StartPunching from the members' RTTs (the default); False sends
+                     it to both at once.
     wall_clock:      ``f() -> seconds`` of the wall clock (``time.time``), stamped on node
                      records so that copies of an identity at two intermediates of a fleet
                      can be told apart by age (tests inject their own).
@@ -678,7 +680,7 @@ class SignalingCore:
 
     def __init__(self, *, acl=(), offers=None, registry=None, home="",
                  probe_timeout=PROBE_TIMEOUT, node_dead_after=NODE_DEAD_AFTER, limits=None,
-                 token_source=os.urandom, wall_clock=time.time):
+                 token_source=os.urandom, wall_clock=time.time, punch_sync=True):
         self.acl = [rule if isinstance(rule, AclRule) else AclRule(rule) for rule in acl]
         self.offers = None if offers is None else [
             rule if isinstance(rule, OfferRule) else OfferRule(rule) for rule in offers]
@@ -689,6 +691,7 @@ class SignalingCore:
         self.limits = limits if limits is not None else Limits()
         self._token_source = token_source
         self._wall_clock = wall_clock
+        self.punch_sync = punch_sync
         self.counters = dict.fromkeys((
             "nodes_registered", "refused_registration", "refused_conflict", "nodes_replaced",
             "nodes_dead", "probes_sent", "probes_answered", "sessions_opened",
@@ -741,7 +744,7 @@ class SignalingCore:
                         "service; add --offer CONNECTOR_GLOB=SERVICE_GLOB to say which")
         return cls(acl=cfg.allow, offers=offers or None, registry=registry, home=home,
                    probe_timeout=cfg.probe_timeout, node_dead_after=cfg.node_dead_after,
-                   limits=limits, **kwargs)
+                   limits=limits, punch_sync=getattr(cfg, "punch_sync", True), **kwargs)
 
     # Outputs ---------------------------------------------------------------------------
     def next_event(self):
@@ -1874,7 +1877,7 @@ class SignalingCore:
         message = control.StartPunching(session_id=session_id, delay_ms=0)
         for handle, rtt in rtts.items():
             key = ("punch", session_id, handle)
-            wait = (far - rtt) / 2
+            wait = (far - rtt) / 2 if self.punch_sync else 0.0
             if wait > PUNCH_SKEW_MIN:
                 self._punches[key] = message
                 self._schedule(key, now + wait)

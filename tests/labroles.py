@@ -37,12 +37,15 @@ class Deployment:
     """The three roles (and an echo service) as processes inside a lab."""
 
     def __init__(self, lab, tmp_path, agent_nat, connector_nat, *, agent_args=(),
-                 connector_args=(), intermediate_args=()):
+                 connector_args=(), intermediate_args=(), agent_link=None,
+                 connector_link=None, intermediate_link=None):
         self.lab = lab
         self.tmp_path = tmp_path
-        self.public = lab.public_host(name="inter")
-        self.agent_host = lab.host(agent_nat, name="agent")
-        self.connector_host = lab.host(connector_nat, name="conn")
+        # Links (netlab/wire.py presets or settings): the agent's and the connector's own
+        # link to their router (or to the public segment), the intermediate's to it.
+        self.public = lab.public_host(name="inter", link=intermediate_link)
+        self.agent_host = lab.host(agent_nat, name="agent", link=agent_link)
+        self.connector_host = lab.host(connector_nat, name="conn", link=connector_link)
         issue_certificates(tmp_path, host=self.public.ip)
         self.relay_addr = f"{self.public.ip}:{INTERMEDIATE_PORT}"
         self.intermediate_args = intermediate_args

@@ -55,6 +55,29 @@ def test_matrix_cell(lab, tmp_path, agent_nat, connector_nat):
         f"{agent_nat} x {connector_nat}: {session['punch']}\n{d.logs()}")
 
 
+@pytest.mark.parametrize("agent_nat, connector_nat", list(itertools.product(PRESETS, PRESETS)),
+                         ids=lambda preset: preset)
+def test_matrix_cell_on_lte_links(lab, tmp_path, agent_nat, connector_nat):
+    """The same cells on `lte` links (60 ms ± 10 ms, 1 % loss each way, netlab/wire.py) for
+    both nodes: each goes the same way as on clean links."""
+    from netlab import wire
+
+    d = Deployment(lab, tmp_path, agent_nat, connector_nat,
+                   agent_link={**wire.LINKS["lte"], "seed": 1},
+                   connector_link={**wire.LINKS["lte"], "seed": 2})
+    d.wait_registered(30)
+    data = os.urandom(256 << 10)
+    assert d.round_trip(data) == data, d.logs()
+    session = wait(lambda: (s := d.session()) and s["punch"] and s["punch"]["path"] and s,
+                   20, "hole punching to finish", d)
+    assert d.round_trip(data) == data, d.logs()
+    session = d.session()
+    print(f"lte {agent_nat} x {connector_nat}: {session['path']}, "
+          f"to direct {session['switch_ms']} ms, rtt {session['rtt_ms']} ms")
+    assert session["path"] == expected_path(agent_nat, connector_nat), (
+        f"{agent_nat} x {connector_nat} on lte links: {session['punch']}\n{d.logs()}")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _write_matrix():
     yield

@@ -15,6 +15,7 @@ from mahole.session_core import (
     RELAY,
     RELAY_DOUBT_HOLD,
     RELAY_MOVED,
+    REPROBE_INTERVAL,
     Closed,
     RepunchDue,
     RouteChanged,
@@ -38,6 +39,7 @@ class Pump:
         self.events = []  # (when, event)
         self.cut = set()  # routes whose packets are lost
         self.peer_dead = False
+        self.lose = 0  # answers to lose next (loss on a working path)
         self.on_repunch = None  # called at each RepunchDue (a new punching attempt)
         self.outstanding = 0  # probes sent and not answered (aioquic retransmits them)
         self.arrivals = []  # when answers reach us
@@ -61,6 +63,9 @@ class Pump:
         """An answer arrives by the route the session is on (the peer is on it too)."""
         route = self.core.route
         if route == NONE or route in self.cut or self.peer_dead:
+            return
+        if self.lose > 0:  # this answer is lost on the way (a lossy path)
+            self.lose -= 1
             return
         self.outstanding = 0  # an ACK covers everything sent before it
         self.core.packet_authenticated(self.core.direct_addr if route == DIRECT
@@ -533,3 +538,21 @@ def test_a_network_change_on_the_relay_brings_a_pending_repunch_forward():
     relayed = Pump(controlling=False)  # the connector never punches on its own
     relayed.core.network_changed(1.0, "moved")
     assert relayed.core.repunch_at is None and relayed.core.route == RELAY
+
+
+def test_an_idle_direct_route_that_loses_a_few_answers_is_probed_again_not_abandoned():
+    """On a lossy path a keepalive PING (or its ACK) is lost now and then: the core pings
+    again every REPROBE_INTERVAL while nothing is heard, so three lost answers in a row
+    cost nothing; a route that answers nothing still fails over on time."""
+    pump = direct_pump()
+    pump.run(pump.now + 2.0)  # idle: keepalives answered
+    pump.lose = 3
+    pump.run(pump.now + 5.0)
+    assert pump.core.route == DIRECT and pump.core.failovers == []
+    pings = [at for at, _ in pump.of(SendPing)]
+    assert any(b - a == pytest.approx(REPROBE_INTERVAL) for a, b in zip(pings, pings[1:]))
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(pump.now + 3.0)
+    assert pump.core.route == RELAY
+    assert pump.core.failovers[0] - cut_at <= 1.0 + 0.5 + 0.01  # keepalive + failover

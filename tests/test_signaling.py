@@ -274,6 +274,21 @@ def test_start_punching_is_timed_from_the_two_control_rtts():
     assert h.core.counters["start_punching_sent"] == 2
 
 
+def test_without_punch_sync_start_punching_goes_to_both_at_once():
+    """--no-punch-sync (for measuring what the timing buys): no copy is held back."""
+    h = Harness(punch_sync=False)
+    h.pair()
+    h.alive(1, rtt=0.100)
+    h.alive(2, rtt=0.020)
+    session_id, _ = h.open()
+    h.say(1, offer(session_id))
+    start = control.StartPunching(session_id=session_id, delay_ms=0)
+    events = h.say(2, answer(session_id))
+    assert events == [SendMessage(1, answer(session_id)), SendMessage(1, start),
+                      SendMessage(2, start)]
+    assert h.core.next_timer() != pytest.approx(h.now + 0.040)
+
+
 def test_a_delayed_start_punching_is_dropped_with_its_session():
     h = Harness()
     h.pair()

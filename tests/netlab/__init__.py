@@ -10,6 +10,10 @@
         sock = h.udp_socket()                      # a socket inside h's namespace
         assert netlab.mapped_address(sock, refl.addr)[0] == h.router.wan_ip
 
+Links with the character of real ones (delay, jitter, random or bursty loss, a rate):
+`lab.host("symmetric", link="lte", uplink="long")`, `lab.public_host(link="wifi")`; presets
+and settings in netlab/wire.py, which runs each such link through a namespace of its own.
+
 Presets and their nft rules: netlab/nat.py. Tests that need the lab call `netlab.require()`
 (the `lab` fixture does): it skips when namespaces cannot be made here (not root, no `ip netns`,
 no `nft`/`conntrack`), and fails instead when MAHOLE_REQUIRE_NETLAB=1 (as in CI).
