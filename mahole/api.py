@@ -410,7 +410,7 @@ class Agent(_Node):
     _what = "agent"
 
     def __init__(self, intermediate: Intermediates, *, cert: Credential,
-                 key: Credential, ca: Credential, bind: tuple[str, int] = ("0.0.0.0", 0),
+                 key: Credential, ca: Credential, bind: tuple[str, int] = ("::", 0),
                  **settings: Any) -> None:
         self._setup(AgentConfig(**_intermediates(intermediate), bind=bind,
                                 control_socket=settings.pop("control_socket", ""),
@@ -500,7 +500,7 @@ class Connector(_Node):
     _what = "connector"
 
     def __init__(self, intermediate: Intermediates, *, cert: Credential,
-                 key: Credential, ca: Credential, bind: tuple[str, int] = ("0.0.0.0", 0),
+                 key: Credential, ca: Credential, bind: tuple[str, int] = ("::", 0),
                  **settings: Any) -> None:
         self._setup(ConnectorConfig(**_intermediates(intermediate), bind=bind,
                                     control_socket=settings.pop("control_socket", ""),

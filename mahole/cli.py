@@ -111,8 +111,9 @@ def _add_node(sub, role):
     sub.add_argument("--intermediate-name", metavar="NAME",
                      help="name in the (first) intermediate's certificate (default: its "
                           "HOST; the others are checked against their own HOST)")
-    sub.add_argument("--bind", type=_hostport("0.0.0.0"), default=("0.0.0.0", 0),
-                     metavar="HOST:PORT", help="local UDP address (default: any, port 0)")
+    sub.add_argument("--bind", type=_hostport("::"), default=("::", 0),
+                     metavar="HOST:PORT", help="local UDP address (default: [::]:0, every "
+                                               "address of both IPv4 and IPv6, any port)")
     policy = sub.add_mutually_exclusive_group()
     policy.add_argument("--relay-only", action="store_true",
                         help="never punch: sessions stay on the intermediate's relay")

@@ -190,7 +190,7 @@ class NodeConfig(Credentials):
     # More intermediates of the fleet (host, port): the node homes on the nearest of all
     # (mahole.homing) and moves to the next when its home is lost.
     fallbacks: tuple = ()
-    bind: tuple = ("0.0.0.0", 0)
+    bind: tuple = ("::", 0)  # dual-stack: IPv4 and IPv6 on one socket
     status: tuple | None = None
     control_socket: str | None = None  # None: the default path (mahole.local_control); "": none
     keylog: str | None = None  # append TLS secrets here (SSLKEYLOGFILE format; debugging)

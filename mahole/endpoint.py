@@ -14,7 +14,9 @@ timer is logged once per kind, counted, and the rest of the batch is processed.
 """
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from collections import deque
 
 from aioquic.quic import events as qe
@@ -186,6 +188,20 @@ class Connection:
             self._terminated()
 
 
+def plain_addr(addr):
+    """(host, port) of a socket address, an IPv4-mapped IPv6 host (``::ffff:a.b.c.d``, how a
+    dual-stack socket reports IPv4 peers, RFC 4291 §2.5.5.2) given as plain IPv4."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        try:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            host = str(mapped)
+    return (host, addr[1])
+
+
 class Endpoint:
     """A node's UDP socket, its router, connections and timers.
 
@@ -203,6 +219,10 @@ class Endpoint:
 
     def __init__(self, sock, *, on_stun=None, on_initial=None, receiver=None, batch_size=32):
         self.sock = sock
+        # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d with flow and scope: every
+        # address is handed on as the (host, port) the rest of mahole compares and sends to
+        # (the batch socket maps an IPv4 destination back on the way out).
+        self._plain = sock.family == socket.AF_INET6
         self.batch = BatchSocket(sock, batch_size)
         self.receiver = receiver if receiver is not None else self.batch
         self.router = Router()
@@ -292,6 +312,8 @@ class Endpoint:
         counters = self.counters
         counters["datagrams_received"] += len(datagrams)
         counters["bytes_received"] += sum(len(data) for data, _addr in datagrams)
+        if self._plain:
+            datagrams = [(data, plain_addr(addr)) for data, addr in datagrams]
         result = self.router.dispatch(datagrams)
         now = self.loop.time()
         for conn, (data, addr) in zip(result.quic_handles, result.quic_datagrams):

@@ -47,7 +47,7 @@ def test_a_bare_port_means_the_documented_host():
     assert args.status == ("127.0.0.1", 9100)
     args = parse("agent", "--intermediate", "relay", "--forward", "tcp:127.0.0.1:0=web",
                  "--status", "9101", "--bind", "5000", *CREDS)
-    assert args.status == ("127.0.0.1", 9101) and args.bind == ("0.0.0.0", 5000)
+    assert args.status == ("127.0.0.1", 9101) and args.bind == ("::", 5000)
 
 
 def test_several_intermediates_are_one_home_and_its_fallbacks(served):

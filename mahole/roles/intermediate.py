@@ -42,7 +42,7 @@ from .. import connection as qc
 from .. import identity
 from .._fast import RelayEngine
 from ..debug_logs import DebugLogs
-from ..endpoint import ConnectionHandler, Endpoint
+from ..endpoint import ConnectionHandler, Endpoint, plain_addr
 from ..fleet import FleetRegistry
 from ..fleet_redis import FleetError, RedisFleet
 from ..signaling import (
@@ -71,20 +71,6 @@ TIMER_KEY = "signaling"  # the core's one timer on the endpoint
 # only such datagrams get Version Negotiation (so a VN answer never amplifies).
 MIN_INITIAL_DATAGRAM = 1200
 RETRY_CID_LEN = 8  # the connection ID a Retry hands out (the router's DCID length)
-
-
-def plain_addr(addr):
-    """(host, port) of a socket address, an IPv4-mapped IPv6 host (``::ffff:a.b.c.d``, how a
-    dual-stack socket reports IPv4 peers, RFC 4291 §2.5.5.2) given as plain IPv4."""
-    host = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        try:
-            mapped = ipaddress.IPv6Address(host).ipv4_mapped
-        except ValueError:
-            mapped = None
-        if mapped is not None:
-            host = str(mapped)
-    return (host, addr[1])
 
 
 def _fmt(addr):

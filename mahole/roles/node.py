@@ -7,6 +7,7 @@ intermediate is unreachable or restarts.
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import os
 import random
@@ -67,6 +68,39 @@ def explain_tls_failure(reason, cfg):
     return (f"the intermediate's certificate is not trusted by --ca "
             f"{identity.describe_source(cfg.ca)} ({reason}): "
             f"is this the right deployment's CA?")
+
+
+def socket_reach(sock):
+    """The address family a UDP socket can send to: AF_UNSPEC for a dual-stack one (an IPv6
+    wildcard with IPV6_V6ONLY off reaches IPv4 peers as ::ffff:a.b.c.d)."""
+    if sock.family != socket.AF_INET6:
+        return socket.AF_INET
+    wildcard = ipaddress.ip_address(sock.getsockname()[0]).is_unspecified
+    try:
+        v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except OSError:
+        v6only = 1
+    return socket.AF_UNSPEC if wildcard and not v6only else socket.AF_INET6
+
+
+def bind_node_socket(host, port):
+    """A node's one socket: dual-stack on ``::`` (the default) where this host has IPv6,
+    plain IPv4 on ``0.0.0.0`` where it has not."""
+    try:
+        return bind_udp(host, port, dual_stack=True)
+    except StartupError:
+        if host != "::" or _ipv6_works():
+            raise
+        log.info("no IPv6 on this host: binding 0.0.0.0:%d (IPv4 only)", port)
+        return bind_udp("0.0.0.0", port)
+
+
+def _ipv6_works():
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+        return True
+    except OSError:
+        return False
 
 
 def bind_udp(host, port, *, dual_stack=False):
@@ -134,11 +168,15 @@ def load_credentials(cfg, role):
     return node, ca
 
 
-async def resolve_all(hostport, bind_host):
-    """Every address of the intermediate's name (of the bound socket's family), in the
-    resolver's order."""
+async def resolve_all(hostport, sock):
+    """Every address of the intermediate's name the socket can reach (both families from a
+    dual-stack socket), as (host, port), in the resolver's order."""
     host, port = hostport
-    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    family = socket_reach(sock)
+    if family == socket.AF_INET and ":" in host:
+        raise StartupError(f"the intermediate {host!r} is an IPv6 address, but this node's "
+                           f"socket is IPv4 only (--bind {_fmt(sock.getsockname())}): bind "
+                           f"[::]:0 (the default) to reach both")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family,
                                                              type=socket.SOCK_DGRAM)
@@ -488,9 +526,13 @@ class Node:
         before the node registers: a copy that cannot start never disturbs a running one."""
         loop = asyncio.get_running_loop()
         self.failed = loop.create_future()
-        self.homes = await self._resolve_homes()
+        sock = bind_node_socket(*self.cfg.bind)
+        try:
+            self.homes = await self._resolve_homes(sock)
+        except BaseException:
+            sock.close()
+            raise
         self.intermediate_addr, self.intermediate_name = self.homes[0]
-        sock = bind_udp(*self.cfg.bind)
         self.endpoint = Endpoint(sock, on_stun=self._stun_received,
                                  on_initial=self._initial_received)
         self.endpoint.start()
@@ -558,13 +600,14 @@ class Node:
     def control_message(self, message):
         pass
 
-    async def _resolve_homes(self):
-        """Every address of every intermediate configured, with the TLS name to expect."""
+    async def _resolve_homes(self, sock):
+        """Every address of every intermediate configured that ``sock`` can reach, with the
+        TLS name to expect."""
         cfg = self.cfg
         homes = {}
         for hostport, name in ((cfg.intermediate, cfg.intermediate_name),
                                *((f, f[0]) for f in cfg.fallbacks)):
-            for addr in await resolve_all(hostport, cfg.bind[0]):
+            for addr in await resolve_all(hostport, sock):
                 homes.setdefault(addr, name)
         return list(homes.items())
 
