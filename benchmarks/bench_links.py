@@ -18,17 +18,13 @@ lossy links, IPv6 cells, path choice by RTT.
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import _report
-
-HERE = Path(__file__).resolve().parent
-TESTS = HERE.parent / "tests"
+from bench_resilience import run_tests  # the lab tests in a pytest of their own
 
 LABELS = {
     "to_direct_ms_sync": "far agent (150 ms) / near connector (20 ms): time to direct, "
@@ -42,15 +38,6 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_tests(out_dir, keyword):
-    cmd = [sys.executable, "-m", "pytest", str(TESTS / "test_links_lab.py"), "-q", "-p",
-           "no:cacheprovider", "--rootdir", str(HERE.parent), "-k", keyword]
-    env = dict(os.environ, MAHOLE_BENCH_DIR=str(out_dir), MAHOLE_REQUIRE_NETLAB="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
-                          cwd=tempfile.gettempdir())
-    return proc.returncode, proc.stdout[-3000:]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, help="repetitions of each setting (default 30, "
@@ -61,7 +48,7 @@ def main(argv=None):
     values, failures = {}, 0
     with tempfile.TemporaryDirectory() as out:
         for index in range(runs):
-            code, tail = run_tests(out, "far_agent")
+            code, tail = run_tests("test_links_lab.py", out, "far_agent")
             if code != 0:
                 failures += 1
                 print(f"run {index + 1}: tests failed\n{tail}", file=sys.stderr)

@@ -319,19 +319,20 @@ class TwoIntermediates:
         self.h1.connect(1, "agent", "alice", AGENT_ADDR, resumable=resumable)
         [office] = self.h2.core.registry.nodes()
         self.h1.core.registry.apply_remote("relay2", "put", "2", encode_record(office))
+        self.by_home = {"relay1": self.h1, "relay2": self.h2}
         self.carried = 0
 
     def carry(self, events, source):
         """Deliver the FleetSends among ``events`` (from ``source``), and what they cause,
-        until nothing is left; every event on both sides, as {home: [events]}."""
-        seen = {"relay1": [], "relay2": []}
+        until nothing is left; every event of every intermediate, as {home: [events]}."""
+        seen = {home: [] for home in self.by_home}
         pending = [(source, events)]
         while pending:
             harness, batch = pending.pop()
             seen[harness.core.home].extend(batch)
             for event in batch:
                 if isinstance(event, signaling.FleetSend):
-                    other = self.h2 if harness is self.h1 else self.h1
+                    other = self.by_home[event.home]
                     self.carried += 1
                     other.core.fleet_message(
                         harness.core.home, None if event.sender is None else str(event.sender),
@@ -565,23 +566,7 @@ class ThreeIntermediates(TwoIntermediates):
                     reg3.apply_remote(h.core.home, "put", str(node.handle), encode_record(node))
         [alice] = [n for n in self.h1.core.registry.nodes() if n.name == "alice"]
         self.h2.core.registry.apply_remote("relay1", "put", "1", encode_record(alice))
-        self.by_home = {"relay1": self.h1, "relay2": self.h2, "relay3": self.h3}
-
-    def carry(self, events, source):
-        seen = {home: [] for home in self.by_home}
-        pending = [(source, events)]
-        while pending:
-            harness, batch = pending.pop()
-            seen[harness.core.home].extend(batch)
-            for event in batch:
-                if isinstance(event, signaling.FleetSend):
-                    other = self.by_home[event.home]
-                    other.core.fleet_message(
-                        harness.core.home, None if event.sender is None else str(event.sender),
-                        None if event.to is None else str(event.to), event.message, other.now,
-                        session=event.session, rtt=event.rtt)
-                    pending.append((other, other.events()))
-        return seen
+        self.by_home["relay3"] = self.h3
 
     def dies(self, home):
         for h in self.by_home.values():
@@ -650,6 +635,7 @@ class SplitUp(ThreeIntermediates):
     node."""
 
     def __init__(self):  # noqa: super().__init__ is not called: another starting point
+        self.carried = 0
         addrs = {"relay1": RELAY1, "relay2": RELAY2, "relay3": RELAY3}
         self.by_home = {}
         for home in addrs:
