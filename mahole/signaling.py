@@ -1189,7 +1189,6 @@ class SignalingCore:
                 self._probe_expired(key, now)
         # A member held there is homing again and may resume its sessions: the members
         # here must not take its silence for death meanwhile.
-        hold = control.SessionHeld(session_id=b"\0" * 8, hold_ms=int(SESSION_HOLD * 1000))
         for session in self.registry.sessions():
             for handle in session.members():
                 held_at = remote_handle(handle)
@@ -1197,8 +1196,8 @@ class SignalingCore:
                 if held_at is not None and held_at[0] == home and other is not None \
                         and other.resumable:
                     self.counters["sessions_held"] += 1
-                    self._send(other.handle, dataclasses.replace(
-                        hold, session_id=session.session_id))
+                    self._send(other.handle, control.SessionHeld(
+                        session_id=session.session_id, hold_ms=int(SESSION_HOLD * 1000)))
         for session_id, waiting in list(self._resumes.items()):
             if self.registry.session(session_id) is not None:  # waited for this silence
                 del self._resumes[session_id]
