@@ -345,6 +345,17 @@ class TwoIntermediates:
         session_id, events = self.h1.open(service="web")
         return session_id, self.carry(events, self.h1)
 
+    def dies(self, home):
+        """``home`` falls silent for the others: what each then does, as {home: [events]}."""
+        seen = {other: [] for other in self.by_home}
+        for h in self.by_home.values():
+            if h.core.home != home:
+                h.core.registry.relay_addrs.pop(home, None)
+                h.core.fleet_home_silent(home, h.now)
+                for other, events in self.carry(h.events(), h).items():
+                    seen[other].extend(events)
+        return seen
+
 
 def sent(events, handle=None):
     return [e.message for e in events if isinstance(e, SendMessage)
@@ -444,9 +455,7 @@ def test_an_agent_whose_intermediate_died_resumes_where_its_connector_is():
     session_id, seen = t.open()
     agent_token = tokens(seen)[1]
     h2 = t.h2
-    h2.core.registry.relay_addrs.pop("relay1")
-    h2.core.fleet_home_silent("relay1", h2.now)
-    [held] = sent(h2.events(), 2)
+    [held] = sent(t.dies("relay1")["relay2"], 2)
     assert held == control.SessionHeld(session_id=session_id, hold_ms=6000)
     h2.connect(3, "agent", "alice", NEW_ADDR, resumable=True)
     h2.events()
@@ -476,9 +485,8 @@ def test_a_connector_whose_intermediate_died_resumes_at_the_owner():
     session_id, seen = t.open()
     connector_token = tokens(seen)[2]
     h1 = t.h1
-    h1.core.registry.relay_addrs.pop("relay2")
-    h1.core.fleet_home_silent("relay2", h1.now)
-    assert sent(h1.events(), 1) == [control.SessionHeld(session_id=session_id, hold_ms=6000)]
+    assert sent(t.dies("relay2")["relay1"], 1) == [
+        control.SessionHeld(session_id=session_id, hold_ms=6000)]
     h1.connect(4, "connector", "office", NEW_ADDR, services=("web",), resumable=True)
     h1.events()
     events = h1.say(4, resume(session_id, connector_token))
@@ -498,9 +506,7 @@ def test_a_resume_waits_for_the_old_intermediate_to_be_known_silent():
     h2.events()
     assert h2.say(3, resume(session_id, agent_token)) == []
     h2.now += 1.0
-    h2.core.registry.relay_addrs.pop("relay1")
-    h2.core.fleet_home_silent("relay1", h2.now)
-    assert control.SessionResumed(session_id=session_id) in sent(h2.events(), 3)
+    assert control.SessionResumed(session_id=session_id) in sent(t.dies("relay1")["relay2"], 3)
     # relay1 never falls silent: the resume is refused after RESUME_WAIT.
     t = TwoIntermediates(resumable=True)
     session_id, seen = t.open()
@@ -567,13 +573,6 @@ class ThreeIntermediates(TwoIntermediates):
         [alice] = [n for n in self.h1.core.registry.nodes() if n.name == "alice"]
         self.h2.core.registry.apply_remote("relay1", "put", "1", encode_record(alice))
         self.by_home["relay3"] = self.h3
-
-    def dies(self, home):
-        for h in self.by_home.values():
-            if h.core.home != home:
-                h.core.registry.relay_addrs.pop(home, None)
-                h.core.fleet_home_silent(home, h.now)
-                self.carry(h.events(), h)
 
 
 def test_an_agent_homing_at_a_third_intermediate_resumes_through_the_connectors():
@@ -701,9 +700,7 @@ def test_members_that_home_at_two_different_intermediates_resume_across_them(tog
 def test_a_member_of_control_protocol_1_is_never_sent_the_new_messages():
     t = TwoIntermediates(resumable=False)
     session_id, _ = t.open()
-    t.h2.core.registry.relay_addrs.pop("relay1")
-    t.h2.core.fleet_home_silent("relay1", t.h2.now)
-    assert sent(t.h2.events()) == []
+    assert sent(t.dies("relay1")["relay2"]) == []
 
 
 def test_a_connectors_session_quota_holds_for_sessions_opened_at_other_intermediates():
