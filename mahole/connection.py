@@ -313,6 +313,13 @@ class NodeQuicConnection(QuicConnection):
         loss = self._loss
         return loss._rtt_smoothed if loss._rtt_initialized else None
 
+    @property
+    def latest_rtt(self):
+        """The newest RTT sample in seconds (RFC 9002 §5.2, ack delay taken off), or None
+        before the first: what one round trip on the current route took just now."""
+        loss = self._loss
+        return loss._rtt_latest if loss._rtt_initialized else None
+
     def pause_stream(self, stream_id):
         self._paused_streams.add(stream_id)
 
