@@ -12,6 +12,7 @@ import sys
 
 from . import __version__, certs_cli, logs, status_cli, systemd
 from .config import (
+    CONGESTION_CONTROLS,
     DEFAULT_PORT,
     AgentConfig,
     ConnectorConfig,
@@ -138,6 +139,10 @@ def _add_node(sub, role):
                      metavar="BYTES",
                      help="largest end-to-end packet path MTU discovery tries (default: "
                           f"{node.max_udp_payload}, a 1,500-byte MTU; 1200 turns it off)")
+    sub.add_argument("--congestion-control", choices=CONGESTION_CONTROLS,
+                     default=node.congestion_control,
+                     help="congestion controller of the end-to-end sessions' sending side "
+                          f"(default: {node.congestion_control})")
     _add_credentials(sub, role)
 
 
@@ -547,7 +552,8 @@ def _node_kwargs(args):
             "punch_deadline": args.punch_deadline, "failover_timeout": args.failover_timeout,
             "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,
             "session_idle_timeout": args.session_idle_timeout,
-            "max_udp_payload": args.max_udp_payload, **_credentials(args)}
+            "max_udp_payload": args.max_udp_payload,
+            "congestion_control": args.congestion_control, **_credentials(args)}
 
 
 def run_connector(args):

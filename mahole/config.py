@@ -10,6 +10,9 @@ from .signaling import Limits  # the quota defaults live with the quotas
 from .wire.control import NAME_RE as NAME  # a node or service name (one grammar everywhere)
 
 DEFAULT_PORT = 4478
+# Congestion controllers of end-to-end sessions: the ones aioquic implements (RFC 9002 §7
+# NewReno; RFC 9438 CUBIC). The first is the default (see NodeConfig.congestion_control).
+CONGESTION_CONTROLS = ("reno", "cubic")
 
 TARGET = re.compile(r"(tcp|udp):(\[[^\]]+\]|[^:\[\]]+):(\d{1,5})")  # proto:host:port
 
@@ -232,10 +235,22 @@ class NodeConfig(Credentials):
     # Path MTU discovery (mahole.pmtu) tries end-to-end packets up to this UDP payload; the
     # default fits a 1,500-byte Ethernet MTU, 1200 (QUIC's minimum) turns discovery off.
     max_udp_payload: int = 1472
+    # Congestion controller of this node's end-to-end sessions (what it sends; each member
+    # controls its own direction): one of CONGESTION_CONTROLS (benchmarks/bench_goodput.py).
+    congestion_control: str = CONGESTION_CONTROLS[0]
 
     def __post_init__(self):
         if self.intermediate_name is None:
             self.intermediate_name = self.intermediate[0]
+        check_congestion_control(self.congestion_control)
+
+
+def check_congestion_control(name):
+    """`name` if it is a congestion controller mahole offers, else ValueError saying which."""
+    if name not in CONGESTION_CONTROLS:
+        raise ValueError(f"unknown congestion control {name!r}; choose one of "
+                         f"{', '.join(CONGESTION_CONTROLS)}")
+    return name
 
 
 @dataclasses.dataclass

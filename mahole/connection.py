@@ -25,6 +25,7 @@ from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
 
 from . import identity
+from .config import CONGESTION_CONTROLS, check_congestion_control
 from .pmtu import BASE_PLPMTU
 
 # Control protocol versions, newest first; nodes offer both and the intermediate picks the
@@ -76,9 +77,11 @@ def is_tls_failure(error_code, frame_type):
 
 def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_timeout=30.0,
                   max_datagram_frame_size=None, max_stream_data=2 << 20,
-                  max_data=16 << 20, max_datagram_size=1200, keylog=None, qlog=None):
+                  max_data=16 << 20, max_datagram_size=1200, keylog=None, qlog=None,
+                  congestion_control=CONGESTION_CONTROLS[0]):
     """A QuicConfiguration presenting this node's certificate and trusting the deployment CA.
-    `alpn`: one protocol name or several, preferred first.
+    `alpn`: one protocol name or several, preferred first. `congestion_control`: one of
+    mahole.config.CONGESTION_CONTROLS (ValueError otherwise, before aioquic sees it).
 
     `keylog`: a text file the TLS secrets are appended to (SSLKEYLOGFILE format, for
     Wireshark); `qlog`: an aioquic QuicLogger (QuicFileLogger writes one .qlog per connection
@@ -93,6 +96,7 @@ def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_time
         max_datagram_size=max_datagram_size,
         secrets_log_file=keylog,
         quic_logger=qlog,
+        congestion_control_algorithm=check_congestion_control(congestion_control),
     )
     config.certificate = node.certificate
     config.certificate_chain = list(node.chain)

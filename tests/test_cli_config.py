@@ -435,3 +435,63 @@ def test_with_json_logs_every_stderr_line_is_json(restore_logging, capsys):
     assert main(["intermediate", *CREDS, "--max-half-open", "0"]) == 2  # text: as before
     assert capsys.readouterr().err == (
         "mahole intermediate: error: --max-half-open must be > 0\n")
+
+
+# --- congestion control of end-to-end sessions --------------------------------------------
+
+NODE_ARGS = {"agent": ["--intermediate", "relay", "--forward", "tcp:127.0.0.1:0=web"],
+             "connector": ["--intermediate", "relay", "--service", "web=tcp:127.0.0.1:80"]}
+
+
+@pytest.mark.parametrize("role", ["agent", "connector"])
+def test_congestion_control_is_chosen_by_flag_environment_or_file(role, tmp_path, monkeypatch,
+                                                                   served):
+    from mahole.config import NodeConfig
+
+    assert main([role, *NODE_ARGS[role], *CREDS]) == 0
+    assert served["cfg"].congestion_control == NodeConfig.congestion_control
+    for value in ("reno", "cubic"):
+        assert main([role, *NODE_ARGS[role], "--congestion-control", value, *CREDS]) == 0
+        assert served["cfg"].congestion_control == value
+    config = write(tmp_path / "node.toml", 'congestion-control = "cubic"\n')
+    assert main([role, *NODE_ARGS[role], "--config", config, *CREDS]) == 0
+    assert served["cfg"].congestion_control == "cubic"
+    monkeypatch.setenv("MAHOLE_CONGESTION_CONTROL", "reno")  # the environment beats the file
+    assert main([role, *NODE_ARGS[role], "--config", config, *CREDS]) == 0
+    assert served["cfg"].congestion_control == "reno"
+
+
+def test_an_unknown_congestion_control_is_one_line(tmp_path, capsys, served):
+    from mahole.config import AgentConfig
+
+    line = refused(capsys, "agent", *NODE_ARGS["agent"], "--congestion-control", "bbr", *CREDS)
+    assert line.startswith("mahole agent: error: argument --congestion-control: invalid "
+                           "choice: 'bbr'") and "'reno', 'cubic'" in line
+    config = write(tmp_path / "node.toml", 'congestion-control = "vegas"\n')
+    line = refused(capsys, "connector", *NODE_ARGS["connector"], "--config", config, *CREDS)
+    assert line == (f"mahole connector: error: {config}: congestion-control: expected one "
+                    "of reno, cubic, got 'vegas'")
+    assert "cfg" not in served
+    with pytest.raises(ValueError, match="unknown congestion control 'bbr'; choose one of "
+                                         "reno, cubic"):
+        AgentConfig(congestion_control="bbr")  # the library's users get the same check
+
+
+@pytest.mark.parametrize("relay_only", [False, True], ids=["direct", "relay"])
+def test_the_end_to_end_connections_use_the_chosen_congestion_control(relay_only):
+    """Both members' end-to-end QUIC connection run the controller the node was given (the
+    control connections keep aioquic's default), and bytes still arrive identical."""
+    import os
+
+    from aio_helpers import run
+    from mahole.demo import LocalDeployment, tcp_round_trip
+
+    async def main_():
+        async with LocalDeployment(agent_kwargs={"congestion_control": "cubic",
+                                                 "relay_only": relay_only},
+                                   connector_kwargs={"congestion_control": "cubic"}) as d:
+            data = os.urandom(200_000)
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
+            return [type(s.connection.quic._loss._cc).__name__
+                    for node in (d.agent, d.connector) for s in node.sessions.values()]
+    assert run(main_()) == ["CubicCongestionControl", "CubicCongestionControl"]
