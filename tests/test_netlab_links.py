@@ -30,14 +30,25 @@ WARM_UP = 0xFFFFFFFF
 
 def probe(lab, link, count, interval):
     """(RTTs in s of the probes answered, fraction lost) across a link."""
-    import subprocess
-
     server = lab.public_host()
     client = lab.public_host(link=link)
-    proc = server.python(ECHO, str(ECHO_PORT), stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
+    echo(server)
     sock = client.udp_socket()
     sock.setblocking(False)
+    return measure(sock, server, link, count, interval)
+
+
+def echo(host):
+    """Start a UDP echo server on `host`:ECHO_PORT."""
+    import subprocess
+
+    proc = host.python(ECHO, str(ECHO_PORT), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+
+
+def measure(sock, server, link, count, interval):
+    """(RTTs in s of the probes answered, fraction lost) from `sock` to an echo on `server`,
+    across a link of settings `link`."""
     sent_at, rtts = {}, {}
     settings = wire.settings(link)
     drain = 3 * (settings.get("rtt_ms", 0) + settings.get("jitter_ms", 0)) / 1000 + 0.3
@@ -170,3 +181,55 @@ print(" ".join(map(str, sorted(got))), flush=True)
         else:
             current += 1
     return runs or [0]
+
+
+def test_spared_hosts_cross_the_link_unharmed(lab):
+    """One link, two peers: the one in `spare` sees no delay and no loss, the other the link's
+    100 ms and 20 % loss (as a poor path between two ISPs, while both reach the intermediate
+    well)."""
+    far, spared = lab.public_host(), lab.public_host()
+    echo(far)
+    echo(spared)
+    link = {"rtt_ms": 100, "loss": 0.1, "spare": [spared.ip], "seed": 5}
+    client = lab.public_host(link=link)
+    sock = client.udp_socket()
+    sock.setblocking(False)
+    rtts_far, lost_far = measure(sock, far, link, 400, 0.002)
+    rtts_spared, lost_spared = measure(sock, spared, link, 400, 0.002)
+    far_ms, spared_ms = statistics.mean(rtts_far) * 1000, statistics.mean(rtts_spared) * 1000
+    print(f"far: RTT {far_ms:.2f} ms, loss {lost_far:.3f}; spared: RTT {spared_ms:.2f} ms, "
+          f"loss {lost_spared:.3f}")
+    assert abs(far_ms - 100) <= 10, far_ms
+    assert abs(lost_far - round_trip_loss(link)) <= 0.05, lost_far
+    assert spared_ms <= 1.0 and max(rtts_spared) < 0.01, rtts_spared
+    assert lost_spared == 0
+
+
+def test_a_link_changed_while_it_runs_measures_as_newly_set(lab):
+    """site.set_link() mid-run: the RTT follows the new setting within 10 %, both ways (worse,
+    then better); a probe already on the way keeps the delay it was given."""
+    server = lab.public_host()
+    echo(server)
+    client_site = lab.site("none", link={"rtt_ms": 20})
+    sock = client_site.host.udp_socket()
+    sock.setblocking(False)
+    for rtt_ms in (20, 200, 40):
+        if rtt_ms != 20:
+            client_site.set_link({"rtt_ms": rtt_ms})
+        rtts, lost = measure(sock, server, {"rtt_ms": rtt_ms}, 200, 0.002)
+        got_ms = statistics.mean(rtts) * 1000
+        print(f"set {rtt_ms} ms: RTT {got_ms:.2f} ms")
+        assert abs(got_ms - rtt_ms) <= 0.1 * rtt_ms and lost == 0, (got_ms, rtt_ms, lost)
+    # A probe sent at 300 ms (150 each way), then the link is cut to none at once: the probe
+    # keeps its 150 ms out, its echo comes back through the new, clean link.
+    client_site.set_link({"rtt_ms": 300})
+    _warm_up(sock, (server.ip, ECHO_PORT), 1.0)
+    sent = time.monotonic()
+    sock.sendto(struct.pack("!I", 1) + bytes(60), (server.ip, ECHO_PORT))
+    client_site.set_link("lan")
+    sock.setblocking(True)
+    sock.settimeout(2.0)
+    assert struct.unpack("!I", sock.recv(2048)[:4])[0] == 1
+    rtt_ms = (time.monotonic() - sent) * 1000
+    print(f"probe queued before the change: RTT {rtt_ms:.2f} ms")
+    assert 140 <= rtt_ms <= 200, rtt_ms

@@ -145,6 +145,19 @@ class Wire(Node):
         self.link = link
         self.proc = None
 
+    def set(self, link, timeout=5.0):
+        """Give the running link new settings (a preset name or settings, as at build time);
+        returns once the wire applies them to the frames that arrive from then on. Frames
+        already on the way keep the delay they were given."""
+        settings = wire.settings(link)  # a bad setting fails here, not in the wire
+        self.proc.stdin.write(json.dumps(settings) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().strip() if ready else ""
+        if line != "ok":
+            raise NetlabError(f"wire {self.name} did not take {settings} ({line!r})")
+        self.link = link
+
 
 class Router(Node):
     """A NAT router: WAN on the public segment, LAN with one host; rules in table `ip netlab`."""
@@ -247,6 +260,22 @@ class Site:
     preset: str
     router: Router | None
     host: Host
+    link_wire: Wire | None = None  # the host's link, if built with link=
+    uplink_wire: Wire | None = None  # the router's link to the public segment (uplink=)
+
+    def set_link(self, link):
+        """Change the host's link while it runs (netlab/wire.py preset or settings)."""
+        if self.link_wire is None:
+            raise ValueError(f"site {self.name} was built without link=: give link='lan' "
+                             "to change it later")
+        self.link_wire.set(link)
+
+    def set_uplink(self, link):
+        """Change the router's link to the public segment while it runs."""
+        if self.uplink_wire is None:
+            raise ValueError(f"site {self.name} was built without uplink=: give "
+                             "uplink='lan' to change it later")
+        self.uplink_wire.set(link)
 
 
 class Reflector:
@@ -333,8 +362,9 @@ class Lab:
 
     def _plug_public(self, ns, ifname, port_name, link=None):
         """A link from `ns` (interface `ifname`) to the public bridge."""
-        self._link(ns, ifname, self.pub, port_name, link)
+        node = self._link(ns, ifname, self.pub, port_name, link)
         _ns.ip(self.pub, f"link set {port_name} master br0", f"link set {port_name} up")
+        return node
 
     def _link(self, ns_a, if_a, ns_b, if_b, link=None, seed=None):
         """A veth pair from `ns_a` (`if_a`) to `ns_b` (`if_b`); with `link` (a preset of
@@ -354,8 +384,9 @@ class Lab:
         _ns.ip(wns, "link set lo up", "link set wa promisc on", "link set wb promisc on",
                "link set wa up", "link set wb up")
         node = Wire(self, name, wns, link)
-        node.proc = node.popen([sys.executable, str(WIRE_PATH), "wa", "wb",
-                                *wire.argv(link, seed)], stdout=subprocess.PIPE, text=True)
+        node.proc = node.popen([sys.executable, str(WIRE_PATH), "wa", "wb", "--control",
+                                *wire.argv(link, seed)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
         ready, _, _ = select.select([node.proc.stdout], [], [], 10)
         line = node.proc.stdout.readline().strip() if ready else ""
         if line != "ready":
@@ -390,11 +421,11 @@ class Lab:
             ns = self._namespace(name)
             ip = next(self._public_ips)
             _ns.write_sysctls(ns, _quiet_sysctls())
-            self._plug_public(ns, "eth0", f"v-{name}", link)
+            link_wire = self._plug_public(ns, "eth0", f"v-{name}", link)
             _ns.ip(ns, f"addr add {ip}/{PUBLIC_NET.prefixlen} dev eth0", "link set lo up",
                    "link set eth0 up")
             host = Host(self, name, ns, ip)
-            site = Site(name, nat, None, host)
+            site = Site(name, nat, None, host, link_wire=link_wire)
         else:
             name = self._name(name, "h")
             router_name = self._name(name + "r", "r")
@@ -408,8 +439,8 @@ class Lab:
             hns = self._namespace(name)
             _ns.write_sysctls(rns, _quiet_sysctls(forwarding=True))
             _ns.write_sysctls(hns, _quiet_sysctls())
-            self._plug_public(rns, "wan", f"v-{router_name}", uplink)
-            self._link(rns, "lan", hns, "eth0", link)
+            uplink_wire = self._plug_public(rns, "wan", f"v-{router_name}", uplink)
+            link_wire = self._link(rns, "lan", hns, "eth0", link)
             _ns.ip(rns, f"addr add {wan_ip}/{PUBLIC_NET.prefixlen} dev wan",
                    f"addr add {lan_ip}/{net.prefixlen} dev lan",
                    "link set lo up", "link set wan up", "link set lan up")
@@ -419,7 +450,8 @@ class Lab:
             router.nft(presets.ruleset(nat, wan_ip=wan_ip, host_ip=host_ip))
             host = Host(self, name, hns, host_ip, router)
             router.host = host
-            site = Site(name, nat, router, host)
+            site = Site(name, nat, router, host, link_wire=link_wire,
+                        uplink_wire=uplink_wire)
         host.site = site
         self.sites.append(site)
         self.hosts.append(host)

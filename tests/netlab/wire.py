@@ -16,14 +16,27 @@ Settings are per link and apply to each direction alike:
   burst       Gilbert-Elliott bursts instead: (mean loss, mean burst length in frames);
               a frame is lost in the bad state and passes in the good one
   rate_kbit   line rate each way (0: none)
+  spare       addresses (IPv4 or IPv6) whose frames pass unharmed: a frame whose IP source or
+              destination is one of them (for ARP: sender or target address) is sent on at
+              once, with no delay, loss or rate. Other frames, ARP and NDP included, get the
+              link's character. A link then models a poor path to some hosts only: between two
+              ISPs that peer badly, while both have a good path to the intermediate.
 A seed makes the drawn delays and losses repeat from run to run (one generator each way).
 
     python wire.py IFACE_A IFACE_B --rtt-ms 60 --jitter-ms 10 --loss 0.01 --seed 1
+
+With --control, stdin takes new settings while the link runs: one JSON object a line (the keys
+above; a preset's name as a JSON string also works), answered on stdout with `ok` once they
+apply or `error: …`. They apply to frames that arrive from then on; frames already queued keep
+the delay they were given (and frames keep their order, so after the delay is cut new frames
+wait behind the last old one). EOF on stdin ends the link.
 """
 
 import argparse
 import heapq
+import ipaddress
 import json
+import os
 import random
 import select
 import signal
@@ -42,6 +55,10 @@ PACKET_OUTGOING = 4  # the frame was sent by this host (our own copy out): not f
 JITTER_SLOT = 0.02
 QUEUE_LIMIT = 1000  # frames waiting for the line each way, with a rate limit
 MAX_FRAME = 65536
+ETH_HLEN = 14
+ETHERTYPE_VLAN = (0x8100, 0x88A8)  # 802.1Q / 802.1ad tags: 4 bytes each before the type
+ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_ARP = 0x0800, 0x86DD, 0x0806
+KEYS = {"rtt_ms", "jitter_ms", "loss", "burst", "rate_kbit", "spare", "seed"}
 
 # What the presets model. Delays are round trips added by the one link; losses are per
 # direction. `lan` is a clean link (it still goes through the wire: its own cost is a few
@@ -63,10 +80,15 @@ def settings(link):
         if link not in LINKS:
             raise ValueError(f"unknown link preset {link!r}; choose one of {', '.join(LINKS)}")
         return dict(LINKS[link])
-    unknown = set(link) - {"rtt_ms", "jitter_ms", "loss", "burst", "rate_kbit", "seed"}
+    unknown = set(link) - KEYS
     if unknown:
         raise ValueError(f"unknown link settings {sorted(unknown)}")
-    return dict(link)
+    link = dict(link)
+    if "spare" in link:
+        if isinstance(link["spare"], str):
+            raise ValueError("spare is a list of addresses, not one string")
+        link["spare"] = [str(ipaddress.ip_address(a)) for a in link["spare"]]
+    return link
 
 
 def argv(link, seed=None):
@@ -77,38 +99,79 @@ def argv(link, seed=None):
     if "burst" in s:
         mean, length = s["burst"]
         args += ["--burst", f"{mean},{length}"]
+    if s.get("spare"):
+        args += ["--spare", ",".join(s["spare"])]
     seed = s.get("seed", seed)
     if seed is not None:
         args += ["--seed", str(seed)]
     return args
 
 
+def spared(frame, spare):
+    """True if `frame` (virtio-net header, then Ethernet) is IPv4, IPv6 or ARP with a source or
+    destination address in `spare` (a set of packed addresses)."""
+    if not spare:
+        return False
+    off = VNET_HDR_LEN + ETH_HLEN
+    ethertype = int.from_bytes(frame[off - 2:off], "big")
+    while ethertype in ETHERTYPE_VLAN:
+        off += 4
+        ethertype = int.from_bytes(frame[off - 2:off], "big")
+    if ethertype == ETHERTYPE_IPV4:
+        return frame[off + 12:off + 16] in spare or frame[off + 16:off + 20] in spare
+    if ethertype == ETHERTYPE_IPV6:
+        return frame[off + 8:off + 24] in spare or frame[off + 24:off + 40] in spare
+    if ethertype == ETHERTYPE_ARP:  # Ethernet/IPv4 ARP: sender at 14, target at 24
+        return frame[off + 14:off + 18] in spare or frame[off + 24:off + 28] in spare
+    return False
+
+
+def conf(link):
+    """What a Direction needs from settings (a preset name or a dict of them)."""
+    s = settings(link)
+    burst = s.get("burst")
+    if burst is not None:
+        burst = _burst(",".join(map(str, burst)))
+    return {"rtt_ms": float(s.get("rtt_ms", 0)), "jitter_ms": float(s.get("jitter_ms", 0)),
+            "loss": float(s.get("loss", 0.0)), "burst": burst,
+            "rate_kbit": float(s.get("rate_kbit", 0)),
+            "spare": {ipaddress.ip_address(a).packed for a in s.get("spare", ())}}
+
+
 class Direction:
     """One way of the link: its loss state, the time its line is busy until."""
 
-    def __init__(self, out, args, seed):
+    def __init__(self, out, conf_, seed):
         self.out = out
         # Losses and jitter from generators of their own: which frames are lost depends on
         # the frames' order only, not on when jitter happens to be drawn.
         self.rng = random.Random(seed)
         self.jitter_rng = random.Random(None if seed is None else seed + 1000)
-        self.one_way = args.rtt_ms / 2000.0
-        self.jitter = args.jitter_ms / 2000.0
-        self.loss = args.loss
-        self.rate = args.rate_kbit * 1000 / 8.0  # bytes/s
-        self.burst = None
-        if args.burst:
-            mean, length = args.burst
-            leave_bad = 1.0 / length  # bad -> good per frame: bursts of `length` on average
-            # Stationary P(bad) = p / (p + r) = mean loss.
-            self.burst = (mean * leave_bad / (1.0 - mean), leave_bad)
         self.bad = False
         self.jitter_since = -JITTER_SLOT
         self.jitter_now = 0.0
         self.last_release = 0.0
         self.busy_until = 0.0
         self.queued = 0
-        self.counts = {"frames": 0, "lost": 0, "queue_drops": 0, "oversize": 0}
+        self.counts = {"frames": 0, "lost": 0, "queue_drops": 0, "oversize": 0, "spared": 0}
+        self.configure(conf_)
+
+    def configure(self, conf_):
+        """Apply settings (from conf()) to the frames that arrive from now on."""
+        self.one_way = conf_["rtt_ms"] / 2000.0
+        self.jitter = conf_["jitter_ms"] / 2000.0
+        self.jitter_since = -JITTER_SLOT  # a new jitter is drawn for the next frame
+        self.loss = conf_["loss"]
+        self.rate = conf_["rate_kbit"] * 1000 / 8.0  # bytes/s
+        self.spare = conf_["spare"]
+        self.burst = None
+        if conf_["burst"]:
+            mean, length = conf_["burst"]
+            leave_bad = 1.0 / length  # bad -> good per frame: bursts of `length` on average
+            # Stationary P(bad) = p / (p + r) = mean loss.
+            self.burst = (mean * leave_bad / (1.0 - mean), leave_bad)
+        else:
+            self.bad = False
 
     def admit(self, frame, now):
         """When the frame leaves the far end, or None if the link loses it."""
@@ -137,7 +200,6 @@ class Direction:
         delay = self.one_way + self.jitter_now
         release = max(start + max(delay, 0.0), self.last_release)  # frames keep their order
         self.last_release = release
-        self.queued += 1
         return release
 
 
@@ -157,8 +219,30 @@ def _packet_socket(ifname):
 def _burst(text):
     mean, length = (float(v) for v in text.split(","))
     if not 0 < mean < 1 or length < 1:
-        raise argparse.ArgumentTypeError("burst is MEAN_LOSS,MEAN_LENGTH (0<loss<1, len>=1)")
+        raise ValueError("burst is MEAN_LOSS,MEAN_LENGTH (0<loss<1, len>=1)")
     return mean, length
+
+
+def _spare(text):
+    return [str(ipaddress.ip_address(a)) for a in text.split(",") if a]
+
+
+def _control(buf, data, ways):
+    """Apply each whole line of settings in `buf + data`; return what is left of a line."""
+    buf += data
+    while b"\n" in buf:
+        line, buf = buf.split(b"\n", 1)
+        if not line.strip():
+            continue
+        try:
+            new = conf(json.loads(line))
+        except (ValueError, TypeError) as exc:
+            print(f"error: {exc}", flush=True)
+            continue
+        for _sock, way in ways.values():
+            way.configure(new)
+        print("ok", flush=True)
+    return buf
 
 
 def main(argv_=None):
@@ -168,20 +252,33 @@ def main(argv_=None):
     parser.add_argument("--rtt-ms", type=float, default=0.0)
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--loss", type=float, default=0.0)
-    parser.add_argument("--burst", type=_burst, default=None)
+    parser.add_argument("--burst", type=str, default=None)
     parser.add_argument("--rate-kbit", type=float, default=0.0)
+    parser.add_argument("--spare", type=_spare, default=[])
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--control", action="store_true",
+                        help="read new settings from stdin, one JSON object a line")
     args = parser.parse_args(argv_)
+    start = {"rtt_ms": args.rtt_ms, "jitter_ms": args.jitter_ms, "loss": args.loss,
+             "rate_kbit": args.rate_kbit, "spare": args.spare}
+    if args.burst:
+        start["burst"] = args.burst.split(",")
+    try:
+        start = conf(start)
+    except ValueError as exc:
+        parser.error(str(exc))
     # One generator each way: what a direction draws depends on its own frames only, so a
     # seeded run repeats whatever the timing of the other direction.
     seeds = (None, None) if args.seed is None else (args.seed, args.seed + 1)
     a, b = _packet_socket(args.iface_a), _packet_socket(args.iface_b)
-    ways = {a.fileno(): (a, Direction(b, args, seeds[0])),
-            b.fileno(): (b, Direction(a, args, seeds[1]))}
+    ways = {a.fileno(): (a, Direction(b, start, seeds[0])),
+            b.fileno(): (b, Direction(a, start, seeds[1]))}
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     heap = []  # (release time, seq, frame, direction)
     seq = 0
+    control = [sys.stdin.fileno()] if args.control else []
+    pending = b""
     print("ready", flush=True)
     while not stop:
         now = time.monotonic()
@@ -194,11 +291,17 @@ def main(argv_=None):
                 way.counts["oversize"] += 1
         timeout = max(0.0, heap[0][0] - time.monotonic()) if heap else 0.5
         try:
-            readable, _, _ = select.select([a, b], [], [], timeout)
+            readable, _, _ = select.select([a, b, *control], [], [], timeout)
         except InterruptedError:
             continue
         now = time.monotonic()
         for sock in readable:
+            if control and sock == control[0]:
+                data = os.read(control[0], 65536)
+                if not data:
+                    stop.append(True)
+                pending = _control(pending, data, ways)
+                continue
             _sock, way = ways[sock.fileno()]
             for _ in range(256):
                 try:
@@ -207,10 +310,19 @@ def main(argv_=None):
                     break
                 if addr[2] == PACKET_OUTGOING:
                     continue
+                if spared(frame, way.spare):  # no queue, no wait
+                    way.counts["spared"] += 1
+                    try:
+                        way.out.send(frame)
+                    except OSError:
+                        way.counts["oversize"] += 1
+                    continue
                 release = way.admit(frame, now)
-                if release is not None:
-                    seq += 1
-                    heapq.heappush(heap, (release, seq, frame, way))
+                if release is None:
+                    continue
+                seq += 1
+                way.queued += 1
+                heapq.heappush(heap, (release, seq, frame, way))
     counts = {"a_to_b": ways[a.fileno()][1].counts, "b_to_a": ways[b.fileno()][1].counts}
     print(json.dumps(counts), flush=True)
     return 0
