@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from mahole.demo import issue_certificates
+from mahole import identity
 from netlab import _ns
 
 INTERMEDIATE_PORT = 4478
@@ -38,16 +38,30 @@ class Deployment:
 
     def __init__(self, lab, tmp_path, agent_nat, connector_nat, *, agent_args=(),
                  connector_args=(), intermediate_args=(), agent_link=None,
-                 connector_link=None, intermediate_link=None):
+                 connector_link=None, intermediate_link=None, agent_site=None,
+                 connector_site=None):
         self.lab = lab
         self.tmp_path = tmp_path
+        # Sites: `agent_site` / `connector_site` are more arguments of lab.site, such as
+        # {"ipv6": True} (dual-stack) or {"ipv6_only": True}. With either, the intermediate
+        # is dual-stack too, listens on [::] and has both addresses in its certificate.
+        agent_site, connector_site = agent_site or {}, connector_site or {}
+        ipv6 = any(s.get("ipv6") or s.get("ipv6_only") for s in (agent_site, connector_site))
         # Links (netlab/wire.py presets or settings): the agent's and the connector's own
         # link to their router (or to the public segment), the intermediate's to it.
-        self.public = lab.public_host(name="inter", link=intermediate_link)
-        self.agent_host = lab.host(agent_nat, name="agent", link=agent_link)
-        self.connector_host = lab.host(connector_nat, name="conn", link=connector_link)
-        issue_certificates(tmp_path, host=self.public.ip)
+        self.public = lab.public_host(name="inter", link=intermediate_link, ipv6=ipv6)
+        self.agent_host = lab.host(agent_nat, name="agent", link=agent_link, **agent_site)
+        self.connector_host = lab.host(connector_nat, name="conn", link=connector_link,
+                                       **connector_site)
+        identity.init_ca(tmp_path)
+        identity.issue(tmp_path, "intermediate", "intermediate",
+                       hosts=[self.public.ip] + ([self.public.ip6] if ipv6 else []))
+        identity.issue(tmp_path, "connector", "connector1")
+        identity.issue(tmp_path, "agent", "alice")
+        self.listen = f"[::]:{INTERMEDIATE_PORT}" if ipv6 else f"0.0.0.0:{INTERMEDIATE_PORT}"
         self.relay_addr = f"{self.public.ip}:{INTERMEDIATE_PORT}"
+        if ipv6:
+            self.relay_addr6 = f"[{self.public.ip6}]:{INTERMEDIATE_PORT}"
         self.intermediate_args = intermediate_args
         self.connector_args = connector_args
         self.connector_host.python(ECHO_SERVER, str(ECHO_PORT))
@@ -55,8 +69,14 @@ class Deployment:
         self.connector = self.start_connector()
         self.agent = self.start_agent(agent_args)
 
+    def intermediate_for(self, host):
+        """The intermediate's address as `host` reaches it: over IPv6 from an IPv6-only
+        host, over IPv4 otherwise (a dual-stack node still gathers its IPv6 address)."""
+        return self.relay_addr if host.ip is not None else self.relay_addr6
+
     def start_agent(self, agent_args):
-        return self._role(self.agent_host, "agent", "--intermediate", self.relay_addr,
+        return self._role(self.agent_host, "agent", "--intermediate",
+                          self.intermediate_for(self.agent_host),
                           "--forward", f"tcp:127.0.0.1:{FORWARD_PORT}=echo",
                           *agent_args, *self.creds("alice"))
 
@@ -65,12 +85,13 @@ class Deployment:
                 str(self.tmp_path / f"{name}.crt"), "--key", str(self.tmp_path / f"{name}.key")]
 
     def start_intermediate(self):
-        return self._role(self.public, "intermediate", "--listen",
-                          f"0.0.0.0:{INTERMEDIATE_PORT}", "--allow", "*=*",
+        return self._role(self.public, "intermediate", "--listen", self.listen,
+                          "--allow", "*=*",
                           *self.intermediate_args, *self.creds("intermediate"))
 
     def start_connector(self):
-        return self._role(self.connector_host, "connector", "--intermediate", self.relay_addr,
+        return self._role(self.connector_host, "connector", "--intermediate",
+                          self.intermediate_for(self.connector_host),
                           "--service", f"echo=tcp:127.0.0.1:{ECHO_PORT}",
                           *self.connector_args, *self.creds("connector1"))
 

@@ -328,6 +328,7 @@ class HolePunch:
             "refused_remote_candidates": self.refused_remote_candidates,
             "pairs": 0 if checklist is None else len(checklist.pairs),
             "pair_states": {} if checklist is None else _count_states(checklist.pairs),
+            "pairs_by_family": {} if checklist is None else _count_families(checklist.pairs),
             "early_requests": self.early_requests,
             "counters": {} if checklist is None else dict(checklist.counters),
         }
@@ -403,6 +404,14 @@ class HolePunch:
         self.result = result
         self._events.append(result)
         self.scheduler.cancel(self._deadline_key)
+
+
+def _count_families(pairs: list[Pair]) -> dict[str, dict[str, int]]:
+    """Pair states per address family: ``{"ipv6": {"succeeded": 1}, "ipv4": {...}}``."""
+    families: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        families.setdefault(f"ipv{pair.local.ip_version}", []).append(pair)
+    return {family: _count_states(members) for family, members in sorted(families.items())}
 
 
 def _count_states(pairs: list[Pair]) -> dict[str, int]:

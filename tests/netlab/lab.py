@@ -10,7 +10,20 @@
 ```
 Nothing in the lab routes beyond it: public hosts and routers know only their connected
 subnets, hosts have a default route to their router only, and the host namespace is untouched.
-IPv6 is disabled inside the lab namespaces (no link-local chatter, one address family).
+IPv6 is disabled inside the lab namespaces (no link-local chatter, one address family) unless
+asked for:
+
+- `public_host(ipv6=True)` also has 2001:db8::N/64 on the public segment (N is the last
+  byte of its IPv4 address 203.0.113.N, read as hex digits: 203.0.113.2 is 2001:db8::2).
+- `site(nat, ipv6=True)` is dual-stack: IPv4 behind the NAT preset as before, and a global
+  /64 (2001:db8:<n>::/64, router ::1, host ::2) that the router routes *without NAT*
+  behind a stateful firewall (nat.FIREWALL6: outbound allowed, replies and related ICMPv6
+  allowed, unsolicited inbound dropped and counted, like a home router).
+  `site(nat, ipv6_only=True)` is the same with no IPv4 on the host (loopback aside).
+- Every IPv6 member of the public segment (public hosts, routers) has a route to each
+  site's /64 via that site's router, and nothing else: still no route beyond the lab.
+- Duplicate address detection is off (`accept_dad=0`, `nodad`) and router advertisements
+  are ignored, so addresses are usable at once and only the routes the lab sets exist.
 """
 
 import atexit
@@ -32,6 +45,9 @@ from . import nat as presets
 from ._ns import NetlabError
 
 PUBLIC_NET = ipaddress.ip_network("203.0.113.0/24")
+# RFC 3849 documentation prefix: the public segment and one /64 per site.
+PUBLIC6_NET = ipaddress.ip_network("2001:db8::/64")
+SITE6_FORMAT = "2001:db8:{index:x}::/64"
 REFLECTOR_PATH = Path(__file__).with_name("reflector.py")
 WIRE_PATH = Path(__file__).with_name("wire.py")
 STUN_PORT = 3478
@@ -59,6 +75,40 @@ def _quiet_sysctls(forwarding=False):
     if forwarding:
         values["net.ipv4.ip_forward"] = 1
     return values
+
+
+def _ipv6_sysctls(forwarding=False):
+    """IPv6 on and usable at once: no duplicate address detection (its second of
+    "tentative" would make the first sends fail), no router advertisements or
+    autoconfiguration (the lab sets every address and route itself)."""
+    values = {}
+    for scope in ("all", "default"):
+        values.update({f"net.ipv6.conf.{scope}.disable_ipv6": 0,
+                       f"net.ipv6.conf.{scope}.accept_dad": 0,
+                       f"net.ipv6.conf.{scope}.dad_transmits": 0,
+                       f"net.ipv6.conf.{scope}.accept_ra": 0,
+                       f"net.ipv6.conf.{scope}.autoconf": 0,
+                       f"net.ipv6.conf.{scope}.router_solicitations": 0})
+    if forwarding:
+        values["net.ipv6.conf.all.forwarding"] = 1
+    return values
+
+
+def _public6(ipv4):
+    """The public segment's IPv6 address of a member with IPv4 address 203.0.113.N."""
+    return str(ipaddress.ip_address(f"{PUBLIC6_NET.network_address}{ipv4.rsplit('.', 1)[1]}"))
+
+
+def _wait_ipv6_ready(ns, timeout=5.0):
+    """Until no IPv6 address in `ns` is tentative (DAD is off, so this checks, not waits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _ns.run(["ip", "-n", ns, "-6", "addr", "show", "tentative"]).stdout
+        if not out.strip():
+            return
+        if time.monotonic() > deadline:
+            raise NetlabError(f"IPv6 addresses in {ns} still tentative: {out.strip()}")
+        time.sleep(0.02)
 
 
 class Node:
@@ -105,9 +155,11 @@ class Node:
         return self.popen([sys.executable, "-c", code, *args], **kwargs)
 
     def udp_socket(self, port=0, ip="0.0.0.0"):
-        """A UDP socket created and bound inside this namespace; the lab closes it at teardown."""
+        """A UDP socket created and bound inside this namespace (IPv6 when `ip` is an IPv6
+        address); the lab closes it at teardown."""
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         with _ns.entered(self.ns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
         self.lab._sockets.append(sock)
         try:
             sock.bind((ip, port))
@@ -121,11 +173,13 @@ class Node:
 
 
 class Host(Node):
-    """An end host. `ip` is its own address: public for preset none, private behind a router."""
+    """An end host. `ip` is its own IPv4 address: public for preset none, private behind a
+    router, None on an IPv6-only site. `ip6` is its global IPv6 address, or None."""
 
-    def __init__(self, lab, name, ns, ip, router=None):
+    def __init__(self, lab, name, ns, ip, router=None, ip6=None):
         super().__init__(lab, name, ns)
         self.ip = ip
+        self.ip6 = ip6
         self.router = router
         self.site = None
 
@@ -160,14 +214,26 @@ class Wire(Node):
 
 
 class Router(Node):
-    """A NAT router: WAN on the public segment, LAN with one host; rules in table `ip netlab`."""
+    """A NAT router: WAN on the public segment, LAN with one host; rules in table `ip netlab`.
+    On a dual-stack site also IPv6 (`wan_ip6`, `lan_ip6`, `prefix6`), routed without NAT
+    through the stateful firewall of table `ip6 netlab6` (nat.FIREWALL6)."""
 
     def __init__(self, lab, name, ns, preset, wan_ip, lan_ip):
         super().__init__(lab, name, ns)
         self.preset = preset
         self.wan_ip = wan_ip
         self.lan_ip = lan_ip
+        self.wan_ip6 = self.lan_ip6 = self.prefix6 = None
         self.host = None
+
+    def firewall_counter(self, name="unsolicited"):
+        """Packets counted by the IPv6 firewall's counter `name` (nat.FIREWALL6_COUNTERS):
+        `unsolicited` is inbound IPv6 from the WAN that no outbound flow asked for, dropped."""
+        out = self.run(["nft", "-j", "list", "counter", "ip6", "netlab6", name]).stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return item["counter"]["packets"]
+        raise NetlabError(f"no IPv6 counter {name} in {self.ns}")
 
     def nft(self, script):
         """Apply an nft script in this router's namespace."""
@@ -327,6 +393,8 @@ class Lab:
         self._public_ips = (str(a) for a in list(PUBLIC_NET.hosts())[1:])  # .2 … .254
         self._names = set()
         self._counts = {}
+        self._v6_members = []  # namespaces with an IPv6 address on the public segment
+        self._v6_sites = []  # (a site's /64, its router's public IPv6 address)
         self._closed = False
         try:
             self.pub = self._namespace("pub")
@@ -394,23 +462,33 @@ class Lab:
         self.wires.append(node)
         return node
 
-    def public_host(self, name=None, link=None):
+    def public_host(self, name=None, link=None, ipv6=False):
         """A host directly on the public segment (preset none), through a `link` if given
         (netlab/wire.py: a preset name or settings)."""
-        return self.site("none", name=name, link=link).host
+        return self.site("none", name=name, link=link, ipv6=ipv6).host
 
     def host(self, nat="none", name=None, **kwargs):
         """A host behind a new router running NAT preset `nat` (or on the public segment for
         none); `.router` is its Router (None for none)."""
         return self.site(nat, name=name, **kwargs).host
 
-    def site(self, nat="none", name=None, lan=None, link=None, uplink=None):
+    def site(self, nat="none", name=None, lan=None, link=None, uplink=None, ipv6=False,
+             ipv6_only=False):
         """A Site: for a NAT preset a router `<name>r` (WAN on the public segment) with host
         `<name>` behind it on `lan` (default 10.0.<n>.0/24, router .1, host .2).
 
         `link` gives the host's own link (to its router, or to the public segment) and
         `uplink` the router's link to the public segment the character of a netlab/wire.py
-        preset (or settings): delay, jitter, loss, bursts, a rate."""
+        preset (or settings): delay, jitter, loss, bursts, a rate.
+
+        `ipv6=True` makes the site dual-stack: a public host gets 2001:db8::N as well, a
+        router routes 2001:db8:<n>::/64 to its host without NAT, behind the stateful firewall
+        nat.FIREWALL6. `ipv6_only=True` (behind a router) leaves the host without IPv4."""
+        if ipv6_only:
+            if nat == "none":
+                raise ValueError("an IPv6-only site needs a router (a NAT preset): its "
+                                 "firewall is what stands in front of the host")
+            ipv6 = True
         if nat not in presets.PRESETS:
             raise ValueError(f"unknown NAT preset {nat!r}; "
                              f"choose one of {', '.join(presets.PRESETS)}")
@@ -420,11 +498,17 @@ class Lab:
             name = self._name(name, "p")
             ns = self._namespace(name)
             ip = next(self._public_ips)
-            _ns.write_sysctls(ns, _quiet_sysctls())
+            _ns.write_sysctls(ns, _ipv6_sysctls() if ipv6 else _quiet_sysctls())
             link_wire = self._plug_public(ns, "eth0", f"v-{name}", link)
             _ns.ip(ns, f"addr add {ip}/{PUBLIC_NET.prefixlen} dev eth0", "link set lo up",
                    "link set eth0 up")
-            host = Host(self, name, ns, ip)
+            ip6 = None
+            if ipv6:
+                ip6 = _public6(ip)
+                _ns.ip(ns, f"addr add {ip6}/{PUBLIC6_NET.prefixlen} dev eth0 nodad")
+                self._join_public6(ns)
+                _wait_ipv6_ready(ns)
+            host = Host(self, name, ns, ip, ip6=ip6)
             site = Site(name, nat, None, host, link_wire=link_wire)
         else:
             name = self._name(name, "h")
@@ -437,18 +521,41 @@ class Lab:
             wan_ip = next(self._public_ips)
             rns = self._namespace(router_name)
             hns = self._namespace(name)
-            _ns.write_sysctls(rns, _quiet_sysctls(forwarding=True))
-            _ns.write_sysctls(hns, _quiet_sysctls())
+            if ipv6:
+                _ns.write_sysctls(rns, {**_quiet_sysctls(forwarding=True),
+                                        **_ipv6_sysctls(forwarding=True)})
+                _ns.write_sysctls(hns, _ipv6_sysctls())
+            else:
+                _ns.write_sysctls(rns, _quiet_sysctls(forwarding=True))
+                _ns.write_sysctls(hns, _quiet_sysctls())
             uplink_wire = self._plug_public(rns, "wan", f"v-{router_name}", uplink)
             link_wire = self._link(rns, "lan", hns, "eth0", link)
             _ns.ip(rns, f"addr add {wan_ip}/{PUBLIC_NET.prefixlen} dev wan",
                    f"addr add {lan_ip}/{net.prefixlen} dev lan",
                    "link set lo up", "link set wan up", "link set lan up")
-            _ns.ip(hns, f"addr add {host_ip}/{net.prefixlen} dev eth0", "link set lo up",
-                   "link set eth0 up", f"route add default via {lan_ip}")
+            if ipv6_only:
+                _ns.ip(hns, "link set lo up", "link set eth0 up")
+            else:
+                _ns.ip(hns, f"addr add {host_ip}/{net.prefixlen} dev eth0", "link set lo up",
+                       "link set eth0 up", f"route add default via {lan_ip}")
             router = Router(self, router_name, rns, nat, wan_ip, lan_ip)
             router.nft(presets.ruleset(nat, wan_ip=wan_ip, host_ip=host_ip))
-            host = Host(self, name, hns, host_ip, router)
+            host_ip6 = None
+            if ipv6:
+                prefix6 = ipaddress.ip_network(SITE6_FORMAT.format(index=index))
+                router.prefix6 = str(prefix6)
+                router.wan_ip6 = _public6(wan_ip)
+                router.lan_ip6 = str(prefix6.network_address + 1)
+                host_ip6 = str(prefix6.network_address + 2)
+                _ns.ip(rns, f"addr add {router.wan_ip6}/{PUBLIC6_NET.prefixlen} dev wan nodad",
+                       f"addr add {router.lan_ip6}/{prefix6.prefixlen} dev lan nodad")
+                _ns.ip(hns, f"addr add {host_ip6}/{prefix6.prefixlen} dev eth0 nodad",
+                       f"route add ::/0 via {router.lan_ip6}")
+                router.nft(presets.FIREWALL6)
+                self._join_public6(rns, prefix6, router.wan_ip6)
+                _wait_ipv6_ready(rns)
+                _wait_ipv6_ready(hns)
+            host = Host(self, name, hns, None if ipv6_only else host_ip, router, ip6=host_ip6)
             router.host = host
             site = Site(name, nat, router, host, link_wire=link_wire,
                         uplink_wire=uplink_wire)
@@ -456,6 +563,18 @@ class Lab:
         self.sites.append(site)
         self.hosts.append(host)
         return site
+
+    def _join_public6(self, ns, prefix6=None, via=None):
+        """IPv6 routes on the public segment: `ns` learns every site's /64, and with
+        `prefix6` (a new site, routed by `via`) every member learns that one."""
+        lines = [f"route add {p} via {v}" for p, v in self._v6_sites]
+        if lines:
+            _ns.ip(ns, *lines)
+        if prefix6 is not None:
+            for member in self._v6_members:
+                _ns.ip(member, f"route add {prefix6} via {via}")
+            self._v6_sites.append((str(prefix6), via))
+        self._v6_members.append(ns)
 
     def reflector(self, host, port=STUN_PORT, timeout=10.0):
         """Start a reflector (netlab/reflector.py) on `host`:`port`; returns once it is bound."""

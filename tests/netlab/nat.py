@@ -27,6 +27,17 @@ Common part, all presets:
   full-cone the DNAT-ed unsolicited inbound; anything else from the WAN is counted in
   ``unsolicited``.
 
+IPv6 on a dual-stack site (``Lab.site(..., ipv6=True)``) is routed, not translated: the router
+loads ``FIREWALL6`` as a second table, ``ip6 netlab6``, beside the NAT preset's. It is the
+"simple security" of home routers (RFC 6092): from the LAN anything goes out; from the WAN
+only ``ct state established,related`` comes in (replies to what the host sent, ICMPv6 errors
+about it); anything else from the WAN is counted in ``unsolicited`` and dropped, before
+conntrack confirms it. Filtering is address-and-port-dependent, like port-restricted: a host
+that sends to a peer's address and port opens the pinhole for the peer's packets from that
+address and port, so two firewalled hosts that send to each other at the same time get through
+(hole punching without NAT). The router itself accepts neighbour discovery from the WAN (no
+IPv6 works without it) and drops other unsolicited input.
+
 Preset part:
 - port-restricted: ``oifname "wan" masquerade`` — Linux keeps the source port when the resulting
   tuple is free, the same external port for every destination.
@@ -129,3 +140,26 @@ def ruleset(preset, *, wan_ip, host_ip, mapping_timeout=DEFAULT_MAPPING_TIMEOUT)
         body = _MASQUERADE % {"flags": ""}
     input_chain = "" if preset == "masquerade-only" else _INPUT_FILTER
     return _COMMON % {"forward_extra": forward_extra, "input": input_chain, "preset": body}
+
+
+FIREWALL6_COUNTERS = ("unsolicited",)
+
+# RFC 6092 §3.2 (simple security): outbound and its replies pass, unsolicited inbound does not.
+FIREWALL6 = """
+table ip6 netlab6 {
+    counter unsolicited { }
+
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan" oifname "wan" accept
+        iifname "wan" counter name "unsolicited" drop
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iifname "wan" ct state established,related accept
+        iifname "wan" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+        iifname "wan" counter name "unsolicited" drop
+    }
+}
+"""
