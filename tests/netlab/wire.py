@@ -13,8 +13,13 @@ Settings are per link and apply to each direction alike:
   jitter_ms   ± that much on the round trip (uniform, half each way, drawn anew every
               JITTER_SLOT seconds)
   loss        chance that a frame is lost, each way, independently (0-1)
-  burst       Gilbert-Elliott bursts instead: (mean loss, mean burst length in frames);
-              a frame is lost in the bad state and passes in the good one
+  burst       bursts instead: (mean loss, mean burst length in ms). A Gilbert-Elliott
+              channel in time: each way is good or bad, for spells drawn from exponential
+              distributions (bad: the burst length; good: so long that the link is bad
+              `mean loss` of the time), and every frame that arrives in a bad spell is lost.
+              The state moves on with the clock, not with frames: a fade of 30 ms loses
+              whatever is sent in those 30 ms, a few frames of a bulk flow or one keepalive
+              of a sparse one, as a Wi-Fi or LTE fade does.
   rate_kbit   line rate each way (0: none)
   spare       addresses (IPv4 or IPv6) whose frames pass unharmed: a frame whose IP source or
               destination is one of them (for ARP: sender or target address) is sent on at
@@ -69,7 +74,7 @@ LINKS = {
     "lte": {"rtt_ms": 60, "jitter_ms": 10, "loss": 0.01},
     "long": {"rtt_ms": 150},
     "satellite": {"rtt_ms": 600},
-    "bursty": {"rtt_ms": 20, "burst": (0.05, 4.0)},
+    "bursty": {"rtt_ms": 20, "burst": (0.05, 30.0)},  # 30 ms fades, 5 % of the time
     "lossy": {"rtt_ms": 20, "loss": 0.05},
 }
 
@@ -141,23 +146,28 @@ def conf(link):
 class Direction:
     """One way of the link: its loss state, the time its line is busy until."""
 
-    def __init__(self, out, conf_, seed):
+    def __init__(self, out, conf_, seed, now=None):
         self.out = out
         # Losses and jitter from generators of their own: which frames are lost depends on
         # the frames' order only, not on when jitter happens to be drawn.
         self.rng = random.Random(seed)
         self.jitter_rng = random.Random(None if seed is None else seed + 1000)
+        # Bursts from a generator of their own too: the spells' lengths depend on the seed
+        # only, so a seeded link is bad at the same times (from its start) in every run.
+        self.burst_rng = random.Random(None if seed is None else seed + 2000)
         self.bad = False
+        self.spell_ends = None  # when the present good or bad spell ends (monotonic s)
         self.jitter_since = -JITTER_SLOT
         self.jitter_now = 0.0
         self.last_release = 0.0
         self.busy_until = 0.0
         self.queued = 0
         self.counts = {"frames": 0, "lost": 0, "queue_drops": 0, "oversize": 0, "spared": 0}
-        self.configure(conf_)
+        self.configure(conf_, now)
 
-    def configure(self, conf_):
-        """Apply settings (from conf()) to the frames that arrive from now on."""
+    def configure(self, conf_, now=None):
+        """Apply settings (from conf()) to the frames that arrive from `now` (monotonic s, by
+        default the present) on."""
         self.one_way = conf_["rtt_ms"] / 2000.0
         self.jitter = conf_["jitter_ms"] / 2000.0
         self.jitter_since = -JITTER_SLOT  # a new jitter is drawn for the next frame
@@ -166,21 +176,33 @@ class Direction:
         self.spare = conf_["spare"]
         self.burst = None
         if conf_["burst"]:
-            mean, length = conf_["burst"]
-            leave_bad = 1.0 / length  # bad -> good per frame: bursts of `length` on average
-            # Stationary P(bad) = p / (p + r) = mean loss.
-            self.burst = (mean * leave_bad / (1.0 - mean), leave_bad)
+            mean, length_ms = conf_["burst"]
+            bad = length_ms / 1000.0
+            # P(bad) = bad / (bad + good) = mean loss: mean spells of bad and good.
+            self.burst = (bad, bad * (1.0 - mean) / mean)
+            if self.spell_ends is None:  # the first spell: good or bad as the mean says
+                self.bad = self.burst_rng.random() < mean
+                self.spell_ends = (time.monotonic() if now is None else now) + self._spell()
         else:
             self.bad = False
+            self.spell_ends = None
+
+    def _spell(self):
+        """A length for a spell of the present state (s)."""
+        return self.burst_rng.expovariate(1.0 / self.burst[0 if self.bad else 1])
+
+    def bad_at(self, now):
+        """Whether the link is in a bad spell at `now`, moving through the spells since."""
+        while now >= self.spell_ends:
+            self.bad = not self.bad
+            self.spell_ends += self._spell()
+        return self.bad
 
     def admit(self, frame, now):
         """When the frame leaves the far end, or None if the link loses it."""
         self.counts["frames"] += 1
         if self.burst is not None:
-            enter_bad, leave_bad = self.burst
-            self.bad = (self.rng.random() >= leave_bad) if self.bad \
-                else (self.rng.random() < enter_bad)
-            lost = self.bad
+            lost = self.bad_at(now)
         else:
             lost = self.loss > 0 and self.rng.random() < self.loss
         if lost:
@@ -217,10 +239,10 @@ def _packet_socket(ifname):
 
 
 def _burst(text):
-    mean, length = (float(v) for v in text.split(","))
-    if not 0 < mean < 1 or length < 1:
-        raise ValueError("burst is MEAN_LOSS,MEAN_LENGTH (0<loss<1, len>=1)")
-    return mean, length
+    mean, length_ms = (float(v) for v in text.split(","))
+    if not 0 < mean < 1 or length_ms <= 0:
+        raise ValueError("burst is MEAN_LOSS,MEAN_BURST_MS (0 < loss < 1, ms > 0)")
+    return mean, length_ms
 
 
 def _spare(text):
