@@ -15,6 +15,7 @@ from mahole.ice.candidates import (
     gather,
     host_addresses,
     local_preferences,
+    precedence,
     normalize_addr,
     pair_priority,
 )
@@ -197,6 +198,31 @@ def test_local_preferences_are_distinct_and_prefer_ipv6():
                      "fe80::1%eth0": 65532, "127.0.0.1": 65531}
     prefs4 = local_preferences(["2001:db8::2", "192.0.2.2"], prefer_ipv6=False)
     assert prefs4 == {"192.0.2.2": 65535, "2001:db8::2": 65534}
+
+
+def test_local_preferences_follow_the_rfc_6724_precedence():
+    # RFC 8421 §4: native IPv6 first, then IPv4, then 6to4, Teredo and unique local IPv6,
+    # which are likelier to be unreachable or slow than IPv4.
+    prefs = local_preferences(["fd00::2", "2001:0:4136:e378::1", "2002:c000:204::1",
+                               "192.0.2.2", "2001:db8::2"])
+    assert sorted(prefs, key=prefs.get, reverse=True) == [
+        "2001:db8::2", "192.0.2.2", "2002:c000:204::1", "2001:0:4136:e378::1", "fd00::2"]
+    assert precedence("2001:db8::2") == 40 and precedence("192.0.2.2") == 35
+    assert precedence("::ffff:192.0.2.2") == 35  # a mapped address is IPv4
+    assert precedence("192.0.2.2", prefer_ipv6=False) > precedence("2001:db8::2")
+
+
+def test_host_addresses_leave_out_what_rfc_8445_forbids(monkeypatch):
+    adapters = [ifaddr.Adapter("eth0", "eth0", [
+        ifaddr.IP(("2001:db8::2", 0, 0), 64, "eth0"),
+        ifaddr.IP(("fec0::1", 0, 0), 64, "eth0"),  # site-local (RFC 3879)
+        ifaddr.IP(("::c000:202", 0, 0), 96, "eth0"),  # IPv4-compatible (RFC 4291 §2.5.5.1)
+        ifaddr.IP(("::ffff:192.0.2.9", 0, 0), 96, "eth0"),  # IPv4-mapped
+        ifaddr.IP(("3ffe::1", 0, 0), 64, "eth0"),  # 6bone (RFC 3701)
+        ifaddr.IP(("fd00::2", 0, 0), 64, "eth0"),  # unique local: kept, ranked low
+    ])]
+    monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters)
+    assert host_addresses() == ["2001:db8::2", "fd00::2"]
 
 
 # --- gathering ---------------------------------------------------------------------------

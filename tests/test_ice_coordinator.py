@@ -1,5 +1,6 @@
 """The per-session hole-punch coordinator: descriptions, StartPunching, result, deadline."""
 
+import ipaddress
 import json
 import re
 
@@ -16,7 +17,10 @@ from mahole.ice.coordinator import (
 )
 from mahole.wire import control, stun
 
-from test_ice_harness import Nat, Network, events, host, srflx
+import ifaddr
+
+from mahole.ice import gather
+from test_ice_harness import Firewall, Nat, Network, events, host, srflx
 
 
 @pytest.fixture
@@ -324,3 +328,124 @@ def test_loopback_candidates_are_kept_for_a_node_on_loopback(make_scheduler):
     punch.remote_description("abcd", "a" * 22, [host("127.0.0.3", 6000).to_wire()], 0.0)
     assert [c.addr for c in punch.remote_candidates] == [("127.0.0.3", 6000)]
     assert punch.refused_remote_candidates == 0
+
+
+# --- dual-stack sites: IPv4 behind NATs, IPv6 routed behind stateful firewalls -------------------
+
+INTERMEDIATE = ("203.0.113.100", 4478)
+SYMMETRIC = {"mapping": "address-and-port-dependent"}
+EASY = {"mapping": "endpoint-independent"}
+
+
+def site_candidates(monkeypatch, port, v4=None, v6=None, nat=None):
+    """What a node bound to [::]:port gathers on a site of the lab's shape: eth0 with a
+    private IPv4 address behind ``nat`` and/or a global IPv6 address (and its link-local
+    one), the srflx candidate the intermediate observes (over IPv4 through the NAT when
+    there is IPv4, else over IPv6)."""
+    ips = [ifaddr.IP(("fe80::2", 0, 2), 64, "eth0")]
+    if v4:
+        ips.append(ifaddr.IP(v4, 24, "eth0"))
+    if v6:
+        ips.append(ifaddr.IP((v6, 0, 0), 64, "eth0"))
+    adapters = [ifaddr.Adapter("lo", "lo", [ifaddr.IP("127.0.0.1", 8, "lo")]),
+                ifaddr.Adapter("eth0", "eth0", ips)]
+    monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters)
+    observed = nat.outbound((v4, port), INTERMEDIATE) if v4 else (v6, port)
+    return gather(port, bound_host="::", observed_addr=observed, relay_addr=INTERMEDIATE)
+
+
+def dual_stack_run(make_scheduler, monkeypatch, a_site, b_site, drop=None, stagger=0.0):
+    """Agent and connector on sites given as dicts (v4, v6, nat settings); run to a result.
+    The connector gets StartPunching ``stagger`` seconds after the agent."""
+    net = Network()
+    if drop is not None:
+        net.drop = drop
+    sa, sb = make_scheduler(), make_scheduler()
+    agent, connector = HolePunch(True, sa), HolePunch(False, sb)
+    members = []
+    for name, punch, sched, site, port, public in (("agent", agent, sa, a_site, 5000, "203.0.113.3"),
+                                                  ("connector", connector, sb, b_site, 6000, "203.0.113.4")):
+        nat = Nat(public, first_port=port * 10, **site["nat"]) if site.get("v4") else None
+        firewall = Firewall() if site.get("v6") else None
+        addrs = [(ip, port) for ip in (site.get("v4"), site.get("v6")) if ip]
+        members.append(net.add(name, punch, sched, addrs, nat, firewall))
+        site["candidates"] = site_candidates(monkeypatch, port, site.get("v4"), site.get("v6"), nat)
+    signal(agent, connector, a_cands=a_site["candidates"], b_cands=b_site["candidates"])
+    net.call(members[0], "start")
+    net.run(until=stagger)
+    net.call(members[1], "start")
+    net.run(until=10, stop=finished(agent, connector))
+    return net, agent, connector, members
+
+
+def version(addr):
+    return ipaddress.ip_address(addr[0]).version
+
+
+def test_gathering_on_a_dual_stack_site_offers_the_global_ipv6_address_first(monkeypatch):
+    nat = Nat("203.0.113.3", first_port=50000)
+    cands = site_candidates(monkeypatch, 5000, "10.0.1.2", "2001:db8:1::2", nat)
+    assert [(c.type, c.addr) for c in cands] == [
+        ("host", ("2001:db8:1::2", 5000)),  # global IPv6, best (RFC 8421)
+        ("host", ("10.0.1.2", 5000)),
+        ("srflx", ("203.0.113.3", 50000)),
+        ("relay", INTERMEDIATE),
+    ]
+    assert cands[0].priority > cands[1].priority > cands[2].priority  # no link-local either
+
+
+def test_two_firewalled_dual_stack_sites_go_direct_over_ipv6_behind_symmetric_nats(
+        make_scheduler, monkeypatch):
+    a = {"v4": "10.0.1.2", "v6": "2001:db8:1::2", "nat": SYMMETRIC}
+    b = {"v4": "10.0.2.2", "v6": "2001:db8:2::2", "nat": SYMMETRIC}
+    # The connector starts 30 ms late, so the agent's first IPv6 check meets a closed
+    # firewall; the connector's own check then opens it (simultaneous open, as with NATs).
+    net, agent, connector, (na, nb) = dual_stack_run(make_scheduler, monkeypatch, a, b,
+                                                     stagger=0.03)
+    assert agent.result.path == connector.result.path == "direct", agent.stats()
+    assert agent.result.pair.remote.addr == ("2001:db8:2::2", 6000)
+    assert connector.result.pair.remote.addr == ("2001:db8:1::2", 5000)
+    assert nb.firewall.dropped >= 1
+    assert agent.result.elapsed < 0.2  # no wait for a retransmission
+    # IPv6 was paired with IPv6 only, IPv4 with IPv4 only.
+    assert all(version(p.local.addr) == version(p.remote.addr) for p in agent.checklist.pairs)
+
+
+def test_the_ipv6_pair_is_chosen_where_ipv4_works_too(make_scheduler, monkeypatch):
+    a = {"v4": "10.0.1.2", "v6": "2001:db8:1::2", "nat": EASY}
+    b = {"v4": "10.0.2.2", "v6": "2001:db8:2::2", "nat": EASY}
+    _, agent, connector, _ = dual_stack_run(make_scheduler, monkeypatch, a, b)
+    assert version(agent.result.pair.remote.addr) == 6, agent.stats()
+    assert version(connector.result.pair.remote.addr) == 6
+    v6_pairs = [p for p in agent.checklist.pairs if version(p.remote.addr) == 6]
+    v4_pairs = [p for p in agent.checklist.pairs if version(p.remote.addr) == 4]
+    assert v4_pairs and min(p.priority for p in v6_pairs) > max(p.priority for p in v4_pairs)
+
+
+def test_ipv4_is_used_when_ipv6_does_not_get_through(make_scheduler, monkeypatch):
+    """The same easy sites, with every IPv6 datagram lost: IPv4 still goes direct, soon."""
+    a = {"v4": "10.0.1.2", "v6": "2001:db8:1::2", "nat": EASY}
+    b = {"v4": "10.0.2.2", "v6": "2001:db8:2::2", "nat": EASY}
+    _, agent, connector, _ = dual_stack_run(make_scheduler, monkeypatch, a, b,
+                                            drop=lambda d: ":" in d.dst[0])
+    assert agent.result.path == connector.result.path == "direct", agent.stats()
+    assert version(agent.result.pair.remote.addr) == 4
+    assert agent.result.elapsed < 0.5  # IPv4 did not wait for IPv6's checks to time out
+
+
+def test_an_ipv6_only_node_and_an_ipv4_only_node_fall_back_to_the_relay(make_scheduler, monkeypatch):
+    a = {"v6": "2001:db8:1::2", "nat": EASY}
+    b = {"v4": "10.0.2.2", "nat": EASY}
+    net, agent, connector, _ = dual_stack_run(make_scheduler, monkeypatch, a, b)
+    assert agent.result.path == connector.result.path == "relay"
+    assert "no candidate pairs" in agent.result.reason
+    assert agent.result.elapsed == 0  # at once: nothing to try
+    assert net.log == []  # and no check was sent
+
+
+def test_an_ipv6_only_node_reaches_a_dual_stack_one_over_ipv6(make_scheduler, monkeypatch):
+    a = {"v6": "2001:db8:1::2", "nat": EASY}
+    b = {"v4": "10.0.2.2", "v6": "2001:db8:2::2", "nat": SYMMETRIC}
+    _, agent, connector, _ = dual_stack_run(make_scheduler, monkeypatch, a, b)
+    assert agent.result.path == "direct", agent.stats()
+    assert agent.result.pair.remote.addr == ("2001:db8:2::2", 6000)

@@ -80,6 +80,29 @@ class Nat:
         return inside
 
 
+class Firewall:
+    """A stateful firewall without NAT, as home routers put in front of IPv6 hosts: anything
+    goes out; a datagram comes in only from an address and port the inside address has sent
+    to (address-and-port-dependent filtering, RFC 6092 §3.2). ``dropped`` counts the rest."""
+
+    def __init__(self) -> None:
+        self._sent_to: dict[Addr, set[Addr]] = {}
+        self.dropped = 0
+
+    def outbound(self, src: Addr, dst: Addr) -> None:
+        self._sent_to.setdefault(src, set()).add(dst)
+
+    def inbound(self, dst: Addr, src: Addr) -> bool:
+        if src in self._sent_to.get(dst, ()):
+            return True
+        self.dropped += 1
+        return False
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
 @dataclass
 class Datagram:
     sent_at: float
@@ -103,7 +126,13 @@ class Node:
     scheduler: Any
     addrs: list[Addr]
     nat: Optional[Nat] = None
+    firewall: Optional[Firewall] = None
     accepted: list[bool] = field(default_factory=list)
+
+    def translated(self, ip: str) -> bool:
+        """Whether datagrams of ``ip``'s family pass this node's NAT (a NAT translates its
+        own family; a dual-stack node's other family is routed, through ``firewall``)."""
+        return self.nat is not None and _family(ip) == _family(self.nat.public_ip)
 
     def source_for(self, dst: Addr) -> Optional[Addr]:
         v6 = ":" in dst[0]
@@ -114,7 +143,9 @@ class Network:
     """Delivers datagrams between nodes after ``latency`` seconds, through their NATs.
 
     A node behind a NAT is reachable only through the NAT's public mappings (its inside
-    addresses do not route from outside); a node without one is reachable at its addresses.
+    addresses do not route from outside); a node without one is reachable at its addresses,
+    for those of the other family than its NAT's too (a dual-stack site: IPv4 behind a NAT,
+    IPv6 routed), through its ``firewall`` if it has one.
     ``drop(datagram) -> bool`` loses chosen datagrams; ``tamper(datagram) -> bytes`` rewrites
     them in flight. Everything sent is in ``log``."""
 
@@ -129,8 +160,8 @@ class Network:
         self._seq = itertools.count()
 
     def add(self, name: str, agent: Any, scheduler: Any, addrs: list[Addr],
-            nat: Optional[Nat] = None) -> Node:
-        node = Node(name, agent, scheduler, list(addrs), nat)
+            nat: Optional[Nat] = None, firewall: Optional[Firewall] = None) -> Node:
+        node = Node(name, agent, scheduler, list(addrs), nat, firewall)
         self.nodes.append(node)
         return node
 
@@ -152,8 +183,10 @@ class Network:
         if src is None:
             datagram.fate = "no-source"
             return datagram
-        if node.nat is not None:
+        if node.translated(src[0]):
             datagram.wire_src = node.nat.outbound(src, dst)
+        elif node.firewall is not None:
+            node.firewall.outbound(src, dst)
         if self.drop(datagram):
             datagram.fate = "lost"
             return datagram
@@ -165,7 +198,11 @@ class Network:
     def _arrive(self, datagram: Datagram) -> None:
         datagram.arrived_at = self.now
         for node in self.nodes:
-            if node.nat is None and datagram.dst in node.addrs:
+            if not node.translated(datagram.dst[0]) and datagram.dst in node.addrs:
+                if node.firewall is not None and not node.firewall.inbound(datagram.dst,
+                                                                           datagram.wire_src):
+                    datagram.fate = "filtered"
+                    return
                 target, inside = node, datagram.dst
                 break
             if node.nat is not None and datagram.dst[0] == node.nat.public_ip:
@@ -335,6 +372,17 @@ def test_nat_rewrites_ports_and_filters():
     a = symmetric.outbound(("10.0.0.1", 5000), ("198.51.100.2", 6000))
     b = symmetric.outbound(("10.0.0.1", 5000), ("198.51.100.3", 6000))
     assert a != b
+
+
+def test_firewall_lets_in_only_what_was_asked_for():
+    fw = Firewall()
+    inside, peer = ("2001:db8:1::2", 5000), ("2001:db8:2::2", 6000)
+    assert not fw.inbound(inside, peer) and fw.dropped == 1  # unsolicited
+    fw.outbound(inside, peer)
+    assert fw.inbound(inside, peer)  # the reply
+    assert not fw.inbound(inside, ("2001:db8:2::2", 6001))  # another port of that host
+    assert not fw.inbound(("2001:db8:1::2", 5001), peer)  # another inside port
+    assert fw.dropped == 3
 
 
 class _Echo:

@@ -43,6 +43,7 @@ __all__ = [
     "local_preferences",
     "normalize_addr",
     "pair_priority",
+    "precedence",
 ]
 
 Addr = tuple[str, int]
@@ -59,6 +60,23 @@ MAX_LOCAL_PREFERENCE = 65535
 _FOUNDATION_LENGTH = 8
 
 _WILDCARDS = ("", "0.0.0.0", "::")
+
+# RFC 8445 §5.1.1.1: IPv4-compatible IPv6 addresses (deprecated, RFC 4291 §2.5.5.1) and IPv6
+# site-local addresses (deprecated, RFC 3879) MUST NOT be host candidates; neither are the
+# old 6bone test addresses (RFC 3701), which RFC 6724 ranks with them.
+_NEVER_GATHERED = tuple(ipaddress.ip_network(n) for n in ("::/96", "fec0::/10", "3ffe::/16"))
+
+# RFC 8421 §4 orders host candidates by the precedence of RFC 6724 §2.1's default policy
+# table: native IPv6 (::/0, 40) before IPv4 (::ffff:0:0/96, 35) before 6to4 (2002::/16, 30),
+# Teredo (2001::/32, 5) and unique local addresses (fc00::/7, 3), which are likelier to be
+# unreachable, or slow, than IPv4.
+_PRECEDENCE_NATIVE_IPV6 = 40
+_PRECEDENCE_IPV4 = 35
+_PRECEDENCE_TABLE = tuple((ipaddress.ip_network(n), p) for n, p in (
+    ("2002::/16", 30),  # 6to4
+    ("2001::/32", 5),  # Teredo
+    ("fc00::/7", 3),  # unique local (RFC 4193)
+))
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +117,21 @@ def ip_version(host: str) -> int:
 def is_link_local(host: str) -> bool:
     """169.254.0.0/16 or fe80::/10 (RFC 3927, RFC 4291 §2.5.6)."""
     return _ip(host).is_link_local
+
+
+def precedence(host: str, *, prefer_ipv6: bool = True) -> int:
+    """RFC 6724 §2.1 default policy precedence of ``host`` (higher is better; RFC 8421 §4):
+    native IPv6 40, IPv4 35, 6to4 30, Teredo 5, unique local 3, loopback ``::1`` 50. With
+    ``prefer_ipv6`` false IPv4 ranks above every IPv6 address but loopback (45)."""
+    address = _ip(host.split("%", 1)[0])
+    if address.version == 4:
+        return _PRECEDENCE_IPV4 if prefer_ipv6 else 45
+    if address.is_loopback:
+        return 50
+    for network, value in _PRECEDENCE_TABLE:
+        if address in network:
+            return value
+    return _PRECEDENCE_NATIVE_IPV6
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,8 +283,8 @@ def format_addr(addr: Addr) -> str:
 def host_addresses(include_loopback: bool = False, include_link_local: bool = False) -> list[str]:
     """The machine's usable unicast IP addresses (IPv4 and IPv6), from its interfaces.
 
-    Unspecified and multicast addresses are never included; loopback and link-local only on
-    request. A link-local IPv6 address carries its interface as a scope (``fe80::1%eth0``),
+    Unspecified and multicast addresses are never included, nor IPv4-compatible or site-local
+    IPv6 ones (RFC 8445 §5.1.1.1); loopback and link-local only on request. A link-local IPv6 address carries its interface as a scope (``fe80::1%eth0``),
     which sockets need to use it. Order: interface order, without duplicates."""
     import ifaddr  # a dependency; imported here so the pure functions load without it
 
@@ -267,6 +300,10 @@ def host_addresses(include_loopback: bool = False, include_link_local: bool = Fa
             except ValueError:
                 continue
             if address.is_unspecified or address.is_multicast:
+                continue
+            if address.version == 6 and not address.is_loopback and (
+                    address.ipv4_mapped is not None
+                    or any(address in network for network in _NEVER_GATHERED)):
                 continue
             if address.is_loopback and not include_loopback:
                 continue
@@ -284,16 +321,18 @@ def host_addresses(include_loopback: bool = False, include_link_local: bool = Fa
 def local_preferences(hosts: Iterable[str], *, prefer_ipv6: bool = True) -> dict[str, int]:
     """A distinct local preference per base address (RFC 8445 §5.1.2.1, multihomed hosts).
 
-    Routable addresses first, preferring IPv6 over IPv4 (RFC 8421) unless ``prefer_ipv6`` is
-    false, then link-local, then loopback; ties keep the given order. The best gets 65535 and
-    each next one less."""
+    Routable addresses first, ordered by :func:`precedence` (RFC 8421 §4 with RFC 6724's
+    table: native IPv6, then IPv4, then 6to4, Teredo and unique local IPv6; IPv4 first when
+    ``prefer_ipv6`` is false), then link-local, then loopback; ties keep the given order. The
+    best gets 65535 and each next one less, so any pair with the best host candidate
+    outranks the pairs of the same types with worse ones (RFC 8445 §6.1.2.3)."""
     hosts = list(dict.fromkeys(hosts))
 
-    def rank(item: tuple[int, str]) -> tuple[bool, bool, bool, int]:
+    def rank(item: tuple[int, str]) -> tuple[bool, bool, int, int]:
         index, host = item
         address = _ip(host.split("%", 1)[0])
-        other_family = address.version != (6 if prefer_ipv6 else 4)
-        return (address.is_loopback, address.is_link_local, other_family, index)
+        return (address.is_loopback, address.is_link_local,
+                -precedence(host, prefer_ipv6=prefer_ipv6), index)
 
     ordered = sorted(enumerate(hosts), key=rank)
     return {host: MAX_LOCAL_PREFERENCE - i for i, (_, host) in enumerate(ordered)}
