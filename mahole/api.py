@@ -93,6 +93,10 @@ def _session_error(exc: _agent.SessionError) -> Error:
     return kind(str(exc))
 
 
+def _seconds(ms: Optional[float]) -> Optional[float]:
+    return None if ms is None else ms / 1000
+
+
 def _hostport(value: Union[str, tuple[str, int]], default_port: int) -> tuple[str, int]:
     """("host", port) from a tuple or from text as the command line reads it ("HOST",
     "HOST:PORT", "[v6]:PORT"), with its messages."""
@@ -192,6 +196,8 @@ class SessionStats:
     time_to_direct: Optional[float]  # seconds from StartPunching to the direct route
     punch_result: Optional[str]  # "direct", "relay" (punching failed), None while punching
     packet_size: int  # bytes per packet on the current route (path MTU discovery)
+    direct_rtt: Optional[float] = None  # seconds: each route's measured RTT (the minimum
+    relay_rtt: Optional[float] = None  # over a few seconds), None before it was measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +257,9 @@ class Session:
             time_to_direct=raw["switch_ms"] / 1000 if raw.get("switch_ms") is not None
             else None,
             punch_result=str(punch.path) if punch is not None else None,
-            packet_size=int(conn.quic.max_datagram_size) if conn is not None else 1200)
+            packet_size=int(conn.quic.max_datagram_size) if conn is not None else 1200,
+            direct_rtt=_seconds(raw["routes"]["direct"]["rtt_ms"]),
+            relay_rtt=_seconds(raw["routes"]["relay"]["rtt_ms"]))
 
     def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Carry a connection you already hold (an accepted TCP connection's streams, say) on

@@ -319,10 +319,15 @@ class NodeQuicConnection(QuicConnection):
 
     @property
     def latest_rtt(self):
-        """The newest RTT sample in seconds (RFC 9002 §5.2, ack delay taken off), or None
-        before the first: what one round trip on the current route took just now."""
+        """(serial, seconds) of the newest RTT sample (RFC 9002 §5.2, ack delay taken off),
+        or None before the first: what one round trip on the current route took just now.
+        The serial changes with every new sample (a sample is taken when the largest packet
+        number acknowledged grows), so equal values are still told apart."""
         loss = self._loss
-        return loss._rtt_latest if loss._rtt_initialized else None
+        if not loss._rtt_initialized:
+            return None
+        serial = sum(space.largest_acked_packet for space in self._spaces.values())
+        return serial, loss._rtt_latest
 
     def pause_stream(self, stream_id):
         self._paused_streams.add(stream_id)

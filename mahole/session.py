@@ -30,8 +30,8 @@ from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
 from .connection import ALPN_E2E_STREAM_OPEN, E2E_WITH_FRAGMENTS, datagram_frame_room
 from .endpoint import ConnectionHandler
 from .pmtu import BASE_PLPMTU, PathMtu, route_ceiling
-from .session_core import (DIRECT, NONE, RELAY_MOVED, Closed, RepunchDue, RouteChanged, SendPing,
-                           SessionCore)
+from .session_core import (DIRECT, NONE, RELAY, RELAY_FASTER, RELAY_MOVED, Closed, RepunchDue,
+                           RouteChanged, SendPing, SessionCore)
 from .wire import control
 from .wire.relay import session_tag
 from .tunnel import FLOW_ID_LEN, MAX_UDP_PAYLOAD, DatagramReassembler, frame_datagram
@@ -182,7 +182,8 @@ class Session(ConnectionHandler):
         conn = self.connection
         if conn is not None and not conn.closed:
             quic = conn.quic
-            self.core.transport_state(quic.bytes_in_flight > 0, quic.smoothed_rtt, now)
+            self.core.transport_state(quic.bytes_in_flight > 0, quic.smoothed_rtt, now,
+                                      quic.latest_rtt)
             if (quic.large_packets_lost - self._large_lost_seen >= MTU_SUSPECT_LOSSES
                     and self._mtu_key is not None):
                 self._large_lost_seen = quic.large_packets_lost
@@ -195,11 +196,19 @@ class Session(ConnectionHandler):
         now = self.endpoint.now()
         self.punch_outcome = result
         if result.path == "direct":
-            if not self.closed:
+            core = self.core
+            core.punch_succeeded(result.remote_addr, now, result.rtt)
+            if self.closed:
+                pass
+            elif core.direct_addr is not None:
                 self.switch_ms = round(result.elapsed * 1000, 3)
                 log.info("session %s to %s: direct via %s after %.0f ms", self.tag,
                          self.service, _fmt(result.remote_addr), result.elapsed * 1000)
-            self.core.punch_succeeded(result.remote_addr, now)
+            else:
+                log.info("session %s to %s: staying on the relay, faster than the direct "
+                         "route via %s (%s against %s ms)", self.tag, self.service,
+                         _fmt(result.remote_addr), _ms(core.route_rtt[RELAY]),
+                         _ms(result.rtt))
         else:
             log.info("session %s to %s: staying on the relay (%s)", self.tag,
                      self.service, result.reason)
@@ -379,6 +388,9 @@ class Session(ConnectionHandler):
             watcher(event)
         if event.reason == RELAY_MOVED:
             pass  # relay_moved said so
+        elif event.reason.startswith(RELAY_FASTER):
+            log.info("session %s to %s: moved to the relay (%s)", self.tag, self.service,
+                     event.reason)
         elif event.reason != "nominated":
             where = {"relay": "fell back to the relay", "none": "has no route left"}.get(
                 event.route, f"now {event.route}")
@@ -505,6 +517,14 @@ class Session(ConnectionHandler):
             "path": self.route,
             "direct_addr": _fmt(core.direct_addr) if core.direct_addr else None,
             "relay_addr": _fmt(core.relay_addr),
+            "routes": {
+                DIRECT: {"addr": _fmt(core.direct_addr or core.slower_direct)
+                         if core.direct_addr or core.slower_direct else None,
+                         "rtt_ms": _ms(core.route_rtt[DIRECT])},
+                RELAY: {"addr": _fmt(core.relay_addr), "rtt_ms": _ms(core.route_rtt[RELAY])},
+            },
+            "rtt_moves": core.rtt_moves,
+            "switch_reason": core.switches[-1][2] if core.switches else None,
             "relay_moves": core.relay_moves,
             "network_changes": core.network_changes,
             "switch_ms": self.switch_ms,
@@ -555,6 +575,10 @@ def _earliest(*times):
 def _is_ipv6(addr):
     """Whether packets to addr travel over IPv6 (an IPv4-mapped address travels as IPv4)."""
     return addr is not None and ":" in addr[0] and not addr[0].startswith("::ffff:")
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def _fmt(addr):

@@ -63,6 +63,23 @@ Network changes
     the relay at once, and the controlling side punches again at once: a new network is not
     a flapping path, so no cool-down applies.
 
+Path choice by measured RTT (controlling side only)
+    Each route's RTT is the minimum of its samples over the last :data:`RTT_WINDOW` (one
+    sample per QUIC ACK while the route carries the session, :meth:`transport_state`, and the
+    hole-punching check's round trip for a direct route just found): the minimum, because
+    queues filled by a bulk transfer inflate single samples. Direct is the default route, and
+    a route found by hole punching is taken (one check's round trip is a thin verdict). The
+    agent leaves a direct route for the relay when its RTT is more than :data:`RTT_SLOWER`
+    times the relay's and :data:`RTT_MARGIN` more, for :data:`RTT_SUSTAIN` more, over at
+    least :data:`RTT_MIN_SAMPLES` samples. It then punches again after :data:`RTT_RECHECK`
+    (doubling up to :data:`RTT_RECHECK_MAX`) and takes the direct route back only if the
+    check's round trip is within :data:`RTT_RETURN` times (or RTT_MARGIN of) the relay's:
+    the gap between the two ratios is the hysteresis, so a path that stays slow costs no
+    switch and a change of conditions costs one. The other member follows the agent's route
+    (a peer back on the relay is followed, see above); until it has, its packets by the
+    direct route it still uses are accepted. The relay's RTT is measured only while the relay
+    carries the session: on a direct session it is the figure from the last time it did.
+
 Re-punching (controlling side only)
     After a failover, and after a failed attempt on a session that was direct once, the
     agent punches again after a cool-down of ``repunch_cooldown`` doubled for every further
@@ -107,6 +124,21 @@ REPROBE_INTERVAL = 0.1
 RELAY_QUIET = 1.0
 RELAY_DOUBT_HOLD = 2.0
 RELAY_MOVED = "the relay moved"
+# Path choice by measured RTT (see the module docstring). A route's RTT is the minimum over
+# RTT_WINDOW; a move needs the other route RTT_SLOWER times faster ("50 % faster") for
+# RTT_SUSTAIN with RTT_MIN_SAMPLES samples, and the way back only RTT_RETURN (hysteresis).
+# Samples within RTT_SETTLE (or two RTTs) of a switch are of packets sent before it. Routes
+# within RTT_MARGIN of each other are as fast (on a LAN, processing time is all that differs).
+RTT_WINDOW = 5.0
+RTT_SLOWER = 1.5
+RTT_RETURN = 1.2
+RTT_SUSTAIN = 2.0
+RTT_MIN_SAMPLES = 3
+RTT_SETTLE = 0.2
+RTT_MARGIN = 0.01
+RTT_RECHECK = 30.0
+RTT_RECHECK_MAX = 300.0
+RELAY_FASTER = "the relay is faster"
 
 
 @dataclass(frozen=True)
@@ -145,6 +177,12 @@ class Closed:
 
 
 SessionEvent = Union[RouteChanged, SendPing, RepunchDue, Closed]
+
+
+def _slower(rtt: float, other: float, ratio: float) -> bool:
+    """Whether a route of `rtt` is slower than one of `other` by more than `ratio` and by
+    more than RTT_MARGIN: below that, what differs is processing time, not the path."""
+    return rtt > ratio * other and rtt - other > RTT_MARGIN
 
 
 def _addr(addr) -> Addr:
@@ -201,6 +239,16 @@ class SessionCore:
         self.relay_up = relay_available
         self.relay_moves = 0  # times the session moved to another relay (resumption)
         self.network_changes = 0  # times this node's public address moved
+        # Path choice by RTT
+        self.route_rtt: dict = {RELAY: None, DIRECT: None}  # s, min over RTT_WINDOW
+        self._rtt_samples: dict = {RELAY: deque(), DIRECT: deque()}  # (when, rtt)
+        self._last_sample = None  # serial of the last RTT sample taken
+        self._settle_until = now
+        self._worse_since: Optional[float] = None  # direct slower than the relay since
+        self._worse_samples = 0
+        self.slower_direct: Optional[Addr] = None  # a direct route left for a faster relay
+        self.rtt_moves = 0  # times the session took the relay for its RTT
+        self.rtt_rechecks = 0  # punches since, to see whether direct got fast enough
         self.hold_until: Optional[float] = None  # the peer is not given up before this
         self._relay_lost_reason: Optional[str] = None  # while held for a resumption
         self._relay_heard: Optional[float] = None  # the intermediate's last packet (shell)
@@ -264,7 +312,12 @@ class SessionCore:
     def inbound(self, addr) -> bool:
         """Whether a QUIC packet that came straight from addr (not relayed) may be offered
         to the connection: only from the nominated direct address. Changes nothing."""
-        return self.direct_addr is not None and _addr(addr) == self.direct_addr
+        addr = _addr(addr)
+        if self.direct_addr is not None:
+            return addr == self.direct_addr
+        # The peer may still send by a direct route we left for a faster relay: it follows
+        # us within PEER_SWITCH_GRACE, and its packets meanwhile are the session's.
+        return self.slower_direct is not None and addr == self.slower_direct
 
     def relay_inbound_allowed(self, addr) -> bool:
         """Whether a relay frame from addr may be offered to the connection."""
@@ -287,6 +340,10 @@ class SessionCore:
             self.last_direct_rx = now
         elif addr == self.relay_addr:
             route = RELAY
+        elif addr == self.slower_direct:
+            self.last_rx = now  # the peer, not yet following us to the relay
+            self._peer_wait_since = None
+            return
         else:
             return
         self.last_rx = now
@@ -301,11 +358,16 @@ class SessionCore:
             # direct route die; follow it now instead of waiting for our own timeout.
             self._direct_failed(now, "the peer went back to the relay")
 
-    def transport_state(self, in_flight: bool, rtt: Optional[float], now: float) -> None:
+    def transport_state(self, in_flight: bool, rtt: Optional[float], now: float,
+                        latest_rtt: Optional[tuple] = None) -> None:
         """What the QUIC connection knows: ack-eliciting packets in flight, smoothed RTT
-        (RFC 9002 §5.3, None before the first sample)."""
+        (RFC 9002 §5.3, None before the first sample) and (serial, seconds) of the newest
+        RTT sample (§5.2): a new serial is a new sample of the route in use."""
         self._in_flight = in_flight
         self.rtt = rtt
+        if latest_rtt is not None and latest_rtt[0] != self._last_sample:
+            self._last_sample = latest_rtt[0]
+            self._rtt_sample(latest_rtt[1], now)
         if in_flight:
             if self.established:
                 self._probing(now)
@@ -326,19 +388,36 @@ class SessionCore:
             self.open_streams = count
             self.last_activity = now
 
-    def punch_succeeded(self, addr, now: float) -> None:
-        """Hole punching nominated a pair with remote address addr: the direct route."""
+    def punch_succeeded(self, addr, now: float, rtt: Optional[float] = None) -> None:
+        """Hole punching nominated a pair with remote address addr (its check took ``rtt``):
+        the direct route, unless the agent finds it much slower than the relay."""
         if self.closed:
             return
         if not self.allow_direct:
             raise ValueError("this session is relay-only")
-        self.direct_addr = _addr(addr)
-        self.direct_since = self.last_direct_rx = now
-        self.switches.append((now, DIRECT, "nominated"))
+        addr = _addr(addr)
         self.repunch_attempts = 0
         self.repunch_at = None
+        if rtt is not None:
+            self._record(DIRECT, rtt, now)
+        relay_rtt = self.route_rtt[RELAY]
+        if (self.slower_direct is not None and self.controlling and self.allow_relay
+                and self.relay_up and rtt is not None and relay_rtt is not None
+                and _slower(rtt, relay_rtt, RTT_RETURN)):
+            # A re-check of a direct route left for the relay: still too slow. (A first
+            # nomination is always taken: one check's round trip is a thin verdict, so the
+            # route's own samples decide, see _rtt_sample.)
+            self.slower_direct = addr
+            self.rtt_rechecks += 1
+            self.repunch_at = now + self._recheck_after()
+            return
+        self.direct_addr = addr
+        self.direct_since = self.last_direct_rx = now
+        self.slower_direct = None
+        self.rtt_rechecks = 0
         self._probe_since = None
-        self._events.append(RouteChanged(DIRECT, self.direct_addr, "nominated"))
+        self._worse_since = None
+        self._switched(now, DIRECT, addr, "nominated")
 
     def punch_failed(self, reason: str, now: float) -> None:
         """Hole punching ended without a direct route."""
@@ -347,6 +426,8 @@ class SessionCore:
         if not self.allow_relay:
             self._close("direct path required (--direct-only) but hole punching failed: "
                         f"{reason}")
+        elif self.controlling and self.slower_direct is not None:
+            self.repunch_at = now + self._recheck_after()  # on the relay for its RTT
         elif self.controlling and self.switches and self.direct_addr is None:
             self._schedule_repunch(now)  # it was direct once: keep trying, with pauses
 
@@ -358,6 +439,7 @@ class SessionCore:
         if self.closed:
             return
         self.network_changes += 1
+        self._forget_rtts()
         if self.direct_addr is not None:
             self._direct_failed(now, reason, counts=False)
         if self.controlling and self.allow_direct and self.route == RELAY and self.relay_up \
@@ -393,11 +475,12 @@ class SessionCore:
         self.hold_until = None
         if moved:
             self.relay_moves += 1
+            self._rtt_samples[RELAY].clear()
+            self.route_rtt[RELAY] = None
         if self.route == RELAY:
             self._peer_wait_since = None
             if moved:
-                self.switches.append((now, RELAY, RELAY_MOVED))
-                self._events.append(RouteChanged(RELAY, addr, RELAY_MOVED))
+                self._switched(now, RELAY, addr, RELAY_MOVED)
             self._ping(now, reset_backoff=True)
 
     def hold(self, until: float) -> None:
@@ -507,15 +590,14 @@ class SessionCore:
         """The direct route died: back to the relay at once, same QUIC connection. A route
         lost to a change of our own network (``counts`` False) does not slow re-punching."""
         self.direct_addr = None
+        self.slower_direct = None
         if counts:
             self.failovers.append(now)
             if self.last_direct_rx is not None:
                 self.failover_durations.append(now - self.last_direct_rx)
         self._probe_since = None
         route = self.route
-        self.switches.append((now, route, reason))
-        self._events.append(RouteChanged(route, self.relay_addr if route == RELAY else None,
-                                         reason))
+        self._switched(now, route, self.relay_addr if route == RELAY else None, reason)
         if not self.allow_relay:
             self._close(f"direct path lost and the relay is not allowed (--direct-only): "
                         f"{reason}")
@@ -525,6 +607,62 @@ class SessionCore:
             self._ping(now, reset_backoff=True)
             if self.controlling:
                 self._schedule_repunch(now)
+
+    def _switched(self, now, route, addr, reason):
+        self.switches.append((now, route, reason))
+        self._events.append(RouteChanged(route, addr, reason))
+        self._settle_until = now + max(RTT_SETTLE, 2 * (self.rtt or 0.0))
+        self._worse_since = None
+
+    def _record(self, route, rtt, now):
+        samples = self._rtt_samples[route]
+        samples.append((now, rtt))
+        while samples[0][0] < now - RTT_WINDOW:
+            samples.popleft()
+        self.route_rtt[route] = min(value for _when, value in samples)
+
+    def _rtt_sample(self, rtt, now):
+        """One RTT sample of the route in use; on a direct route much slower than the relay
+        for RTT_SUSTAIN, the agent takes the relay."""
+        route = self.route
+        if route == NONE or now < self._settle_until:
+            return
+        self._record(route, rtt, now)
+        relay_rtt = self.route_rtt[RELAY]
+        if (route != DIRECT or not self.controlling or not self.allow_relay
+                or not self.relay_up or relay_rtt is None
+                or not _slower(self.route_rtt[DIRECT], relay_rtt, RTT_SLOWER)):
+            self._worse_since = None
+            return
+        if self._worse_since is None:
+            self._worse_since, self._worse_samples = now, 0
+        self._worse_samples += 1
+        if (now - self._worse_since >= RTT_SUSTAIN
+                and self._worse_samples >= RTT_MIN_SAMPLES):
+            self._take_faster_relay(now)
+
+    def _take_faster_relay(self, now):
+        direct_rtt, relay_rtt = self.route_rtt[DIRECT], self.route_rtt[RELAY]
+        self.slower_direct, self.direct_addr = self.direct_addr, None
+        self._probe_since = None
+        self.rtt_moves += 1
+        self._switched(now, RELAY, self.relay_addr,
+                       f"{RELAY_FASTER}: {relay_rtt * 1000:.0f} ms against "
+                       f"{direct_rtt * 1000:.0f} ms direct")
+        self._ping(now)  # the peer follows on our first relayed packet
+        self.rtt_rechecks = 1
+        self.repunch_at = now + self._recheck_after()
+
+    def _recheck_after(self):
+        return min(RTT_RECHECK * 2 ** min(self.rtt_rechecks - 1, 16), RTT_RECHECK_MAX)
+
+    def _forget_rtts(self):
+        """A new network: what was measured on the old one says nothing."""
+        for route, samples in self._rtt_samples.items():
+            samples.clear()
+            self.route_rtt[route] = None
+        self.slower_direct = None
+        self.rtt_rechecks = 0
 
     def _schedule_repunch(self, now):
         recent = sum(1 for at in self.failovers if at > now - REPUNCH_WINDOW)

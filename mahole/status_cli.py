@@ -60,7 +60,8 @@ def add_parser(subparsers) -> None:
         "status", help="show a running node's state (intermediate, sessions, paths)",
         description="Show the state of a node running on this machine, through its local "
                     "control socket: role, name, the intermediate (connected, observed "
-                    "address, RTT) and each session (service, peer, path, RTT, bytes, since).")
+                    "address, RTT) and each session (service, peer, path, RTT, the RTT measured "
+                    "on each route, bytes, since).")
     sub.add_argument("name", nargs="?", metavar="NAME",
                      help="which node when several run: alice, or agent-alice")
     sub.add_argument("--json", action="store_true", help="print the node's status as JSON")
@@ -207,11 +208,14 @@ def format_status(status: dict, now=None) -> str:
         path = s.get("path", "?")
         if path == "direct" and s.get("direct_addr"):
             path = f"direct {s['direct_addr']}"
+        routes = s.get("routes") or {}
         rows.append((s.get("service"), s.get("session"), s.get(peer_key), path,
-                     _ms(s.get("rtt_ms")), _mtu(s.get("mtu")), _size(s.get("bytes_sent")),
-                     _size(s.get("bytes_received")), _since(s.get("age_s"), now)))
-    lines += _table(("SERVICE", "SESSION", "PEER", "PATH", "RTT", "MTU", "SENT", "RECEIVED",
-                     "SINCE"), rows)
+                     _ms(s.get("rtt_ms")), _ms((routes.get("direct") or {}).get("rtt_ms")),
+                     _ms((routes.get("relay") or {}).get("rtt_ms")), _mtu(s.get("mtu")),
+                     _size(s.get("bytes_sent")), _size(s.get("bytes_received")),
+                     _since(s.get("age_s"), now)))
+    lines += _table(("SERVICE", "SESSION", "PEER", "PATH", "RTT", "DIRECT RTT", "RELAY RTT",
+                     "MTU", "SENT", "RECEIVED", "SINCE"), rows)
     return "\n".join(lines)
 
 

@@ -16,6 +16,9 @@ from mahole.session_core import (
     RELAY_DOUBT_HOLD,
     RELAY_MOVED,
     REPROBE_INTERVAL,
+    RTT_RECHECK,
+    RTT_SUSTAIN,
+    RTT_WINDOW,
     Closed,
     RepunchDue,
     RouteChanged,
@@ -31,10 +34,14 @@ STRANGER = ("203.0.113.66", 40001)
 
 
 class Pump:
-    def __init__(self, rtt=0.02, **kw):
+    def __init__(self, rtt=0.02, route_rtts=None, **kw):
         kw.setdefault("controlling", True)
         self.now = 0.0
         self.rtt = rtt
+        self.route_rtts = route_rtts  # {route: RTT} when the routes differ
+        self.latest = None  # the newest RTT sample (the last answer's round trip)
+        self.due = []  # (arrival, round trip) of the probes in flight
+        self.samples = 0
         self.core = SessionCore(SID, RELAY_ADDR, self.now, **kw)
         self.events = []  # (when, event)
         self.cut = set()  # routes whose packets are lost
@@ -53,11 +60,14 @@ class Pump:
                 self._probe()
             elif isinstance(event, RepunchDue) and self.on_repunch is not None:
                 self.on_repunch()
-        self.core.transport_state(self.outstanding > 0, self.rtt, self.now)
+        self.core.transport_state(self.outstanding > 0, self.rtt, self.now,
+                                  None if self.latest is None else (self.samples, self.latest))
 
     def _probe(self):
         self.outstanding += 1
-        self.arrivals.append(self.now + self.rtt)
+        rtt = self.rtt if self.route_rtts is None else self.route_rtts[self.core.route]
+        self.arrivals.append(self.now + rtt)
+        self.due.append((self.now + rtt, rtt))
 
     def _answer(self):
         """An answer arrives by the route the session is on (the peer is on it too)."""
@@ -68,6 +78,11 @@ class Pump:
             self.lose -= 1
             return
         self.outstanding = 0  # an ACK covers everything sent before it
+        answered = [item for item in self.due if item[0] <= self.now]
+        if answered:
+            self.latest = answered[-1][1]
+            self.samples += 1
+            self.due = [item for item in self.due if item[0] > self.now]
         self.core.packet_authenticated(self.core.direct_addr if route == DIRECT
                                        else self.core.relay_addr, self.now)
         self._drain()
@@ -78,8 +93,8 @@ class Pump:
         self._probe()
         self._drain()
 
-    def punch(self, addr=PEER):
-        self.core.punch_succeeded(addr, self.now)
+    def punch(self, addr=PEER, rtt=None):
+        self.core.punch_succeeded(addr, self.now, rtt)
         self._drain()
 
     def run(self, until, every=None, action=None):
@@ -556,3 +571,130 @@ def test_an_idle_direct_route_that_loses_a_few_answers_is_probed_again_not_aband
     pump.run(pump.now + 3.0)
     assert pump.core.route == RELAY
     assert pump.core.failovers[0] - cut_at <= 1.0 + 0.5 + 0.01  # keepalive + failover
+
+
+# Path choice by measured RTT ---------------------------------------------------------------
+def rtt_pump(relay, direct, **kw):
+    """A session measured on the relay for a second (a keepalive every second: samples),
+    routes `relay` and `direct` seconds long."""
+    pump = Pump(route_rtts={RELAY: relay, DIRECT: direct}, **kw)
+    pump.run(3.0, every=0.25, action=pump.send_data)
+    assert pump.core.route_rtt[RELAY] == pytest.approx(relay)
+    return pump
+
+
+def to_relay_for_rtt(pump):
+    """Run with data until the agent leaves the direct route for the relay; when it did."""
+    deadline = pump.now + RTT_WINDOW + RTT_SUSTAIN + 2.0
+    while pump.core.route == DIRECT and pump.now < deadline:
+        pump.run(pump.now + 0.1, every=0.1, action=pump.send_data)
+    assert pump.core.route == RELAY and pump.core.rtt_moves == 1
+    return pump.core.switches[-1][0]
+
+
+def test_a_direct_route_much_slower_than_the_relay_is_left_for_it_and_looked_at_again():
+    """A 600 ms direct path (a satellite hop) against a 40 ms relay: taken when found (one
+    check is a thin verdict), left for the relay once its own samples say so, and looked at
+    again by punching after RTT_RECHECK; what the peer still sends by it is accepted."""
+    pump = rtt_pump(relay=0.04, direct=0.6)
+    pump.punch(rtt=0.6)
+    core = pump.core
+    assert core.route == DIRECT
+    moved_at = to_relay_for_rtt(pump)
+    assert moved_at - core.switches[0][0] <= RTT_WINDOW + RTT_SUSTAIN + 1.0
+    assert core.switches[-1][2] == "the relay is faster: 40 ms against 600 ms direct"
+    assert core.failovers == [] and core.slower_direct == PEER
+    assert core.inbound(PEER) and not core.inbound(STRANGER)
+    assert core.repunch_at == pytest.approx(moved_at + RTT_RECHECK)
+    core.packet_authenticated(PEER, pump.now)  # the peer's packets by it are the session's
+    assert core.last_rx == pump.now
+
+
+def test_routes_within_a_few_milliseconds_are_as_fast():
+    """On a LAN the relay may measure 0.3 ms and the direct route 2 ms: processing time, not
+    the path, so nothing moves."""
+    pump = rtt_pump(relay=0.0003, direct=0.002)
+    pump.punch(rtt=0.002)
+    pump.run(pump.now + 20, every=0.1, action=pump.send_data)
+    assert pump.core.route == DIRECT and pump.core.rtt_moves == 0
+
+
+def test_a_direct_route_not_much_slower_than_the_relay_is_taken():
+    """Direct is the default: 50 ms direct against a 40 ms relay is no reason to relay."""
+    pump = rtt_pump(relay=0.04, direct=0.05)
+    pump.punch(rtt=0.05)
+    assert pump.core.route == DIRECT and pump.core.slower_direct is None
+
+
+def test_only_the_agent_chooses_by_rtt_the_connector_follows_it():
+    pump = rtt_pump(relay=0.04, direct=0.6, controlling=False)
+    pump.punch(rtt=0.6)
+    assert pump.core.route == DIRECT  # it follows the agent back when relay packets come
+
+
+def test_a_direct_route_that_got_much_worse_is_left_once_sustained_then_taken_back():
+    """Direct 10 ms, relay 40 ms; the direct path turns to 200 ms. The agent moves to the
+    relay only when the whole RTT window and RTT_SUSTAIN say so, once; a re-check while it is
+    still slow moves nothing; once it is fast again the next re-check takes it back. One
+    switch per change of conditions."""
+    pump = rtt_pump(relay=0.04, direct=0.01)
+    pump.punch(rtt=0.01)
+    core = pump.core
+    rechecks = []
+    pump.on_repunch = lambda: rechecks.append(pump.now)
+    pump.run(pump.now + 10, every=0.1, action=pump.send_data)
+    assert core.route == DIRECT and core.route_rtt[DIRECT] == pytest.approx(0.01)
+    worse_at = pump.now
+    pump.route_rtts[DIRECT] = 0.2
+    pump.run(worse_at + RTT_WINDOW - 0.5, every=0.1, action=pump.send_data)
+    assert core.route == DIRECT  # one fast sample in the window still speaks for it
+    pump.run(worse_at + RTT_WINDOW + RTT_SUSTAIN + 1.0, every=0.1, action=pump.send_data)
+    assert core.route == RELAY and core.rtt_moves == 1 and core.failovers == []
+    moved_at, route, reason = core.switches[-1]
+    assert worse_at + RTT_WINDOW + RTT_SUSTAIN - 0.5 <= moved_at
+    assert reason == "the relay is faster: 40 ms against 200 ms direct"
+    assert core.inbound(PEER)  # until the peer has followed
+    # The first re-check finds it still slow (200 ms > 1.2 x 40 ms): no switch.
+    pump.run(moved_at + RTT_RECHECK + 0.5, every=0.1, action=pump.send_data)
+    assert rechecks == [pytest.approx(moved_at + RTT_RECHECK)]
+    pump.punch(rtt=0.2)
+    assert core.route == RELAY and len(core.switches) == 2
+    assert core.repunch_at == pytest.approx(pump.now + 2 * RTT_RECHECK)  # doubled
+    # Fast again: the next re-check takes it back.
+    pump.route_rtts[DIRECT] = 0.01
+    pump.run(pump.now + 2 * RTT_RECHECK + 0.5, every=0.1, action=pump.send_data)
+    assert len(rechecks) == 2
+    pump.punch(rtt=0.01)
+    assert core.route == DIRECT and [route for _at, route, _why in core.switches] == [
+        DIRECT, RELAY, DIRECT]
+
+
+def test_hysteresis_a_route_near_the_threshold_does_not_flap():
+    """Once on the relay for its RTT, direct must come within 1.2x of the relay to be taken
+    back (1.3x would have been taken at first), and direct samples that cross 1.5x now and
+    then (queues) never move the session: its RTT is the window's minimum."""
+    pump = rtt_pump(relay=0.04, direct=0.052)
+    pump.punch(rtt=0.052)
+    core = pump.core
+    for index in range(200):  # 20 s of samples, every third one inflated to 90 ms
+        pump.route_rtts[DIRECT] = 0.09 if index % 3 == 0 else 0.052
+        pump.run(pump.now + 0.1, every=0.1, action=pump.send_data)
+    assert core.route == DIRECT and len(core.switches) == 1
+    slow = rtt_pump(relay=0.04, direct=0.4)
+    slow.punch(rtt=0.4)
+    to_relay_for_rtt(slow)
+    slow.punch(rtt=0.052)  # 1.3x: not enough to come back
+    assert slow.core.route == RELAY and len(slow.core.switches) == 2
+    slow.punch(rtt=0.045)
+    assert slow.core.route == DIRECT
+
+
+def test_a_network_change_forgets_what_the_routes_measured():
+    pump = rtt_pump(relay=0.04, direct=0.6)
+    pump.punch(rtt=0.6)
+    to_relay_for_rtt(pump)
+    pump.core.network_changed(pump.now, "new address")
+    assert pump.core.route_rtt == {RELAY: None, DIRECT: None}
+    assert pump.core.slower_direct is None
+    pump.punch(rtt=0.6)  # nothing measured on the new network yet: direct is the default
+    assert pump.core.route == DIRECT
