@@ -34,6 +34,16 @@ def settled(d, timeout=15):
                 timeout, "hole punching to finish and the session to take its path", d)
 
 
+def on_ipv6_direct(d, session, cell):
+    """The session is direct to the connector's global IPv6 address: the pair nominated and
+    the route its packets take (say how long it took to get there)."""
+    assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
+    assert nominated(session) == ipaddress.ip_address(d.connector_host.ip6), session["punch"]
+    assert session["direct_addr"].startswith(f"[{d.connector_host.ip6}]:"), session
+    print(f"{cell}: direct over IPv6 {session['switch_ms']:.0f} ms after the session opened, "
+          f"pairs {session['punch']['pairs_by_family']}")
+
+
 def through(d, size=256 << 10):
     """Bytes through the agent's forward come back identical (on whatever path is current)."""
     data = os.urandom(size)
@@ -107,9 +117,7 @@ def test_dual_stack_goes_direct_over_ipv6_where_ipv4_nats_are_both_symmetric(lab
                    connector_site=DUAL)
     d.wait_registered()
     through(d)
-    session = settled(d)
-    assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
-    assert nominated(session) == ipaddress.ip_address(d.connector_host.ip6), session["punch"]
+    on_ipv6_direct(d, settled(d), "dual-stack x dual-stack, symmetric IPv4 NATs")
     data = os.urandom(512 << 10)
     assert d.round_trip(data) == data, d.logs()
     assert d.session()["path"] == "direct"
@@ -121,10 +129,25 @@ def test_dual_stack_prefers_the_ipv6_pair_where_ipv4_would_work_too(lab, tmp_pat
     d.wait_registered()
     through(d)
     session = settled(d)
-    assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
-    assert nominated(session) == ipaddress.ip_address(d.connector_host.ip6), session["punch"]
+    on_ipv6_direct(d, session, "dual-stack x dual-stack, easy IPv4 NATs")
     # IPv4 pairs were there to be had: the IPv6 one won on priority, not for want of others.
     assert session["punch"]["pairs_by_family"].get("ipv4"), session["punch"]
+    through(d)
+
+
+def test_dual_stack_falls_back_to_ipv4_when_ipv6_does_not_get_through(lab, tmp_path):  # noqa: F811
+    """RFC 8421: IPv6 first, but not IPv6 or nothing. The connector's router drops every
+    IPv6 packet it would forward (a broken IPv6 uplink); the easy IPv4 NATs still go direct."""
+    d = Deployment(lab, tmp_path, "full-cone", "port-restricted", agent_site=DUAL,
+                   connector_site=DUAL)
+    d.connector_host.router.nft("insert rule ip6 netlab6 forward counter drop\n")
+    d.wait_registered()
+    through(d)
+    session = settled(d)
+    assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
+    assert nominated(session).version == 4, session["punch"]
+    assert session["punch"]["pairs_by_family"].get("ipv6"), session["punch"]
+    assert session["punch"]["elapsed_ms"] < 1000, session["punch"]  # no wait for IPv6 timeouts
     through(d)
 
 
@@ -136,9 +159,7 @@ def test_an_ipv6_only_agent_reaches_a_dual_stack_connector_directly(lab, tmp_pat
     assert agent["intermediate"]["observed_addr"] == f"[{d.agent_host.ip6}]:" + \
         agent["local_addr"].rsplit(":", 1)[1], agent["intermediate"]
     through(d)
-    session = settled(d)
-    assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
-    assert nominated(session) == ipaddress.ip_address(d.connector_host.ip6), session["punch"]
+    on_ipv6_direct(d, settled(d), "IPv6-only x dual-stack")
     through(d)
 
 
