@@ -11,7 +11,10 @@ bridges the two.
 """
 
 import ipaddress
+import itertools
 import os
+
+import pytest
 
 import netlab
 from labroles import Deployment, wait
@@ -104,6 +107,8 @@ def test_an_ipv6_only_host_has_no_ipv4(lab):  # noqa: F811
     out = site.host.run(["ip", "-4", "addr", "show", "scope", "global"]).stdout
     assert not out.strip(), out
     assert not site.host.run(["ip", "-4", "route"]).stdout.strip()
+    with pytest.raises(ValueError, match="needs a router"):
+        lab.site("none", ipv6_only=True)
 
 
 # -- mahole over IPv6 --------------------------------------------------------------------------
@@ -174,3 +179,32 @@ def test_an_ipv6_only_agent_and_an_ipv4_only_connector_meet_through_the_relay(la
     assert "no candidate pairs" in (session["punch"]["reason"] or ""), session["punch"]
     data = os.urandom(512 << 10)
     assert d.round_trip(data) == data, d.logs()
+
+
+# -- the address-family matrix -----------------------------------------------------------------
+
+FAMILIES = {"dual-stack": DUAL, "ipv6-only": V6_ONLY, "ipv4-only": {}}
+# Cells run elsewhere: dual-stack x dual-stack above, IPv4-only x IPv4-only in
+# tests/test_nat_matrix.py (symmetric x symmetric: relay).
+COVERED = {("dual-stack", "dual-stack"), ("ipv4-only", "ipv4-only")}
+
+
+@pytest.mark.parametrize("agent_family, connector_family",
+                         [c for c in itertools.product(FAMILIES, FAMILIES) if c not in COVERED],
+                         ids=lambda f: f)
+def test_family_matrix_behind_symmetric_ipv4_nats(lab, tmp_path, agent_family, connector_family):  # noqa: F811
+    """The other pairs of site kinds, IPv4 behind symmetric NATs (which alone never go
+    direct): direct over IPv6 exactly when both sides have IPv6, the relay otherwise, and
+    the data arrives either way."""
+    d = Deployment(lab, tmp_path, "symmetric", "symmetric",
+                   agent_site=FAMILIES[agent_family], connector_site=FAMILIES[connector_family])
+    d.wait_registered()
+    through(d)
+    session = settled(d)
+    cell = f"{agent_family} x {connector_family}"
+    if "ipv4-only" in (agent_family, connector_family):
+        assert session["path"] == "relay", f"{cell}: {session['punch']}\n{d.logs()}"
+        print(f"{cell}: relay")
+    else:
+        on_ipv6_direct(d, session, cell)
+    through(d)
