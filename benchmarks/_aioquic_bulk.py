@@ -1,9 +1,9 @@
 """Baseline for bench_tunnel.py: plain aioquic bulk transfer on one stream, over loopback.
 
-    python _aioquic_bulk.py server --cert C --key K [--port P]
+    python _aioquic_bulk.py server --cert C --key K [--port P] [--host H]
         prints "ready PORT"; for every stream it counts the bytes until FIN, then answers
         the count as ASCII on the same stream (with FIN).
-    python _aioquic_bulk.py client --port P --ca CA --server-name NAME --bytes N
+    python _aioquic_bulk.py client --port P --ca CA --server-name NAME --bytes N [--host H]
         connects (aioquic.asyncio.connect), prints "ready", then for every "run" line on
         stdin opens a new bidirectional stream, sends the N bytes with end_stream, waits for
         the count and prints "done SECONDS COUNT" (SECONDS from the first byte handed to
@@ -11,7 +11,9 @@
 
 Both sides use aioquic's asyncio API (`serve`, `connect`, a `QuicConnectionProtocol`
 subclass handling events) and aioquic's default QuicConfiguration flow control and
-congestion control (see DEFAULTS), the way a plain aioquic application would.
+congestion control (see DEFAULTS), the way a plain aioquic application would; --host (default
+127.0.0.1) is where the server listens and the client connects, --congestion-control picks
+another of aioquic's controllers (bench_goodput.py).
 """
 
 import argparse
@@ -92,9 +94,10 @@ class BulkClient(QuicConnectionProtocol):
 
 
 async def run_server(args):
-    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN],
+                               **_congestion_control(args))
     config.load_cert_chain(args.cert, args.key)
-    server = await serve("127.0.0.1", args.port, configuration=config,
+    server = await serve(args.host, args.port, configuration=config,
                          create_protocol=CountingServer)
     _set_buffers(server._transport, args.sockbuf)
     port = server._transport.get_extra_info("sockname")[1]
@@ -107,13 +110,13 @@ async def run_server(args):
 
 async def run_client(args):
     config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
-                               server_name=args.server_name)
+                               server_name=args.server_name, **_congestion_control(args))
     config.load_verify_locations(cafile=args.ca)
     config.verify_mode = ssl.CERT_REQUIRED
     data = os.urandom(args.bytes)
     loop = asyncio.get_running_loop()
     stdin = await _stdin_reader(loop)
-    async with connect("127.0.0.1", args.port, configuration=config,
+    async with connect(args.host, args.port, configuration=config,
                        create_protocol=BulkClient) as client:
         _set_buffers(client._transport, args.sockbuf)
         print("ready", flush=True)
@@ -123,6 +126,13 @@ async def run_client(args):
                 break
             seconds, count = await client.send(data)
             print(f"done {seconds:.6f} {count}", flush=True)
+
+
+def _congestion_control(args):
+    """QuicConfiguration keywords for --congestion-control (none: aioquic's default)."""
+    if args.congestion_control:
+        return {"congestion_control_algorithm": args.congestion_control}
+    return {}
 
 
 def _set_buffers(transport, size):
@@ -147,12 +157,16 @@ def main(argv=None):
     s.add_argument("--key", required=True)
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--sockbuf", type=int, default=0)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--congestion-control")
     c = sub.add_parser("client")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--ca", required=True)
     c.add_argument("--server-name", default="127.0.0.1")
     c.add_argument("--bytes", type=int, required=True)
     c.add_argument("--sockbuf", type=int, default=0)
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--congestion-control")
     args = parser.parse_args(argv)
     asyncio.run(run_server(args) if args.mode == "server" else run_client(args))
     return 0

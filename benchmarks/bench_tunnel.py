@@ -105,6 +105,21 @@ def serve_sink():
     asyncio.run(main())
 
 
+def send_counted(sock, data):
+    """Send `data` on a connected socket to a sink, half-close, read the count it answers:
+    (seconds from the first byte handed over to the count received, count or None)."""
+    start = time.perf_counter()
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    reply = bytearray()
+    while True:
+        chunk = sock.recv(64)
+        if not chunk:
+            break
+        reply += chunk
+    return time.perf_counter() - start, int(reply) if reply else None
+
+
 # --- processes -----------------------------------------------------------------------------
 
 
@@ -198,20 +213,11 @@ class MaholeTunnel:
                 raise RuntimeError(f"mahole: the session is on {self._session_path()}, "
                                    f"not {self.path}")
         with socket.create_connection(self.forward, timeout=timeout) as sock:
-            start = time.perf_counter()
-            sock.sendall(self.data)
-            sock.shutdown(socket.SHUT_WR)
-            reply = bytearray()
-            while True:
-                chunk = sock.recv(64)
-                if not chunk:
-                    break
-                reply += chunk
-            elapsed = time.perf_counter() - start
-        if not reply:
+            elapsed, count = send_counted(sock, self.data)
+        if count is None:
             raise RuntimeError("mahole: the connection closed without a count "
                                f"(agent: {self.procs.tail('agent', 2)})")
-        return elapsed, int(reply)
+        return elapsed, count
 
     def details(self):
         agent = status(self.status_ports["agent"]) or {}
@@ -233,14 +239,21 @@ class AioquicBulk:
     name = "aioquic"
     processes = ("aioquic-client", "aioquic-server")
 
-    def __init__(self, procs, certs, total_bytes, sockbuf=0):
+    def __init__(self, procs, certs, total_bytes, sockbuf=0, *, listen=HOST, connect=HOST,
+                 server_name=HOST, congestion_control=None):
+        """`listen`: the server's address; `connect`: where the client finds it;
+        `server_name`: the name in certs/intermediate.crt; `congestion_control`: one of
+        aioquic's controllers for both (None: aioquic's default)."""
         self.procs = procs
         self.total = total_bytes
         self.sockbuf = sockbuf
+        self.congestion_control = congestion_control
         helper = str(HERE / "_aioquic_bulk.py")
         bufs = ["--sockbuf", str(sockbuf)] if sockbuf else []
+        if congestion_control:
+            bufs += ["--congestion-control", congestion_control]
         server = procs.start("aioquic-server",
-                             [sys.executable, helper, "server",
+                             [sys.executable, helper, "server", "--host", listen,
                               "--cert", str(certs / "intermediate.crt"),
                               "--key", str(certs / "intermediate.key"), *bufs],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -250,7 +263,8 @@ class AioquicBulk:
                                f"{procs.tail('aioquic-server')}")
         self.client = procs.start("aioquic-client",
                                   [sys.executable, helper, "client", "--port", line.split()[1],
-                                   "--ca", str(certs / "ca.crt"), "--server-name", HOST,
+                                   "--host", connect, "--ca", str(certs / "ca.crt"),
+                                   "--server-name", server_name,
                                    "--bytes", str(total_bytes), *bufs],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = _readline(self.client, 20)
@@ -269,7 +283,10 @@ class AioquicBulk:
         return float(seconds), int(count)
 
     def details(self):
-        return {"configuration": _aioquic_bulk.defaults(),
+        configuration = _aioquic_bulk.defaults()
+        if self.congestion_control:
+            configuration["congestion_control_algorithm"] = self.congestion_control
+        return {"configuration": configuration,
                 "socket_buffers": self.sockbuf or "OS default"}
 
 

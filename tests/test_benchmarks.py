@@ -33,3 +33,30 @@ def test_benchmark_quick_run(tmp_path, script, report, key):
     assert data["benchmark"]
     if key:
         assert all(v > 0 for v in data[key].values())
+
+
+def test_bench_goodput_reports_p50_p95_and_the_ratios():
+    """bench_goodput.py needs root and minutes in the NAT lab, so CI checks its report: the
+    median, the slow tail (the goodput of the 95th-percentile time), n, failures and the
+    ratios to the baselines with the same congestion controller."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_goodput
+
+    assert bench_goodput.summary([]) == (None, None, 0)
+    assert bench_goodput.summary([4.0, 1.0, 2.0]) == (2.0, 1.0, 3)
+    mid, tail, n = bench_goodput.summary([10.0] * 18 + [2.0, 2.0])  # 2 slow in 20: p95
+    assert (mid, n) == (10.0, 20) and tail == pytest.approx(2.0)
+    results = {"lte": {
+        "mahole direct cubic": {"mb_per_s": [3.0, 4.0, 5.0], "failed": 0},
+        "aioquic cubic": {"mb_per_s": [2.0], "failed": 1},
+        "tcp cubic": {"mb_per_s": [8.0], "failed": 0},
+        "tcp reno": {"mb_per_s": [], "failed": 0, "skipped": "out of time"},
+        "_kernel_default_cc": "bbr"}}
+    rows = {(r[0], r[1], r[2]): r for r in bench_goodput.rows(results)}
+    assert len(rows) == 4
+    assert rows["lte", "mahole direct", "cubic"][3:9] == [4.0, 3.0, 3, 0, "2.00x", "0.50x"]
+    assert rows["lte", "aioquic", "cubic"][5:9] == [1, 1, "-", "0.25x"]
+    assert rows["lte", "tcp", "reno"][3:] == ["-", "-", 0, 0, "-", "-", "out of time"]
+    assert len(bench_goodput.HEADERS) == len(rows["lte", "tcp", "reno"])
