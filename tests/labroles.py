@@ -39,12 +39,14 @@ class Deployment:
     def __init__(self, lab, tmp_path, agent_nat, connector_nat, *, agent_args=(),
                  connector_args=(), intermediate_args=(), agent_link=None,
                  connector_link=None, intermediate_link=None, agent_site=None,
-                 connector_site=None):
+                 connector_site=None, over_ipv6=()):
         self.lab = lab
         self.tmp_path = tmp_path
         # Sites: `agent_site` / `connector_site` are more arguments of lab.site, such as
         # {"ipv6": True} (dual-stack) or {"ipv6_only": True}. With either, the intermediate
         # is dual-stack too, listens on [::] and has both addresses in its certificate.
+        # `over_ipv6` names the roles ("agent", "connector") of dual-stack sites that reach
+        # it over IPv6 (IPv6-only ones always do, the others use IPv4 unless named here).
         agent_site, connector_site = agent_site or {}, connector_site or {}
         ipv6 = any(s.get("ipv6") or s.get("ipv6_only") for s in (agent_site, connector_site))
         # Links (netlab/wire.py presets or settings): the agent's and the connector's own
@@ -60,6 +62,9 @@ class Deployment:
         identity.issue(tmp_path, "agent", "alice")
         self.listen = f"[::]:{INTERMEDIATE_PORT}" if ipv6 else f"0.0.0.0:{INTERMEDIATE_PORT}"
         self.relay_addr = f"{self.public.ip}:{INTERMEDIATE_PORT}"
+        self.over_ipv6 = {h for role, h in (("agent", self.agent_host),
+                                            ("connector", self.connector_host))
+                          if role in over_ipv6 or h.ip is None}
         if ipv6:
             self.relay_addr6 = f"[{self.public.ip6}]:{INTERMEDIATE_PORT}"
         self.intermediate_args = intermediate_args
@@ -71,8 +76,9 @@ class Deployment:
 
     def intermediate_for(self, host):
         """The intermediate's address as `host` reaches it: over IPv6 from an IPv6-only
-        host, over IPv4 otherwise (a dual-stack node still gathers its IPv6 address)."""
-        return self.relay_addr if host.ip is not None else self.relay_addr6
+        host or one named in `over_ipv6`, over IPv4 otherwise (a dual-stack node still
+        gathers its IPv6 address)."""
+        return self.relay_addr6 if host in self.over_ipv6 else self.relay_addr
 
     def start_agent(self, agent_args):
         return self._role(self.agent_host, "agent", "--intermediate",

@@ -156,6 +156,20 @@ def test_dual_stack_falls_back_to_ipv4_when_ipv6_does_not_get_through(lab, tmp_p
     through(d)
 
 
+def test_a_dual_stack_agent_registered_over_ipv6_goes_direct_over_ipv6(lab, tmp_path):  # noqa: F811
+    """The agent reaches the intermediate over IPv6, so the address it is told is its own
+    global one (no NAT on the way) and it learns no IPv4 mapping; IPv6 still goes direct."""
+    d = Deployment(lab, tmp_path, "symmetric", "symmetric", agent_site=DUAL,
+                   connector_site=DUAL, over_ipv6=("agent",))
+    d.wait_registered()
+    agent = d.status(d.agent)
+    assert agent["intermediate"]["addr"].startswith(f"[{d.public.ip6}]:"), agent["intermediate"]
+    assert agent["intermediate"]["observed_addr"].startswith(f"[{d.agent_host.ip6}]:")
+    through(d)
+    on_ipv6_direct(d, settled(d), "dual-stack over IPv6 x dual-stack")
+    through(d)
+
+
 def test_an_ipv6_only_agent_reaches_a_dual_stack_connector_directly(lab, tmp_path):  # noqa: F811
     d = Deployment(lab, tmp_path, "port-restricted", "symmetric", agent_site=V6_ONLY,
                    connector_site=DUAL)
