@@ -3,9 +3,8 @@
 Random loss loses single packets, PINGs and ACKs among them; that is no reason to leave a
 direct path that works. A real cut must still be noticed within the usual bound.
 
-(Bursty loss, `bursty`, is not asserted yet: with its Gilbert-Elliott bursts counted in
-frames, a sparse flow such as the control connection's keepalive can lose every packet for
-more than `control_dead_after`, and the node then drops its intermediate.)
+Bursty loss (`bursty`: fades of 30 ms on average, 5 % of the time) loses a few packets in a
+row, in time as real fades do; that is no reason either.
 """
 
 import json
@@ -22,17 +21,32 @@ from netlab import wire
 HEALTHY_FOR = 20.0  # s of traffic and idleness on a lossy direct path
 
 
-@pytest.mark.parametrize("preset", ["lossy"])
-def test_loss_does_not_make_a_healthy_direct_path_fail_over(lab, tmp_path, preset):
-    """5 % random loss each way on the path (the agent's link; the connector's has 20 ms
-    and no loss): a paced transfer, then idleness (keepalive PINGs only), and the session
-    never leaves the direct path; a cut is then noticed and the data moves to the relay.
+# Fades on both nodes' links: in about one run in six the connector leaves the healthy direct
+# path, "nothing heard on the direct path for 501 ms" as the transfer ends, and the agent
+# punches again 2 s later. Likely cause: the agent then only ACKs, so once a flight from the
+# connector is lost nothing comes back until the connector's QUIC probe timeout, which
+# doubles with each probe lost; two lost probes outlast failover_timeout (0.5 s). Kept
+# running, not asserted, until the session core tells a fade from a dead path.
+BOTH_BURSTY = pytest.mark.xfail(strict=False, reason="false failovers in fades on both links")
 
-    (With 5 % on both nodes' links, about 10 % on the path, one CI run in about nine saw a
-    false failover whose cause was not found; that case is not asserted.)"""
+
+@pytest.mark.parametrize("preset, both", [
+    pytest.param("lossy", False, id="lossy"),
+    pytest.param("bursty", False, id="bursty"),
+    pytest.param("bursty", True, id="bursty-both", marks=BOTH_BURSTY),
+])
+def test_loss_does_not_make_a_healthy_direct_path_fail_over(lab, tmp_path, preset, both):
+    """5 % random loss each way on the path, or `bursty` fades (the agent's link; the
+    connector's has 20 ms and no loss, or is `bursty` too): a paced transfer, then idleness
+    (keepalive PINGs only), and the session never leaves the direct path; a cut is then
+    noticed and the data moves to the relay.
+
+    (With 5 % random loss on both nodes' links, about 10 % on the path, one CI run in about
+    nine saw a false failover whose cause was not found; that case is not asserted.)"""
     link = {**wire.LINKS[preset], "seed": 11}
+    connector_link = {**wire.LINKS[preset], "seed": 12} if both else {"rtt_ms": 20, "seed": 12}
     d = Deployment(lab, tmp_path, "port-restricted", "port-restricted", agent_link=link,
-                   connector_link={"rtt_ms": 20, "seed": 12})
+                   connector_link=connector_link)
     d.wait_registered()
     probe = os.urandom(64 << 10)
     assert d.round_trip(probe) == probe, d.logs()
