@@ -15,6 +15,14 @@ def median(values):
     return statistics.median(values)
 
 
+def percentile(values, q):
+    """The q-quantile (0-1) by nearest rank, None without values: p50 and p95 of runs."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def spread(values):
     """(min, max) of repeated measurements."""
     return min(values), max(values)

@@ -8,6 +8,10 @@ long the session took to be direct again when the agent's public address moved, 
 matrix (time to direct per cell) comes from tests/test_nat_matrix.py the same way.
 
     sudo python benchmarks/bench_resilience.py [--runs N] [--quick] [--matrix]
+    sudo python benchmarks/bench_resilience.py --links lan,wifi,lte,long [--runs N]
+
+With --links, the active cut and the roaming test run on each link preset (tests/netlab/
+wire.py, on both nodes' links) and the table gives p50 and p95 per preset.
 """
 
 import argparse
@@ -41,12 +45,17 @@ LABELS = {
 }
 
 
-def run_tests(test_file, out_dir, keyword=None):
+LINK_EVENTS = ("failover_active_s", "roaming_stall_s", "roaming_to_direct_s")
+LINK_TESTS = "cut_mid_transfer or new_public_address"
+
+
+def run_tests(test_file, out_dir, keyword=None, env=None):
     cmd = [sys.executable, "-m", "pytest", str(TESTS / test_file), "-q", "-p", "no:cacheprovider",
            "--rootdir", str(HERE.parent)]
     if keyword:
         cmd += ["-k", keyword]
-    env = dict(os.environ, MAHOLE_BENCH_DIR=str(out_dir), MAHOLE_REQUIRE_NETLAB="1")
+    env = dict(os.environ, **(env or {}), MAHOLE_BENCH_DIR=str(out_dir),
+               MAHOLE_REQUIRE_NETLAB="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                           cwd=tempfile.gettempdir())
     return proc.returncode, proc.stdout[-3000:]
@@ -57,8 +66,12 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, help="repetitions (default 5, quick 1)")
     parser.add_argument("--quick", action="store_true", help="one run of the cut tests only")
     parser.add_argument("--matrix", action="store_true", help="also time the NAT matrix")
+    parser.add_argument("--links", help="comma-separated link presets: failover and roaming "
+                                            "on each (p50/p95)")
     args = parser.parse_args(argv)
     runs = args.runs or (1 if args.quick else 5)
+    if args.links:
+        return per_link(args.links.split(","), runs)
     values, failures, matrix_runs = {}, 0, []
     for index in range(runs):
         with tempfile.TemporaryDirectory() as out:
@@ -108,6 +121,42 @@ def main(argv=None):
                               or "-"] for k, v in data["matrix"].items()]))
     print(f"wrote {_report.write('resilience' + ('-quick' if args.quick else ''), data)}")
     return 1 if failures else 0
+
+
+def per_link(links, runs):
+    """Failover and roaming on each link preset: p50/p95 of every event over `runs` runs."""
+    per, failures = {}, 0
+    for link in links:
+        values = per.setdefault(link, {})
+        for index in range(runs):
+            with tempfile.TemporaryDirectory() as out:
+                code, tail = run_tests("test_resilience.py", out, LINK_TESTS,
+                                       {"MAHOLE_LAB_LINK": link})
+                if code != 0:
+                    failures += 1
+                    print(f"{link} run {index + 1}: tests failed\n{tail}", file=sys.stderr)
+                path = Path(out) / "resilience_run.json"
+                if path.exists():
+                    for name, entry in json.loads(path.read_text()).items():
+                        values.setdefault(name, []).extend(entry["values"])
+            print(f"{link}: run {index + 1}/{runs} done", file=sys.stderr)
+    rows = []
+    for link, values in per.items():
+        for name in LINK_EVENTS:
+            got = values.get(name, [])
+            rows.append([link, LABELS[name], _p(got, 0.5), _p(got, 0.95), len(got)])
+    print(f"failover and roaming per link preset (both nodes' links), {runs} run(s) each")
+    print(_report.table(["link", "event", "p50 s", "p95 s", "n"], rows))
+    data = {"runs": runs, "test_failures": failures, "links": {
+        link: {name: {"values_s": got, "p50_s": _p(got, 0.5), "p95_s": _p(got, 0.95)}
+               for name, got in values.items()} for link, values in per.items()}}
+    print(f"wrote {_report.write('resilience-links', data)}")
+    return 1 if failures else 0
+
+
+def _p(values, q):
+    value = _report.percentile(values, q)
+    return None if value is None else round(value, 3)
 
 
 if __name__ == "__main__":
