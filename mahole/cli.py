@@ -122,6 +122,9 @@ def _add_node(sub, role):
                         help="never use the relay: a session fails if hole punching fails")
     sub.add_argument("--punch-deadline", type=float, default=5.0, metavar="SECONDS",
                      help="give up on a direct path after this long (default: 5)")
+    sub.add_argument("--no-port-mapping", action="store_true",
+                     help="do not ask the router for a public port (PCP, NAT-PMP); asking "
+                          "sends a few datagrams to the default gateway's port 5351")
     node = AgentConfig  # the settings every node shares, with their defaults
     for flag, field, text in (
             ("--failover-timeout", "failover_timeout",
@@ -550,6 +553,7 @@ def _node_kwargs(args):
             "intermediate_name": args.intermediate_name,
             "bind": args.bind, "relay_only": args.relay_only, "direct_only": args.direct_only,
             "punch_deadline": args.punch_deadline, "failover_timeout": args.failover_timeout,
+            "port_mapping": not args.no_port_mapping,
             "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,
             "session_idle_timeout": args.session_idle_timeout,
             "max_udp_payload": args.max_udp_payload,

@@ -215,6 +215,12 @@ class NodeConfig(Credentials):
     direct_only: bool = False  # no relay: a session fails if hole punching fails
     punch_deadline: float = 5.0  # from StartPunching to giving up on a direct path
     include_loopback: bool = False  # offer loopback host candidates (local testing)
+    # Ask the router for a public UDP port (PCP, then NAT-PMP: mahole.portmapping) and offer
+    # it as a candidate; only from a wildcard socket, with a default gateway and an
+    # intermediate not on loopback. port_mapping_gateway (HOST, PORT) names the gateway
+    # instead of the default route's (tests: a fake one on loopback).
+    port_mapping: bool = True
+    port_mapping_gateway: tuple | None = None
     # Direct-route liveness (docs/architecture.md, "The session core"): a route with
     # ack-eliciting packets in flight and nothing heard for failover_timeout (or 3 RTTs if
     # longer) is dead: back to the relay at once. Idle direct routes are probed with a QUIC

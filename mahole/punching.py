@@ -52,6 +52,7 @@ class Puncher:
             self.endpoint.on_timer(key, lambda now, s=session: self._fire(s, now))
         candidates = gather(port, bound_host=host, observed_addr=self.node.control.observed_addr,
                             relay_addr=self.node.intermediate_addr[:2],
+                            mapped_addr=self.node.mapped_addr(),
                             include_loopback=cfg.include_loopback)
         ufrag, pwd, local = punch.local_description(candidates, self.now())
         return ufrag, pwd, tuple(c.to_wire() for c in local)

@@ -275,6 +275,30 @@ def test_gather_skips_srflx_equal_to_a_host(two_interfaces):
     assert [c.type for c in cands] == ["host"]
 
 
+def test_gather_a_mapped_port_ranks_between_host_and_observed_as_srflx(two_interfaces):
+    # A port the router maps (PCP, NAT-PMP): a srflx of its own foundation, above the
+    # address the intermediate observed and below every host candidate.
+    cands = gather(4433, bound_host="0.0.0.0", observed_addr=("203.0.113.5", 50000),
+                   mapped_addr=("203.0.113.5", 62000))
+    assert [(c.type, c.addr) for c in cands] == [
+        ("host", ("192.0.2.2", 4433)),
+        ("srflx", ("203.0.113.5", 62000)),
+        ("srflx", ("203.0.113.5", 50000)),
+    ]
+    host, mapped, observed = cands
+    assert host.priority > mapped.priority > observed.priority
+    assert mapped.priority == candidate_priority("srflx", 65535)
+    assert mapped.related_addr == host.addr
+    assert mapped.foundation == foundation("srflx", "192.0.2.2", "port-mapping")
+    assert mapped.foundation != observed.foundation
+    assert Candidate.from_wire(mapped.to_wire()) == mapped
+    # A router that maps the very port the intermediate observed adds nothing.
+    same = gather(4433, bound_host="0.0.0.0", observed_addr=("203.0.113.5", 50000),
+                  mapped_addr=("203.0.113.5", 50000))
+    assert [c.type for c in same] == ["host", "srflx"]
+    assert same[1].priority == candidate_priority("srflx", 65535)
+
+
 def test_gather_rejects_bad_port(two_interfaces):
     with pytest.raises(ValueError):
         gather(0, bound_host="::")

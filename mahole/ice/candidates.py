@@ -344,6 +344,7 @@ def gather(
     bound_host: str,
     observed_addr: Optional[Addr] = None,
     relay_addr: Optional[Addr] = None,
+    mapped_addr: Optional[Addr] = None,
     include_loopback: bool = False,
     prefer_ipv6: bool = True,
     server: object = None,
@@ -353,8 +354,13 @@ def gather(
     - host: bound to a wildcard (``""``, ``0.0.0.0``, ``::``) every usable interface address at
       ``port`` (IPv4 only for ``0.0.0.0``; both families for ``::``, assuming a dual-stack
       socket); bound to a specific address only that one, even if it is loopback.
-    - srflx: ``observed_addr`` (the intermediate's QAD observation), unless it equals a host
-      candidate. Its base is the best host candidate of the same family.
+    - srflx: ``mapped_addr`` (a port the router maps to this socket: PCP, NAT-PMP), then
+      ``observed_addr`` (the intermediate's QAD observation), each unless it equals a
+      candidate already there. Their base is the best host candidate of the same family. The
+      mapped one is a srflx with its own foundation and the highest local preference, and
+      the observed one gets at most 65534 beside it: the mapping ranks between host and
+      observed candidates without a new candidate type, which the control protocol's
+      strict codec on older nodes and intermediates would refuse (docs/architecture.md).
     - relay: ``relay_addr`` (the intermediate). Informational only: mahole's relay path is
       separate and the check list never runs checks on relay candidates.
 
@@ -386,11 +392,28 @@ def gather(
                 return candidate
         return None
 
+    mapped_added = False
+    if mapped_addr is not None:
+        mapped = normalize_addr(mapped_addr)
+        if all(c.addr != mapped for c in result) and mapped != (
+                None if observed_addr is None else normalize_addr(observed_addr)):
+            base = best_host(ip_version(mapped[0]))
+            base_ip = base.addr[0] if base is not None else mapped[0]
+            result.append(Candidate(
+                foundation=foundation("srflx", base_ip.split("%", 1)[0], "port-mapping"),
+                priority=candidate_priority("srflx", MAX_LOCAL_PREFERENCE),
+                addr=mapped,
+                type="srflx",
+                related_addr=None if base is None else base.addr,
+            ))
+            mapped_added = True
     if observed_addr is not None:
         observed = normalize_addr(observed_addr)
         if all(c.addr != observed for c in result):
             base = best_host(ip_version(observed[0]))
             local_pref = base.local_preference if base is not None else MAX_LOCAL_PREFERENCE
+            if mapped_added:
+                local_pref = min(local_pref, MAX_LOCAL_PREFERENCE - 1)
             base_ip = base.addr[0] if base is not None else observed[0]
             result.append(Candidate(
                 foundation=foundation("srflx", base_ip.split("%", 1)[0], server_name),

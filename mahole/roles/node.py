@@ -23,6 +23,7 @@ from .. import identity, local_control
 from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint
 from ..homing import RANK_TIMEOUT, HomeRanking
+from ..portmapping import PortMapping
 from ..punching import Puncher
 from ..status import StatusServer
 from ..wire import control
@@ -510,6 +511,7 @@ class Node:
         self.endpoint = None
         self.control = None
         self.puncher = None
+        self.port_mapping = None  # mahole.portmapping: a public port from the router
         self.status_server = None
         self.control_server = None  # the local control socket (mahole status, mahole ping)
         self.sessions = {}
@@ -545,6 +547,10 @@ class Node:
         except BaseException:
             await self.stop()
             raise
+        # Asked alongside registration: the answer comes within a LAN round trip, long
+        # before a session gathers its candidates.
+        self.port_mapping = PortMapping(self)
+        self.port_mapping.start()
         self._tasks.append(loop.create_task(self.control.run()))
 
     async def prepare(self):
@@ -578,6 +584,8 @@ class Node:
             self.control.stop()
         if self.puncher is not None:
             self.puncher.close()
+        if self.port_mapping is not None:
+            self.port_mapping.close()  # lifetime 0: the router deletes it
         if self.endpoint is not None:
             self.endpoint.flush()
         for task in self._tasks:
@@ -629,10 +637,17 @@ class Node:
         self.home_rtts = dict(ranking.rtts)
         return ranking.order() + last
 
+    def mapped_addr(self):
+        """The public address the router maps to this node's socket, or None."""
+        return self.port_mapping.external_addr if self.port_mapping is not None else None
+
     def use_home(self, home):
         self.intermediate_addr, self.intermediate_name = home
 
     def _stun_received(self, data, addr):
+        port_mapping = self.port_mapping
+        if port_mapping is not None and port_mapping.datagram(data, addr):
+            return  # PCP / NAT-PMP from the gateway's port 5351 (first byte 2 / 0)
         ranking = self._ranking
         if ranking is not None and ranking.response(data, addr, self.endpoint.now()):
             if ranking.done:
@@ -679,6 +694,8 @@ class Node:
         """This node's public address moved (a new uplink, a NAT that rebound): direct
         routes went with the old one. Sessions go back to the relay at once and the agent
         punches again now (the candidates are gathered anew, with the new address)."""
+        if self.port_mapping is not None:
+            self.port_mapping.network_changed()
         for session in list(self.sessions.values()):
             session.network_changed(reason)
 
@@ -745,6 +762,7 @@ class Node:
                 "connects": control_client.connects if control_client else 0,
                 "last_error": control_client.last_error if control_client else None,
             },
+            "port_mapping": self.port_mapping.status() if self.port_mapping else None,
             "sessions": [s.stats() for s in self.sessions.values()],
             "duplicate_signaling": self.puncher.duplicate_signaling if self.puncher else 0,
             "closed_sessions": list(self.closed_sessions),
