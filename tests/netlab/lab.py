@@ -32,15 +32,17 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _ns, wire
+from . import _ns, upnpd, wire
 from . import nat as presets
 from ._ns import NetlabError
 
@@ -396,6 +398,8 @@ class Lab:
         self._v6_members = []  # namespaces with an IPv6 address on the public segment
         self._v6_sites = []  # (a site's /64, its router's public IPv6 address)
         self._closed = False
+        self._stun = None  # (ip, port) of the STUN responder miniupnpd asks (upnpd.py)
+        self._workdir = None
         try:
             self.pub = self._namespace("pub")
             _ns.write_sysctls(self.pub, _quiet_sysctls())
@@ -473,7 +477,7 @@ class Lab:
         return self.site(nat, name=name, **kwargs).host
 
     def site(self, nat="none", name=None, lan=None, link=None, uplink=None, ipv6=False,
-             ipv6_only=False):
+             ipv6_only=False, port_mapping=False):
         """A Site: for a NAT preset a router `<name>r` (WAN on the public segment) with host
         `<name>` behind it on `lan` (default 10.0.<n>.0/24, router .1, host .2).
 
@@ -483,7 +487,8 @@ class Lab:
 
         `ipv6=True` makes the site dual-stack: a public host gets 2001:db8::N as well, a
         router routes 2001:db8:<n>::/64 to its host without NAT, behind the stateful firewall
-        nat.FIREWALL6. `ipv6_only=True` (behind a router) leaves the host without IPv4."""
+        nat.FIREWALL6. `ipv6_only=True` (behind a router) leaves the host without IPv4.
+        `port_mapping=True` runs miniupnpd on the router (PCP, NAT-PMP: netlab/upnpd.py)."""
         if ipv6_only:
             if nat == "none":
                 raise ValueError("an IPv6-only site needs a router (a NAT preset): its "
@@ -540,6 +545,8 @@ class Lab:
                        "link set eth0 up", f"route add default via {lan_ip}")
             router = Router(self, router_name, rns, nat, wan_ip, lan_ip)
             router.nft(presets.ruleset(nat, wan_ip=wan_ip, host_ip=host_ip))
+            if port_mapping:
+                self._start_upnpd(router, net)
             host_ip6 = None
             if ipv6:
                 prefix6 = ipaddress.ip_network(SITE6_FORMAT.format(index=index))
@@ -563,6 +570,13 @@ class Lab:
         self.sites.append(site)
         self.hosts.append(host)
         return site
+
+    def _start_upnpd(self, router, net):
+        if self._stun is None:
+            self._stun = upnpd.start_stun_server(self.public_host(name="stun"))
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=self.prefix))
+        upnpd.start(router, net, self._stun, self._workdir)
 
     def _join_public6(self, ns, prefix6=None, via=None):
         """IPv6 routes on the public segment: `ns` learns every site's /64, and with
@@ -608,6 +622,8 @@ class Lab:
             err = _ns.delete_namespace(ns)
             if err:
                 errors.append(err)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
         if errors and raise_errors:
             raise NetlabError("lab teardown: " + "; ".join(errors))
 
