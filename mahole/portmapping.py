@@ -13,8 +13,18 @@ whose intermediate is on loopback is on one machine with it and has no router be
 them: it does not ask, so tests and the demo never send anything to the host's real
 router. ``port_mapping_gateway`` names the gateway explicitly (tests point it at a fake
 one on loopback), skipping those checks but the setting itself.
+
+UPnP-IGD is asked too when `miniupnpc` is installed (`pip install mahole[upnp]`): the
+reference client, by miniupnpd's author, a small C extension with no dependencies (the
+other maintained clients pull in aiohttp or requests and lxml for one SOAP call). Its calls
+block, so they run in a thread: SSDP discovery starts with PCP, and takes 2 s; by then a
+router that speaks PCP or NAT-PMP has answered, and UPnP maps only if neither did. A UPnP
+mapping does not need the node's socket (the request names the internal address and port),
+is renewed at half its lease and deleted on exit. Not with an explicit gateway: SSDP is
+multicast and cannot be pointed at one.
 """
 
+import asyncio
 import ipaddress
 import logging
 import socket
@@ -25,6 +35,10 @@ from .ice.candidates import normalize_addr
 from .wire import pcp
 
 log = logging.getLogger(__name__)
+
+UPNP_LEASE = 3600  # s asked of a UPnP gateway; renewed at half
+UPNP_DISCOVER_MS = 2000  # SSDP discovery (miniupnpc's discoverdelay)
+UPNP_DELETE_TIMEOUT = 2.0  # s a node's exit waits for the UPnP mapping to be deleted
 
 ROUTE_FILE = "/proc/net/route"
 _RTF_UP, _RTF_GATEWAY = 0x1, 0x2  # linux/route.h
@@ -76,6 +90,8 @@ class PortMapping:
         self.node = node
         self.core = None
         self.off = None  # why the node does not ask, for status
+        self.upnp = None  # UpnpMapping, when miniupnpc is installed
+        self._upnp_task = None
 
     @property
     def endpoint(self):
@@ -84,7 +100,10 @@ class PortMapping:
     @property
     def external_addr(self):
         core = self.core
-        return core.external_addr if core is not None and core.state == "mapped" else None
+        if core is not None and core.state == "mapped":
+            return core.external_addr
+        upnp = self.upnp
+        return upnp.external_addr if upnp is not None and upnp.state == "mapped" else None
 
     def decide(self):
         """(gateway, port) to ask, or None with self.off saying why not."""
@@ -135,6 +154,34 @@ class PortMapping:
                   self.core.internal_port)
         self.core.start(self.endpoint.now())
         self._pump()
+        if getattr(self.node.cfg, "port_mapping_gateway", None) is None and UpnpMapping.available():
+            self.upnp = UpnpMapping(self.endpoint.local_address[1])
+            self._upnp_task = asyncio.get_running_loop().create_task(self._run_upnp())
+
+    async def _run_upnp(self):
+        """Discover the IGD alongside PCP; map there only if PCP and NAT-PMP did not."""
+        upnp = self.upnp
+        loop = asyncio.get_running_loop()
+        try:
+            igd = await loop.run_in_executor(None, upnp.discover)
+            while True:
+                core = self.core
+                if core is not None and core.state == "mapped":
+                    if upnp.state == "mapped" and core.external_addr[1] != upnp.port:
+                        await loop.run_in_executor(None, upnp.delete)
+                    upnp.state = "unused"
+                    upnp.error = f"{core.protocol} mapped first"
+                    return
+                await loop.run_in_executor(None, upnp.add, igd)
+                log.info("port mapping: upnp maps %s:%d to UDP port %d for %d s",
+                         *upnp.external_addr, upnp.port, upnp.lease)
+                await asyncio.sleep(max(upnp.lease / 2, 60) if upnp.lease else 3600)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - miniupnpc raises plain Exception
+            upnp.state = "failed"
+            upnp.error = str(exc) or type(exc).__name__
+            log.info("port mapping: no upnp mapping (%s)", upnp.error)
 
     def datagram(self, data, addr):
         """True if the datagram came from the gateway's port (it is the mapper's, usable or
@@ -171,6 +218,19 @@ class PortMapping:
         core.close(self.endpoint.now())
         self._pump()
         self.endpoint.cancel_timer((self, "portmap"))
+        if self._upnp_task is not None:
+            self._upnp_task.cancel()
+
+    async def stop(self):
+        """close(), and wait (a little) for a UPnP mapping to be deleted."""
+        self.close()
+        upnp = self.upnp
+        if upnp is not None and upnp.igd is not None and upnp.state == "mapped":
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                    None, upnp.delete), UPNP_DELETE_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001
+                log.info("port mapping: the upnp mapping was not deleted (%s)", exc)
 
     def _timer(self, now):
         if self.core is not None:
@@ -206,4 +266,67 @@ class PortMapping:
     def status(self):
         if self.core is None:
             return {"state": "off", "reason": self.off}
-        return self.core.status(self.endpoint.now())
+        status = self.core.status(self.endpoint.now())
+        upnp = self.upnp
+        if upnp is not None:
+            status["upnp"] = {"state": upnp.state, "error": upnp.error}
+            if upnp.state == "mapped" and status["state"] != "mapped":
+                host, port = upnp.external_addr
+                status.update(state="mapped", protocol="upnp", external_addr=f"{host}:{port}",
+                              lifetime_s=upnp.lease or None, expires_in_s=None)
+        return status
+
+
+class UpnpMapping:
+    """One UDP mapping on a UPnP-IGD gateway through miniupnpc; every method blocks (run it
+    in a thread) and raises Exception on failure."""
+
+    def __init__(self, port):
+        self.port = port
+        self.state = "discovering"  # discovering, mapped, unused, failed
+        self.error = None
+        self.external_addr = None
+        self.lease = UPNP_LEASE
+        self.igd = None
+
+    @staticmethod
+    def available():
+        try:
+            import miniupnpc  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def discover(self):
+        import miniupnpc
+
+        igd = miniupnpc.UPnP()
+        igd.discoverdelay = UPNP_DISCOVER_MS
+        if not igd.discover():
+            raise OSError("no UPnP gateway answered")
+        igd.selectigd()
+        self.igd = igd
+        return igd
+
+    def add(self, igd):
+        external = igd.externalipaddress()
+        try:
+            ip = ipaddress.ip_address(external)
+        except ValueError:
+            raise OSError(f"the gateway's external address is {external!r}") from None
+        if ip.version != 4 or ip.is_unspecified or ip.is_loopback or ip.is_multicast:
+            raise OSError(f"the gateway's external address {ip} is unusable")
+        try:
+            igd.addportmapping(self.port, "UDP", igd.lanaddr, self.port, "mahole", "",
+                               self.lease)
+        except Exception as exc:  # noqa: BLE001
+            if "725" not in str(exc) and "OnlyPermanent" not in str(exc):
+                raise
+            self.lease = 0  # IGDv1 with permanent leases only: deleted on exit
+            igd.addportmapping(self.port, "UDP", igd.lanaddr, self.port, "mahole", "", 0)
+        self.external_addr = (str(ip), self.port)
+        self.state = "mapped"
+
+    def delete(self):
+        self.igd.deleteportmapping(self.port, "UDP")
+        self.state = "deleted"

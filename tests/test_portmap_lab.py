@@ -76,3 +76,27 @@ def test_with_no_port_mapping_symmetric_nats_stay_on_the_relay(lab, tmp_path):
                                                  "reason": "turned off (--no-port-mapping)"}
     assert not upnpd.mappings(d.agent_host.router)
     assert not upnpd.mappings(d.connector_host.router)
+
+
+def test_a_upnp_only_router_maps_through_upnp_igd_and_the_session_goes_direct(lab, tmp_path):
+    """Routers that speak UPnP-IGD only (PCP and NAT-PMP off): nodes map through miniupnpc
+    (SSDP, then AddPortMapping) and symmetric × symmetric goes direct; exit deletes."""
+    pytest.importorskip("miniupnpc", reason="UPnP needs miniupnpc (pip install mahole[upnp])")
+    upnp = {"port_mapping": "upnp"}
+    d = Deployment(lab, tmp_path, "symmetric", "symmetric", agent_site=upnp,
+                   connector_site=upnp)
+    d.wait_registered()
+    conn_map = _mapping(d, d.connector)
+    assert conn_map["protocol"] == "upnp", conn_map
+    assert conn_map["external_addr"].startswith(d.connector_host.router.wan_ip + ":")
+    assert _mapping(d, d.agent)["protocol"] == "upnp"
+    data = os.urandom(256 << 10)
+    assert d.round_trip(data) == data, d.logs()
+    session = wait(lambda: (s := d.session()) and s["punch"] and s["punch"]["path"] and s,
+                   15, "hole punching to finish", d)
+    assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
+    assert d.round_trip(data) == data, d.logs()
+    d.connector.send_signal(signal.SIGTERM)
+    d.connector.wait(10)
+    wait(lambda: not upnpd.mappings(d.connector_host.router), 5,
+         "the connector's upnp mapping to be deleted", d)

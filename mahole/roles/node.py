@@ -585,7 +585,7 @@ class Node:
         if self.puncher is not None:
             self.puncher.close()
         if self.port_mapping is not None:
-            self.port_mapping.close()  # lifetime 0: the router deletes it
+            await self.port_mapping.stop()  # lifetime 0: the router deletes it
         if self.endpoint is not None:
             self.endpoint.flush()
         for task in self._tasks:

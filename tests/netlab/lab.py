@@ -488,7 +488,8 @@ class Lab:
         `ipv6=True` makes the site dual-stack: a public host gets 2001:db8::N as well, a
         router routes 2001:db8:<n>::/64 to its host without NAT, behind the stateful firewall
         nat.FIREWALL6. `ipv6_only=True` (behind a router) leaves the host without IPv4.
-        `port_mapping=True` runs miniupnpd on the router (PCP, NAT-PMP: netlab/upnpd.py)."""
+        `port_mapping=True` runs miniupnpd on the router (PCP, NAT-PMP: netlab/upnpd.py),
+        `port_mapping="upnp"` the same speaking UPnP-IGD only."""
         if ipv6_only:
             if nat == "none":
                 raise ValueError("an IPv6-only site needs a router (a NAT preset): its "
@@ -546,7 +547,7 @@ class Lab:
             router = Router(self, router_name, rns, nat, wan_ip, lan_ip)
             router.nft(presets.ruleset(nat, wan_ip=wan_ip, host_ip=host_ip))
             if port_mapping:
-                self._start_upnpd(router, net)
+                self._start_upnpd(router, net, upnp=port_mapping == "upnp")
             host_ip6 = None
             if ipv6:
                 prefix6 = ipaddress.ip_network(SITE6_FORMAT.format(index=index))
@@ -571,12 +572,12 @@ class Lab:
         self.hosts.append(host)
         return site
 
-    def _start_upnpd(self, router, net):
+    def _start_upnpd(self, router, net, upnp):
         if self._stun is None:
             self._stun = upnpd.start_stun_server(self.public_host(name="stun"))
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix=self.prefix))
-        upnpd.start(router, net, self._stun, self._workdir)
+        upnpd.start(router, net, self._stun, self._workdir, upnp=upnp)
 
     def _join_public6(self, ns, prefix6=None, via=None):
         """IPv6 routes on the public segment: `ns` learns every site's /64, and with

@@ -5,7 +5,8 @@ the router's namespace, listening on the LAN side (`lan`), mapping on the WAN si
 with its rules in a table of its own, `inet miniupnpd`, in front of the NAT preset's
 `ip netlab`. The preset's forward chain lets DNAT-ed inbound through (`ct status dnat`), so
 a mapping is reachable whatever the preset filters; everything else stays as the preset says.
-UPnP-IGD (SSDP, HTTP) is off: nodes ask with PCP and NAT-PMP only.
+With `port_mapping="upnp"` it speaks UPnP-IGD only (SSDP, and SOAP on HTTP port
+`UPNP_HTTP_PORT`), PCP and NAT-PMP off; with `True`, PCP and NAT-PMP only.
 
 miniupnpd refuses to map when its WAN address is private or reserved, and the lab's public
 segment is 203.0.113.0/24 (RFC 5737, reserved). With `ext_perform_stun` it asks a STUN server
@@ -22,6 +23,7 @@ import time
 from ._ns import NetlabError
 
 STUN_PORT = 3478
+UPNP_HTTP_PORT = 5000
 MIN_LIFETIME = 10  # s: the shortest lease the lab router grants (renewals in seconds)
 
 # RFC 8489: a Binding success response with XOR-MAPPED-ADDRESS (§14.2) and MAPPED-ADDRESS
@@ -75,9 +77,9 @@ table inet miniupnpd {
 
 CONFIG = """ext_ifname=wan
 listening_ip=lan
-http_port=0
-enable_upnp=no
-enable_natpmp=yes
+http_port={http_port}
+enable_upnp={upnp}
+enable_natpmp={natpmp}
 secure_mode=yes
 ext_perform_stun=yes
 ext_stun_host={stun_host}
@@ -103,9 +105,9 @@ def start_stun_server(host):
     return host.ip, STUN_PORT
 
 
-def start(router, lan, stun, workdir, timeout=10.0):
+def start(router, lan, stun, workdir, upnp=False, timeout=10.0):
     """miniupnpd on `router` for LAN `lan` (a network), asking `stun` (ip, port); returns
-    once it listens for PCP / NAT-PMP and port forwarding is on."""
+    once it listens (PCP / NAT-PMP, or UPnP-IGD with `upnp`) and port forwarding is on."""
     router.nft(TABLE % {"wan_ip": router.wan_ip})
     # The preset's forward chain drops unsolicited inbound: let what a mapping DNATs pass.
     router.nft('insert rule ip netlab forward iifname "wan" oifname "lan" ct status dnat '
@@ -116,6 +118,8 @@ def start(router, lan, stun, workdir, timeout=10.0):
     tag = f"{abs(hash(router.ns)) % (1 << 48):012x}"
     conf.write_text(CONFIG.format(stun_host=stun[0], stun_port=stun[1], lan=lan,
                                   min_lifetime=MIN_LIFETIME, tag=tag,
+                                  http_port=UPNP_HTTP_PORT if upnp else 0,
+                                  upnp="yes" if upnp else "no", natpmp="no" if upnp else "yes",
                                   lease_file=workdir / f"{router.ns}.leases"))
     with open(log, "w") as out:  # the child keeps its own copy
         router.upnpd = router.popen(["miniupnpd", "-d", "-f", str(conf), "-P",
@@ -125,7 +129,8 @@ def start(router, lan, stun, workdir, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text()
-        if "Port forwarding is now enabled" in text and "Listening for NAT-PMP" in text:
+        listening = "HTTP listening on port" if upnp else "Listening for NAT-PMP"
+        if "Port forwarding is now enabled" in text and listening in text:
             return
         if router.upnpd.poll() is not None:
             break
