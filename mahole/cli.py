@@ -123,8 +123,9 @@ def _add_node(sub, role):
     sub.add_argument("--punch-deadline", type=float, default=5.0, metavar="SECONDS",
                      help="give up on a direct path after this long (default: 5)")
     sub.add_argument("--no-port-mapping", action="store_true",
-                     help="do not ask the router for a public port (PCP, NAT-PMP); asking "
-                          "sends a few datagrams to the default gateway's port 5351")
+                     help="do not ask the router for a public port (PCP, NAT-PMP, UPnP-IGD); "
+                          "asking sends a few datagrams to the default gateway's port "
+                          "5351 and an SSDP search")
     node = AgentConfig  # the settings every node shares, with their defaults
     for flag, field, text in (
             ("--failover-timeout", "failover_timeout",
