@@ -2,8 +2,11 @@
 when a node asks at all, and a real node against a fake PCP gateway on loopback."""
 
 import asyncio
+import socket
 import struct
+import types
 
+from mahole import portmapping
 from mahole.demo import LocalDeployment
 from mahole.portmapping import default_gateway
 from mahole.wire import pcp
@@ -99,3 +102,46 @@ def test_nodes_of_a_loopback_deployment_never_ask_the_hosts_router():
     assert agent["state"] == "off" and connector["state"] == "off"
     assert "not a wildcard" in agent["reason"] or "loopback" in agent["reason"]
     assert connector["reason"] == "turned off (--no-port-mapping)"
+
+
+class _Sock:
+    def __init__(self, family):
+        self.family = family
+
+    def getsockopt(self, *_):
+        return 0  # dual-stack
+
+
+class _Endpoint:
+    def __init__(self, addr, family):
+        self.local_address = addr
+        self.sock = _Sock(family)
+
+
+class _Node:
+    def __init__(self, addr, home, family=socket.AF_INET, **cfg):
+        self.endpoint = _Endpoint(addr, family)
+        self.homes = [((home, 4478), "relay")]
+        self.cfg = types.SimpleNamespace(**cfg)
+
+
+def test_when_a_node_asks_and_when_it_does_not(monkeypatch):
+    """decide() sends nothing; it says whom the node would ask, or why it would not."""
+    monkeypatch.setattr(portmapping, "default_gateway", lambda: "192.0.2.1")
+    ask = portmapping.PortMapping(_Node(("0.0.0.0", 5000), "198.51.100.1"))
+    assert ask.decide() == ("192.0.2.1", 5351)
+    dual = portmapping.PortMapping(_Node(("::", 5000, 0, 0), "198.51.100.1", socket.AF_INET6))
+    assert dual.decide() == ("192.0.2.1", 5351)
+    for node, why in (
+            (_Node(("0.0.0.0", 5000), "198.51.100.1", port_mapping=False), "turned off"),
+            (_Node(("10.0.0.2", 5000), "198.51.100.1"), "not a wildcard"),
+            (_Node(("0.0.0.0", 5000), "127.0.0.1"), "on loopback"),
+            (_Node(("::", 5000, 0, 0), "::1", socket.AF_INET6), "on loopback")):
+        mapping = portmapping.PortMapping(node)
+        assert mapping.decide() is None and why in mapping.off
+    explicit = portmapping.PortMapping(_Node(("127.0.0.1", 5000), "127.0.0.1",
+                                             port_mapping_gateway=("127.0.0.1", 15351)))
+    assert explicit.decide() == ("127.0.0.1", 15351)
+    monkeypatch.setattr(portmapping, "default_gateway", lambda: None)
+    none = portmapping.PortMapping(_Node(("0.0.0.0", 5000), "198.51.100.1"))
+    assert none.decide() is None and none.off == "no IPv4 default gateway"
