@@ -11,20 +11,29 @@ distributions:
   expected) and the time to notice a real cut.
 
     sudo python benchmarks/bench_links.py [--runs N] [--quick]
+    sudo python benchmarks/bench_links.py --matrix [--runs N]   # the NAT matrix, bursty links
+    sudo python benchmarks/bench_links.py --soak 600 [--soak-both] [--soak-link PRESET]
 
-Not measured here yet: the NAT matrix under `lte` and `bursty` links, goodput on long and
-lossy links, IPv6 cells, path choice by RTT.
+--matrix runs all sixteen cells of the NAT matrix with both nodes on `bursty` links (the
+suite runs three) --runs times (default 1) and counts, per cell, the runs that ended on the
+expected path and the false failovers on the way. --soak SECONDS runs paced transfers and
+idleness in turn on a direct path at 5 % random loss each way (the agent's link; both nodes'
+with --soak-both) and counts its route switches after the first, with the nodes' reasons.
+
+Not measured here yet: goodput on long and lossy links, IPv6 cells, path choice by RTT.
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import _report
-from bench_resilience import run_tests  # the lab tests in a pytest of their own
+from bench_resilience import HERE, TESTS, run_tests  # the lab tests in a pytest of their own
 
 LABELS = {
     "to_direct_ms_sync": "far agent (150 ms) / near connector (20 ms): time to direct, "
@@ -38,12 +47,83 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def run_long(test_file, out_dir, keyword, env, timeout):
+    """run_tests with more time (a soak outlasts its 600 s) and the whole output."""
+    cmd = [sys.executable, "-m", "pytest", str(TESTS / test_file), "-q", "-s", "-p",
+           "no:cacheprovider", "--rootdir", str(HERE.parent), "-k", keyword]
+    env = dict(os.environ, **env, MAHOLE_BENCH_DIR=str(out_dir), MAHOLE_REQUIRE_NETLAB="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=tempfile.gettempdir())
+    return proc.returncode, proc.stdout
+
+
+def soak(seconds, both, preset):
+    with tempfile.TemporaryDirectory() as out:
+        env = {"MAHOLE_SOAK_SECONDS": str(seconds), "MAHOLE_SOAK_LINK": preset,
+               "MAHOLE_SOAK_BOTH": "1" if both else "0"}
+        code, output = run_long("test_links_lab.py", out, "soak", env, seconds + 300)
+        path = Path(out) / "links_run.json"
+        runs = json.loads(path.read_text()).get("soak", []) if path.exists() else []
+    if code != 0 or not runs:
+        print(f"soak failed\n{output[-5000:]}", file=sys.stderr)
+        return 1
+    result = runs[0]
+    print(f"soak on a direct path, {preset} on "
+          f"{'both nodes' if both else 'the agent'}'s link(s)")
+    print(_report.table(["seconds", "transfers", "route switches after the first",
+                         "failovers (agent)"],
+                        [[result["seconds"], result["transfers"], result["route_switches"],
+                          result["failovers"]]]))
+    for reason in result["fell_back"]:
+        print(f"  {reason}")
+    print(f"wrote {_report.write('links-soak', result)}")
+    return 0
+
+
+def matrix(runs):
+    cells, failures = {}, 0
+    for index in range(runs):
+        with tempfile.TemporaryDirectory() as out:
+            code, output = run_long("test_nat_matrix.py", out, "bursty",
+                                    {"MAHOLE_BURSTY_MATRIX": "1"}, 1800)
+            if code != 0:
+                failures += 1
+                print(f"run {index + 1}: cells failed\n{output[-3000:]}", file=sys.stderr)
+            path = Path(out) / "links_run.json"
+            for r in json.loads(path.read_text()).get("matrix_bursty", []) \
+                    if path.exists() else []:
+                cell = cells.setdefault(f"{r['agent']} x {r['connector']}",
+                                        {"expected": r["expected"], "as_expected": 0,
+                                         "failovers": 0, "runs": 0})
+                cell["runs"] += 1
+                cell["as_expected"] += r["path"] == r["expected"]
+                cell["failovers"] += r["failovers"]
+        print(f"run {index + 1}/{runs} done", file=sys.stderr)
+    print(f"NAT matrix on bursty links (both nodes), {runs} run(s)")
+    print(_report.table(["cell", "expected", "ended as expected", "false failovers"],
+                        [[name, c["expected"], f"{c['as_expected']}/{c['runs']}",
+                          c["failovers"]] for name, c in cells.items()]))
+    print(f"wrote {_report.write('links-matrix', {'runs': runs, 'cells': cells})}")
+    return 1 if failures else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, help="repetitions of each setting (default 30, "
-                                                 "quick 2)")
+                                                 "quick 2; --matrix 1)")
     parser.add_argument("--quick", action="store_true", help="a couple of runs")
+    parser.add_argument("--matrix", action="store_true",
+                        help="the NAT matrix with both nodes on bursty links")
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="route switches of a healthy direct path in a run this long")
+    parser.add_argument("--soak-both", action="store_true",
+                        help="the soak's loss on both nodes' links, not the agent's only")
+    parser.add_argument("--soak-link", default="lossy", help="the soak's link preset")
     args = parser.parse_args(argv)
+    if args.soak:
+        return soak(args.soak, args.soak_both, args.soak_link)
+    if args.matrix:
+        return matrix(args.runs or 1)
     runs = args.runs or (2 if args.quick else 30)
     values, failures = {}, 0
     with tempfile.TemporaryDirectory() as out:

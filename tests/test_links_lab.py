@@ -73,6 +73,55 @@ def test_loss_does_not_make_a_healthy_direct_path_fail_over(lab, tmp_path, prese
     print(f"{preset}: cut noticed after {time.monotonic() - cut_at:.2f} s")
 
 
+# A long run: route switches of a healthy direct path -------------------------------------
+SOAK_ENV = "MAHOLE_SOAK_SECONDS"
+
+
+@pytest.mark.skipif(not os.environ.get(SOAK_ENV),
+                    reason=f"a soak run: {SOAK_ENV}=SECONDS (benchmarks/bench_links.py --soak)")
+def test_soak_counts_route_switches_of_a_healthy_direct_path(lab, tmp_path):
+    """For MAHOLE_SOAK_SECONDS: paced transfers (2 MB, about 6 s) and 10 s of idleness in
+    turn over a direct path with 5 % random loss each way on the agent's link (on both
+    nodes' links with MAHOLE_SOAK_BOTH=1; MAHOLE_SOAK_LINK another preset). Every transfer
+    arrives intact and the session ends direct; the route switches after the first and the
+    nodes' reasons are printed and kept for bench_links."""
+    seconds = float(os.environ[SOAK_ENV])
+    preset = os.environ.get("MAHOLE_SOAK_LINK", "lossy")
+    both = os.environ.get("MAHOLE_SOAK_BOTH") == "1"
+    connector_link = {**wire.LINKS[preset], "seed": 22} if both else {"rtt_ms": 20, "seed": 22}
+    d = Deployment(lab, tmp_path, "port-restricted", "port-restricted",
+                   agent_link={**wire.LINKS[preset], "seed": 21},
+                   connector_link=connector_link, agent_args=("-v",), connector_args=("-v",))
+    d.wait_registered()
+    probe = os.urandom(64 << 10)
+    assert d.round_trip(probe) == probe, d.logs()
+    wait(lambda: (d.session() or {}).get("path") == "direct", 30, "the direct path", d)
+    start = time.monotonic()
+    transfers = 0
+    while time.monotonic() - start < seconds:
+        data = os.urandom(2 << 20)
+        assert Transfer(d, data, chunk=16 << 10, pace=0.05).join(timeout=120) == data, d.logs()
+        transfers += 1
+        idle_until = time.monotonic() + 10
+        while time.monotonic() < idle_until:
+            time.sleep(0.5)  # idleness: keepalive PINGs only
+    elapsed = time.monotonic() - start
+    wait(lambda: (d.session() or {}).get("path") == "direct", 15, "the direct path at the end", d)
+    session = d.session()
+    reasons = [line.split(" WARNING ", 1)[1] for p in (d.agent, d.connector)
+               for line in p.log_path.read_text().splitlines()
+               if "fell back to the relay" in line]
+    switches = session["route_switches"] - 1  # the first: relay -> direct
+    print(f"soak {elapsed:.0f} s, {preset}{' on both links' if both else ''}: {transfers} "
+          f"transfers, {switches} route switch(es) after the first, {session['failovers']} "
+          f"failover(s) at the agent")
+    for reason in reasons:
+        print(f"  {reason}")
+    record_link("soak", {"seconds": round(elapsed), "preset": preset, "both": both,
+                         "transfers": transfers, "route_switches": switches,
+                         "failovers": session["failovers"], "fell_back": reasons})
+
+
 # Time to direct when one member is far: what RTT-synchronized StartPunching buys ------------
 AGENT_FAR = {"rtt_ms": 150}  # the agent 150 ms (round trip) from everything
 CONNECTOR_NEAR = {"rtt_ms": 20}
