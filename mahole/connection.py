@@ -25,7 +25,7 @@ from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
 
 from . import identity
-from .config import CONGESTION_CONTROLS, check_congestion_control
+from .config import check_congestion_control
 from .pmtu import BASE_PLPMTU
 
 # Control protocol versions, newest first; nodes offer both and the intermediate picks the
@@ -78,10 +78,11 @@ def is_tls_failure(error_code, frame_type):
 def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_timeout=30.0,
                   max_datagram_frame_size=None, max_stream_data=2 << 20,
                   max_data=16 << 20, max_datagram_size=1200, keylog=None, qlog=None,
-                  congestion_control=CONGESTION_CONTROLS[0]):
+                  congestion_control="reno"):
     """A QuicConfiguration presenting this node's certificate and trusting the deployment CA.
     `alpn`: one protocol name or several, preferred first. `congestion_control`: one of
-    mahole.config.CONGESTION_CONTROLS (ValueError otherwise, before aioquic sees it).
+    mahole.config.CONGESTION_CONTROLS (ValueError otherwise, before aioquic sees it); control
+    connections keep aioquic's default, Reno, end-to-end ones take the node's setting.
 
     `keylog`: a text file the TLS secrets are appended to (SSLKEYLOGFILE format, for
     Wireshark); `qlog`: an aioquic QuicLogger (QuicFileLogger writes one .qlog per connection

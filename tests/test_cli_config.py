@@ -478,20 +478,26 @@ def test_an_unknown_congestion_control_is_one_line(tmp_path, capsys, served):
 
 
 @pytest.mark.parametrize("relay_only", [False, True], ids=["direct", "relay"])
-def test_the_end_to_end_connections_use_the_chosen_congestion_control(relay_only):
-    """Both members' end-to-end QUIC connection run the controller the node was given (the
-    control connections keep aioquic's default), and bytes still arrive identical."""
+@pytest.mark.parametrize("cc, controller", [("reno", "RenoCongestionControl"),
+                                            (None, "CubicCongestionControl")])
+def test_the_end_to_end_connections_use_the_chosen_congestion_control(relay_only, cc,
+                                                                      controller):
+    """Both members' end-to-end QUIC connection run the controller the node was given, or
+    the default, CUBIC (the control connections keep aioquic's Reno), and bytes still arrive
+    identical."""
     import os
 
     from aio_helpers import run
     from mahole.demo import LocalDeployment, tcp_round_trip
 
+    chosen = {"congestion_control": cc} if cc else {}
+
     async def main_():
-        async with LocalDeployment(agent_kwargs={"congestion_control": "cubic",
-                                                 "relay_only": relay_only},
-                                   connector_kwargs={"congestion_control": "cubic"}) as d:
+        async with LocalDeployment(agent_kwargs={**chosen, "relay_only": relay_only},
+                                   connector_kwargs=chosen) as d:
             data = os.urandom(200_000)
             assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
-            return [type(s.connection.quic._loss._cc).__name__
-                    for node in (d.agent, d.connector) for s in node.sessions.values()]
-    assert run(main_()) == ["CubicCongestionControl", "CubicCongestionControl"]
+            return ([type(s.connection.quic._loss._cc).__name__
+                     for node in (d.agent, d.connector) for s in node.sessions.values()],
+                    type(d.agent.control.connection.quic._loss._cc).__name__)
+    assert run(main_()) == ([controller, controller], "RenoCongestionControl")
