@@ -304,9 +304,11 @@ class PortMapper:
             self.dropped += 1
             return False
         if answer.result != pcp.SUCCESS:
-            # §7.4: an error answer need not carry the mapping; only the result counts. It
-            # still must be about our request when it does carry it.
-            if answer.nonce and answer.nonce != self.nonce:
+            # An error answer repeats the request's MAP fields (RFC 6887 §7.2), so it must
+            # carry our nonce. One without them (too short to) is believed only before a
+            # mapping exists: otherwise anyone on the LAN could end ours with one.
+            if (answer.nonce != self.nonce if answer.nonce
+                    else self.state == "mapped" or self.renewing):
                 self.dropped += 1
                 return False
             self._refused(pcp.RESULTS.get(answer.result, f"result {answer.result}"), now)

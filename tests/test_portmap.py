@@ -278,3 +278,18 @@ def test_restart_after_a_network_change_asks_again():
     h.mapper.restart(h.now)
     h.pump()
     assert isinstance(h.events[1], MappingLost) and len(h.ups()) == 2
+
+
+def test_a_short_refusal_cannot_end_a_mapping_but_one_with_our_nonce_can():
+    router = Router(lifetime=600)
+    h = Harness(router)
+    h.start()
+    short = struct.pack("!BBxBII", 2, 0x81, 8, 0, 1) + bytes(12)  # no MAP fields
+    router.silent = True
+    h.run_until(100 + 301)  # renewing: a request is in flight
+    assert h.mapper.renewing
+    assert not h.mapper.datagram_received(short, (GW, 5351), h.now)
+    assert h.mapper.state == "mapped" and h.mapper.dropped == 1
+    router.silent, router.refuse = False, 2
+    h.run_until(100 + 305)  # the retransmission is refused, with our nonce
+    assert any(isinstance(e, MappingLost) and "refused" in e.reason for e in h.events)
