@@ -326,8 +326,14 @@ class PortMapper:
 
     def _natpmp_answer(self, answer: Union[natpmp.ExternalAddress, natpmp.Mapping],
                        now: float) -> bool:
-        if isinstance(answer, natpmp.Mapping) and answer.result == natpmp.SUCCESS \
-                and answer.internal_port != self.internal_port:
+        # NAT-PMP has no nonce: the internal port is all that ties an answer to our request.
+        # A refusal that does not name it (a short one, or an external address refusal) is
+        # believed only before a mapping exists, as for PCP.
+        if answer.result == natpmp.SUCCESS or getattr(answer, "internal_port", 0):
+            mismatch = getattr(answer, "internal_port", self.internal_port) != self.internal_port
+        else:
+            mismatch = self.state == "mapped" or self.renewing
+        if mismatch:
             self.dropped += 1
             return False
         if answer.result != natpmp.SUCCESS:

@@ -293,3 +293,18 @@ def test_a_short_refusal_cannot_end_a_mapping_but_one_with_our_nonce_can():
     router.silent, router.refuse = False, 2
     h.run_until(100 + 305)  # the retransmission is refused, with our nonce
     assert any(isinstance(e, MappingLost) and "refused" in e.reason for e in h.events)
+
+
+def test_natpmp_answers_for_another_port_or_short_refusals_do_not_end_a_mapping():
+    router = Router(speaks=("natpmp",), lifetime=600)
+    h = Harness(router)
+    h.start()
+    router.silent = True
+    h.run_until(100 + 301)  # renewing
+    other = struct.pack("!BBHIHHI", 0, 129, 2, 400, PORT + 1, 0, 0)
+    short = struct.pack("!BBHI", 0, 129, 3, 400)
+    address_refused = struct.pack("!BBHI", 0, 128, 3, 400)
+    for data in (other, short, address_refused):
+        assert not h.mapper.datagram_received(data, (GW, 5351), h.now)
+    assert h.mapper.state == "mapped" and h.mapper.dropped == 3
+    assert not any(isinstance(e, MappingLost) for e in h.events)
