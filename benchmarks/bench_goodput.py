@@ -74,6 +74,7 @@ for path in (HERE, TESTS):
 
 import _report  # noqa: E402
 from bench_links import percentile  # noqa: E402
+from _procs import Processes  # noqa: E402
 from bench_tunnel import AioquicBulk, _readline, _Sink, send_counted  # noqa: E402
 
 LINKS = ("lan", "long", "lte")
@@ -93,22 +94,17 @@ MB = 1e6
 # --- the sink on the connector's host ----------------------------------------------------
 
 
-class _FramedSink(asyncio.BufferedProtocol):
+class _FramedSink(_Sink):
     """Transfers on one connection: an 8-byte big-endian length, then that many bytes, which
     are counted; after each the count is answered as ASCII and a newline."""
 
     def __init__(self):
-        self.buffer = bytearray(1 << 18)
+        super().__init__()
         self.header = b""
         self.left = None  # bytes of the current transfer still to come
-        self.count = 0
-        self.transport = None
 
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def get_buffer(self, sizehint):
-        return self.buffer
+    def eof_received(self):
+        return False  # the client is done: close
 
     def buffer_updated(self, nbytes):
         view = memoryview(self.buffer)[:nbytes]
@@ -143,14 +139,13 @@ def serve_sink(port):
 # --- the systems -------------------------------------------------------------------------
 
 
-class LabProcesses:
-    """What AioquicBulk needs of bench_tunnel's Processes, inside the lab: each named process
-    on its host (the lab ends their process groups), its stderr in LOGDIR/NAME.log."""
+class LabProcesses(Processes):
+    """bench_tunnel's Processes inside the lab: each named process on its lab host (the lab
+    ends their process groups), its stderr in LOGDIR/NAME.log."""
 
     def __init__(self, hosts, logdir):
+        super().__init__(logdir)
         self.hosts = hosts  # name -> lab host
-        self.logdir = Path(logdir)
-        self.procs = []
 
     def start(self, name, cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL):
         with open(self.logdir / f"{name}.log", "ab") as log:
@@ -158,13 +153,6 @@ class LabProcesses:
         proc.bench_name = name
         self.procs.append(proc)
         return proc
-
-    def tail(self, name, lines=5):
-        try:
-            text = (self.logdir / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
 
 
 class Tcp:
