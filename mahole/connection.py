@@ -75,6 +75,13 @@ def is_tls_failure(error_code, frame_type):
     return frame_type is not None and error_code in CRYPTO_ERROR_RANGE
 
 
+# Stream window of end-to-end sessions: a bulk stream moves at most one window per round trip,
+# so it must cover the bandwidth-delay product (8 MiB: 53 MB/s at 150 ms). Memory stays bounded
+# by the connection window (max_data, 16 MiB) whatever the peer does; control connections keep
+# the 2 MiB default, as their messages are small.
+E2E_STREAM_WINDOW = 8 << 20
+
+
 def configuration(node, ca_path, *, is_client, alpn, server_name=None, idle_timeout=30.0,
                   max_datagram_frame_size=None, max_stream_data=2 << 20,
                   max_data=16 << 20, max_datagram_size=1200, keylog=None, qlog=None,

@@ -30,8 +30,10 @@ from .pmtu import BASE_PLPMTU
 log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
-# Unacknowledged bytes on a QUIC stream before we stop reading its TCP side.
-SEND_HIGH_WATER = 1 << 20
+# Unacknowledged bytes on a QUIC stream before we stop reading its TCP side: half the
+# end-to-end stream window (connection.E2E_STREAM_WINDOW), so a long path is kept full (the
+# reading resumes at half of this).
+SEND_HIGH_WATER = 4 << 20
 # Bytes queued towards a TCP peer (received from QUIC, not yet taken by the kernel) before we
 # stop granting the QUIC peer more stream credit. Credit already granted stays valid, so a
 # stalled reader leaves at most RECEIVE_HIGH_WATER + one stream window (max_stream_data)

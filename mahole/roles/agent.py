@@ -58,6 +58,7 @@ class AgentSession(Session):
                                   alpn=qc.ALPN_E2E, server_name=message.connector,
                                   idle_timeout=agent.cfg.e2e_idle_timeout,
                                   max_datagram_frame_size=65536,
+                                  max_stream_data=qc.E2E_STREAM_WINDOW,
                                   congestion_control=agent.cfg.congestion_control,
                                   **agent.debug_logs.quic_kwargs())
         quic = qc.NodeQuicConnection(configuration=config)

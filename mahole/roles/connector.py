@@ -302,7 +302,7 @@ class Connector(Node):
         self.e2e_config = qc.configuration(
             self.identity, cfg.ca, is_client=False, alpn=qc.ALPN_E2E,
             idle_timeout=cfg.e2e_idle_timeout, max_datagram_frame_size=65536,
-            congestion_control=cfg.congestion_control, **self.debug_logs.quic_kwargs())
+            max_stream_data=qc.E2E_STREAM_WINDOW, congestion_control=cfg.congestion_control, **self.debug_logs.quic_kwargs())
 
     def add_service(self, service, handler=None):
         """Offer one more service: a `Service` with a TCP or UDP target, or with proto
