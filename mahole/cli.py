@@ -264,6 +264,12 @@ def build_parser(*, explicit_only=False):
     sub.add_argument("--stun-rate", type=float, default=edge.stun_rate, metavar="PER_S",
                      help="STUN responses per second per source host "
                           f"(default: {edge.stun_rate:g})")
+    sub.add_argument("--stun-alt-port", type=int, default=edge.stun_alt_port, metavar="PORT",
+                     help="a second UDP port answering STUN only, with OTHER-ADDRESS and "
+                          "CHANGE-REQUEST (RFC 5780), for `mahole netcheck` (default: none)")
+    sub.add_argument("--stun-alt-ip", default=edge.stun_alt_ip, metavar="IP",
+                     help="a second address of this host answering at --stun-alt-port, so "
+                          "netcheck can tell address-dependent NATs (default: none)")
     sub.add_argument("--vn-rate", type=float, default=edge.vn_rate, metavar="PER_S",
                      help="QUIC Version Negotiation packets per second per source host "
                           f"(default: {edge.vn_rate:g})")
@@ -528,6 +534,15 @@ def run_intermediate(args):
     for flag in ("retry_threshold", "stun_rate", "vn_rate"):
         if not getattr(args, flag) >= 0:
             return _error(args, f"--{flag.replace('_', '-')} must be >= 0")
+    if not 0 <= args.stun_alt_port <= 65535 or args.stun_alt_port == args.listen[1] != 0:
+        return _error(args, "--stun-alt-port must be a free port other than --listen's")
+    if args.stun_alt_ip is not None:
+        if not args.stun_alt_port:
+            return _error(args, "--stun-alt-ip needs --stun-alt-port")
+        try:
+            ipaddress.ip_address(args.stun_alt_ip)
+        except ValueError:
+            return _error(args, f"--stun-alt-ip {args.stun_alt_ip!r} is not an IP address")
     if not args.allow:
         log.warning("no --allow rule: every session will be refused; add one such as "
                     "--allow 'alice=web' (AGENT_GLOB=SERVICE_GLOB)")
@@ -544,6 +559,7 @@ def run_intermediate(args):
                              retry_threshold=args.retry_threshold,
                              handshake_timeout=args.handshake_timeout,
                              stun_rate=args.stun_rate, vn_rate=args.vn_rate,
+                             stun_alt_port=args.stun_alt_port, stun_alt_ip=args.stun_alt_ip,
                              registry=args.registry, fleet_address=args.fleet_address,
                              **_credentials(args))
     return _serve(args, Intermediate, cfg)

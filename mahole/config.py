@@ -181,6 +181,10 @@ class IntermediateConfig(Credentials):
     # (RFC 9000 §6). rate_limit_sources bounds the per-source table (least recent forgotten).
     stun_rate: float = 10.0
     stun_total_rate: float = 5000.0
+    # RFC 5780 NAT behaviour discovery (mahole.stun_server): a second UDP port answering STUN
+    # only (0: none), and a second IP of this host answering at that port (None: none).
+    stun_alt_port: int = 0
+    stun_alt_ip: str | None = None
     vn_rate: float = 1.0
     vn_total_rate: float = 1000.0
     rate_limit_sources: int = 4096

@@ -235,17 +235,45 @@ ATTRIBUTE_CASES = [
     ("ERROR-CODE", (487, "Role Conflict")),
     ("ERROR-CODE", (300, "")),
     ("ERROR-CODE", (699, "ça ne va pas")),
-    ("UNKNOWN-ATTRIBUTES", (0x0003, 0x7FFF)),
-    ("UNKNOWN-ATTRIBUTES", (0x0003,)),
+    ("UNKNOWN-ATTRIBUTES", (0x0027, 0x7FFF)),
+    ("UNKNOWN-ATTRIBUTES", (0x0027,)),
     ("PRIORITY", 0),
     ("PRIORITY", 0xFFFFFFFF),
     ("USE-CANDIDATE", True),
     ("SOFTWARE", "mahole 0.1.0"),
     ("ICE-CONTROLLED", 0),
     ("ICE-CONTROLLING", 0xFFFFFFFFFFFFFFFF),
+    ("RESPONSE-ORIGIN", ("192.0.2.1", 3478)),
+    ("OTHER-ADDRESS", ("2001:db8::2", 3479)),
+    ("CHANGE-REQUEST", (True, True)),
+    ("CHANGE-REQUEST", (False, True)),
+    ("CHANGE-REQUEST", (True, False)),
+    ("CHANGE-REQUEST", (False, False)),
     (0x8055, b"optional raw"),
     (0x7F00, b"required raw"),
 ]
+
+
+def test_rfc5780_attribute_layouts():
+    """RFC 5780 §7.2: CHANGE-REQUEST is 32 bits, 0x4 change IP, 0x2 change port; other bits
+    are ignored on receipt. §7.3, §7.4: RESPONSE-ORIGIN and OTHER-ADDRESS are laid out like
+    MAPPED-ADDRESS (not XORed), types 0x802B and 0x802C."""
+    message = Message(METHOD_BINDING, CLASS_SUCCESS, bytes(12), {
+        "CHANGE-REQUEST": (True, False), "OTHER-ADDRESS": ("192.0.2.1", 0x1234)})
+    data = encode(message, fingerprint=False)
+    assert data[20:28] == bytes.fromhex("0003 0004 00000004")
+    assert data[28:40] == bytes.fromhex("802C 0008 0001 1234 C0000201")
+    raw = bytearray(data)
+    raw[27] = 0xFB  # every other bit set: ignored, change port only
+    assert decode(bytes(raw)).attributes["CHANGE-REQUEST"] == (False, True)
+    raw[24:28] = b"\xff\xff\xff\xf9"
+    assert decode(bytes(raw)).attributes["CHANGE-REQUEST"] == (False, False)
+    with pytest.raises(stun.StunError):  # a 2-byte CHANGE-REQUEST
+        decode(bytes.fromhex("0001 0008 2112A442") + bytes(12) + bytes.fromhex("0003 0002 0006 0000"))
+    with pytest.raises(stun.StunError):
+        encode(Message(METHOD_BINDING, CLASS_SUCCESS, bytes(12), {"CHANGE-REQUEST": True}))
+    assert stun.binding_request(change_request=(True, True)).attributes == {
+        "CHANGE-REQUEST": (True, True)}
 
 
 @pytest.mark.parametrize("name, value", ATTRIBUTE_CASES)
@@ -570,6 +598,9 @@ ATTRIBUTE_STRATEGIES = {
     "SOFTWARE": short_text,
     "ICE-CONTROLLED": st.integers(0, 2**64 - 1),
     "ICE-CONTROLLING": st.integers(0, 2**64 - 1),
+    "RESPONSE-ORIGIN": addresses,
+    "OTHER-ADDRESS": addresses,
+    "CHANGE-REQUEST": st.tuples(st.booleans(), st.booleans()),
 }
 raw_attributes = st.dictionaries(
     st.integers(0, 0xFFFF).filter(lambda t: t not in KNOWN_TYPES), st.binary(max_size=40), max_size=3)
@@ -590,7 +621,7 @@ keys = st.one_of(st.none(), st.binary(min_size=0, max_size=64))
 
 def comparable(attributes):
     def host_as_address(name, value):
-        if name in ("MAPPED-ADDRESS", "XOR-MAPPED-ADDRESS"):
+        if name in ("MAPPED-ADDRESS", "XOR-MAPPED-ADDRESS", "RESPONSE-ORIGIN", "OTHER-ADDRESS"):
             return ipaddress.ip_address(value[0]), value[1]
         return value
 

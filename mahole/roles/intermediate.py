@@ -57,7 +57,8 @@ from ..signaling import (
     SignalingCore,
     session_tag,
 )
-from ..wire import control, stun
+from ..stun_server import StunResponder, open_alt_observers
+from ..wire import control
 from .node import (
     ControlStream, StartupError, bind_udp, load_credentials, start_control, start_status)
 
@@ -257,6 +258,8 @@ class Intermediate:
         self._retry = QuicRetryTokenHandler()
         self._stun_limiter = SourceLimiter(cfg.stun_rate, max_sources=cfg.rate_limit_sources,
                                            total_rate=cfg.stun_total_rate)
+        self.stun_observers = {}  # (ip, port) index -> AltObserver (--stun-alt-port)
+        self._stun_responder = None
         self._vn_limiter = SourceLimiter(cfg.vn_rate, max_sources=cfg.rate_limit_sources,
                                          total_rate=cfg.vn_total_rate)
         self._timer_at = None
@@ -269,6 +272,7 @@ class Intermediate:
                                  receiver=self.engine)
         self.endpoint.start()
         try:
+            self._open_stun_observers()
             self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
             self.control_server = await start_control(self, self.cfg)
             if self.cfg.registry:
@@ -287,6 +291,20 @@ class Intermediate:
             raise
         log.info("intermediate %s listening on %s", self.identity.name,
                  _fmt(self.endpoint.local_address))
+
+    def _open_stun_observers(self):
+        """The main socket answers STUN; --stun-alt-port (and --stun-alt-ip) add observers
+        for RFC 5780 NAT behaviour discovery (mahole.stun_server)."""
+        cfg = self.cfg
+        try:
+            self.stun_observers = open_alt_observers(
+                cfg.listen[0], cfg.stun_alt_port, cfg.stun_alt_ip, self._stun,
+                self.endpoint.loop)
+        except OSError as exc:
+            raise StartupError(f"--stun-alt-port: {exc.strerror or exc}") from None
+        origins = {(0, 0): self.endpoint.local_address[:2]}
+        origins.update({key: obs.local_address[:2] for key, obs in self.stun_observers.items()})
+        self._stun_responder = StunResponder(origins, self._stun_limiter, self.shell_counters)
 
     def _fleet_address(self):
         """Where the other intermediates of the fleet send relay frames for this one."""
@@ -344,6 +362,8 @@ class Intermediate:
             await self.fleet.stop()
         if self.endpoint is not None:
             self.endpoint.close()
+        for observer in self.stun_observers.values():
+            observer.close()
         self.debug_logs.close()
 
     # The core's events and timer ---------------------------------------------------------
@@ -512,32 +532,17 @@ class Intermediate:
             source_cid=header.dcid, destination_cid=header.scid,
             supported_versions=list(SUPPORTED_VERSIONS)), addr)])
 
-    def _stun(self, data, addr):
-        counters = self.shell_counters
-        try:
-            request = stun.decode(data, classic=True)
-        except ValueError:
-            counters["stun_malformed"] += 1
+    def _stun(self, data, addr, at=(0, 0)):
+        """A STUN datagram at observer ``at`` (mahole.stun_server): the answer goes back to
+        its source, from the observer a CHANGE-REQUEST names."""
+        answer = self._stun_responder.handle(data, addr, at, self.endpoint.now())
+        if answer is None:
             return
-        if (request.method != stun.METHOD_BINDING
-                or request.message_class != stun.CLASS_REQUEST):
-            counters["stun_malformed"] += 1
-            return
-        counters["stun_requests"] += 1
-        if not self._stun_limiter.allow(addr[0], self.endpoint.now()):
-            counters["stun_rate_limited"] += 1
-            return
-        unknown = request.unknown_required()
-        if unknown:
-            # RFC 8489 §6.3.1: list the comprehension-required attributes we do not know.
-            counters["stun_unknown_attributes"] += 1
-            response = stun.binding_error(request, 420, "Unknown Attribute",
-                                          unknown_attributes=unknown[:32])
+        key, payload = answer
+        if key == (0, 0):
+            self.endpoint.send([(payload, addr)])
         else:
-            # §12.2: an RFC 3489 client gets MAPPED-ADDRESS (binding_success picks it).
-            counters["stun_classic"] += int(request.classic)
-            response = stun.binding_success(request, plain_addr(addr))
-        self.endpoint.send([(stun.encode(response, fingerprint=not request.classic), addr)])
+            self.stun_observers[key].send(payload, addr)
 
     # Status ----------------------------------------------------------------------------
     def control_commands(self):

@@ -15,6 +15,8 @@ Values by attribute::
     PRIORITY                             int (32 bits)
     USE-CANDIDATE                        True (the attribute is empty; presence is the flag)
     ICE-CONTROLLED, ICE-CONTROLLING      int (64-bit tie-breaker)
+    RESPONSE-ORIGIN, OTHER-ADDRESS       (host, port), as MAPPED-ADDRESS (RFC 5780 §7.3, §7.4)
+    CHANGE-REQUEST                       (change_ip, change_port): two bools (RFC 5780 §7.2)
     MESSAGE-INTEGRITY                    bytes (20), only as decoded; encode computes it
     FINGERPRINT                          int, only as decoded; encode computes it
     <unknown type>                       key is the int type code, value the raw bytes
@@ -343,6 +345,27 @@ def _unpack_integrity(data: bytes, transaction_id: bytes) -> bytes:
     return data
 
 
+# RFC 5780 §7.2: CHANGE-REQUEST is 32 bits, of which bit 0x4 is "change IP" (A) and bit 0x2
+# "change port" (B); the others are zero when sending and ignored when receiving.
+_CHANGE_IP = 0x4
+_CHANGE_PORT = 0x2
+
+
+def _pack_change_request(value: Any, transaction_id: bytes) -> bytes:
+    try:
+        change_ip, change_port = value
+    except (TypeError, ValueError):
+        raise StunError(f"CHANGE-REQUEST must be a (change_ip, change_port) pair, got {value!r}") from None
+    flags = (_CHANGE_IP if change_ip else 0) | (_CHANGE_PORT if change_port else 0)
+    return flags.to_bytes(4, "big")
+
+
+def _unpack_change_request(data: bytes, transaction_id: bytes) -> tuple[bool, bool]:
+    _expect_length(data, 4, "CHANGE-REQUEST")
+    flags = int.from_bytes(data, "big")
+    return bool(flags & _CHANGE_IP), bool(flags & _CHANGE_PORT)
+
+
 _pack_priority, _unpack_priority = _uint_codec(32, "PRIORITY")
 _pack_tie_breaker, _unpack_tie_breaker = _uint_codec(64, "ICE tie-breaker")
 _unpack_fingerprint = _uint_codec(32, "FINGERPRINT")[1]
@@ -355,7 +378,10 @@ class Attribute(NamedTuple):
     unpack: Callable[[bytes, bytes], Any]
 
 
-# The attribute table (RFC 8489 §18.3 registry; RFC 8445 §16.1 for the ICE ones).
+# The attribute table (RFC 8489 §18.3 registry; RFC 8445 §16.1 for the ICE ones; RFC 5780
+# §9.1 for NAT behaviour discovery's). RESPONSE-PORT (0x0027, RFC 5780 §7.5) is left out on
+# purpose: it asks for the answer at another port, so a server that honoured it could be
+# pointed at a third party; a request carrying it gets 420 (comprehension-required, unknown).
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(0x0001, "MAPPED-ADDRESS", _pack_address, _unpack_address),  # RFC 8489 §14.1
     Attribute(0x0006, "USERNAME",  # §14.3
@@ -364,11 +390,15 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(0x0009, "ERROR-CODE", _pack_error_code, _unpack_error_code),  # §14.8
     Attribute(0x000A, "UNKNOWN-ATTRIBUTES",  # §14.13
               _pack_unknown_attributes, _unpack_unknown_attributes),
+    Attribute(0x0003, "CHANGE-REQUEST",  # RFC 5780 §7.2
+              _pack_change_request, _unpack_change_request),
     Attribute(0x0020, "XOR-MAPPED-ADDRESS", _pack_xor_address, _unpack_xor_address),  # §14.2
     Attribute(0x0024, "PRIORITY", _pack_priority, _unpack_priority),  # RFC 8445 §7.1.1, §16.1
     Attribute(0x0025, "USE-CANDIDATE", _pack_flag, _unpack_flag),  # RFC 8445 §7.1.2, §16.1
     Attribute(0x8022, "SOFTWARE", _text_packer("SOFTWARE", _MAX_TEXT_CHARS), _unpack_text),  # §14.14
     Attribute(0x8028, "FINGERPRINT", _pack_computed, _unpack_fingerprint),  # §14.7
+    Attribute(0x802B, "RESPONSE-ORIGIN", _pack_address, _unpack_address),  # RFC 5780 §7.3
+    Attribute(0x802C, "OTHER-ADDRESS", _pack_address, _unpack_address),  # RFC 5780 §7.4
     Attribute(0x8029, "ICE-CONTROLLED", _pack_tie_breaker, _unpack_tie_breaker),  # RFC 8445 §7.1.3
     Attribute(0x802A, "ICE-CONTROLLING", _pack_tie_breaker, _unpack_tie_breaker),  # RFC 8445 §7.1.3
 )
@@ -570,7 +600,8 @@ def _attributes_from_keywords(keywords: dict[str, Any]) -> dict[str | int, Any]:
 
 def binding_request(transaction_id: bytes | None = None, **attributes: Any) -> Message:
     """A Binding request; keywords name attributes (``username=``, ``priority=``,
-    ``ice_controlling=``, ``ice_controlled=``, ``use_candidate=``, ``software=``)."""
+    ``ice_controlling=``, ``ice_controlled=``, ``use_candidate=``, ``software=``,
+    ``change_request=(change_ip, change_port)``)."""
     return Message(
         METHOD_BINDING,
         CLASS_REQUEST,

@@ -17,7 +17,9 @@ def test_unknown_comprehension_required_attribute_gets_420(certs):
             client = await Attacker.open()
             request = stun.binding_request()
             request.attributes[0x7F01] = b"\x01\x02\x03\x04"  # comprehension-required
-            request.attributes[0x0003] = b"\x00\x00\x00\x06"  # CHANGE-REQUEST, RFC 3489 only
+            # RFC 5780 §7.2: a CHANGE-REQUEST this intermediate (no --stun-alt-port) cannot
+            # honour is listed as unknown too.
+            request.attributes["CHANGE-REQUEST"] = (True, True)
             request.attributes[0xC001] = b"optional"  # comprehension-optional: ignored
             (reply,) = await exchange(client, stun.encode(request), inter.local_address, 1, 0.3)
             response = stun.decode(reply)
