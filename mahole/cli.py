@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from . import __version__, certs_cli, logs, status_cli, systemd
+from . import __version__, certs_cli, logs, netcheck_cli, status_cli, systemd
 from .config import (
     CONGESTION_CONTROLS,
     DEFAULT_PORT,
@@ -37,7 +37,7 @@ ROLES = {
 # Commands beyond the roles, each a callable add_parser(commands) that adds one command to
 # the subparsers action and sets its func (see certs_cli.add_parser). New commands (status,
 # ping, ...) go in this list; build_parser gives every command -v/-q/--log-format.
-COMMANDS = [certs_cli.add_parser, status_cli.add_parser]
+COMMANDS = [certs_cli.add_parser, status_cli.add_parser, netcheck_cli.add_parser]
 
 
 def parse_address(text, default_host=None, default_port=None, allow_zero=True):

@@ -188,6 +188,16 @@ class NetCheck:
         self.malformed = 0  # datagrams that are not STUN
         self.ignored = 0  # STUN that answers nothing of ours (or a repeat answer)
 
+    @property
+    def target(self):
+        """(A1, P1): the intermediate address the NAT tests use, once one answered."""
+        return self._target
+
+    @property
+    def other(self):
+        """Its alternate observer (OTHER-ADDRESS, an unspecified host made A1), or None."""
+        return self._other
+
     # --- probes -------------------------------------------------------------------------
     def _probe(self, name, sock, dest, now, change=None):
         if name in self._by_name or sock not in self.sockets:

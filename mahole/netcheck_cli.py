@@ -1,0 +1,237 @@
+"""``python -m mahole netcheck``: what kind of network this machine is on.
+
+    python -m mahole netcheck --intermediate HOST[:PORT] [--intermediate ...] [--json]
+                              [--timeout SECONDS]
+
+The asyncio shell of `mahole.netcheck`: resolves the intermediates, opens the sockets the
+checks need (``main``, ``filter`` and four fresh ``portN``, all on ``[::]:0``), moves datagrams
+and timers, and prints the report as a table (or ``--json``). STUN needs no credentials. The
+checks end within about two probe timeouts (``--timeout``, default 1.5 s each); progress goes
+to stderr.
+
+Exit status: 0 with a report; 1 when no intermediate answered (the report is still printed,
+then one line on stderr); 2 for a bad flag or a name that does not resolve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+
+from . import netcheck
+from .endpoint import plain_addr
+
+__all__ = ["add_parser", "check", "format_report", "run_netcheck"]
+
+PORT_SAMPLES = 4  # fresh sockets for port allocation
+
+
+class NetcheckError(Exception):
+    """One line for the user; exit status 2."""
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be from 0.1 to 10 seconds: {text!r}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``netcheck`` command to an argparse subparsers action."""
+    from .cli import _hostport  # cli imports this module; by now it is loaded
+    from .config import DEFAULT_PORT
+
+    sub = subparsers.add_parser(
+        "netcheck", help="report this network: UDP, public addresses, NAT behaviour, RTTs",
+        description="Ask the intermediates' STUN observers (RFC 5780) what this network "
+                    "does: whether UDP works, the public IPv4 and IPv6 addresses, the NAT's "
+                    "mapping and filtering behaviour (an intermediate with --stun-alt-port, "
+                    "and --stun-alt-ip, tells them), its port allocation and the RTT to each "
+                    "intermediate. No credentials are needed.")
+    sub.add_argument("--intermediate", required=True, action="append",
+                     type=_hostport(allow_zero=False, default_port=DEFAULT_PORT),
+                     metavar="HOST[:PORT]",
+                     help=f"an intermediate (default port: {DEFAULT_PORT}); repeat for more")
+    sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    sub.add_argument("--timeout", type=_timeout, default=netcheck.PROBE_TIMEOUT,
+                     metavar="SECONDS", help="how long each request is retried before it "
+                     f"counts as unanswered (default: {netcheck.PROBE_TIMEOUT:g})")
+    sub.set_defaults(func=run_netcheck)
+
+
+def _fmt(addr):
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _open_socket():
+    """A fresh UDP socket on [::]:0 reaching both families (0.0.0.0:0 where IPv6 is off)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+        except OSError:
+            sock.close()
+            raise
+    except OSError:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", 0))
+    sock.setblocking(False)
+    return sock
+
+
+async def _resolve(loop, host, port, families):
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise NetcheckError(f"cannot resolve the intermediate {host!r}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    addrs = [plain_addr(info[4][:2]) for info in infos if info[0] in families]
+    return list(dict.fromkeys(addrs))
+
+
+def _local_ips():
+    try:
+        from .ice.candidates import host_addresses
+        return host_addresses(include_loopback=True)
+    except Exception:  # no ifaddr: "no NAT" is then seen only for a specific bind
+        return []
+
+
+async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None):
+    """Run the checks against [(host, port)]; the `netcheck.Report`."""
+    loop = asyncio.get_running_loop()
+    say = progress or (lambda text: None)
+    sockets = {name: _open_socket() for name in
+               ["main", "filter", *(f"port{i}" for i in range(PORT_SAMPLES))]}
+    try:
+        families = {socket.AF_INET}
+        if sockets["main"].family == socket.AF_INET6:
+            families.add(socket.AF_INET6)
+        resolved = []
+        for host, port in intermediates:
+            addrs = await _resolve(loop, host, port, families)
+            if not addrs:
+                raise NetcheckError(f"the intermediate {host!r} has no address this machine "
+                                    "can reach")
+            resolved.append((_fmt((host, port)), addrs))
+        local = {name: sock.getsockname()[:2] for name, sock in sockets.items()}
+        core = netcheck.NetCheck(resolved, local, local_ips=_local_ips(), probe_timeout=timeout)
+        finished = loop.create_future()
+        timer = None
+        stage = [False]
+
+        def pump():
+            nonlocal timer
+            now = loop.time()
+            for name, data, (host, port) in core.datagrams_to_send(now):
+                sock = sockets[name]
+                if sock.family == socket.AF_INET6 and ":" not in host:
+                    host = "::ffff:" + host
+                try:
+                    sock.sendto(data, (host, port))
+                except OSError:
+                    pass  # unreachable, no route for a family: that request goes unanswered
+            if not stage[0] and any(p.name.startswith("map ") for p in core.probes.values()):
+                stage[0] = True
+                say("netcheck: mapping and filtering tests against "
+                    f"{_fmt(core.target)} and the observer at {_fmt(core.other)}")
+            if core.done:
+                if not finished.done():
+                    finished.set_result(None)
+                return
+            if timer is not None:
+                timer.cancel()
+            at = core.get_timer()
+            if at is not None:
+                timer = loop.call_at(at, on_timer)
+
+        def on_timer():
+            core.handle_timer(loop.time())
+            pump()
+
+        def readable(name):
+            sock = sockets[name]
+            for _ in range(64):
+                try:
+                    data, addr = sock.recvfrom(2048)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    continue  # an ICMP error on the socket
+                core.datagram_received(name, data, plain_addr(addr[:2]), loop.time())
+            pump()
+
+        for name, sock in sockets.items():
+            loop.add_reader(sock.fileno(), readable, name)
+        try:
+            say(f"netcheck: asking {sum(len(a) for _, a in resolved)} address(es) of "
+                f"{len(resolved)} intermediate(s)")
+            core.start(loop.time())
+            pump()
+            await finished
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for sock in sockets.values():
+                loop.remove_reader(sock.fileno())
+        return core.report()
+    finally:
+        for sock in sockets.values():
+            sock.close()
+
+
+def _yes(value):
+    return {True: "yes", False: "no", None: "unknown"}[value]
+
+
+def format_report(report: netcheck.Report) -> str:
+    """The report as `tailscale netcheck` prints its own: one fact a line."""
+    rows = [("UDP", "true" if report.udp else "false"),
+            ("IPv4", f"yes, {report.public_ipv4}" if report.public_ipv4 else "no"),
+            ("IPv6", f"yes, {report.public_ipv6}" if report.public_ipv6 else "no"),
+            ("Behind a NAT", _yes(report.nat)),
+            ("Mapping", report.mapping or "unknown"),
+            ("Filtering", report.filtering or "unknown"),
+            ("Port allocation", (report.port_allocation or "unknown")
+             + (f", step {report.port_step}" if report.port_step else "")),
+            ("Alternate observer", "yes" if report.alternate_observer else
+             "no (the intermediate has no --stun-alt-port)" if report.udp else "unknown")]
+    lines = ["Report:"] + [f"\t* {name}: {value}" for name, value in rows]
+    lines.append("\t* Intermediates:")
+    for item in report.intermediates:
+        rtt = f"{item['rtt_ms']:.1f}ms" if item["rtt_ms"] is not None else "no answer"
+        lines.append(f"\t\t- {item['name']}: {rtt}")
+    return "\n".join(lines) + "\n"
+
+
+def run_netcheck(args) -> int:
+    quiet = getattr(args, "quiet", 0) + getattr(args, "cmd_quiet", 0)
+
+    def progress(text):
+        if not quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    try:
+        report = asyncio.run(check(args.intermediate, timeout=args.timeout, progress=progress))
+    except NetcheckError as exc:
+        print(f"mahole netcheck: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(format_report(report))
+    if not report.udp:
+        names = ", ".join(_fmt(a) for a in args.intermediate)
+        print(f"mahole netcheck: error: no answer from {names} within {args.timeout:g} s "
+              "(UDP blocked on the way, or the intermediate is down)", file=sys.stderr)
+        return 1
+    return 0
