@@ -471,6 +471,15 @@ class Lab:
         (netlab/wire.py: a preset name or settings)."""
         return self.site("none", name=name, link=link, ipv6=ipv6).host
 
+    def add_public_ip(self, host):
+        """One more public IPv4 address for public host `host` (on its eth0), returned: for a
+        service that needs two, such as the intermediate's RFC 5780 STUN observers."""
+        if host.router is not None or host.ip is None:
+            raise ValueError(f"{host.name} is not a public IPv4 host")
+        ip = next(self._public_ips)
+        _ns.ip(host.ns, f"addr add {ip}/{PUBLIC_NET.prefixlen} dev eth0")
+        return ip
+
     def host(self, nat="none", name=None, **kwargs):
         """A host behind a new router running NAT preset `nat` (or on the public segment for
         none); `.router` is its Router (None for none)."""
