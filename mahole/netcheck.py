@@ -29,8 +29,20 @@ passed since its first sending:
   port equal to its local port: ``preserving``; a constant non-zero difference between
   consecutive ones: ``sequential`` with that ``port_step``; else ``random``.
 
+- Port mapping (with ``gateway``, the default IPv4 gateway): from socket ``gateway``, a
+  NAT-PMP external address request (RFC 6886 §3.2) and a PCP ANNOUNCE (RFC 6887 §14.1) to
+  its port 5351, neither of which changes anything on the router, retried like the STUN
+  requests (RFC 6886 §3.1 also starts at 250 ms). Only answers from (gateway, 5351) count.
+  ``port_mapping`` says which protocol answered, and NAT-PMP's external address; UPnP-IGD
+  (SSDP multicast and 2 s of discovery) is not asked.
+
 Each verdict is None when its tests could not run (no answer, no alternate observer).
-Binding lifetime is not measured yet.
+
+Binding lifetime is not measured: telling an expired mapping from a live one needs a packet
+the node did not ask for, at its mapping, after an idle time (RFC 5780 §4.6 uses RESPONSE-PORT
+for it). The intermediate answers only to a request's source, so that it can never be pointed
+at a third party; a port-preserving NAT gives the same port back after expiry, so asking
+again from the same socket proves nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ import dataclasses
 import ipaddress
 from typing import Any
 
-from .wire import stun
+from .wire import natpmp, pcp, stun
 
 __all__ = [
     "ADDRESS_AND_PORT_DEPENDENT",
@@ -136,6 +148,8 @@ class Report:
     port_allocation: str | None = None
     port_step: int | None = None
     alternate_observer: bool = False
+    # {"gateway", "nat_pmp", "pcp", "external_ipv4"} when the gateway was asked, else None
+    port_mapping: dict | None = None
     # one per intermediate: {"name", "addresses": [...], "rtt_ms": float | None}
     intermediates: list = dataclasses.field(default_factory=list)
     mapped: dict = dataclasses.field(default_factory=dict)  # test name -> "host:port"
@@ -148,11 +162,14 @@ class _Probe:
     __slots__ = ("name", "sock", "dest", "change", "request", "data", "first_sent",
                  "next_at", "rto", "answer", "source", "answered_at", "last_sent", "given_up")
 
-    def __init__(self, name, sock, dest, change, now, first_rto):
+    def __init__(self, name, sock, dest, change, now, first_rto, data=None):
         self.name, self.sock, self.dest, self.change = name, sock, tuple(dest), change
-        attrs = {"change_request": change} if change else {}
-        self.request = stun.binding_request(**attrs)
-        self.data = stun.encode(self.request)
+        if data is None:
+            attrs = {"change_request": change} if change else {}
+            self.request = stun.binding_request(**attrs)
+            self.data = stun.encode(self.request)
+        else:  # a request to the gateway (NAT-PMP, PCP)
+            self.request, self.data = None, data
         self.first_sent = self.last_sent = None
         self.next_at = now
         self.rto = first_rto
@@ -173,7 +190,7 @@ class NetCheck:
     NAT)."""
 
     def __init__(self, intermediates, sockets, *, local_ips=(), probe_timeout=PROBE_TIMEOUT,
-                 first_rto=FIRST_RTO):
+                 first_rto=FIRST_RTO, gateway=None, gateway_client_ip=None):
         self.intermediates = [(name, [tuple(a) for a in addrs]) for name, addrs in intermediates]
         self.sockets = dict(sockets)
         self.local_ips = {str(_ip(h)) for h in local_ips if _ip(h) is not None}
@@ -185,6 +202,9 @@ class NetCheck:
         self._target = None  # (A1, P1) of the NAT tests
         self._other = None  # OTHER-ADDRESS of the target, the unspecified host resolved
         self._nat_started = False
+        # (gateway ip, the address this host reaches it from); socket "gateway" asks it
+        self.gateway = (gateway, gateway_client_ip) if gateway and "gateway" in sockets else None
+        self._gateway_answers = {}  # "nat-pmp" / "pcp" -> decoded answer or True
         self.malformed = 0  # datagrams that are not STUN
         self.ignored = 0  # STUN that answers nothing of ours (or a repeat answer)
 
@@ -218,6 +238,14 @@ class NetCheck:
         for i, (_, addrs) in enumerate(self.intermediates):
             for addr in addrs:
                 self._probe(f"rtt {i} {_fmt(addr)}", "main", addr, now)
+        if self.gateway is not None:
+            gateway, client = self.gateway
+            to = (gateway, pcp.PORT)
+            for name, data in (("nat-pmp", natpmp.external_address_request()),
+                               ("pcp", pcp.announce_request(client or "0.0.0.0"))):
+                probe = _Probe(name, "gateway", to, None, now, self.first_rto, data)
+                self.probes[name] = probe
+                self._by_name[name] = probe
 
     @property
     def done(self):
@@ -250,6 +278,9 @@ class NetCheck:
 
     def datagram_received(self, sock, data, addr, now):
         """A datagram on socket ``sock`` from ``addr`` (plain host, not ::ffff:-mapped)."""
+        if sock == "gateway":
+            self._gateway_answer(data, addr, now)
+            return
         try:
             message = stun.decode(data)
         except ValueError:
@@ -265,6 +296,36 @@ class NetCheck:
         probe.answer, probe.source, probe.answered_at = message, tuple(addr[:2]), now
         self._next_tests(probe, now)
         self._without_alternate(now)
+
+    def _gateway_answer(self, data, addr, now):
+        """RFC 6886 §3.1: only answers from the gateway's port 5351 count."""
+        if self.gateway is None or tuple(addr[:2]) != (self.gateway[0], pcp.PORT):
+            self.ignored += 1
+            return
+        if len(data) >= 4 and data[0] == 0 and data[1] == natpmp.RESPONSE_BIT and \
+                int.from_bytes(data[2:4], "big") == natpmp.UNSUPPORTED_VERSION:
+            # RFC 6887 §9: a NAT-PMP-only router refuses the PCP request (version 2) with
+            # its "unsupported version": an answer, and a no.
+            name, answer = "pcp", False
+        elif data[:1] == b"\x00":
+            try:
+                answer = natpmp.decode(data)
+            except ValueError:
+                self.malformed += 1
+                return
+            if not isinstance(answer, natpmp.ExternalAddress):
+                self.ignored += 1
+                return
+            name = "nat-pmp"
+        elif len(data) >= 24 and data[0] == pcp.VERSION and \
+                data[1] == pcp.RESPONSE_BIT | pcp.OP_ANNOUNCE:
+            name, answer = "pcp", True  # RFC 6887 §7.2: any answer is a PCP server
+        else:
+            self.malformed += 1
+            return
+        probe = self._by_name[name]
+        if probe.answer is None:
+            probe.answer, probe.source, probe.answered_at = answer, tuple(addr[:2]), now
 
     def _next_tests(self, probe, now):
         if probe.name.startswith("rtt ") and not self._nat_started:
@@ -341,6 +402,14 @@ class NetCheck:
             report.intermediates.append({
                 "name": name, "addresses": [_fmt(a) for a in addrs],
                 "rtt_ms": round(min(rtts) * 1000, 2) if rtts else None})
+        if self.gateway is not None:
+            natpmp_answer = self._by_name["nat-pmp"].answer
+            nat_pmp = isinstance(natpmp_answer, natpmp.ExternalAddress) and \
+                natpmp_answer.result == natpmp.SUCCESS
+            report.port_mapping = {
+                "gateway": self.gateway[0], "nat_pmp": nat_pmp,
+                "pcp": self._by_name["pcp"].answer is True,
+                "external_ipv4": natpmp_answer.address if nat_pmp else None}
         if self._target is None:
             return report
         report.alternate_observer = self._other is not None

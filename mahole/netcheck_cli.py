@@ -4,7 +4,8 @@
                               [--timeout SECONDS]
 
 The asyncio shell of `mahole.netcheck`: resolves the intermediates, opens the sockets the
-checks need (``main``, ``filter`` and four fresh ``portN``, all on ``[::]:0``), moves datagrams
+checks need (``main``, ``filter`` and four fresh ``portN``, all on ``[::]:0``, and ``gateway``
+to ask the default gateway whether it speaks NAT-PMP or PCP), moves datagrams
 and timers, and prints the report as a table (or ``--json``). STUN needs no credentials. The
 checks end within about two probe timeouts (``--timeout``, default 1.5 s each); progress goes
 to stderr.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import socket
 import sys
 
 from . import netcheck
+from .wire import pcp
 from .endpoint import plain_addr
 
 __all__ = ["add_parser", "check", "format_report", "run_netcheck"]
@@ -63,6 +66,8 @@ def add_parser(subparsers) -> None:
     sub.add_argument("--timeout", type=_timeout, default=netcheck.PROBE_TIMEOUT,
                      metavar="SECONDS", help="how long each request is retried before it "
                      f"counts as unanswered (default: {netcheck.PROBE_TIMEOUT:g})")
+    sub.add_argument("--no-port-mapping", action="store_true",
+                     help="do not ask the default gateway whether it speaks NAT-PMP or PCP")
     sub.set_defaults(func=run_netcheck)
 
 
@@ -106,7 +111,25 @@ def _local_ips():
         return []
 
 
-async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None):
+def _gateway(resolved):
+    """(gateway, the address this host reaches it from), or None: not when asked not to, and
+    not when an intermediate is on loopback (one machine, no router in between: tests and
+    demos never send anything to the host's real router), as mahole.portmapping decides."""
+    from .portmapping import default_gateway, source_address
+    if any(ipaddress.ip_address(a[0].split("%", 1)[0]).is_loopback
+           for _, addrs in resolved for a in addrs):
+        return None
+    gateway = default_gateway()
+    if gateway is None:
+        return None
+    try:
+        return gateway, source_address(gateway, pcp.PORT)
+    except OSError:
+        return None
+
+
+async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None,
+                port_mapping=True):
     """Run the checks against [(host, port)]; the `netcheck.Report`."""
     loop = asyncio.get_running_loop()
     say = progress or (lambda text: None)
@@ -123,8 +146,16 @@ async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None)
                 raise NetcheckError(f"the intermediate {host!r} has no address this machine "
                                     "can reach")
             resolved.append((_fmt((host, port)), addrs))
+        gateway = _gateway(resolved) if port_mapping else None
+        if gateway is not None:
+            sockets["gateway"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets["gateway"].setblocking(False)
+            sockets["gateway"].bind(("0.0.0.0", 0))
+            say(f"netcheck: asking the gateway {gateway[0]} for NAT-PMP and PCP")
         local = {name: sock.getsockname()[:2] for name, sock in sockets.items()}
-        core = netcheck.NetCheck(resolved, local, local_ips=_local_ips(), probe_timeout=timeout)
+        core = netcheck.NetCheck(resolved, local, local_ips=_local_ips(), probe_timeout=timeout,
+                                 gateway=gateway and gateway[0],
+                                 gateway_client_ip=gateway and gateway[1])
         finished = loop.create_future()
         timer = None
         stage = [False]
@@ -205,6 +236,17 @@ def format_report(report: netcheck.Report) -> str:
              + (f", step {report.port_step}" if report.port_step else "")),
             ("Alternate observer", "yes" if report.alternate_observer else
              "no (the intermediate has no --stun-alt-port)" if report.udp else "unknown")]
+    mapping = report.port_mapping
+    if mapping is None:
+        rows.append(("Port mapping", "not asked"))
+    else:
+        offered = [name for name, key in (("PCP", "pcp"), ("NAT-PMP", "nat_pmp"))
+                   if mapping[key]]
+        rows.append(("Port mapping", (", ".join(offered) if offered else
+                                      f"none (the gateway {mapping['gateway']} answered "
+                                      "neither NAT-PMP nor PCP)")
+                     + (f", external address {mapping['external_ipv4']}"
+                        if mapping["external_ipv4"] else "")))
     lines = ["Report:"] + [f"\t* {name}: {value}" for name, value in rows]
     lines.append("\t* Intermediates:")
     for item in report.intermediates:
@@ -221,7 +263,8 @@ def run_netcheck(args) -> int:
             print(text, file=sys.stderr, flush=True)
 
     try:
-        report = asyncio.run(check(args.intermediate, timeout=args.timeout, progress=progress))
+        report = asyncio.run(check(args.intermediate, timeout=args.timeout, progress=progress,
+                                   port_mapping=not args.no_port_mapping))
     except NetcheckError as exc:
         print(f"mahole netcheck: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 
 import itertools
 import random
+import struct
 
 import pytest
 
@@ -18,12 +19,13 @@ from mahole.netcheck import (
     classify_ports,
 )
 from mahole.stun_server import StunResponder
-from mahole.wire import stun
+from mahole.wire import natpmp, pcp, stun
 
 LOCAL_IP, PUBLIC_IP = "10.0.0.2", "198.51.100.1"
 A1, A2, P1, P2 = "203.0.113.1", "203.0.113.2", 3478, 3479
 B1 = "203.0.113.9"  # a second intermediate
-SOCKETS = {"main": (LOCAL_IP, 5000), "filter": (LOCAL_IP, 5001),
+GATEWAY = "10.0.0.1"
+SOCKETS = {"main": (LOCAL_IP, 5000), "filter": (LOCAL_IP, 5001), "gateway": (LOCAL_IP, 5100),
            **{f"port{i}": (LOCAL_IP, 5002 + i) for i in range(4)}}
 
 
@@ -80,12 +82,14 @@ class World:
     """Intermediates (real StunResponders) behind the NAT, with a fake clock."""
 
     def __init__(self, nat, *, alt_port=True, alt_ip=True, second=False, loss=(),
-                 ignore_change=False, silent=False):
+                 ignore_change=False, silent=False, router=None):
         self.nat = nat
         self.now = 1000.0
         self.loss = set(loss)  # test names whose first transmission is lost
         self.lost = set()
         self.silent = silent
+        self.router = router  # None (silent), "nat-pmp" or "pcp" (and NAT-PMP), as miniupnpd
+        self.router_asked = []
         self.servers = {}  # observer address -> (responder, key)
         origins = {(0, 0): (A1, P1)}
         if alt_port:
@@ -108,8 +112,9 @@ class World:
         return {k: 0 for k in ("stun_malformed", "stun_requests", "stun_rate_limited",
                                "stun_unknown_attributes", "stun_classic")}
 
-    def run(self, check=None, sockets=SOCKETS, local_ips=()):
-        check = check or NetCheck(self.intermediates, sockets, local_ips=local_ips)
+    def run(self, check=None, sockets=SOCKETS, local_ips=(), gateway=GATEWAY):
+        check = check or NetCheck(self.intermediates, sockets, local_ips=local_ips,
+                                  gateway=gateway, gateway_client_ip=LOCAL_IP)
         check.start(self.now)
         for _ in range(1000):
             for sock, data, dest in check.datagrams_to_send(self.now):
@@ -126,6 +131,12 @@ class World:
         name = next(p.name for p in check.probes.values() if p.data == data)
         if name in self.loss and name not in self.lost:
             self.lost.add(name)
+            return
+        if sock == "gateway":
+            self.router_asked.append(data)
+            answer = self.gateway_answer(data)
+            if answer is not None:
+                check.datagram_received(sock, answer, dest, self.now + 0.001)
             return
         if self.silent or dest not in self.servers:
             return
@@ -264,3 +275,50 @@ def test_classifiers_directly():
     assert classify_ports([(1, 65535), (2, 1)]) == ("sequential", 2)
     assert classify_ports([(1, 100), (2, 90), (3, 80)]) == ("sequential", -10)
     assert classify_ports([(1, 100), (2, 5000), (3, 80)]) == ("random", None)
+
+
+def _natpmp_answer(opcode, result, tail=b""):
+    return struct.pack("!BBHI", 0, 0x80 | opcode, result, 1234) + tail
+
+
+def _gateway_answer(self, data):
+    if self.router is None:
+        return None
+    if data[0] == natpmp.VERSION:
+        return _natpmp_answer(0, 0, bytes([198, 51, 100, 1]))
+    if self.router == "nat-pmp":  # RFC 6887 §9: version 2 refused with NAT-PMP's code 1
+        return _natpmp_answer(0, natpmp.UNSUPPORTED_VERSION)
+    assert data[:2] == bytes([2, 0]) and len(data) == 24  # an ANNOUNCE, lifetime 0
+    assert data[4:8] == bytes(4) and data[-4:] == bytes([10, 0, 0, 2])
+    return bytes([2, 0x80, 0, 0]) + bytes(20)
+
+
+World.gateway_answer = _gateway_answer
+
+
+@pytest.mark.parametrize("router, expected", [
+    (None, {"nat_pmp": False, "pcp": False, "external_ipv4": None}),
+    ("nat-pmp", {"nat_pmp": True, "pcp": False, "external_ipv4": "198.51.100.1"}),
+    ("pcp", {"nat_pmp": True, "pcp": True, "external_ipv4": "198.51.100.1"}),
+])
+def test_the_port_mapping_protocols_the_router_answers(router, expected):
+    world = World(Nat(APD, APD), router=router)
+    report = world.run()
+    assert report.port_mapping == {"gateway": GATEWAY, **expected}
+    # Only requests that change nothing: NAT-PMP opcode 0 and a PCP ANNOUNCE.
+    assert {bytes(d[:2]) for d in world.router_asked} <= {b"\x00\x00", b"\x02\x00"}
+
+
+def test_no_gateway_asks_nothing_and_answers_from_elsewhere_do_not_count():
+    world = World(Nat(APD, APD), router="pcp")
+    report = world.run(gateway=None)
+    assert report.port_mapping is None and world.router_asked == []
+    check = NetCheck([("relay1", [(A1, P1)])], SOCKETS, gateway=GATEWAY)
+    check.start(0.0)
+    check.datagrams_to_send(0.0)
+    forged = _natpmp_answer(0, 0, bytes([6, 6, 6, 6]))
+    check.datagram_received("gateway", forged, (GATEWAY, 5350), 0.01)
+    check.datagram_received("gateway", forged, ("192.0.2.1", pcp.PORT), 0.01)
+    check.datagram_received("gateway", b"\x07junk", (GATEWAY, pcp.PORT), 0.01)
+    assert check.ignored == 2 and check.malformed == 1
+    assert check.report().port_mapping["nat_pmp"] is False

@@ -2,7 +2,8 @@
 nftables implements it (tests/netlab/nat.py): mapping, filtering and port allocation.
 
 One lab: the intermediate on the public segment with a second address and a second STUN port
-(--stun-alt-ip, --stun-alt-port), and one host per preset, all running netcheck at once."""
+(--stun-alt-ip, --stun-alt-port), and one host per preset, all running netcheck at once; the
+symmetric site's router speaks NAT-PMP and PCP (miniupnpd), which netcheck reports."""
 
 import json
 import subprocess
@@ -37,7 +38,10 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
     public = lab.public_host(name="inter")
     alt_ip = lab.add_public_ip(public)
     names = {"none": "pub1", "full-cone": "cone", "port-restricted": "prc", "symmetric": "sym"}
-    hosts = {preset: lab.host(preset, name=names[preset]) for preset in EXPECTED}
+    # The symmetric site's router also runs miniupnpd (NAT-PMP and PCP, netlab/upnpd.py).
+    hosts = {preset: lab.host(preset, name=names[preset],
+                              **({"port_mapping": True} if preset == "symmetric" else {}))
+             for preset in EXPECTED}
     identity.init_ca(tmp_path)
     identity.issue(tmp_path, "intermediate", "intermediate", hosts=[public.ip])
     log = open(tmp_path / "intermediate.log", "w")
@@ -58,7 +62,7 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
         time.sleep(0.2)
     assert proc.returncode == 0, (err, (tmp_path / "intermediate.log").read_text())
     procs = {preset: _netcheck(host, relay) for preset, host in hosts.items()}
-    seen = {}
+    seen, mapping = {}, {}
     for preset, proc in procs.items():
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, (preset, err)
@@ -68,5 +72,14 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
         assert report["udp"] and report["alternate_observer"]
         assert report["public_ipv4"] == hosts[preset].public_ip
         assert report["intermediates"][0]["rtt_ms"] > 0
+        mapping[preset] = report["port_mapping"]
     print("netcheck verdicts per preset:", json.dumps(seen, indent=1))
     assert seen == EXPECTED
+    # The router is asked, never the public segment: a public host has no default gateway.
+    print("port mapping per preset:", json.dumps(mapping))
+    assert mapping["none"] is None
+    assert [mapping[p]["nat_pmp"] or mapping[p]["pcp"] for p in EXPECTED if p != "none"] == [
+        False, False, True]
+    sym = hosts["symmetric"]
+    assert mapping["symmetric"] == {"gateway": sym.router.lan_ip, "nat_pmp": True, "pcp": True,
+                                    "external_ipv4": sym.public_ip}

@@ -116,3 +116,12 @@ def test_random_datagrams_raise_value_error_and_nothing_else():
                 decode(data)
             except ValueError:
                 pass
+
+
+def test_pcp_announce_request_layout():
+    """RFC 6887 §14.1 / §7.1: version 2, opcode 0 (ANNOUNCE), lifetime 0, the client's
+    address IPv4-mapped; no opcode data."""
+    data = pcp.announce_request("10.0.0.2")
+    assert data == bytes([2, 0, 0, 0]) + bytes(4) + bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 2])
+    with pytest.raises(ValueError):
+        pcp.announce_request("not an address")

@@ -8,7 +8,9 @@ NAT-PMP "unsupported version" (RFC 6887 §9), which :func:`decode` reports as
 - :func:`map_request` (§11.1): the client's own address, the internal port, a suggested
   external port and address, a lifetime (0 deletes the mapping, §15) and a 12-byte nonce that
   the answer must repeat (§11.2: it proves the answer is for this request's mapping);
-- :func:`decode` (§7.2, §11.1): a :class:`MapResponse`.
+- :func:`decode` (§7.2, §11.1): a :class:`MapResponse`;
+- :func:`announce_request` (§14.1): ANNOUNCE, which changes nothing on the router; any PCP
+  answer to it says the router speaks PCP (`mahole netcheck` asks it).
 
 Every decoding failure raises :class:`PcpError`, a :class:`ValueError`. A well-formed answer
 with an error result decodes (``result``, with :data:`RESULTS` saying what it means).
@@ -23,11 +25,12 @@ from dataclasses import dataclass
 __all__ = [
     "PORT", "VERSION", "OP_MAP", "PROTO_UDP", "NONCE_LEN", "RESULTS", "SUCCESS",
     "INITIAL_RETRANSMIT", "MAX_RETRANSMIT", "PcpError", "MapResponse", "UnsupportedVersion",
-    "map_request", "decode",
+    "map_request", "decode", "announce_request", "OP_ANNOUNCE",
 ]
 
 PORT = 5351  # §19.1
 VERSION = 2
+OP_ANNOUNCE = 0  # §14.1
 OP_MAP = 1
 RESPONSE_BIT = 0x80  # §7.2: the R bit
 PROTO_UDP = 17
@@ -113,6 +116,15 @@ def map_request(client_address: str, internal_port: int, nonce: bytes, *,
     header = struct.pack("!BBHI", VERSION, OP_MAP, 0, lifetime) + client
     return header + nonce + struct.pack("!B3xHH", PROTO_UDP, internal_port,
                                         external_port) + suggested
+
+
+def announce_request(client_address: str) -> bytes:
+    """§14.1 ANNOUNCE: the common header (§7.1) with lifetime 0 and no opcode data."""
+    try:
+        client = _ip16(client_address)
+    except ValueError as exc:
+        raise PcpError(str(exc)) from None
+    return struct.pack("!BBHI", VERSION, OP_ANNOUNCE, 0, 0) + client
 
 
 def decode(data: bytes) -> MapResponse | UnsupportedVersion:
