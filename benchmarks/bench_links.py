@@ -68,8 +68,8 @@ def soak(seconds, both, preset):
         print(f"soak failed\n{output[-5000:]}", file=sys.stderr)
         return 1
     result = runs[0]
-    print(f"soak on a direct path, {preset} on "
-          f"{'both nodes' if both else 'the agent'}'s link(s)")
+    where = "both nodes' links" if both else "the agent's link"
+    print(f"soak on a direct path, {preset} on {where}")
     print(_report.table(["seconds", "transfers", "route switches after the first",
                          "failovers (agent)"],
                         [[result["seconds"], result["transfers"], result["route_switches"],
