@@ -2,21 +2,40 @@
 the table, --json, a silent intermediate (one line, exit 1, within the timeout) and bad
 arguments (one line, exit 2)."""
 
+import contextlib
 import json
 import socket
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from aio_helpers import run
+from ports import free_port
 
-sys.path.insert(0, str(Path(__file__).parent / "security"))
-from aio_helpers import run  # noqa: E402
-from edge_helpers import LoneIntermediate, certs  # noqa: E402,F401
-from ports import free_port  # noqa: E402
+from mahole import netcheck_cli
+from mahole.cli import main
+from mahole.config import IntermediateConfig
+from mahole.demo import issue_certificates
+from mahole.roles.intermediate import Intermediate
 
-from mahole import netcheck_cli  # noqa: E402
-from mahole.cli import main  # noqa: E402
+
+@pytest.fixture
+def certs(tmp_path):
+    issue_certificates(tmp_path)
+    return tmp_path
+
+
+@contextlib.asynccontextmanager
+async def LoneIntermediate(cert_dir, **cfg):
+    """An in-process intermediate on loopback, no nodes, with IntermediateConfig overrides."""
+    inter = Intermediate(IntermediateConfig(
+        listen=("127.0.0.1", 0), allow=("*=*",), ca=str(cert_dir / "ca.crt"),
+        cert=str(cert_dir / "intermediate.crt"), key=str(cert_dir / "intermediate.key"),
+        control_socket="", **cfg))
+    await inter.start()
+    try:
+        yield inter
+    finally:
+        await inter.stop()
 
 
 def test_report_against_an_intermediate_with_an_alternate_observer(certs):
