@@ -29,6 +29,9 @@ passed since its first sending:
   port equal to its local port: ``preserving``; a constant non-zero difference between
   consecutive ones: ``sequential`` with that ``port_step``; else ``random``.
 
+- Hairpinning (RFC 4787 §6), with a socket ``hairpin``: once ``main``'s mapped address X1 is
+  known, ``hairpin`` sends a Binding request to X1; ``main`` receiving it means the NAT loops
+  packets between two of its own hosts through their public addresses.
 - Port mapping (with ``gateway``, the default IPv4 gateway): from socket ``gateway``, a
   NAT-PMP external address request (RFC 6886 §3.2) and a PCP ANNOUNCE (RFC 6887 §14.1) to
   its port 5351, neither of which changes anything on the router, retried like the STUN
@@ -150,6 +153,7 @@ class Report:
     alternate_observer: bool = False
     # {"gateway", "nat_pmp", "pcp", "external_ipv4"} when the gateway was asked, else None
     port_mapping: dict | None = None
+    hairpinning: bool | None = None
     # one per intermediate: {"name", "addresses": [...], "rtt_ms": float | None}
     intermediates: list = dataclasses.field(default_factory=list)
     mapped: dict = dataclasses.field(default_factory=dict)  # test name -> "host:port"
@@ -287,6 +291,12 @@ class NetCheck:
             self.malformed += 1
             return
         probe = self.probes.get(message.transaction_id)
+        if (probe is not None and probe.name == "hairpin" and sock == "main"
+                and message.message_class == stun.CLASS_REQUEST):
+            # Our own request, looped back by the NAT to the mapped address of main.
+            if probe.answer is None:
+                probe.answer, probe.source, probe.answered_at = message, tuple(addr[:2]), now
+            return
         if (probe is None or probe.sock != sock or probe.answer is not None
                 or message.message_class not in (stun.CLASS_SUCCESS, stun.CLASS_ERROR)
                 or (message.message_class == stun.CLASS_SUCCESS
@@ -338,6 +348,10 @@ class NetCheck:
                         host = probe.dest[0]
                     self._other = (host, other[1])
                     self._start_nat_tests(now)
+        if probe.name.startswith("rtt ") and probe.dest == self._target:
+            # Hairpinning: from another socket, to the public address of main.
+            self._probe("hairpin", "hairpin", probe.answer.attributes["XOR-MAPPED-ADDRESS"],
+                        now)
         if probe.name == "filter base" and self._other is not None:
             self._probe("filter change-both", "filter", self._target, now, (True, True))
             self._probe("filter change-port", "filter", self._target, now, (False, True))
@@ -410,6 +424,8 @@ class NetCheck:
                 "gateway": self.gateway[0], "nat_pmp": nat_pmp,
                 "pcp": self._by_name["pcp"].answer is True,
                 "external_ipv4": natpmp_answer.address if nat_pmp else None}
+        if "hairpin" in self._by_name:
+            report.hairpinning = self._by_name["hairpin"].answer is not None
         if self._target is None:
             return report
         report.alternate_observer = self._other is not None

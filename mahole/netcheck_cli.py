@@ -1,12 +1,12 @@
 """``python -m mahole netcheck``: what kind of network this machine is on.
 
     python -m mahole netcheck --intermediate HOST[:PORT] [--intermediate ...] [--json]
-                              [--timeout SECONDS]
+                              [--timeout SECONDS] [--no-port-mapping]
 
 The asyncio shell of `mahole.netcheck`: resolves the intermediates, opens the sockets the
-checks need (``main``, ``filter`` and four fresh ``portN``, all on ``[::]:0``, and ``gateway``
-to ask the default gateway whether it speaks NAT-PMP or PCP), moves datagrams
-and timers, and prints the report as a table (or ``--json``). STUN needs no credentials. The
+checks need (``main``, ``filter``, ``hairpin`` and four fresh ``portN``, all on ``[::]:0``, and
+``gateway`` to ask the default gateway whether it speaks NAT-PMP or PCP), moves datagrams and
+timers, and prints the report as a table (or ``--json``). STUN needs no credentials. The
 checks end within about two probe timeouts (``--timeout``, default 1.5 s each); progress goes
 to stderr.
 
@@ -57,7 +57,8 @@ def add_parser(subparsers) -> None:
                     "does: whether UDP works, the public IPv4 and IPv6 addresses, the NAT's "
                     "mapping and filtering behaviour (an intermediate with --stun-alt-port, "
                     "and --stun-alt-ip, tells them), its port allocation and the RTT to each "
-                    "intermediate. No credentials are needed.")
+                    "intermediate; whether the NAT hairpins and the gateway speaks NAT-PMP "
+                    "or PCP. No credentials are needed.")
     sub.add_argument("--intermediate", required=True, action="append",
                      type=_hostport(allow_zero=False, default_port=DEFAULT_PORT),
                      metavar="HOST[:PORT]",
@@ -134,7 +135,7 @@ async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None,
     loop = asyncio.get_running_loop()
     say = progress or (lambda text: None)
     sockets = {name: _open_socket() for name in
-               ["main", "filter", *(f"port{i}" for i in range(PORT_SAMPLES))]}
+               ["main", "filter", "hairpin", *(f"port{i}" for i in range(PORT_SAMPLES))]}
     try:
         families = {socket.AF_INET}
         if sockets["main"].family == socket.AF_INET6:
@@ -234,6 +235,7 @@ def format_report(report: netcheck.Report) -> str:
             ("Filtering", report.filtering or "unknown"),
             ("Port allocation", (report.port_allocation or "unknown")
              + (f", step {report.port_step}" if report.port_step else "")),
+            ("Hairpinning", _yes(report.hairpinning)),
             ("Alternate observer", "yes" if report.alternate_observer else
              "no (the intermediate has no --stun-alt-port)" if report.udp else "unknown")]
     mapping = report.port_mapping

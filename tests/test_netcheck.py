@@ -26,6 +26,7 @@ A1, A2, P1, P2 = "203.0.113.1", "203.0.113.2", 3478, 3479
 B1 = "203.0.113.9"  # a second intermediate
 GATEWAY = "10.0.0.1"
 SOCKETS = {"main": (LOCAL_IP, 5000), "filter": (LOCAL_IP, 5001), "gateway": (LOCAL_IP, 5100),
+           "hairpin": (LOCAL_IP, 5101),
            **{f"port{i}": (LOCAL_IP, 5002 + i) for i in range(4)}}
 
 
@@ -90,6 +91,7 @@ class World:
         self.silent = silent
         self.router = router  # None (silent), "nat-pmp" or "pcp" (and NAT-PMP), as miniupnpd
         self.router_asked = []
+        self.hairpin = False  # whether the NAT loops a packet to its own public address back
         self.servers = {}  # observer address -> (responder, key)
         origins = {(0, 0): (A1, P1)}
         if alt_port:
@@ -137,6 +139,13 @@ class World:
             answer = self.gateway_answer(data)
             if answer is not None:
                 check.datagram_received(sock, answer, dest, self.now + 0.001)
+            return
+        if dest[0] == PUBLIC_IP or (self.nat.mapping is None and dest[0] == LOCAL_IP):
+            if self.hairpin or self.nat.mapping is None:
+                to = self.nat.inbound(dest, dest) if self.nat.mapping else dest
+                name = next(n for n, a in sockets_of(check).items() if tuple(a) == tuple(to))
+                check.datagram_received(name, data, self.nat.outbound(local, dest),
+                                        self.now + 0.001)
             return
         if self.silent or dest not in self.servers:
             return
@@ -322,3 +331,27 @@ def test_no_gateway_asks_nothing_and_answers_from_elsewhere_do_not_count():
     check.datagram_received("gateway", b"\x07junk", (GATEWAY, pcp.PORT), 0.01)
     assert check.ignored == 2 and check.malformed == 1
     assert check.report().port_mapping["nat_pmp"] is False
+
+
+def sockets_of(check):
+    return check.sockets
+
+
+@pytest.mark.parametrize("mapping, hairpin", [(EI, True), (EI, False), (APD, True), (None, None)])
+def test_hairpinning(mapping, hairpin):
+    """A NAT that loops a packet to its own public address back (RFC 4787 §6) is said to
+    hairpin; one that drops it is not; a public host reaches its own address."""
+    world = World(Nat(mapping, EI))
+    world.hairpin = bool(hairpin)
+    report = world.run()
+    assert report.hairpinning is (True if hairpin is None else hairpin)
+    assert (report.mapping, report.filtering) == (mapping or EI, EI)
+
+
+def test_a_request_of_someone_else_to_main_is_no_hairpin():
+    check = NetCheck([("relay1", [(A1, P1)])], SOCKETS)
+    check.start(0.0)
+    check.datagrams_to_send(0.0)
+    request = stun.binding_request()
+    check.datagram_received("main", stun.encode(request), ("192.0.2.7", 9), 0.01)
+    assert check.report().hairpinning is None and check.ignored == 1

@@ -62,7 +62,7 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
         time.sleep(0.2)
     assert proc.returncode == 0, (err, (tmp_path / "intermediate.log").read_text())
     procs = {preset: _netcheck(host, relay) for preset, host in hosts.items()}
-    seen, mapping = {}, {}
+    seen, mapping, hairpin = {}, {}, {}
     for preset, proc in procs.items():
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, (preset, err)
@@ -73,8 +73,13 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
         assert report["public_ipv4"] == hosts[preset].public_ip
         assert report["intermediates"][0]["rtt_ms"] > 0
         mapping[preset] = report["port_mapping"]
+        hairpin[preset] = report["hairpinning"]
     print("netcheck verdicts per preset:", json.dumps(seen, indent=1))
     assert seen == EXPECTED
+    # No preset loops a packet to its own WAN address back to the LAN (their DNAT, if any,
+    # is for packets from the WAN); a public host reaches its own address.
+    assert hairpin == {"none": True, "full-cone": False, "port-restricted": False,
+                       "symmetric": False}
     # The router is asked, never the public segment: a public host has no default gateway.
     print("port mapping per preset:", json.dumps(mapping))
     assert mapping["none"] is None
