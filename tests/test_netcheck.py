@@ -355,3 +355,17 @@ def test_a_request_of_someone_else_to_main_is_no_hairpin():
     request = stun.binding_request()
     check.datagram_received("main", stun.encode(request), ("192.0.2.7", 9), 0.01)
     assert check.report().hairpinning is None and check.ignored == 1
+
+
+def test_public_ipv4_and_ipv6_from_an_intermediate_with_both():
+    check = NetCheck([("relay1", [(A1, P1), ("2001:db8::1", P1)])], SOCKETS)
+    check.start(0.0)
+    sent = check.datagrams_to_send(0.0)
+    assert {dest for _, _, dest in sent} == {(A1, P1), ("2001:db8::1", P1)}
+    answers = {A1: (PUBLIC_IP, 5000), "2001:db8::1": ("2001:db8:1::2", 5000)}
+    for sock, data, dest in sent:
+        answer = stun.binding_success(stun.decode(data), answers[dest[0]])
+        check.datagram_received(sock, stun.encode(answer), dest, 0.030 if ":" in dest[0] else 0.05)
+    report = check.report()
+    assert (report.public_ipv4, report.public_ipv6) == (PUBLIC_IP, "2001:db8:1::2")
+    assert report.intermediates[0]["rtt_ms"] == 30.0  # the nearer of its addresses
