@@ -564,6 +564,8 @@ class Intermediate:
             "name": self.identity.name,
             "pid": os.getpid(),
             "listen": _fmt(self.endpoint.local_address) if self.endpoint else None,
+            # --stun-alt-port / --stun-alt-ip: the STUN-only observers (mahole.stun_server)
+            "stun_observers": [_fmt(o.local_address) for o in self.stun_observers.values()],
             "control_socket": self.control_server.path if self.control_server else None,
             "handshakes": {"half_open": len(self.half_open),
                            "max_half_open": self.cfg.max_half_open,

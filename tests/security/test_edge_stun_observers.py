@@ -77,6 +77,8 @@ def test_other_address_and_change_request(certs):
             assert answer.attributes["ERROR-CODE"][0] == 420
             assert answer.attributes["UNKNOWN-ATTRIBUTES"] == (0x0003,)
             assert inter.counters["stun_changed"] == 3
+            assert inter.status()["stun_observers"] == [f"127.0.0.1:{alt_port}",
+                                                        f"127.0.0.2:{alt_port}"]
             client.transport.close()
     run(main(), timeout=30)
 
