@@ -200,7 +200,7 @@ class NetCheck:
         self.local_ips = {str(_ip(h)) for h in local_ips if _ip(h) is not None}
         self.probe_timeout = probe_timeout
         self.first_rto = first_rto
-        self.probes: dict[bytes, _Probe] = {}  # transaction id -> probe
+        self.probes: dict[bytes | str, _Probe] = {}  # transaction id (gateway: name) -> probe
         self._by_name: dict[str, _Probe] = {}
         self._started = False
         self._target = None  # (A1, P1) of the NAT tests
@@ -208,7 +208,6 @@ class NetCheck:
         self._nat_started = False
         # (gateway ip, the address this host reaches it from); socket "gateway" asks it
         self.gateway = (gateway, gateway_client_ip) if gateway and "gateway" in sockets else None
-        self._gateway_answers = {}  # "nat-pmp" / "pcp" -> decoded answer or True
         self.malformed = 0  # datagrams that are not STUN
         self.ignored = 0  # STUN that answers nothing of ours (or a repeat answer)
 
