@@ -92,6 +92,7 @@ class PortMapping:
         self.off = None  # why the node does not ask, for status
         self.upnp = None  # UpnpMapping, when miniupnpc is installed
         self._upnp_task = None
+        self._last_offered = None  # the mapped address sessions were last told of
 
     @property
     def endpoint(self):
@@ -175,6 +176,7 @@ class PortMapping:
                 await loop.run_in_executor(None, upnp.add, igd)
                 log.info("port mapping: upnp maps %s:%d to UDP port %d for %d s",
                          *upnp.external_addr, upnp.port, upnp.lease)
+                self._offered(upnp.external_addr)
                 await asyncio.sleep(max(upnp.lease / 2, 60) if upnp.lease else 3600)
         except asyncio.CancelledError:
             raise
@@ -237,6 +239,13 @@ class PortMapping:
             self.core.handle_timer(now)
             self._pump()
 
+    def _offered(self, addr):
+        """A mapped address is a candidate from now on; a new one may take sessions that
+        punched without it direct (UPnP takes seconds, PCP a LAN round trip)."""
+        if addr != self._last_offered:
+            self._last_offered = addr
+            self.node.candidates_grew()
+
     def _pump(self):
         core = self.core
         datagrams = []
@@ -251,6 +260,7 @@ class PortMapping:
                 log.info("port mapping: %s maps %s to UDP port %d for %d s", event.protocol,
                          f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                          core.internal_port, event.lifetime)
+                self._offered(event.external_addr)
             elif isinstance(event, portmap.MappingLost):
                 log.warning("port mapping lost: %s", event.reason)
             elif isinstance(event, portmap.MappingFailed):

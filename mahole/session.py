@@ -101,6 +101,7 @@ class Session(ConnectionHandler):
         self.dropped_frames = 0
         self.opened_at = now
         self.punch_outcome = None  # ice.HolePunchResult once hole punching ended
+        self._candidates_grew = False  # a port mapping came up while punching
         self.switch_ms = None  # StartPunching -> direct route in use
         self._pings = 0
         self._probes = {}  # PING uid -> (sent at, Future of the RTT in seconds)
@@ -213,6 +214,9 @@ class Session(ConnectionHandler):
             log.info("session %s to %s: staying on the relay (%s)", self.tag,
                      self.service, result.reason)
             self.core.punch_failed(result.reason, now)
+            if self._candidates_grew:
+                self.core.candidates_grew(now)
+        self._candidates_grew = False
         self.node.report(result.to_wire(self.session_id))
         self._pump(now)
 
@@ -244,6 +248,16 @@ class Session(ConnectionHandler):
         """This node's public address moved: off the direct route, and punch again now."""
         now = self.endpoint.now()
         self.core.network_changed(now, reason)
+        self._pump(now)
+
+    def candidates_grew(self):
+        """A new local candidate (a port mapping came up): punch again if it may help; a
+        punch under way is left to end first."""
+        if self.punch_outcome is None:
+            self._candidates_grew = True  # looked at when this punch ends
+            return
+        now = self.endpoint.now()
+        self.core.candidates_grew(now)
         self._pump(now)
 
     def hold(self, seconds):

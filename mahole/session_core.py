@@ -446,6 +446,14 @@ class SessionCore:
                 and (self.switches or self.repunch_at is not None):
             self.repunch_at = now
 
+    def candidates_grew(self, now: float) -> None:
+        """This node has a new candidate (its router mapped a port after the session
+        punched): a relayed session the agent did not leave for its RTT punches again now,
+        as a pair may work that did not."""
+        if (self.controlling and self.allow_direct and self.route == RELAY and self.relay_up
+                and self.slower_direct is None and not self.closed):
+            self.repunch_at = now
+
     def relay_available(self, available: bool, now: float,
                         reason: str = "intermediate connection lost",
                         hold: float = 0.0) -> None:

@@ -145,3 +145,15 @@ def test_when_a_node_asks_and_when_it_does_not(monkeypatch):
     monkeypatch.setattr(portmapping, "default_gateway", lambda: None)
     none = portmapping.PortMapping(_Node(("0.0.0.0", 5000), "198.51.100.1"))
     assert none.decide() is None and none.off == "no IPv4 default gateway"
+
+
+def test_sessions_hear_of_each_new_mapped_address_once():
+    """A mapping that came up (or moved) may take sessions that punched without it direct;
+    a renewal of the same address is no news."""
+    told = []
+    node = _Node(("0.0.0.0", 5000), "198.51.100.1")
+    node.candidates_grew = lambda: told.append(True)
+    mapping = portmapping.PortMapping(node)
+    for addr in (("198.51.100.7", 62000), ("198.51.100.7", 62000), ("198.51.100.7", 62001)):
+        mapping._offered(addr)
+    assert len(told) == 2

@@ -698,3 +698,27 @@ def test_a_network_change_forgets_what_the_routes_measured():
     assert pump.core.slower_direct is None
     pump.punch(rtt=0.6)  # nothing measured on the new network yet: direct is the default
     assert pump.core.route == DIRECT
+
+
+def test_a_new_candidate_brings_a_relayed_sessions_next_punch_forward():
+    """A port mapping that comes up after the session punched (UPnP takes seconds): the agent
+    punches again now on the relay; not on a direct route, not for a route left for its RTT,
+    and never at the connector."""
+    pump = Pump()
+    pump.run(1.0)
+    pump.core.candidates_grew(pump.now)
+    assert pump.core.repunch_at == pump.now
+    pump.run(pump.now + 0.01)
+    assert pump.of(RepunchDue)
+    direct = direct_pump()
+    direct.core.candidates_grew(direct.now)
+    assert direct.core.repunch_at is None
+    connector = Pump(controlling=False)
+    connector.core.candidates_grew(connector.now)
+    assert connector.core.repunch_at is None
+    slow = rtt_pump(relay=0.04, direct=0.4)
+    slow.punch(rtt=0.4)
+    to_relay_for_rtt(slow)
+    planned = slow.core.repunch_at
+    slow.core.candidates_grew(slow.now)
+    assert slow.core.repunch_at == planned  # the RTT re-check keeps its time

@@ -699,6 +699,12 @@ class Node:
         for session in list(self.sessions.values()):
             session.network_changed(reason)
 
+    def candidates_grew(self):
+        """The router mapped a port (or a new one): sessions that could not go direct try
+        again with it."""
+        for session in list(self.sessions.values()):
+            session.candidates_grew()
+
     def session_message(self, message):
         """SessionResumed, SessionHeld or a session's Error from the intermediate; True if
         it was one of those."""
