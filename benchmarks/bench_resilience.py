@@ -61,6 +61,19 @@ def run_tests(test_file, out_dir, keyword=None, env=None):
     return proc.returncode, proc.stdout[-3000:]
 
 
+def resilience_run(out, keyword, env, values, label):
+    """One run of the resilience tests; their measurements added to `values` (name -> list).
+    False (and the tail of pytest's output) if a test failed."""
+    code, tail = run_tests("test_resilience.py", out, keyword, env)
+    if code != 0:
+        print(f"{label}: tests failed\n{tail}", file=sys.stderr)
+    path = Path(out) / "resilience_run.json"
+    if path.exists():
+        for name, entry in json.loads(path.read_text()).items():
+            values.setdefault(name, []).extend(entry["values"])
+    return code == 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, help="repetitions (default 5, quick 1)")
@@ -75,14 +88,8 @@ def main(argv=None):
     values, failures, matrix_runs = {}, 0, []
     for index in range(runs):
         with tempfile.TemporaryDirectory() as out:
-            code, tail = run_tests("test_resilience.py", out, "cut" if args.quick else None)
-            if code != 0:
-                failures += 1
-                print(f"run {index + 1}: tests failed\n{tail}", file=sys.stderr)
-            path = Path(out) / "resilience_run.json"
-            if path.exists():
-                for name, entry in json.loads(path.read_text()).items():
-                    values.setdefault(name, []).extend(entry["values"])
+            failures += not resilience_run(out, "cut" if args.quick else None, None, values,
+                                           f"run {index + 1}")
             if args.matrix:
                 run_tests("test_nat_matrix.py", out)
                 matrix = Path(out) / "nat_matrix.json"
@@ -130,15 +137,8 @@ def per_link(links, runs):
         values = per.setdefault(link, {})
         for index in range(runs):
             with tempfile.TemporaryDirectory() as out:
-                code, tail = run_tests("test_resilience.py", out, LINK_TESTS,
-                                       {"MAHOLE_LAB_LINK": link})
-                if code != 0:
-                    failures += 1
-                    print(f"{link} run {index + 1}: tests failed\n{tail}", file=sys.stderr)
-                path = Path(out) / "resilience_run.json"
-                if path.exists():
-                    for name, entry in json.loads(path.read_text()).items():
-                        values.setdefault(name, []).extend(entry["values"])
+                failures += not resilience_run(out, LINK_TESTS, {"MAHOLE_LAB_LINK": link},
+                                               values, f"{link} run {index + 1}")
             print(f"{link}: run {index + 1}/{runs} done", file=sys.stderr)
     rows = []
     for link, values in per.items():
