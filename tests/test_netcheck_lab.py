@@ -25,6 +25,8 @@ EXPECTED = {
     "port-restricted": (True, EI, APD, "preserving"),
     # masquerade fully-random: a random port per conntrack entry, so per destination.
     "symmetric": (True, APD, APD, "random"),
+    # snat to a counter of ports: the next port per conntrack entry.
+    "symmetric-sequential": (True, APD, APD, "sequential"),
 }
 
 
@@ -37,7 +39,8 @@ def _netcheck(host, relay):
 def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
     public = lab.public_host(name="inter")
     alt_ip = lab.add_public_ip(public)
-    names = {"none": "pub1", "full-cone": "cone", "port-restricted": "prc", "symmetric": "sym"}
+    names = {"none": "pub1", "full-cone": "cone", "port-restricted": "prc", "symmetric": "sym",
+             "symmetric-sequential": "seq"}
     # The symmetric site's router also runs miniupnpd (NAT-PMP and PCP, netlab/upnpd.py).
     hosts = {preset: lab.host(preset, name=names[preset],
                               **({"port_mapping": True} if preset == "symmetric" else {}))
@@ -79,12 +82,12 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
     # No preset loops a packet to its own WAN address back to the LAN (their DNAT, if any,
     # is for packets from the WAN); a public host reaches its own address.
     assert hairpin == {"none": True, "full-cone": False, "port-restricted": False,
-                       "symmetric": False}
+                       "symmetric": False, "symmetric-sequential": False}
     # The router is asked, never the public segment: a public host has no default gateway.
     print("port mapping per preset:", json.dumps(mapping))
     assert mapping["none"] is None
     assert [mapping[p]["nat_pmp"] or mapping[p]["pcp"] for p in EXPECTED if p != "none"] == [
-        False, False, True]
+        False, False, True, False]
     sym = hosts["symmetric"]
     assert mapping["symmetric"] == {"gateway": sym.router.lan_ip, "nat_pmp": True, "pcp": True,
                                     "external_ipv4": sym.public_ip}

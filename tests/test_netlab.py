@@ -70,6 +70,23 @@ def test_mapping_is_endpoint_independent_except_symmetric(lab, public, preset): 
         assert seen_a[1] != seen_b[1], "symmetric NAT reused one external port for two peers"
 
 
+def test_symmetric_sequential_allocates_the_next_port_per_destination(lab):  # noqa: F811
+    """Port prediction's premise: each new mapping, whatever socket or destination, takes the
+    external port after the previous one (step 1 when nothing else uses the NAT)."""
+    far = lab.public_host("far")
+    refls = [lab.reflector(far, port=3478 + i) for i in range(4)]
+    host = lab.host("symmetric-sequential")
+    sock = host.udp_socket()
+    seen = [netlab.mapped_address(sock, r.addr) for r in refls]
+    other = host.udp_socket()  # another socket continues the same sequence
+    seen.append(netlab.mapped_address(other, refls[0].addr))
+    assert {ip for ip, _ in seen} == {host.public_ip}
+    ports = [port for _, port in seen]
+    assert [b - a for a, b in zip(ports, ports[1:])] == [1, 1, 1, 1], ports
+    # An existing mapping keeps its port (only new ones move the counter).
+    assert netlab.mapped_address(sock, refls[1].addr)[1] == ports[1]
+
+
 # -- filtering (RFC 4787 §5) ----------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", ["none", "full-cone", "port-restricted", "symmetric"])

@@ -6,6 +6,7 @@
 | ``full-cone`` | endpoint-independent, port preserved | endpoint-independent |
 | ``port-restricted`` | endpoint-independent, port preserved where free | address-and-port-dependent |
 | ``symmetric`` | endpoint-dependent, random port per destination | address-and-port-dependent |
+| ``symmetric-sequential`` | endpoint-dependent, the next port per new mapping | address-and-port-dependent |
 | ``masquerade-only`` | like port-restricted, *without* the unsolicited-inbound drop | (conntrack pitfall demo) |
 
 Every router runs one table, ``ip netlab``, made of a common part and a preset part.
@@ -43,6 +44,16 @@ Preset part:
   tuple is free, the same external port for every destination.
 - symmetric: ``oifname "wan" masquerade fully-random`` — a fresh random port per conntrack
   entry, so per destination.
+- symmetric-sequential: ``oifname "wan" meta l4proto udp snat to WAN:numgen inc mod 1024 map
+  { 0 : 40000, 1 : 40001, ... }`` — a counter: every new UDP conntrack entry (so every new
+  destination) takes the next external port from 40000 on, step 1, wrapping after 1024. The map
+  is needed: ``numgen ... offset`` yields a host-order number that nat reads as a port in
+  network order (step 256 on x86). Plain ``masquerade`` or
+  ``snat`` to a port range does not do it on Linux: the mapping is chosen once (the source port
+  if free and in range, else a search from a random offset, nf_nat_l4proto_unique_tuple) and
+  kept for every destination whose tuple is unique, so a probe of ``masquerade to
+  :20000-20999`` saw one port for four destinations: endpoint-independent, not symmetric. The nat chain sees only a
+  flow's first packet, so the counter moves once per mapping. Other protocols are masqueraded.
 - full-cone: ``oifname "wan" snat to WAN persistent`` (port preserved), a dynamic set ``mapped``
   of external ports refreshed by every outbound packet (postrouting, after NAT, timeout = the
   mapping lifetime, ``set_udp_timeout`` changes it), and ``iifname "wan" udp dport @mapped dnat
@@ -51,7 +62,8 @@ Preset part:
   stays closed, as on a real full-cone NAT; ``flush_conntrack`` empties ``mapped`` too.
 """
 
-PRESETS = ("none", "full-cone", "port-restricted", "symmetric", "masquerade-only")
+PRESETS = ("none", "full-cone", "port-restricted", "symmetric", "masquerade-only",
+           "symmetric-sequential")
 NAT_PRESETS = PRESETS[1:]
 DEFAULT_MAPPING_TIMEOUT = 120  # seconds, Linux's default nf_conntrack_udp_timeout_stream
 
@@ -119,6 +131,16 @@ _FULL_CONE = """    set mapped { type inet_service; flags dynamic,timeout; timeo
 """
 
 
+SEQUENTIAL_BASE, SEQUENTIAL_SPAN = 40000, 1024  # symmetric-sequential's external ports
+
+_SEQUENTIAL = """    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" meta l4proto udp snat to %(wan_ip)s:numgen inc mod %(span)d map %(ports)s
+        oifname "wan" masquerade
+    }
+"""
+
+
 def mapping_rule(timeout):
     """The full-cone rule that (re)starts an external port's mapping lifetime, after SNAT."""
     return ('        oifname "wan" meta l4proto udp '
@@ -136,6 +158,10 @@ def ruleset(preset, *, wan_ip, host_ip, mapping_timeout=DEFAULT_MAPPING_TIMEOUT)
                              "mapping_rule": mapping_rule(mapping_timeout)}
     elif preset == "symmetric":
         body = _MASQUERADE % {"flags": " fully-random"}
+    elif preset == "symmetric-sequential":
+        ports = "{ " + ", ".join(f"{i} : {SEQUENTIAL_BASE + i}"
+                                 for i in range(SEQUENTIAL_SPAN)) + " }"
+        body = _SEQUENTIAL % {"wan_ip": wan_ip, "span": SEQUENTIAL_SPAN, "ports": ports}
     else:
         body = _MASQUERADE % {"flags": ""}
     input_chain = "" if preset == "masquerade-only" else _INPUT_FILTER
