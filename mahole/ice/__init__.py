@@ -4,6 +4,7 @@
 - :mod:`.checklist`: the check list: pairs, pacing, retransmission, triggered checks,
   peer-reflexive candidates, role conflicts, nomination (§6-§8)
 - :mod:`.coordinator`: one session's hole punch, from credentials to a direct/relay result
+- :mod:`.prediction`: port prediction for NATs that allocate ports in sequence
 
 Nothing here opens sockets or reads the clock; timers go through the node's shared
 ``mahole._fast.Scheduler``.
@@ -28,6 +29,7 @@ from .checklist import (
     TransitionError,
 )
 from .coordinator import HolePunch, HolePunchResult, HolePunchState
+from .prediction import MappingProbe, predicted_candidates
 
 __all__ = [
     "TYPE_PREFERENCE",
@@ -37,6 +39,7 @@ __all__ = [
     "HolePunch",
     "HolePunchResult",
     "HolePunchState",
+    "MappingProbe",
     "Pair",
     "PairNominated",
     "PairState",
@@ -47,4 +50,5 @@ __all__ = [
     "gather",
     "host_addresses",
     "pair_priority",
+    "predicted_candidates",
 ]
