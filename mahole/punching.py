@@ -5,17 +5,26 @@ connectivity checks of every session of the node (RFC 8445 §14.2: one new check
 across the agent). STUN datagrams
 that reach the node's socket are offered to each session's hole punch in turn; the checks
 they send leave from the same socket, so the NAT mappings they open are the ones QUIC uses.
+
+Port prediction (docs/architecture.md, "Port prediction"): once registered, the node asks the
+intermediate's main STUN port and then its second observer (OTHER-ADDRESS) from the same
+socket (`MappingProbe`); when the two new mappings got ports a small step apart, the NAT
+allocates in sequence and each offer carries the next ports as predicted srflx candidates.
 """
 
 import ipaddress
 import logging
 
-from .ice import HolePunch, gather
+from .ice import HolePunch, MappingProbe, gather, predicted_candidates
+from .ice.candidates import normalize_addr
 
 # Pairs checked per session (RFC 8445 §6.1.2.5 suggests 100): with at most 16 remote
 # candidates and a handful of local ones, 32 covers every useful pair while bounding the
 # checks a hostile offer can make this node send (each pair is tried at most 5 times).
 MAX_PAIRS = 32
+# Predicted ports offered when the NAT allocates in sequence (mahole.ice.prediction).
+PREDICTED_PORTS = 6
+_PROBE_TIMER = "mapping-probe"
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,62 @@ class Puncher:
         # Signaling repeated or out of order (a second StartPunching or answer for the same
         # attempt): ignored, counted.
         self.duplicate_signaling = 0
+        self.probe = None  # the MappingProbe of the current registration
+
+    def probe_mapping(self):
+        """Observe the socket's mappings again (after registering, or when the observed
+        address moved): two STUN requests to the intermediate, retransmitted a few times."""
+        try:
+            probe = MappingProbe(self.node.intermediate_addr[:2], self.now())
+        except ValueError:  # an intermediate named by host name: nothing to compare
+            return
+        self.probe = probe
+        self.endpoint.on_timer(_PROBE_TIMER, self._probe_timer)
+        self._probe_pump(probe)
+
+    def prediction_status(self):
+        probe = self.probe
+        if probe is None:
+            return None
+        return {"done": probe.done, "allocation": probe.allocation, "step": probe.step,
+                "observed_ports": list(probe.ports), "predicted_ports": probe.predict(
+                    PREDICTED_PORTS)}
+
+    def _probe_timer(self, now):
+        probe = self.probe
+        if probe is not None:
+            probe.handle_timer(now)
+            self._probe_pump(probe)
+
+    def _probe_pump(self, probe):
+        datagrams = probe.datagrams_to_send()
+        if datagrams:
+            self.endpoint.send(datagrams)
+        when = probe.get_timer()
+        if when is None:
+            self.endpoint.cancel_timer(_PROBE_TIMER)
+            log.info("port allocation %s (ports %s seen by the intermediate)%s",
+                     probe.allocation or "unknown", probe.ports,
+                     f"; offering predicted ports {probe.predict(PREDICTED_PORTS)}"
+                     if probe.predict() else "")
+        else:
+            self.scheduler.schedule(_PROBE_TIMER, when)
+            self.endpoint.rearm()
+
+    def _predicted(self, candidates):
+        """Predicted srflx candidates after the observed one, when the NAT allocates ports
+        in sequence (never otherwise: the peer checks every candidate offered)."""
+        probe, observed_addr = self.probe, self.node.control.observed_addr
+        if probe is None or observed_addr is None or not probe.predict():
+            return []
+        observed_addr = normalize_addr(observed_addr)
+        if observed_addr[0] != probe.public_ip:
+            return []
+        observed = next((c for c in candidates if c.type == "srflx"
+                         and c.addr == observed_addr), None)
+        if observed is None:
+            return []
+        return predicted_candidates(observed, probe.predict(PREDICTED_PORTS))
 
     @property
     def endpoint(self):
@@ -54,6 +119,7 @@ class Puncher:
                             relay_addr=self.node.intermediate_addr[:2],
                             mapped_addr=self.node.mapped_addr(),
                             include_loopback=cfg.include_loopback)
+        candidates += self._predicted(candidates)
         ufrag, pwd, local = punch.local_description(candidates, self.now())
         return ufrag, pwd, tuple(c.to_wire() for c in local)
 
@@ -80,6 +146,10 @@ class Puncher:
 
     def stun_received(self, data, addr):
         now = self.now()
+        probe = self.probe
+        if probe is not None and not probe.done and probe.receive_stun(data, addr, now):
+            self._probe_pump(probe)
+            return True
         for session, punch in list(self.punches.items()):
             if punch.receive_stun(data, addr, now):
                 self._pump(session, punch)
@@ -114,3 +184,6 @@ class Puncher:
     def close(self):
         for session in list(self.punches):
             self.forget(session)
+        if self.probe is not None:
+            self.endpoint.cancel_timer(_PROBE_TIMER)
+            self.probe = None

@@ -455,9 +455,11 @@ class ControlClient(ConnectionHandler):
             self._registered.set()
             log.info("registered with the intermediate as %s; observed address %s",
                      message.node_id, _fmt(self.observed_addr))
+            self.node.puncher.probe_mapping()
         elif isinstance(message, control.ObservedAddress):
             before, self.observed_addr = self.observed_addr, tuple(message.addr)
             log.info("observed address is now %s", _fmt(self.observed_addr))
+            self.node.puncher.probe_mapping()
             if before is not None and before != self.observed_addr:
                 self.node.network_changed(f"this node's public address moved from "
                                           f"{_fmt(before)} to {_fmt(self.observed_addr)}")
@@ -771,6 +773,7 @@ class Node:
             "port_mapping": self.port_mapping.status() if self.port_mapping else None,
             "sessions": [s.stats() for s in self.sessions.values()],
             "duplicate_signaling": self.puncher.duplicate_signaling if self.puncher else 0,
+            "port_prediction": self.puncher.prediction_status() if self.puncher else None,
             "closed_sessions": list(self.closed_sessions),
             "control_socket": self.control_server.path if self.control_server else None,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},

@@ -1,0 +1,48 @@
+"""Port prediction behind real NATs (tests/netlab, real role processes).
+
+The intermediate has a second STUN observer (--stun-alt-port), so each node observes two new
+mappings of its socket at start. Behind `symmetric-sequential` (nat.py: the next external port
+per new mapping) the agent offers the next ports, and the connector behind `port-restricted`
+checks them: the session goes direct, where behind `symmetric` (random ports) it stays on the
+relay, as tests/test_nat_matrix.py expects, and no predicted port is offered.
+"""
+
+import os
+
+from labroles import Deployment, wait
+from netlab import lab  # noqa: F401 - the fixture
+
+ALT_PORT = 3479
+
+
+def run(lab, tmp_path, agent_nat):  # noqa: F811
+    d = Deployment(lab, tmp_path, agent_nat, "port-restricted",
+                   intermediate_args=("--stun-alt-port", str(ALT_PORT)))
+    d.wait_registered()
+    prediction = wait(lambda: ((d.status(d.agent) or {}).get("port_prediction") or {}).get(
+        "done") and d.status(d.agent)["port_prediction"], 10, "the agent's mapping probe", d)
+    data = os.urandom(256 << 10)
+    assert d.round_trip(data) == data, d.logs()
+    wait(lambda: (s := d.session()) and s["punch"] and s["punch"]["path"] and s,
+         15, "hole punching to finish", d)
+    assert d.round_trip(data) == data, d.logs()  # byte-identical on the final path
+    return d, prediction, d.session()
+
+
+def test_symmetric_sequential_to_port_restricted_goes_direct(lab, tmp_path):  # noqa: F811
+    d, prediction, session = run(lab, tmp_path, "symmetric-sequential")
+    print("prediction:", prediction, "time to direct:", session["switch_ms"], "ms")
+    assert prediction["allocation"] == "sequential" and prediction["step"] == 1, d.logs()
+    last = prediction["observed_ports"][-1]
+    assert prediction["predicted_ports"] == [last + i for i in range(1, 7)]
+    assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
+    # The agent's checks reached the connector from a predicted port.
+    local = session["punch"]["selected"]["local"]  # "srflx 203.0.113.3:40002 (related ...)"
+    assert int(local.split()[1].rsplit(":", 1)[1]) in prediction["predicted_ports"], local
+
+
+def test_symmetric_random_to_port_restricted_relays_without_predictions(lab, tmp_path):  # noqa: F811
+    d, prediction, session = run(lab, tmp_path, "symmetric")
+    assert prediction["allocation"] == "random" and prediction["predicted_ports"] == []
+    assert "offering predicted ports" not in d.agent.log_path.read_text()
+    assert session["path"] == "relay", f"{session['punch']}\n{d.logs()}"
