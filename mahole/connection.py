@@ -302,6 +302,14 @@ class NodeQuicConnection(QuicConnection):
         PATH_CHALLENGE answered by PATH_RESPONSE, or the handshake's own address)."""
         return any(path.addr == addr and path.is_validated for path in self._network_paths)
 
+    def send_probe(self):
+        """A PING that goes out even when the congestion window is full, as a PTO probe does
+        (RFC 9002 §7 lets probes exceed it). The session core's liveness PINGs are probes:
+        after a loss burst the window is full of packets that will never be acknowledged,
+        and a PING queued behind them would wait for the backed-off PTO, long enough to take
+        a brief fade for a dead path."""
+        self._probe_pending = True
+
     def reset_probe_backoff(self):
         """Forget the PTO backoff (RFC 9002 §6.2.1) after a route change: packets lost in a
         dead route are probed for at once over the new one, not after a backed-off PTO."""

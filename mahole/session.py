@@ -394,7 +394,7 @@ class Session(ConnectionHandler):
         if reset_backoff:
             conn.quic.reset_probe_backoff()
         self._pings += 1
-        conn.quic.send_ping(self._pings)
+        conn.quic.send_probe()
         conn.transmit()
 
     def _route_changed(self, event):

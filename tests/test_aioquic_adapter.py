@@ -220,3 +220,22 @@ def test_crypto_buffers_shrink_after_the_handshake_and_the_connection_goes_on(tm
         if len(received) == len(data):
             break
     assert received == data
+
+
+def test_a_probe_ping_goes_out_when_the_congestion_window_is_full(tmp_path):
+    """The session core's liveness PINGs must reach the wire after a loss burst, when the
+    congestion window is full of packets that will never be acknowledged: a plain PING
+    (send_ping) waits behind them, a probe (send_probe) does not (RFC 9002 §7)."""
+    from quic_pair import make_pair, pump
+    client, server = make_pair(tmp_path)
+    pump(client, server, now=0.0, rounds=10)
+    assert client._handshake_complete
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, os.urandom(1 << 20))
+    while client.datagrams_to_send(now=0.1):  # all of it lost: nothing reaches the server
+        pass
+    assert client.bytes_in_flight >= client._loss.congestion_window
+    client.send_ping(1)
+    assert client.datagrams_to_send(now=0.1) == []  # held back by the window
+    client.send_probe()
+    assert len(client.datagrams_to_send(now=0.1)) == 1
