@@ -2,12 +2,14 @@
 
 The intermediate has a second STUN observer (--stun-alt-port), so each node observes two new
 mappings of its socket at start. Behind `symmetric-sequential` (nat.py: the next external port
-per new mapping) the agent offers the next ports, and the connector behind `port-restricted`
-checks them: the session goes direct, where behind `symmetric` (random ports) it stays on the
-relay, as tests/test_nat_matrix.py expects, and no predicted port is offered.
+per new mapping) a node offers the next ports, and its peer behind `port-restricted` checks
+them: the session goes direct, agent or connector, where behind `symmetric` (random ports) it
+stays on the relay, as tests/test_nat_matrix.py expects, and no predicted port is offered.
 """
 
 import os
+
+import pytest
 
 from labroles import Deployment, wait
 from netlab import lab  # noqa: F401 - the fixture
@@ -15,12 +17,14 @@ from netlab import lab  # noqa: F401 - the fixture
 ALT_PORT = 3479
 
 
-def run(lab, tmp_path, agent_nat):  # noqa: F811
-    d = Deployment(lab, tmp_path, agent_nat, "port-restricted",
+def run(lab, tmp_path, agent_nat, connector_nat="port-restricted"):  # noqa: F811
+    """Data through the forward, before and after punching; the symmetric side's verdict."""
+    d = Deployment(lab, tmp_path, agent_nat, connector_nat,
                    intermediate_args=("--stun-alt-port", str(ALT_PORT)))
     d.wait_registered()
-    prediction = wait(lambda: ((d.status(d.agent) or {}).get("port_prediction") or {}).get(
-        "done") and d.status(d.agent)["port_prediction"], 10, "the agent's mapping probe", d)
+    node = d.agent if agent_nat.startswith("symmetric") else d.connector
+    prediction = wait(lambda: ((d.status(node) or {}).get("port_prediction") or {}).get(
+        "done") and d.status(node)["port_prediction"], 10, "the mapping probe", d)
     data = os.urandom(256 << 10)
     assert d.round_trip(data) == data, d.logs()
     wait(lambda: (s := d.session()) and s["punch"] and s["punch"]["path"] and s,
@@ -29,16 +33,21 @@ def run(lab, tmp_path, agent_nat):  # noqa: F811
     return d, prediction, d.session()
 
 
-def test_symmetric_sequential_to_port_restricted_goes_direct(lab, tmp_path):  # noqa: F811
-    d, prediction, session = run(lab, tmp_path, "symmetric-sequential")
+@pytest.mark.parametrize("agent_nat, connector_nat", [
+    ("symmetric-sequential", "port-restricted"), ("port-restricted", "symmetric-sequential")])
+def test_symmetric_sequential_and_port_restricted_go_direct(lab, tmp_path,  # noqa: F811
+                                                            agent_nat, connector_nat):
+    d, prediction, session = run(lab, tmp_path, agent_nat, connector_nat)
     print("prediction:", prediction, "time to direct:", session["switch_ms"], "ms")
     assert prediction["allocation"] == "sequential" and prediction["step"] == 1, d.logs()
     last = prediction["observed_ports"][-1]
     assert prediction["predicted_ports"] == [last + i for i in range(1, 7)]
     assert session["path"] == "direct", f"{session['punch']}\n{d.logs()}"
-    # The agent's checks reached the connector from a predicted port.
-    local = session["punch"]["selected"]["local"]  # "srflx 203.0.113.3:40002 (related ...)"
-    assert int(local.split()[1].rsplit(":", 1)[1]) in prediction["predicted_ports"], local
+    # The symmetric side's checks got through from a predicted port (the agent's session
+    # names its side of the selected pair "local").
+    end = "local" if agent_nat == "symmetric-sequential" else "remote"
+    chosen = session["punch"]["selected"][end]  # "srflx 203.0.113.3:40002 (related ...)"
+    assert int(chosen.split()[1].rsplit(":", 1)[1]) in prediction["predicted_ports"], chosen
 
 
 def test_symmetric_random_to_port_restricted_relays_without_predictions(lab, tmp_path):  # noqa: F811
