@@ -150,3 +150,29 @@ def test_repeated_and_stray_signaling_is_ignored_and_counted():
             assert d.connector.endpoint.counters["handler_errors"] == 0
             assert await tcp_round_trip(addr, b"after" * 1000) == b"after" * 1000
     run(main())
+
+
+def test_a_node_without_nat_observes_one_port_and_offers_no_predicted_ports():
+    """Port prediction's probe (two new mappings, mahole.ice.prediction) on loopback: the
+    intermediate's two observers see the node's own port, so nothing is predicted."""
+    async def main():
+        async with two_hosts(intermediate_kwargs={"stun_alt_port": _free_udp_port()}) as d:
+            await wait_for(lambda: (d.agent.status()["port_prediction"] or {}).get("done"), 10)
+            prediction = d.agent.status()["port_prediction"]
+            port = d.agent.endpoint.local_address[1]
+            assert prediction == {"done": True, "allocation": "preserving", "step": None,
+                                  "observed_ports": [port, port], "predicted_ports": []}
+            data = os.urandom(64 << 10)
+            assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
+            await wait_for(lambda: _only_session(d.agent).core.route == DIRECT, 10)
+            punch = d.connector.puncher.punches[_only_session(d.connector)]
+            remote = punch.remote_candidates
+            assert any(c.type == "host" for c in remote)
+            assert all(c.addr[1] == port for c in remote if c.type == "srflx"), remote
+    run(main())
+
+
+def _free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
