@@ -211,3 +211,10 @@ def test_predicted_ports_take_symmetric_to_port_restricted_direct(make_scheduler
     sent_to = {d.dst for d in net.requests("connector")}
     assert sent_to <= offered | {A_HOST.addr}
     assert c.pair.remote.addr in offered - {("203.0.113.1", 40000)}
+
+
+@pytest.mark.parametrize("other", [SERVER, ("2001:db8::7", 3479)])
+def test_an_alternate_observer_that_is_no_other_observer_gets_no_request(other):
+    probe = MappingProbe(SERVER, 0.0)
+    sent = observe(probe, Nat("203.0.113.1", mapping=APD), other=other)
+    assert len(sent) == 1 and probe.done and probe.allocation is None

@@ -32,6 +32,7 @@ from .candidates import (
     Candidate,
     candidate_priority,
     foundation,
+    ip_version,
     normalize_addr,
 )
 
@@ -191,7 +192,13 @@ class MappingProbe:
             host = other[0]
             if ipaddress.ip_address(host).is_unspecified:
                 host = self.server[0]  # an observer bound to a wildcard: "the host I sent to"
-            self._request = _Request(normalize_addr((host, other[1])), now, self.rto)
+            dest = normalize_addr((host, other[1]))
+            # The second request goes where the answer says: only to another observer of
+            # the same family, and only this one request (retransmitted at most `tries`).
+            if dest == self.server or ip_version(dest[0]) != ip_version(self.server[0]):
+                self._finish(None)
+                return True
+            self._request = _Request(dest, now, self.rto)
             self._due(now)
             return True
         a, b = self.ports
