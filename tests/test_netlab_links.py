@@ -133,7 +133,10 @@ def test_a_link_of_each_preset_measures_as_set(lab, preset, count, interval):
     else:
         assert lost == 0
     if settings.get("jitter_ms"):
-        spread = (max(rtts) - min(rtts)) * 1000
+        # From the 1st to the 99th percentile: a scheduling hiccup of the forwarder (one
+        # process on a shared machine) delays a few probes, and is no jitter of the link.
+        ordered = sorted(rtts)
+        spread = (ordered[len(ordered) * 99 // 100] - ordered[len(ordered) // 100]) * 1000
         assert 0.5 * settings["jitter_ms"] <= spread <= 2.5 * settings["jitter_ms"], spread
 
 
