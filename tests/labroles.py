@@ -1,11 +1,13 @@
 """Real role processes inside the NAT lab (tests/netlab): what the lab tests drive."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from mahole import identity
 from netlab import _ns
@@ -223,3 +225,14 @@ class Transfer:
         """Longest gap between arrivals from `when` on (seconds)."""
         times = [when] + [t for t, _ in self.arrivals if t >= when]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+def record_link(name, value):
+    """A figure for benchmarks/bench_links.py, which runs lab tests with MAHOLE_BENCH_DIR set
+    and reads them back from links_run.json there; nothing without it."""
+    directory = os.environ.get("MAHOLE_BENCH_DIR")
+    if directory:
+        path = Path(directory) / "links_run.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.setdefault(name, []).append(value)
+        path.write_text(json.dumps(data))

@@ -7,14 +7,12 @@ Bursty loss (`bursty`: fades of 30 ms on average, 5 % of the time) loses a few p
 row, in time as real fades do; that is no reason either.
 """
 
-import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
-from labroles import Deployment, Transfer, wait
+from labroles import Deployment, Transfer, record_link, wait
 from netlab import lab  # noqa: F401 - the fixture
 from netlab import wire
 
@@ -149,11 +147,3 @@ def test_a_far_agent_and_a_near_connector_go_direct(lab, tmp_path, sync):
     assert to_direct is not None
 
 
-def record_link(name, value):
-    """Kept for benchmarks/bench_links.py (MAHOLE_BENCH_DIR), as test_resilience does."""
-    directory = os.environ.get("MAHOLE_BENCH_DIR")
-    if directory:
-        path = Path(directory) / "links_run.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data.setdefault(name, []).append(value)
-        path.write_text(json.dumps(data))

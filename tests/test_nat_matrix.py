@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from labroles import Deployment, wait
+from labroles import Deployment, record_link, wait
 from netlab import lab  # noqa: F401 - the fixture
 
 PRESETS = ("none", "full-cone", "port-restricted", "symmetric")
@@ -111,21 +111,13 @@ def cell_on_links(lab, tmp_path, agent_nat, connector_nat, preset, repunch_withi
     print(f"{preset} {agent_nat} x {connector_nat}: {session['path']}, "
           f"to direct {session['switch_ms']} ms, rtt {session['rtt_ms']} ms, "
           f"{session['failovers']} failover(s)")
-    _record(f"matrix_{preset}", {"agent": agent_nat, "connector": connector_nat,
+    record_link(f"matrix_{preset}", {"agent": agent_nat, "connector": connector_nat,
                                   "path": session["path"], "expected": expected,
                                   "failovers": session["failovers"]})
     assert session["path"] == expected, (
         f"{agent_nat} x {connector_nat} on {preset} links: {session['punch']}\n{d.logs()}")
 
 
-def _record(name, value):
-    """Kept for benchmarks/bench_links.py --matrix (MAHOLE_BENCH_DIR), as test_links_lab does."""
-    directory = os.environ.get("MAHOLE_BENCH_DIR")
-    if directory:
-        path = Path(directory) / "links_run.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data.setdefault(name, []).append(value)
-        path.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module", autouse=True)
