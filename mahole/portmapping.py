@@ -182,7 +182,9 @@ class PortMapping:
             raise
         except Exception as exc:  # noqa: BLE001 - miniupnpc raises plain Exception
             upnp.state = "failed"
-            upnp.error = str(exc) or type(exc).__name__
+            # miniupnpc reports "no IGD found" as an exception saying "Success" (errno 0).
+            upnp.error = (str(exc) if str(exc) not in ("", "Success")
+                          else "no UPnP gateway answered")
             log.info("port mapping: no upnp mapping (%s)", upnp.error)
 
     def datagram(self, data, addr):
