@@ -16,7 +16,6 @@ then one line on stderr); 2 for a bad flag or a name that does not resolve.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
@@ -26,6 +25,7 @@ import sys
 from . import netcheck
 from .wire import pcp
 from .endpoint import plain_addr
+from .status_cli import seconds_between
 
 __all__ = ["add_parser", "check", "format_report", "run_netcheck"]
 
@@ -34,16 +34,6 @@ PORT_SAMPLES = 4  # fresh sockets for port allocation
 
 class NetcheckError(Exception):
     """One line for the user; exit status 2."""
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0.1 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"must be from 0.1 to 10 seconds: {text!r}")
-    return value
 
 
 def add_parser(subparsers) -> None:
@@ -64,7 +54,7 @@ def add_parser(subparsers) -> None:
                      metavar="HOST[:PORT]",
                      help=f"an intermediate (default port: {DEFAULT_PORT}); repeat for more")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
-    sub.add_argument("--timeout", type=_timeout, default=netcheck.PROBE_TIMEOUT,
+    sub.add_argument("--timeout", type=seconds_between(0.1, 10), default=netcheck.PROBE_TIMEOUT,
                      metavar="SECONDS", help="how long each request is retried before it "
                      f"counts as unanswered (default: {netcheck.PROBE_TIMEOUT:g})")
     sub.add_argument("--no-port-mapping", action="store_true",

@@ -43,14 +43,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 60 seconds: {text!r}")
-    return value
+def seconds_between(low: float, high: float):
+    """An argparse type: a number of seconds from `low` to `high`, or a one-line error."""
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g} seconds: "
+                                             f"{text!r}")
+        return value
+    return seconds
+
+
+_seconds = seconds_between(0, 60)
 
 
 def add_parser(subparsers) -> None:
