@@ -135,6 +135,7 @@ RTT_RETURN = 1.2
 RTT_SUSTAIN = 2.0
 RTT_MIN_SAMPLES = 3
 RTT_SETTLE = 0.2
+RTT_MAX_SAMPLES = 256  # rising samples kept per route (a bound, whatever the ACK rate)
 RTT_MARGIN = 0.01
 RTT_RECHECK = 30.0
 RTT_RECHECK_MAX = 300.0
@@ -623,11 +624,16 @@ class SessionCore:
         self._worse_since = None
 
     def _record(self, route, rtt, now):
+        """A sample of `route`; its RTT is the minimum over RTT_WINDOW. Only samples that
+        may still become that minimum are kept (each later than and above the one before):
+        O(1) per sample when a bulk transfer gives thousands a second."""
         samples = self._rtt_samples[route]
+        while samples and samples[-1][1] >= rtt:
+            samples.pop()
         samples.append((now, rtt))
-        while samples[0][0] < now - RTT_WINDOW:
+        while samples[0][0] < now - RTT_WINDOW or len(samples) > RTT_MAX_SAMPLES:
             samples.popleft()
-        self.route_rtt[route] = min(value for _when, value in samples)
+        self.route_rtt[route] = samples[0][1]
 
     def _rtt_sample(self, rtt, now):
         """One RTT sample of the route in use; on a direct route much slower than the relay

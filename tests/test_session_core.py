@@ -722,3 +722,23 @@ def test_a_new_candidate_brings_a_relayed_sessions_next_punch_forward():
     planned = slow.core.repunch_at
     slow.core.candidates_grew(slow.now)
     assert slow.core.repunch_at == planned  # the RTT re-check keeps its time
+
+
+def test_a_routes_rtt_is_the_minimum_of_its_window_at_any_ack_rate():
+    """The kept samples give the same minimum as all of them would, and stay few, whatever
+    the ACK rate (a bulk transfer gives thousands of samples a second)."""
+    import random
+    from mahole.session_core import RTT_MAX_SAMPLES
+    rng = random.Random(9002)
+    core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True)
+    core.handshake_completed(0.0)
+    seen = []
+    for serial in range(20000):
+        now = serial * 0.001
+        rtt = 0.02 + rng.random() * 0.03 + (0.05 if 8 < now < 12 else 0.0)
+        core.transport_state(True, 0.03, now, (serial, rtt))
+        seen.append((now, rtt))
+        if serial % 997 == 0:
+            window = [value for when, value in seen if when >= now - RTT_WINDOW]
+            assert core.route_rtt[RELAY] == min(window)
+        assert len(core._rtt_samples[RELAY]) <= RTT_MAX_SAMPLES
