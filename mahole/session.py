@@ -103,7 +103,6 @@ class Session(ConnectionHandler):
         self.punch_outcome = None  # ice.HolePunchResult once hole punching ended
         self._candidates_grew = False  # a port mapping came up while punching
         self.switch_ms = None  # StartPunching -> direct route in use
-        self._pings = 0
         self._probes = {}  # PING uid -> (sent at, Future of the RTT in seconds)
         self._timer_key = ("session", session_id)
         self._timer_at = None
@@ -200,7 +199,7 @@ class Session(ConnectionHandler):
             core = self.core
             core.punch_succeeded(result.remote_addr, now, result.rtt)
             if self.closed:
-                pass
+                pass  # nothing to say: the session ended
             elif core.direct_addr is not None:
                 self.switch_ms = round(result.elapsed * 1000, 3)
                 log.info("session %s to %s: direct via %s after %.0f ms", self.tag,
@@ -393,7 +392,6 @@ class Session(ConnectionHandler):
             return
         if reset_backoff:
             conn.quic.reset_probe_backoff()
-        self._pings += 1
         conn.quic.send_probe()
         conn.transmit()
 
@@ -547,7 +545,7 @@ class Session(ConnectionHandler):
                                  None),
             "route_switches": len(core.switches),
             "failovers": len(core.failovers),
-            "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+            "rtt_ms": _ms(rtt),
             "age_s": round(self.endpoint.now() - self.opened_at, 3),
             "bytes_sent": conn.bytes_sent if conn is not None else 0,
             "bytes_received": conn.bytes_received if conn is not None else 0,
