@@ -30,10 +30,14 @@ from .pmtu import BASE_PLPMTU
 
 # Control protocol versions, newest first; nodes offer both and the intermediate picks the
 # first it knows (RFC 7301). /2 adds session resumption after a node homes again
-# (ResumeSession, SessionResumed, SessionHeld): they are never sent to a member of /1.
+# (ResumeSession, SessionResumed, SessionHeld): they are never sent to a member of /1. /3 adds
+# the NAT summary and the punching strategy (NatSummary, StartPunching.strategy): a node sends
+# NatSummary only over /3, and a member of /1 or /2 gets StartPunching without the strategy.
+ALPN_CONTROL_NAT = "mahole-control/3"
 ALPN_CONTROL_RESUME = "mahole-control/2"
 ALPN_CONTROL = "mahole-control/1"
-ALPN_CONTROLS = (ALPN_CONTROL_RESUME, ALPN_CONTROL)
+ALPN_CONTROLS = (ALPN_CONTROL_NAT, ALPN_CONTROL_RESUME, ALPN_CONTROL)
+CONTROLS_RESUMABLE = frozenset((ALPN_CONTROL_NAT, ALPN_CONTROL_RESUME))
 # End-to-end protocol versions, newest first; both sides offer all of them and the connector
 # picks the first it knows (RFC 7301). /2 adds fragmented UDP datagrams (mahole.tunnel): a
 # member that negotiated /1 is sent no fragments. /3 adds the stream-open byte: each stream the

@@ -10,13 +10,16 @@ Port prediction (docs/architecture.md, "Port prediction"): once registered, the 
 intermediate's main STUN port and then its second observer (OTHER-ADDRESS) from the same
 socket (`MappingProbe`); when the two new mappings got ports a small step apart, the NAT
 allocates in sequence and each offer carries the next ports as predicted srflx candidates.
+The verdict, with the router's port mapping and IPv6, goes to the intermediate as a
+`NatSummary` (control protocol /3), from which it chooses each session's punching strategy.
 """
 
 import ipaddress
 import logging
 
 from .ice import HolePunch, MappingProbe, gather, predicted_candidates
-from .ice.candidates import normalize_addr
+from .ice.candidates import host_addresses, ip_version, normalize_addr
+from .wire import control
 
 # Pairs checked per session (RFC 8445 §6.1.2.5 suggests 100): with at most 16 remote
 # candidates and a handful of local ones, 32 covers every useful pair while bounding the
@@ -25,6 +28,10 @@ MAX_PAIRS = 32
 # Predicted ports offered when the NAT allocates in sequence (mahole.ice.prediction).
 PREDICTED_PORTS = 6
 _PROBE_TIMER = "mapping-probe"
+# MappingProbe.allocation -> NatSummary.mapping (RFC 4787 §4.1): one port for two observers
+# is an endpoint-independent mapping; two ports, one per destination.
+_MAPPINGS = {"preserving": "endpoint-independent", "sequential": "endpoint-dependent",
+             "random": "endpoint-dependent"}
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ class Puncher:
         try:
             probe = MappingProbe(self.node.intermediate_addr[:2], self.now())
         except ValueError:  # an intermediate named by host name: nothing to compare
+            self.node.nat_changed()
             return
         self.probe = probe
         self.endpoint.on_timer(_PROBE_TIMER, self._probe_timer)
@@ -76,9 +84,32 @@ class Puncher:
                      probe.allocation or "unknown", probe.ports,
                      f"; offering predicted ports {probe.predict(PREDICTED_PORTS)}"
                      if probe.predict() else "")
+            self.node.nat_changed()
         else:
             self.scheduler.schedule(_PROBE_TIMER, when)
             self.endpoint.rearm()
+
+    def nat_summary(self):
+        """What this node knows of its NAT, for the intermediate (`control.NatSummary`).
+        Filtering is not measured at start (it needs the intermediate's second IP address;
+        ``mahole netcheck`` measures it): null."""
+        probe = self.probe
+        allocation = probe.allocation if probe is not None and probe.done else None
+        mapping = _MAPPINGS.get(allocation)
+        dependent = mapping == "endpoint-dependent"
+        return control.NatSummary(
+            mapping=mapping, allocation=allocation if dependent else None,
+            step=probe.step if allocation == "sequential" else None, filtering=None,
+            mapped_port=self.node.mapped_addr() is not None, ipv6=self._global_ipv6())
+
+    def _global_ipv6(self):
+        """Whether the socket can reach the IPv6 Internet from an address of its own."""
+        host = self.endpoint.local_address[0]
+        if host not in ("", "::") and ip_version(host.split("%", 1)[0]) != 6:
+            return False
+        hosts = host_addresses() if host in ("", "::") else [host]
+        return any(ip_version(h.split("%", 1)[0]) == 6
+                   and ipaddress.ip_address(h.split("%", 1)[0]).is_global for h in hosts)
 
     def _predicted(self, candidates):
         """Predicted srflx candidates after the observed one, when the NAT allocates ports
@@ -136,12 +167,17 @@ class Puncher:
             return
         self._pump(session, punch)
 
-    def start(self, session):
+    def start(self, session, strategy=None):
+        """StartPunching: check now (or skip the checks when the intermediate found that the
+        two NATs leave no direct path: strategy "relay")."""
         punch = self.punches.get(session)
-        if punch is None or punch.started_at is not None:
+        if punch is None or punch.started_at is not None or punch.result is not None:
             self.duplicate_signaling += 1
             return
-        punch.start(self.now())
+        if strategy == "relay":
+            punch.close(self.now(), "the two NATs leave no direct path (strategy relay)")
+        else:
+            punch.start(self.now())
         self._pump(session, punch)
 
     def stun_received(self, data, addr):

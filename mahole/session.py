@@ -103,6 +103,10 @@ class Session(ConnectionHandler):
         self.punch_outcome = None  # ice.HolePunchResult once hole punching ended
         self._candidates_grew = False  # a port mapping came up while punching
         self.switch_ms = None  # StartPunching -> direct route in use
+        # The intermediate's punching strategy of the last round and its hard side
+        # (StartPunching, control protocol /3); None from an older intermediate.
+        self.strategy = None
+        self.hard_side = None
         self._probes = {}  # PING uid -> (sent at, Future of the RTT in seconds)
         self._timer_key = ("session", session_id)
         self._timer_at = None
@@ -552,6 +556,8 @@ class Session(ConnectionHandler):
             "dropped_frames": self.dropped_frames,
             "mtu": self.mtu_stats(),
             "punch": self.punch_stats(),
+            "strategy": self.strategy,
+            "hard_side": self.hard_side,
         }
 
     def close(self, reason="closed"):

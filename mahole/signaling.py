@@ -41,6 +41,8 @@ Behaviour worth knowing:
 - A node with no authenticated packet for ``node_dead_after`` is gone: its sessions end (the
   other member is told why) and its connection is closed.
 - Repeated, out-of-order, foreign or unknown signaling is ignored and counted, never raised.
+- Each punching round has a strategy (`choose_strategy`, from both members' `NatSummary`,
+  control protocol /3): StartPunching tells it to members of /3; /status shows it.
 
 Policy and quotas:
 
@@ -95,7 +97,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AclRule", "CloseNode", "Limits", "MemoryRegistry", "NodeRecord", "OfferRule", "Registry",
     "RelayAdd", "RelayRemove", "RelaySetMember", "RelaySetRate", "SendMessage",
-    "SessionRecord", "SignalingCore", "session_tag",
+    "SessionRecord", "SignalingCore", "choose_strategy", "session_tag",
 ]
 
 # QUIC application error codes of closed control connections (CONNECTION_CLOSE type 0x1d,
@@ -268,6 +270,48 @@ def _addr(value):
     return None if value is None else (str(value[0]), int(value[1]))
 
 
+def _hard(nat):
+    return nat.get("mapping") == "endpoint-dependent"
+
+
+def choose_strategy(agent_nat, connector_nat):
+    """The punching strategy of a session whose members sent these NatSummary fields (dicts,
+    or None when a member sent none): ``(strategy, hard_side)``, hard_side "agent",
+    "connector" or None. docs/architecture.md, "Punching strategy", has the table.
+
+    Unknown NATs get the plain checks, as before summaries existed; so do two global IPv6
+    addresses (no NAT between them). A NAT that maps per destination (RFC 4787 §4.1) is the
+    hard side: a port the router maps on either side makes it moot; one allocating in
+    sequence gets predicted ports; one allocating at random faced by an endpoint-independent
+    mapping gets birthday probing, unless the easy side filters nothing (its checks then
+    pass). Two hard sides, neither sequential on both, leave nothing to punch: relay at once.
+    """
+    if agent_nat is None or connector_nat is None:
+        return "checks", None
+    if agent_nat.get("ipv6") and connector_nat.get("ipv6"):
+        return "checks", None
+    hard = [role for role, nat in (("agent", agent_nat), ("connector", connector_nat))
+            if _hard(nat)]
+    if not hard:
+        return "checks", None
+    if agent_nat.get("mapped_port") or connector_nat.get("mapped_port"):
+        return "mapped", None
+    if len(hard) == 2:
+        if agent_nat.get("allocation") == connector_nat.get("allocation") == "sequential":
+            return "prediction", None
+        return "relay", None
+    side = hard[0]
+    nat, easy = ((agent_nat, connector_nat) if side == "agent"
+                 else (connector_nat, agent_nat))
+    if nat.get("allocation") == "sequential":
+        return "prediction", side
+    if easy.get("filtering") == "endpoint-independent":
+        return "checks", None
+    if nat.get("allocation") == "random" and easy.get("mapping") == "endpoint-independent":
+        return "birthday", side
+    return "checks", None
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeRecord:
     """A registered node."""
@@ -280,18 +324,20 @@ class NodeRecord:
     home: str = ""  # the intermediate holding its control connection
     since: float = 0.0  # registration time (the home's clock)
     wall: float = 0.0  # registration time, wall clock: compares copies across a fleet
+    # Its last NatSummary as plain JSON fields (bounded by the codec), None until one came.
+    nat: dict | None = None
 
     def to_dict(self):
         return {"handle": self.handle, "role": self.role, "name": self.name,
                 "addr": list(self.addr), "services": list(self.services), "home": self.home,
-                "since": self.since, "wall": self.wall}
+                "since": self.since, "wall": self.wall, "nat": self.nat}
 
     @classmethod
     def from_dict(cls, data):
         return cls(handle=data["handle"], role=data["role"], name=data["name"],
                    addr=_addr(data["addr"]), services=tuple(data["services"]),
                    home=data["home"], since=float(data["since"]),
-                   wall=float(data.get("wall", 0.0)))
+                   wall=float(data.get("wall", 0.0)), nat=data.get("nat"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +358,8 @@ class SessionRecord:
     punch_started: float | None = None  # when the current round began
     reported: tuple = ()  # roles whose PunchingResult for the current round arrived
     path: str = "relay"  # the agent's last PunchingResult decides
+    strategy: str = ""  # of the current punching round (choose_strategy); "" before one
+    hard_side: str = ""  # "agent" or "connector" for prediction and birthday, else ""
     agent_token: bytes = b""  # relay tokens of the members (RelayAdd); secret, never logged
     connector_token: bytes = b""
 
@@ -574,10 +622,11 @@ class _Link:
     """What this intermediate knows of one control connection (never shared)."""
 
     __slots__ = ("handle", "role", "name", "addr", "last_rx", "rtt", "registered", "probing",
-                 "bucket", "ignored", "ignored_since", "resumable")
+                 "bucket", "ignored", "ignored_since", "resumable", "nat_aware")
 
-    def __init__(self, handle, role, name, addr, now, bucket, resumable=False):
+    def __init__(self, handle, role, name, addr, now, bucket, resumable=False, nat_aware=False):
         self.resumable = resumable  # speaks control protocol /2 (session resumption)
+        self.nat_aware = nat_aware  # speaks /3: NatSummary, StartPunching.strategy
         self.handle = handle
         self.role = role
         self.name = name
@@ -708,6 +757,8 @@ class SignalingCore:
             "resumes_refused", "resumes_expired", "duplicates_found", "duplicates_let_go",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
+        self.strategies = dict.fromkeys(control.STRATEGIES, 0)  # punching rounds of each
+        self.counters["nat_summaries"] = 0
         self.time_to_direct_ms = collections.deque(maxlen=MAX_PUNCH_TIMES)
         self._links = {}  # handle -> _Link
         self._probes = {}  # (role, name) -> _Probe
@@ -761,6 +812,11 @@ class SignalingCore:
     def _send(self, handle, message, sender=None, session=None):
         remote = remote_handle(handle)
         if remote is None:
+            link = self._links.get(handle)
+            if (isinstance(message, control.StartPunching) and message.strategy is not None
+                    and link is not None and not link.nat_aware):
+                # A member of control protocol /1 or /2 refuses fields it does not know.
+                message = dataclasses.replace(message, strategy=None, hard_side=None)
             self._events.append(SendMessage(handle, message))
             return
         self.counters["fleet_sent"] += 1
@@ -832,9 +888,10 @@ class SignalingCore:
                     self._log_missed_refusals(refusal, missed)
 
     # Connections -----------------------------------------------------------------------
-    def node_connected(self, handle, role, name, addr, now, resumable=False):
+    def node_connected(self, handle, role, name, addr, now, resumable=False, nat_aware=False):
         """A control connection authenticated as ``role`` ``name`` (from its certificate);
-        ``resumable`` if it speaks control protocol /2 (session resumption)."""
+        ``resumable`` if it speaks control protocol /2 (session resumption), ``nat_aware``
+        if /3 (NatSummary, the strategy in StartPunching)."""
         if handle in self._links:
             raise ValueError(f"handle {handle!r} is already connected")
         limits = self.limits
@@ -850,7 +907,7 @@ class SignalingCore:
         held[handle] = None
         self._links[handle] = _Link(handle, role, name, _addr(addr), now,
                                     _Bucket(limits.signaling_rate, limits.signaling_burst, now),
-                                    resumable)
+                                    resumable, nat_aware)
         self._schedule(("dead", handle), now + self.node_dead_after)
 
     def _refuse(self, link, code, close_code, text, now, request_id=None):
@@ -987,6 +1044,8 @@ class SignalingCore:
             self._answer(link, message, now)
         elif isinstance(message, control.PunchingResult):
             self._punching_result(link, message)
+        elif isinstance(message, control.NatSummary):
+            self._nat_summary(link, message)
         elif isinstance(message, control.Ping):
             self._send(handle, control.Pong(nonce=message.nonce))
         elif isinstance(message, control.Register):
@@ -1661,6 +1720,27 @@ class SignalingCore:
         log.info("%s registered from %s%s", link, _fmt(link.addr),
                  f" with services {', '.join(record.services)}" if record.services else "")
 
+    def _nat_summary(self, link, message):
+        """The node's NAT as it sees it: kept in its record (one per node, replaced by the
+        next), read when a session of it punches."""
+        record = self.registry.node(link.handle)
+        if record is None:
+            return
+        nat = message._to_json_object()
+        self.counters["nat_summaries"] += 1
+        if record.nat != nat:
+            self.registry.put_node(dataclasses.replace(record, nat=nat))
+            log.info("%s: NAT mapping %s%s, filtering %s%s%s", link,
+                     nat["mapping"] or "unknown",
+                     f" ({nat['allocation']}{', step %d' % nat['step'] if nat['step'] else ''})"
+                     if nat["allocation"] else "", nat["filtering"] or "unknown",
+                     ", a mapped port" if nat["mapped_port"] else "",
+                     ", IPv6" if nat["ipv6"] else "")
+
+    def _nat_of(self, handle):
+        record = self.registry.node(handle)
+        return None if record is None else record.nat
+
     # Sessions --------------------------------------------------------------------------
     def _open_session(self, link, message, now):
         service = message.service
@@ -1863,17 +1943,24 @@ class SignalingCore:
         session = self.registry.session(session_id)
         if session is None:
             return
+        strategy, hard_side = choose_strategy(self._nat_of(session.agent),
+                                              self._nat_of(session.connector))
         session = dataclasses.replace(session, punch_round=session.punch_round + 1,
-                                      punch_started=now, reported=())
+                                      punch_started=now, reported=(), strategy=strategy,
+                                      hard_side=hard_side or "")
         self.registry.put_session(session)
         self.punching["attempts"] += 1
+        self.strategies[strategy] += 1
+        log.info("session %s: punching strategy %s%s", session_tag(session_id), strategy,
+                 f" ({hard_side} is the hard side)" if hard_side else "")
         rtts = {}
         for handle in session.members():
             link = self._links.get(handle)
             rtts[handle] = ((link.rtt or 0.0) if link is not None
                             else self._remote_rtts.get(handle, self.registry.fleet_rtt()))
         far = max(rtts.values())
-        message = control.StartPunching(session_id=session_id, delay_ms=0)
+        message = control.StartPunching(session_id=session_id, delay_ms=0, strategy=strategy,
+                                        hard_side=hard_side)
         for handle, rtt in rtts.items():
             key = ("punch", session_id, handle)
             wait = (far - rtt) / 2 if self.punch_sync else 0.0

@@ -20,6 +20,7 @@ from mahole.wire.control import (
     ErrorCode,
     FrameDecoder,
     Message,
+    NatSummary,
     ObservedAddress,
     OpenSession,
     Ping,
@@ -74,6 +75,11 @@ SAMPLES = [
     CandidateAnswer(SID, "x" * 256, "y" * 256, ()),
     StartPunching(SID, 0),
     StartPunching(SID, 120),
+    StartPunching(SID, 0, "birthday", "connector"),
+    StartPunching(SID, 0, "prediction", None),
+    NatSummary("endpoint-dependent", "sequential", 1, None, False, False),
+    NatSummary("endpoint-dependent", "random", None, "address-and-port-dependent", True, True),
+    NatSummary(None, None, None, None, False, False),
     PunchingResult(SID, "direct", 12.5, 480.0, ("203.0.113.7", 61000)),
     PunchingResult(SID, "relay", None, 5000.0, None),
     Ping(0),
@@ -113,6 +119,7 @@ def test_registry_lists_every_message_type_by_class_name():
     assert set(MESSAGE_TYPES) == {
         "Register", "UpdateServices", "Registered", "ObservedAddress", "OpenSession", "SessionOpened",
         "SessionClosed", "ResumeSession", "SessionResumed", "SessionHeld", "CandidateOffer", "CandidateAnswer", "StartPunching",
+            "NatSummary",
         "PunchingResult", "Ping", "Pong", "Error",
     }  # fmt: skip
     for name, cls in MESSAGE_TYPES.items():
@@ -331,6 +338,17 @@ BAD_PAYLOADS = [
     ("int over 2**53", _payload("Pong", nonce=2**53), "Pong.nonce: must be in"),
     ("negative delay", _payload("StartPunching", delay_ms=-1), "StartPunching.delay_ms: must be in 0..60000"),
     ("huge delay", _payload("StartPunching", delay_ms=60001), "StartPunching.delay_ms: must be in 0..60000"),
+    ("unknown strategy", _payload("StartPunching", strategy="scan"), "StartPunching.strategy: must be one of 'checks', 'prediction', 'mapped', 'birthday', 'relay', got 'scan'"),
+    ("birthday without side", _payload("StartPunching", strategy="birthday"), "StartPunching: strategy 'birthday' needs hard_side"),
+    ("side without strategy", _payload("StartPunching", hard_side="agent"), "StartPunching: hard_side without a strategy"),
+    ("bad hard side", _payload("StartPunching", strategy="birthday", hard_side="both"), "StartPunching.hard_side: must be one of 'agent', 'connector'"),
+    ("nat missing field", _payload("NatSummary", drop=["ipv6"]), "NatSummary: missing field\\(s\\) 'ipv6'"),
+    ("nat bool as int", _payload("NatSummary", mapped_port=1), "NatSummary.mapped_port: must be a boolean, got integer"),
+    ("nat step too big", _payload("NatSummary", step=17), "NatSummary.step: must be in -16..16, got 17"),
+    ("nat step 0", _payload("NatSummary", step=0), "NatSummary: step must not be 0"),
+    ("nat step random", _payload("NatSummary", allocation="random"), "NatSummary: step goes with a sequential allocation"),
+    ("nat allocation of eim", _payload("NatSummary", mapping="endpoint-independent"), "NatSummary: an allocation is only known of an endpoint-dependent mapping"),
+    ("nat unknown filtering", _payload("NatSummary", filtering="cone"), "NatSummary.filtering: must be one of"),
     ("code too low", _payload("Error", code=200), "Error.code: must be in 400..599, got 200"),
     ("code too high", _payload("Error", code=600), "Error.code: must be in 400..599"),
     ("bool request id", _payload("Error", request_id=False), "Error.request_id: must be an integer, got boolean"),
@@ -624,7 +642,18 @@ STRATEGIES = {
     SessionHeld: st.builds(SessionHeld, session_id=session_ids, hold_ms=st.integers(0, 60_000)),
     CandidateOffer: _exchange(CandidateOffer),
     CandidateAnswer: _exchange(CandidateAnswer),
-    StartPunching: st.builds(StartPunching, session_id=session_ids, delay_ms=st.integers(0, 60_000)),
+    StartPunching: st.builds(StartPunching, session_id=session_ids, delay_ms=st.integers(0, 60_000))
+    | st.builds(StartPunching, session_id=session_ids, delay_ms=st.integers(0, 60_000),
+                strategy=st.sampled_from(control.STRATEGIES),
+                hard_side=st.sampled_from(control.ROLES)),
+    NatSummary: st.builds(NatSummary, mapping=st.just("endpoint-dependent"),
+                          allocation=st.just("sequential"),
+                          step=st.integers(1, 16) | st.integers(-16, -1),
+                          filtering=st.none() | st.sampled_from(control.FILTERINGS),
+                          mapped_port=st.booleans(), ipv6=st.booleans())
+    | st.builds(NatSummary, mapping=st.none() | st.just("endpoint-independent"),
+                allocation=st.none(), step=st.none(), filtering=st.none(),
+                mapped_port=st.booleans(), ipv6=st.booleans()),
     PunchingResult: punching_results(),
     Ping: st.builds(Ping, nonce=safe_ints),
     Pong: st.builds(Pong, nonce=safe_ints),
@@ -740,3 +769,26 @@ def test_mutated_json_payloads_raise_only_value_error(msg, data):
         cand[data.draw(st.sampled_from(sorted(cand)))] = data.draw(json_values)
     payload = json.dumps(obj, ensure_ascii=data.draw(st.booleans())).encode("utf-8", "surrogatepass")
     _decode_or_value_error(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields added by control protocol /3
+
+
+def test_start_punching_without_a_strategy_is_the_older_versions_message():
+    """An intermediate of /1 or /2 sends StartPunching without the /3 fields: a /3 node reads
+    it (strategy null), and a /3 intermediate's message without a strategy is byte for byte
+    what the older versions send, so their strict decoders take it."""
+    older = b'{"type":"StartPunching","session_id":"0011223344556677","delay_ms":0}'
+    assert decode_payload(older) == StartPunching(SID, 0)
+    assert decode_payload(older).strategy is None
+    assert encode_payload(StartPunching(SID, 0)) == older
+    told = _json(StartPunching(SID, 0, "birthday", "agent"))
+    assert told["strategy"] == "birthday" and told["hard_side"] == "agent"
+
+
+def test_an_older_peer_refuses_the_added_fields_which_is_why_they_are_omitted():
+    """The strictness the omission protects: a field unknown to a decoder is refused (here
+    through a record of the /2 shape), so a /3 field must never reach a /2 peer."""
+    with pytest.raises(ControlError, match="unknown field"):
+        decode_payload(b'{"type":"Ping","nonce":1,"strategy":"checks"}')

@@ -51,8 +51,10 @@ class Harness:
         self.core.control_message(handle, message, self.now)
         return self.events()
 
-    def connect(self, handle, role, name, addr, services=(), register=True, resumable=False):
-        self.core.node_connected(handle, role, name, addr, self.now, resumable=resumable)
+    def connect(self, handle, role, name, addr, services=(), register=True, resumable=False,
+                nat_aware=False):
+        self.core.node_connected(handle, role, name, addr, self.now, resumable=resumable,
+                                 nat_aware=nat_aware)
         self.addrs[handle] = addr
         if register:
             return self.say(handle, control.Register(role=role, name=name, services=services))
@@ -250,6 +252,126 @@ def test_offer_and_answer_are_forwarded_unchanged_then_both_start_punching():
     assert events == [SendMessage(1, answer(session_id)), SendMessage(1, start),
                       SendMessage(2, start)]
     assert h.core.punching["attempts"] == 1
+
+
+# --- punching strategy (control protocol /3) ------------------------------------------------
+
+# NatSummary of each lab NAT preset as a node behind it reports it (filtering is not measured
+# at start: null), and of a node with no NAT.
+NATS = {
+    "public": control.NatSummary("endpoint-independent", None, None, None, False, False),
+    "cone": control.NatSummary("endpoint-independent", None, None, None, False, False),
+    "port-restricted": control.NatSummary("endpoint-independent", None, None, None, False,
+                                          False),
+    "full-cone": control.NatSummary("endpoint-independent", None, None,
+                                    "endpoint-independent", False, False),
+    "symmetric": control.NatSummary("endpoint-dependent", "random", None, None, False, False),
+    "symmetric-sequential": control.NatSummary("endpoint-dependent", "sequential", 1, None,
+                                               False, False),
+    "symmetric+upnp": control.NatSummary("endpoint-dependent", "random", None, None, True,
+                                         False),
+    "symmetric+ipv6": control.NatSummary("endpoint-dependent", "random", None, None, False,
+                                         True),
+    "unknown": control.NatSummary(None, None, None, None, False, False),
+}
+
+
+
+@pytest.mark.parametrize("agent, connector, expected", [
+    (None, "symmetric", ("checks", None)),  # a member sent no summary: as before
+    ("public", "port-restricted", ("checks", None)),
+    ("port-restricted", "cone", ("checks", None)),
+    ("unknown", "symmetric", ("checks", None)),
+    ("symmetric-sequential", "port-restricted", ("prediction", "agent")),
+    ("port-restricted", "symmetric-sequential", ("prediction", "connector")),
+    ("symmetric", "port-restricted", ("birthday", "agent")),
+    ("cone", "symmetric", ("birthday", "connector")),
+    ("full-cone", "symmetric", ("checks", None)),  # its checks come through unfiltered
+    ("symmetric", "unknown", ("checks", None)),  # the easy side's mapping is not known
+    ("symmetric+upnp", "symmetric", ("mapped", None)),
+    ("symmetric", "port-restricted+upnp", ("mapped", None)),
+    ("symmetric", "symmetric", ("relay", None)),
+    ("symmetric", "symmetric-sequential", ("relay", None)),
+    ("symmetric-sequential", "symmetric-sequential", ("prediction", None)),
+    ("symmetric+ipv6", "symmetric+ipv6", ("checks", None)),
+    ("symmetric+ipv6", "symmetric", ("relay", None)),
+])
+def test_the_strategy_follows_the_nat_pair(agent, connector, expected):
+    nats = {**NATS, "port-restricted+upnp": control.NatSummary(
+        "endpoint-independent", None, None, None, True, False)}
+    pick = signaling.choose_strategy(
+        None if agent is None else nats[agent]._to_json_object(),
+        None if connector is None else nats[connector]._to_json_object())
+    assert pick == expected
+
+
+def _nat_pair(h, agent_nat, connector_nat, agent_aware=True, connector_aware=True):
+    h.connect(1, "agent", "alice", AGENT_ADDR, nat_aware=agent_aware)
+    h.connect(2, "connector", "office", CONNECTOR_ADDR, services=("web",),
+              nat_aware=connector_aware)
+    for handle, nat in ((1, agent_nat), (2, connector_nat)):
+        if nat is not None:
+            assert h.say(handle, NATS[nat]) == []
+    session_id, _ = h.open()
+    h.say(1, offer(session_id))
+    events = h.say(2, answer(session_id))
+    starts = {e.handle: e.message for e in events if isinstance(e, SendMessage)
+              and isinstance(e.message, control.StartPunching)}
+    return session_id, starts
+
+
+def test_start_punching_tells_both_members_the_strategy_and_the_hard_side():
+    h = Harness()
+    session_id, starts = _nat_pair(h, "symmetric", "port-restricted")
+    told = control.StartPunching(session_id=session_id, delay_ms=0, strategy="birthday",
+                                 hard_side="agent")
+    assert starts == {1: told, 2: told}
+    record = h.core.registry.session(session_id)
+    assert (record.strategy, record.hard_side) == ("birthday", "agent")
+    assert h.core.strategies["birthday"] == 1
+    assert h.core.registry.node(1).nat["allocation"] == "random"
+
+
+def test_a_member_of_an_older_version_gets_start_punching_without_the_strategy():
+    """The strict decoder of /1 and /2 refuses unknown fields: the agent of /2 is sent the
+    message it knows, the connector of /3 the strategy."""
+    h = Harness()
+    session_id, starts = _nat_pair(h, None, "symmetric-sequential", agent_aware=False)
+    assert starts[1] == control.StartPunching(session_id=session_id, delay_ms=0)
+    assert json.loads(control.encode_payload(starts[1])).keys() == {
+        "type", "session_id", "delay_ms"}
+    # No summary from the agent: plain checks, as before summaries existed.
+    assert starts[2].strategy == "checks"
+
+
+def test_a_summary_replaces_the_last_one_and_each_round_chooses_again():
+    h = Harness()
+    session_id, starts = _nat_pair(h, "symmetric", "symmetric")
+    assert starts[1].strategy == "relay"
+    h.say(2, NATS["symmetric+upnp"])  # the connector's router mapped a port
+    h.say(1, offer(session_id))
+    events = h.say(2, answer(session_id))
+    assert [e.message.strategy for e in events
+            if isinstance(e.message, control.StartPunching)] == ["mapped", "mapped"]
+    assert h.core.registry.node(2).nat["mapped_port"] is True
+    assert h.core.counters["nat_summaries"] == 3
+    assert len(h.core.registry.nodes()) == 2
+
+
+def test_a_summary_before_register_is_refused():
+    h = Harness()
+    h.connect(1, "agent", "alice", AGENT_ADDR, register=False, nat_aware=True)
+    events = h.say(1, NATS["symmetric"])
+    assert [e.message.code for e in events] == [control.ErrorCode.NOT_REGISTERED]
+
+
+def test_a_nat_summary_survives_the_registry_round_trip():
+    record = NodeRecord(handle=1, role="agent", name="alice", addr=AGENT_ADDR,
+                        nat=NATS["symmetric-sequential"]._to_json_object())
+    assert NodeRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    older = record.to_dict()
+    del older["nat"]  # a record written before summaries existed
+    assert NodeRecord.from_dict(older).nat is None
 
 
 def test_start_punching_is_timed_from_the_two_control_rtts():

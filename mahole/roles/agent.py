@@ -298,7 +298,7 @@ class Agent(Node):
                 self.puncher.remote_description(session, message)
         elif isinstance(message, control.StartPunching):
             if session is not None:
-                self.start_punching(session, message.delay_ms)
+                self.start_punching(session, message)
         elif isinstance(message, control.Error):
             log.warning("intermediate: %s", message.message)
 

@@ -354,7 +354,7 @@ class Connector(Node):
         elif isinstance(message, control.StartPunching):
             session = self.sessions.get(message.session_id)
             if session is not None and not self.cfg.relay_only:
-                self.start_punching(session, message.delay_ms)
+                self.start_punching(session, message)
         elif isinstance(message, control.Error):
             log.warning("intermediate: %s", message.message)
 

@@ -168,7 +168,8 @@ class ControlConnection(ConnectionHandler):
             intermediate.signaling.node_connected(
                 self.handle, self.peer.role, self.peer.name, plain_addr(self.addr),
                 intermediate.endpoint.now(),
-                resumable=event.alpn_protocol == qc.ALPN_CONTROL_RESUME)
+                resumable=event.alpn_protocol in qc.CONTROLS_RESUMABLE,
+                nat_aware=event.alpn_protocol == qc.ALPN_CONTROL_NAT)
             intermediate.pump()
         elif isinstance(event, qe.StreamDataReceived):
             if self.peer is None or event.stream_id != 0:
@@ -572,15 +573,17 @@ class Intermediate:
                            "retry_threshold": self.cfg.retry_threshold},
             "nodes": {"agents": roles["agent"], "connectors": roles["connector"],
                       "list": [{"role": n.role, "name": n.name, "addr": _fmt(n.addr),
-                                "services": list(n.services)} for n in nodes]},
+                                "services": list(n.services), "nat": n.nat} for n in nodes]},
             "sessions": {"open": len(sessions), "list": [
                 {"session": session_tag(s.session_id), "service": s.service,
                  "agent": s.agent_name, "connector": s.connector_name, "path": s.path,
+                 "strategy": s.strategy or None, "hard_side": s.hard_side or None,
                  "relay": self._relay_stats(s.session_id)}
                 for s in sessions]},
             "relay": engine.counters() if engine else {},
             "punching": {**punching, "time_to_direct_ms_median":
-                         statistics.median(times) if times else None},
+                         statistics.median(times) if times else None,
+                         "strategies": dict(self.signaling.strategies)},
             "counters": self.counters,
             "fleet": self.fleet.status() if self.fleet is not None else None,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},

@@ -255,6 +255,7 @@ class ControlClient(ConnectionHandler):
         self.attempts = 0
         self.connects = 0
         self.resumable = False  # the intermediate speaks control protocol /2 (resumption)
+        self.nat_aware = False  # ... /3: it takes NatSummary and tells the punching strategy
         self.last_error = None
         self.permanent_error = None
         self._attempt_error = None
@@ -412,7 +413,8 @@ class ControlClient(ConnectionHandler):
             except identity.IdentityError as exc:
                 self._fail_permanently(f"the intermediate's certificate was refused: {exc}")
                 return
-            self.resumable = event.alpn_protocol == qc.ALPN_CONTROL_RESUME
+            self.resumable = event.alpn_protocol in qc.CONTROLS_RESUMABLE
+            self.nat_aware = event.alpn_protocol == qc.ALPN_CONTROL_NAT
             self.stream.send(self.node.register_message())
         elif isinstance(event, qe.StreamDataReceived) and event.stream_id == self.stream.stream_id:
             try:
@@ -701,9 +703,17 @@ class Node:
         for session in list(self.sessions.values()):
             session.network_changed(reason)
 
+    def nat_changed(self):
+        """This node learnt (more of) its NAT: tell an intermediate of control protocol /3."""
+        control_client = self.control
+        if (control_client is not None and control_client.connected
+                and control_client.nat_aware and self.puncher is not None):
+            control_client.send(self.puncher.nat_summary())
+
     def candidates_grew(self):
         """The router mapped a port (or a new one): sessions that could not go direct try
         again with it."""
+        self.nat_changed()
         for session in list(self.sessions.values()):
             session.candidates_grew()
 
@@ -732,17 +742,20 @@ class Node:
         connection = control_client.connection if control_client is not None else None
         return connection.last_rx if connection is not None else None
 
-    def start_punching(self, session, delay_ms):
-        if delay_ms:
+    def start_punching(self, session, message):
+        """StartPunching for ``session``: remember the strategy (None from an intermediate
+        of control protocol /1 or /2) and start after the delay."""
+        session.strategy, session.hard_side = message.strategy, message.hard_side
+        if message.delay_ms:
             self.endpoint.set_timer((session, "start punching"),
-                                    self.endpoint.now() + delay_ms / 1000,
+                                    self.endpoint.now() + message.delay_ms / 1000,
                                     lambda _now: self._start_if_open(session))
         else:
             self._start_if_open(session)
 
     def _start_if_open(self, session):
         if not session.closed:
-            self.puncher.start(session)
+            self.puncher.start(session, session.strategy)
             self.endpoint.flush()
 
     def report(self, message):
@@ -774,6 +787,8 @@ class Node:
             "sessions": [s.stats() for s in self.sessions.values()],
             "duplicate_signaling": self.puncher.duplicate_signaling if self.puncher else 0,
             "port_prediction": self.puncher.prediction_status() if self.puncher else None,
+            "nat": self.puncher.nat_summary()._to_json_object()
+            if self.puncher and self.endpoint else None,
             "closed_sessions": list(self.closed_sessions),
             "control_socket": self.control_server.path if self.control_server else None,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},

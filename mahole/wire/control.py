@@ -38,6 +38,16 @@ Typical flow::
     connector -> CandidateAnswer -> (forwarded) -> agent
     intermediate -> StartPunching (both) nodes -> PunchingResult
     either side -> SessionClosed; intermediate -> Error on any refused request
+
+Versions
+    The ALPN of the control connection names the version (``mahole-control/N``,
+    `mahole.connection`). /2 added `ResumeSession`, `SessionResumed`, `SessionHeld`; /3 adds
+    `NatSummary` (node → intermediate, after `Registered`) and the ``strategy`` and
+    ``hard_side`` fields of `StartPunching`. A field a version added is *omitted* when null
+    and decodes as null when absent (`_Added`), so a /3 node reads the StartPunching of a /2
+    intermediate; the other way round, the intermediate drops those fields for a node that
+    did not negotiate /3, and a node sends NatSummary only over /3: an older peer's strict
+    decoder never sees a field or a type it does not know.
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ __all__ = [
     "ErrorCode",
     "FrameDecoder",
     "Message",
+    "NatSummary",
     "ObservedAddress",
     "OpenSession",
     "Ping",
@@ -104,6 +115,16 @@ MAX_DURATION_MS = 86_400_000.0  # rtt_ms / elapsed_ms: one day
 ROLES = ("agent", "connector")
 CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")  # RFC 8445 §5.1.1
 PATHS = ("direct", "relay")
+# StartPunching.strategy (control protocol /3), chosen by the intermediate from both members'
+# NatSummary (docs/architecture.md, "Punching strategy"): plain checks, predicted ports of a
+# sequential symmetric side, a port the router maps, birthday probing of a random symmetric
+# side, or the relay at once.
+STRATEGIES = ("checks", "prediction", "mapped", "birthday", "relay")
+MAPPINGS = ("endpoint-independent", "endpoint-dependent")  # RFC 4787 §4.1, as a node sees it
+ALLOCATIONS = ("sequential", "random")  # of an endpoint-dependent mapping (RFC 4787 §4.2.1)
+FILTERINGS = ("endpoint-independent", "address-dependent",
+              "address-and-port-dependent")  # RFC 4787 §5
+MAX_STEP = 16  # NatSummary.step: mahole.ice.prediction.MAX_STEP
 
 # RFC 8839 §5.1 / §5.4: ice-char = ALPHA / DIGIT / "+" / "/"; foundation = 1*32 ice-char.
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]*")
@@ -247,6 +268,13 @@ class _Int(_Spec):
         return int(value)
 
 
+class _Bool(_Spec):
+    def check(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise _fail(where, f"must be a boolean, got {_kind(value)}")
+        return value
+
+
 class _Float(_Spec):
     def __init__(self, lo: float, hi: float) -> None:
         self.lo = lo
@@ -329,6 +357,11 @@ class _Optional(_Spec):
 
     def to_json(self, value: Any) -> Any:
         return None if value is None else self.inner.to_json(value)
+
+
+class _Added(_Optional):
+    """An optional field a later protocol version added: omitted from the JSON when null, and
+    null when absent, so that a peer of the version before never meets it (see Versions)."""
 
 
 class _Tuple(_Spec):
@@ -438,7 +471,8 @@ class _Record:
         return None
 
     def _to_json_object(self) -> dict[str, Any]:
-        return {name: spec.to_json(getattr(self, name)) for name, spec in self._field_specs()}
+        return {name: spec.to_json(value) for name, spec in self._field_specs()
+                if (value := getattr(self, name)) is not None or not isinstance(spec, _Added)}
 
     @classmethod
     def _from_json_object(
@@ -447,7 +481,8 @@ class _Record:
         if not isinstance(obj, dict):
             raise _fail(where, f"must be a JSON object, got {_kind(obj)}")
         specs = cls._field_specs()
-        missing = [name for name, _ in specs if name not in obj]
+        missing = [name for name, spec in specs
+                   if name not in obj and not isinstance(spec, _Added)]
         if missing:
             raise _fail(where, "missing field(s) " + ", ".join(repr(m) for m in missing))
         known = {name for name, _ in specs} | skip
@@ -456,7 +491,7 @@ class _Record:
             shown = ", ".join(_short(key) for key in unknown[:5])
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise _fail(where, f"unknown field(s) {shown}{more}")
-        values = {name: spec.from_json(obj[name], f"{where}.{name}") for name, spec in specs}
+        values = {name: spec.from_json(obj.get(name), f"{where}.{name}") for name, spec in specs}
         try:
             return cls(**values)
         except ControlError as exc:
@@ -649,10 +684,56 @@ class CandidateAnswer(_CandidateExchange):
 class StartPunching(Message):
     """Intermediate → both session members: start connectivity checks ``delay_ms`` after
     receiving this. The intermediate picks each delay from that node's control-connection RTT
-    so that both start at the same moment (DCUtR-style)."""
+    so that both start at the same moment (DCUtR-style).
+
+    Control protocol /3: ``strategy`` (one of `STRATEGIES`) is what the intermediate chose
+    from both members' `NatSummary`; ``hard_side`` names the member ("agent" or
+    "connector") behind the NAT that maps per destination: always for "birthday", for
+    "prediction" when only one side is.
+    Both are null (and omitted) from an intermediate of an older version."""
 
     session_id: bytes = _f(_SESSION_ID)
     delay_ms: int = _f(_Int(0, MAX_DELAY_MS))
+    strategy: str | None = _f(_Added(_Str(choices=STRATEGIES)), default=None)
+    hard_side: Literal["agent", "connector"] | None = _f(_Added(_Str(choices=ROLES)),
+                                                         default=None)
+
+    def _cross_check(self) -> str | None:
+        if self.strategy == "birthday" and self.hard_side is None:
+            return "strategy 'birthday' needs hard_side"
+        if self.strategy is None and self.hard_side is not None:
+            return "hard_side without a strategy"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NatSummary(Message):
+    """Node → intermediate (control protocol /3), after `Registered` and whenever it changes:
+    what the node learnt of its NAT, from which the intermediate chooses each session's
+    punching strategy.
+
+    ``mapping`` is "endpoint-independent" (the intermediate's two observers saw one port) or
+    "endpoint-dependent" (two ports: a symmetric NAT), null if not known; ``allocation`` says
+    how an endpoint-dependent NAT picks ports ("sequential", with ``step`` between -16 and 16,
+    not 0; or "random"); ``filtering`` is RFC 4787 §5's, null if not known; ``mapped_port``
+    whether the router maps a public port to the node's socket (PCP, NAT-PMP, UPnP);
+    ``ipv6`` whether the node has a global IPv6 address."""
+
+    mapping: str | None = _f(_Optional(_Str(choices=MAPPINGS)))
+    allocation: str | None = _f(_Optional(_Str(choices=ALLOCATIONS)))
+    step: int | None = _f(_Optional(_Int(-MAX_STEP, MAX_STEP)))
+    filtering: str | None = _f(_Optional(_Str(choices=FILTERINGS)))
+    mapped_port: bool = _f(_Bool())
+    ipv6: bool = _f(_Bool())
+
+    def _cross_check(self) -> str | None:
+        if self.allocation is not None and self.mapping != "endpoint-dependent":
+            return "an allocation is only known of an endpoint-dependent mapping"
+        if (self.step is not None) != (self.allocation == "sequential"):
+            return "step goes with a sequential allocation, and only with it"
+        if self.step == 0:
+            return "step must not be 0"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -723,6 +804,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         CandidateOffer,
         CandidateAnswer,
         StartPunching,
+        NatSummary,
         PunchingResult,
         Ping,
         Pong,
