@@ -396,6 +396,49 @@ class CheckList:
         nominate when it is time. Safe to call at any time."""
         self._service(now)
 
+    # ------------------------------------------------- birthday probing (mahole.ice.birthday)
+
+    def probe_request(self) -> tuple[bytes, bytes]:
+        """(transaction id, datagram) of one Binding request signed like a check (USERNAME,
+        PRIORITY, this side's role, MESSAGE-INTEGRITY with the remote password, §7.2.2) that
+        no pair tracks: a birthday probe or opener. The peer answers it like any check."""
+        role = {"ice_controlling": self.tie_breaker} if self.controlling \
+            else {"ice_controlled": self.tie_breaker}
+        request = stun.binding_request(
+            username=self._username_out, priority=candidate_priority("prflx", 65535, 1), **role)
+        return request.transaction_id, stun.encode(request, integrity_key=self._remote_key)
+
+    def authentic(self, data: bytes) -> bool:
+        """Whether ``data`` is a Binding request of the peer to this check list or a success
+        response of the peer, signed with the session's password (§7.3, §7.2.5): what a
+        birthday socket must see before it may become a route."""
+        try:
+            message = stun.decode(data)
+            if message.message_class == stun.CLASS_REQUEST:
+                if message.attributes.get("USERNAME") != self._username_in:
+                    return False
+                stun.decode(data, integrity_key=self._local_key)
+            elif message.message_class == stun.CLASS_SUCCESS:
+                stun.decode(data, integrity_key=self._remote_key)
+            else:
+                return False
+        except ValueError:
+            return False
+        return True
+
+    def learn_remote(self, addr: Addr, now: float) -> None:
+        """A birthday probe to ``addr`` was answered by the peer: ``addr`` becomes a
+        peer-reflexive remote candidate (§7.3.1.3, as if a request had come from it) and its
+        pair gets a triggered check (§7.3.1.4), checked like any other."""
+        if self.state != "running":
+            return
+        remote = self._remote_for(normalize_addr(addr),
+                                  candidate_priority("prflx", 65535, 1))
+        pair = self._pair_for_request(remote)
+        if pair is not None:
+            self._trigger(pair)
+            self._service(now)
+
     def receive_stun(self, data: bytes, addr: Addr, now: float) -> bool:
         """Handle one STUN datagram from ``addr``. True if it was for this check list: a response
         matching one of its transaction ids, or a request whose USERNAME starts with our ufrag
