@@ -41,11 +41,8 @@ passed since its first sending:
 
 Each verdict is None when its tests could not run (no answer, no alternate observer).
 
-Binding lifetime is not measured: telling an expired mapping from a live one needs a packet
-the node did not ask for, at its mapping, after an idle time (RFC 5780 §4.6 uses RESPONSE-PORT
-for it). The intermediate answers only to a request's source, so that it can never be pointed
-at a third party; a port-preserving NAT gives the same port back after expiry, so asking
-again from the same socket proves nothing.
+Binding lifetime (RFC 5780 §4.6) is `mahole.binding_lifetime`'s, run by the shell after these
+checks against their target (``netcheck --lifetime`` / ``--quick``), in ``binding_lifetime``.
 """
 
 from __future__ import annotations
@@ -154,6 +151,8 @@ class Report:
     # {"gateway", "nat_pmp", "pcp", "external_ipv4"} when the gateway was asked, else None
     port_mapping: dict | None = None
     hairpinning: bool | None = None
+    # mahole.binding_lifetime.LifetimeResult.as_dict() when measured, else None
+    binding_lifetime: dict | None = None
     # one per intermediate: {"name", "addresses": [...], "rtt_ms": float | None}
     intermediates: list = dataclasses.field(default_factory=list)
     mapped: dict = dataclasses.field(default_factory=dict)  # test name -> "host:port"

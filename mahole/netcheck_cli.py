@@ -1,14 +1,16 @@
 """``python -m mahole netcheck``: what kind of network this machine is on.
 
     python -m mahole netcheck --intermediate HOST[:PORT] [--intermediate ...] [--json]
-                              [--timeout SECONDS] [--no-port-mapping]
+                              [--timeout SECONDS] [--no-port-mapping] [--lifetime | --quick]
 
 The asyncio shell of `mahole.netcheck`: resolves the intermediates, opens the sockets the
 checks need (``main``, ``filter``, ``hairpin`` and four fresh ``portN``, all on ``[::]:0``, and
 ``gateway`` to ask the default gateway whether it speaks NAT-PMP or PCP), moves datagrams and
 timers, and prints the report as a table (or ``--json``). STUN needs no credentials. The
 checks end within about two probe timeouts (``--timeout``, default 1.5 s each); progress goes
-to stderr.
+to stderr. ``--lifetime`` then measures the binding lifetime (`mahole.binding_lifetime`, up to
+about two minutes, with a progress line as each probe tells something), ``--quick`` the same
+within about 30 s (idle times up to 25 s).
 
 Exit status: 0 with a report; 1 when no intermediate answered (the report is still printed,
 then one line on stderr); 2 for a bad flag or a name that does not resolve.
@@ -22,7 +24,7 @@ import json
 import socket
 import sys
 
-from . import netcheck
+from . import binding_lifetime, netcheck
 from .wire import pcp
 from .endpoint import plain_addr
 from .status_cli import seconds_between
@@ -59,6 +61,13 @@ def add_parser(subparsers) -> None:
                      f"counts as unanswered (default: {netcheck.PROBE_TIMEOUT:g})")
     sub.add_argument("--no-port-mapping", action="store_true",
                      help="do not ask the default gateway whether it speaks NAT-PMP or PCP")
+    how = sub.add_mutually_exclusive_group()
+    how.add_argument("--lifetime", action="store_const", const="full", dest="lifetime",
+                     help="also measure how long an idle UDP mapping lives (probes up to "
+                     f"{max(binding_lifetime.FULL_DELAYS)} s idle: about two minutes)")
+    how.add_argument("--quick", action="store_const", const="quick", dest="lifetime",
+                     help="measure the binding lifetime within about 30 s (idle times up to "
+                     f"{max(binding_lifetime.QUICK_DELAYS)} s)")
     sub.set_defaults(func=run_netcheck)
 
 
@@ -119,8 +128,87 @@ def _gateway(resolved):
         return None
 
 
+async def measure_lifetime(target, delays, *, progress=None, on_update=None):
+    """Binding lifetime against the observer ``target`` (host, port), one fresh socket per
+    delay: the `binding_lifetime.LifetimeResult`. ``on_update(result)`` runs whenever what
+    is proven grows (a node adapts its keepalive as it goes)."""
+    loop = asyncio.get_running_loop()
+    say = progress or (lambda text: None)
+    names = [f"life{i}" for i in range(len(delays))]
+    sockets = {}
+    try:
+        for name in names:
+            sockets[name] = _open_socket()
+        core = binding_lifetime.LifetimeProbe(target, names, delays)
+        finished = loop.create_future()
+        timer = None
+        shown = [None]
+
+        def pump():
+            nonlocal timer
+            now = loop.time()
+            for name, data, (host, port) in core.datagrams_to_send(now):
+                sock = sockets[name]
+                if sock.family == socket.AF_INET6 and ":" not in host:
+                    host = "::ffff:" + host
+                try:
+                    sock.sendto(data, (host, port))
+                except OSError:
+                    pass  # that probe goes unanswered
+            result = core.result()
+            if (result.at_least, result.below) != shown[0]:
+                shown[0] = (result.at_least, result.below)
+                if on_update is not None:
+                    on_update(result)
+                if result.at_least is not None and not core.done:
+                    say(f"netcheck: an idle mapping lived {result.at_least:g} s"
+                        + (f", not {result.below:g} s" if result.below else "")
+                        + "; still waiting")
+            if core.done:
+                if not finished.done():
+                    finished.set_result(None)
+                return
+            if timer is not None:
+                timer.cancel()
+            at = core.get_timer()
+            if at is not None:
+                timer = loop.call_at(at, on_timer)
+
+        def on_timer():
+            core.handle_timer(loop.time())
+            pump()
+
+        def readable(name):
+            sock = sockets[name]
+            for _ in range(16):
+                try:
+                    data, addr = sock.recvfrom(2048)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    continue
+                core.datagram_received(name, data, plain_addr(addr[:2]), loop.time())
+            pump()
+
+        for name, sock in sockets.items():
+            loop.add_reader(sock.fileno(), readable, name)
+        try:
+            core.start(loop.time())
+            pump()
+            await finished
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for sock in sockets.values():
+                loop.remove_reader(sock.fileno())
+        return core.result()
+    finally:
+        for sock in sockets.values():
+            sock.close()
+
+
 async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None,
-                port_mapping=True):
+                port_mapping=True, lifetime=None):
     """Run the checks against [(host, port)]; the `netcheck.Report`."""
     loop = asyncio.get_running_loop()
     say = progress or (lambda text: None)
@@ -205,14 +293,36 @@ async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None,
                 timer.cancel()
             for sock in sockets.values():
                 loop.remove_reader(sock.fileno())
-        return core.report()
+        report = core.report()
     finally:
         for sock in sockets.values():
             sock.close()
+    if lifetime and core.target is not None:
+        delays = (binding_lifetime.QUICK_DELAYS if lifetime == "quick"
+                  else binding_lifetime.FULL_DELAYS)
+        say(f"netcheck: binding lifetime: idle mappings of {len(delays)} sockets, up to "
+            f"{max(delays)} s, answered late by {_fmt(core.target)} (about "
+            f"{max(delays) + binding_lifetime.WARM_UP + 2:.0f} s at most)")
+        result = await measure_lifetime(core.target, delays, progress=say)
+        report.binding_lifetime = result.as_dict()
+    return report
 
 
 def _yes(value):
     return {True: "yes", False: "no", None: "unknown"}[value]
+
+
+def _lifetime(value):
+    if value is None:
+        return "not measured (--lifetime, --quick)"
+    if value["supported"] is False:
+        return "unknown (the intermediate does not hold answers: an older mahole?)"
+    if value["at_least_s"] is None:
+        return ("unknown (no answer)" if value["supported"] is None else
+                f"under {value['below_s']:g} s")
+    if value["below_s"] is None:
+        return f"over {value['at_least_s']:g} s (nothing probed expired)"
+    return f"{value['at_least_s']:g} s to {value['below_s']:g} s"
 
 
 def format_report(report: netcheck.Report) -> str:
@@ -239,6 +349,7 @@ def format_report(report: netcheck.Report) -> str:
                                       "neither NAT-PMP nor PCP)")
                      + (f", external address {mapping['external_ipv4']}"
                         if mapping["external_ipv4"] else "")))
+    rows.append(("Binding lifetime", _lifetime(report.binding_lifetime)))
     lines = ["Report:"] + [f"\t* {name}: {value}" for name, value in rows]
     lines.append("\t* Intermediates:")
     for item in report.intermediates:
@@ -256,7 +367,8 @@ def run_netcheck(args) -> int:
 
     try:
         report = asyncio.run(check(args.intermediate, timeout=args.timeout, progress=progress,
-                                   port_mapping=not args.no_port_mapping))
+                                   port_mapping=not args.no_port_mapping,
+                                   lifetime=getattr(args, "lifetime", None)))
     except NetcheckError as exc:
         print(f"mahole netcheck: error: {exc}", file=sys.stderr)
         return 2

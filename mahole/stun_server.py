@@ -27,10 +27,21 @@ is made of, so: an answer goes only to the request's source address, one answer 
 answer (`SourceLimiter`); RESPONSE-PORT (§7.5), which would send it elsewhere, is not
 implemented (it is comprehension-required, so such a request gets 420); malformed requests are
 counted and dropped. The answer is a few tens of bytes, like any Binding success.
+
+Binding lifetime discovery (`mahole.binding_lifetime`): a request carrying RESPONSE-DELAY
+(mahole's comprehension-optional attribute, `mahole.wire.stun`) is answered after that many
+ms, by the observer it reached, to its source, with RESPONSE-DELAY echoed: if the client's NAT
+mapping expired meanwhile the answer is dropped on the way, which is the measurement (what
+RFC 5780 §4.6 does with RESPONSE-PORT, without ever sending to an address that did not ask).
+Held answers are bounded: at most :data:`MAX_RESPONSE_DELAY` later, :data:`MAX_DELAYED_PER_SOURCE`
+per source host (so many answers timed to land at once on a spoofed source are still that
+few) and :data:`MAX_DELAYED` in all; a request beyond these is answered at once, without the
+echo, which tells the client it was not held.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import logging
 import socket
@@ -46,6 +57,9 @@ PRIMARY = (0, 0)
 ALT_PORT = (0, 1)
 ALT_BOTH = (1, 1)
 _CHANGE_REQUEST_TYPE = 0x0003  # RFC 5780 §7.2, for UNKNOWN-ATTRIBUTES in a 420
+MAX_RESPONSE_DELAY = 150.0  # s: netcheck's longest probe is 120 s
+MAX_DELAYED_PER_SOURCE = 32
+MAX_DELAYED = 1024  # a held answer is ~200 bytes: 200 KB at most
 
 
 def _family(host):
@@ -68,8 +82,12 @@ class StunResponder:
         self.counters = counters
         other = self.origins.get(ALT_BOTH) or self.origins.get(ALT_PORT)
         self.other_address = plain_addr(other) if other else None
-        for key in ("stun_changed", "stun_change_refused"):
+        for key in ("stun_changed", "stun_change_refused", "stun_delayed",
+                    "stun_delay_refused"):
             counters.setdefault(key, 0)
+        self._delayed: list = []  # heap of (due, seq, observer key, payload, addr)
+        self._delayed_by_source: dict = {}  # host -> answers held
+        self._seq = 0
 
     def _can_send(self, key, addr):
         """Whether observer ``key`` exists and can reach ``addr`` (same address family)."""
@@ -119,8 +137,41 @@ class StunResponder:
             extra = {"response_origin": plain_addr(self.origins[target]),
                      "other_address": self.other_address}
         counters["stun_changed"] += int(target != at)
+        delay = request.attributes.get("RESPONSE-DELAY")
+        if delay is not None and not request.classic:
+            host = addr[0]
+            held = self._delayed_by_source.get(host, 0)
+            if (delay / 1000 <= MAX_RESPONSE_DELAY and held < MAX_DELAYED_PER_SOURCE
+                    and len(self._delayed) < MAX_DELAYED):
+                response = stun.binding_success(request, plain_addr(addr),
+                                                response_delay=delay, **extra)
+                self._seq += 1
+                heapq.heappush(self._delayed, (now + delay / 1000, self._seq, target,
+                                               stun.encode(response, fingerprint=True), addr))
+                self._delayed_by_source[host] = held + 1
+                counters["stun_delayed"] += 1
+                return None
+            counters["stun_delay_refused"] += 1  # answered at once, without the echo
         response = stun.binding_success(request, plain_addr(addr), **extra)
         return target, stun.encode(response, fingerprint=not request.classic)
+
+    def next_delayed(self):
+        """When the next held answer is due, or None."""
+        return self._delayed[0][0] if self._delayed else None
+
+    def delayed_due(self, now):
+        """The held answers due by ``now``: [(observer key, payload, addr)]."""
+        out = []
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, key, payload, addr = heapq.heappop(self._delayed)
+            host = addr[0]
+            left = self._delayed_by_source[host] - 1
+            if left:
+                self._delayed_by_source[host] = left
+            else:
+                del self._delayed_by_source[host]
+            out.append((key, payload, addr))
+        return out
 
 
 class AltObserver:

@@ -11,7 +11,7 @@ import pytest
 from aio_helpers import run
 from ports import free_port
 
-from mahole import netcheck_cli
+from mahole import binding_lifetime, netcheck_cli
 from mahole.cli import main
 from mahole.config import IntermediateConfig
 from mahole.demo import issue_certificates
@@ -102,3 +102,40 @@ def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_quick_measures_the_binding_lifetime_through_held_answers(certs, monkeypatch):
+    # Loopback expires nothing: every delay is answered, late, by the intermediate.
+    monkeypatch.setattr(binding_lifetime, "QUICK_DELAYS", (0.3, 0.6, 1.0))
+
+    async def go():
+        async with LoneIntermediate(certs) as inter:
+            lines = []
+            started = time.monotonic()
+            report = await netcheck_cli.check([inter.endpoint.local_address[:2]],
+                                              progress=lines.append, lifetime="quick")
+            assert inter.counters["stun_delayed"] == 3
+            return report, lines, time.monotonic() - started
+
+    report, lines, took = run(go(), timeout=30)
+    assert report.binding_lifetime == {"at_least_s": 1.0, "below_s": None, "supported": True,
+                                       "longest_probed_s": 1.0}
+    assert took >= 1.0 + binding_lifetime.WARM_UP
+    assert any("binding lifetime" in line for line in lines)
+    table = netcheck_cli.format_report(report)
+    assert "\t* Binding lifetime: over 1 s (nothing probed expired)\n" in table
+    assert json.loads(json.dumps(report.as_dict()))["binding_lifetime"]["at_least_s"] == 1.0
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, "not measured (--lifetime, --quick)"),
+    ({"at_least_s": 8.0, "below_s": 10.0, "supported": True, "longest_probed_s": 25},
+     "8 s to 10 s"),
+    ({"at_least_s": None, "below_s": 2.0, "supported": True, "longest_probed_s": 25},
+     "under 2 s"),
+    ({"at_least_s": None, "below_s": None, "supported": False, "longest_probed_s": 25},
+     "unknown (the intermediate does not hold answers: an older mahole?)")])
+def test_the_table_says_what_the_binding_lifetime_measurement_proved(value, text):
+    from mahole.netcheck import Report
+    report = Report(udp=True, binding_lifetime=value)
+    assert f"\t* Binding lifetime: {text}\n" in netcheck_cli.format_report(report)

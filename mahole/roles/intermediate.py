@@ -536,14 +536,29 @@ class Intermediate:
     def _stun(self, data, addr, at=(0, 0)):
         """A STUN datagram at observer ``at`` (mahole.stun_server): the answer goes back to
         its source, from the observer a CHANGE-REQUEST names."""
-        answer = self._stun_responder.handle(data, addr, at, self.endpoint.now())
+        responder = self._stun_responder
+        answer = responder.handle(data, addr, at, self.endpoint.now())
         if answer is None:
+            if responder.next_delayed() is not None:  # a RESPONSE-DELAY request was held
+                self.endpoint.set_timer("stun-delayed", responder.next_delayed(),
+                                        self._stun_delayed)
             return
-        key, payload = answer
+        self._stun_send(*answer, addr)
+
+    def _stun_send(self, key, payload, addr):
         if key == (0, 0):
             self.endpoint.send([(payload, addr)])
-        else:
+        elif key in self.stun_observers:
             self.stun_observers[key].send(payload, addr)
+
+    def _stun_delayed(self, now):
+        """Held answers (RESPONSE-DELAY, mahole.stun_server) that are due."""
+        responder = self._stun_responder
+        for key, payload, addr in responder.delayed_due(now):
+            self._stun_send(key, payload, addr)
+        if responder.next_delayed() is not None:
+            self.endpoint.set_timer("stun-delayed", responder.next_delayed(),
+                                    self._stun_delayed)
 
     # Status ----------------------------------------------------------------------------
     def control_commands(self):

@@ -17,6 +17,7 @@ Values by attribute::
     ICE-CONTROLLED, ICE-CONTROLLING      int (64-bit tie-breaker)
     RESPONSE-ORIGIN, OTHER-ADDRESS       (host, port), as MAPPED-ADDRESS (RFC 5780 §7.3, §7.4)
     CHANGE-REQUEST                       (change_ip, change_port): two bools (RFC 5780 §7.2)
+    RESPONSE-DELAY                       int, milliseconds (mahole's, see ATTRIBUTES)
     MESSAGE-INTEGRITY                    bytes (20), only as decoded; encode computes it
     FINGERPRINT                          int, only as decoded; encode computes it
     <unknown type>                       key is the int type code, value the raw bytes
@@ -367,6 +368,7 @@ def _unpack_change_request(data: bytes, transaction_id: bytes) -> tuple[bool, bo
 
 
 _pack_priority, _unpack_priority = _uint_codec(32, "PRIORITY")
+_pack_delay, _unpack_delay = _uint_codec(32, "RESPONSE-DELAY")
 _pack_tie_breaker, _unpack_tie_breaker = _uint_codec(64, "ICE tie-breaker")
 _unpack_fingerprint = _uint_codec(32, "FINGERPRINT")[1]
 
@@ -401,6 +403,10 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(0x802C, "OTHER-ADDRESS", _pack_address, _unpack_address),  # RFC 5780 §7.4
     Attribute(0x8029, "ICE-CONTROLLED", _pack_tie_breaker, _unpack_tie_breaker),  # RFC 8445 §7.1.3
     Attribute(0x802A, "ICE-CONTROLLING", _pack_tie_breaker, _unpack_tie_breaker),  # RFC 8445 §7.1.3
+    # mahole's own, comprehension-optional (RFC 8489 §18.3: 0xC000-0xFFFF, so other servers
+    # ignore it and answer at once): "answer this after N ms", to the request's source only;
+    # the answer carries it back. Binding lifetime discovery (mahole.binding_lifetime).
+    Attribute(0xC0DE, "RESPONSE-DELAY", _pack_delay, _unpack_delay),
 )
 _BY_TYPE = {attribute.type: attribute for attribute in ATTRIBUTES}
 _BY_NAME = {attribute.name: attribute for attribute in ATTRIBUTES}
@@ -601,7 +607,7 @@ def _attributes_from_keywords(keywords: dict[str, Any]) -> dict[str | int, Any]:
 def binding_request(transaction_id: bytes | None = None, **attributes: Any) -> Message:
     """A Binding request; keywords name attributes (``username=``, ``priority=``,
     ``ice_controlling=``, ``ice_controlled=``, ``use_candidate=``, ``software=``,
-    ``change_request=(change_ip, change_port)``)."""
+    ``change_request=(change_ip, change_port)``, ``response_delay=`` ms)."""
     return Message(
         METHOD_BINDING,
         CLASS_REQUEST,
