@@ -43,7 +43,7 @@ __all__ = ["FULL_DELAYS", "NODE_DELAYS", "QUICK_DELAYS", "LifetimeProbe", "Lifet
 QUICK_DELAYS = (2, 3, 4, 5, 6, 8, 10, 12, 15, 18, 21, 25)
 FULL_DELAYS = QUICK_DELAYS + (30, 40, 50, 60, 75, 90, 105, 120)
 # A node only needs what changes its keepalive (lifetime / 3, at most KEEPALIVE_MAX).
-NODE_DELAYS = (2, 3, 5, 8, 12, 20, 30, 45, 75)
+NODE_DELAYS = (2, 3, 5, 7, 12, 20, 30, 45, 75)
 WARM_UP = 2.5  # s from a probe's first packet to its delayed request (conntrack: 2 s)
 STAGGER = 0.25  # s between probes: two requests each, within 10 requests/s per source
 GRACE = 2.0  # s after a delayed answer is due before it counts as lost

@@ -126,13 +126,18 @@ def _add_node(sub, role):
                      help="do not ask the router for a public port (PCP, NAT-PMP, UPnP-IGD); "
                           "asking sends a few datagrams to the default gateway's port "
                           "5351 and an SSDP search")
+    sub.add_argument("--fixed-keepalive", action="store_true",
+                     help="keep --keepalive on idle direct routes instead of measuring this "
+                          "network's binding lifetime (a few STUN requests to the "
+                          "intermediate, answered up to 75 s late) and PINGing a third as often")
     node = AgentConfig  # the settings every node shares, with their defaults
     for flag, field, text in (
             ("--failover-timeout", "failover_timeout",
              "leave a direct route that answers nothing this long (or 3 RTTs, at most twice "
              "this) for the relay"),
             ("--keepalive", "direct_keepalive",
-             "PING an idle session's route this often (keeps NAT mappings open)"),
+             "PING an idle session's route this often (keeps NAT mappings open); idle direct "
+             "routes: until the binding lifetime is measured, and at least this often"),
             ("--peer-dead-after", "peer_dead_after",
              "end a session whose peer answers nothing on any route this long"),
             ("--session-idle-timeout", "session_idle_timeout",
@@ -571,6 +576,7 @@ def _node_kwargs(args):
             "bind": args.bind, "relay_only": args.relay_only, "direct_only": args.direct_only,
             "punch_deadline": args.punch_deadline, "failover_timeout": args.failover_timeout,
             "port_mapping": not args.no_port_mapping,
+            "adaptive_keepalive": not args.fixed_keepalive,
             "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,
             "session_idle_timeout": args.session_idle_timeout,
             "max_udp_payload": args.max_udp_payload,

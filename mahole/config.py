@@ -231,6 +231,11 @@ class NodeConfig(Credentials):
     # PING every direct_keepalive, which also keeps the NAT mappings open.
     failover_timeout: float = 0.5
     direct_keepalive: float = 1.0
+    # Measure this network's binding lifetime after registering (mahole.binding_lifetime: a
+    # few sockets, STUN answers held up to 75 s by the intermediate; not with an intermediate
+    # on loopback nor relay_only) and PING idle direct routes every third of it instead,
+    # between direct_keepalive and 25 s (and half of e2e_idle_timeout).
+    adaptive_keepalive: bool = True
     # After a failover the agent punches again after a cool-down that doubles with every
     # failover in a minute (bounded switches per minute), up to repunch_cooldown_max.
     repunch_cooldown: float = 2.0

@@ -95,6 +95,7 @@ class Session(ConnectionHandler):
             node.cfg, session_id, node.intermediate_addr, now, controlling=self.controlling,
             relay_available=control_client is not None and control_client.connected,
             relay_token=relay_token)
+        self.core.set_direct_keepalive(node.direct_keepalive)
         self.connection = None
         self.closed = False
         self.pipes = {}  # stream id -> what carries the stream (subclasses)
@@ -252,6 +253,11 @@ class Session(ConnectionHandler):
         now = self.endpoint.now()
         self.core.network_changed(now, reason)
         self._pump(now)
+
+    def set_direct_keepalive(self, seconds):
+        """The node's keepalive for idle direct routes changed (its NAT's binding lifetime)."""
+        self.core.set_direct_keepalive(seconds)
+        self._arm()
 
     def candidates_grew(self):
         """A new local candidate (a port mapping came up): punch again if it may help; a
@@ -549,6 +555,8 @@ class Session(ConnectionHandler):
                                  None),
             "route_switches": len(core.switches),
             "failovers": len(core.failovers),
+            "pings": core.pings,  # keepalives and liveness probes sent
+            "direct_keepalive_s": round(core.direct_keepalive, 3),
             "rtt_ms": _ms(rtt),
             "age_s": round(self.endpoint.now() - self.opened_at, 3),
             "bytes_sent": conn.bytes_sent if conn is not None else 0,

@@ -34,8 +34,11 @@ Liveness and failover (docs/architecture.md, "The session core")
     :meth:`transport_state`) or a PING it asked for is unanswered. A direct route probed with
     nothing heard on it for ``failover_timeout`` (or 3 RTTs when the path is slow, never more
     than twice the timeout) is dead: the session is back on the relay at once, with a PING
-    to get loss recovery going. An idle route (direct, or the relay) is probed with a PING
-    every ``keepalive``, which also keeps the NAT mappings open. While the direct route is
+    to get loss recovery going. An idle route is probed with a PING every ``keepalive`` (the
+    relay) or ``direct_keepalive`` (the direct route; :meth:`set_direct_keepalive`, which a
+    node raises to a third of its NAT's measured binding lifetime, mahole.binding_lifetime),
+    which also keeps the NAT mappings open. Rarer keepalives declare nothing dead: the
+    failover and peer-dead timers run only while probing (data in flight or a PING out). While the direct route is
     probed and nothing is heard on it, a PING goes out every :data:`REPROBE_INTERVAL`: on a
     lossy path one lost PING or ACK is no verdict, several unanswered in a row are. An authenticated packet by
     the relay while direct, with nothing direct for :data:`PEER_SILENT` (after
@@ -227,6 +230,7 @@ class SessionCore:
         self.allow_direct = not relay_only
         self.failover_timeout = failover_timeout
         self.keepalive = keepalive
+        self.direct_keepalive = keepalive  # idle direct route: raised once a lifetime is known
         self.repunch_cooldown = repunch_cooldown
         self.repunch_cooldown_max = repunch_cooldown_max
         self.idle_timeout = idle_timeout
@@ -501,6 +505,13 @@ class SessionCore:
         """When the intermediate (the relay) was last heard on the control connection."""
         self._relay_heard = when
 
+    def set_direct_keepalive(self, seconds: float) -> None:
+        """PING an idle direct route every ``seconds`` from now on (a node's adaptive
+        keepalive); the next one is due that long after the last direct packet heard."""
+        if seconds <= 0:
+            raise ValueError(f"a keepalive is a positive number of seconds, not {seconds!r}")
+        self.direct_keepalive = seconds
+
     def close(self, now: float) -> None:
         """The shell ends the session: no more timers or events."""
         self.closed = True
@@ -537,7 +548,7 @@ class SessionCore:
                 yield (max(self._last_ping, self.last_direct_rx, self._probe_since)
                        + max(REPROBE_INTERVAL, 2 * (self.rtt or 0.0)), "reprobe")
             else:
-                yield self.last_direct_rx + self.keepalive, "keepalive"
+                yield self.last_direct_rx + self.direct_keepalive, "keepalive"
         elif self._probe_since is None:
             yield self.last_rx + self.keepalive, "keepalive"
 

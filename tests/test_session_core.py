@@ -742,3 +742,49 @@ def test_a_routes_rtt_is_the_minimum_of_its_window_at_any_ack_rate():
             window = [value for when, value in seen if when >= now - RTT_WINDOW]
             assert core.route_rtt[RELAY] == min(window)
         assert len(core._rtt_samples[RELAY]) <= RTT_MAX_SAMPLES
+
+
+# Adaptive keepalive (a node's measured binding lifetime, mahole.binding_lifetime) ----------
+@pytest.mark.parametrize("keepalive", [8 / 3, 10.0, 15.0])
+def test_an_idle_direct_route_is_pinged_every_adapted_keepalive_and_stays_direct(keepalive):
+    pump = direct_pump(idle_timeout=1000.0)
+    pump.core.set_direct_keepalive(keepalive)
+    start = pump.now
+    pump.run(start + 300.0)  # 20 to 100 keepalives: nothing dead, nothing moved, open
+    pings = [at for at, _ in pump.of(SendPing) if at > start + 1.0 + pump.rtt]
+    assert all(keepalive <= b - a <= keepalive + 2 * pump.rtt for a, b in zip(pings, pings[1:]))
+    assert len(pings) == pytest.approx(300 / keepalive, abs=2)
+    assert [e.route for _, e in pump.of(RouteChanged)] == [DIRECT]
+    assert pump.core.failovers == [] and not pump.core.closed
+    # The relay keeps its own (it is also the control connection's socket).
+    assert pump.core.keepalive == 1.0
+
+
+def test_rarer_keepalives_still_fail_over_within_the_timeout_once_data_is_sent():
+    pump = direct_pump()
+    pump.core.set_direct_keepalive(15.0)
+    pump.run(pump.now + 20.0)
+    pump.cut.add(DIRECT)
+    pump.run(pump.now + 5.0)  # idle: the cut is not seen yet (no keepalive due)
+    assert pump.core.route == DIRECT
+    sent_at = pump.now
+    pump.send_data()  # the application writes: in-flight data drives failover
+    pump.run(pump.now + 5.0)
+    [(at, _)] = [(at, e) for at, e in pump.of(RouteChanged) if e.route == RELAY]
+    assert at - sent_at <= 0.5 + 0.01 and not pump.core.closed
+
+
+def test_an_idle_direct_cut_is_noticed_within_an_adapted_keepalive_and_the_failover():
+    pump = direct_pump()
+    pump.core.set_direct_keepalive(8.0)
+    pump.run(pump.now + 10.0)
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(cut_at + 20.0)
+    [(at, _)] = [(at, e) for at, e in pump.of(RouteChanged) if e.route == RELAY]
+    assert at - cut_at <= 8.0 + 0.5 + pump.rtt and not pump.core.closed
+
+
+def test_a_keepalive_is_a_positive_number_of_seconds():
+    with pytest.raises(ValueError):
+        Pump().core.set_direct_keepalive(0)

@@ -21,7 +21,7 @@ from aioquic.quic import events as qe
 from .. import connection as qc
 from .. import identity, local_control
 from ..debug_logs import DebugLogs
-from ..endpoint import ConnectionHandler, Endpoint
+from ..endpoint import ConnectionHandler, Endpoint, plain_addr
 from ..homing import RANK_TIMEOUT, HomeRanking
 from ..portmapping import PortMapping
 from ..punching import Puncher
@@ -522,6 +522,11 @@ class Node:
         self.closed_sessions = collections.deque(maxlen=20)  # for status: what ended, why
         self.failed = None  # Future: set to a PermanentError's message when the node must stop
         self._tasks = []
+        # Idle direct routes' keepalive: cfg.direct_keepalive until the binding lifetime of
+        # this network is measured (mahole.binding_lifetime), then a third of it.
+        self.direct_keepalive = cfg.direct_keepalive
+        self.binding_lifetime = None  # binding_lifetime.LifetimeResult, as it grows
+        self._lifetime_task = None
 
     @property
     def name(self):
@@ -556,6 +561,63 @@ class Node:
         self.port_mapping = PortMapping(self)
         self.port_mapping.start()
         self._tasks.append(loop.create_task(self.control.run()))
+        self._measure_lifetime()
+
+    # Adaptive keepalive ----------------------------------------------------------------
+    def _measure_lifetime(self):
+        """Measure the binding lifetime in the background (again after a network change):
+        not with --fixed-keepalive or --relay-only, nor against an intermediate on loopback
+        (one machine: no NAT between, and tests stay quiet)."""
+        if self._lifetime_task is not None:
+            self._lifetime_task.cancel()
+            self._lifetime_task = None
+        cfg = self.cfg
+        if not cfg.adaptive_keepalive or cfg.relay_only:
+            return
+        try:
+            if ipaddress.ip_address(self.intermediate_addr[0].split("%", 1)[0]).is_loopback:
+                return
+        except ValueError:
+            return
+        self._lifetime_task = asyncio.get_running_loop().create_task(self._lifetime())
+        self._tasks.append(self._lifetime_task)
+
+    async def _lifetime(self):
+        from .. import binding_lifetime
+        from ..netcheck_cli import measure_lifetime
+        await self.control._registered.wait()  # the home answering: no probes into a void
+        target = self.intermediate_addr
+        log.info("measuring the binding lifetime against %s", _fmt(target))
+        try:
+            result = await measure_lifetime(plain_addr(target), binding_lifetime.NODE_DELAYS,
+                                            on_update=self._lifetime_measured)
+        except OSError as exc:
+            log.info("binding lifetime not measured: %s", exc)
+            return
+        self._lifetime_measured(result)
+        log.info("binding lifetime: %s s proven (%s); idle direct routes PINGed every %.1f s",
+                 result.at_least, f"expired at {result.below:g} s" if result.below else
+                 "none expired" if result.supported else "not measurable here",
+                 self.direct_keepalive)
+
+    def _lifetime_measured(self, result):
+        from .. import binding_lifetime
+        self.binding_lifetime = result
+        cfg = self.cfg
+        keepalive = binding_lifetime.keepalive_for(
+            result.at_least, cfg.direct_keepalive,
+            ceiling=min(binding_lifetime.KEEPALIVE_MAX, cfg.e2e_idle_timeout / 2))
+        if keepalive != self.direct_keepalive:
+            self.direct_keepalive = keepalive
+            for session in list(self.sessions.values()):
+                session.set_direct_keepalive(keepalive)
+
+    def keepalive_status(self):
+        result = self.binding_lifetime
+        return {"direct_s": round(self.direct_keepalive, 3),
+                "control_s": self.cfg.keepalive_interval,
+                "measuring": bool(self._lifetime_task and not self._lifetime_task.done()),
+                "binding_lifetime": result.as_dict() if result else None}
 
     async def prepare(self):
         """The role's own start-up (listeners); StartupError if it cannot run."""
@@ -702,6 +764,13 @@ class Node:
             self.port_mapping.network_changed()
         for session in list(self.sessions.values()):
             session.network_changed(reason)
+        # Another network, another NAT: back to the configured keepalive, and measure anew.
+        if self.binding_lifetime is not None or self._lifetime_task is not None:
+            self.binding_lifetime = None
+            self.direct_keepalive = self.cfg.direct_keepalive
+            for session in list(self.sessions.values()):
+                session.set_direct_keepalive(self.direct_keepalive)
+            self._measure_lifetime()
 
     def nat_changed(self):
         """This node learnt (more of) its NAT: tell an intermediate of control protocol /3."""
@@ -789,6 +858,7 @@ class Node:
             "port_prediction": self.puncher.prediction_status() if self.puncher else None,
             "nat": self.puncher.nat_summary()._to_json_object()
             if self.puncher and self.endpoint else None,
+            "keepalive": self.keepalive_status(),
             "closed_sessions": list(self.closed_sessions),
             "control_socket": self.control_server.path if self.control_server else None,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},

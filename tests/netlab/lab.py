@@ -486,7 +486,7 @@ class Lab:
         return self.site(nat, name=name, **kwargs).host
 
     def site(self, nat="none", name=None, lan=None, link=None, uplink=None, ipv6=False,
-             ipv6_only=False, port_mapping=False):
+             ipv6_only=False, port_mapping=False, udp_timeout=None):
         """A Site: for a NAT preset a router `<name>r` (WAN on the public segment) with host
         `<name>` behind it on `lan` (default 10.0.<n>.0/24, router .1, host .2).
 
@@ -498,7 +498,11 @@ class Lab:
         router routes 2001:db8:<n>::/64 to its host without NAT, behind the stateful firewall
         nat.FIREWALL6. `ipv6_only=True` (behind a router) leaves the host without IPv4.
         `port_mapping=True` runs miniupnpd on the router (PCP, NAT-PMP: netlab/upnpd.py),
-        `port_mapping="upnp"` the same speaking UPnP-IGD only."""
+        `port_mapping="upnp"` the same speaking UPnP-IGD only. `udp_timeout` (seconds) is how
+        long the router keeps an idle UDP mapping, new or established (Router.set_udp_timeout;
+        Linux's defaults are 30 s and 120 s): the binding lifetime a node measures."""
+        if udp_timeout is not None and nat == "none":
+            raise ValueError("a public host has no router: udp_timeout needs a NAT preset")
         if ipv6_only:
             if nat == "none":
                 raise ValueError("an IPv6-only site needs a router (a NAT preset): its "
@@ -555,6 +559,8 @@ class Lab:
                        "link set eth0 up", f"route add default via {lan_ip}")
             router = Router(self, router_name, rns, nat, wan_ip, lan_ip)
             router.nft(presets.ruleset(nat, wan_ip=wan_ip, host_ip=host_ip))
+            if udp_timeout is not None:
+                router.set_udp_timeout(udp_timeout)
             if port_mapping:
                 self._start_upnpd(router, net, upnp=port_mapping == "upnp")
             host_ip6 = None
