@@ -30,7 +30,8 @@ from ._fast._kinds import RELAY_HEADER_LEN, RELAY_TOKEN_LEN
 from .connection import ALPN_E2E_STREAM_OPEN, E2E_WITH_FRAGMENTS, datagram_frame_room
 from .endpoint import ConnectionHandler
 from .pmtu import BASE_PLPMTU, PathMtu, route_ceiling
-from .session_core import (DIRECT, NONE, RELAY, RELAY_FASTER, RELAY_MOVED, Closed, RepunchDue,
+from .session_core import (DIRECT, NONE, NOTHING_HEARD, RELAY, RELAY_FASTER, RELAY_MOVED, Closed,
+                           RepunchDue,
                            RouteChanged, SendPing, SessionCore)
 from .wire import control
 from .wire.relay import session_tag
@@ -418,6 +419,8 @@ class Session(ConnectionHandler):
                 event.route, f"now {event.route}")
             log.warning("session %s to %s: %s (%s)", self.tag, self.service, where,
                         event.reason)
+            if event.reason.startswith(NOTHING_HEARD):
+                self.node.direct_route_failed(self.core.direct_keepalive)
         if self.core.repunch_at is not None:
             log.info("session %s: punching again in %.1f s", self.tag,
                      self.core.repunch_at - self.endpoint.now())

@@ -127,6 +127,7 @@ REPROBE_INTERVAL = 0.1
 RELAY_QUIET = 1.0
 RELAY_DOUBT_HOLD = 2.0
 RELAY_MOVED = "the relay moved"
+NOTHING_HEARD = "nothing heard on the direct path"  # the reason of a failover, then "for N ms"
 # Path choice by measured RTT (see the module docstring). A route's RTT is the minimum over
 # RTT_WINDOW; a move needs the other route RTT_SLOWER times faster ("50 % faster") for
 # RTT_SUSTAIN with RTT_MIN_SAMPLES samples, and the way back only RTT_RETURN (hysteresis).
@@ -578,7 +579,7 @@ class SessionCore:
             self._close("the peer stopped answering")
             return
         if "failover" in due:
-            self._direct_failed(now, "nothing heard on the direct path for "
+            self._direct_failed(now, f"{NOTHING_HEARD} for "
                                      f"{(now - self.last_direct_rx) * 1000:.0f} ms")
         elif "keepalive" in due or "reprobe" in due:
             # RFC 9000 §19.2: a PING elicits an ACK: liveness evidence, and it keeps the NAT

@@ -153,3 +153,43 @@ def test_the_keepalive_is_a_third_of_the_lifetime_between_the_floor_and_the_ceil
         at_least, expected):
     assert bl.keepalive_for(at_least, 1.0) == pytest.approx(expected)
     assert bl.keepalive_for(at_least, 1.0, ceiling=15.0) == pytest.approx(min(expected, 15.0))
+
+
+def test_a_direct_route_lost_under_an_adapted_keepalive_brings_back_the_configured_one():
+    from mahole.config import AgentConfig
+    from mahole.roles.node import REMEASURE_AFTER, Node
+
+    class FakeSession:
+        keepalive = None
+
+        def set_direct_keepalive(self, seconds):
+            self.keepalive = seconds
+
+    class Clock:
+        t = 1000.0
+
+        def now(self):
+            return self.t
+
+    node = object.__new__(Node)  # the keepalive part of a node, no sockets
+    node.cfg = AgentConfig()
+    node.endpoint = Clock()
+    node.sessions = {b"s": FakeSession()}
+    node.direct_keepalive = node.cfg.direct_keepalive
+    node.binding_lifetime = None
+    node._lifetime_task = None
+    node._lifetime_started = None
+    measured = []
+    node._measure_lifetime = lambda: measured.append(node.endpoint.now())
+    node._lifetime_started = 990.0
+    node._lifetime_measured(bl.LifetimeResult(at_least=30, below=None, supported=True))
+    assert node.direct_keepalive == 10.0 and node.sessions[b"s"].keepalive == 10.0
+    node.direct_route_failed(1.0)  # under the configured keepalive: nothing to doubt
+    assert node.direct_keepalive == 10.0 and measured == []
+    node.direct_route_failed(10.0)
+    assert node.direct_keepalive == 1.0 and node.sessions[b"s"].keepalive == 1.0
+    assert node.binding_lifetime is None and measured == []  # measured 10 s ago: not again
+    node._lifetime_measured(bl.LifetimeResult(at_least=30, below=None, supported=True))
+    node.endpoint.t = 990.0 + REMEASURE_AFTER
+    node.direct_route_failed(10.0)
+    assert node.direct_keepalive == 1.0 and measured == [990.0 + REMEASURE_AFTER]

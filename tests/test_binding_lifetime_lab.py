@@ -91,7 +91,8 @@ def _direct_session(d):
 
 
 def test_an_idle_direct_session_behind_a_short_lived_nat_stays_direct(lab, tmp_path):  # noqa: F811
-    d = Deployment(lab, tmp_path, "none", "symmetric", connector_site={"udp_timeout": 8})
+    d = Deployment(lab, tmp_path, "none", "symmetric", connector_site={"udp_timeout": 8},
+                   adaptive_keepalive=True)
     _direct_session(d)
     # 2, 3, 5 and 7 s answered (about 10 s after start; 12 s will not be): a keepalive of
     # 7/3 s from then on.
@@ -111,7 +112,8 @@ def test_an_idle_direct_session_behind_a_short_lived_nat_stays_direct(lab, tmp_p
 
 
 def test_behind_a_long_lived_nat_an_idle_session_sends_fewer_keepalives(lab, tmp_path):  # noqa: F811
-    d = Deployment(lab, tmp_path, "none", "port-restricted", connector_site={"udp_timeout": 60})
+    d = Deployment(lab, tmp_path, "none", "port-restricted", connector_site={"udp_timeout": 60},
+                   adaptive_keepalive=True)
     _direct_session(d)
     # 20 s of idle proven (about 23 s after start): a keepalive of 20/3 s on both nodes
     # (the agent, on the public segment, sees nothing expire at all).
@@ -130,7 +132,7 @@ def test_behind_a_long_lived_nat_an_idle_session_sends_fewer_keepalives(lab, tmp
 
 def test_a_fixed_keepalive_longer_than_the_lifetime_loses_the_direct_route(lab, tmp_path):  # noqa: F811
     """The control of the test above: what the adapted keepalive prevents."""
-    fixed = ("--fixed-keepalive", "--keepalive", "12")
+    fixed = ("--keepalive", "12")  # and --fixed-keepalive, the lab's default
     d = Deployment(lab, tmp_path, "none", "symmetric", connector_site={"udp_timeout": 8},
                    connector_args=fixed, agent_args=fixed)
     _direct_session(d)

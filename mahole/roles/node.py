@@ -497,6 +497,11 @@ def _fmt(addr):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A direct route lost under an adapted keepalive measures the binding lifetime again, at most
+# this often (s).
+REMEASURE_AFTER = 300.0
+
+
 class Node:
     """Base of agent and connector: socket, endpoint, control client, status server."""
 
@@ -527,6 +532,7 @@ class Node:
         self.direct_keepalive = cfg.direct_keepalive
         self.binding_lifetime = None  # binding_lifetime.LifetimeResult, as it grows
         self._lifetime_task = None
+        self._lifetime_started = None  # endpoint time of the last measurement's start
 
     @property
     def name(self):
@@ -579,6 +585,7 @@ class Node:
                 return
         except ValueError:
             return
+        self._lifetime_started = self.endpoint.now()
         self._lifetime_task = asyncio.get_running_loop().create_task(self._lifetime())
         self._tasks.append(self._lifetime_task)
 
@@ -611,6 +618,28 @@ class Node:
             self.direct_keepalive = keepalive
             for session in list(self.sessions.values()):
                 session.set_direct_keepalive(keepalive)
+
+    def direct_route_failed(self, keepalive):
+        """A session's direct route died while PINGed every ``keepalive`` s. If that was an
+        adapted keepalive, the NAT may expire mappings sooner than it did when measured (some
+        shorten their timeouts under load): back to the configured keepalive at once, and
+        measure again (at most every REMEASURE_AFTER s; a path that is simply cut costs
+        that)."""
+        cfg = self.cfg
+        if keepalive <= cfg.direct_keepalive or self.binding_lifetime is None:
+            return
+        log.info("a direct route died with a keepalive of %.1f s: back to %.1f s",
+                 keepalive, cfg.direct_keepalive)
+        self.binding_lifetime = None
+        self.direct_keepalive = cfg.direct_keepalive
+        for session in list(self.sessions.values()):
+            session.set_direct_keepalive(self.direct_keepalive)
+        if self._lifetime_task is not None:
+            self._lifetime_task.cancel()  # its verdict is in doubt too
+            self._lifetime_task = None
+        started = self._lifetime_started
+        if started is None or self.endpoint.now() - started >= REMEASURE_AFTER:
+            self._measure_lifetime()
 
     def keepalive_status(self):
         result = self.binding_lifetime
