@@ -249,16 +249,30 @@ class Session(ConnectionHandler):
         self.core.relay_moved(addr, now)
         self._pump(now)
 
-    def network_changed(self, reason):
-        """This node's public address moved: off the direct route, and punch again now."""
+    def network_changed(self, reason, repunch=True):
+        """This node's network moved: off the direct route, and punch again now (or, with
+        repunch False, at repunch_now())."""
         now = self.endpoint.now()
-        self.core.network_changed(now, reason)
+        self.core.network_changed(now, reason, repunch)
         self._pump(now)
 
     def set_direct_keepalive(self, seconds):
         """The node's keepalive for idle direct routes changed (its NAT's binding lifetime)."""
         self.core.set_direct_keepalive(seconds)
         self._arm()
+
+    def repunch_now(self):
+        now = self.endpoint.now()
+        self.core.repunch_now(now)
+        self._pump(now)
+
+    def direct_local_ip(self):
+        """The local address the direct route was punched from (None: not known)."""
+        outcome = self.punch_outcome
+        if self.core.direct_addr is None or outcome is None or outcome.pair is None:
+            return None
+        local = outcome.pair.local
+        return (local.related_addr or local.addr)[0]
 
     def candidates_grew(self):
         """A new local candidate (a port mapping came up): punch again if it may help; a

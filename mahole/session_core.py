@@ -62,9 +62,10 @@ Resumption (control protocol /2)
     (:meth:`relay_heard`) is held for :data:`RELAY_DOUBT_HOLD` rather than given up.
 
 Network changes
-    :meth:`network_changed` (the node's public address moved) takes a direct session back to
-    the relay at once, and the controlling side punches again at once: a new network is not
-    a flapping path, so no cool-down applies.
+    :meth:`network_changed` (the node's public address moved, or its own addresses or
+    default route changed) takes a direct session back to the relay at once, and the
+    controlling side punches again at once (:meth:`repunch_now`): a new network is not a
+    flapping path, so no cool-down applies.
 
 Path choice by measured RTT (controlling side only)
     Each route's RTT is the minimum of its samples over the last :data:`RTT_WINDOW` (one
@@ -437,19 +438,27 @@ class SessionCore:
         elif self.controlling and self.switches and self.direct_addr is None:
             self._schedule_repunch(now)  # it was direct once: keep trying, with pauses
 
-    def network_changed(self, now: float, reason: str) -> None:
+    def network_changed(self, now: float, reason: str, repunch: bool = True) -> None:
         """This node's own network changed (its public address moved: a new uplink, a NAT
-        that rebound): the direct route is gone with the old address, which is no failed
-        route. Back to the relay at once, without waiting for the failover timeout, and the
-        controlling side punches again now, not after a cool-down."""
+        that rebound; or the kernel says an address or the default route went): the direct
+        route is gone with the old address, which is no failed route. Back to the relay at
+        once, without waiting for the failover timeout, and the controlling side punches
+        again now, not after a cool-down (with ``repunch`` False: when :meth:`repunch_now`
+        says, once the new public address is known)."""
         if self.closed:
             return
         self.network_changes += 1
         self._forget_rtts()
         if self.direct_addr is not None:
             self._direct_failed(now, reason, counts=False)
+        if repunch:
+            self.repunch_now(now)
+
+    def repunch_now(self, now: float) -> None:
+        """The controlling side of a relayed session that was direct (or is waiting to punch
+        again) punches again now, with no cool-down: its network changed."""
         if self.controlling and self.allow_direct and self.route == RELAY and self.relay_up \
-                and (self.switches or self.repunch_at is not None):
+                and not self.closed and (self.switches or self.repunch_at is not None):
             self.repunch_at = now
 
     def candidates_grew(self, now: float) -> None:

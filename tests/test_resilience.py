@@ -132,6 +132,52 @@ def test_a_new_public_address_mid_transfer_is_followed_at_once(lab, tmp_path):
     assert d.round_trip(probe) == probe
 
 
+def test_a_move_to_another_uplink_mid_transfer_is_noticed_by_the_node_itself(lab, tmp_path):
+    """The agent's host has two uplinks, each behind a NAT of its own, as a phone has Wi-Fi
+    and LTE; under a transfer the first goes (its address and default route removed). The
+    agent's own network monitor (rtnetlink), not the intermediate's report, notices it:
+    back to the relay at once, the intermediate prodded for the new public address, and
+    punching again from the second uplink. The same stream on the same QUIC connection goes
+    on, byte-identical; the longest stall stays under 1 s and the session is direct again
+    within 1.5 s."""
+    d = direct_deployment(lab, tmp_path)
+    agent = d.agent_host
+    lab.add_uplink(agent, "port-restricted", link=LINK)
+    status = wait(lambda: (s := d.status(d.agent)) and any(
+        agent.uplinks[0][1] in c["reason"] for c in s["network"]["recent_changes"]) and s, 10,
+        "the monitor to see the second uplink's address", d)
+    assert status["network"]["monitor"] == "netlink"
+    seen = len(status["network"]["recent_changes"])
+    before = status["intermediate"]["observed_addr"]
+    tag = d.session()["session"]
+    data = os.urandom((8 << 20) // SCALE)
+    transfer = Transfer(d, data, pace=0.01)
+    wait(lambda: len(transfer.received) > (512 << 10) // SCALE, 20,
+         "the transfer to get going", d)
+    moved_at = time.monotonic()
+    router = agent.leave_uplink()
+    wait(lambda: (s := d.session()) and s["path"] == "direct" and s["network_changes"] >= 1,
+         10, "the direct path to be re-established", d)
+    direct_after = time.monotonic() - moved_at
+    assert transfer.join() == data, d.logs()  # the same stream, byte-identical
+    stall = transfer.longest_stall_after(moved_at)
+    record("move_stall_s", stall)
+    record("move_to_direct_s", direct_after)
+    status = d.status(d.agent)
+    assert status["intermediate"]["observed_addr"].split(":")[0] == router.wan_ip != before
+    changes = status["network"]["recent_changes"][seen:]
+    assert changes and changes[0]["by"] == "netlink", changes  # noticed here, first
+    assert "default route" in changes[0]["reason"], changes
+    session = d.session()
+    assert session["session"] == tag and not status["closed_sessions"]  # the same session
+    assert session["failovers"] == 0  # a move is not a failed route
+    print(f"uplink moved: longest stall {stall:.2f} s, direct again after {direct_after:.2f} s")
+    assert stall < 1.0, d.logs()
+    assert direct_after < 1.5, d.logs()
+    probe = os.urandom(256 << 10)
+    assert d.round_trip(probe) == probe
+
+
 def test_direct_session_outlives_the_intermediate_and_nodes_come_back(lab, tmp_path):
     d = direct_deployment(lab, tmp_path)
     d.intermediate.send_signal(signal.SIGKILL)

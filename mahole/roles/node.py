@@ -23,6 +23,7 @@ from .. import identity, local_control
 from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint, plain_addr
 from ..homing import RANK_TIMEOUT, HomeRanking
+from ..netmonitor import NetworkMonitor
 from ..portmapping import PortMapping
 from ..punching import Puncher
 from ..status import StatusServer
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 # same one restarted) to take it over (SessionResumed) before it ends: re-homing takes up
 # to 3 s, the resumption a round trip more.
 RESUME_HOLD = 5.0
+# After the kernel said this node's network changed, sessions punch again once the
+# intermediate has reported the new public address (the srflx candidate the peer needs),
+# one control round trip after the PING that prods it; at the latest after two round trips
+# and this margin, with what is known then (a move behind the same public address).
+MOVE_WAIT_MARGIN = 0.05
+MOVE_WAIT_MAX = 1.0
 CONTROL_STREAM = 0  # the first client-initiated bidirectional stream (RFC 9000 §2.1)
 
 
@@ -328,6 +335,17 @@ class ControlClient(ConnectionHandler):
         endpoint.set_timer((self, "keepalive"), endpoint.now() + self.node.cfg.keepalive_interval,
                            self._keepalive)
 
+    def prod(self):
+        """One QUIC PING now (RFC 9000 §19.2): from a new network, the intermediate sees the
+        new address and reports it (ObservedAddress) one round trip later."""
+        conn = self.connection
+        if conn is None or conn.closed or not self.connected:
+            return False
+        self._pings += 1
+        conn.quic.send_ping(self._pings)
+        conn.transmit()
+        return True
+
     def _keepalive(self, now):
         """QUIC PINGs (RFC 9000 §19.2) keep the connection and the NAT mapping alive; an
         intermediate that stops answering them is given up on (and reconnected to) after
@@ -526,6 +544,12 @@ class Node:
         self.sessions = {}
         self.closed_sessions = collections.deque(maxlen=20)  # for status: what ended, why
         self.failed = None  # Future: set to a PermanentError's message when the node must stop
+        self.netmonitor = None  # mahole.netmonitor: the kernel's word on this host's network
+        # Changes of this node's network acted on, by who noticed: the kernel (rtnetlink) or
+        # the intermediate (a new observed address); the last few, for status.
+        self.network_changes = {"netlink": 0, "observed_address": 0}
+        self.network_log = collections.deque(maxlen=8)
+        self._move_pending = False  # left direct routes on the kernel's word; punch when known
         self._tasks = []
         # Idle direct routes' keepalive: cfg.direct_keepalive until the binding lifetime of
         # this network is measured (mahole.binding_lifetime), then a third of it.
@@ -555,6 +579,10 @@ class Node:
         self.endpoint.start()
         self.puncher = Puncher(self)
         self.control = ControlClient(self)
+        self.netmonitor = NetworkMonitor(self.local_network_changed)
+        if not self.netmonitor.start():
+            log.info("no network monitor (%s): a move to another network is noticed when "
+                     "the intermediate reports a new address", self.netmonitor.state)
         try:
             self.status_server = await start_status(self.cfg.status, self.status, self.metrics)
             await self.prepare()
@@ -677,6 +705,10 @@ class Node:
             session.close("node stopping")
         if self.control is not None:
             self.control.stop()
+        if self.netmonitor is not None:
+            self.netmonitor.close()
+        if self.endpoint is not None:
+            self.endpoint.cancel_timer((self, "move"))
         if self.puncher is not None:
             self.puncher.close()
         if self.port_mapping is not None:
@@ -788,7 +820,12 @@ class Node:
     def network_changed(self, reason):
         """This node's public address moved (a new uplink, a NAT that rebound): direct
         routes went with the old one. Sessions go back to the relay at once and the agent
-        punches again now (the candidates are gathered anew, with the new address)."""
+        punches again now (the candidates are gathered anew, with the new address). After
+        the kernel's word on a move (local_network_changed) this is the address awaited."""
+        self._note_change("observed_address", reason)
+        if self._move_pending:
+            self._punch_after_move(reason, observed=True)
+            return
         if self.port_mapping is not None:
             self.port_mapping.network_changed()
         for session in list(self.sessions.values()):
@@ -807,6 +844,48 @@ class Node:
         if (control_client is not None and control_client.connected
                 and control_client.nat_aware and self.puncher is not None):
             control_client.send(self.puncher.nat_summary())
+
+    def local_network_changed(self, change):
+        """The kernel says this host's network changed (mahole.netmonitor): an address went
+        or a default route moved, before any peer could notice. Direct routes from a gone
+        address (all of them when the default route moved) go back to the relay at once,
+        the control connection is prodded so that the intermediate sees the new address,
+        and the agent punches again as soon as that address is known. An address added
+        alone breaks nothing: a relayed session may try it (candidates_grew)."""
+        reason = f"this node's network changed ({change.reason})"
+        self._note_change("netlink", reason)
+        if not (change.gone or change.routes):
+            self.candidates_grew()
+            return
+        if self.port_mapping is not None:
+            self.port_mapping.network_changed()
+        prodded = self.control is not None and self.control.prod()
+        for session in list(self.sessions.values()):
+            ip = session.direct_local_ip()
+            if change.routes or ip is None or ip in change.gone \
+                    or ipaddress.ip_address(ip).is_unspecified:
+                session.network_changed(reason, repunch=False)
+        rtt = (self.control.rtt if prodded else None) or 0.0
+        self._move_pending = True
+        self.endpoint.set_timer((self, "move"), self.endpoint.now() + min(
+            2 * rtt + MOVE_WAIT_MARGIN, MOVE_WAIT_MAX),
+            lambda _now: self._punch_after_move("no new public address reported"))
+
+    def _punch_after_move(self, why, observed=False):
+        self._move_pending = False
+        self.endpoint.cancel_timer((self, "move"))
+        log.info("punching again after this node's network changed (%s)", why)
+        for session in list(self.sessions.values()):
+            if session.core.direct_addr is None:
+                session.repunch_now()
+            elif observed:
+                session.network_changed(why)  # still direct, but its public address moved
+        self.endpoint.flush()
+
+    def _note_change(self, by, reason):
+        self.network_changes[by] += 1
+        self.network_log.append({"by": by, "reason": reason, "at": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
     def candidates_grew(self):
         """The router mapped a port (or a new one): sessions that could not go direct try
@@ -882,6 +961,9 @@ class Node:
                 "last_error": control_client.last_error if control_client else None,
             },
             "port_mapping": self.port_mapping.status() if self.port_mapping else None,
+            "network": {**(self.netmonitor.status() if self.netmonitor else {}),
+                        "network_changes": dict(self.network_changes),
+                        "recent_changes": list(self.network_log)},
             "sessions": [s.stats() for s in self.sessions.values()],
             "duplicate_signaling": self.puncher.duplicate_signaling if self.puncher else 0,
             "port_prediction": self.puncher.prediction_status() if self.puncher else None,

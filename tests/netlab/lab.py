@@ -184,6 +184,19 @@ class Host(Node):
         self.ip6 = ip6
         self.router = router
         self.site = None
+        self.uplinks = []  # (router, own address, wire) of each lab.add_uplink
+
+    def leave_uplink(self):
+        """The first uplink goes away as Wi-Fi does when out of range: eth0 loses its
+        address (and with it the default route through it), in one command, so the host's
+        traffic leaves through the next uplink (lab.add_uplink). Returns that uplink's
+        Router, now `router`."""
+        if not self.uplinks:
+            raise ValueError(f"{self.name} has no other uplink (lab.add_uplink)")
+        router, ip, _wire = self.uplinks.pop(0)
+        self.run(["ip", "addr", "flush", "dev", "eth0"])
+        self.router, self.ip = router, ip
+        return router
 
     @property
     def public_ip(self):
@@ -586,6 +599,33 @@ class Lab:
         self.sites.append(site)
         self.hosts.append(host)
         return site
+
+    def add_uplink(self, host, nat="port-restricted", link=None, metric=200):
+        """A second way out for `host` (behind a router): a new router running NAT preset
+        `nat` on a LAN of its own, reached by the host's interface `eth1`, through a `link`
+        if given. Its default route has `metric` (the first uplink's is 0), so it is the
+        backup a phone's LTE is to its Wi-Fi until `host.leave_uplink()`. Returns the Router."""
+        if host.router is None or host.ip is None:
+            raise ValueError(f"{host.name} has no router: a second uplink needs a first one")
+        router_name = self._name(host.name + "b", "r")
+        index = sum(1 for s in self.sites if s.router) + 1 + len(host.uplinks)
+        net = ipaddress.ip_network(f"10.0.{100 + index}.0/24")
+        lan_ip, host_ip = (str(a) for a in list(net.hosts())[:2])
+        wan_ip = next(self._public_ips)
+        rns = self._namespace(router_name)
+        _ns.write_sysctls(rns, _quiet_sysctls(forwarding=True))
+        self._plug_public(rns, "wan", f"v-{router_name}")
+        wire_node = self._link(rns, "lan", host.ns, "eth1", link)
+        _ns.ip(rns, f"addr add {wan_ip}/{PUBLIC_NET.prefixlen} dev wan",
+               f"addr add {lan_ip}/{net.prefixlen} dev lan",
+               "link set lo up", "link set wan up", "link set lan up")
+        _ns.ip(host.ns, f"addr add {host_ip}/{net.prefixlen} dev eth1", "link set eth1 up",
+               f"route add default via {lan_ip} metric {int(metric)}")
+        router = Router(self, router_name, rns, nat, wan_ip, lan_ip)
+        router.nft(presets.ruleset(nat, wan_ip=wan_ip, host_ip=host_ip))
+        router.host = host
+        host.uplinks.append((router, host_ip, wire_node))
+        return router
 
     def _start_upnpd(self, router, net, upnp):
         if self._stun is None:
