@@ -4,13 +4,15 @@ Runs the NAT-lab resilience tests (tests/test_resilience.py: real role processes
 namespaces with nftables NATs; needs root) --runs times; each run records how long traffic
 stalled after a direct path was cut mid-transfer, how long an idle cut took to notice, how long
 after the cut was lifted the session was direct again, how long a transfer stalled and how
-long the session took to be direct again when the agent's public address moved, and how long nodes took to re-register once the intermediate returned. The NAT
+long the session took to be direct again when the agent's public address moved (its NAT
+rebound) and when its host moved to another uplink behind another NAT (noticed by its own
+network monitor), and how long nodes took to re-register once the intermediate returned. The NAT
 matrix (time to direct per cell) comes from tests/test_nat_matrix.py the same way.
 
     sudo python benchmarks/bench_resilience.py [--runs N] [--quick] [--matrix]
     sudo python benchmarks/bench_resilience.py --links lan,wifi,lte,long [--runs N]
 
-With --links, the active cut and the roaming test run on each link preset (tests/netlab/
+With --links, the active cut and the roaming tests run on each link preset (tests/netlab/
 wire.py, on both nodes' links) and the table gives p50 and p95 per preset.
 """
 
@@ -33,6 +35,8 @@ TARGETS = {  # the resilience and real-links issues' goals, in seconds
     "failover_idle_s": 3.0,
     "roaming_stall_s": 1.0,
     "roaming_to_direct_s": 1.5,
+    "move_stall_s": 1.0,
+    "move_to_direct_s": 1.5,
     "reregister_s": 5.0,
 }
 LABELS = {
@@ -41,12 +45,15 @@ LABELS = {
     "recovery_s": "cut lifted -> direct again",
     "roaming_stall_s": "new public address under a transfer -> longest stall",
     "roaming_to_direct_s": "new public address -> direct again",
+    "move_stall_s": "uplink moved to another NAT under a transfer -> longest stall",
+    "move_to_direct_s": "uplink moved -> direct again",
     "reregister_s": "intermediate back -> nodes re-registered",
 }
 
 
-LINK_EVENTS = ("failover_active_s", "roaming_stall_s", "roaming_to_direct_s")
-LINK_TESTS = "cut_mid_transfer or new_public_address"
+LINK_EVENTS = ("failover_active_s", "roaming_stall_s", "roaming_to_direct_s", "move_stall_s",
+               "move_to_direct_s")
+LINK_TESTS = "cut_mid_transfer or new_public_address or move_to_another_uplink"
 
 
 def run_tests(test_file, out_dir, keyword=None, env=None):

@@ -46,6 +46,12 @@ class Puncher:
         # attempt): ignored, counted.
         self.duplicate_signaling = 0
         self.probe = None  # the MappingProbe of the current registration
+        # Answers still to come to offers this node replaced before they were answered (a
+        # network that changed twice in a round trip): the intermediate forwards answers in
+        # the order of the offers, so that many answers are an earlier round's and skipped;
+        # their credentials would fail every check of the current one.
+        self._stale_answers = {}  # session -> count
+        self.stale_answers = 0
 
     def probe_mapping(self):
         """Observe the socket's mappings again (after registering, or when the observed
@@ -136,6 +142,10 @@ class Puncher:
     def local_description(self, session, controlling):
         """Gather candidates and make credentials for the offer (agent) or answer (connector)."""
         cfg = self.node.cfg
+        previous = self.punches.get(session)
+        if controlling and previous is not None and previous.remote_ufrag is None \
+                and previous.started_at is None:
+            self._stale_answers[session] = self._stale_answers.get(session, 0) + 1
         self.forget(session)  # punching again (after a failover) starts afresh
         host, port = self.endpoint.local_address[:2]
         # A node that itself lives on loopback (a test or a one-machine deployment) may be
@@ -156,6 +166,10 @@ class Puncher:
 
     def remote_description(self, session, message):
         punch = self.punches.get(session)
+        if self._stale_answers.get(session):
+            self._stale_answers[session] -= 1
+            self.stale_answers += 1
+            return
         if punch is None or punch.remote_ufrag is not None:
             self.duplicate_signaling += 1
             return
@@ -184,6 +198,8 @@ class Puncher:
         now = self.now()
         probe = self.probe
         if probe is not None and not probe.done and probe.receive_stun(data, addr, now):
+            if len(probe.ports) == 1:  # the mapping toward the intermediate's own address
+                self.node.mapping_observed((probe.public_ip, probe.ports[0]))
             self._probe_pump(probe)
             return True
         for session, punch in list(self.punches.items()):

@@ -23,6 +23,7 @@ from .. import identity, local_control
 from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint, plain_addr
 from ..homing import RANK_TIMEOUT, HomeRanking
+from ..ice.candidates import normalize_addr
 from ..netmonitor import NetworkMonitor
 from ..portmapping import PortMapping
 from ..punching import Puncher
@@ -36,10 +37,11 @@ log = logging.getLogger(__name__)
 # to 3 s, the resumption a round trip more.
 RESUME_HOLD = 5.0
 # After the kernel said this node's network changed, sessions punch again once the
-# intermediate has reported the new public address (the srflx candidate the peer needs),
-# one control round trip after the PING that prods it; at the latest after two round trips
-# and this margin, with what is known then (a move behind the same public address).
-MOVE_WAIT_MARGIN = 0.05
+# intermediate has reported the new public address (the srflx candidate the peer needs):
+# two control round trips after the PING that prods it, as it validates the new path before
+# it believes it (RFC 9000 §8.2); at the latest after three round trips and this margin,
+# with what is known then (a move behind the same public address).
+MOVE_WAIT_MARGIN = 0.1
 MOVE_WAIT_MAX = 1.0
 CONTROL_STREAM = 0  # the first client-initiated bidirectional stream (RFC 9000 §2.1)
 
@@ -480,7 +482,8 @@ class ControlClient(ConnectionHandler):
             before, self.observed_addr = self.observed_addr, tuple(message.addr)
             log.info("observed address is now %s", _fmt(self.observed_addr))
             self.node.puncher.probe_mapping()
-            if before is not None and before != self.observed_addr:
+            if before is not None and normalize_addr(before) != normalize_addr(
+                    self.observed_addr):  # not already learnt by STUN (mapping_observed)
                 self.node.network_changed(f"this node's public address moved from "
                                           f"{_fmt(before)} to {_fmt(self.observed_addr)}")
         elif isinstance(message, control.Ping):
@@ -860,6 +863,8 @@ class Node:
         if self.port_mapping is not None:
             self.port_mapping.network_changed()
         prodded = self.control is not None and self.control.prod()
+        if prodded:
+            self.puncher.probe_mapping()  # the new public address, one round trip away
         for session in list(self.sessions.values()):
             ip = session.direct_local_ip()
             if change.routes or ip is None or ip in change.gone \
@@ -868,8 +873,22 @@ class Node:
         rtt = (self.control.rtt if prodded else None) or 0.0
         self._move_pending = True
         self.endpoint.set_timer((self, "move"), self.endpoint.now() + min(
-            2 * rtt + MOVE_WAIT_MARGIN, MOVE_WAIT_MAX),
+            3 * rtt + MOVE_WAIT_MARGIN, MOVE_WAIT_MAX),
             lambda _now: self._punch_after_move("no new public address reported"))
+
+    def mapping_observed(self, addr):
+        """A STUN answer from the intermediate's own address (Puncher.probe_mapping): this
+        socket's public address, the one its control connection is observed at. After a
+        move it comes one round trip after asking, where the intermediate's ObservedAddress
+        waits for the new path to be validated: punch with it now."""
+        control_client = self.control
+        before = control_client.observed_addr
+        if not self._move_pending or before is None or normalize_addr(before) == addr:
+            return
+        control_client.observed_addr = addr
+        log.info("observed address is now %s (STUN)", _fmt(addr))
+        self.network_changed(f"this node's public address moved from {_fmt(before)} to "
+                             f"{_fmt(addr)}")
 
     def _punch_after_move(self, why, observed=False):
         self._move_pending = False
