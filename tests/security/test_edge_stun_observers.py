@@ -148,3 +148,35 @@ def test_an_alt_port_in_use_is_one_line(certs):
         run(main_(), timeout=30)
     finally:
         holder.close()
+
+
+def test_held_answers_are_no_pulse_amplifier(certs):
+    """RESPONSE-DELAY (binding lifetime discovery): answers held to land later go to their
+    request's source only, one per request, and at most MAX_DELAYED_PER_SOURCE of one source
+    host are held at once: a flood timed to land together on one victim is that few answers;
+    the rest are answered at once, without the echo."""
+    from mahole.stun_server import MAX_DELAYED_PER_SOURCE
+
+    async def main():
+        async with LoneIntermediate(certs, stun_rate=1000.0) as inter:
+            main_addr = inter.endpoint.local_address[:2]
+            client, bystander = await Client.open(), await Client.open()
+            count = MAX_DELAYED_PER_SOURCE + 40
+            for _ in range(count):
+                client.transport.sendto(stun.encode(stun.binding_request(
+                    response_delay=600)), main_addr)
+            await asyncio.sleep(0.3)
+            at_once = [stun.decode(d) for d, _ in client.received]
+            assert len(at_once) == count - MAX_DELAYED_PER_SOURCE
+            assert all("RESPONSE-DELAY" not in m.attributes for m in at_once)
+            await asyncio.sleep(0.8)
+            late = [stun.decode(d) for d, _ in client.received[len(at_once):]]
+            assert len(late) == MAX_DELAYED_PER_SOURCE
+            assert all(m.attributes["RESPONSE-DELAY"] == 600 for m in late)
+            assert len({m.transaction_id for m in at_once + late}) == count
+            assert inter.counters["stun_delayed"] == MAX_DELAYED_PER_SOURCE
+            assert inter.counters["stun_delay_refused"] == count - MAX_DELAYED_PER_SOURCE
+            assert bystander.received == []
+            client.transport.close()
+            bystander.transport.close()
+    run(main(), timeout=30)
