@@ -13,12 +13,15 @@ and nodes adapting the keepalive of idle direct routes to it.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 from mahole import identity
-from mahole.binding_lifetime import QUICK_DELAYS
+import pytest
+
+from mahole.binding_lifetime import FULL_DELAYS, QUICK_DELAYS
 from labroles import Deployment, wait
 from netlab import lab  # noqa: F401 - the fixture
 
@@ -37,8 +40,8 @@ def _intermediate(public, tmp_path):
                         stderr=subprocess.STDOUT)
 
 
-def _step_below(value):
-    return max(d for d in QUICK_DELAYS if d < value)
+def _step_below(value, delays=QUICK_DELAYS):
+    return max(d for d in delays if d < value)
 
 
 def test_netcheck_quick_brackets_the_routers_udp_timeout(lab, tmp_path):  # noqa: F811
@@ -69,6 +72,44 @@ def test_netcheck_quick_brackets_the_routers_udp_timeout(lab, tmp_path):  # noqa
         assert at_least >= _step_below(t), (t, seen[t])
     assert seen[60]["at_least_s"] == max(QUICK_DELAYS) and seen[60]["below_s"] is None
     assert took < 40  # --quick: the longest probe (25 s), its warm-up, the staggering
+
+
+FULL_ENV = "MAHOLE_LIFETIME_FULL"
+
+
+@pytest.mark.skipif(not os.environ.get(FULL_ENV),
+                    reason=f"about two minutes: {FULL_ENV}=1 (a benchmark-only run)")
+def test_netcheck_lifetime_brackets_long_timeouts(lab, tmp_path):  # noqa: F811
+    """`--lifetime` (idle times up to 120 s) behind routers at 30, 45, 90 s and Linux's
+    defaults (30 s for a new flow, 120 s once answered: the probes' is answered)."""
+    public = lab.public_host(name="inter")
+    timeouts = (30, 45, 90, None)
+    hosts = {t: lab.host("port-restricted", name=f"t{t or 0}",
+                         **({"udp_timeout": t} if t else {})) for t in timeouts}
+    _intermediate(public, tmp_path)
+    relay = f"{public.ip}:{PORT}"
+    wait(lambda: hosts[30].run([sys.executable, "-m", "mahole", "netcheck", "--intermediate",
+                                relay, "--timeout", "0.5", "-q"], check=False).returncode == 0,
+         20, "the intermediate")
+    started = time.monotonic()
+    procs = {t: host.popen([sys.executable, "-m", "mahole", "netcheck", "--intermediate", relay,
+                            "--json", "--lifetime"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for t, host in hosts.items()}
+    seen = {}
+    for t, proc in procs.items():
+        out, err = proc.communicate(timeout=200)
+        assert proc.returncode == 0, (t, err)
+        seen[t] = json.loads(out)["binding_lifetime"]
+    print("set timeout -> measured:", json.dumps({str(k): v for k, v in seen.items()}),
+          f"in {time.monotonic() - started:.1f} s")
+    default = int(hosts[None].router.sysctl("net.netfilter.nf_conntrack_udp_timeout_stream"))
+    for key, t in ((30, 30), (45, 45), (90, 90), (None, default)):
+        got = seen[key]
+        if t >= max(FULL_DELAYS):  # Linux's 120 s (180 s on newer kernels): over the range
+            assert got["at_least_s"] >= _step_below(max(FULL_DELAYS), FULL_DELAYS), (t, got)
+            continue
+        assert got["at_least_s"] <= t <= got["below_s"], (t, got)
+        assert got["at_least_s"] >= _step_below(t, FULL_DELAYS), (t, got)
 
 
 def _idle(d, node, seconds):
