@@ -9,6 +9,10 @@ punching, session cores, keepalives. Connections that carry an end-to-end sessio
 *path*: aioquic sees a stable virtual peer address, and the path decides where each packet
 really goes.
 
+The one exception to one socket is birthday probing (docs/architecture.md): a side socket
+that won becomes the route to one peer address (`add_side_socket`): every datagram to that
+address leaves from it, and what it receives is processed like the main socket's.
+
 Nothing a peer sends may break the loop: an exception while handling one datagram or one
 timer is logged once per kind, counted, and the rest of the batch is processed.
 """
@@ -246,6 +250,7 @@ class Endpoint:
         self._outbox = deque()
         self._writer_waiting = False
         self._closed = False
+        self._side = {}  # peer address -> side socket routing it (birthday probing)
 
     @property
     def local_address(self):
@@ -269,7 +274,63 @@ class Endpoint:
                 self.loop.remove_writer(self.sock.fileno())
         if self._timer_handle is not None:
             self._timer_handle.cancel()
+        for addr in list(self._side):
+            self.remove_side_socket(addr)
         self.sock.close()
+
+    # The one-socket exception ----------------------------------------------------------
+    def add_side_socket(self, sock, addr):
+        """From now on datagrams to ``addr`` (a plain (host, port)) leave from ``sock``, and
+        what ``sock`` receives is routed like the main socket's. The endpoint owns it."""
+        old = self._side.get(addr)
+        if old is not None and old is not sock:
+            self.remove_side_socket(addr)
+        self._side[addr] = sock
+        self.counters.setdefault("side_sent", 0)
+        self.loop.add_reader(sock.fileno(), self._on_side_readable, sock)
+
+    def remove_side_socket(self, addr, sock=None):
+        """Close the side socket of ``addr`` (only if it is ``sock``, when given)."""
+        current = self._side.get(addr)
+        if current is None or (sock is not None and current is not sock):
+            return
+        del self._side[addr]
+        if self.loop is not None:
+            self.loop.remove_reader(current.fileno())
+        current.close()
+
+    def side_routes(self):
+        return list(self._side)
+
+    def _on_side_readable(self, sock):
+        batch = []
+        for _ in range(self.batch.batch_size):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # an ICMP error surfacing on the socket
+                log.debug("side socket receive error: %s", exc)
+                break
+            batch.append((data, addr[:2]))
+        if batch:
+            self.process(batch)
+        self.flush()
+
+    def _send_aside(self, datagrams):
+        """The datagrams not routed through a side socket (those are sent here, now)."""
+        side, rest = self._side, []
+        for item in datagrams:
+            sock = side.get(item[1])
+            if sock is None:
+                rest.append(item)
+                continue
+            try:
+                sock.sendto(item[0], item[1])
+                self.counters["side_sent"] += 1
+            except OSError:
+                self.counters["send_errors"] += 1  # a full buffer: UDP, QUIC recovers
+        return rest
 
     # Connections -----------------------------------------------------------------------
     def add_connection(self, quic, handler, *, path=None, peer_addr=None, extra_cids=()):
@@ -371,6 +432,8 @@ class Endpoint:
             self.loop.call_soon(self.flush)
 
     def _queue(self, datagrams):
+        if self._side:
+            datagrams = self._send_aside(datagrams)
         room = MAX_OUTBOX - len(self._outbox)
         if len(datagrams) > room:
             self.counters["dropped_outbox_full"] += len(datagrams) - max(room, 0)

@@ -12,12 +12,27 @@ socket (`MappingProbe`); when the two new mappings got ports a small step apart,
 allocates in sequence and each offer carries the next ports as predicted srflx candidates.
 The verdict, with the router's port mapping and IPv6, goes to the intermediate as a
 `NatSummary` (control protocol /3), from which it chooses each session's punching strategy.
+
+Birthday probing (strategy "birthday", `mahole.ice.birthday`): the hard side opens K extra
+sockets that send to the easy side's offered address, the easy side probes random ports of
+the hard side's offered IP. The hard side's socket that an authentic probe (or answer)
+reaches becomes the route to the easy side (`Endpoint.add_side_socket`, the one-socket
+exception); the others close at once, and all of them when the punch is forgotten.
 """
 
 import ipaddress
 import logging
+import socket
 
 from .ice import HolePunch, MappingProbe, gather, predicted_candidates
+from .ice.birthday import (
+    DEFAULT_INTERVAL,
+    DEFAULT_PROBES,
+    DEFAULT_SOCKETS,
+    BirthdayOpeners,
+    BirthdayProber,
+    ProbeBudget,
+)
 from .ice.candidates import host_addresses, ip_version, normalize_addr
 from .wire import control
 
@@ -33,7 +48,24 @@ _PROBE_TIMER = "mapping-probe"
 _MAPPINGS = {"preserving": "endpoint-independent", "sequential": "endpoint-dependent",
              "random": "endpoint-dependent"}
 
+# Birthday probing: after the last probe, how long the landed pair's checks may take.
+BIRTHDAY_CHECK_TIME = 3.0
+
 log = logging.getLogger(__name__)
+
+
+class _Birthday:
+    """One session's birthday probing at this node: the prober (easy side) or the openers
+    and their sockets (hard side)."""
+
+    def __init__(self, target):
+        self.target = target  # the peer address the sockets send to, or the probed IP
+        self.prober = None
+        self.openers = None
+        self.sockets = []  # hard side: index -> socket, None once closed
+        self.won = None  # hard side: the socket that became the route
+        self.ends_at = None
+        self.finished = False  # _birthday_done ran
 
 
 class Puncher:
@@ -52,6 +84,13 @@ class Puncher:
         # their credentials would fail every check of the current one.
         self._stale_answers = {}  # session -> count
         self.stale_answers = 0
+        self.birthdays = {}  # session -> _Birthday
+        self.probe_budget = None  # ProbeBudget, made on first use (needs the clock)
+        self.birthday_sockets = DEFAULT_SOCKETS
+        self.birthday_probes = DEFAULT_PROBES
+        self.birthday_interval = DEFAULT_INTERVAL
+        self.birthday_counters = dict.fromkeys(("started_hard", "started_easy", "landed",
+                                                "won", "missed", "refused"), 0)
 
     def probe_mapping(self):
         """Observe the socket's mappings again (after registering, or when the observed
@@ -190,9 +229,210 @@ class Puncher:
             return
         if strategy == "relay":
             punch.close(self.now(), "the two NATs leave no direct path (strategy relay)")
+        elif strategy == "birthday":
+            self._start_birthday(session, punch)
         else:
             punch.start(self.now())
         self._pump(session, punch)
+
+    # Birthday probing ----------------------------------------------------------------------
+    def _start_birthday(self, session, punch):
+        """Start the checks and, when this node's own NAT agrees with its side, birthday
+        probing; refused (plain checks) otherwise."""
+        now = self.now()
+        checklist = punch.checklist
+        mine = self.nat_summary()
+        hard = session.hard_side == self.node.role
+        why = None
+        if checklist is None:
+            why = "the peer's candidates are not in"
+        elif hard and (mine.mapping, mine.allocation) != ("endpoint-dependent", "random"):
+            why = "this node's NAT does not map at random"
+        elif not hard and mine.mapping != "endpoint-independent":
+            why = "this node's NAT does not map endpoint-independently"
+        peer = [c for c in punch.remote_candidates
+                if c.type == "srflx" and ipaddress.ip_address(c.addr[0]).version == 4]
+        if why is None and not peer:
+            why = "the peer offered no public IPv4 address"
+        if why is not None:
+            self.birthday_counters["refused"] += 1
+            log.info("session %s: no birthday probing (%s)", session.tag, why)
+            punch.start(now)
+            return
+        window = self.birthday_probes * self.birthday_interval
+        punch.deadline = max(punch.deadline, window + BIRTHDAY_CHECK_TIME)
+        punch.start(now)
+        checklist.awaiting = True  # no verdict before the probing ends
+        birthday = _Birthday(peer[0].addr)
+        birthday.ends_at = now + window + 0.5
+        key = (session, "birthday")
+        self.endpoint.on_timer(key, lambda t, s=session: self._birthday_timer(s, t))
+        try:
+            if hard:
+                self._open_birthday_sockets(session, birthday, checklist, now)
+            else:
+                if self.probe_budget is None:
+                    self.probe_budget = ProbeBudget(now)
+                birthday.prober = BirthdayProber(
+                    peer[0].addr[0], [c.addr for c in punch.remote_candidates],
+                    checklist.probe_request, checklist.authentic, now,
+                    probes=self.birthday_probes, interval=self.birthday_interval,
+                    budget=self.probe_budget)
+                self.birthday_counters["started_easy"] += 1
+        except (OSError, ValueError) as exc:
+            log.warning("session %s: birthday probing not started: %s", session.tag, exc)
+            self._close_birthday(birthday)
+            checklist.awaiting = False
+            return
+        self.birthdays[session] = birthday
+        log.info("session %s: birthday probing as the %s side (%s to %s)", session.tag,
+                 "hard" if hard else "easy",
+                 f"{self.birthday_sockets} sockets" if hard
+                 else f"up to {self.birthday_probes} probes", _fmt(birthday.target))
+        self._birthday_pump(session, birthday, now)
+
+    def _open_birthday_sockets(self, session, birthday, checklist, now):
+        loop = self.endpoint.loop
+        for index in range(self.birthday_sockets):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            birthday.sockets.append(sock)
+            sock.bind(("0.0.0.0", 0))
+            loop.add_reader(sock.fileno(), self._birthday_readable, session, index)
+        birthday.openers = BirthdayOpeners(birthday.target, self.birthday_sockets,
+                                           checklist.probe_request, checklist.authentic, now)
+        self.birthday_counters["started_hard"] += 1
+
+    def _birthday_readable(self, session, index):
+        birthday = self.birthdays.get(session)
+        sock = birthday.sockets[index] if birthday is not None else None
+        if sock is None:
+            return
+        now = self.now()
+        for _ in range(16):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            addr = addr[:2]
+            if birthday.openers.receive(index, data, addr, now):
+                self._birthday_won(session, birthday, index, data, addr)
+                return
+
+    def _birthday_won(self, session, birthday, index, data, addr):
+        """Socket ``index`` heard the peer: it becomes the route to the peer's address, the
+        others close, and what it heard goes to the check list like any datagram."""
+        sock = birthday.sockets[index]
+        birthday.sockets[index] = None
+        self.endpoint.loop.remove_reader(sock.fileno())
+        self._close_birthday(birthday)
+        birthday.won = addr
+        self.endpoint.add_side_socket(sock, addr)
+        self.birthday_counters["won"] += 1
+        log.info("session %s: birthday socket %d of %d heard %s; it is the route there now",
+                 session.tag, index, self.birthday_sockets, _fmt(addr))
+        self._birthday_done(session, birthday)
+        self.stun_received(data, addr)
+        self.endpoint.flush()
+
+    def _birthday_timer(self, session, now):
+        birthday = self.birthdays.get(session)
+        if birthday is not None:
+            self._birthday_pump(session, birthday, now)
+
+    def _birthday_pump(self, session, birthday, now):
+        key = (session, "birthday")
+        prober, openers = birthday.prober, birthday.openers
+        when = None
+        if prober is not None and not prober.done:
+            prober.handle_timer(now)
+            datagrams = prober.datagrams_to_send()
+            if datagrams:
+                self.endpoint.send(datagrams)
+            when = prober.get_timer()
+            if prober.done:
+                self._birthday_done(session, birthday)
+        elif openers is not None and not openers.done:
+            if now >= birthday.ends_at:
+                openers.stop()
+                self.birthday_counters["missed"] += 1
+                self._close_birthday(birthday)
+                self._birthday_done(session, birthday)
+            else:
+                openers.handle_timer(now)
+                for index, data, addr in openers.datagrams_to_send():
+                    sock = birthday.sockets[index]
+                    try:
+                        sock.sendto(data, addr)
+                    except OSError:
+                        pass
+                when = min(openers.get_timer() or birthday.ends_at, birthday.ends_at)
+        if when is None:
+            self.endpoint.cancel_timer(key)
+        else:
+            self.scheduler.schedule(key, when)
+            self.endpoint.rearm()
+
+    def _birthday_done(self, session, birthday):
+        """Probing ended (landed, spent, won or timed out): the check list may conclude."""
+        if birthday.finished:
+            return
+        birthday.finished = True
+        punch = self.punches.get(session)
+        checklist = punch.checklist if punch is not None else None
+        prober = birthday.prober
+        if prober is not None and checklist is not None:
+            if prober.landed is not None:
+                self.birthday_counters["landed"] += 1
+                log.info("session %s: birthday probe %d landed at %s", session.tag,
+                         prober.sent, _fmt(prober.landed))
+                checklist.learn_remote(prober.landed, self.now())
+            else:
+                self.birthday_counters["missed"] += 1
+                log.info("session %s: birthday probing ended: %s", session.tag, prober.reason)
+        if checklist is not None:
+            checklist.awaiting = False
+        if punch is not None:
+            punch.handle_timer(self.now())  # the check list fails now if nothing is left
+            self._pump(session, punch)
+
+    def _close_birthday(self, birthday):
+        """Close the sockets that did not win (at once: they are mappings on the NAT)."""
+        loop = self.endpoint.loop
+        for index, sock in enumerate(birthday.sockets):
+            if sock is not None:
+                try:
+                    loop.remove_reader(sock.fileno())
+                except (ValueError, OSError):
+                    pass
+                sock.close()
+                birthday.sockets[index] = None
+
+    def _forget_birthday(self, session):
+        birthday = self.birthdays.pop(session, None)
+        if birthday is None:
+            return
+        self.endpoint.cancel_timer((session, "birthday"))
+        if birthday.openers is not None:
+            birthday.openers.stop()
+        if birthday.prober is not None:
+            birthday.prober.stop("the hole punch was forgotten")
+        self._close_birthday(birthday)
+        if birthday.won is not None:
+            self.endpoint.remove_side_socket(birthday.won)
+
+    def birthday_status(self, session):
+        birthday = self.birthdays.get(session)
+        if birthday is None:
+            return None
+        prober, openers = birthday.prober, birthday.openers
+        if prober is not None:
+            return {"side": "easy", "probes_sent": prober.sent, "landed": _fmt(prober.landed)
+                    if prober.landed else None, "done": prober.done, "reason": prober.reason}
+        return {"side": "hard", "sockets": self.birthday_sockets, "openers_sent": openers.sent,
+                "route": _fmt(birthday.won) if birthday.won else None, "done": openers.done}
 
     def stun_received(self, data, addr):
         now = self.now()
@@ -202,6 +442,13 @@ class Puncher:
                 self.node.mapping_observed((probe.public_ip, probe.ports[0]))
             self._probe_pump(probe)
             return True
+        for session, birthday in list(self.birthdays.items()):
+            prober = birthday.prober
+            if prober is not None and prober.receive_stun(data, addr, now):
+                if prober.landed is not None:
+                    self.endpoint.cancel_timer((session, "birthday"))
+                    self._birthday_done(session, birthday)
+                return True
         for session, punch in list(self.punches.items()):
             if punch.receive_stun(data, addr, now):
                 self._pump(session, punch)
@@ -210,6 +457,7 @@ class Puncher:
         return False
 
     def forget(self, session):
+        self._forget_birthday(session)
         punch = self.punches.pop(session, None)
         if punch is not None:
             punch.close(self.now())
@@ -239,3 +487,8 @@ class Puncher:
         if self.probe is not None:
             self.endpoint.cancel_timer(_PROBE_TIMER)
             self.probe = None
+
+
+def _fmt(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

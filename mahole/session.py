@@ -583,6 +583,7 @@ class Session(ConnectionHandler):
             "punch": self.punch_stats(),
             "strategy": self.strategy,
             "hard_side": self.hard_side,
+            "birthday": self.node.puncher.birthday_status(self),
         }
 
     def close(self, reason="closed"):

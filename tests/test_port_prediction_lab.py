@@ -3,8 +3,8 @@
 The intermediate has a second STUN observer (--stun-alt-port), so each node observes two new
 mappings of its socket at start. Behind `symmetric-sequential` (nat.py: the next external port
 per new mapping) a node offers the next ports, and its peer behind `port-restricted` checks
-them: the session goes direct, agent or connector, where behind `symmetric` (random ports) it
-stays on the relay, as tests/test_nat_matrix.py expects, and no predicted port is offered.
+them: the session goes direct, agent or connector, where behind `symmetric` (random ports) no
+predicted port is offered (that pair goes to birthday probing).
 """
 
 import os
@@ -50,8 +50,10 @@ def test_symmetric_sequential_and_port_restricted_go_direct(lab, tmp_path,  # no
     assert int(chosen.split()[1].rsplit(":", 1)[1]) in prediction["predicted_ports"], chosen
 
 
-def test_symmetric_random_to_port_restricted_relays_without_predictions(lab, tmp_path):  # noqa: F811
+def test_symmetric_random_to_port_restricted_offers_no_predictions(lab, tmp_path):  # noqa: F811
+    """Random ports cannot be predicted: nothing is offered, and the pair is given to
+    birthday probing instead (tests/test_birthday_lab.py)."""
     d, prediction, session = run(lab, tmp_path, "symmetric")
     assert prediction["allocation"] == "random" and prediction["predicted_ports"] == []
     assert "offering predicted ports" not in d.agent.log_path.read_text()
-    assert session["path"] == "relay", f"{session['punch']}\n{d.logs()}"
+    assert session["strategy"] == "birthday", f"{session['punch']}\n{d.logs()}"

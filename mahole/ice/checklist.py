@@ -355,6 +355,8 @@ class CheckList:
         self.selected: Optional[Pair] = None
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self.started_at: Optional[float] = None
+        # Birthday probing may still bring a pair (learn_remote): no "all pairs failed" yet.
+        self.awaiting = False
 
         self._pairs_by_key: dict[tuple[Addr, Addr], Pair] = {}
         self._triggered: deque[Pair] = deque()  # §6.1.2.5 triggered-check queue (FIFO)
@@ -623,6 +625,8 @@ class CheckList:
             return
         if self.valid_pairs:
             return  # controlling: nomination comes next; controlled: waits for USE-CANDIDATE
+        if self.awaiting:
+            return
         self._fail("all candidate pairs failed")
 
     def _fail(self, reason: str) -> None:

@@ -989,6 +989,7 @@ class Node:
             "nat": self.puncher.nat_summary()._to_json_object()
             if self.puncher and self.endpoint else None,
             "keepalive": self.keepalive_status(),
+            "birthday": dict(self.puncher.birthday_counters) if self.puncher else None,
             "closed_sessions": list(self.closed_sessions),
             "control_socket": self.control_server.path if self.control_server else None,
             "endpoint": dict(self.endpoint.counters) if self.endpoint else {},
