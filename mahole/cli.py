@@ -14,6 +14,8 @@ from . import __version__, certs_cli, logs, netcheck_cli, status_cli, systemd
 from .config import (
     CONGESTION_CONTROLS,
     DEFAULT_PORT,
+    MAX_BIRTHDAY_PROBES,
+    MAX_BIRTHDAY_SOCKETS,
     AgentConfig,
     ConnectorConfig,
     ConfigFileError,
@@ -122,6 +124,14 @@ def _add_node(sub, role):
                         help="never use the relay: a session fails if hole punching fails")
     sub.add_argument("--punch-deadline", type=float, default=5.0, metavar="SECONDS",
                      help="give up on a direct path after this long (default: 5)")
+    sub.add_argument("--birthday-sockets", type=_count(MAX_BIRTHDAY_SOCKETS),
+                     default=AgentConfig.birthday_sockets, metavar="K",
+                     help="birthday probing: extra sockets this node opens behind a NAT that "
+                          "maps at random (default: 256; 0: never)")
+    sub.add_argument("--birthday-probes", type=_count(MAX_BIRTHDAY_PROBES),
+                     default=AgentConfig.birthday_probes, metavar="M",
+                     help="birthday probing: most probes this node sends to a peer behind "
+                          "such a NAT, 250 a second (default: 1024; 0: never)")
     sub.add_argument("--no-port-mapping", action="store_true",
                      help="do not ask the router for a public port (PCP, NAT-PMP, UPnP-IGD); "
                           "asking sends a few datagrams to the default gateway's port "
@@ -165,6 +175,19 @@ def _udp_payload(text):
         raise argparse.ArgumentTypeError(f"expected a number of bytes from 1200 to 65527, "
                                          f"got {text!r}")
     return value
+
+
+def _count(most):
+    """An argparse type: a whole number from 0 to ``most``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= most:
+            raise argparse.ArgumentTypeError(f"expected a number from 0 to {most}, got {text!r}")
+        return value
+    return parse
 
 
 def _registry_url(text):
@@ -577,6 +600,7 @@ def _node_kwargs(args):
             "punch_deadline": args.punch_deadline, "failover_timeout": args.failover_timeout,
             "port_mapping": not args.no_port_mapping,
             "adaptive_keepalive": not args.fixed_keepalive,
+            "birthday_sockets": args.birthday_sockets, "birthday_probes": args.birthday_probes,
             "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,
             "session_idle_timeout": args.session_idle_timeout,
             "max_udp_payload": args.max_udp_payload,

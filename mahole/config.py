@@ -225,6 +225,10 @@ class NodeConfig(Credentials):
     # instead of the default route's (tests: a fake one on loopback).
     port_mapping: bool = True
     port_mapping_gateway: tuple | None = None
+    # Birthday probing (strategy "birthday", mahole.ice.birthday): extra sockets this node
+    # opens as the hard side (K), probes it sends as the easy side (M); 0 turns a side off.
+    birthday_sockets: int = 256
+    birthday_probes: int = 1024
     # Direct-route liveness (docs/architecture.md, "The session core"): a route with
     # ack-eliciting packets in flight and nothing heard for failover_timeout (or 3 RTTs if
     # longer) is dead: back to the relay at once. Idle direct routes are probed with a QUIC
@@ -260,6 +264,11 @@ class NodeConfig(Credentials):
         if self.intermediate_name is None:
             self.intermediate_name = self.intermediate[0]
         check_congestion_control(self.congestion_control)
+        for name, most in (("birthday_sockets", MAX_BIRTHDAY_SOCKETS),
+                           ("birthday_probes", MAX_BIRTHDAY_PROBES)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+                raise ValueError(f"{name.replace('_', '-')} must be in 0..{most}, got {value!r}")
 
 
 def check_congestion_control(name):
@@ -268,6 +277,11 @@ def check_congestion_control(name):
         raise ValueError(f"unknown congestion control {name!r}; choose one of "
                          f"{', '.join(CONGESTION_CONTROLS)}")
     return name
+
+
+# Bounds of birthday probing: file descriptors of the hard side, probes of the easy side.
+MAX_BIRTHDAY_SOCKETS = 1024
+MAX_BIRTHDAY_PROBES = 4096
 
 
 @dataclasses.dataclass

@@ -25,14 +25,7 @@ import logging
 import socket
 
 from .ice import HolePunch, MappingProbe, gather, predicted_candidates
-from .ice.birthday import (
-    DEFAULT_INTERVAL,
-    DEFAULT_PROBES,
-    DEFAULT_SOCKETS,
-    BirthdayOpeners,
-    BirthdayProber,
-    ProbeBudget,
-)
+from .ice.birthday import DEFAULT_INTERVAL, BirthdayOpeners, BirthdayProber, ProbeBudget
 from .ice.candidates import host_addresses, ip_version, normalize_addr
 from .wire import control
 
@@ -86,8 +79,8 @@ class Puncher:
         self.stale_answers = 0
         self.birthdays = {}  # session -> _Birthday
         self.probe_budget = None  # ProbeBudget, made on first use (needs the clock)
-        self.birthday_sockets = DEFAULT_SOCKETS
-        self.birthday_probes = DEFAULT_PROBES
+        self.birthday_sockets = node.cfg.birthday_sockets
+        self.birthday_probes = node.cfg.birthday_probes
         self.birthday_interval = DEFAULT_INTERVAL
         self.birthday_counters = dict.fromkeys(("started_hard", "started_easy", "landed",
                                                 "won", "missed", "refused"), 0)
@@ -246,6 +239,8 @@ class Puncher:
         why = None
         if checklist is None:
             why = "the peer's candidates are not in"
+        elif (self.birthday_sockets if hard else self.birthday_probes) <= 0:
+            why = "turned off (--birthday-sockets / --birthday-probes 0)"
         elif hard and (mine.mapping, mine.allocation) != ("endpoint-dependent", "random"):
             why = "this node's NAT does not map at random"
         elif not hard and mine.mapping != "endpoint-independent":

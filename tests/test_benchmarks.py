@@ -60,3 +60,18 @@ def test_bench_goodput_reports_p50_p95_and_the_ratios():
     assert rows["lte", "aioquic", "cubic"][5:9] == [1, 1, "-", "0.25x"]
     assert rows["lte", "tcp", "reno"][3:] == ["-", "-", 0, 0, "-", "-", "out of time"]
     assert len(bench_goodput.HEADERS) == len(rows["lte", "tcp", "reno"])
+
+
+def test_bench_birthday_reports_the_rate_with_its_interval_against_the_formula():
+    """bench_birthday.py needs root and minutes in the NAT lab, so CI checks its arithmetic:
+    the 95 % interval of a rate and the (K, M) points it reads."""
+    import sys
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_birthday
+
+    low, high = bench_birthday.wilson(30, 30)
+    assert 0.88 < low < 0.89 and high == 1.0  # 30 of 30 cannot promise 98 %
+    low, high = bench_birthday.wilson(15, 30)
+    assert low < 0.5 < high
+    assert bench_birthday._points("64:256,256:1024") == [(64, 256), (256, 1024)]
+    assert bench_birthday.LAB_PORTS == 64512

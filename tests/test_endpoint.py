@@ -167,3 +167,34 @@ def test_only_an_authenticated_packet_moves_a_connections_peer_address(tmp_path)
         client.close()
         server.close()
     run(main())
+
+
+def test_a_side_socket_carries_one_peer_address_both_ways_and_closes_with_the_endpoint():
+    """The one-socket exception (birthday probing): datagrams to the peer's address leave
+    from the side socket, what it receives is routed like the main socket's, other
+    addresses still use the main socket."""
+    from mahole.wire import stun
+
+    async def main():
+        heard = []
+        endpoint = Endpoint(udp_socket(), on_stun=lambda data, addr: heard.append((data, addr)))
+        endpoint.start()
+        side, peer, other = udp_socket(), udp_socket(), udp_socket()
+        peer_addr = peer.getsockname()
+        endpoint.add_side_socket(side, peer_addr)
+        endpoint.send([(b"to the peer", peer_addr), (b"to another", other.getsockname())])
+        loop = asyncio.get_running_loop()
+        data, source = await asyncio.wait_for(loop.sock_recvfrom(peer, 2048), 2)
+        assert (data, source) == (b"to the peer", side.getsockname())
+        data, source = await asyncio.wait_for(loop.sock_recvfrom(other, 2048), 2)
+        assert source == endpoint.local_address[:2]
+        request = stun.encode(stun.binding_request())
+        peer.sendto(request, side.getsockname())
+        await wait_for(lambda: heard, timeout=2)
+        assert heard == [(request, peer_addr)]
+        assert endpoint.counters["side_sent"] == 1
+        endpoint.close()
+        assert side.fileno() == -1 and endpoint.side_routes() == []
+        peer.close()
+        other.close()
+    run(main())
