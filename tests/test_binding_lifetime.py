@@ -193,3 +193,37 @@ def test_a_direct_route_lost_under_an_adapted_keepalive_brings_back_the_configur
     node.endpoint.t = 990.0 + REMEASURE_AFTER
     node.direct_route_failed(10.0)
     assert node.direct_keepalive == 1.0 and measured == [990.0 + REMEASURE_AFTER]
+
+
+def test_a_new_public_address_brings_back_the_configured_keepalive_and_measures_again():
+    import collections as c
+
+    from mahole.config import AgentConfig
+    from mahole.roles.node import Node
+
+    class FakeSession:
+        keepalive = None
+        changed = 0
+
+        def set_direct_keepalive(self, seconds):
+            self.keepalive = seconds
+
+        def network_changed(self, reason):
+            self.changed += 1
+
+    node = object.__new__(Node)
+    node.cfg = AgentConfig()
+    node.sessions = {b"s": FakeSession()}
+    node.direct_keepalive = 10.0
+    node.binding_lifetime = bl.LifetimeResult(at_least=30, supported=True)
+    node._lifetime_task = None
+    node._move_pending = False
+    node.port_mapping = None
+    node.network_changes = c.Counter()
+    node.network_log = c.deque(maxlen=5)
+    measured = []
+    node._measure_lifetime = lambda: measured.append(True)
+    node.network_changed("this node's public address moved")
+    assert node.direct_keepalive == 1.0 and node.sessions[b"s"].keepalive == 1.0
+    assert node.binding_lifetime is None and measured == [True]
+    assert node.sessions[b"s"].changed == 1

@@ -826,6 +826,14 @@ class Node:
         punches again now (the candidates are gathered anew, with the new address). After
         the kernel's word on a move (local_network_changed) this is the address awaited."""
         self._note_change("observed_address", reason)
+        # Another public address, maybe another NAT: back to the configured keepalive, and
+        # measure anew.
+        if self.binding_lifetime is not None or self._lifetime_task is not None:
+            self.binding_lifetime = None
+            self.direct_keepalive = self.cfg.direct_keepalive
+            for session in list(self.sessions.values()):
+                session.set_direct_keepalive(self.direct_keepalive)
+            self._measure_lifetime()
         if self._move_pending:
             self._punch_after_move(reason, observed=True)
             return
@@ -833,13 +841,6 @@ class Node:
             self.port_mapping.network_changed()
         for session in list(self.sessions.values()):
             session.network_changed(reason)
-        # Another network, another NAT: back to the configured keepalive, and measure anew.
-        if self.binding_lifetime is not None or self._lifetime_task is not None:
-            self.binding_lifetime = None
-            self.direct_keepalive = self.cfg.direct_keepalive
-            for session in list(self.sessions.values()):
-                session.set_direct_keepalive(self.direct_keepalive)
-            self._measure_lifetime()
 
     def nat_changed(self):
         """This node learnt (more of) its NAT: tell an intermediate of control protocol /3."""
