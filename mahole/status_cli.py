@@ -202,6 +202,8 @@ def format_status(status: dict, now=None) -> str:
         error = inter.get("last_error")
         state = "not connected" + (f" ({error})" if error else "")
     lines.append(f"intermediate {inter.get('addr')}: {state}")
+    if status.get("keepalive"):
+        lines.append(_keepalive(status["keepalive"]))
     for forward in status.get("forwards", ()):
         lines.append(f"forward {forward.get('forward')} \u2192 {forward.get('service')}")
     sessions = status.get("sessions", ())
@@ -224,6 +226,21 @@ def format_status(status: dict, now=None) -> str:
     lines += _table(("SERVICE", "SESSION", "PEER", "PATH", "RTT", "DIRECT RTT", "RELAY RTT",
                      "MTU", "SENT", "RECEIVED", "SINCE"), rows)
     return "\n".join(lines)
+
+
+def _keepalive(keepalive) -> str:
+    """The keepalive of idle direct routes and the binding lifetime it comes from."""
+    line = f"keepalive of idle direct routes {keepalive.get('direct_s'):g} s"
+    lifetime = keepalive.get("binding_lifetime") or {}
+    at_least, below = lifetime.get("at_least_s"), lifetime.get("below_s")
+    if at_least is not None:
+        proven = f"{at_least:g} s" + (f" to {below:g} s" if below else " or more")
+        line += f" (binding lifetime {proven}{', measuring' if keepalive.get('measuring') else ''})"
+    elif keepalive.get("measuring"):
+        line += " (measuring the binding lifetime)"
+    elif lifetime.get("supported") is False:
+        line += " (the intermediate cannot measure the binding lifetime)"
+    return line
 
 
 def _mtu(routes) -> str:

@@ -375,3 +375,21 @@ def test_an_unusable_default_directory_costs_only_the_socket(control_dir, caplog
     assert (f"no control socket (mahole status and ping will not find this agent): "
             f"{control_dir} is writable by others (chmod 0700 it)") in caplog.text
     assert not list(control_dir.iterdir())
+
+
+@pytest.mark.parametrize("keepalive, text", [
+    ({"direct_s": 1.0, "measuring": False, "binding_lifetime": None},
+     "keepalive of idle direct routes 1 s"),
+    ({"direct_s": 1.0, "measuring": True, "binding_lifetime": None},
+     "keepalive of idle direct routes 1 s (measuring the binding lifetime)"),
+    ({"direct_s": 2.333, "measuring": True,
+      "binding_lifetime": {"at_least_s": 7.0, "below_s": None, "supported": True}},
+     "keepalive of idle direct routes 2.333 s (binding lifetime 7 s or more, measuring)"),
+    ({"direct_s": 2.333, "measuring": False,
+      "binding_lifetime": {"at_least_s": 7.0, "below_s": 12.0, "supported": True}},
+     "keepalive of idle direct routes 2.333 s (binding lifetime 7 s to 12 s)")])
+def test_status_says_the_keepalive_in_use_and_the_lifetime_it_comes_from(keepalive, text):
+    from mahole.status_cli import format_status
+    out = format_status({"role": "agent", "name": "alice", "pid": 1, "keepalive": keepalive,
+                         "intermediate": {"addr": "203.0.113.7:4478", "connected": False}})
+    assert f"\n{text}\n" in out + "\n", out
