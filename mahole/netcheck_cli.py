@@ -312,7 +312,8 @@ def _yes(value):
     return {True: "yes", False: "no", None: "unknown"}[value]
 
 
-def _lifetime(value):
+def lifetime_text(value):
+    """A binding lifetime verdict (LifetimeResult.as_dict()) in words."""
     if value is None:
         return "not measured (--lifetime, --quick)"
     if value["supported"] is False:
@@ -349,7 +350,7 @@ def format_report(report: netcheck.Report) -> str:
                                       "neither NAT-PMP nor PCP)")
                      + (f", external address {mapping['external_ipv4']}"
                         if mapping["external_ipv4"] else "")))
-    rows.append(("Binding lifetime", _lifetime(report.binding_lifetime)))
+    rows.append(("Binding lifetime", lifetime_text(report.binding_lifetime)))
     lines = ["Report:"] + [f"\t* {name}: {value}" for name, value in rows]
     lines.append("\t* Intermediates:")
     for item in report.intermediates:

@@ -622,7 +622,7 @@ class Node:
 
     async def _lifetime(self):
         from .. import binding_lifetime
-        from ..netcheck_cli import measure_lifetime
+        from ..netcheck_cli import lifetime_text, measure_lifetime
         await self.control._registered.wait()  # the home answering: no probes into a void
         target = self.intermediate_addr
         log.info("measuring the binding lifetime against %s", _fmt(target))
@@ -633,10 +633,8 @@ class Node:
             log.info("binding lifetime not measured: %s", exc)
             return
         self._lifetime_measured(result)
-        log.info("binding lifetime: %s s proven (%s); idle direct routes PINGed every %.1f s",
-                 result.at_least, f"expired at {result.below:g} s" if result.below else
-                 "none expired" if result.supported else "not measurable here",
-                 self.direct_keepalive)
+        log.info("binding lifetime %s: idle direct routes PINGed every %.1f s",
+                 lifetime_text(result.as_dict()), self.direct_keepalive)
 
     def _lifetime_measured(self, result):
         from .. import binding_lifetime
