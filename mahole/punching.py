@@ -26,6 +26,7 @@ import socket
 
 from .ice import HolePunch, MappingProbe, gather, predicted_candidates
 from .ice.birthday import DEFAULT_INTERVAL, BirthdayOpeners, BirthdayProber, ProbeBudget
+from .ice.candidates import format_addr as _fmt
 from .ice.candidates import host_addresses, ip_version, normalize_addr
 from .wire import control
 
@@ -56,7 +57,7 @@ class _Birthday:
         self.prober = None
         self.openers = None
         self.sockets = []  # hard side: index -> socket, None once closed
-        self.won = None  # hard side: the socket that became the route
+        self.won = None  # hard side: the peer address the winning socket routes
         self.ends_at = None
         self.finished = False  # _birthday_done ran
 
@@ -482,8 +483,3 @@ class Puncher:
         if self.probe is not None:
             self.endpoint.cancel_timer(_PROBE_TIMER)
             self.probe = None
-
-
-def _fmt(addr):
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
