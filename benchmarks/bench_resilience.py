@@ -7,9 +7,9 @@ after the cut was lifted the session was direct again, how long a transfer stall
 long the session took to be direct again when the agent's public address moved (its NAT
 rebound) and when its host moved to another uplink behind another NAT (noticed by its own
 network monitor), and how long nodes took to re-register once the intermediate returned. The NAT
-matrix (time to direct per cell) comes from tests/test_nat_matrix.py the same way.
+matrix (direct rate and time to direct per cell) is benchmarks/bench_nat_matrix.py's.
 
-    sudo python benchmarks/bench_resilience.py [--runs N] [--quick] [--matrix]
+    sudo python benchmarks/bench_resilience.py [--runs N] [--quick]
     sudo python benchmarks/bench_resilience.py --links lan,wifi,lte,long [--runs N]
 
 With --links, the active cut and the roaming tests run on each link preset (tests/netlab/
@@ -85,23 +85,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, help="repetitions (default 5, quick 1)")
     parser.add_argument("--quick", action="store_true", help="one run of the cut tests only")
-    parser.add_argument("--matrix", action="store_true", help="also time the NAT matrix")
     parser.add_argument("--links", help="comma-separated link presets: failover and roaming "
                                             "on each (p50/p95)")
     args = parser.parse_args(argv)
     runs = args.runs or (1 if args.quick else 5)
     if args.links:
         return per_link(args.links.split(","), runs)
-    values, failures, matrix_runs = {}, 0, []
+    values, failures = {}, 0
     for index in range(runs):
         with tempfile.TemporaryDirectory() as out:
             failures += not resilience_run(out, "cut" if args.quick else None, None, values,
                                            f"run {index + 1}")
-            if args.matrix:
-                run_tests("test_nat_matrix.py", out)
-                matrix = Path(out) / "nat_matrix.json"
-                if matrix.exists():
-                    matrix_runs.append(json.loads(matrix.read_text())["cells"])
         print(f"run {index + 1}/{runs} done", file=sys.stderr)
     rows = []
     for name, label in LABELS.items():
@@ -118,21 +112,6 @@ def main(argv=None):
     data = {"runs": runs, "test_failures": failures, "values_s": values,
             "median_s": {k: statistics.median(v) for k, v in values.items()},
             "targets_s": TARGETS}
-    if matrix_runs:
-        cells = {}
-        for run in matrix_runs:
-            for cell in run:
-                key = f"{cell['agent']} x {cell['connector']}"
-                cells.setdefault(key, {"paths": [], "to_direct_ms": []})
-                cells[key]["paths"].append(cell["path"])
-                if cell["to_direct_ms"] is not None:
-                    cells[key]["to_direct_ms"].append(cell["to_direct_ms"])
-        data["matrix"] = {k: {"paths": v["paths"], "median_to_direct_ms":
-                              statistics.median(v["to_direct_ms"]) if v["to_direct_ms"] else None}
-                          for k, v in cells.items()}
-        print(_report.table(["agent x connector", "paths", "median ms to direct"],
-                            [[k, "/".join(sorted(set(v["paths"]))), v["median_to_direct_ms"]
-                              or "-"] for k, v in data["matrix"].items()]))
     print(f"wrote {_report.write('resilience' + ('-quick' if args.quick else ''), data)}")
     return 1 if failures else 0
 

@@ -75,3 +75,33 @@ def test_bench_birthday_reports_the_rate_with_its_interval_against_the_formula()
     assert low < 0.5 < high
     assert bench_birthday._points("64:256,256:1024") == [(64, 256), (256, 1024)]
     assert bench_birthday.LAB_PORTS == 64512
+
+
+def test_bench_nat_matrix_reports_rate_percentiles_and_strategy_per_cell():
+    """bench_nat_matrix.py needs root and many minutes in the NAT lab, so CI checks its
+    report: a cell's direct rate, p50/p95 of the direct runs only, the strategies, the
+    Markdown matrix and the --cells subsets."""
+    import argparse
+    import sys
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_nat_matrix as bench
+
+    runs = ([{"path": "direct", "strategy": "birthday", "to_direct_ms": float(t)}
+             for t in range(100, 2800, 100)]  # 27 direct: 100 .. 2,700 ms
+            + [{"path": "relay", "strategy": "birthday", "to_direct_ms": None}] * 2
+            + [{"path": "error", "error": "timed out"}])
+    cell = bench.summarize("symmetric", "port-restricted", runs)
+    assert (cell["runs"], cell["direct"], cell["errors"]) == (29, 27, 1)
+    assert (cell["to_direct_ms_p50"], cell["to_direct_ms_p95"]) == (1400.0, 2600.0)
+    assert cell["strategies"] == {"birthday": 29} and cell["direct_within_10s"] == 27
+    assert bench.cell_text(cell) == "27/29 · 1.4 s / 2.6 s · birthday (1 failed)"
+    relay = bench.summarize("symmetric", "symmetric", [{"path": "relay", "strategy": "relay"}])
+    assert bench.cell_text(relay) == "0/1 · relay"
+    table = bench.markdown([cell, relay], 30).splitlines()
+    assert table[0] == "| agent \\ connector | port-restricted | symmetric |"
+    assert table[2] == "| symmetric | 27/29 · 1.4 s / 2.6 s · birthday (1 failed) | 0/1 · relay |"
+    assert bench._cells("symmetric:port-restricted,none:*")[:2] == [
+        ("symmetric", "port-restricted"), ("none", "none")]
+    assert len(bench._cells("*:*")) == len(bench.PRESETS) ** 2
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench._cells("symmetric:cone")

@@ -7,9 +7,12 @@ moves data and the path the session ends on must be the one theory predicts: dir
 cell but symmetric × symmetric and symmetric × port-restricted (either order), which use the
 relay — a symmetric side reaching a full-cone or public peer gets through by peer-reflexive
 discovery. The observed matrix is printed in the test report and written to
-build/nat_matrix.{json,md} (to $MAHOLE_BENCH_DIR if set: `benchmarks/bench_resilience.py
---matrix` publishes benchmarks/results/nat_matrix.*), so a test run leaves the committed
+build/nat_matrix.{json,md} (to $MAHOLE_BENCH_DIR if set), so a test run leaves the committed
 results alone.
+
+Here the intermediate has no second STUN observer, so nodes learn nothing of their NAT and
+every session gets the plain checks. benchmarks/bench_nat_matrix.py measures the matrix with
+it (strategies chosen from the NATs, more presets, direct rates over many runs).
 """
 
 import itertools

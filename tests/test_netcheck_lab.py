@@ -2,8 +2,9 @@
 nftables implements it (tests/netlab/nat.py): mapping, filtering and port allocation.
 
 One lab: the intermediate on the public segment with a second address and a second STUN port
-(--stun-alt-ip, --stun-alt-port), and one host per preset, all running netcheck at once; the
-symmetric site's router speaks NAT-PMP and PCP (miniupnpd), which netcheck reports."""
+(--stun-alt-ip, --stun-alt-port), and one host per preset, all running netcheck at once; one
+more symmetric site's router speaks NAT-PMP and PCP (miniupnpd), which netcheck reports, and
+its NAT is still classified as the preset's."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import sys
 import time
 
 from mahole import identity
-from netlab import lab  # noqa: F401 - the fixture
+from netlab import PRESETS, lab  # noqa: F401 - the fixture
 
 PORT, ALT_PORT = 4478, 3479
 EI, AD, APD = "endpoint-independent", "address-dependent", "address-and-port-dependent"
@@ -27,7 +28,12 @@ EXPECTED = {
     "symmetric": (True, APD, APD, "random"),
     # snat to a counter of ports: the next port per conntrack entry.
     "symmetric-sequential": (True, APD, APD, "sequential"),
+    # masquerade without the router's input filter: conntrack still lets in only replies.
+    "masquerade-only": (True, EI, APD, "preserving"),
+    # symmetric, its router running miniupnpd (port mapping does not change the NAT).
+    "symmetric+pm": (True, APD, APD, "random"),
 }
+MAPPING = {"symmetric+pm"}  # the sites whose router maps ports
 
 
 def _netcheck(host, relay):
@@ -40,11 +46,12 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
     public = lab.public_host(name="inter")
     alt_ip = lab.add_public_ip(public)
     names = {"none": "pub1", "full-cone": "cone", "port-restricted": "prc", "symmetric": "sym",
-             "symmetric-sequential": "seq"}
-    # The symmetric site's router also runs miniupnpd (NAT-PMP and PCP, netlab/upnpd.py).
-    hosts = {preset: lab.host(preset, name=names[preset],
-                              **({"port_mapping": True} if preset == "symmetric" else {}))
-             for preset in EXPECTED}
+             "symmetric-sequential": "seq", "masquerade-only": "masq", "symmetric+pm": "sympm"}
+    # symmetric+pm's router also runs miniupnpd (NAT-PMP and PCP, netlab/upnpd.py).
+    hosts = {site: lab.host(site.removesuffix("+pm"), name=names[site],
+                            port_mapping=site in MAPPING)
+             for site in EXPECTED}
+    assert set(EXPECTED) >= set(PRESETS), "a lab preset netcheck is not run behind"
     identity.init_ca(tmp_path)
     identity.issue(tmp_path, "intermediate", "intermediate", hosts=[public.ip])
     log = open(tmp_path / "intermediate.log", "w")
@@ -81,13 +88,12 @@ def test_netcheck_classifies_every_nat_preset(lab, tmp_path):
     assert seen == EXPECTED
     # No preset loops a packet to its own WAN address back to the LAN (their DNAT, if any,
     # is for packets from the WAN); a public host reaches its own address.
-    assert hairpin == {"none": True, "full-cone": False, "port-restricted": False,
-                       "symmetric": False, "symmetric-sequential": False}
+    assert hairpin == {site: site == "none" for site in EXPECTED}
     # The router is asked, never the public segment: a public host has no default gateway.
     print("port mapping per preset:", json.dumps(mapping))
     assert mapping["none"] is None
-    assert [mapping[p]["nat_pmp"] or mapping[p]["pcp"] for p in EXPECTED if p != "none"] == [
-        False, False, True, False]
-    sym = hosts["symmetric"]
-    assert mapping["symmetric"] == {"gateway": sym.router.lan_ip, "nat_pmp": True, "pcp": True,
-                                    "external_ipv4": sym.public_ip}
+    assert {site for site in EXPECTED if site != "none"
+            and (mapping[site]["nat_pmp"] or mapping[site]["pcp"])} == MAPPING
+    sym = hosts["symmetric+pm"]
+    assert mapping["symmetric+pm"] == {"gateway": sym.router.lan_ip, "nat_pmp": True,
+                                       "pcp": True, "external_ipv4": sym.public_ip}
