@@ -109,12 +109,13 @@ def test_a_new_public_address_mid_transfer_is_followed_at_once(lab, tmp_path):
     transfer = Transfer(d, data, pace=0.01)  # ~3 MB/s for about three seconds
     wait(lambda: len(transfer.received) > (512 << 10) // SCALE, 20,
          "the transfer to get going", d)
+    failovers = d.session()["failovers"]  # a slow link may have had one as the transfer began
     d.agent_host.router.flush_conntrack()
     moved_at = time.monotonic()
     after = wait(lambda: (a := d.status(d.agent)["intermediate"]["observed_addr"]) != before
                  and a, 10, "QAD to report the new address", d)
-    wait(lambda: (s := d.session()) and s["path"] == "direct" and s["network_changes"] >= 1,
-         10, "the direct path to be re-established", d)
+    back = wait(lambda: (s := d.session()) and s["path"] == "direct"
+                and s["network_changes"] >= 1 and s, 10, "the direct path to be re-established", d)
     direct_after = time.monotonic() - moved_at
     assert transfer.join() == data, d.logs()  # the same stream, byte-identical
     stall = transfer.longest_stall_after(moved_at)
@@ -127,7 +128,7 @@ def test_a_new_public_address_mid_transfer_is_followed_at_once(lab, tmp_path):
     print(f"moved: longest stall {stall:.2f} s, direct again after {direct_after:.2f} s")
     assert stall < 1.0, d.logs()
     assert direct_after < 1.5, d.logs()
-    assert d.session()["failovers"] == 0  # a move is not a failed route
+    assert back["failovers"] == failovers  # a move is not a failed route
     probe = os.urandom(256 << 10)
     assert d.round_trip(probe) == probe
 

@@ -39,7 +39,7 @@ RESUME_HOLD = 5.0
 # After the kernel said this node's network changed, sessions punch again once the
 # intermediate has reported the new public address (the srflx candidate the peer needs):
 # two control round trips after the PING that prods it, as it validates the new path before
-# it believes it (RFC 9000 §8.2); at the latest after three round trips and this margin,
+# it believes it (RFC 9000 §9.3); at the latest after three round trips and this margin,
 # with what is known then (a move behind the same public address).
 MOVE_WAIT_MARGIN = 0.1
 MOVE_WAIT_MAX = 1.0
