@@ -176,10 +176,12 @@ class Puncher:
         """Gather candidates and make credentials for the offer (agent) or answer (connector)."""
         cfg = self.node.cfg
         previous = self.punches.get(session)
-        if controlling and previous is not None and previous.remote_ufrag is None \
-                and previous.started_at is None:
-            self._stale_answers[session] = self._stale_answers.get(session, 0) + 1
+        stale = self._stale_answers.get(session, 0) + (
+            controlling and previous is not None and previous.remote_ufrag is None
+            and previous.started_at is None)
         self.forget(session)  # punching again (after a failover) starts afresh
+        if stale:
+            self._stale_answers[session] = stale
         host, port = self.endpoint.local_address[:2]
         # A node that itself lives on loopback (a test or a one-machine deployment) may be
         # reached there; any other node never sends checks to loopback addresses.
@@ -199,8 +201,10 @@ class Puncher:
 
     def remote_description(self, session, message):
         punch = self.punches.get(session)
-        if self._stale_answers.get(session):
-            self._stale_answers[session] -= 1
+        stale = self._stale_answers.pop(session, 0)
+        if stale:
+            if stale > 1:
+                self._stale_answers[session] = stale - 1
             self.stale_answers += 1
             return
         if punch is None or punch.remote_ufrag is not None:
@@ -453,6 +457,7 @@ class Puncher:
         return False
 
     def forget(self, session):
+        self._stale_answers.pop(session, None)
         self._forget_birthday(session)
         punch = self.punches.pop(session, None)
         if punch is not None:

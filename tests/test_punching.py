@@ -152,6 +152,28 @@ def test_repeated_and_stray_signaling_is_ignored_and_counted():
     run(main())
 
 
+def test_an_answer_to_a_replaced_offer_is_skipped():
+    """A network that changes twice within a round trip makes the agent offer twice before
+    the first answer comes back. Answers return in the order of the offers: the first is
+    the earlier round's, whose credentials would fail every check of the new one, so it is
+    skipped and the second round goes direct."""
+    async def main():
+        async with two_hosts() as d:
+            addr = d.forward_address(d.tcp_forward)
+            assert await tcp_round_trip(addr, b"before") == b"before"
+            session = _only_session(d.agent)
+            await wait_for(lambda: session.core.route == DIRECT, 10)
+            before = session.punch_outcome
+            session.repunch(1)
+            session.repunch(2)  # before the first offer's answer
+            await wait_for(lambda: session.punch_outcome is not before, 10)
+            assert session.punch_outcome.path == "direct", session.punch_outcome
+            assert d.agent.puncher.stale_answers == 1
+            assert not d.agent.puncher._stale_answers
+            assert await tcp_round_trip(addr, b"after") == b"after"
+    run(main())
+
+
 def test_a_node_without_nat_observes_one_port_and_offers_no_predicted_ports():
     """Port prediction's probe (two new mappings, mahole.ice.prediction) on loopback: the
     intermediate's two observers see the node's own port, so nothing is predicted."""
