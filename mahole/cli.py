@@ -143,8 +143,8 @@ def _add_node(sub, role):
     node = AgentConfig  # the settings every node shares, with their defaults
     for flag, field, text in (
             ("--failover-timeout", "failover_timeout",
-             "leave a direct route that answers nothing this long (or 3 RTTs, at most twice "
-             "this) for the relay"),
+             "leave a direct route that answers nothing this long (or 3 RTTs, or longer on a "
+             "route that fades; at most twice this) for the relay"),
             ("--keepalive", "direct_keepalive",
              "PING an idle session's route this often (keeps NAT mappings open); idle direct "
              "routes: until the binding lifetime is measured, and at least this often"),

@@ -231,7 +231,8 @@ class NodeConfig(Credentials):
     birthday_probes: int = 1024
     # Direct-route liveness (docs/architecture.md, "The session core"): a route with
     # ack-eliciting packets in flight and nothing heard for failover_timeout (or 3 RTTs if
-    # longer) is dead: back to the relay at once. Idle direct routes are probed with a QUIC
+    # longer, or four times the longest recent silence of a route that fades; at most twice
+    # failover_timeout) is dead: back to the relay at once. Idle direct routes are probed with a QUIC
     # PING every direct_keepalive, which also keeps the NAT mappings open.
     failover_timeout: float = 0.5
     direct_keepalive: float = 1.0

@@ -40,10 +40,14 @@ Liveness and failover (docs/architecture.md, "The session core")
     which also keeps the NAT mappings open. Rarer keepalives declare nothing dead: the
     failover and peer-dead timers run only while probing (data in flight or a PING out). While the direct route is
     probed and nothing is heard on it, a PING goes out every :data:`REPROBE_INTERVAL`: on a
-    lossy path one lost PING or ACK is no verdict, several unanswered in a row are. An authenticated packet by
-    the relay while direct, with nothing direct for :data:`PEER_SILENT` (after
-    :data:`PEER_SWITCH_GRACE`), means the peer has seen the direct route die: the core
-    follows it at once.
+    lossy path one lost PING or ACK is no verdict, several unanswered in a row are. A route
+    that fades is given longer: one that came back from a silence while probed in the last
+    :data:`FADE_MEMORY` may stay silent :data:`FADE_MARGIN` times its longest such silence
+    (still at most twice the timeout), so fades that line up into half a second of silence
+    cost no switch, and a clean route is given up after the timeout as before. An
+    authenticated packet by the relay while direct, with nothing direct for
+    :data:`PEER_SILENT` (after :data:`PEER_SWITCH_GRACE`), means the peer has seen the
+    direct route die: the core follows it at once.
 
 Death and expiry
     Probing with nothing authenticated heard on any route for ``peer_dead_after`` ends the
@@ -125,6 +129,15 @@ REPUNCH_WINDOW = 60.0
 # two RTTs, if longer): one lost PING or ACK is no verdict on a lossy path; several unanswered
 # in a row are.
 REPROBE_INTERVAL = 0.1
+# A route that came back from a silence (nothing heard while probed) fades, as Wi-Fi and LTE
+# do: for FADE_MEMORY it is given FADE_MARGIN times its longest such silence before it is
+# declared dead (at least the failover timeout, never more than twice it), as an RTO has a
+# margin over the RTT's variation (RFC 6298 §2). Fades of 30 ms on both links of a path
+# line up now and then into a silence of half a second, one way; a cut path answers
+# nothing, and a clean one is still given up after the timeout.
+FADE_MEMORY = 60.0
+FADE_MARGIN = 4.0
+MAX_FADES = 64  # silences kept (each later and shorter than the one before): a bound
 RELAY_QUIET = 1.0
 RELAY_DOUBT_HOLD = 2.0
 RELAY_MOVED = "the relay moved"
@@ -268,6 +281,7 @@ class SessionCore:
         self._last_ping = now
         self._in_flight = False
         self._probe_since: Optional[float] = None  # waiting for an answer on this route
+        self._fades: deque = deque()  # (when, seconds) silences the direct route came back from
         self._peer_wait_since: Optional[float] = None  # waiting for anything from the peer
         # Re-punching
         self.failovers: list = []  # when the direct route died
@@ -344,6 +358,8 @@ class SessionCore:
         addr = _addr(addr)
         if self.direct_addr is not None and addr == self.direct_addr:
             route = DIRECT
+            if self._probe_since is not None:
+                self._faded(now - max(self._probe_since, self.last_direct_rx), now)
             self.last_direct_rx = now
         elif addr == self.relay_addr:
             route = RELAY
@@ -449,6 +465,7 @@ class SessionCore:
             return
         self.network_changes += 1
         self._forget_rtts()
+        self._fades.clear()
         if self.direct_addr is not None:
             self._direct_failed(now, reason, counts=False)
         if repunch:
@@ -529,11 +546,15 @@ class SessionCore:
         self._events.clear()
 
     # Timers ----------------------------------------------------------------------------
-    def _failover_after(self) -> float:
-        # 3 RTTs when the path is slow, but queueing can inflate the RTT estimate during bulk
-        # transfers: never more than twice the configured timeout.
+    def _failover_after(self, since: float) -> float:
+        """How long the direct route may stay silent from `since` on: the failover timeout;
+        3 RTTs when the path is slow (but queueing can inflate the RTT estimate during bulk
+        transfers); FADE_MARGIN times the longest silence it came back from in the
+        FADE_MEMORY before, when it fades. Never more than twice the timeout."""
         timeout = self.failover_timeout
-        return min(max(timeout, 3 * (self.rtt or 0.0)), 2 * timeout)
+        fade = next((FADE_MARGIN * seconds for when, seconds in self._fades
+                     if when >= since - FADE_MEMORY), 0.0)
+        return min(max(timeout, 3 * (self.rtt or 0.0), fade), 2 * timeout)
 
     def _deadlines(self):
         """(when, what) of everything the core waits for."""
@@ -553,8 +574,8 @@ class SessionCore:
             yield max(dead, self.hold_until or dead), "dead"
         if route == DIRECT:
             if self._probe_since is not None:
-                yield (max(self._probe_since, self.last_direct_rx) + self._failover_after(),
-                       "failover")
+                since = max(self._probe_since, self.last_direct_rx)
+                yield since + self._failover_after(since), "failover"
                 yield (max(self._last_ping, self.last_direct_rx, self._probe_since)
                        + max(REPROBE_INTERVAL, 2 * (self.rtt or 0.0)), "reprobe")
             else:
@@ -637,6 +658,19 @@ class SessionCore:
             self._ping(now, reset_backoff=True)
             if self.controlling:
                 self._schedule_repunch(now)
+
+    def _faded(self, seconds, now):
+        """The direct route was heard again after `seconds` of silence while probed. Kept:
+        the silences that may still be the longest of a FADE_MEMORY (each later and shorter
+        than the one before), so the longest is the first."""
+        if seconds <= max(REPROBE_INTERVAL, 2 * (self.rtt or 0.0)):
+            return  # answered before a PING had to go again: no fade
+        fades = self._fades
+        while fades and fades[-1][1] <= seconds:
+            fades.pop()
+        fades.append((now, seconds))
+        while fades[0][0] < now - FADE_MEMORY or len(fades) > MAX_FADES:
+            fades.popleft()
 
     def _switched(self, now, route, addr, reason):
         self.switches.append((now, route, reason))

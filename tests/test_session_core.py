@@ -10,6 +10,8 @@ import pytest
 
 from mahole.session_core import (
     DIRECT,
+    FADE_MARGIN,
+    FADE_MEMORY,
     NONE,
     PEER_SWITCH_GRACE,
     RELAY,
@@ -571,6 +573,73 @@ def test_an_idle_direct_route_that_loses_a_few_answers_is_probed_again_not_aband
     pump.run(pump.now + 3.0)
     assert pump.core.route == RELAY
     assert pump.core.failovers[0] - cut_at <= 1.0 + 0.5 + 0.01  # keepalive + failover
+
+
+def fade(pump, seconds, **run):
+    """Nothing the peer sends arrives for `seconds` (a fade: one way is enough)."""
+    pump.cut.add(DIRECT)
+    pump.run(pump.now + seconds, **run)
+    pump.cut.discard(DIRECT)
+
+
+def test_a_route_that_came_back_from_a_fade_is_given_longer_before_it_fails_over():
+    """Fades on both links of a path line up now and then into a silence longer than the
+    failover timeout. A route that came back from a silence of 0.3 s is given FADE_MARGIN
+    times that (at most twice the timeout) for FADE_MEMORY: a silence of 0.7 s a little
+    later costs no switch, and a cut is still noticed within twice the timeout."""
+    pump = direct_pump()
+    busy = dict(every=0.01, action=pump.send_data)
+    pump.run(3.0, **busy)
+    fade(pump, 0.3, **busy)
+    pump.run(pump.now + 10.0, **busy)
+    assert pump.core.failovers == []
+    fade(pump, 0.7, **busy)
+    pump.run(pump.now + 5.0, **busy)
+    assert pump.core.route == DIRECT and pump.core.failovers == []
+    assert [e.route for _, e in pump.of(RouteChanged)] == [DIRECT]  # nominated, never left
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(pump.now + 3.0, **busy)
+    [at] = pump.core.failovers
+    assert 1.0 - 0.011 <= at - cut_at <= 1.0 + 0.001  # min(4 x 0.3 s, 2 x 0.5 s)
+
+
+def test_an_idle_route_that_fades_is_kept_and_a_cut_is_still_noticed_within_3_s():
+    """Idle, the same: a lost keepalive answer and two lost re-probes (0.3 s), then fades
+    that swallow everything for 0.8 s from a keepalive on: the route is kept; a cut is
+    noticed a keepalive and twice the timeout later."""
+    pump = direct_pump()
+    pump.run(3.0)
+    keepalive = pump.core.next_timer()
+    pump.run(keepalive - 0.001)
+    fade(pump, 0.3)
+    pump.run(pump.now + 5.0)
+    keepalive = pump.core.next_timer()
+    pump.run(keepalive - 0.001)
+    fade(pump, 0.8)
+    pump.run(pump.now + 5.0)
+    assert pump.core.route == DIRECT and pump.core.failovers == []
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(pump.now + 5.0)
+    [at] = pump.core.failovers
+    assert at - cut_at <= 1.0 + 1.0 + pump.rtt < 3.0
+
+
+def test_a_clean_route_fails_over_after_the_timeout_and_fades_are_forgotten():
+    """A route that never faded (or not for FADE_MEMORY) is given the timeout alone: a
+    silence is then no fade it came back from, and a cut costs no more than before."""
+    pump = direct_pump()
+    busy = dict(every=0.01, action=pump.send_data)
+    pump.run(3.0, **busy)
+    fade(pump, 0.3, **busy)
+    pump.run(pump.now + FADE_MEMORY + 1.0, **busy)
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(pump.now + 3.0, **busy)
+    [at] = pump.core.failovers
+    assert 0.5 - 0.011 <= at - cut_at <= 0.5 + 0.001
+    assert FADE_MARGIN * 0.3 > 1.0  # the fade would have given the route twice the timeout
 
 
 # Path choice by measured RTT ---------------------------------------------------------------
