@@ -299,6 +299,8 @@ class Session(ConnectionHandler):
         while (event := core.next_event()) is not None:
             if isinstance(event, SendPing):
                 self._send_ping(event.reset_backoff)
+                if event.doubt:
+                    self.node.direct_in_doubt()
             elif isinstance(event, RouteChanged):
                 self._route_changed(event)
             elif isinstance(event, RepunchDue):

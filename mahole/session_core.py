@@ -174,9 +174,12 @@ class RouteChanged:
 class SendPing:
     """Send a QUIC PING now; first reset the PTO backoff if ``reset_backoff`` (after a
     failover: what was sent into the dead route is probed for at once, not after a
-    backed-off PTO)."""
+    backed-off PTO). ``doubt``: the direct route has not answered the last probe either;
+    the node may check whether its own public address moved (a NAT that rebound), which
+    would explain it."""
 
     reset_backoff: bool = False
+    doubt: bool = False
 
 
 @dataclass(frozen=True)
@@ -614,7 +617,7 @@ class SessionCore:
         elif "keepalive" in due or "reprobe" in due:
             # RFC 9000 §19.2: a PING elicits an ACK: liveness evidence, and it keeps the NAT
             # mappings of the route open while the session is idle.
-            self._ping(now)
+            self._ping(now, doubt="reprobe" in due and self.route == DIRECT)
         if "repunch" in due and not self.closed:
             self.repunch_at = None
             if self.direct_addr is None and self.relay_up:
@@ -631,11 +634,11 @@ class SessionCore:
         if self._peer_wait_since is None:
             self._peer_wait_since = now
 
-    def _ping(self, now, reset_backoff=False):
+    def _ping(self, now, reset_backoff=False, doubt=False):
         self.pings += 1
         self._last_ping = now
         self._probing(now)
-        self._events.append(SendPing(reset_backoff))
+        self._events.append(SendPing(reset_backoff, doubt))
 
     def _direct_failed(self, now, reason, counts=True):
         """The direct route died: back to the relay at once, same QUIC connection. A route

@@ -201,6 +201,22 @@ def test_direct_route_cut_mid_transfer_fails_over_to_the_relay_within_the_timeou
     assert not pump.core.closed  # traffic kept flowing on the relay
 
 
+def test_a_direct_route_that_misses_its_probes_is_doubted_before_the_failover():
+    """The reprobe of a direct route still unanswered carries doubt: the node then asks the
+    intermediate whether its own public address moved (a NAT that rebound), and that answer
+    comes back before the failover timeout. Keepalives of a route that answers carry none."""
+    pump = direct_pump()
+    pump.run(3.0, every=0.01, action=pump.send_data)
+    assert not any(e.doubt for _, e in pump.of(SendPing))
+    pump.cut.add(DIRECT)
+    cut_at = pump.now
+    pump.run(6.0, every=0.01, action=pump.send_data)
+    doubts = [at for at, e in pump.of(SendPing) if e.doubt]
+    [(failover, _)] = [(at, e) for at, e in pump.of(RouteChanged) if e.route == RELAY]
+    assert doubts and doubts[0] - cut_at <= 0.1 + 0.02  # a reprobe interval after the last rx
+    assert all(at < failover for at in doubts)  # on the relay, no more doubt of the direct
+
+
 def test_idle_direct_cut_is_noticed_by_keepalive_within_1_5_s():
     pump = direct_pump()
     pump.run(5.0)

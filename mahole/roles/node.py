@@ -43,6 +43,10 @@ RESUME_HOLD = 5.0
 # with what is known then (a move behind the same public address).
 MOVE_WAIT_MARGIN = 0.1
 MOVE_WAIT_MAX = 1.0
+# A direct route that does not answer its probes may have lost this node's NAT mapping (a
+# rebinding: the kernel sees no change). The node asks the intermediate for its public
+# address by STUN at most this often, as it does after a move.
+DOUBT_CHECK_INTERVAL = 1.0
 CONTROL_STREAM = 0  # the first client-initiated bidirectional stream (RFC 9000 §2.1)
 
 
@@ -553,6 +557,7 @@ class Node:
         self.network_changes = {"netlink": 0, "observed_address": 0}
         self.network_log = collections.deque(maxlen=8)
         self._move_pending = False  # left direct routes on the kernel's word; punch when known
+        self._doubt_checked = None  # when direct_in_doubt last asked for the public address
         self._tasks = []
         # Idle direct routes' keepalive: cfg.direct_keepalive until the binding lifetime of
         # this network is measured (mahole.binding_lifetime), then a third of it.
@@ -875,14 +880,31 @@ class Node:
             3 * rtt + MOVE_WAIT_MARGIN, MOVE_WAIT_MAX),
             lambda _now: self._punch_after_move("no new public address reported"))
 
+    def direct_in_doubt(self):
+        """A direct route missed a probe's answer. If this node's NAT rebound, the peer's
+        answers go to the old mapping and the kernel says nothing: a STUN request to the
+        intermediate tells within one round trip (mapping_observed), before the failover
+        timeout, where its ObservedAddress waits for the next keepalive and a validation."""
+        now = self.endpoint.now()
+        if self._doubt_checked is not None and now - self._doubt_checked < DOUBT_CHECK_INTERVAL:
+            return
+        probe = self.puncher.probe
+        if self.control is None or not self.control.connected or (
+                probe is not None and not probe.done):
+            return
+        self._doubt_checked = now
+        self.control.prod()
+        self.puncher.probe_mapping()
+
     def mapping_observed(self, addr):
         """A STUN answer from the intermediate's own address (Puncher.probe_mapping): this
         socket's public address, the one its control connection is observed at. After a
-        move it comes one round trip after asking, where the intermediate's ObservedAddress
-        waits for the new path to be validated: punch with it now."""
+        move or a NAT rebinding it comes one round trip after asking, where the
+        intermediate's ObservedAddress waits for the new path to be validated: punch with
+        it now."""
         control_client = self.control
         before = control_client.observed_addr
-        if not self._move_pending or before is None or normalize_addr(before) == addr:
+        if before is None or normalize_addr(before) == addr:
             return
         control_client.observed_addr = addr
         log.info("observed address is now %s (STUN)", _fmt(addr))
