@@ -25,6 +25,7 @@ from .config import (
     read_config_file,
     toml_value,
 )
+from .pmtu import BASE_PLPMTU, MAX_PACKET
 from .status import format_hostport, parse_hostport
 
 log = logging.getLogger("mahole")
@@ -156,8 +157,9 @@ def _add_node(sub, role):
                          metavar="SECONDS", help=f"{text} (default: {getattr(node, field):g})")
     sub.add_argument("--max-udp-payload", type=_udp_payload, default=node.max_udp_payload,
                      metavar="BYTES",
-                     help="largest end-to-end packet path MTU discovery tries (default: "
-                          f"{node.max_udp_payload}, a 1,500-byte MTU; 1200 turns it off)")
+                     help="largest end-to-end packet path MTU discovery tries (default: what "
+                          "the local link carries, 1472 on a 1,500-byte MTU; 1200 turns it "
+                          "off)")
     sub.add_argument("--congestion-control", choices=CONGESTION_CONTROLS,
                      default=node.congestion_control,
                      help="congestion controller of the end-to-end sessions' sending side "
@@ -166,14 +168,15 @@ def _add_node(sub, role):
 
 
 def _udp_payload(text):
-    """A UDP payload size a QUIC path may use: 1200 (RFC 9000 §14.1) to 65,527 (§18.2)."""
+    """A UDP payload size a QUIC path may use: 1200 (RFC 9000 §14.1) to mahole.pmtu's
+    MAX_PACKET (aioquic's largest)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if not 1200 <= value <= 65527:
-        raise argparse.ArgumentTypeError(f"expected a number of bytes from 1200 to 65527, "
-                                         f"got {text!r}")
+    if not BASE_PLPMTU <= value <= MAX_PACKET:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes from {BASE_PLPMTU} to "
+                                         f"{MAX_PACKET}, got {text!r}")
     return value
 
 

@@ -8,9 +8,10 @@ acknowledges like any packet. A probe that is acknowledged proves the size works
 one that is lost `MAX_PROBES` times in a row proves it does not. The sizes are searched by
 trying the ceiling first, then halving the interval between the largest size known to work
 and the smallest known not to, to within `SEARCH_RESOLUTION` bytes. The ceiling is the UDP
-payload of a 1,500-byte Ethernet MTU unless configured otherwise (less 20 bytes over IPv6),
-minus the relay header on the relay route (the relay frame wraps the QUIC packet, RFC 8899
-§4.4: the packetization layer accounts for headers below it).
+payload the local link towards the route's next hop carries (the kernel's route MTU: 1,472
+bytes on 1,500-byte Ethernet, 16,383 on loopback, where `MAX_PACKET` caps it), or the
+configured one, minus the relay header on the relay route (the relay frame wraps the QUIC
+packet, RFC 8899 §4.4: the packetization layer accounts for headers below it).
 
 Sizes here are QUIC packet sizes, i.e. what aioquic's `max_datagram_size` limits.
 
@@ -23,9 +24,15 @@ again below the size that failed. A completed search looks above again after
 """
 
 BASE_PLPMTU = 1200  # RFC 9000 §14.1: every QUIC path carries it (RFC 8899 §5.1.2 BASE_PLPMTU)
-# Largest UDP payload on a 1,500-byte Ethernet MTU: 1500 - 20 (IPv4 header) - 8 (UDP header).
+# Largest UDP payload on a 1,500-byte Ethernet MTU: 1500 - 20 (IPv4 header) - 8 (UDP header);
+# the ceiling when the local link's MTU is unknown.
 DEFAULT_MAX_UDP_PAYLOAD = 1472
 IPV6_EXTRA_HEADER = 20  # an IPv6 header is 40 bytes, 20 more than IPv4's
+IPV4_UDP_HEADERS = 28  # IPv4 (20) and UDP (8) headers: a link MTU less these is the payload
+# Largest QUIC packet mahole sends: aioquic writes each frame's length in a 2-byte varint
+# (RFC 9000 §16: at most 16,383), so a STREAM frame filling a larger packet is malformed and
+# the peer closes the connection (FRAME_ENCODING_ERROR).
+MAX_PACKET = 16383
 MAX_PROBES = 3  # RFC 8899 §5.1.2: probes of one size lost before it is taken as not working
 SEARCH_RESOLUTION = 8  # bytes: the search stops when the bounds are this close
 CONFIRM_INTERVAL = 30.0  # s between confirmations of the current size above the base
@@ -35,11 +42,17 @@ UNSENT_RETRY = 1.0  # s before a probe that could not be sent is tried again
 SEARCHING, SEARCH_COMPLETE = "searching", "search complete"
 
 
-def route_ceiling(max_udp_payload, ipv6, header=0):
-    """The largest QUIC packet to try on a route: the configured UDP payload ceiling, less
-    the extra IPv6 header when the route's next hop is IPv6, less `header` bytes the route
-    wraps each packet in (the relay frame's)."""
-    return max(BASE_PLPMTU, max_udp_payload - (IPV6_EXTRA_HEADER if ipv6 else 0) - header)
+def route_ceiling(max_udp_payload, ipv6, header=0, link_mtu=None):
+    """The largest QUIC packet to try on a route. `max_udp_payload`: the configured UDP
+    payload ceiling, or None for the local link's: `link_mtu` (the MTU of the link towards
+    the route's next hop, None if unknown: then a 1,500-byte Ethernet MTU's) less the IPv4
+    and UDP headers. Less the extra IPv6 header when the next hop is IPv6, less `header`
+    bytes the route wraps each packet in (the relay frame's); never over `MAX_PACKET`."""
+    if max_udp_payload is None:
+        max_udp_payload = (DEFAULT_MAX_UDP_PAYLOAD if link_mtu is None
+                           else link_mtu - IPV4_UDP_HEADERS)
+    ceiling = max_udp_payload - (IPV6_EXTRA_HEADER if ipv6 else 0) - header
+    return max(BASE_PLPMTU, min(MAX_PACKET, ceiling))
 
 
 class PathMtu:

@@ -22,6 +22,7 @@ current route's size, and UDP datagrams too large for one DATAGRAM frame of it a
 import functools
 import itertools
 import logging
+import socket
 
 from aioquic.quic import events as qe
 
@@ -54,6 +55,9 @@ MAX_MTU_ROUTES = 4  # routes whose packet size a session remembers (the relay, d
 # path MTU discovery confirms it at once: a black hole that appeared under a working size
 # shows as large packets vanishing (RFC 8899 §4.3). A false alarm costs one probe.
 MTU_SUSPECT_LOSSES = 3
+# Linux's IP_MTU / IPV6_MTU (linux/in.h, linux/in6.h): a connected socket's route MTU.
+_IP_MTU = getattr(socket, "IP_MTU", 14)
+_IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 
 
 class Session(ConnectionHandler):
@@ -357,8 +361,10 @@ class Session(ConnectionHandler):
             while len(self._mtus) >= MAX_MTU_ROUTES:
                 del self._mtus[next(k for k in self._mtus if k != self._mtu_key)]
             route, addr = key
-            ceiling = route_ceiling(self._max_udp_payload, _is_ipv6(addr),
-                                    header=0 if route == DIRECT else RELAY_HEADER_LEN)
+            ipv6 = _is_ipv6(addr)
+            ceiling = route_ceiling(
+                self._max_udp_payload, ipv6, header=0 if route == DIRECT else RELAY_HEADER_LEN,
+                link_mtu=None if self._max_udp_payload else _link_mtu(addr))
             mtu = self._mtus[key] = PathMtu(ceiling, now)
         elif key != self._mtu_key:
             mtu.suspect(now)  # a route used before: confirm its size before trusting it
@@ -616,6 +622,20 @@ def _relay_token_of(message):
 def _earliest(*times):
     times = [t for t in times if t is not None]
     return min(times) if times else None
+
+
+def _link_mtu(addr):
+    """The MTU of the local link towards addr (an IP literal), as the kernel's route to it
+    says (IP_MTU of a connected UDP socket, which sends nothing; Linux), or None. An
+    IPv4-mapped address is asked over IPv6 and answered by its IPv4 route."""
+    family, level, option = ((socket.AF_INET6, socket.IPPROTO_IPV6, _IPV6_MTU) if ":" in addr[0]
+                             else (socket.AF_INET, socket.IPPROTO_IP, _IP_MTU))
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr[:2])
+            return sock.getsockopt(level, option)
+    except OSError:
+        return None
 
 
 def _is_ipv6(addr):

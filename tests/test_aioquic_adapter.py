@@ -239,3 +239,40 @@ def test_a_probe_ping_goes_out_when_the_congestion_window_is_full(tmp_path):
     assert client.datagrams_to_send(now=0.1) == []  # held back by the window
     client.send_probe()
     assert len(client.datagrams_to_send(now=0.1)) == 1
+
+
+def test_a_stream_moves_intact_in_packets_of_the_largest_size_and_breaks_beyond(tmp_path):
+    """aioquic frames STREAM data with 2-byte lengths: packets up to mahole.pmtu.MAX_PACKET
+    carry a stream byte-identical; larger, frames are misparsed: the peer closes the connection
+    or takes wrong bytes (why route ceilings stop at MAX_PACKET)."""
+    from quic_pair import handshake, make_pair, pump
+
+    from mahole.pmtu import MAX_PACKET
+
+    def send(size, directory):
+        """(whether the stream arrived intact, the largest packet)"""
+        client, server = make_pair(tmp_path / directory)
+        now = handshake(client, server)
+        client.set_max_datagram_size(size)
+        data = os.urandom(256 << 10)
+        client.send_stream_data(client.get_next_available_stream_id(), data, end_stream=True)
+        received, sizes = bytearray(), [0]
+
+        def carry(datagram):
+            sizes.append(len(datagram))
+            return True
+
+        for _ in range(1000):
+            now += 0.01
+            for event in pump(client, server, now, rounds=3, carry=carry):
+                if isinstance(event, qe.StreamDataReceived):
+                    received += event.data
+                elif isinstance(event, qe.ConnectionTerminated):
+                    return False, max(sizes)
+            if len(received) >= len(data):
+                break
+        return bytes(received) == data, max(sizes)
+
+    assert send(MAX_PACKET, "max") == (True, MAX_PACKET)
+    intact, largest = send(MAX_PACKET + 200, "over")
+    assert not intact and largest > MAX_PACKET

@@ -11,6 +11,7 @@ import pytest
 from aio_helpers import run, wait_for
 
 from mahole.demo import LocalDeployment, udp_round_trips
+from mahole.pmtu import MAX_PACKET
 from mahole.session import MAX_QUEUED_DATAGRAM_FRAMES as MAX_QUEUED
 from mahole.tunnel import (
     FLOW_ID_LEN, FRAGMENT_HEADER, MAX_DATAGRAM_PAYLOAD, MAX_FLOW_ID, MAX_FRAGMENTS,
@@ -217,6 +218,12 @@ def no_discovery():
     return LocalDeployment(agent_kwargs=dict(small), connector_kwargs=dict(small))
 
 
+def ethernet():
+    """Both nodes' ceiling is a 1,500-byte Ethernet MTU's UDP payload, as on most links."""
+    sized = {"max_udp_payload": 1472}
+    return LocalDeployment(agent_kwargs=dict(sized), connector_kwargs=dict(sized))
+
+
 def _route_size(session):
     """The in-use route's discovered packet size, once its search is complete."""
     for mtu in session.mtu_stats():
@@ -225,13 +232,17 @@ def _route_size(session):
     return None
 
 
-# Packet sizes path MTU discovery finds on loopback (its MTU is 65,536): the 1,472-byte
-# default ceiling, less the relay header on the relay route; 1,200 with discovery off.
-EXPECTED_SIZE = {"relay": 1472 - 17, "default": 1472, "no-discovery": 1200}
+# Packet sizes path MTU discovery finds on loopback (its MTU is 65,536): the largest packet
+# mahole sends (the link's ceiling, less the relay header on the relay route, is larger);
+# a configured 1,472-byte ceiling; 1,200 with discovery off.
+EXPECTED_SIZE = {"relay": MAX_PACKET, "default": MAX_PACKET, "ethernet": 1472,
+                 "no-discovery": 1200}
+# Datagrams of the test's sizes that do not fit one packet, by packet size.
+EXPECTED_CUT = {MAX_PACKET: 1, 1472: 2, 1200: 5}
 
 
-@pytest.mark.parametrize("deployment", [relayed, LocalDeployment, no_discovery],
-                         ids=["relay", "default", "no-discovery"])
+@pytest.mark.parametrize("deployment", [relayed, LocalDeployment, ethernet, no_discovery],
+                         ids=["relay", "default", "ethernet", "no-discovery"])
 def test_dns_wireguard_and_large_datagrams_arrive_byte_identical(deployment, request):
     async def main():
         async with deployment() as d:
@@ -254,7 +265,7 @@ def test_dns_wireguard_and_large_datagrams_arrive_byte_identical(deployment, req
             payloads = [os.urandom(n) for n in sizes]
             assert await udp_round_trips(addr, payloads) == payloads
             cut = sum(FLOW_ID_LEN + n > room for n in sizes)
-            assert cut == (5 if expected == 1200 else 3 if expected < 1432 + 40 else 2)
+            assert cut == EXPECTED_CUT[expected]
             assert session.counters.get("datagrams_fragmented_out", 0) == cut
             assert session.counters.get("datagrams_reassembled", 0) == cut
             assert session.counters["datagrams_dropped_oversize"] == 0
@@ -351,7 +362,7 @@ def test_a_peer_of_the_older_protocol_is_sent_no_fragments(monkeypatch, caplog):
             assert session.connection.quic.tls.alpn_negotiated == "mahole-e2e/1"
             assert not session.fragments_allowed
             with caplog.at_level(logging.WARNING, logger="mahole.session"):
-                big = [os.urandom(8000), os.urandom(8000)]  # one flow: one log line
+                big = [os.urandom(20000), os.urandom(20000)]  # one flow: one log line
                 assert await udp_round_trips(addr, big, timeout=1.0) == [None, None]
             assert session.counters["datagrams_dropped_peer_cannot_reassemble"] == 2
             assert session.counters.get("datagrams_fragmented_out", 0) == 0

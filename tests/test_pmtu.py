@@ -146,6 +146,17 @@ def test_ceilings_account_for_ipv6_and_the_relay_header():
         PathMtu(1100, 0.0)
 
 
+def test_unconfigured_ceilings_follow_the_local_link():
+    assert route_ceiling(None, False, link_mtu=1500) == 1472
+    assert route_ceiling(None, True, link_mtu=1500) == 1452
+    assert route_ceiling(None, False, header=17, link_mtu=9000) == 8955
+    assert route_ceiling(None, False) == pmtu.DEFAULT_MAX_UDP_PAYLOAD  # the link unknown
+    # Loopback's 65,536 bytes, or a configured ceiling, stop at what aioquic frames.
+    assert route_ceiling(None, False, link_mtu=65536) == pmtu.MAX_PACKET
+    assert route_ceiling(65527, False) == pmtu.MAX_PACKET
+    assert route_ceiling(1472, False, link_mtu=65536) == 1472  # the configured one wins
+
+
 def test_ceiling_equal_to_the_base_never_probes():
     core = PathMtu(BASE_PLPMTU, 0.0)
     assert core.next_probe(0.0) is None

@@ -1,6 +1,7 @@
 """Path MTU discovery and large UDP datagrams behind NATs (the NAT lab, real processes).
 
-The agent's link to its router has a 1,400-byte MTU, and every mahole socket sets the
+The agent's link to its router has a 1,400-byte MTU (the agent's ceiling: the kernel says so),
+the connector's 1,500 bytes (a ceiling the path does not carry), and every mahole socket sets the
 don't-fragment bit: packets larger than the link carries are dropped on the way (the router
 drops them when forwarding, the agent's kernel refuses to send them), as behind a PPPoE or
 tunnelled uplink. (The narrow link is a routed hop, not a veth the bridge feeds: a veth
@@ -120,7 +121,11 @@ def test_each_route_finds_its_packet_size_and_large_datagrams_get_through(lab, t
     for mtu in (agent_mtu, connector_mtu):
         # Both directions cross the narrow link: each end finds the same size.
         assert limit - RESOLUTION <= mtu["size"] <= limit, (mtu, d.logs())
-        assert mtu["probes_lost"] >= 3  # the 1,472-byte ceiling was tried and failed
+    # The agent's ceiling is its own link's; the connector's, its 1,500-byte link's, was
+    # tried and failed.
+    assert agent_mtu["ceiling"] == limit, agent_mtu
+    header = RELAY_HEADER if route == "relay" else 0
+    assert connector_mtu["ceiling"] == 1472 - header and connector_mtu["probes_lost"] >= 3
     payloads = [os.urandom(n) for n in SIZES]
     assert udp_echo(d, payloads) == payloads, d.logs()
     status = udp_session(d, d.agent)

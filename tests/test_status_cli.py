@@ -76,7 +76,7 @@ def test_status_shows_the_intermediate_and_a_direct_session(capsys):
             direct_addr = session.stats()["direct_addr"]
             assert re.match(rf"echo\s+{session.tag}\s+connector1\s+direct {direct_addr}\s+"
                             # RTT, each route's RTT, the MTU (found, searched, or unknown)
-                            rf"\d+\.\d ms\s+\d+\.\d ms\s+\d+\.\d ms\s+(1472|\d{4}…|-)\s+"
+                            rf"\d+\.\d ms\s+\d+\.\d ms\s+\d+\.\d ms\s+(16383|\d{4,5}…|-)\s+"
                             rf"[\d.]+ KiB\s+[\d.]+ KiB\s+\d\d:\d\d:\d\d \(\d+s\)$",
                             row), row
 
