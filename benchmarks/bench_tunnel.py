@@ -1,7 +1,8 @@
 """Tunnel goodput: a TCP forward through agent -> intermediate (relay) -> connector -> sink,
 against aioquic's own asyncio client/server moving the same bytes on one stream.
 
-    python benchmarks/bench_tunnel.py [--quick] [--bytes N] [--reps R]
+    python benchmarks/bench_tunnel.py [--quick] [--bytes N] [--reps R] [--path relay|direct]
+                                      [--max-udp-payload BYTES]
                                       [--baseline-sockbuf BYTES] [--profile DIR] [--py-spy DIR]
 
 How it measures. Everything runs on 127.0.0.1 in separate processes, each in its own process
@@ -18,7 +19,9 @@ group, all ended by PID in `finally`.
   aioquic  benchmarks/_aioquic_bulk.py: an `aioquic.asyncio.serve` process and an
            `aioquic.asyncio.connect` process with aioquic's default QuicConfiguration (flow
            control windows and congestion control as listed in the JSON: max_data and
-           max_stream_data 1 MiB, doubled whenever half is used; Reno; 1200-byte datagrams)
+           max_stream_data 1 MiB, doubled whenever half is used; Reno; 1200-byte datagrams;
+           mahole's packets grow to what path MTU discovery finds, up to 16,383 bytes on
+           loopback, or stay at 1,200 bytes with --max-udp-payload 1200)
            and the OS default UDP socket buffers (mahole's nodes ask for 4 MiB;
            --baseline-sockbuf gives the baseline the same); the client opens one stream per
            transfer, sends the same N bytes with end_stream, the server counts them and
@@ -30,7 +33,8 @@ and the aioquic connection's windows), then R timed transfers per system, interl
 A B A B so drift hits both alike. Reported: median, min, max MB/s (10^6 bytes/s) and
 mahole / aioquic (target >= 1.0). Also reported: CPU seconds (user+system, /proc/PID/stat)
 of every process per timed transfer, which says which process is the bottleneck, and the
-kernel's UDP receive drops per process (/proc/net/udp). JSON: benchmarks/results/tunnel.json
+kernel's UDP receive drops per process (/proc/net/udp). CPU seconds per GB (10^9 bytes)
+moved, per process, say what each byte costs whatever the machine's other load. JSON: benchmarks/results/tunnel.json
 (tunnel-quick.json for --quick). Budget: under 3 minutes (--quick: 40 s).
 
 --profile DIR runs the three role processes under cProfile (`python -m cProfile -o
@@ -160,7 +164,8 @@ class MaholeTunnel:
     name = "mahole"
     processes = ("bench (client)", "agent", "intermediate", "connector", "sink")
 
-    def __init__(self, procs, certs, total_bytes, profile_dir=None, path="relay"):
+    def __init__(self, procs, certs, total_bytes, profile_dir=None, path="relay",
+                 max_udp_payload=None):
         self.path = path  # "relay": nodes run --relay-only; "direct": hole punching on
         self.procs = procs
         self.total = total_bytes
@@ -186,7 +191,8 @@ class MaholeTunnel:
             return procs.start(name, cmd)
 
         node = ["--intermediate", f"{HOST}:{udp_port}", "--intermediate-name", HOST,
-                "--bind", f"{HOST}:0", *(["--relay-only"] if path == "relay" else [])]
+                "--bind", f"{HOST}:0", *(["--relay-only"] if path == "relay" else []),
+                *(["--max-udp-payload", str(max_udp_payload)] if max_udp_payload else [])]
         role("intermediate", "--listen", f"{HOST}:{udp_port}", "--allow", "alice=*",
              cert="intermediate")
         wait_for("intermediate", lambda: status(self.status_ports["intermediate"]),
@@ -309,6 +315,9 @@ def main(argv=None):
                         "py-spy during the timed runs; raw stacks in DIR/NAME.txt")
     parser.add_argument("--path", choices=("relay", "direct"), default="relay",
                         help="the mahole session's path: relay (--relay-only) or direct")
+    parser.add_argument("--max-udp-payload", type=int, metavar="BYTES",
+                        help="the nodes' --max-udp-payload (default: theirs, the link's; "
+                        "1200 keeps QUIC's minimum packet)")
     parser.add_argument("--allow-twin", action="store_true",
                         help="run even if the compiled hot path is missing")
     parser.add_argument("--only", choices=("mahole", "aioquic"), help=argparse.SUPPRESS)
@@ -350,7 +359,8 @@ def main(argv=None):
     try:
         systems = []
         if args.only != "aioquic":
-            systems.append(MaholeTunnel(procs, certs, total, profile_dir, path=args.path))
+            systems.append(MaholeTunnel(procs, certs, total, profile_dir, path=args.path,
+                                        max_udp_payload=args.max_udp_payload))
         if args.only != "mahole":
             systems.append(AioquicBulk(procs, certs, total, args.baseline_sockbuf))
         samples = {s.name: [] for s in systems}
@@ -421,20 +431,25 @@ def main(argv=None):
         print(f"mahole is {ratio:.2f}x aioquic ({verdict} the >= {TARGET:.1f}x target)")
     cpu_rows = []
     cpu_per_transfer = {}
+    cpu_per_gb = {}
     for name, per_process in cpu.items():
         runs = len(seconds[name])
         if not runs:
             continue
         wall = sum(seconds[name])
+        gigabytes = runs * total / 1e9
         cpu_per_transfer[name] = {p: round(v / runs, 3) for p, v in per_process.items()}
+        cpu_per_gb[name] = {p: round(v / gigabytes, 2) for p, v in per_process.items()}
         for process, used in per_process.items():
-            cpu_rows.append([name, process, used / runs, f"{100 * used / wall:.0f}%"])
+            cpu_rows.append([name, process, used / runs, used / gigabytes,
+                             f"{100 * used / wall:.0f}%"])
         total_cpu = sum(per_process.values())
-        cpu_rows.append([name, "total", total_cpu / runs, f"{100 * total_cpu / wall:.0f}%"])
+        cpu_rows.append([name, "total", total_cpu / runs, total_cpu / gigabytes,
+                         f"{100 * total_cpu / wall:.0f}%"])
     if cpu_rows:
-        print(f"CPU per timed transfer (user+system; % of the transfer's wall time; "
-              f"{os.cpu_count()} CPUs)")
-        print(_report.table(["system", "process", "CPU s", "busy"], cpu_rows))
+        print(f"CPU per timed transfer and per GB moved (user+system; % of the transfer's "
+              f"wall time; {os.cpu_count()} CPUs)")
+        print(_report.table(["system", "process", "CPU s", "CPU s/GB", "busy"], cpu_rows))
     if drops:
         print("UDP receive drops in the kernel over the whole run (warm-up included): "
               + ", ".join(f"{name} {count}" for name, count in drops.items()))
@@ -454,6 +469,7 @@ def main(argv=None):
         "target_ratio": TARGET, "counts_ok": counts_ok, "compiled": _fast.COMPILED,
         "profiled": profile_dir is not None or spy_dir is not None, "cpus": os.cpu_count(),
         "seconds": seconds, "cpu_seconds_per_transfer": cpu_per_transfer,
+        "cpu_seconds_per_gb": cpu_per_gb, "max_udp_payload": args.max_udp_payload,
         "udp_receive_drops": drops, "baseline_sockbuf": args.baseline_sockbuf or None,
         "seconds_total": round(time.monotonic() - started, 1), "details": details,
     })
