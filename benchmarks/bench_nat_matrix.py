@@ -23,6 +23,7 @@ the intermediate chose, and writes benchmarks/results/nat_matrix.json and nat_ma
 import argparse
 import collections
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -158,6 +159,10 @@ def measure_cell(agent, connector, runs, log):
     finally:
         if cell is not None:
             cell.close()
+    if any(r["path"] == "error" for r in results):
+        log(f"{agent} x {connector}: the roles' logs are in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     summary = summarize(agent, connector, results)
     summary["wall_s"] = round(time.monotonic() - started, 1)
     log(f"{agent} x {connector}: {cell_text(summary)} ({summary['wall_s']} s)")
@@ -179,6 +184,20 @@ def summarize(agent, connector, results):
         "strategies": dict(strategies.most_common()),
         "results": results,
     }
+
+
+def compact(cell):
+    """A cell for the JSON report: its runs as one list per field (the time to direct, None
+    for a run that did not go direct) and the counts of each way a run ended."""
+    results = cell["results"]
+    return {**{k: v for k, v in cell.items() if k != "results"},
+            "to_direct_ms": [r.get("to_direct_ms") if r["path"] == "direct" else None
+                             for r in results],
+            "run_s": [r.get("run_s") for r in results],
+            "nats": dict(collections.Counter(f"{r['agent_nat']} x {r['connector_nat']}"
+                                             for r in results if "agent_nat" in r)),
+            "endings": dict(collections.Counter(
+                f"{r['path']}: {r.get('reason') or r.get('error', '')[:200]}" for r in results))}
 
 
 def _ms(value):
@@ -266,7 +285,7 @@ def main(argv=None):
     print(_report.table(["agent x connector", "direct", "p50 ms", "p95 ms", "strategy",
                          "errors", "wall s"], rows))
     path = _report.write(name, {"runs": runs, "wall_s": round(wall, 1), "presets": PRESETS,
-                                "cells": results})
+                                "cells": [compact(c) for c in results]})
     table = markdown(results, runs)
     (path.parent / f"{name}.md").write_text(table + "\n")
     print(table)

@@ -100,6 +100,9 @@ def test_bench_nat_matrix_reports_rate_percentiles_and_strategy_per_cell():
     table = bench.markdown([cell, relay], 30).splitlines()
     assert table[0] == "| agent \\ connector | port-restricted | symmetric |"
     assert table[2] == "| symmetric | 27/29 · 1.4 s / 2.6 s · birthday (1 failed) | 0/1 · relay |"
+    report = bench.compact(cell)
+    assert "results" not in report and report["to_direct_ms"][26:] == [2700.0, None, None, None]
+    assert report["endings"] == {"direct: ": 27, "relay: ": 2, "error: timed out": 1}
     assert bench._cells("symmetric:port-restricted,none:*")[:2] == [
         ("symmetric", "port-restricted"), ("none", "none")]
     assert len(bench._cells("*:*")) == len(bench.PRESETS) ** 2
