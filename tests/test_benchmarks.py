@@ -19,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("bench_sched.py", "sched-quick.json", "median_ns_per_timer"),
     ("bench_punch.py", "punch-quick.json", None),
     ("bench_fleet.py", "fleet-quick.json", None),
+    ("bench_many.py", "many-quick.json", None),
 ])
 def test_benchmark_quick_run(tmp_path, script, report, key):
     if script == "bench_fleet.py":
