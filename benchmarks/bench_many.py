@@ -2,7 +2,7 @@
 carrying 1,000 concurrent TCP streams, against one stream through one session in the same run.
 
     python benchmarks/bench_many.py [--quick] [--connectors C] [--services S] [--streams N]
-                                    [--bytes B] [--single-bytes B] [--runs R]
+                                    [--bytes B] [--single-bytes B] [--runs R] [--rounds K]
                                     [--path relay|direct|both] [--intermediate-args ARGS]
 
 How it measures. Everything runs on 127.0.0.1 in separate processes, each in its own process
@@ -31,7 +31,8 @@ Reported, per run, then the median over runs:
     over streams (1.0: every stream moved at the same rate);
   - RSS (VmRSS, /proc) of the agent and of each connector: idle (registered, no session),
     with every session open, with every stream open (before the bulk data), the peak while
-    the data moves (sampled every 0.1 s), and 1 s after the last count; RSS per session =
+    the data moves (sampled every 0.1 s), and 1 s after the last count (with --rounds K,
+    after each of K rounds of the N streams on the same sessions); RSS per session =
     (sessions - idle) / sessions, per stream = (streams open - sessions) / streams;
   - errors: streams that failed, miscounted or timed out, plus the agent's tcp_refused and
     session_errors counters: all must be 0 (exit status 1 otherwise).
@@ -305,6 +306,18 @@ def one_run(args, path, certs, tmp, run):
         # streams): "after" is RSS one second later, a measurement, not a readiness wait.
         time.sleep(1.0)
         rss_after = procs.rss_kb()
+        # More rounds of the same streams tell a leak (RSS after each round keeps growing)
+        # from memory the allocator keeps for reuse (flat after the first round).
+        later = []
+        for _ in range(args.rounds - 1):
+            again = asyncio.run(many_streams(forwards, args.streams, data, procs, timeout))
+            time.sleep(1.0)
+            later.append({"errors": len(again["errors"]),
+                          "aggregate_mb_per_s": round(args.bytes * len(again["seconds"])
+                                                      / again["wall_s"] / MB, 2),
+                          "agent_rss_kb_peak": again["rss_peak"].get("agent"),
+                          "agent_rss_kb_after": procs.rss_kb().get("agent")})
+            many["errors"] += again["errors"]
         agent = status(ports["agent"], timeout=10) or {}
         counters = agent.get("counters", {})
         errors = list(many["errors"])
@@ -358,6 +371,7 @@ def one_run(args, path, certs, tmp, run):
                                          / per_conn_streams, 1),
         "errors": len(errors),
         "error_samples": errors[:5],
+        "later_rounds": later,
     }
 
 
@@ -422,6 +436,9 @@ def main(argv=None):
     parser.add_argument("--single-bytes", type=int,
                         help="bytes of the single-stream transfer (default 32 MiB)")
     parser.add_argument("--runs", type=int, help="fresh runs per path (default 3)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="many-stream rounds per run on the same sessions (default 1; "
+                        "RSS after each says whether memory comes back)")
     parser.add_argument("--path", choices=("relay", "direct", "both"),
                         help="the sessions' path (default both; quick: relay)")
     parser.add_argument("--intermediate-args", default="", metavar="ARGS",
