@@ -34,6 +34,8 @@ Reported, per run, then the median over runs:
     the data moves (sampled every 0.1 s), and 1 s after the last count (with --rounds K,
     after each of K rounds of the N streams on the same sessions); RSS per session =
     (sessions - idle) / sessions, per stream = (streams open - sessions) / streams;
+  - CPU busy while the streams move: CPU seconds (user+system, /proc) / wall seconds of the
+    agent, the intermediate, the connectors together, the sink and this process;
   - errors: streams that failed, miscounted or timed out, plus the agent's tcp_refused and
     session_errors counters: all must be 0 (exit status 1 otherwise).
 
@@ -208,11 +210,13 @@ async def many_streams(forwards, n, data, procs, timeout):
                 pass
 
     sampler = asyncio.get_running_loop().create_task(sample())
+    cpu_before = procs.cpu_seconds()
     release = time.perf_counter()
     results = await asyncio.gather(
         *(asyncio.wait_for(_finish_stream(r, w, data, release), timeout) for r, w in streams),
         return_exceptions=True)
     wall = time.perf_counter() - release
+    cpu_after = procs.cpu_seconds()
     done.set()
     await sampler
     seconds = []
@@ -223,8 +227,9 @@ async def many_streams(forwards, n, data, procs, timeout):
             errors.append(f"the sink counted {result[1]} of {len(data)} bytes")
         else:
             seconds.append(result[0])
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after if name in cpu_before}
     return {"open_s": open_s, "wall_s": wall, "seconds": seconds, "errors": errors,
-            "rss_open": rss_open, "rss_peak": peak}
+            "rss_open": rss_open, "rss_peak": peak, "cpu_s": cpu}
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -369,10 +374,19 @@ def one_run(args, path, certs, tmp, run):
                                           / per_conn_sessions, 1),
         "connector_kb_per_stream": round((conn_rss["streams_open"] - conn_rss["sessions"])
                                          / per_conn_streams, 1),
+        "cpu_busy": {  # CPU seconds / wall seconds of the many streams (1.0: one core)
+            "agent": _busy(many, ["agent"]), "intermediate": _busy(many, ["intermediate"]),
+            "connectors": _busy(many, connectors), "sink": _busy(many, ["sink"]),
+            "clients": _busy(many, ["bench (client)"])},
         "errors": len(errors),
         "error_samples": errors[:5],
         "later_rounds": later,
     }
+
+
+def _busy(many, names):
+    used = sum(many["cpu_s"].get(n, 0.0) for n in names)
+    return round(used / many["wall_s"], 2) if many["wall_s"] else None
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -399,6 +413,11 @@ SUMMARY = [  # (label, key in a run, nested key or None)
     ("connector RSS peak, MB", "connector_rss_kb_mean", "peak"),
     ("connector kB per session", "connector_kb_per_session", None),
     ("connector kB per stream", "connector_kb_per_stream", None),
+    ("CPU busy, agent (1.0 = a core)", "cpu_busy", "agent"),
+    ("CPU busy, intermediate", "cpu_busy", "intermediate"),
+    ("CPU busy, connectors in all", "cpu_busy", "connectors"),
+    ("CPU busy, sink", "cpu_busy", "sink"),
+    ("CPU busy, clients (this process)", "cpu_busy", "clients"),
     ("errors", "errors", None),
 ]
 
