@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import socket
 import sys
+import threading
 
 from . import portmap
 from .ice.candidates import normalize_addr
@@ -162,18 +163,17 @@ class PortMapping:
     async def _run_upnp(self):
         """Discover the IGD alongside PCP; map there only if PCP and NAT-PMP did not."""
         upnp = self.upnp
-        loop = asyncio.get_running_loop()
         try:
-            igd = await loop.run_in_executor(None, upnp.discover)
+            igd = await _in_thread(upnp.discover)
             while True:
                 core = self.core
                 if core is not None and core.state == "mapped":
                     if upnp.state == "mapped" and core.external_addr[1] != upnp.port:
-                        await loop.run_in_executor(None, upnp.delete)
+                        await _in_thread(upnp.delete)
                     upnp.state = "unused"
                     upnp.error = f"{core.protocol} mapped first"
                     return
-                await loop.run_in_executor(None, upnp.add, igd)
+                await _in_thread(upnp.add, igd)
                 log.info("port mapping: upnp maps %s:%d to UDP port %d for %d s",
                          *upnp.external_addr, upnp.port, upnp.lease)
                 self._offered(upnp.external_addr)
@@ -231,8 +231,7 @@ class PortMapping:
         upnp = self.upnp
         if upnp is not None and upnp.igd is not None and upnp.state == "mapped":
             try:
-                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-                    None, upnp.delete), UPNP_DELETE_TIMEOUT)
+                await asyncio.wait_for(_in_thread(upnp.delete), UPNP_DELETE_TIMEOUT)
             except Exception as exc:  # noqa: BLE001
                 log.info("port mapping: the upnp mapping was not deleted (%s)", exc)
 
@@ -287,6 +286,34 @@ class PortMapping:
                 status.update(state="mapped", protocol="upnp", external_addr=f"{host}:{port}",
                               lifetime_s=upnp.lease or None, expires_in_s=None)
         return status
+
+
+def _in_thread(fn, *args):
+    """A future of ``fn(*args)`` run in a daemon thread. Not the loop's default executor:
+    `asyncio.run` joins its threads on exit, and miniupnpc's SSDP wait cannot be cut short,
+    so a node stopped during discovery would take seconds to exit."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, exc):
+        if not future.done():
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+    def run():
+        try:
+            result, exc = fn(*args), None
+        except Exception as error:  # noqa: BLE001 - miniupnpc raises plain Exception
+            result, exc = None, error
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="mahole-upnp", daemon=True).start()
+    return future
 
 
 class UpnpMapping:

@@ -10,6 +10,7 @@ that exits deletes its mapping from the router's table.
 import os
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -100,3 +101,20 @@ def test_a_upnp_only_router_maps_through_upnp_igd_and_the_session_goes_direct(la
     d.connector.wait(10)
     wait(lambda: not upnpd.mappings(d.connector_host.router), 5,
          "the connector's upnp mapping to be deleted", d)
+
+
+def test_a_node_stopped_while_upnp_discovery_waits_exits_at_once(lab, tmp_path):
+    """Behind a router that answers no port-mapping protocol, SSDP discovery waits its 2 s
+    (and miniupnpc cannot be interrupted): a node stopped meanwhile exits at once anyway,
+    not when discovery gives up."""
+    pytest.importorskip("miniupnpc", reason="UPnP needs miniupnpc (pip install mahole[upnp])")
+    d = Deployment(lab, tmp_path, "symmetric", "port-restricted")
+    d.wait_registered()
+    upnp = ((d.status(d.connector) or {}).get("port_mapping") or {}).get("upnp") or {}
+    if upnp.get("state") != "discovering":
+        pytest.skip(f"discovery ended before the node registered: {upnp}")
+    d.connector.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    d.connector.wait(10)
+    took = time.monotonic() - start
+    assert took < 1.0, f"exit took {took:.2f} s\n{d.logs()}"

@@ -292,7 +292,7 @@ NATS = {
     ("symmetric", "port-restricted+upnp", ("mapped", None)),
     ("symmetric", "symmetric", ("relay", None)),
     ("symmetric", "symmetric-sequential", ("relay", None)),
-    ("symmetric-sequential", "symmetric-sequential", ("prediction", None)),
+    ("symmetric-sequential", "symmetric-sequential", ("relay", None)),
     ("symmetric+ipv6", "symmetric+ipv6", ("checks", None)),
     ("symmetric+ipv6", "symmetric", ("relay", None)),
 ])
