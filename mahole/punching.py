@@ -462,13 +462,23 @@ class Puncher:
         punch = self.punches.pop(session, None)
         if punch is not None:
             punch.close(self.now())
+            session.nominating(None)
             for key in ((session, "check"), (session, "deadline")):
                 self.endpoint.cancel_timer(key)
+
+    def confirm_nomination(self, session, addr):
+        """The peer's authenticated QUIC packet came from the remote address of the pair the
+        agent is nominating: the nomination is complete (the session's punch result)."""
+        punch = self.punches.get(session)
+        if punch is not None and punch.confirm_nomination(addr, self.now()):
+            self._pump(session, punch)
 
     def _pump(self, session, punch):
         datagrams = punch.datagrams_to_send()
         if datagrams:
             self.endpoint.send(datagrams)
+        pair = punch.nominating
+        session.nominating(None if pair is None else pair.remote.addr)
         while True:
             result = punch.next_event()
             if result is None:

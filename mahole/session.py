@@ -32,7 +32,7 @@ from .connection import ALPN_E2E_STREAM_OPEN, E2E_WITH_FRAGMENTS, datagram_frame
 from .endpoint import ConnectionHandler
 from .pmtu import BASE_PLPMTU, PathMtu, route_ceiling
 from .session_core import (DIRECT, NONE, NOTHING_HEARD, RELAY, RELAY_FASTER, RELAY_MOVED, Closed,
-                           RepunchDue,
+                           NominationConfirmed, RepunchDue,
                            RouteChanged, SendPing, SessionCore)
 from .wire import control
 from .wire.relay import session_tag
@@ -229,6 +229,10 @@ class Session(ConnectionHandler):
         self.node.report(result.to_wire(self.session_id))
         self._pump(now)
 
+    def nominating(self, addr):
+        """Hole punching is nominating the pair with remote address addr (None: not)."""
+        self.core.nominating(addr)
+
     def relay_state_changed(self, available, reason, hold=0.0):
         """The control connection to the intermediate (and with it the relay) came or went;
         with ``hold`` a relayed session waits that long for a resumption."""
@@ -309,6 +313,8 @@ class Session(ConnectionHandler):
                 self._route_changed(event)
             elif isinstance(event, RepunchDue):
                 self.repunch(event.attempt)
+            elif isinstance(event, NominationConfirmed):
+                self.node.puncher.confirm_nomination(self, event.addr)
             elif isinstance(event, Closed):
                 reason = event.reason
                 if reason == "the peer stopped answering":

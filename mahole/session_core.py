@@ -10,6 +10,8 @@ the shell must do is drained with :meth:`SessionCore.next_event` as small datacl
 - :class:`SendPing` — send a QUIC PING now (RFC 9000 §19.2), after resetting the PTO backoff
   if ``reset_backoff`` (RFC 9002 §6.2.1: packets lost in a dead route are probed for at once);
 - :class:`RepunchDue` — the controlling side (the agent) should punch again now;
+- :class:`NominationConfirmed` — the peer already uses the pair the agent is nominating (its
+  authenticated packet came from there): the shell completes the nomination;
 - :class:`Closed` — the session ends, for ``reason``.
 
 Routes
@@ -19,7 +21,11 @@ Routes
     ``control.SessionOpened.relay_token``, and lets the intermediate tell our frames from
     frames with a forged source address) and the direct route (the remote address of the nominated
     candidate pair). :meth:`outbound` picks the route of each packet; :meth:`inbound` accepts
-    direct packets only from the nominated address. Packets from either route go to the same
+    direct packets only from the nominated address, and at the agent from the address of the
+    pair it is nominating (:meth:`nominating`): the connector takes a pair on the nominating
+    check itself (RFC 8445 §7.3.1.5), maybe a second before the check's answer reaches the
+    agent through fades, and its first authenticated packet from there completes the
+    nomination (:class:`NominationConfirmed`) as the answer would. Packets from either route go to the same
     connection, so streams continue across every switch. ``relay_only`` sessions never take
     the direct route; ``direct_only`` ones have route ``"none"`` until hole punching succeeds
     and end when it fails or the direct route dies.
@@ -107,7 +113,8 @@ from .config import NodeConfig
 
 __all__ = [
     "DIRECT", "NONE", "RELAY", "PEER_SILENT", "PEER_SWITCH_GRACE", "REPUNCH_WINDOW",
-    "Closed", "RepunchDue", "RouteChanged", "SendPing", "SessionCore", "SessionEvent",
+    "Closed", "NominationConfirmed", "RepunchDue", "RouteChanged", "SendPing", "SessionCore",
+    "SessionEvent",
 ]
 
 Addr = tuple  # (host, port)
@@ -198,7 +205,18 @@ class Closed:
     reason: str
 
 
-SessionEvent = Union[RouteChanged, SendPing, RepunchDue, Closed]
+@dataclass(frozen=True)
+class NominationConfirmed:
+    """An authenticated packet of the peer's came from ``addr``, the remote address of the
+    pair this (controlling) side is nominating: the peer selected the pair (RFC 8445
+    §7.3.1.5) and the path works both ways, so the nomination is complete even if its check's
+    answer was lost. The shell ends hole punching with that pair (its punch result then calls
+    :meth:`SessionCore.punch_succeeded`)."""
+
+    addr: Addr
+
+
+SessionEvent = Union[RouteChanged, SendPing, RepunchDue, NominationConfirmed, Closed]
 
 
 def _slower(rtt: float, other: float, ratio: float) -> bool:
@@ -255,6 +273,7 @@ class SessionCore:
         self.peer_dead_after = peer_dead_after
         # Routes
         self.direct_addr: Optional[Addr] = None
+        self.nominating_addr: Optional[Addr] = None  # the pair being nominated (agent)
         self.direct_since: Optional[float] = None
         self.switches: list = []  # (when, route, reason)
         self.packets = {RELAY: 0, DIRECT: 0}  # sent by each route
@@ -337,6 +356,8 @@ class SessionCore:
         """Whether a QUIC packet that came straight from addr (not relayed) may be offered
         to the connection: only from the nominated direct address. Changes nothing."""
         addr = _addr(addr)
+        if addr == self.nominating_addr:
+            return True  # the peer took the pair on our nominating check (see nominating)
         if self.direct_addr is not None:
             return addr == self.direct_addr
         # The peer may still send by a direct route we left for a faster relay: it follows
@@ -366,6 +387,14 @@ class SessionCore:
             self.last_direct_rx = now
         elif addr == self.relay_addr:
             route = RELAY
+        elif addr == self.nominating_addr:
+            # The peer selected the pair we nominate and sends by it: the nomination is
+            # complete, whether or not its check's answer comes (lost in a fade, say).
+            self.nominating_addr = None
+            self.last_rx = now
+            self._peer_wait_since = None
+            self._events.append(NominationConfirmed(addr))
+            return
         elif addr == self.slower_direct:
             self.last_rx = now  # the peer, not yet following us to the relay
             self._peer_wait_since = None
@@ -414,6 +443,18 @@ class SessionCore:
             self.open_streams = count
             self.last_activity = now
 
+    def nominating(self, addr) -> None:
+        """The controlling side sent a nominating check (USE-CANDIDATE, RFC 8445 §8.1.1) on a
+        pair its own check validated, whose remote address is addr (None: no nomination under
+        way). The peer may select the pair on that check (§7.3.1.5) and send by it before the
+        answer reaches us: its packets from addr are accepted (:meth:`inbound`), and the first
+        one authenticated completes the nomination (:class:`NominationConfirmed`). A packet
+        from any other address still moves nothing."""
+        if addr is None or not self.controlling or not self.allow_direct or self.closed:
+            self.nominating_addr = None
+        else:
+            self.nominating_addr = _addr(addr)
+
     def punch_succeeded(self, addr, now: float, rtt: Optional[float] = None) -> None:
         """Hole punching nominated a pair with remote address addr (its check took ``rtt``):
         the direct route, unless the agent finds it much slower than the relay."""
@@ -422,6 +463,7 @@ class SessionCore:
         if not self.allow_direct:
             raise ValueError("this session is relay-only")
         addr = _addr(addr)
+        self.nominating_addr = None
         self.repunch_attempts = 0
         self.repunch_at = None
         if rtt is not None:
@@ -447,6 +489,7 @@ class SessionCore:
 
     def punch_failed(self, reason: str, now: float) -> None:
         """Hole punching ended without a direct route."""
+        self.nominating_addr = None
         if self.closed:
             return
         if not self.allow_relay:

@@ -655,6 +655,28 @@ def test_completed_side_still_answers_a_retransmitted_nomination(make_scheduler)
     assert a.counters["retransmissions"] >= 1
 
 
+def test_a_packet_of_the_peer_from_the_nominated_pair_completes_the_nomination(make_scheduler):
+    net, a, b, na, nb = two_agents(make_scheduler, [A4], [B4])
+    # Every answer to the nomination is lost (a fade): B selected the pair on the request
+    # (§7.3.1.5) and sends by it; A keeps retransmitting.
+    net.drop = lambda d: (d.sender == "b" and a.nominating is not None
+                          and d.stun().message_class == stun.CLASS_SUCCESS)
+    start(net, na, nb)
+    assert net.call(na, "confirm_nomination", B4.addr) is False  # nothing nominated yet
+    net.run(until=5, stop=lambda: b.state != "running")
+    net.run(until=net.now + 0.3)
+    assert b.state == "completed" and a.state == "running" and a.nominating is not None
+    checked_rtt = a.nominating.rtt
+    # Only the nominated pair's remote address completes it.
+    assert net.call(na, "confirm_nomination", ("198.51.100.99", 6000)) is False
+    assert net.call(na, "confirm_nomination", B4.addr) is True
+    assert_same_selected_pair(a, b)
+    assert events(a)[-1] == PairNominated(a.selected, checked_rtt)
+    assert a.counters["nominations_confirmed_by_peer"] == 1
+    assert a.nominating is None and na.scheduler.next_deadline() is None  # no more checks
+    assert net.call(na, "confirm_nomination", B4.addr) is False
+
+
 def test_nomination_is_retried_on_the_same_pair_then_fails(make_scheduler):
     a6, a4 = host("2001:db8::1", 5000), host("192.0.2.1", 5000, 65000)
     b6, b4 = host("2001:db8::2", 6000), host("198.51.100.2", 6000, 65000)

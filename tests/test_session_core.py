@@ -22,6 +22,7 @@ from mahole.session_core import (
     RTT_SUSTAIN,
     RTT_WINDOW,
     Closed,
+    NominationConfirmed,
     RepunchDue,
     RouteChanged,
     SendPing,
@@ -526,6 +527,116 @@ def test_only_the_controlling_side_repunches_and_a_punch_result_cancels_it():
     agent.punch()  # the connector's offer, say, succeeded first
     agent.run(60.0)
     assert agent.of(RepunchDue) == [] and agent.core.route == DIRECT
+
+
+# Nomination: the connector may go direct before the agent hears the check's answer ---------
+AGENT = ("192.0.2.7", 50000)  # the agent's address as the connector sees it
+
+
+class Members:
+    """An agent and a connector core pumped against each other: each sends a packet every
+    50 ms (and one per PING) by its route; a packet arrives rtt/2 later, straight from the
+    sender's address or by the relay, and counts only if the receiver accepts its source
+    (`inbound`, as the endpoint does). The agent's shell completes hole punching on
+    NominationConfirmed, as Puncher.confirm_nomination does."""
+
+    def __init__(self, rtt=0.02):
+        self.now, self.rtt = 0.0, rtt
+        self.agent = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True)
+        self.connector = SessionCore(SID, RELAY_ADDR, 0.0, controlling=False)
+        self.addr = {id(self.agent): AGENT, id(self.connector): PEER}
+        for core in (self.agent, self.connector):
+            core.handshake_completed(0.0)
+        self.in_flight = []  # (arrival, receiver, source)
+        self.dropped = 0  # direct packets refused by inbound
+        self.punch_done = False
+
+    def other(self, core):
+        return self.connector if core is self.agent else self.agent
+
+    def send(self, core):
+        out = core.outbound(b"packet")
+        if out is not None:
+            source = RELAY_ADDR if out[1] == RELAY_ADDR else self.addr[id(core)]
+            self.in_flight.append((self.now + self.rtt / 2, self.other(core), source))
+
+    def drain(self, core):
+        while (event := core.next_event()) is not None:
+            if isinstance(event, SendPing):
+                self.send(core)
+            elif isinstance(event, NominationConfirmed):
+                self.punch_done = True
+                core.punch_succeeded(event.addr, self.now)
+
+    def answer_arrives(self):
+        """The nominating check's answer reaches the agent (if hole punching still waits)."""
+        if not self.punch_done:
+            self.punch_done = True
+            self.agent.punch_succeeded(PEER, self.now)
+            self.drain(self.agent)
+
+    def run(self, until, tick=0.05):
+        next_tick = self.now
+        while self.now < until:
+            timers = [t for t in (c.next_timer() for c in (self.agent, self.connector)) if t]
+            self.now = min([until, next_tick, *[at for at, _, _ in self.in_flight], *timers])
+            for item in [i for i in self.in_flight if i[0] <= self.now]:
+                self.in_flight.remove(item)
+                _, core, source = item
+                if source == RELAY_ADDR or core.inbound(source):
+                    core.packet_authenticated(source, self.now)
+                else:
+                    self.dropped += 1
+                self.drain(core)
+            if self.now >= next_tick:
+                next_tick += tick
+                for core in (self.agent, self.connector):
+                    self.send(core)
+            for core in (self.agent, self.connector):
+                timer = core.next_timer()
+                if timer is not None and timer <= self.now:
+                    core.handle_timer(self.now)
+                    self.drain(core)
+
+
+def test_the_agent_takes_the_pair_it_nominates_when_the_connector_sends_by_it_first():
+    # The agent sends USE-CANDIDATE on a pair its check validated; the connector selects the
+    # pair on it (RFC 8445 §7.3.1.5) and sends direct at once; the answer is lost in a fade
+    # and its retransmission arrives 0.8 s later. The agent must neither drop the
+    # connector's direct packets nor make it give the direct route up.
+    members = Members()
+    members.run(1.0)
+    members.agent.nominating(PEER)
+    members.connector.punch_succeeded(AGENT, members.now)
+    members.run(1.8)
+    members.answer_arrives()
+    members.run(5.0)
+    agent, connector = members.agent, members.connector
+    assert [(route, why) for _, route, why in connector.switches] == [(DIRECT, "nominated")]
+    assert [(route, why) for _, route, why in agent.switches] == [(DIRECT, "nominated")]
+    assert agent.switches[0][0] <= 1.0 + 0.05 + members.rtt  # its first direct packet
+    assert agent.failovers == connector.failovers == [] and members.dropped == 0
+    assert agent.route == connector.route == DIRECT and agent.nominating_addr is None
+
+
+def test_only_authenticated_packets_from_the_nominated_pair_complete_a_nomination():
+    core = SessionCore(SID, RELAY_ADDR, 0.0, controlling=True)
+    core.handshake_completed(0.0)
+    assert not core.inbound(PEER)  # nothing nominated yet
+    core.nominating(PEER)
+    assert core.inbound(PEER) and not core.inbound(STRANGER)
+    core.packet_authenticated(STRANGER, 0.1)  # (an attacker's packet would not even decrypt)
+    assert core.next_event() is None and core.route == RELAY
+    core.packet_authenticated(PEER, 0.2)
+    assert core.next_event() == NominationConfirmed(PEER) and core.route == RELAY
+    assert core.nominating_addr is None  # the shell ends punching; its result moves the route
+    core.nominating(PEER)
+    core.punch_failed("nomination failed", 0.3)
+    assert not core.inbound(PEER)
+    # The controlled side never nominates.
+    connector = SessionCore(SID, RELAY_ADDR, 0.0, controlling=False)
+    connector.nominating(PEER)
+    assert not connector.inbound(PEER)
 
 
 def test_a_punch_that_fails_before_the_session_was_ever_direct_is_not_retried():

@@ -282,6 +282,7 @@ _COUNTERS = (
     "nomination_failures",
     "ignored_after_failure",
     "nomination_retries",
+    "nominations_confirmed_by_peer",
 )
 
 
@@ -397,6 +398,35 @@ class CheckList:
         """Retransmit or give up due checks, send a new check if a pacing slot is free,
         nominate when it is time. Safe to call at any time."""
         self._service(now)
+
+    @property
+    def nominating(self) -> Optional[Pair]:
+        """Controlling side: the valid pair a USE-CANDIDATE check was sent on (§8.1.1) while
+        its answer is awaited, else None. The controlled side may already use the pair
+        (§7.3.1.5: it selects on the request), so its packets from the pair's remote address
+        are the session's (see :meth:`confirm_nomination`)."""
+        if self.state != "running" or not self.controlling:
+            return None
+        if self._nomination_txn is not None:
+            return self._nomination_txn.pair
+        return self._nomination_pending if self._nomination_tries else None
+
+    def confirm_nomination(self, addr: Addr, now: float) -> bool:
+        """An authenticated (decrypted) packet of the peer's came from ``addr``: if that is
+        the remote address of the pair being nominated, the nomination is complete, as if its
+        answer had come (a packet only the peer can make, from the address our own check
+        validated, proves the path both ways as well as the answer would); the pair is
+        selected (:class:`PairNominated`, with the RTT of its earlier check)."""
+        pair = self.nominating
+        try:
+            if pair is None or pair.remote.addr != normalize_addr(addr):
+                return False
+        except ValueError:
+            return False
+        self.counters["nominations_confirmed_by_peer"] += 1
+        self._select(pair, pair.rtt)
+        self._update_timer(now)
+        return True
 
     # ------------------------------------------------- birthday probing (mahole.ice.birthday)
 

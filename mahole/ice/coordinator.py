@@ -281,6 +281,23 @@ class HolePunch:
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         return [] if self.checklist is None else self.checklist.datagrams_to_send()
 
+    @property
+    def nominating(self) -> Optional[Pair]:
+        """The pair this (controlling) side is nominating while its answer is awaited
+        (:attr:`CheckList.nominating`), else None."""
+        if self.checklist is None or self.state is not HolePunchState.CHECKING:
+            return None
+        return self.checklist.nominating
+
+    def confirm_nomination(self, addr: Addr, now: float) -> bool:
+        """The peer's authenticated packet came from ``addr``: completes a nomination of the
+        pair with that remote address (:meth:`CheckList.confirm_nomination`)."""
+        if self.nominating is None or self.checklist is None:
+            return False
+        confirmed = self.checklist.confirm_nomination(addr, now)
+        self._pump(now)
+        return confirmed
+
     def next_event(self) -> Optional[HolePunchResult]:
         return self._events.popleft() if self._events else None
 
