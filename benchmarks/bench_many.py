@@ -39,10 +39,10 @@ Reported, per run, then the median over runs:
   - errors: streams that failed, miscounted or timed out, plus the agent's tcp_refused and
     session_errors counters: all must be 0 (exit status 1 otherwise).
 
-The intermediate's default signaling bucket (50 control messages a second, burst 100) drops
-what an agent sends beyond it: opening 100 punched sessions at once (an OpenSession and a
-CandidateOffer each) loses some, and those sessions fail after the agent's 10 s open timeout.
-The README's figures pass `--intermediate-args "--signaling-burst 400"` (both paths).
+Opening 100 sessions at once takes up to three control messages each (OpenSession,
+CandidateOffer, PunchResult); the intermediate's signaling burst (400) holds an agent's whole
+`--sessions-per-minute` (120) of them. (With the burst of 100 it once had, 8-21 of 100 punched
+sessions were dropped and failed after the agent's 10 s open timeout.)
 
 MB/s is 10^6 bytes/s. JSON: benchmarks/results/many.json (many-quick.json for --quick).
 Budget: about a minute per run and path on an idle 2-core machine (--quick: 20 s).
@@ -462,7 +462,7 @@ def main(argv=None):
                         help="the sessions' path (default both; quick: relay)")
     parser.add_argument("--intermediate-args", default="", metavar="ARGS",
                         help="extra arguments for the intermediate, one string "
-                        "(e.g. \"--signaling-burst 400\")")
+                        "(e.g. \"--signaling-burst 100\")")
     parser.add_argument("--allow-twin", action="store_true",
                         help="run even if the compiled hot path is missing")
     parser.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)

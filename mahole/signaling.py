@@ -218,7 +218,9 @@ class Limits:
     sessions_per_agent: int = 256
     sessions_per_connector: int = 4096
     signaling_rate: float = 50.0
-    signaling_burst: int = 100
+    # An agent may open its whole sessions_per_minute at once, and each session costs up to
+    # three messages (OpenSession, CandidateOffer, PunchResult): the burst must hold them.
+    signaling_burst: int = 400
     relay_rate_per_identity: int = 0
 
     def __post_init__(self):

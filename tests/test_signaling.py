@@ -1022,15 +1022,18 @@ def test_a_control_message_flood_is_ignored_then_the_node_is_closed():
     events = []
     for request_id in range(1, 5001):  # all at once
         events += h.say(1, control.OpenSession(request_id=request_id, service="web"))
-    assert _opened(events) == 99  # the burst of the control-message bucket, less Register
-    [error] = [e.message for e in events if isinstance(e, SendMessage) and e.handle == 1
-               and isinstance(e.message, control.Error)]
+    # The bucket's burst (400, less Register) is processed: the session rate opens 120 and
+    # refuses the rest with an answer each; the next 401 are ignored, and the node is closed.
+    assert _opened(events) == 120
+    errors = [e.message for e in events if isinstance(e, SendMessage) and e.handle == 1
+              and isinstance(e.message, control.Error)]
+    assert len(errors) == 399 - 120 + 1
     [close] = [e for e in events if isinstance(e, CloseNode)]
-    text = ("agent 'alice' sent control messages faster than 50/s (burst 100): 101 ignored "
+    text = ("agent 'alice' sent control messages faster than 50/s (burst 400): 401 ignored "
             "within 10 s")
-    assert (error.code, error.message) == (control.ErrorCode.RATE_LIMITED, text)
+    assert (errors[-1].code, errors[-1].message) == (control.ErrorCode.RATE_LIMITED, text)
     assert close == CloseNode(1, signaling.CLOSE_RATE_LIMITED, text)
-    assert h.core.counters["signaling_dropped"] == 101 and h.core.counters["nodes_flooding"] == 1
+    assert h.core.counters["signaling_dropped"] == 401 and h.core.counters["nodes_flooding"] == 1
     assert [s.session_id for s in h.core.registry.sessions()] == [bob_session]
     assert h.say(5, offer(bob_session))[0].handle == 2  # bob's session carries on
 
@@ -1045,8 +1048,8 @@ def test_a_node_at_the_control_message_rate_is_never_dropped():
     assert h.core.counters["signaling_dropped"] == 0
     # A short burst over the rate is ignored and counted, and the node stays.
     h.advance(3, keep_alive=(1, 2))  # the bucket fills up again
-    events = [h.say(1, control.Ping(nonce=i)) for i in range(150)]
-    assert sum(1 for e in events if e) == 100 and h.core.counters["signaling_dropped"] == 50
+    events = [h.say(1, control.Ping(nonce=i)) for i in range(450)]
+    assert sum(1 for e in events if e) == 400 and h.core.counters["signaling_dropped"] == 50
     assert h.core.is_connected(1)
 
 
