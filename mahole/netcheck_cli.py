@@ -132,7 +132,6 @@ async def measure_lifetime(target, delays, *, progress=None, on_update=None):
     """Binding lifetime against the observer ``target`` (host, port), one fresh socket per
     delay: the `binding_lifetime.LifetimeResult`. ``on_update(result)`` runs whenever what
     is proven grows (a node adapts its keepalive as it goes)."""
-    loop = asyncio.get_running_loop()
     say = progress or (lambda text: None)
     names = [f"life{i}" for i in range(len(delays))]
     sockets = {}
@@ -140,21 +139,9 @@ async def measure_lifetime(target, delays, *, progress=None, on_update=None):
         for name in names:
             sockets[name] = _open_socket()
         core = binding_lifetime.LifetimeProbe(target, names, delays)
-        finished = loop.create_future()
-        timer = None
         shown = [None]
 
-        def pump():
-            nonlocal timer
-            now = loop.time()
-            for name, data, (host, port) in core.datagrams_to_send(now):
-                sock = sockets[name]
-                if sock.family == socket.AF_INET6 and ":" not in host:
-                    host = "::ffff:" + host
-                try:
-                    sock.sendto(data, (host, port))
-                except OSError:
-                    pass  # that probe goes unanswered
+        def after_pump():
             result = core.result()
             if (result.at_least, result.below) != shown[0]:
                 shown[0] = (result.at_least, result.below)
@@ -164,47 +151,69 @@ async def measure_lifetime(target, delays, *, progress=None, on_update=None):
                     say(f"netcheck: an idle mapping lived {result.at_least:g} s"
                         + (f", not {result.below:g} s" if result.below else "")
                         + "; still waiting")
-            if core.done:
-                if not finished.done():
-                    finished.set_result(None)
-                return
-            if timer is not None:
-                timer.cancel()
-            at = core.get_timer()
-            if at is not None:
-                timer = loop.call_at(at, on_timer)
 
-        def on_timer():
-            core.handle_timer(loop.time())
-            pump()
-
-        def readable(name):
-            sock = sockets[name]
-            for _ in range(16):
-                try:
-                    data, addr = sock.recvfrom(2048)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    continue
-                core.datagram_received(name, data, plain_addr(addr[:2]), loop.time())
-            pump()
-
-        for name, sock in sockets.items():
-            loop.add_reader(sock.fileno(), readable, name)
-        try:
-            core.start(loop.time())
-            pump()
-            await finished
-        finally:
-            if timer is not None:
-                timer.cancel()
-            for sock in sockets.values():
-                loop.remove_reader(sock.fileno())
+        await _drive(core, sockets, after_pump)
         return core.result()
     finally:
         for sock in sockets.values():
             sock.close()
+
+
+async def _drive(core, sockets, after_pump=None):
+    """Run a sans-IO probe core (`NetCheck`, `LifetimeProbe`) over its named sockets until
+    it is done: its datagrams out, theirs in, its timer."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    timer = None
+
+    def pump():
+        nonlocal timer
+        for name, data, (host, port) in core.datagrams_to_send(loop.time()):
+            sock = sockets[name]
+            if sock.family == socket.AF_INET6 and ":" not in host:
+                host = "::ffff:" + host
+            try:
+                sock.sendto(data, (host, port))
+            except OSError:
+                pass  # unreachable, no route for a family: that request goes unanswered
+        if after_pump is not None:
+            after_pump()
+        if core.done:
+            if not finished.done():
+                finished.set_result(None)
+            return
+        if timer is not None:
+            timer.cancel()
+        at = core.get_timer()
+        timer = loop.call_at(at, on_timer) if at is not None else None
+
+    def on_timer():
+        core.handle_timer(loop.time())
+        pump()
+
+    def readable(name):
+        sock = sockets[name]
+        for _ in range(64):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # an ICMP error on the socket
+            core.datagram_received(name, data, plain_addr(addr[:2]), loop.time())
+        pump()
+
+    for name, sock in sockets.items():
+        loop.add_reader(sock.fileno(), readable, name)
+    try:
+        core.start(loop.time())
+        pump()
+        await finished
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sock in sockets.values():
+            loop.remove_reader(sock.fileno())
 
 
 async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None,
@@ -235,64 +244,17 @@ async def check(intermediates, *, timeout=netcheck.PROBE_TIMEOUT, progress=None,
         core = netcheck.NetCheck(resolved, local, local_ips=_local_ips(), probe_timeout=timeout,
                                  gateway=gateway and gateway[0],
                                  gateway_client_ip=gateway and gateway[1])
-        finished = loop.create_future()
-        timer = None
         stage = [False]
 
-        def pump():
-            nonlocal timer
-            now = loop.time()
-            for name, data, (host, port) in core.datagrams_to_send(now):
-                sock = sockets[name]
-                if sock.family == socket.AF_INET6 and ":" not in host:
-                    host = "::ffff:" + host
-                try:
-                    sock.sendto(data, (host, port))
-                except OSError:
-                    pass  # unreachable, no route for a family: that request goes unanswered
+        def after_pump():
             if not stage[0] and any(p.name.startswith("map ") for p in core.probes.values()):
                 stage[0] = True
                 say("netcheck: mapping and filtering tests against "
                     f"{_fmt(core.target)} and the observer at {_fmt(core.other)}")
-            if core.done:
-                if not finished.done():
-                    finished.set_result(None)
-                return
-            if timer is not None:
-                timer.cancel()
-            at = core.get_timer()
-            if at is not None:
-                timer = loop.call_at(at, on_timer)
 
-        def on_timer():
-            core.handle_timer(loop.time())
-            pump()
-
-        def readable(name):
-            sock = sockets[name]
-            for _ in range(64):
-                try:
-                    data, addr = sock.recvfrom(2048)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    continue  # an ICMP error on the socket
-                core.datagram_received(name, data, plain_addr(addr[:2]), loop.time())
-            pump()
-
-        for name, sock in sockets.items():
-            loop.add_reader(sock.fileno(), readable, name)
-        try:
-            say(f"netcheck: asking {sum(len(a) for _, a in resolved)} address(es) of "
-                f"{len(resolved)} intermediate(s)")
-            core.start(loop.time())
-            pump()
-            await finished
-        finally:
-            if timer is not None:
-                timer.cancel()
-            for sock in sockets.values():
-                loop.remove_reader(sock.fileno())
+        say(f"netcheck: asking {sum(len(a) for _, a in resolved)} address(es) of "
+            f"{len(resolved)} intermediate(s)")
+        await _drive(core, sockets, after_pump)
         report = core.report()
     finally:
         for sock in sockets.values():
