@@ -141,6 +141,15 @@ class StreamPipe:
         self._reserved = 0  # of the budget: reserved for the next read
         self._charged = 0  # of the budget: read and sent, not yet acknowledged
         self._grant = None  # Future while waiting for the budget
+        self._transport = writer.transport
+        if budget is not None:
+            # The socket is read only while a read of the budget is reserved, at most one read
+            # at a time: the reader's own buffer (outside the budget) then holds at most about
+            # one read per stream, where by itself it reads ahead up to twice its limit plus
+            # one 256 KiB receive of the transport, before the pipe even waits.
+            if hasattr(self._transport, "max_size"):
+                self._transport.max_size = READ_SIZE
+            self._transport.pause_reading()
         self.bytes_to_quic = 0
         self.bytes_from_quic = 0
         self._send_room = asyncio.Event()
@@ -162,10 +171,12 @@ class StreamPipe:
                 await self._send_room.wait()
                 if self.budget is not None:
                     await self._reserve()
+                    self._transport.resume_reading()
                 data = await self.reader.read(READ_SIZE)
                 if self._closed:
                     return
                 if self.budget is not None:
+                    self._transport.pause_reading()
                     self._reserved = 0
                     self._charged += len(data)
                     self.budget.release(READ_SIZE - len(data))
@@ -190,22 +201,15 @@ class StreamPipe:
         self._maybe_done()
 
     async def _reserve(self):
-        """Wait for READ_SIZE bytes of the budget. Meanwhile the TCP transport is paused, so
-        no more than what it already took waits in the reader's buffer."""
+        """Wait for READ_SIZE bytes of the budget (the TCP transport stays paused)."""
         if self.budget.acquire(self._granted):
             self._reserved = READ_SIZE
             return
-        transport = self.writer.transport
-        paused = transport.is_reading()  # else the reader paused it (its buffer is full)
-        if paused:
-            transport.pause_reading()
         self._grant = asyncio.get_running_loop().create_future()
         try:
             await self._grant
         finally:
             self._grant = None
-            if paused and not self._closed and not transport.is_closing():
-                transport.resume_reading()
 
     def _granted(self):
         self._reserved = READ_SIZE
