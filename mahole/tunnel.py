@@ -22,15 +22,14 @@ import asyncio
 import logging
 import socket
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
-from .config import MIN_SEND_BUDGET, SEND_BUDGET
 from .connection import datagram_frame_room
 from .pmtu import BASE_PLPMTU
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = MIN_SEND_BUDGET  # 64 KiB: bytes a stream reads from TCP at once
+READ_SIZE = 64 * 1024
 # Unacknowledged bytes on a QUIC stream before we stop reading its TCP side: half the
 # end-to-end stream window (connection.E2E_STREAM_WINDOW), so a long path is kept full (the
 # reading resumes at half of this).
@@ -66,90 +65,20 @@ REASSEMBLY_MAX_BYTES = 1 << 20  # bytes of fragments held
 REASSEMBLY_TIMEOUT = 1.0  # seconds a datagram may wait for its last fragment
 
 
-class SendBudget:
-    """Bytes read from TCP and not yet acknowledged, shared by every stream of one node.
-
-    Sans-IO. A stream reserves READ_SIZE before each read (`acquire`), keeps what it read
-    charged until the peer acknowledged it, and gives back the rest (`release`). While fewer
-    than READ_SIZE bytes are free, streams wait in arrival order and are granted one at a
-    time as bytes come back (FIFO, so a busy stream cannot starve the others), so `used` never
-    exceeds `limit`.
-    """
-
-    def __init__(self, limit=SEND_BUDGET, chunk=READ_SIZE):
-        if limit < chunk:
-            raise ValueError(f"send budget must be at least {chunk} bytes, got {limit}")
-        self.limit = limit
-        self.chunk = chunk
-        self.used = 0
-        self.peak = 0  # most bytes ever held at once
-        self.waits = 0  # times a stream had to wait for room
-        self._waiting = deque()  # callbacks of waiting streams, oldest first
-
-    def acquire(self, granted):
-        """Reserve one chunk: True at once, or False and `granted()` is called when it is
-        reserved later (unless `cancel(granted)` came first)."""
-        if not self._waiting and self.limit - self.used >= self.chunk:
-            self._take()
-            return True
-        self.waits += 1
-        self._waiting.append(granted)
-        return False
-
-    def cancel(self, granted):
-        try:
-            self._waiting.remove(granted)
-        except ValueError:
-            pass
-
-    def release(self, count):
-        """`count` reserved bytes are free again; grant waiting streams in order."""
-        if count <= 0:
-            return
-        self.used -= count
-        while self._waiting and self.limit - self.used >= self.chunk:
-            self._take()
-            self._waiting.popleft()()
-
-    def _take(self):
-        self.used += self.chunk
-        self.peak = max(self.peak, self.used)
-
-    def status(self):
-        return {"limit": self.limit, "used": self.used, "peak": self.peak,
-                "waiting": len(self._waiting), "waits": self.waits}
-
-
 class StreamPipe:
     """One QUIC stream ↔ one TCP connection (asyncio reader/writer).
 
     The owner feeds QUIC events with `data_received(data, end_stream)` / `reset()`, and calls
-    `progress()` whenever acknowledgements may have freed send buffer. With a `SendBudget`,
-    every byte read from TCP is charged to it until the peer acknowledged it (or the pipe
-    closed), and reading waits while the budget is spent; the TCP socket is not read meanwhile,
-    so its sender blocks.
+    `progress()` whenever acknowledgements may have freed send buffer.
     """
 
-    def __init__(self, connection, stream_id, reader, writer, on_done=None, budget=None):
+    def __init__(self, connection, stream_id, reader, writer, on_done=None):
         self.connection = connection
         self.quic = connection.quic
         self.stream_id = stream_id
         self.reader = reader
         self.writer = writer
         self.on_done = on_done
-        self.budget = budget
-        self._reserved = 0  # of the budget: reserved for the next read
-        self._charged = 0  # of the budget: read and sent, not yet acknowledged
-        self._grant = None  # Future while waiting for the budget
-        self._transport = writer.transport
-        if budget is not None:
-            # The socket is read only while a read of the budget is reserved, at most one read
-            # at a time: the reader's own buffer (outside the budget) then holds at most about
-            # one read per stream, where by itself it reads ahead up to twice its limit plus
-            # one 256 KiB receive of the transport, before the pipe even waits.
-            if hasattr(self._transport, "max_size"):
-                self._transport.max_size = READ_SIZE
-            self._transport.pause_reading()
         self.bytes_to_quic = 0
         self.bytes_from_quic = 0
         self._send_room = asyncio.Event()
@@ -169,17 +98,9 @@ class StreamPipe:
         try:
             while True:
                 await self._send_room.wait()
-                if self.budget is not None:
-                    await self._reserve()
-                    self._transport.resume_reading()
                 data = await self.reader.read(READ_SIZE)
                 if self._closed:
                     return
-                if self.budget is not None:
-                    self._transport.pause_reading()
-                    self._reserved = 0
-                    self._charged += len(data)
-                    self.budget.release(READ_SIZE - len(data))
                 if not data:
                     self.quic.send_stream_data(self.stream_id, b"", end_stream=True)
                     self.connection.transmit()
@@ -200,38 +121,8 @@ class StreamPipe:
         self._tcp_finished = True
         self._maybe_done()
 
-    async def _reserve(self):
-        """Wait for READ_SIZE bytes of the budget (the TCP transport stays paused)."""
-        if self.budget.acquire(self._granted):
-            self._reserved = READ_SIZE
-            return
-        self._grant = asyncio.get_running_loop().create_future()
-        try:
-            await self._grant
-        finally:
-            self._grant = None
-
-    def _granted(self):
-        self._reserved = READ_SIZE
-        if self._grant is not None and not self._grant.done():
-            self._grant.set_result(None)
-        else:  # closed meanwhile
-            self._release_budget()
-
-    def _release_budget(self):
-        if self.budget is not None:
-            self.budget.cancel(self._granted)
-            self.budget.release(self._reserved + self._charged)
-            self._reserved = self._charged = 0
-
     def progress(self):
-        """Acknowledgements arrived: give back to the budget what the peer acknowledged, and
-        resume reading TCP if the stream drained enough."""
-        if self._charged:
-            acked = self._charged - self.quic.stream_send_buffered(self.stream_id)
-            if acked > 0:
-                self._charged -= acked
-                self.budget.release(acked)
+        """Acknowledgements arrived: resume reading TCP if the stream drained enough."""
         if not self._send_room.is_set() and (
                 self.quic.stream_send_buffered(self.stream_id) <= SEND_HIGH_WATER // 2):
             self._send_room.set()
@@ -336,10 +227,6 @@ class StreamPipe:
             return
         self._closed = True
         self._send_room.set()
-        # What is still unacknowledged leaves the budget with the pipe: a reset drops it; after
-        # a clean close the peer finished its side too, so little is left, and aioquic frees
-        # it at the acknowledgement (holding it here could leak the budget with the session).
-        self._release_budget()
         if self._pump is not asyncio.current_task():
             self._pump.cancel()
         transport = self.writer.transport

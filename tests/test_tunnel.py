@@ -5,19 +5,11 @@ import hashlib
 import os
 import random
 
-import pytest
-
 from aio_helpers import run, wait_for
 
 from mahole.config import Forward, Service
 from mahole.demo import LocalDeployment, tcp_round_trip, udp_round_trips
-from mahole.tunnel import (
-    MAX_DATAGRAM_PAYLOAD,
-    READ_SIZE,
-    RECEIVE_HIGH_WATER,
-    SEND_HIGH_WATER,
-    SendBudget,
-)
+from mahole.tunnel import MAX_DATAGRAM_PAYLOAD, READ_SIZE, RECEIVE_HIGH_WATER, SEND_HIGH_WATER
 
 
 
@@ -305,60 +297,4 @@ def test_streams_that_break_the_stream_open_rule_are_refused_and_counted():
             streams = session.counters["streams"]
             assert await tcp_round_trip(d.forward_address(d.tcp_forward), data) == data
             assert session.counters["streams"] == streams + 1
-    run(main())
-
-
-def test_send_budget_grants_in_order_and_never_exceeds_its_limit():
-    chunk = 10
-    budget = SendBudget(limit=35, chunk=chunk)
-    granted = []
-    assert budget.acquire(lambda: granted.append("a")) is True
-    assert budget.acquire(lambda: granted.append("b")) is True
-    assert budget.acquire(lambda: granted.append("c")) is True
-    assert budget.used == 30
-    # 5 bytes free: less than a chunk, so the next ones wait, in order.
-    for name in "defg":
-        assert budget.acquire(lambda name=name: granted.append(name)) is False
-    assert budget.status()["waiting"] == 4 and granted == []
-    # A stream that comes back with room free still queues behind the waiting ones (FIFO).
-    budget.release(4)  # 9 free: still no chunk
-    assert granted == [] and budget.used == 26
-    budget.release(21)  # 30 free: three chunks, to the three oldest waiters
-    assert granted == ["d", "e", "f"] and budget.used == 35
-    assert budget.acquire(lambda: granted.append("h")) is False  # behind g
-    cancelled = granted.append
-    assert budget.acquire(cancelled) is False
-    budget.cancel(cancelled)
-    budget.release(20)
-    assert granted == ["d", "e", "f", "g", "h"] and budget.used == 35
-    assert budget.peak == 35 and budget.status()["waiting"] == 0
-    assert budget.status()["waits"] == 6
-    budget.release(35)
-    assert budget.used == 0 and budget.peak == 35
-    with pytest.raises(ValueError):
-        SendBudget(limit=9, chunk=10)
-
-
-def test_many_streams_under_a_small_send_budget_all_arrive_byte_identical():
-    # 1 MiB for both nodes: 64 streams of 384 KiB each way are 24 MiB through it, so streams
-    # wait for their turn; every byte read from TCP is held in the budget until acknowledged.
-    limit = 1 << 20
-
-    async def main():
-        async with LocalDeployment(agent_kwargs={"relay_only": True, "send_budget": limit},
-                                   connector_kwargs={"send_budget": limit}) as d:
-            addr = d.forward_address(d.tcp_forward)
-            blobs = [os.urandom(384 << 10) for _ in range(64)]
-            async with asyncio.timeout(120):
-                echoed = await asyncio.gather(*(tcp_round_trip(addr, b) for b in blobs))
-            assert echoed == blobs
-            for node in (d.agent, d.connector):
-                budget = node.status()["send_budget"]
-                assert budget["limit"] == limit
-                # Reserved before each read, so never more than the limit, not even by a read.
-                assert budget["peak"] <= limit, budget
-                assert budget["waits"] > 0, budget  # it was spent: streams took turns
-            # Everything acknowledged or closed: the budget is whole again.
-            await wait_for(lambda: d.agent.send_budget.used == 0
-                           and d.connector.send_budget.used == 0, 10)
     run(main())

@@ -193,8 +193,7 @@ class ConnectorSession(Session):
             self.pipes.pop(stream_id, None)
             return
         pipe = StreamPipe(self.connection, stream_id, reader, writer,
-                          on_done=lambda p: self.pipes.pop(p.stream_id, None),
-                          budget=self.node.send_budget)
+                          on_done=lambda p: self.pipes.pop(p.stream_id, None))
         self.pipes[stream_id] = pipe
         for chunk in pending.chunks:
             pipe.data_received(chunk, False)

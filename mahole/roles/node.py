@@ -28,7 +28,6 @@ from ..netmonitor import NetworkMonitor
 from ..portmapping import PortMapping
 from ..punching import Puncher
 from ..status import StatusServer
-from ..tunnel import SendBudget
 from ..wire import control
 
 log = logging.getLogger(__name__)
@@ -566,9 +565,6 @@ class Node:
         self.binding_lifetime = None  # binding_lifetime.LifetimeResult, as it grows
         self._lifetime_task = None
         self._lifetime_started = None  # endpoint time of the last measurement's start
-        # Bytes read from local TCP sockets and not yet acknowledged, every stream of every
-        # session together (mahole.tunnel.SendBudget).
-        self.send_budget = SendBudget(cfg.send_budget)
 
     @property
     def name(self):
@@ -1014,7 +1010,6 @@ class Node:
             "nat": self.puncher.nat_summary()._to_json_object()
             if self.puncher and self.endpoint else None,
             "keepalive": self.keepalive_status(),
-            "send_budget": self.send_budget.status(),
             "birthday": dict(self.puncher.birthday_counters) if self.puncher else None,
             "closed_sessions": list(self.closed_sessions),
             "control_socket": self.control_server.path if self.control_server else None,
