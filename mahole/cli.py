@@ -22,6 +22,7 @@ from .config import (
     Forward,
     IntermediateConfig,
     Service,
+    parse_relay_threads,
     read_config_file,
     toml_value,
 )
@@ -202,6 +203,13 @@ def _registry_url(text):
     return text
 
 
+def _relay_threads(text):
+    try:
+        return parse_relay_threads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _seconds(text):
     """A positive number of seconds."""
     try:
@@ -250,6 +258,11 @@ def build_parser(*, explicit_only=False):
                           "this one (default: the --listen address, if it is a specific one)")
     sub.add_argument("--relay-rate-limit", type=int, default=0, metavar="BYTES_PER_S",
                      help="per-session relay rate limit (default: 0, unlimited)")
+    sub.add_argument("--relay-threads", type=_relay_threads,
+                     default=IntermediateConfig.relay_threads, metavar="N|auto",
+                     help="relay sockets, each read by a thread of its own (SO_REUSEPORT); "
+                          "auto: one per CPU (default: "
+                          f"{IntermediateConfig.relay_threads})")
     sub.add_argument("--node-dead-after", type=float,
                      default=IntermediateConfig.node_dead_after, metavar="SECONDS",
                      help="a node silent this long is gone and its sessions end "
@@ -580,6 +593,7 @@ def run_intermediate(args):
     cfg = IntermediateConfig(listen=args.listen, allow=tuple(args.allow),
                              offer=tuple(args.offer), **quotas,
                              relay_rate_limit=args.relay_rate_limit,
+                             relay_threads=args.relay_threads,
                              relay_burst=max(args.relay_rate_limit // 4, 64 * 1024)
                              if args.relay_rate_limit else 0,
                              node_dead_after=args.node_dead_after,

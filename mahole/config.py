@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import re
 import tomllib
 
@@ -84,6 +85,38 @@ class ConfigFileError(ValueError):
     """A config file that cannot be read or holds a bad key or value (a message for people)."""
 
 
+MAX_RELAY_THREADS = 256
+
+
+def parse_relay_threads(text):
+    """`--relay-threads`: a whole number 1-256, or "auto" (kept as "auto": see
+    relay_threads_count)."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_RELAY_THREADS:
+        raise ValueError(f"expected a number of relay threads 1-{MAX_RELAY_THREADS} or auto, "
+                         f"got {text!r}")
+    return value
+
+
+def relay_threads_count(value, cpus=None):
+    """How many relay sockets and threads `relay_threads` means: "auto" is the CPUs this
+    process may run on (its affinity, which a container's cpuset limits), at most 256."""
+    if value != "auto":
+        return parse_relay_threads(value)
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    return max(1, min(MAX_RELAY_THREADS, cpus))
+
+
 def read_config_file(path):
     """The top-level table of the TOML file at `path` (read with tomllib)."""
     try:
@@ -145,6 +178,10 @@ class IntermediateConfig(Credentials):
     punch_sync: bool = True
     relay_rate_limit: int = 0  # bytes/s per session, 0 = unlimited
     relay_burst: int = 0
+    # Sockets (and threads) of the relay: 1 is one socket read by the event loop; N > 1 adds
+    # N - 1 sockets bound to the same address with SO_REUSEPORT, each read by a relay thread
+    # of the compiled engine; "auto" is the number of CPUs this process may run on.
+    relay_threads: int | str = 1
     # Which connectors may offer which services: CONNECTOR_GLOB=SERVICE_GLOB rules. None
     # given: any connector of the deployment CA may offer any service (warned at start).
     offer: tuple = ()

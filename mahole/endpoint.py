@@ -251,6 +251,7 @@ class Endpoint:
         self._writer_waiting = False
         self._closed = False
         self._side = {}  # peer address -> side socket routing it (birthday probing)
+        self._receiver_fds = ()
 
     @property
     def local_address(self):
@@ -259,6 +260,10 @@ class Endpoint:
     def start(self):
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        # A receiver reading more than the socket (the relay threads' hand-off) says where.
+        self._receiver_fds = tuple(getattr(self.receiver, "reader_fds", tuple)())
+        for fd in self._receiver_fds:
+            self.loop.add_reader(fd, self._on_readable)
 
     def now(self):
         return self.loop.time()
@@ -270,6 +275,8 @@ class Endpoint:
         self._closed = True
         if self.loop is not None:
             self.loop.remove_reader(self.sock.fileno())
+            for fd in self._receiver_fds:
+                self.loop.remove_reader(fd)
             if self._writer_waiting:
                 self.loop.remove_writer(self.sock.fileno())
         if self._timer_handle is not None:

@@ -501,3 +501,29 @@ def test_the_end_to_end_connections_use_the_chosen_congestion_control(relay_only
                      for node in (d.agent, d.connector) for s in node.sessions.values()],
                     type(d.agent.control.connection.quic._loss._cc).__name__)
     assert run(main_()) == ([controller, controller], "RenoCongestionControl")
+
+
+def test_relay_threads_by_flag_environment_or_file(tmp_path, monkeypatch, capsys, served):
+    from mahole.config import relay_threads_count
+
+    base = ["intermediate", "--allow", "*=*", *CREDS]
+    assert main([*base, "--relay-threads", "3"]) == 0
+    assert served["cfg"].relay_threads == 3
+    assert main([*base, "--relay-threads", "auto"]) == 0
+    assert served["cfg"].relay_threads == "auto"
+    assert relay_threads_count("auto", cpus=6) == 6 and relay_threads_count(2) == 2
+    monkeypatch.setenv("MAHOLE_RELAY_THREADS", "2")
+    assert main(base) == 0 and served["cfg"].relay_threads == 2
+    monkeypatch.delenv("MAHOLE_RELAY_THREADS")
+    config = write(tmp_path / "inter.toml", "relay-threads = 4\n")
+    assert main([*base, "--config", config]) == 0 and served["cfg"].relay_threads == 4
+    served.clear()
+    for bad in ("0", "-1", "two", "257", "1.5"):
+        line = refused(capsys, *base, "--relay-threads", bad)
+        assert line == ("mahole intermediate: error: argument --relay-threads: expected a "
+                        f"number of relay threads 1-256 or auto, got {bad!r}"), line
+    config = write(tmp_path / "bad.toml", "relay-threads = 0\n")
+    line = refused(capsys, *base, "--config", config)
+    assert line == (f"mahole intermediate: error: {config}: relay-threads: expected a number "
+                    "of relay threads 1-256 or auto, got '0'"), line
+    assert "cfg" not in served

@@ -23,16 +23,29 @@ is traversed once per run instead of once per frame. The datagrams on the wire a
 A run the kernel refuses (over the path MTU, say) is sent again one frame per msghdr; EIO
 (no checksum offload on the device) turns GSO off for the engine.
 
-The GIL is held for the whole poll: every syscall is non-blocking, and so no other thread
-(and no Python code) can change the session table while queued frames point into it.
+Relay threads (`worker_sockets`): each extra socket - bound to the same address as `sock`
+with SO_REUSEPORT, so that the kernel spreads flows over the sockets by their 4-tuple hash -
+is read by a thread of its own running the same recvmmsg / forward / sendmmsg loop in C with
+the GIL released. The session table is one for all threads, behind one mutex, taken once per
+batch to look frames up, check tokens, charge buckets and count, and once more to count what
+the kernel took; never across a syscall. A session's two directions may be on two threads:
+the mutex makes that safe, and frames keep a copy of their destination, never a pointer into
+the table (which a new session may move). Datagrams that are not relay frames arriving on a
+worker socket are copied into a bounded hand-off queue and an eventfd wakes the caller, whose
+next poll() returns them with the main socket's; a full queue drops and counts them
+(`handoff_dropped`). close() stops the threads and joins them.
+
 Timing (activity, token refill) reads CLOCK_MONOTONIC, the clock of time.monotonic().
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
+from posix.signal cimport sigfillset
+from posix.types cimport sigset_t
+from posix.unistd cimport close as c_close, dup as c_dup, read as c_read, write as c_write
 
 from mahole._fast._sockaddr cimport (
     AF_INET,
@@ -56,6 +69,7 @@ from mahole._fast._sockaddr cimport (
     RecvBuffers,
     SrcCache,
     address_to_sockaddr,
+    cached_address,
     clock_gettime,
     cmsghdr,
     errno,
@@ -101,8 +115,52 @@ from mahole._fast._relay_py import relay_rate as _relay_rate, relay_token as _re
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
     "dropped_not_member", "dropped_bad_token", "dropped_rate_limited", "dropped_malformed",
-    "send_errors", "truncated",
+    "send_errors", "truncated", "handed_off", "handoff_dropped",
 )
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    ctypedef struct pthread_attr_t:
+        pass
+    ctypedef unsigned long pthread_t
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+                       void *(*start)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+
+cdef extern from "<signal.h>" nogil:
+    enum:
+        SIG_BLOCK
+    int pthread_sigmask(int how, const sigset_t *set, sigset_t *old)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+cdef extern from *:
+    """
+    static inline int mahole_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void mahole_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    int mahole_load_int(int *p) nogil
+    void mahole_store_int(int *p, int v) nogil
 
 cdef enum:
     FRAME_TYPE = 0x10           # == RELAY_FRAME_TYPE
@@ -112,6 +170,9 @@ cdef enum:
     GSO_MAX_SEGMENTS = 64       # the kernel's UDP_MAX_SEGMENTS before Linux 6.x raised it
     GSO_MAX_BYTES = 65000       # one GSO send stays under the 64 KiB IP/UDP length limit
     CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
+    HELD_MAX = 1024             # datagrams a worker may hand to the caller, waiting at most...
+    HELD_MAX_BYTES = 4 << 20    # ...and their bytes: past either, handoff_dropped
+    IDLE_WAIT_MS = 1000         # a worker's poll() timeout: only a safety net, close() wakes it
 
 assert FRAME_TYPE == RELAY_FRAME_TYPE and HEADER_LEN == RELAY_HEADER_LEN
 assert TOKEN_OFFSET == RELAY_TOKEN_OFFSET
@@ -201,28 +262,594 @@ def _has_udp_segment(sock):
     return True
 
 
+# --- the shared session table -----------------------------------------------------------------
+
+cdef struct Counters:
+    uint64_t received, returned, relayed_packets, relayed_bytes
+    uint64_t dropped_unknown, dropped_not_member, dropped_bad_token, dropped_rate
+    uint64_t dropped_malformed, send_errors, truncated, handed_off, handoff_dropped
+
+
+# A datagram a worker read that is not a relay frame, waiting for the caller's poll().
+cdef struct Held:
+    Held *next
+    socklen_t namelen
+    sockaddr_storage name
+    size_t length               # its bytes follow the struct
+
+
+cdef struct Table:
+    pthread_mutex_t lock        # guards everything below, and every lane's counters
+    Session *slots              # open addressing, linear probing, load <= 1/2,
+    size_t mask                 # backward-shift delete
+    size_t count
+    uint64_t seed
+    uint64_t generation         # +1 whenever sessions move or go: Session pointers are stale
+    int family
+    Held *held_head             # hand-off queue, oldest first
+    Held *held_tail
+    size_t held_count
+    size_t held_bytes
+    int wake_fd                 # eventfd: something waits in the queue (-1: no workers)
+    int stop_fd                 # eventfd: written once by close(), wakes every worker
+    int stopping
+
+
+cdef inline size_t _home(const Table *t, uint64_t key) noexcept nogil:
+    return <size_t>_mix(key ^ t.seed) & t.mask
+
+
+cdef inline Session *_find(const Table *t, uint64_t key) noexcept nogil:
+    cdef size_t i = _home(t, key)
+    cdef Session *slots = t.slots
+    while slots[i].used:
+        if slots[i].key == key:
+            return &slots[i]
+        i = (i + 1) & t.mask
+    return NULL
+
+
+cdef int _grow(Table *t) noexcept nogil:
+    """Double the table; -1 if out of memory (the table is then unchanged)."""
+    cdef Session *old = t.slots
+    cdef size_t old_cap = t.mask + 1, i, j
+    cdef Session *fresh = <Session *>calloc(old_cap * 2, sizeof(Session))
+    if fresh == NULL:
+        return -1
+    t.slots = fresh
+    t.mask = old_cap * 2 - 1
+    for i in range(old_cap):
+        if old[i].used:
+            j = _home(t, old[i].key)
+            while fresh[j].used:
+                j = (j + 1) & t.mask
+            fresh[j] = old[i]
+    free(old)
+    t.generation += 1
+    return 0
+
+
+cdef Session *_insert(Table *t, uint64_t key) noexcept nogil:
+    """A zeroed slot for a key that is not in the table; NULL if out of memory."""
+    cdef size_t i
+    if (t.count + 1) * 2 > t.mask + 1 and _grow(t) < 0:
+        return NULL
+    i = _home(t, key)
+    while t.slots[i].used:
+        i = (i + 1) & t.mask
+    memset(&t.slots[i], 0, sizeof(Session))
+    t.slots[i].used = True
+    t.slots[i].key = key
+    t.count += 1
+    return &t.slots[i]
+
+
+cdef void _delete(Table *t, Session *s) noexcept nogil:
+    """Remove by shifting later members of the probe run back (no tombstones)."""
+    cdef Session *slots = t.slots
+    cdef size_t mask = t.mask
+    cdef size_t i = <size_t>(s - slots), j = i, k
+    while True:
+        j = (j + 1) & mask
+        if not slots[j].used:
+            break
+        k = _home(t, slots[j].key)
+        # Leave slots[j] where it is if its home lies cyclically in (i, j].
+        if (i < j and i < k <= j) or (i > j and (k > i or k <= j)):
+            continue
+        slots[i] = slots[j]
+        i = j
+    slots[i].used = False
+    t.count -= 1
+    t.generation += 1
+
+
+cdef void _free_held(Held *h) noexcept nogil:
+    cdef Held *next
+    while h != NULL:
+        next = h.next
+        free(h)
+        h = next
+
+
+# --- one socket's batch: a lane ---------------------------------------------------------------
+
+cdef struct Lane:
+    Table *table
+    int fd
+    bint gso
+    Py_ssize_t batch_size
+    Py_ssize_t max_datagram
+    Counters c                  # written under the table's lock only
+    RecvBuffers recv
+    int *up                     # indices of datagrams that are not relay frames
+    # per queued frame k: its bytes (in the receive buffer), a copy of its destination,
+    # its session (valid while the table's generation is `generation`) and its key
+    iovec *tx_iov
+    sockaddr_in6 *tx_names
+    socklen_t *tx_namelen
+    Session **q_session
+    uint64_t *q_key
+    int *q_dir
+    unsigned char *q_sent       # 1 once the kernel took it
+    uint64_t generation
+    # per message m of the sendmmsg (one frame, or a GSO run of frames)
+    mmsghdr *tx
+    int *msg_first
+    int *msg_count
+    char *cmsg                  # one UDP_SEGMENT control message per message slot
+    pthread_t thread
+    bint running
+
+
+cdef int _lane_alloc(Lane *lane, Table *t, int fd, Py_ssize_t bs, Py_ssize_t mx,
+                     bint gso) except -1:
+    cdef Py_ssize_t j
+    cdef cmsghdr *cmsg
+    lane.table = t
+    lane.fd = fd
+    lane.gso = gso
+    lane.batch_size = bs
+    lane.max_datagram = mx
+    recv_buffers_alloc(&lane.recv, bs, mx)
+    lane.up = <int *>calloc(bs, sizeof(int))
+    lane.tx_iov = <iovec *>calloc(bs, sizeof(iovec))
+    lane.tx_names = <sockaddr_in6 *>calloc(bs, sizeof(sockaddr_in6))
+    lane.tx_namelen = <socklen_t *>calloc(bs, sizeof(socklen_t))
+    lane.q_session = <Session **>calloc(bs, sizeof(Session *))
+    lane.q_key = <uint64_t *>calloc(bs, sizeof(uint64_t))
+    lane.q_dir = <int *>calloc(bs, sizeof(int))
+    lane.q_sent = <unsigned char *>calloc(bs, 1)
+    lane.tx = <mmsghdr *>calloc(bs, sizeof(mmsghdr))
+    lane.msg_first = <int *>calloc(bs, sizeof(int))
+    lane.msg_count = <int *>calloc(bs, sizeof(int))
+    lane.cmsg = <char *>calloc(bs, CMSG_STRIDE)
+    if (lane.up == NULL or lane.tx == NULL or lane.tx_iov == NULL or lane.tx_names == NULL
+            or lane.tx_namelen == NULL or lane.q_session == NULL or lane.q_key == NULL
+            or lane.q_dir == NULL or lane.q_sent == NULL or lane.msg_first == NULL
+            or lane.msg_count == NULL or lane.cmsg == NULL):
+        raise MemoryError()
+    assert CMSG_SPACE(sizeof(uint16_t)) <= CMSG_STRIDE
+    for j in range(bs):
+        cmsg = <cmsghdr *>(lane.cmsg + j * CMSG_STRIDE)
+        cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+        cmsg.cmsg_level = SOL_UDP
+        cmsg.cmsg_type = UDP_SEGMENT
+    return 0
+
+
+cdef void _lane_free(Lane *lane) noexcept nogil:
+    if lane == NULL:
+        return
+    recv_buffers_free(&lane.recv)
+    free(lane.up)
+    free(lane.tx_iov)
+    free(lane.tx_names)
+    free(lane.tx_namelen)
+    free(lane.q_session)
+    free(lane.q_key)
+    free(lane.q_dir)
+    free(lane.q_sent)
+    free(lane.tx)
+    free(lane.msg_first)
+    free(lane.msg_count)
+    free(lane.cmsg)
+    free(lane)
+
+
+cdef Py_ssize_t _classify(Lane *lane, int n, double now, Py_ssize_t *nup) noexcept nogil:
+    """Forward-or-drop every relay frame of the batch; returns how many were queued.
+    Under the table's lock."""
+    cdef Table *t = lane.table
+    cdef Counters *c = &lane.c
+    cdef Py_ssize_t j, nq = 0, up = 0
+    cdef int d
+    cdef bint claimed
+    cdef unsigned int length
+    cdef socklen_t srclen
+    cdef uint64_t key, token
+    cdef const unsigned char *p
+    cdef const sockaddr_storage *src
+    cdef Session *s
+    cdef Member *dest
+    cdef mmsghdr *rx = lane.recv.msgs
+    cdef double tokens
+    cdef int family = t.family
+    c.received += <uint64_t>n
+    for j in range(n):
+        if rx[j].msg_hdr.msg_flags & MSG_TRUNC:
+            c.truncated += 1
+            continue
+        length = rx[j].msg_len
+        p = <const unsigned char *>lane.recv.buf + j * lane.max_datagram
+        if length == 0 or p[0] != FRAME_TYPE:
+            lane.up[up] = <int>j
+            up += 1
+            continue
+        if length <= HEADER_LEN:
+            c.dropped_malformed += 1
+            continue
+        memcpy(&key, p + 1, 8)
+        s = _find(t, key)
+        if s == NULL:
+            c.dropped_unknown += 1
+            continue
+        # The sender is the member whose address AND token the frame has (A and B may
+        # share an address: then the token alone tells them apart).
+        memcpy(&token, p + TOKEN_OFFSET, 8)
+        src = &lane.recv.names[j]
+        srclen = rx[j].msg_hdr.msg_namelen
+        d = -1
+        claimed = False
+        if _is_member(family, src, srclen, &s.member[0]):
+            if _token_ok(&s.member[0], token):
+                d = 0
+            else:
+                claimed = True
+        if d < 0 and _is_member(family, src, srclen, &s.member[1]):
+            if _token_ok(&s.member[1], token):
+                d = 1
+            else:
+                claimed = True
+        if d < 0:
+            if claimed:  # a member's address with the wrong token: spoofed
+                s.dropped_bad_token += 1
+                c.dropped_bad_token += 1
+            else:
+                s.dropped_not_member += 1
+                c.dropped_not_member += 1
+            continue
+        dest = &s.member[1 - d]
+        if dest.addrlen == 0:
+            s.dropped_not_member += 1
+            c.dropped_not_member += 1
+            continue
+        if s.rate > 0:
+            if now > s.refilled_at:
+                tokens = s.tokens + (now - s.refilled_at) * s.rate
+                s.tokens = tokens if tokens < s.burst else s.burst
+                s.refilled_at = now
+            if s.tokens < length:
+                s.dropped_rate_limited += 1
+                c.dropped_rate += 1
+                continue
+            s.tokens -= length
+        memcpy(&lane.tx_names[nq], &dest.addr, dest.addrlen)
+        lane.tx_namelen[nq] = dest.addrlen
+        lane.tx_iov[nq].iov_base = <void *>p
+        lane.tx_iov[nq].iov_len = length
+        lane.q_session[nq] = s
+        lane.q_key[nq] = key
+        lane.q_dir[nq] = d
+        lane.q_sent[nq] = 0
+        nq += 1
+    lane.generation = t.generation
+    nup[0] = up
+    return nq
+
+
+cdef Py_ssize_t _group(Lane *lane, Py_ssize_t nq) noexcept nogil:
+    """Lay the queued frames out as sendmmsg messages; returns how many.
+
+    Without GSO each frame is a message. With it, a run of consecutive frames for one
+    destination, all of the first one's size except perhaps a shorter last one, is one
+    message with an iovec per frame and UDP_SEGMENT = that size.
+    """
+    cdef Py_ssize_t m = 0, k = 0, start
+    cdef size_t size, total, length
+    cdef socklen_t namelen
+    cdef iovec *iov = lane.tx_iov
+    cdef msghdr *msg
+    while k < nq:
+        start = k
+        size = total = iov[k].iov_len
+        namelen = lane.tx_namelen[k]
+        k += 1
+        if lane.gso:
+            while (k < nq and k - start < GSO_MAX_SEGMENTS
+                   and total + iov[k].iov_len <= GSO_MAX_BYTES
+                   and lane.tx_namelen[k] == namelen
+                   and memcmp(&lane.tx_names[k], &lane.tx_names[start], namelen) == 0):
+                length = iov[k].iov_len
+                if length > size:
+                    break
+                total += length
+                k += 1
+                if length < size:
+                    break  # a shorter segment can only be the last one
+        msg = &lane.tx[m].msg_hdr
+        msg.msg_name = &lane.tx_names[start]
+        msg.msg_namelen = namelen
+        msg.msg_iov = &iov[start]
+        msg.msg_iovlen = <size_t>(k - start)
+        if k - start > 1:
+            msg.msg_control = lane.cmsg + m * CMSG_STRIDE
+            msg.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+            (<uint16_t *>CMSG_DATA(<cmsghdr *>msg.msg_control))[0] = <uint16_t>size
+        else:
+            msg.msg_control = NULL
+            msg.msg_controllen = 0
+        lane.msg_first[m] = <int>start
+        lane.msg_count[m] = <int>(k - start)
+        m += 1
+    return m
+
+
+cdef inline void _mark(Lane *lane, Py_ssize_t first, Py_ssize_t count) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(first, first + count):
+        lane.q_sent[k] = 1
+
+
+cdef Py_ssize_t _send_singly(Lane *lane, Py_ssize_t first, Py_ssize_t count,
+                             bint *stopped) noexcept nogil:
+    """Send a refused GSO run one frame per call; returns the frames that failed, and sets
+    stopped if the socket took no more (the rest of the run is among those failed)."""
+    cdef Py_ssize_t k
+    cdef int r, err
+    cdef mmsghdr one
+    memset(&one, 0, sizeof(one))
+    for k in range(first, first + count):
+        one.msg_hdr.msg_name = &lane.tx_names[k]
+        one.msg_hdr.msg_namelen = lane.tx_namelen[k]
+        one.msg_hdr.msg_iov = &lane.tx_iov[k]
+        one.msg_hdr.msg_iovlen = 1
+        while True:
+            r = sendmmsg(lane.fd, &one, 1, MSG_DONTWAIT)
+            err = errno
+            if r < 0 and err == EINTR:
+                continue
+            break
+        if r == 1:
+            lane.q_sent[k] = 1
+        elif r == 0 or _stops_sending(err):
+            stopped[0] = True
+            return first + count - k + _failed_before(lane, first, k)
+    return _failed_before(lane, first, first + count)
+
+
+cdef inline Py_ssize_t _failed_before(Lane *lane, Py_ssize_t first, Py_ssize_t end) noexcept nogil:
+    cdef Py_ssize_t k, failed = 0
+    for k in range(first, end):
+        if not lane.q_sent[k]:
+            failed += 1
+    return failed
+
+
+cdef Py_ssize_t _forward(Lane *lane, Py_ssize_t nq) noexcept nogil:
+    """sendmmsg the queued frames (no lock held); marks what the kernel took, returns how
+    many frames it did not."""
+    cdef Py_ssize_t nmsg = _group(lane, nq), off = 0, mm, failed = 0
+    cdef int r, err
+    cdef bint stopped = False
+    while off < nmsg:
+        r = sendmmsg(lane.fd, lane.tx + off, <unsigned int>(nmsg - off), MSG_DONTWAIT)
+        if r > 0:
+            for mm in range(off, off + r):
+                _mark(lane, lane.msg_first[mm], lane.msg_count[mm])
+            off += r
+            continue
+        err = errno
+        if r < 0 and err == EINTR:
+            continue  # the interpreter sees the signal after poll returns
+        if r == 0 or _stops_sending(err):
+            # Full socket buffer (a relay never waits) or a dead socket, which the next
+            # recvmmsg reports: the rest of this batch is dropped.
+            for mm in range(off, nmsg):
+                failed += lane.msg_count[mm]
+            return failed
+        if lane.msg_count[off] > 1:
+            # A GSO run refused (over the path MTU, an old kernel...): frame by frame.
+            if err == EIO:
+                lane.gso = False  # the device cannot checksum GSO sends: stop trying
+            failed += _send_singly(lane, lane.msg_first[off], lane.msg_count[off], &stopped)
+            if stopped:
+                for mm in range(off + 1, nmsg):
+                    failed += lane.msg_count[mm]
+                return failed
+        else:
+            # Refused on its own (EMSGSIZE, ENETUNREACH, EPERM...): skip that frame.
+            failed += 1
+        off += 1
+    return failed
+
+
+cdef void _account(Lane *lane, Py_ssize_t nq, Py_ssize_t failed, double now) noexcept nogil:
+    """Count the frames the kernel took, per session and in all. Under the table's lock;
+    a session that moved since _classify is found again by its key, one that went is not
+    counted (its frames still are, in the lane's totals)."""
+    cdef Table *t = lane.table
+    cdef Py_ssize_t k
+    cdef Session *s
+    cdef size_t length
+    cdef bint fresh = lane.generation == t.generation
+    lane.c.send_errors += <uint64_t>failed
+    for k in range(nq):
+        if not lane.q_sent[k]:
+            continue
+        length = lane.tx_iov[k].iov_len
+        s = lane.q_session[k] if fresh else _find(t, lane.q_key[k])
+        if s != NULL:
+            s.packets[lane.q_dir[k]] += 1
+            s.nbytes[lane.q_dir[k]] += length
+            s.last_activity = now
+        lane.c.relayed_bytes += length
+        lane.c.relayed_packets += 1
+
+
+cdef int _receive(Lane *lane) noexcept nogil:
+    """One recvmmsg; the count, or -errno."""
+    cdef int n
+    recv_buffers_ready(&lane.recv)
+    n = recvmmsg(lane.fd, lane.recv.msgs, <unsigned int>lane.batch_size, MSG_DONTWAIT, NULL)
+    if n < 0:
+        return -errno
+    return n
+
+
+cdef Py_ssize_t _relay_batch(Lane *lane, int n, double now, Py_ssize_t *nup) noexcept nogil:
+    """Relay the frames of a batch of n datagrams just received; nup: how many others."""
+    cdef Table *t = lane.table
+    cdef Py_ssize_t nq, failed
+    pthread_mutex_lock(&t.lock)
+    nq = _classify(lane, n, now, nup)
+    pthread_mutex_unlock(&t.lock)
+    if nq:
+        failed = _forward(lane, nq)
+        pthread_mutex_lock(&t.lock)
+        _account(lane, nq, failed, now)
+        pthread_mutex_unlock(&t.lock)
+    return nq
+
+
+cdef void _hand_off(Lane *lane, Py_ssize_t nup) noexcept nogil:
+    """A worker's non-relay datagrams go to the caller's queue (copied); past its bounds,
+    or out of memory, they are dropped and counted."""
+    cdef Table *t = lane.table
+    cdef Held *first = NULL
+    cdef Held *last = NULL
+    cdef Held *h
+    cdef Py_ssize_t k, j, made = 0, dropped = 0
+    cdef size_t length, total = 0
+    cdef uint64_t one = 1
+    for k in range(nup):
+        j = lane.up[k]
+        length = lane.recv.msgs[j].msg_len
+        h = <Held *>malloc(sizeof(Held) + length)
+        if h == NULL:
+            dropped += 1
+            continue
+        h.next = NULL
+        h.length = length
+        h.namelen = lane.recv.msgs[j].msg_hdr.msg_namelen
+        if h.namelen > sizeof(sockaddr_storage):
+            h.namelen = sizeof(sockaddr_storage)
+        memcpy(&h.name, &lane.recv.names[j], h.namelen)
+        memcpy(<char *>(h + 1), lane.recv.buf + j * lane.max_datagram, length)
+        if last == NULL:
+            first = h
+        else:
+            last.next = h
+        last = h
+        made += 1
+        total += length
+    pthread_mutex_lock(&t.lock)
+    lane.c.handoff_dropped += <uint64_t>dropped
+    if made and (t.held_count + made > HELD_MAX or t.held_bytes + total > HELD_MAX_BYTES):
+        lane.c.handoff_dropped += <uint64_t>made
+        pthread_mutex_unlock(&t.lock)
+        _free_held(first)
+        return
+    if made:
+        if t.held_tail == NULL:
+            t.held_head = first
+        else:
+            t.held_tail.next = first
+        t.held_tail = last
+        t.held_count += <size_t>made
+        t.held_bytes += total
+        lane.c.handed_off += <uint64_t>made
+    pthread_mutex_unlock(&t.lock)
+    if made:
+        c_write(t.wake_fd, &one, sizeof(one))  # a full counter (never) only loses a wake-up
+
+
+cdef void *_worker(void *arg) noexcept nogil:
+    """A relay thread: its socket's batches until close() sets `stopping`."""
+    cdef Lane *lane = <Lane *>arg
+    cdef Table *t = lane.table
+    cdef pollfd fds[2]
+    cdef sigset_t all_signals
+    cdef int n
+    cdef Py_ssize_t nup
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_BLOCK, &all_signals, NULL)  # signals are the main thread's
+    fds[0].fd = lane.fd
+    fds[0].events = POLLIN
+    fds[1].fd = t.stop_fd
+    fds[1].events = POLLIN
+    while not mahole_load_int(&t.stopping):
+        n = _receive(lane)
+        if n > 0:
+            nup = 0
+            _relay_batch(lane, n, _monotonic(), &nup)
+            if nup:
+                _hand_off(lane, nup)
+            continue
+        if n == -EINTR:
+            continue
+        if n == -EBADF or n == -ENOTSOCK or n == -EFAULT:
+            break  # its socket is gone (the engine's own dup: only close() does that)
+        # Nothing waiting (or an error the socket reported): wait for more, or for close().
+        poll(fds, 2, IDLE_WAIT_MS)
+    return NULL
+
+
+def _has_udp_segment(sock):
+    """Whether the kernel knows UDP_SEGMENT (UDP GSO, Linux 4.18+)."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
 @cython.final
 cdef class RelayEngine:
-    """Reads the intermediate's socket and relays frames between session members in C.
+    """Reads the intermediate's socket(s) and relays frames between session members in C.
 
     RelayEngine(sock, batch_size=32, max_datagram=65535, rate_limit_bps=0, burst_bytes=0,
-                *, gso=True)
+                *, gso=True, worker_sockets=())
 
     sock: a non-blocking UDP socket (AF_INET or AF_INET6); it stays the caller's (never
-        closed, options untouched). The engine is its only reader.
+        closed, options untouched). The engine is its only reader, in poll().
+    worker_sockets: more non-blocking UDP sockets of the same family, normally bound to
+        sock's address with SO_REUSEPORT (the kernel then spreads flows over all of them by
+        4-tuple hash). Each is read by a relay thread of its own, started here, which relays
+        frames as poll() does with the GIL released; the datagrams that are not relay frames
+        are handed to the caller (see reader_fds). The engine reads duplicates of their file
+        descriptors, so they stay open, and in the group, until close(). `threads` is
+        1 + len(worker_sockets).
     rate_limit_bps: per-session token bucket rate in BYTES per second (0 = unlimited),
         shared by both directions and charged the whole frame length; burst_bytes is the
         bucket's capacity (0 = one second at the rate). A new session starts full, at this
         rate until set_rate gives it its own.
     gso: send runs of same-size frames for one destination as UDP GSO sends where the
         kernel supports it (see the module docstring); the `gso` attribute says whether it
-        is in use. The pure-Python twin accepts the flag and always sends one by one.
+        is in use on sock. The pure-Python twin accepts the flag and always sends one by one.
 
-    poll() -> [(data, address)]: reads one batch (recvmmsg, never blocks). Relay frames
-        (first byte 0x10) are forwarded or dropped and counted, never returned; every other
-        datagram is returned with its source address as socket.recvfrom gives it. Returns []
-        when nothing waits - or when the whole batch was relay frames, so loop while
-        `last_batch_size` (datagrams read by the last poll) is not 0.
+    poll() -> [(data, address)]: reads one batch of sock (recvmmsg, never blocks) and takes
+        what the relay threads handed over. Relay frames (first byte 0x10) are forwarded or
+        dropped and counted, never returned; every other datagram is returned with its
+        source address as socket.recvfrom gives it. Returns [] when nothing waits - or when
+        the whole batch was relay frames, so loop while `last_batch_size` (datagrams read
+        and taken over by the last poll) is not 0.
+    reader_fds() -> tuple of file descriptors besides sock's that the caller watches for
+        reading, calling poll() when one is readable: here the relay threads' hand-off
+        eventfd (none without worker sockets); the twin's worker sockets themselves.
+    close(): stops the relay threads and waits for them, closes their descriptors and drops
+        what they handed over and poll() did not take. poll() still serves sock. Idempotent;
+        garbage collection does it too.
     add_session(session_id, member_a, member_b, token_a, token_b): member addresses are
         tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4 literals are
         stored v4-mapped, as the kernel reports such peers. token_a / token_b: each member's
@@ -239,6 +866,7 @@ cdef class RelayEngine:
         as the constructor's.
     remove_session(session_id): forgets it; an unknown id is ignored.
     session_stats(session_id) -> dict | None; counters() -> dict; session_count; fileno().
+    Counters and session stats add up every thread's.
 
     A frame is forwarded when its session is known, its source IP and port equal member A's
     or B's and its relay token (bytes 9-16) is that member's, the other member's address is
@@ -250,7 +878,9 @@ cdef class RelayEngine:
     charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on
     its own is skipped; EAGAIN or ENOBUFS drop the rest of the batch's frames (a relay never
     blocks): all counted in send_errors. Datagrams longer than max_datagram are dropped and
-    counted in truncated.
+    counted in truncated. A frame leaves by the socket it came in on. handed_off: datagrams
+    a relay thread passed to poll() (counted in returned when poll returns them);
+    handoff_dropped: those it dropped because 1,024 datagrams or 4 MiB were waiting.
     """
 
     cdef object _sock
@@ -260,92 +890,141 @@ cdef class RelayEngine:
     cdef readonly double rate_limit_bps
     cdef readonly double burst_bytes
     cdef readonly Py_ssize_t last_batch_size
-    cdef readonly bint gso
+    cdef readonly int threads
 
-    # counters
-    cdef uint64_t _received, _returned, _relayed_packets, _relayed_bytes
-    cdef uint64_t _dropped_unknown, _dropped_not_member, _dropped_rate, _dropped_malformed
-    cdef uint64_t _dropped_bad_token
-    cdef uint64_t _send_errors, _truncated
-
-    # session table: open addressing, linear probing, load <= 1/2, backward-shift delete
-    cdef Session *_slots
-    cdef size_t _mask
-    cdef size_t _count
-    cdef uint64_t _seed
-
-    # receive side
-    cdef RecvBuffers _recv
-    cdef int *_up                   # indices of datagrams handed back to Python
-    # forward side: per queued frame k...
-    cdef iovec *_tx_iov             # ...its bytes, in the receive buffer
-    cdef sockaddr_in6 *_tx_names    # ...a copy of its destination (the table may move)
-    cdef socklen_t *_tx_namelen
-    cdef Session **_q_session
-    cdef int *_q_dir
-    # ...and per message m of the sendmmsg (one frame, or a GSO run of frames)
-    cdef mmsghdr *_tx
-    cdef int *_msg_first
-    cdef int *_msg_count
-    cdef char *_cmsg                # one UDP_SEGMENT control message per message slot
-
+    cdef Table *_t
+    cdef Lane *_main                # sock's lane, driven by poll()
+    cdef Lane **_workers            # one lane and thread per worker socket
+    cdef int _nworkers
+    cdef bint _closed
     cdef SrcCache _src              # source addresses: see cached_address in _sockaddr.pxd
     cdef list _src_tuples
 
     def __cinit__(self, sock, batch_size=32, max_datagram=65535, rate_limit_bps=0,
-                  burst_bytes=0, *, gso=True):
-        cdef Py_ssize_t j, bs, mx
-        cdef cmsghdr *cmsg
+                  burst_bytes=0, *, gso=True, worker_sockets=()):
+        cdef Py_ssize_t bs, mx
+        cdef int i, fd
+        cdef Lane *lane
         family, bs, mx, rate, burst = relay_args(sock, batch_size, max_datagram,
                                                  rate_limit_bps, burst_bytes)
+        workers = list(worker_sockets)
+        for w in workers:
+            if relay_args(w, bs, mx, 0, 0)[0] != family:
+                raise ValueError("worker sockets must be of the main socket's family")
         self._sock = sock
         self._family = family
         self.batch_size = bs
         self.max_datagram = mx
         self.rate_limit_bps = rate
         self.burst_bytes = burst
-        self._seed = <uint64_t>int.from_bytes(os.urandom(8), "little")
-        self._slots = <Session *>calloc(MIN_CAPACITY, sizeof(Session))
-        self._mask = MIN_CAPACITY - 1
-        recv_buffers_alloc(&self._recv, bs, mx)
-        self._up = <int *>calloc(bs, sizeof(int))
-        self._tx_iov = <iovec *>calloc(bs, sizeof(iovec))
-        self._tx_names = <sockaddr_in6 *>calloc(bs, sizeof(sockaddr_in6))
-        self._tx_namelen = <socklen_t *>calloc(bs, sizeof(socklen_t))
-        self._q_session = <Session **>calloc(bs, sizeof(Session *))
-        self._q_dir = <int *>calloc(bs, sizeof(int))
-        self._tx = <mmsghdr *>calloc(bs, sizeof(mmsghdr))
-        self._msg_first = <int *>calloc(bs, sizeof(int))
-        self._msg_count = <int *>calloc(bs, sizeof(int))
-        self._cmsg = <char *>calloc(bs, CMSG_STRIDE)
-        if (self._slots == NULL or self._up == NULL or self._tx == NULL or self._tx_iov == NULL
-                or self._tx_names == NULL or self._tx_namelen == NULL or self._q_session == NULL
-                or self._q_dir == NULL or self._msg_first == NULL or self._msg_count == NULL
-                or self._cmsg == NULL):
+        self.threads = 1 + len(workers)
+        self._t = <Table *>calloc(1, sizeof(Table))
+        if self._t == NULL:
             raise MemoryError()
-        assert CMSG_SPACE(sizeof(uint16_t)) <= CMSG_STRIDE
-        for j in range(bs):
-            cmsg = <cmsghdr *>(self._cmsg + j * CMSG_STRIDE)
-            cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-            cmsg.cmsg_level = SOL_UDP
-            cmsg.cmsg_type = UDP_SEGMENT
-        self.gso = bool(gso) and _has_udp_segment(sock)
+        self._t.wake_fd = -1
+        self._t.stop_fd = -1
+        pthread_mutex_init(&self._t.lock, NULL)
+        self._t.family = family
+        self._t.seed = <uint64_t>int.from_bytes(os.urandom(8), "little")
+        self._t.slots = <Session *>calloc(MIN_CAPACITY, sizeof(Session))
+        self._t.mask = MIN_CAPACITY - 1
+        self._main = <Lane *>calloc(1, sizeof(Lane))
+        if self._t.slots == NULL or self._main == NULL:
+            raise MemoryError()
+        _lane_alloc(self._main, self._t, -1, bs, mx, bool(gso) and _has_udp_segment(sock))
         memset(&self._src, 0, sizeof(self._src))
         self._src_tuples = [None] * SRC_SLOTS
+        if not workers:
+            return
+        self._workers = <Lane **>calloc(len(workers), sizeof(Lane *))
+        if self._workers == NULL:
+            raise MemoryError()
+        for fd in (eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)):
+            if fd < 0:
+                raise OSError(errno, strerror(errno).decode("utf-8", "replace"))
+            if self._t.wake_fd < 0:
+                self._t.wake_fd = fd
+            else:
+                self._t.stop_fd = fd
+        for w in workers:
+            lane = <Lane *>calloc(1, sizeof(Lane))
+            if lane == NULL:
+                raise MemoryError()
+            lane.fd = -1
+            self._workers[self._nworkers] = lane
+            self._nworkers += 1
+            fd = c_dup(w.fileno())
+            if fd < 0:
+                raise OSError(errno, strerror(errno).decode("utf-8", "replace"))
+            _lane_alloc(lane, self._t, fd, bs, mx, bool(gso) and _has_udp_segment(w))
+        for i in range(self._nworkers):
+            lane = self._workers[i]
+            err = pthread_create(&lane.thread, NULL, _worker, lane)
+            if err != 0:
+                raise OSError(err, strerror(err).decode("utf-8", "replace"))
+            lane.running = True
 
     def __dealloc__(self):
-        free(self._slots)
-        recv_buffers_free(&self._recv)
-        free(self._up)
-        free(self._tx_iov)
-        free(self._tx_names)
-        free(self._tx_namelen)
-        free(self._q_session)
-        free(self._q_dir)
-        free(self._tx)
-        free(self._msg_first)
-        free(self._msg_count)
-        free(self._cmsg)
+        self._stop()
+        _lane_free(self._main)
+        if self._t != NULL:
+            free(self._t.slots)
+            pthread_mutex_destroy(&self._t.lock)
+            free(self._t)
+
+    cdef void _stop(self) noexcept:
+        """Stop and join the relay threads, close their descriptors, free their lanes."""
+        cdef int i
+        cdef uint64_t one = 1
+        cdef Lane *lane
+        cdef Held *held
+        if self._closed or self._t == NULL:
+            return
+        self._closed = True
+        mahole_store_int(&self._t.stopping, 1)
+        if self._t.stop_fd >= 0:
+            c_write(self._t.stop_fd, &one, sizeof(one))
+        with nogil:
+            for i in range(self._nworkers):
+                lane = self._workers[i]
+                if lane.running:
+                    pthread_join(lane.thread, NULL)
+                    lane.running = False
+        for i in range(self._nworkers):
+            lane = self._workers[i]
+            if lane.fd >= 0:
+                c_close(lane.fd)
+            # Its counters stay in the engine's: fold them into the main lane's.
+            _fold(&self._main.c, &lane.c)
+            _lane_free(lane)
+        free(self._workers)
+        self._workers = NULL
+        self._nworkers = 0
+        pthread_mutex_lock(&self._t.lock)
+        held = self._t.held_head
+        self._t.held_head = self._t.held_tail = NULL
+        self._t.held_count = self._t.held_bytes = 0
+        pthread_mutex_unlock(&self._t.lock)
+        _free_held(held)
+        for fd in (self._t.wake_fd, self._t.stop_fd):
+            if fd >= 0:
+                c_close(fd)
+        self._t.wake_fd = self._t.stop_fd = -1
+
+    def close(self):
+        """Stop the relay threads and wait for them (poll() still serves the main socket)."""
+        self._stop()
+
+    def reader_fds(self):
+        """Descriptors besides the main socket's whose readability means poll() has work."""
+        if self._t.wake_fd >= 0:
+            return (self._t.wake_fd,)
+        return ()
+
+    @property
+    def gso(self):
+        """Whether the main socket's frames leave as UDP GSO runs."""
+        return bool(self._main.gso)
 
     def fileno(self):
         """The socket's file descriptor (-1 once the caller closed it)."""
@@ -354,76 +1033,21 @@ cdef class RelayEngine:
     @property
     def session_count(self):
         """Sessions in the table."""
-        return self._count
+        return self._t.count
 
     # --- session table ---------------------------------------------------------------------
 
-    cdef inline size_t _home(self, uint64_t key) noexcept nogil:
-        return <size_t>_mix(key ^ self._seed) & self._mask
+    cdef inline void _lock(self) noexcept:
+        pthread_mutex_lock(&self._t.lock)
 
-    cdef inline Session *_find(self, uint64_t key) noexcept nogil:
-        cdef size_t i = self._home(key)
-        cdef Session *slots = self._slots
-        while slots[i].used:
-            if slots[i].key == key:
-                return &slots[i]
-            i = (i + 1) & self._mask
-        return NULL
+    cdef inline void _unlock(self) noexcept:
+        pthread_mutex_unlock(&self._t.lock)
 
-    cdef int _grow(self) except -1:
-        cdef Session *old = self._slots
-        cdef size_t old_cap = self._mask + 1, i, j
-        cdef Session *fresh = <Session *>calloc(old_cap * 2, sizeof(Session))
-        if fresh == NULL:
-            raise MemoryError()
-        self._slots = fresh
-        self._mask = old_cap * 2 - 1
-        for i in range(old_cap):
-            if old[i].used:
-                j = self._home(old[i].key)
-                while fresh[j].used:
-                    j = (j + 1) & self._mask
-                fresh[j] = old[i]
-        free(old)
-        return 0
-
-    cdef Session *_insert(self, uint64_t key) except NULL:
-        """A zeroed slot for a key that is not in the table."""
-        cdef size_t i
-        if (self._count + 1) * 2 > self._mask + 1:
-            self._grow()
-        i = self._home(key)
-        while self._slots[i].used:
-            i = (i + 1) & self._mask
-        memset(&self._slots[i], 0, sizeof(Session))
-        self._slots[i].used = True
-        self._slots[i].key = key
-        self._count += 1
-        return &self._slots[i]
-
-    cdef void _delete(self, Session *s) noexcept nogil:
-        """Remove by shifting later members of the probe run back (no tombstones)."""
-        cdef Session *slots = self._slots
-        cdef size_t mask = self._mask
-        cdef size_t i = <size_t>(s - slots), j = i, k
-        while True:
-            j = (j + 1) & mask
-            if not slots[j].used:
-                break
-            k = self._home(slots[j].key)
-            # Leave slots[j] where it is if its home lies cyclically in (i, j].
-            if (i < j and i < k <= j) or (i > j and (k > i or k <= j)):
-                continue
-            slots[i] = slots[j]
-            i = j
-        slots[i].used = False
-        self._count -= 1
-
-    cdef Session *_lookup(self, object session_id) except? NULL:
+    cdef uint64_t _key(self, object session_id) except? 0:
         cdef uint64_t key
         sid = _session_id(session_id)
         memcpy(&key, PyBytes_AS_STRING(sid), 8)
-        return self._find(key)
+        return key
 
     cdef int _set_address(self, Member *m, object addr) except -1:
         """The member's address (None = unknown); its token stays."""
@@ -450,9 +1074,14 @@ cdef class RelayEngine:
         cdef uint64_t key
         cdef Member a, b
         cdef Session *s
+        cdef double now
+        cdef bint exists
         sid = _session_id(session_id)
         memcpy(&key, PyBytes_AS_STRING(sid), 8)
-        if self._find(key) != NULL:
+        self._lock()
+        exists = _find(self._t, key) != NULL
+        self._unlock()
+        if exists:
             raise ValueError(f"session {sid.hex()} already exists")
         memset(&a, 0, sizeof(Member))
         memset(&b, 0, sizeof(Member))
@@ -460,76 +1089,111 @@ cdef class RelayEngine:
         self._set_address(&b, member_b)
         self._set_token(&a, token_a)
         self._set_token(&b, token_b)
-        s = self._insert(key)
-        s.member[0] = a
-        s.member[1] = b
-        s.created = _monotonic()
-        s.last_activity = -1.0
-        s.rate = self.rate_limit_bps
-        s.burst = self.burst_bytes
-        s.tokens = s.burst  # a new session starts full
-        s.refilled_at = s.created
+        now = _monotonic()
+        self._lock()
+        if _find(self._t, key) != NULL:
+            self._unlock()
+            raise ValueError(f"session {sid.hex()} already exists")
+        s = _insert(self._t, key)
+        if s != NULL:
+            s.member[0] = a
+            s.member[1] = b
+            s.created = now
+            s.last_activity = -1.0
+            s.rate = self.rate_limit_bps
+            s.burst = self.burst_bytes
+            s.tokens = s.burst  # a new session starts full
+            s.refilled_at = s.created
+        self._unlock()
+        if s == NULL:
+            raise MemoryError()
 
     def set_member(self, session_id, index, addr):
         """A member's observed address changed (QAD): frames now go to / come from addr."""
-        cdef Session *s = self._lookup(session_id)
+        cdef uint64_t key = self._key(session_id)
+        cdef Session *s
         cdef Member m
+        self._lock()
+        s = _find(self._t, key)
+        self._unlock()
         if s == NULL:
             raise KeyError(_session_id(session_id))
         if isinstance(index, bool) or not isinstance(index, int) or index not in (0, 1):
             raise ValueError(f"member index must be 0 (A) or 1 (B), not {index!r}")
-        m = s.member[<int>index]
+        memset(&m, 0, sizeof(Member))
         self._set_address(&m, addr)  # checked before the table changes
-        s.member[<int>index] = m
+        self._lock()
+        s = _find(self._t, key)
+        if s != NULL:
+            s.member[<int>index].addr = m.addr
+            s.member[<int>index].addrlen = m.addrlen
+        self._unlock()
+        if s == NULL:
+            raise KeyError(_session_id(session_id))
 
     def set_rate(self, session_id, rate_bps, burst_bytes):
         """This session's relay rate (bytes/s, 0 = unlimited) and burst from now on."""
         cdef double rate, burst, now, tokens
         cdef Session *s
-        s = self._lookup(session_id)  # a bad id raises first, then a bad rate, as in the twin
-        rate, burst = _relay_rate(rate_bps, burst_bytes)  # Python that leaves the table be
+        cdef uint64_t key = self._key(session_id)  # a bad id raises first, then a bad rate
+        rate, burst = _relay_rate(rate_bps, burst_bytes)
+        now = _monotonic()
+        self._lock()
+        s = _find(self._t, key)
+        if s != NULL:
+            # Tokens earned at the old rate stay, up to the new burst; an unlimited bucket
+            # starts full (as _Session.set_rate in the twin).
+            if s.rate > 0:
+                if now > s.refilled_at:
+                    tokens = s.tokens + (now - s.refilled_at) * s.rate
+                    s.tokens = tokens if tokens < s.burst else s.burst
+                if s.tokens > burst:
+                    s.tokens = burst
+            else:
+                s.tokens = burst
+            s.refilled_at = now
+            s.rate = rate
+            s.burst = burst
+        self._unlock()
         if s == NULL:
             raise KeyError(_session_id(session_id))
-        now = _monotonic()
-        # Tokens earned at the old rate stay, up to the new burst; an unlimited bucket
-        # starts full (as _Session.set_rate in the twin).
-        if s.rate > 0:
-            if now > s.refilled_at:
-                tokens = s.tokens + (now - s.refilled_at) * s.rate
-                s.tokens = tokens if tokens < s.burst else s.burst
-            if s.tokens > burst:
-                s.tokens = burst
-        else:
-            s.tokens = burst
-        s.refilled_at = now
-        s.rate = rate
-        s.burst = burst
 
     def remove_session(self, session_id):
         """Stop relaying for session_id (an unknown id is ignored)."""
-        cdef Session *s = self._lookup(session_id)
+        cdef uint64_t key = self._key(session_id)
+        cdef Session *s
+        self._lock()
+        s = _find(self._t, key)
         if s != NULL:
-            self._delete(s)
+            _delete(self._t, s)
+        self._unlock()
 
     def session_stats(self, session_id):
         """Counters of one session, or None if it is unknown."""
-        cdef Session *s = self._lookup(session_id)
+        cdef uint64_t key = self._key(session_id)
+        cdef Session copy
+        cdef Session *s
+        self._lock()
+        s = _find(self._t, key)
+        if s != NULL:
+            copy = s[0]
+        self._unlock()
         if s == NULL:
             return None
         return {
-            "member_a": self._member_address(&s.member[0]),
-            "member_b": self._member_address(&s.member[1]),
-            "packets_a_to_b": s.packets[0],
-            "bytes_a_to_b": s.nbytes[0],
-            "packets_b_to_a": s.packets[1],
-            "bytes_b_to_a": s.nbytes[1],
-            "dropped_rate_limited": s.dropped_rate_limited,
-            "dropped_not_member": s.dropped_not_member,
-            "dropped_bad_token": s.dropped_bad_token,
-            "rate_bps": s.rate,
-            "burst_bytes": s.burst,
-            "created": s.created,
-            "last_activity": s.last_activity if s.last_activity >= 0 else None,
+            "member_a": self._member_address(&copy.member[0]),
+            "member_b": self._member_address(&copy.member[1]),
+            "packets_a_to_b": copy.packets[0],
+            "bytes_a_to_b": copy.nbytes[0],
+            "packets_b_to_a": copy.packets[1],
+            "bytes_b_to_a": copy.nbytes[1],
+            "dropped_rate_limited": copy.dropped_rate_limited,
+            "dropped_not_member": copy.dropped_not_member,
+            "dropped_bad_token": copy.dropped_bad_token,
+            "rate_bps": copy.rate,
+            "burst_bytes": copy.burst,
+            "created": copy.created,
+            "last_activity": copy.last_activity if copy.last_activity >= 0 else None,
         }
 
     cdef object _member_address(self, const Member *m):
@@ -538,260 +1202,107 @@ cdef class RelayEngine:
         return sockaddr_to_address(<const unsigned char *>&m.addr, m.addrlen)
 
     def counters(self):
-        """Engine-wide counters (see the class docstring)."""
+        """Engine-wide counters, every thread's added up (see the class docstring)."""
+        cdef Counters c
+        cdef int i
+        self._lock()
+        c = self._main.c
+        for i in range(self._nworkers):
+            _fold(&c, &self._workers[i].c)
+        self._unlock()
         return {
-            "received": self._received,
-            "returned": self._returned,
-            "relayed_packets": self._relayed_packets,
-            "relayed_bytes": self._relayed_bytes,
-            "dropped_unknown_session": self._dropped_unknown,
-            "dropped_not_member": self._dropped_not_member,
-            "dropped_bad_token": self._dropped_bad_token,
-            "dropped_rate_limited": self._dropped_rate,
-            "dropped_malformed": self._dropped_malformed,
-            "send_errors": self._send_errors,
-            "truncated": self._truncated,
+            "received": c.received,
+            "returned": c.returned,
+            "relayed_packets": c.relayed_packets,
+            "relayed_bytes": c.relayed_bytes,
+            "dropped_unknown_session": c.dropped_unknown,
+            "dropped_not_member": c.dropped_not_member,
+            "dropped_bad_token": c.dropped_bad_token,
+            "dropped_rate_limited": c.dropped_rate,
+            "dropped_malformed": c.dropped_malformed,
+            "send_errors": c.send_errors,
+            "truncated": c.truncated,
+            "handed_off": c.handed_off,
+            "handoff_dropped": c.handoff_dropped,
         }
 
     # --- the hot path ------------------------------------------------------------------------
 
-    cdef Py_ssize_t _classify(self, int n, double now, Py_ssize_t *nup) noexcept nogil:
-        """Forward-or-drop every relay frame of the batch; returns how many were queued."""
-        cdef Py_ssize_t j, nq = 0, up = 0
-        cdef int d
-        cdef bint claimed
-        cdef unsigned int length
-        cdef socklen_t srclen
-        cdef uint64_t key, token
-        cdef const unsigned char *p
-        cdef const sockaddr_storage *src
-        cdef Session *s
-        cdef Member *dest
-        cdef mmsghdr *rx = self._recv.msgs
-        cdef double tokens
-        cdef int family = self._family
-        for j in range(n):
-            if rx[j].msg_hdr.msg_flags & MSG_TRUNC:
-                self._truncated += 1
-                continue
-            length = rx[j].msg_len
-            p = <const unsigned char *>self._recv.buf + j * self.max_datagram
-            if length == 0 or p[0] != FRAME_TYPE:
-                self._up[up] = <int>j
-                up += 1
-                continue
-            if length <= HEADER_LEN:
-                self._dropped_malformed += 1
-                continue
-            memcpy(&key, p + 1, 8)
-            s = self._find(key)
-            if s == NULL:
-                self._dropped_unknown += 1
-                continue
-            # The sender is the member whose address AND token the frame has (A and B may
-            # share an address: then the token alone tells them apart).
-            memcpy(&token, p + TOKEN_OFFSET, 8)
-            src = &self._recv.names[j]
-            srclen = rx[j].msg_hdr.msg_namelen
-            d = -1
-            claimed = False
-            if _is_member(family, src, srclen, &s.member[0]):
-                if _token_ok(&s.member[0], token):
-                    d = 0
-                else:
-                    claimed = True
-            if d < 0 and _is_member(family, src, srclen, &s.member[1]):
-                if _token_ok(&s.member[1], token):
-                    d = 1
-                else:
-                    claimed = True
-            if d < 0:
-                if claimed:  # a member's address with the wrong token: spoofed
-                    s.dropped_bad_token += 1
-                    self._dropped_bad_token += 1
-                else:
-                    s.dropped_not_member += 1
-                    self._dropped_not_member += 1
-                continue
-            dest = &s.member[1 - d]
-            if dest.addrlen == 0:
-                s.dropped_not_member += 1
-                self._dropped_not_member += 1
-                continue
-            if s.rate > 0:
-                if now > s.refilled_at:
-                    tokens = s.tokens + (now - s.refilled_at) * s.rate
-                    s.tokens = tokens if tokens < s.burst else s.burst
-                    s.refilled_at = now
-                if s.tokens < length:
-                    s.dropped_rate_limited += 1
-                    self._dropped_rate += 1
-                    continue
-                s.tokens -= length
-            memcpy(&self._tx_names[nq], &dest.addr, dest.addrlen)
-            self._tx_namelen[nq] = dest.addrlen
-            self._tx_iov[nq].iov_base = <void *>p
-            self._tx_iov[nq].iov_len = length
-            self._q_session[nq] = s
-            self._q_dir[nq] = d
-            nq += 1
-        nup[0] = up
-        return nq
-
-    cdef Py_ssize_t _group(self, Py_ssize_t nq) noexcept nogil:
-        """Lay the queued frames out as sendmmsg messages; returns how many.
-
-        Without GSO each frame is a message. With it, a run of consecutive frames for one
-        destination, all of the first one's size except perhaps a shorter last one, is one
-        message with an iovec per frame and UDP_SEGMENT = that size.
-        """
-        cdef Py_ssize_t m = 0, k = 0, start
-        cdef size_t size, total, length
-        cdef socklen_t namelen
-        cdef iovec *iov = self._tx_iov
-        cdef msghdr *msg
-        while k < nq:
-            start = k
-            size = total = iov[k].iov_len
-            namelen = self._tx_namelen[k]
-            k += 1
-            if self.gso:
-                while (k < nq and k - start < GSO_MAX_SEGMENTS
-                       and total + iov[k].iov_len <= GSO_MAX_BYTES
-                       and self._tx_namelen[k] == namelen
-                       and memcmp(&self._tx_names[k], &self._tx_names[start], namelen) == 0):
-                    length = iov[k].iov_len
-                    if length > size:
-                        break
-                    total += length
-                    k += 1
-                    if length < size:
-                        break  # a shorter segment can only be the last one
-            msg = &self._tx[m].msg_hdr
-            msg.msg_name = &self._tx_names[start]
-            msg.msg_namelen = namelen
-            msg.msg_iov = &iov[start]
-            msg.msg_iovlen = <size_t>(k - start)
-            if k - start > 1:
-                msg.msg_control = self._cmsg + m * CMSG_STRIDE
-                msg.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
-                (<uint16_t *>CMSG_DATA(<cmsghdr *>msg.msg_control))[0] = <uint16_t>size
-            else:
-                msg.msg_control = NULL
-                msg.msg_controllen = 0
-            self._msg_first[m] = <int>start
-            self._msg_count[m] = <int>(k - start)
-            m += 1
-        return m
-
-    cdef void _sent(self, Py_ssize_t first, Py_ssize_t count, double now) noexcept nogil:
-        """Count frames [first, first + count) as relayed."""
-        cdef Py_ssize_t k
-        cdef Session *s
-        cdef size_t length
-        for k in range(first, first + count):
-            s = self._q_session[k]
-            length = self._tx_iov[k].iov_len
-            s.packets[self._q_dir[k]] += 1
-            s.nbytes[self._q_dir[k]] += length
-            s.last_activity = now
-            self._relayed_bytes += length
-        self._relayed_packets += <uint64_t>count
-
-    cdef bint _send_singly(self, int fd, Py_ssize_t first, Py_ssize_t count,
-                           double now) noexcept nogil:
-        """Send a refused GSO run one frame per call; False if the socket stopped taking
-        frames (the rest of the run is then counted in send_errors)."""
-        cdef Py_ssize_t k
-        cdef int r, err
-        cdef mmsghdr one
-        memset(&one, 0, sizeof(one))
-        for k in range(first, first + count):
-            one.msg_hdr.msg_name = &self._tx_names[k]
-            one.msg_hdr.msg_namelen = self._tx_namelen[k]
-            one.msg_hdr.msg_iov = &self._tx_iov[k]
-            one.msg_hdr.msg_iovlen = 1
-            while True:
-                r = sendmmsg(fd, &one, 1, MSG_DONTWAIT)
-                err = errno
-                if r < 0 and err == EINTR:
-                    continue
-                break
-            if r == 1:
-                self._sent(k, 1, now)
-            elif r == 0 or _stops_sending(err):
-                self._send_errors += <uint64_t>(first + count - k)
-                return False
-            else:
-                self._send_errors += 1
-        return True
-
-    cdef void _forward(self, int fd, Py_ssize_t nq, double now) noexcept nogil:
-        """sendmmsg the queued frames; count what went out, and what could not."""
-        cdef Py_ssize_t nmsg = self._group(nq), off = 0, mm, k
-        cdef int r, err
-        while off < nmsg:
-            r = sendmmsg(fd, self._tx + off, <unsigned int>(nmsg - off), MSG_DONTWAIT)
-            if r > 0:
-                for mm in range(off, off + r):
-                    self._sent(self._msg_first[mm], self._msg_count[mm], now)
-                off += r
-                continue
-            err = errno
-            if r < 0 and err == EINTR:
-                continue  # the interpreter sees the signal after poll returns
-            if r == 0 or _stops_sending(err):
-                # Full socket buffer (a relay never waits) or a dead socket, which the next
-                # recvmmsg reports: the rest of this batch is dropped.
-                for mm in range(off, nmsg):
-                    self._send_errors += <uint64_t>self._msg_count[mm]
-                return
-            if self._msg_count[off] > 1:
-                # A GSO run refused (over the path MTU, an old kernel...): frame by frame.
-                if err == EIO:
-                    self.gso = False  # the device cannot checksum GSO sends: stop trying
-                if not self._send_singly(fd, self._msg_first[off], self._msg_count[off], now):
-                    for mm in range(off + 1, nmsg):
-                        self._send_errors += <uint64_t>self._msg_count[mm]
-                    return
-            else:
-                # Refused on its own (EMSGSIZE, ENETUNREACH, EPERM...): skip that frame.
-                self._send_errors += 1
-            off += 1
-
     def poll(self):
-        """Read one batch, relay its frames; return the other datagrams as [(data, addr)]."""
-        cdef int fd = self._sock.fileno()
-        cdef int n, err
-        cdef Py_ssize_t k, nq, nup = 0
-        cdef double now
-        cdef mmsghdr *rx = self._recv.msgs
-        cdef list out
-        recv_buffers_ready(&self._recv)
+        """Read one batch, relay its frames; return the other datagrams as [(data, addr)],
+        with those the relay threads handed over."""
+        cdef Lane *lane = self._main
+        cdef int n
+        cdef Py_ssize_t k, nup = 0, taken = 0
+        cdef uint64_t drained
+        cdef list out = []
+        cdef Held *held = NULL
+        cdef Held *h
+        lane.fd = self._sock.fileno()
         while True:
-            n = recvmmsg(fd, rx, <unsigned int>self.batch_size, MSG_DONTWAIT, NULL)
+            n = _receive(lane)
             if n >= 0:
                 break
-            err = errno
-            if err == EINTR:
+            if n == -EINTR:
                 PyErr_CheckSignals()
                 continue
             self.last_batch_size = 0
-            if err == EAGAIN:
-                return []
-            raise OSError(err, strerror(err).decode("utf-8", "replace"))
-        self.last_batch_size = n
-        self._received += <uint64_t>n
-        if n == 0:
-            return []
-        now = _monotonic()
-        nq = self._classify(n, now, &nup)
-        if nq:
-            self._forward(fd, nq, now)
-        if nup == 0:
-            return []
-        self._returned += <uint64_t>nup
-        out = []
-        for k in range(nup):
-            out.append(received(&self._recv, self._up[k], &self._src, self._src_tuples))
+            if n == -EAGAIN:
+                n = 0
+                break
+            raise OSError(-n, strerror(-n).decode("utf-8", "replace"))
+        if n > 0:
+            _relay_batch(lane, n, _monotonic(), &nup)
+            for k in range(nup):
+                out.append(received(&lane.recv, lane.up[k], &self._src, self._src_tuples))
+        if self._t.wake_fd >= 0:
+            c_read(self._t.wake_fd, &drained, sizeof(drained))  # before the queue: no lost wake
+            self._lock()
+            held = self._t.held_head
+            h = NULL
+            while self._t.held_head != NULL and taken < self.batch_size:
+                h = self._t.held_head
+                self._t.held_head = h.next
+                self._t.held_count -= 1
+                self._t.held_bytes -= h.length
+                taken += 1
+            if h != NULL:
+                h.next = NULL
+            if self._t.held_head == NULL:
+                self._t.held_tail = NULL
+            elif taken:
+                c_write(self._t.wake_fd, &drained, sizeof(drained))  # more left: poll again
+            self._unlock()
+            if not taken:
+                held = NULL
+        if nup or taken:
+            self._lock()
+            lane.c.returned += <uint64_t>(nup + taken)
+            self._unlock()
+        try:
+            h = held
+            while h != NULL:
+                out.append((PyBytes_FromStringAndSize(<char *>(h + 1), h.length),
+                            cached_address(&self._src, self._src_tuples,
+                                           <const unsigned char *>&h.name, h.namelen)))
+                h = h.next
+        finally:
+            _free_held(held)
+        self.last_batch_size = n + taken
         return out
+
+
+cdef inline void _fold(Counters *into, const Counters *c) noexcept nogil:
+    into.received += c.received
+    into.returned += c.returned
+    into.relayed_packets += c.relayed_packets
+    into.relayed_bytes += c.relayed_bytes
+    into.dropped_unknown += c.dropped_unknown
+    into.dropped_not_member += c.dropped_not_member
+    into.dropped_bad_token += c.dropped_bad_token
+    into.dropped_rate += c.dropped_rate
+    into.dropped_malformed += c.dropped_malformed
+    into.send_errors += c.send_errors
+    into.truncated += c.truncated
+    into.handed_off += c.handed_off
+    into.handoff_dropped += c.handoff_dropped

@@ -31,7 +31,7 @@ from ._kinds import (
 COUNTERS = (
     "received", "returned", "relayed_packets", "relayed_bytes", "dropped_unknown_session",
     "dropped_not_member", "dropped_bad_token", "dropped_rate_limited", "dropped_malformed",
-    "send_errors", "truncated",
+    "send_errors", "truncated", "handed_off", "handoff_dropped",
 )
 
 # send errors that drop the rest of the batch's frames (a relay never waits).
@@ -122,10 +122,16 @@ class RelayEngine:
     """Reads the intermediate's socket and relays frames between session members.
 
     RelayEngine(sock, batch_size=32, max_datagram=65535, rate_limit_bps=0, burst_bytes=0,
-                *, gso=True)
+                *, gso=True, worker_sockets=())
 
     sock: a non-blocking UDP socket (AF_INET or AF_INET6); it stays the caller's (never
         closed, options untouched). The engine is its only reader.
+    worker_sockets: more sockets of the same family, normally bound to sock's address with
+        SO_REUSEPORT. The compiled engine reads each in a relay thread of its own; this twin
+        reads them in poll() too, one batch each after sock's, when the caller finds one of
+        reader_fds() readable. Either way it reads duplicates of their descriptors, closed by
+        close(); `threads` is 1 + len(worker_sockets). A frame leaves by the socket it came
+        in on; what is not a relay frame is returned by poll() (counted in handed_off).
     rate_limit_bps: per-session token bucket rate in BYTES per second (0 = unlimited),
         shared by both directions and charged the whole frame length; burst_bytes is the
         bucket's capacity (0 = one second at the rate). A new session starts full, at this
@@ -139,6 +145,10 @@ class RelayEngine:
         returned with its source address as socket.recvfrom gives it. Returns [] when nothing
         waits - or when the whole batch was relay frames, so loop while `last_batch_size`
         (datagrams read by the last poll) is not 0.
+    reader_fds() -> descriptors besides sock's to watch for reading, calling poll() when one
+        is readable: here the worker sockets (compiled: the relay threads' hand-off eventfd).
+    close(): stops reading the worker sockets and closes the engine's duplicates of them.
+        Idempotent; poll() still serves sock.
     add_session(session_id, member_a, member_b, token_a, token_b): member addresses are
         tuples like recvfrom's (or None while unknown). On AF_INET6 sockets IPv4 literals are
         stored v4-mapped, as the kernel reports such peers. token_a / token_b: each member's
@@ -166,13 +176,24 @@ class RelayEngine:
     charged, so spoofed frames cannot spend a session's rate. A send the kernel refuses on
     its own is skipped; EAGAIN or ENOBUFS drop the rest of the batch's frames (a relay never
     blocks): all counted in send_errors. Datagrams longer than max_datagram are dropped and
-    counted in truncated.
+    counted in truncated. handed_off: datagrams from worker sockets returned by poll();
+    handoff_dropped: the compiled engine's, when its hand-off queue is full (here 0).
     """
 
     def __init__(self, sock, batch_size=32, max_datagram=65535, rate_limit_bps=0,
-                 burst_bytes=0, *, gso=True):
+                 burst_bytes=0, *, gso=True, worker_sockets=()):
         (self._family, self._batch_size, self._max_datagram, self._rate,
          self._burst) = relay_args(sock, batch_size, max_datagram, rate_limit_bps, burst_bytes)
+        workers = list(worker_sockets)
+        for w in workers:
+            if relay_args(w, self._batch_size, self._max_datagram, 0, 0)[0] != self._family:
+                raise ValueError("worker sockets must be of the main socket's family")
+        self._workers = []
+        for w in workers:
+            dup = w.dup()
+            dup.setblocking(False)
+            self._workers.append(dup)
+        self.threads = 1 + len(workers)
         self._sock = sock
         self._sessions = {}
         self._counters = dict.fromkeys(COUNTERS, 0)
@@ -194,6 +215,16 @@ class RelayEngine:
     def fileno(self):
         """The socket's file descriptor (-1 once the caller closed it)."""
         return self._sock.fileno()
+
+    def reader_fds(self):
+        """Descriptors besides the main socket's whose readability means poll() has work."""
+        return tuple(w.fileno() for w in self._workers)
+
+    def close(self):
+        """Stop reading the worker sockets (poll() still serves the main socket)."""
+        workers, self._workers = self._workers, []
+        for w in workers:
+            w.close()
 
     # --- session table ---------------------------------------------------------------------
 
@@ -266,17 +297,37 @@ class RelayEngine:
     # --- the hot path ------------------------------------------------------------------------
 
     def poll(self):
-        """Read one batch, relay its frames; return the other datagrams as [(data, addr)]."""
+        """Read one batch, relay its frames; return the other datagrams as [(data, addr)],
+        then one batch of each worker socket."""
         if self._pending_error is not None:
             exc, self._pending_error = self._pending_error, None
             self._last_batch_size = 0
             raise exc
+        out = []
+        try:
+            n = self._read(self._sock, out, True)
+        except OSError:
+            self._last_batch_size = 0
+            raise
+        for w in self._workers:
+            before = len(out)
+            try:
+                n += self._read(w, out, False)
+            except OSError:
+                pass  # an error surfacing on a worker socket: the next poll reads on
+            self._counters["handed_off"] += len(out) - before
+        self._last_batch_size = n
+        return out
+
+    def _read(self, sock, out, main):
+        """One batch of sock: relay frames forwarded by sock, the others appended to out;
+        returns how many datagrams were read."""
         c = self._counters
-        recvfrom = self._sock.recvfrom
+        recvfrom = sock.recvfrom
         limit = self._max_datagram
         bufsize = limit + 1  # one byte more than the limit tells "fits" from "was cut"
         sessions = self._sessions
-        out = []
+        returned = len(out)
         forward = []
         n = 0
         for _ in range(self._batch_size):
@@ -289,10 +340,11 @@ class RelayEngine:
                     n += 1
                     c["truncated"] += 1
                     continue
-                if n:  # like recvmmsg: deal with what arrived, report the error next call
+                if n and main:  # like recvmmsg: deal with what arrived, report it next call
                     self._pending_error = exc
                     break
-                self._last_batch_size = 0
+                if n:
+                    break
                 raise
             n += 1
             if len(data) > limit:
@@ -334,14 +386,13 @@ class RelayEngine:
                 c["dropped_not_member"] += 1
                 continue
             forward.append((data, dest, session, d))
-        self._last_batch_size = n
         c["received"] += n
         if forward:
-            self._forward(forward, time.monotonic())
-        c["returned"] += len(out)
-        return out
+            self._forward(sock, forward, time.monotonic())
+        c["returned"] += len(out) - returned
+        return n
 
-    def _forward(self, forward, now):
+    def _forward(self, sock, forward, now):
         """Charge each session's token bucket, then sendto each frame; count what went out."""
         c = self._counters
         allowed = []
@@ -361,7 +412,7 @@ class RelayEngine:
                 session.tokens -= length
             allowed.append(item)
         forward = allowed
-        sendto = self._sock.sendto
+        sendto = sock.sendto
         for i, (data, dest, session, d) in enumerate(forward):
             try:
                 sendto(data, dest)  # EINTR is retried by Python (PEP 475)

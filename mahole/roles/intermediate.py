@@ -40,9 +40,10 @@ from aioquic.quic.retry import QuicRetryTokenHandler
 
 from .. import connection as qc
 from .. import identity
-from .._fast import RelayEngine
+from .._fast import RELAY_COMPILED, RelayEngine
 from ..debug_logs import DebugLogs
 from ..endpoint import ConnectionHandler, Endpoint, plain_addr
+from ..config import relay_threads_count
 from ..fleet import FleetRegistry
 from ..fleet_redis import FleetError, RedisFleet
 from ..signaling import (
@@ -266,9 +267,26 @@ class Intermediate:
         self._timer_at = None
 
     async def start(self):
-        sock = bind_udp(*self.cfg.listen, dual_stack=True)  # [::] serves IPv4 too
-        self.engine = RelayEngine(sock, rate_limit_bps=self.cfg.relay_rate_limit,
-                                  burst_bytes=self.cfg.relay_burst)
+        threads = relay_threads_count(self.cfg.relay_threads)
+        if self.cfg.relay_threads == "auto" and not RELAY_COMPILED:
+            threads = 1  # the pure-Python engine serves them all from the event loop
+        # [::] serves IPv4 too. More relay threads: more sockets on the same address, and
+        # the kernel spreads flows over them by 4-tuple hash (SO_REUSEPORT).
+        sock = bind_udp(*self.cfg.listen, dual_stack=True, reuse_port=threads > 1)
+        workers = []
+        try:
+            for _ in range(threads - 1):
+                workers.append(bind_udp(self.cfg.listen[0], sock.getsockname()[1],
+                                        dual_stack=True, reuse_port=True))
+            self.engine = RelayEngine(sock, rate_limit_bps=self.cfg.relay_rate_limit,
+                                      burst_bytes=self.cfg.relay_burst,
+                                      worker_sockets=workers)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            for worker in workers:
+                worker.close()  # the engine reads duplicates of them until its close()
         self.endpoint = Endpoint(sock, on_stun=self._stun, on_initial=self._initial,
                                  receiver=self.engine)
         self.endpoint.start()
@@ -363,6 +381,8 @@ class Intermediate:
             await self.fleet.stop()
         if self.endpoint is not None:
             self.endpoint.close()
+        if self.engine is not None:
+            self.engine.close()  # stops and joins the relay threads
         for observer in self.stun_observers.values():
             observer.close()
         self.debug_logs.close()
@@ -596,6 +616,7 @@ class Intermediate:
                  "relay": self._relay_stats(s.session_id)}
                 for s in sessions]},
             "relay": engine.counters() if engine else {},
+            "relay_threads": engine.threads if engine else None,
             "punching": {**punching, "time_to_direct_ms_median":
                          statistics.median(times) if times else None,
                          "strategies": dict(self.signaling.strategies)},

@@ -117,13 +117,16 @@ def _ipv6_works():
         return False
 
 
-def bind_udp(host, port, *, dual_stack=False):
+def bind_udp(host, port, *, dual_stack=False, reuse_port=False):
     """A role's one UDP socket, non-blocking. With dual_stack an IPv6 wildcard or address is
-    bound with IPV6_V6ONLY off, so ``[::]`` serves IPv4 clients too."""
+    bound with IPV6_V6ONLY off, so ``[::]`` serves IPv4 clients too. With reuse_port it joins
+    the SO_REUSEPORT group of (host, port): the intermediate's relay sockets."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if dual_stack and family == socket.AF_INET6:
             try:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
