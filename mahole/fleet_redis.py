@@ -18,8 +18,12 @@ What each intermediate keeps there (keys under ``mahole:``):
   reconnect) each intermediate reads the hashes again; streams would add trimming and
   consumer bookkeeping for no gain.
 - channel ``mahole:to:NAME``: signaling of sessions between intermediates (`FleetSend` of
-  the signaling core: {"from", "sender", "to", "message", "session"}). A lost message is what
-  a lost control packet would be: the nodes' own timeouts and re-punching deal with it.
+  the signaling core: {"from", "sender", "to", "message", "session"}). Pub/sub drops what
+  arrives while a subscriber is away, so the cores never rely on one message: a session
+  opened to a connector elsewhere is confirmed back and sent again until it is
+  (`mahole.signaling.MIRROR_ATTEMPTS`), probes and resumes have deadlines, and a lost
+  candidate exchange costs at most the direct path (the session works on the relay from its
+  start).
 
 Redis unavailable: the intermediate keeps serving the nodes and sessions it holds (the local
 registry is the truth for them). It cannot vouch for the other intermediates' nodes any more,
@@ -105,7 +109,7 @@ class RedisFleet:
         self.counters = {"connects": 0, "errors": 0, "published": 0, "received": 0,
                          "messages_malformed": 0, "resyncs": 0, "homes_expired": 0,
                          "signaling_sent": 0, "signaling_received": 0,
-                         "signaling_dropped": 0}
+                         "signaling_dropped": 0, "subscriptions_lost": 0}
         self._outgoing = collections.deque()  # (channel, text) of signaling to publish
         self._redis = None
         self._wake = asyncio.Event()  # the outbox has something
@@ -213,10 +217,14 @@ class RedisFleet:
         if self._outgoing:
             messages = list(self._outgoing)
             self._outgoing.clear()
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for channel, text in messages:
-                    pipe.publish(channel, text)
-                await pipe.execute()
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for channel, text in messages:
+                        pipe.publish(channel, text)
+                    await pipe.execute()
+            except Exception:
+                self.counters["signaling_dropped"] += len(messages)
+                raise
             self.counters["signaling_sent"] += len(messages)
         outbox = self.registry.outbox
         if not outbox:
@@ -381,7 +389,9 @@ class RedisFleet:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any Redis or network failure
-                log.debug("fleet: subscription lost: %s", exc)
+                # What is published until it is back is lost to this intermediate.
+                self.counters["subscriptions_lost"] += 1
+                log.info("fleet: subscription lost: %s", exc)
                 await asyncio.sleep(min(MAX_BACKOFF, HEARTBEAT))
             finally:
                 if pubsub is not None:

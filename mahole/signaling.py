@@ -130,6 +130,16 @@ MAX_REMOTE_RTT = 10.0  # s: a member's RTT reported by another intermediate, at 
 RESUME_WAIT = 5.0  # s
 SESSION_HOLD = 6.0  # s: silence detection, re-homing (within 3 s) and the resume itself
 MAX_PENDING_RESUMES = 4096
+# A session to a connector at another intermediate of the fleet is opened there by a
+# SessionOpened carried through the store's pub/sub, which drops what arrives while a
+# subscriber is away (reconnecting, or not yet subscribed after its start); that
+# intermediate confirms it by sending the SessionOpened back. Unconfirmed after this long
+# (plus the store's round trip twice) it is sent again, the same (the other side takes a
+# repeat as a repeat); after MIRROR_ATTEMPTS sends the agent's OpenSession is answered with
+# an Error (TIMEOUT). The agent hears of the session only once it is confirmed, so it never
+# waits on a session that exists at one intermediate only.
+MIRROR_TIMEOUT = 1.0  # s per send: a second spans a resubscription (fleet_redis: 0.5 s)
+MIRROR_ATTEMPTS = 3  # sends in all: the agent is answered within about 3 s, not its 10 s
 PUNCH_SKEW_MIN = 0.0005  # s: StartPunching delays shorter than this are sent at once
 REFUSAL_LOG_BURST = 10  # refusal lines of one kind logged per REFUSAL_LOG_WINDOW
 REFUSAL_LOG_WINDOW = 10.0  # s
@@ -692,6 +702,20 @@ class _Asker:
         return f"{self.role} {self.name!r}"
 
 
+class _Mirroring:
+    """A session opened here to a connector at another intermediate, until that one
+    confirms it (or MIRROR_ATTEMPTS sends go unanswered)."""
+
+    __slots__ = ("home", "request_id", "to_agent", "to_connector", "attempts")
+
+    def __init__(self, home, request_id, to_agent, to_connector):
+        self.home = home
+        self.request_id = request_id
+        self.to_agent = to_agent  # its SessionOpened, sent once the session is confirmed
+        self.to_connector = to_connector  # the SessionOpened carried to ``home``
+        self.attempts = 0
+
+
 class _Probe:
     __slots__ = ("old", "newcomer", "register", "nonce", "deadline")
 
@@ -758,6 +782,7 @@ class SignalingCore:
             "sessions_connector_elsewhere", "sessions_across", "fleet_sent", "fleet_received",
             "fleet_ignored", "sessions_mirrored", "sessions_resumed", "sessions_held",
             "resumes_refused", "resumes_expired", "duplicates_found", "duplicates_let_go",
+            "fleet_resent", "fleet_duplicates", "sessions_across_unconfirmed",
         ), 0)
         self.punching = {"attempts": 0, "direct": 0, "relay": 0}
         self.strategies = dict.fromkeys(control.STRATEGIES, 0)  # punching rounds of each
@@ -779,6 +804,9 @@ class SignalingCore:
         self._open_buckets = collections.OrderedDict()  # agent name -> _Bucket (per minute)
         self._shares = {}  # session_id -> relay rate share sent (RelaySetRate)
         self._resumes = {}  # session_id -> _Resume (bounded: MAX_PENDING_RESUMES)
+        # session_id -> _Mirroring, sessions owned here not yet confirmed by the connector's
+        # intermediate (each is a session in the registry: bounded by the session quotas).
+        self._mirroring = {}
         # (role, name) -> (local handle, remote handle, nonce): a copy here asking an older
         # copy elsewhere whether it lives (one per identity held here: bounded).
         self._duplicate_probes = {}
@@ -882,6 +910,8 @@ class SignalingCore:
                 self._deliver_punch(key)
             elif kind == "resume":
                 self._resume_expired(key[1], now)
+            elif kind == "mirror":
+                self._mirror_unconfirmed(key[1], now)
             elif kind == "duplicate":  # the older copy did not answer: it is stale
                 self._duplicate_probes.pop(key[1], None)
             elif kind == "remote_probe":  # the asker has given up by now
@@ -1079,7 +1109,8 @@ class SignalingCore:
     # The agent's intermediate owns the session: its core runs the signaling (offers,
     # answers, StartPunching, results), and its relay forwards the agent's frames to the
     # connector's intermediate. That one keeps a mirror of the session (home = the owner):
-    # enough to relay the connector's frames and to pass messages both ways.
+    # enough to relay the connector's frames and to pass messages both ways. It confirms
+    # the mirror to the owner, which only then answers the agent (MIRROR_TIMEOUT).
 
     def _mirrored(self, link, message):
         """A member's message about a session mirrored here goes to the session's owner;
@@ -1123,7 +1154,9 @@ class SignalingCore:
             self._fleet_probe(home, sender, target, message, now)
             return None
         if isinstance(message, control.SessionOpened):
-            if target is None or session is None:
+            if session is None:  # the connector's intermediate confirms a session of ours
+                return self._mirror_confirmed(home, sender, message, now)
+            if target is None:
                 return self._fleet_ignore("session_opened", home)
             self._mirror(home, target, message, session, now)
             return None
@@ -1150,8 +1183,11 @@ class SignalingCore:
             elif isinstance(message, control.PunchingResult):
                 self._punching_result(peer, message)
             elif isinstance(message, control.SessionClosed):
+                # Before it confirms the session, the connector's intermediate closes it only
+                # to refuse it (the connector's session quota).
                 self._close_session(record, f"closed by {peer}: {message.reason}",
-                                    notify_except=remote_member)
+                                    notify_except=remote_member,
+                                    code=control.ErrorCode.RATE_LIMITED)
             else:
                 self._fleet_ignore("wrong_direction", home)
             return None
@@ -1260,6 +1296,12 @@ class SignalingCore:
                     self.counters["sessions_held"] += 1
                     self._send(other.handle, control.SessionHeld(
                         session_id=session.session_id, hold_ms=int(SESSION_HOLD * 1000)))
+        # Sessions it never confirmed will not be: the agents are answered now.
+        for session_id, pending in list(self._mirroring.items()):
+            record = self.registry.session(session_id)
+            if pending.home == home and record is not None:
+                self._close_session(record, f"intermediate {home!r} of connector "
+                                    f"{record.connector_name!r} fell silent")
         for session_id, waiting in list(self._resumes.items()):
             if self.registry.session(session_id) is not None:  # waited for this silence
                 del self._resumes[session_id]
@@ -1300,11 +1342,19 @@ class SignalingCore:
     def _mirror(self, home, target, message, session, now):
         """Intermediate ``home`` opened a session to connector ``target`` held here."""
         relay_peer = self.registry.relay_address(home)
+        held = self.registry.session(session.session_id)
+        if (held is not None and held.home == home and held.connector == target.handle
+                and held.agent == f"{home}/{session.agent}"
+                and held.agent_token == session.agent_token
+                and held.connector_token == message.relay_token == session.connector_token):
+            # Sent again: our confirmation was lost (or is late). Confirm again, nothing more.
+            self.counters["fleet_duplicates"] += 1
+            self._confirm_mirror(home, target, message, session)
+            return
         if (target.role != "connector" or message.connector != target.name
                 or relay_peer is None or session.session_id != message.session_id
                 or session.connector_token != message.relay_token
-                or len(session.agent_token) != control.RELAY_TOKEN_LEN
-                or self.registry.session(session.session_id) is not None):
+                or len(session.agent_token) != control.RELAY_TOKEN_LEN or held is not None):
             self._fleet_ignore("session_opened", home)
             return
         cap = self.limits.sessions_per_connector
@@ -1329,10 +1379,59 @@ class SignalingCore:
         self._events.append(RelayAdd(session.session_id, relay_peer, target.addr,
                                      session.agent_token, session.connector_token))
         self._send(target.handle, message)
+        self._confirm_mirror(home, target, message, session)
         # Its relay share counts every session of the connector's, the mirrored ones too.
         self._rebalance([target.handle])
         log.info("session %s: agent %s at intermediate %s -> service %s here",
                  session_tag(session.session_id), session.agent_name, home, session.service)
+
+    def _confirm_mirror(self, home, target, message, session):
+        """Tell the owner the session is open here: its SessionOpened back, without the
+        record (so it is never taken for a session to mirror)."""
+        self.counters["fleet_sent"] += 1
+        self._events.append(FleetSend(home, session.agent, target.handle, message))
+
+    def _mirror_confirmed(self, home, sender, message, now):
+        """The connector's intermediate confirms a session opened here: the agent is told."""
+        pending = self._mirroring.get(message.session_id)
+        record = self.registry.session(message.session_id)
+        if (pending is None or record is None or pending.home != home
+                or record.connector != f"{home}/{sender}"):
+            return self._fleet_ignore("session_opened", home)  # e.g. a late second one
+        del self._mirroring[message.session_id]
+        self._cancel(("mirror", message.session_id))
+        self._send(record.agent, pending.to_agent)
+        return None
+
+    def _send_mirror(self, record, pending):
+        pending.attempts += 1
+        home, there = remote_handle(record.connector)
+        self.counters["fleet_sent"] += 1
+        self._events.append(FleetSend(home, there, record.agent, pending.to_connector,
+                                      record))
+        # From the open, not from now: a late timer does not put the agent's answer off.
+        self._schedule(("mirror", record.session_id), record.created + pending.attempts
+                       * (MIRROR_TIMEOUT + 2 * self.registry.fleet_rtt()))
+
+    def _mirror_unconfirmed(self, session_id, now):
+        pending = self._mirroring.get(session_id)
+        record = self.registry.session(session_id)
+        if pending is None or record is None:
+            return
+        if pending.attempts < MIRROR_ATTEMPTS:
+            self.counters["fleet_resent"] += 1
+            log.info("session %s: intermediate %s has not confirmed it; sending it again",
+                     session_tag(session_id), pending.home)
+            self._send_mirror(record, pending)
+            return
+        self.counters["sessions_across_unconfirmed"] += 1
+        waited = now - record.created
+        text = (f"connector {record.connector_name!r} at intermediate {pending.home!r} did not "
+                f"confirm the session within {waited:.1f} s ({pending.attempts} tries through "
+                f"the fleet's store)")
+        log.warning("session %s to service %r for agent %s: %s", session_tag(session_id),
+                    record.service, record.agent_name, text)
+        self._close_session(record, text, code=control.ErrorCode.TIMEOUT)
 
     # Resuming sessions -------------------------------------------------------------------
     # A node whose intermediate died (or restarted) homes again and asks to carry on each of
@@ -1844,12 +1943,17 @@ class SignalingCore:
         relay_peer = registry.relay_address(connector.home) if across else connector.addr
         self._events.append(RelayAdd(session.session_id, link.addr, relay_peer,
                                      agent_token, connector_token))
-        for member, peer, token in ((connector.handle, link.addr, connector_token),
-                                    (handle, connector.addr, agent_token)):
-            self._send(member, control.SessionOpened(
-                request_id=message.request_id, session_id=session.session_id, service=service,
-                agent=link.name, connector=connector.name, peer_addr=peer, relay_token=token),
-                sender=handle, session=session if member == connector.handle else None)
+        to_connector, to_agent = (control.SessionOpened(
+            request_id=message.request_id, session_id=session.session_id, service=service,
+            agent=link.name, connector=connector.name, peer_addr=peer, relay_token=token)
+            for peer, token in ((link.addr, connector_token), (connector.addr, agent_token)))
+        if across:  # the agent hears of it once the connector's intermediate confirms it
+            pending = _Mirroring(connector.home, request_id, to_agent, to_connector)
+            self._mirroring[session.session_id] = pending
+            self._send_mirror(session, pending)
+        else:
+            self._send(connector.handle, to_connector)
+            self._send(handle, to_agent)
         log.info("session %s: agent %s -> service %s at connector %s",
                  session_tag(session.session_id), link.name, service, connector.name)
         self._rebalance(session.members())
@@ -1888,9 +1992,15 @@ class SignalingCore:
                     self._events.append(RelaySetRate(session.session_id, share,
                                                      max(share // 4, MIN_RELAY_BURST)))
 
-    def _close_session(self, session, reason, notify_except=None, rebalance=True):
+    def _close_session(self, session, reason, notify_except=None, rebalance=True,
+                       code=control.ErrorCode.CONNECTOR_OFFLINE):
+        """``code``: the Error answering the agent's OpenSession if the session was not
+        confirmed yet (the agent does not know it)."""
         if self.registry.remove_session(session.session_id) is None:
             return
+        pending = self._mirroring.pop(session.session_id, None)
+        if pending is not None:
+            self._cancel(("mirror", session.session_id))
         for handle in session.members():
             if handle in self._remote_rtts and not self.registry.sessions_of(handle):
                 del self._remote_rtts[handle]
@@ -1900,7 +2010,12 @@ class SignalingCore:
         for handle in session.members():
             self._punches.pop(("punch", session.session_id, handle), None)
             self._cancel(("punch", session.session_id, handle))
-            if handle != notify_except and self._reachable(handle):
+            if handle == notify_except or not self._reachable(handle):
+                continue
+            if pending is not None and handle == session.agent:
+                self._error(handle, code, f"no session to service {session.service!r}: "
+                            f"{reason}", pending.request_id)
+            else:
                 self._send(handle, control.SessionClosed(session_id=session.session_id,
                                                          reason=reason[:control.MAX_TEXT_LEN]),
                            sender=session.other(handle))

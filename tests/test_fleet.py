@@ -342,8 +342,12 @@ class TwoIntermediates:
         return seen
 
     def open(self):
-        session_id, events = self.h1.open(service="web")
-        return session_id, self.carry(events, self.h1)
+        """The agent's OpenSession at relay1: the session id its SessionOpened names (sent
+        once relay2 confirms the session) or None, and what each intermediate did."""
+        _, events = self.h1.open(service="web")
+        seen = self.carry(events, self.h1)
+        opened = [m for m in sent(seen["relay1"], 1) if isinstance(m, control.SessionOpened)]
+        return opened[0].session_id if opened else None, seen
 
     def dies(self, home):
         """``home`` falls silent for the others: what each then does, as {home: [events]}."""
@@ -399,6 +403,131 @@ def test_a_session_across_two_intermediates_is_signaled_and_relayed_through_both
     [closed] = sent(seen["relay1"], 1)
     assert isinstance(closed, control.SessionClosed) and "office" in closed.reason
     assert t.h1.core.registry.sessions() == [] and t.h2.core.registry.sessions() == []
+
+
+def fleet_sends(events):
+    return [e for e in events if isinstance(e, signaling.FleetSend)]
+
+
+def deliver(t, send, source):
+    """One FleetSend from ``source`` to its intermediate, and what follows from it."""
+    return t.carry([send], source)
+
+
+def test_a_session_across_is_told_to_the_agent_only_once_the_connectors_side_confirms_it():
+    t = TwoIntermediates()
+    _, events = t.h1.open(service="web")
+    assert sent(events, 1) == []  # nothing for the agent yet
+    [send] = fleet_sends(events)
+    assert isinstance(send.message, control.SessionOpened) and send.session is not None
+    seen = deliver(t, send, t.h1)
+    [confirm] = fleet_sends(seen["relay2"])
+    assert confirm.home == "relay1" and confirm.session is None
+    [opened] = sent(seen["relay1"], 1)
+    assert isinstance(opened, control.SessionOpened) and opened.request_id == 7
+    assert opened.session_id == send.message.session_id
+    # No timer is left behind: ten times the whole deadline later, nothing more.
+    later = t.h1.advance(10 * signaling.MIRROR_TIMEOUT * signaling.MIRROR_ATTEMPTS,
+                         keep_alive=(1,))
+    assert fleet_sends(later) == [] and sent(later) == []
+    assert t.h1.core.counters["fleet_resent"] == 0
+
+
+def test_a_lost_session_opened_is_sent_again_and_the_session_opens():
+    t = TwoIntermediates()
+    _, events = t.h1.open(service="web")
+    [lost] = fleet_sends(events)  # the store dropped it: relay2 never hears of the session
+    early = t.h1.advance(signaling.MIRROR_TIMEOUT - 0.05, step=0.05, keep_alive=(1,))
+    assert fleet_sends(early) == []
+    [again] = fleet_sends(t.h1.advance(0.1, step=0.05, keep_alive=(1,)))
+    assert again == lost  # the same message and record: idempotent at relay2
+    seen = deliver(t, again, t.h1)
+    [opened] = sent(seen["relay1"], 1)
+    assert isinstance(opened, control.SessionOpened) and opened.request_id == 7
+    assert [type(m) for m in sent(seen["relay2"], 2)] == [control.SessionOpened]
+    assert t.h1.core.counters["fleet_resent"] == 1
+    assert t.h2.core.counters["sessions_mirrored"] == 1
+
+
+def test_a_repeat_after_a_lost_confirmation_is_confirmed_again_and_changes_nothing():
+    t = TwoIntermediates()
+    _, events = t.h1.open(service="web")
+    [send] = fleet_sends(events)
+    t.h2.core.fleet_message("relay1", str(send.sender), str(send.to), send.message, t.h2.now,
+                            session=send.session)
+    first = t.h2.events()
+    [lost_confirm] = fleet_sends(first)  # dropped on its way back
+    [again] = fleet_sends(t.h1.advance(signaling.MIRROR_TIMEOUT + 0.05, step=0.05,
+                                       keep_alive=(1,)))
+    seen = deliver(t, again, t.h1)
+    # relay2 confirms again without a second relay entry or SessionOpened for the connector.
+    assert not [e for e in seen["relay2"] if isinstance(e, signaling.RelayAdd)]
+    assert sent(seen["relay2"], 2) == []
+    assert t.h2.core.counters["fleet_duplicates"] == 1
+    assert t.h2.core.counters["sessions_mirrored"] == 1
+    [opened] = sent(seen["relay1"], 1)
+    assert isinstance(opened, control.SessionOpened)
+    # The first confirmation arriving late is ignored: the agent is told once.
+    late = deliver(t, lost_confirm, t.h2)
+    assert sent(late["relay1"], 1) == []
+    assert len(t.h1.core.registry.sessions()) == len(t.h2.core.registry.sessions()) == 1
+
+
+def test_a_session_never_confirmed_answers_the_agent_with_an_error_after_three_sends():
+    """Every SessionOpened to relay2 is lost: relay1 sends it MIRROR_ATTEMPTS times a
+    MIRROR_TIMEOUT apart, then answers the agent's OpenSession with TIMEOUT and a reason,
+    drops the session and its relay entry, and tells relay2 (which never heard of it)."""
+    t = TwoIntermediates()
+    _, events = t.h1.open(service="web")
+    opened_at = t.h1.now
+    sends = fleet_sends(events)
+    errors = []
+    while not errors and t.h1.now < opened_at + 10:
+        later = t.h1.advance(0.05, step=0.05, keep_alive=(1,))
+        sends += [s for s in fleet_sends(later) if isinstance(s.message, control.SessionOpened)]
+        errors += [m for m in sent(later, 1) if isinstance(m, control.Error)]
+        closing = [s for s in fleet_sends(later) if isinstance(s.message,
+                                                                control.SessionClosed)]
+    [error] = errors
+    waited = t.h1.now - opened_at
+    assert waited == pytest.approx(signaling.MIRROR_TIMEOUT * signaling.MIRROR_ATTEMPTS,
+                                   abs=0.06)
+    assert len(sends) == signaling.MIRROR_ATTEMPTS
+    assert error.code == control.ErrorCode.TIMEOUT and error.request_id == 7
+    assert ("connector 'office' at intermediate 'relay2' did not confirm the session within "
+            "3.0 s (3 tries through the fleet's store)") in error.message
+    assert t.h1.core.registry.sessions() == []
+    [closing] = closing
+    assert closing.home == "relay2" and closing.to == "2"
+    assert deliver(t, closing, t.h1)["relay2"] == []  # unknown there: ignored and counted
+    assert t.h1.core.counters["sessions_across_unconfirmed"] == 1
+    later = t.h1.advance(30, keep_alive=(1,))
+    assert fleet_sends(later) == [] and sent(later) == []
+
+
+def test_an_unconfirmed_session_ends_at_once_when_the_connectors_intermediate_falls_silent():
+    t = TwoIntermediates()
+    _, events = t.h1.open(service="web")
+    t.h1.core.registry.relay_addrs.pop("relay2")
+    t.h1.core.fleet_home_silent("relay2", t.h1.now)
+    [error] = sent(t.h1.events(), 1)
+    assert error.code == control.ErrorCode.CONNECTOR_OFFLINE and error.request_id == 7
+    assert "intermediate 'relay2' of connector 'office' fell silent" in error.message
+    assert fleet_sends(t.h1.advance(10, keep_alive=(1,))) == []
+
+
+def test_an_agent_leaving_before_the_confirmation_leaves_nothing_behind():
+    t = TwoIntermediates()
+    _, events = t.h1.open(service="web")
+    seen = deliver(t, fleet_sends(events)[0], t.h1)  # relay2 mirrors; confirmation pending
+    [confirm] = fleet_sends(seen["relay2"])
+    t.h1.core.node_disconnected(1, t.h1.now)
+    seen = t.carry(t.h1.events(), t.h1)
+    assert t.h1.core.registry.sessions() == [] and t.h2.core.registry.sessions() == []
+    [closed] = sent(seen["relay2"], 2)
+    assert isinstance(closed, control.SessionClosed)
+    assert sent(deliver(t, confirm, t.h2)["relay1"]) == []  # late: ignored
+    assert fleet_sends(t.h1.advance(10)) == []
 
 
 def test_start_punching_across_intermediates_counts_the_connectors_longer_way():
@@ -706,19 +835,23 @@ def test_a_member_of_control_protocol_1_is_never_sent_the_new_messages():
 def test_a_connectors_session_quota_holds_for_sessions_opened_at_other_intermediates():
     """relay1 does not know how many sessions the connector at relay2 serves: relay2 does,
     counts the ones it mirrors, and refuses one over the quota back to relay1, which ends
-    it and tells the agent why. Relay shares count the mirrored sessions too."""
+    it and answers the agent's OpenSession with why. Relay shares count the mirrored
+    sessions too."""
     t = TwoIntermediates(limits2=signaling.Limits(sessions_per_connector=1,
                                                   relay_rate_per_identity=1_000_000))
     first, seen = t.open()
     assert t.h2.core.registry.session(first) is not None
     assert any(isinstance(e, signaling.RelaySetRate) for e in seen["relay2"])
     second, seen = t.open()
-    assert t.h2.core.registry.session(second) is None
-    assert t.h1.core.registry.session(second) is None
-    [closed] = [m for m in sent(seen["relay1"], 1) if isinstance(m, control.SessionClosed)]
-    assert closed.session_id == second
-    assert "serves 1 sessions, the most allowed (--sessions-per-connector)" in closed.reason
-    assert signaling.RelayRemove(second) in seen["relay1"]
+    assert second is None
+    assert t.h2.core.registry.sessions() == t.h2.core.registry.sessions_of(2) != []
+    assert len(t.h1.core.registry.sessions()) == 1
+    [error] = sent(seen["relay1"], 1)
+    assert isinstance(error, control.Error) and error.request_id == 7
+    assert error.code == control.ErrorCode.RATE_LIMITED
+    assert "serves 1 sessions, the most allowed (--sessions-per-connector)" in error.message
+    [refused] = [e.session_id for e in seen["relay1"] if isinstance(e, signaling.RelayRemove)]
+    assert t.h1.core.registry.session(refused) is None
     assert t.h2.core.counters["sessions_rate_limited"] == 1
 
 
@@ -799,6 +932,65 @@ def test_an_agent_reaches_a_connector_at_another_intermediate(fleet_certs, redis
             await wait_for(lambda: relay1.status()["sessions"]["open"] == 0
                            and relay2.status()["sessions"]["open"] == 0, 10)
     run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("lost", [1, "all"])
+def test_a_session_opened_through_a_store_that_loses_messages(fleet_certs, redis_server,
+                                                              lost):
+    """Redis pub/sub drops what arrives while a subscriber is away. relay2 loses the first
+    SessionOpened relay1 forwards for its connector: relay1 sends it again a second later and
+    the session opens. relay2 loses every one: the agent is told why within about 3 s (its
+    own open timeout, 8 s here, is never what answers)."""
+    async def main():
+        async with intermediate(fleet_certs, "relay1", redis_server.url) as relay1, \
+                intermediate(fleet_certs, "relay2", redis_server.url) as relay2:
+            dropped = []
+            receive = relay2._role.fleet._signaling
+
+            def lossy(data):
+                if b"SessionOpened" in data and (lost == "all" or not dropped):
+                    dropped.append(data)  # as if it came while the subscriber reconnected
+                    return
+                receive(data)
+            relay2._role.fleet._signaling = lossy
+            connector = mahole.Connector(relay2.address, bind=("127.0.0.1", 0),
+                                         control_socket="", relay_only=True,
+                                         include_loopback=True,
+                                         **creds(fleet_certs, "office"))
+            connector.serve("web", _echo_tcp)
+            async with connector, mahole.Agent(
+                    relay1.address, bind=("127.0.0.1", 0), control_socket="",
+                    relay_only=True, include_loopback=True, open_timeout=8.0,
+                    **creds(fleet_certs, "alice")) as agent:
+                await connector.wait_registered()
+                await wait_for(lambda: remote(relay1) == {"relay2": 1}
+                               and relay1._role.signaling.registry.relay_address("relay2"), 10)
+                started = time.monotonic()
+                if lost == "all":
+                    with pytest.raises(mahole.ServiceUnavailable) as refused:
+                        await agent.open_connection("web")
+                    took = time.monotonic() - started
+                    assert ("connector 'office' at intermediate 'relay2' did not confirm the "
+                            "session within") in str(refused.value)
+                    assert took < 6.0, took
+                    assert len(dropped) == signaling.MIRROR_ATTEMPTS
+                    counters = relay1.status()["counters"]
+                    assert counters["sessions_across_unconfirmed"] == 1
+                    assert relay1.status()["sessions"]["open"] == 0
+                    assert agent.status()["counters"]["session_errors"] == 1
+                    print(f"refused after {took:.2f} s")
+                    return
+                reader, writer = await agent.open_connection("web")
+                took = time.monotonic() - started
+                writer.write(b"hello")
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), 30) == b"hello"
+                writer.close()
+                assert len(dropped) == 1 and took < 6.0, took
+                assert relay1.status()["counters"]["fleet_resent"] == 1
+                assert relay2.status()["counters"]["sessions_mirrored"] == 1
+                print(f"opened in {took:.2f} s past one lost message")
+    run(main(), timeout=60)
 
 
 # Intermediates as processes, killed ------------------------------------------------------------
