@@ -6,6 +6,7 @@ hole punching goes direct exactly as with one intermediate; behind symmetric NAT
 session stays on the relay, carried through both intermediates.
 """
 
+import json
 import os
 import signal
 import socket
@@ -79,8 +80,18 @@ class FleetDeployment(Deployment):
         return self.status(self.relay2, RELAY2_STATUS)
 
     def logs(self):
+        # The fleet's counters say where a message between the two was lost, if one was
+        # (the roles log warnings only).
+        counters = {}
+        for name, status in (("relay1", self.status(self.intermediate)),
+                             ("relay2", self.relay2_status())):
+            status = status or {}
+            counters[name] = {**((status.get("fleet") or {}).get("counters") or {}),
+                              **{k: v for k, v in (status.get("counters") or {}).items()
+                                 if k.startswith(("fleet", "sessions_"))}}
         return super().logs() + (f"\n--- relay2.log\n"
-                                 f"{self.relay2.log_path.read_text()[-3000:]}")
+                                 f"{self.relay2.log_path.read_text()[-3000:]}"
+                                 f"\n--- fleet counters\n{json.dumps(counters)}")
 
 
 @pytest.mark.parametrize("nat, path", [("port-restricted", "direct"), ("symmetric", "relay")])
