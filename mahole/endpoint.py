@@ -80,6 +80,8 @@ class Connection:
         self.packets_sent = 0
         self.last_rx = None  # when the last authenticated packet of this connection arrived
         self._virtual_addr = peer_addr
+        self._heard = []  # sources of authenticated packets not yet told to the handler
+        self._heard_last = None
 
     def __repr__(self):
         return f"<Connection {self.quic.host_cid.hex()} peer={self.peer_addr}>"
@@ -118,6 +120,18 @@ class Connection:
                 previous, self.peer_addr = self.peer_addr, addr
                 if previous is not None:
                     self.handler.peer_address_changed(self, previous, addr)
+            if addr != self._heard_last:  # one call per run of packets from one address
+                self._heard_last = addr
+                self._heard.append(addr)
+        self.endpoint.received(self, now)
+
+    def settle(self, now):
+        """After the datagrams of one receive batch: tell the handler which addresses sent
+        authenticated packets, hand on aioquic's events, collect what the connection sends.
+        Once per batch, not per packet: a bulk transfer fills batches with one connection's
+        packets, and all of them share the batch's `now`."""
+        heard, self._heard, self._heard_last = self._heard, [], None
+        for addr in heard:
             self.handler.packet_authenticated(self, addr, now)
         self.process_events()
         self.endpoint.mark(self)
@@ -252,6 +266,7 @@ class Endpoint:
         self._closed = False
         self._side = {}  # peer address -> side socket routing it (birthday probing)
         self._receiver_fds = ()
+        self._received = None  # while a batch is processed: connections to settle after it
 
     @property
     def local_address(self):
@@ -384,11 +399,15 @@ class Endpoint:
             datagrams = [(data, plain_addr(addr)) for data, addr in datagrams]
         result = self.router.dispatch(datagrams)
         now = self.loop.time()
-        for conn, (data, addr) in zip(result.quic_handles, result.quic_datagrams):
-            try:
-                conn.datagram_received(data, addr, now)
-            except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the batch
-                self.handler_failed("QUIC packet", exc)
+        self._received = {}
+        try:
+            for conn, (data, addr) in zip(result.quic_handles, result.quic_datagrams):
+                try:
+                    conn.datagram_received(data, addr, now)
+                except Exception as exc:  # noqa: BLE001 - one bad datagram must not stop the batch
+                    self.handler_failed("QUIC packet", exc)
+        finally:
+            self._settle(now)
         if result.initials:
             if self.on_initial is None:
                 counters["dropped_initial"] += len(result.initials)
@@ -407,11 +426,32 @@ class Endpoint:
                         self.on_stun(data, addr)
                     except Exception as exc:  # noqa: BLE001
                         self.handler_failed("STUN message", exc)
-        for entry, data, addr in result.relay:
+        if result.relay:
+            self._received = {}
             try:
-                entry.relay_frame_received(data, addr)
-            except Exception as exc:  # noqa: BLE001
-                self.handler_failed("relay frame", exc)
+                for entry, data, addr in result.relay:
+                    try:
+                        entry.relay_frame_received(data, addr)
+                    except Exception as exc:  # noqa: BLE001
+                        self.handler_failed("relay frame", exc)
+            finally:
+                self._settle(now)
+
+    def _settle(self, now):
+        received, self._received = self._received, None
+        for conn in received:
+            if not conn.closed:
+                try:
+                    conn.settle(now)
+                except Exception as exc:  # noqa: BLE001
+                    self.handler_failed("QUIC packet", exc)
+
+    def received(self, conn, now):
+        """conn took a datagram: settle it after the batch being processed, or now."""
+        if self._received is not None:
+            self._received[conn] = None
+        else:
+            conn.settle(now)
 
     def handler_failed(self, kind, exc):
         """An unexpected exception while handling one input: count it, log it once per kind

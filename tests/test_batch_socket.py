@@ -6,6 +6,7 @@ the pure-Python twin. Nothing sleeps: waits are select()/poll() on the fd with a
 
 import errno
 import select
+import sys
 import socket
 import time
 
@@ -95,6 +96,39 @@ def test_batch_roundtrip_contents_order_and_source(batch, sockets, family):
     assert len(got[0][1]) == (2 if family == socket.AF_INET else 4)
     assert receiver.recv_batch() == []
     assert sender.send_errors == 0 and receiver.truncated == 0
+
+
+def test_gso_runs_arrive_as_the_same_datagrams(batch, sockets, family):
+    """Runs of equal-size datagrams to one address go out as UDP GSO sends (a shorter one may
+    end a run); what arrives is the same datagrams in the same order, whatever the grouping."""
+    rx, rx2, tx = sockets(family), sockets(family), sockets(family)
+    receiver, receiver2 = batch.BatchSocket(rx, batch_size=256), batch.BatchSocket(rx2)
+    sender = batch.BatchSocket(tx, batch_size=128)
+    a, b = rx.getsockname(), rx2.getsockname()
+    sizes = [1200] * 70 + [700] + [1200] * 3 + [1500, 0, 0, 1200, 1200]
+    to_a = [(payload(i, size), a) for i, size in enumerate(sizes)]
+    to_b = [(payload(i, 1200), b) for i in range(3)]
+    datagrams = to_a[:40] + to_b[:2] + to_a[40:] + to_b[2:]
+
+    assert sender.send_batch(datagrams) == len(datagrams)
+
+    assert flat(recv_n(receiver, len(to_a))) == [(d, tx.getsockname()) for d, _ in to_a]
+    assert flat(recv_n(receiver2, len(to_b))) == [(d, tx.getsockname()) for d, _ in to_b]
+    assert sender.send_errors == 0
+    if sender.gso:
+        assert sender.gso_runs >= 3  # 40, then 30 + the 700, then 3 (64-segment cap), ...
+    else:
+        assert sender.gso_runs == 0
+
+
+def test_gso_can_be_turned_off(batch, sockets, family):
+    rx, tx = sockets(family), sockets(family)
+    receiver, sender = batch.BatchSocket(rx), batch.BatchSocket(tx, gso=False)
+    datagrams = [(payload(i, 1200), rx.getsockname()) for i in range(10)]
+    assert not sender.gso
+    assert sender.send_batch(datagrams) == 10
+    assert flat(recv_n(receiver, 10)) == [(d, tx.getsockname()) for d, _ in datagrams]
+    assert sender.gso_runs == 0
 
 
 def test_zero_byte_datagrams_round_trip(batch, sockets, family):
@@ -416,6 +450,9 @@ class _ScriptedSocket:
     def gettimeout(self):
         return 0.0
 
+    def getsockopt(self, level, option):
+        raise OSError(errno.ENOPROTOOPT, "no such option")  # no UDP GSO here
+
     def fileno(self):
         return 99
 
@@ -460,3 +497,46 @@ def test_twin_send_fatal_socket_error_raises():
     sock = _ScriptedSocket(sends=[OSError(errno.EBADF, "bad fd")])
     with pytest.raises(OSError):
         _batch_py.BatchSocket(sock).send_batch([(b"x", ("10.0.0.1", 9))])
+
+
+class _ScriptedGsoSocket(_ScriptedSocket):
+    """A scripted socket whose kernel knows UDP GSO: sendmsg follows its own script."""
+
+    def __init__(self, sends=(), gso_sends=()):
+        super().__init__(sends=sends)
+        self.gso_sends, self.runs = list(gso_sends), []
+
+    def getsockopt(self, level, option):
+        return 0
+
+    def sendmsg(self, buffers, ancdata, flags, addr):
+        outcome = self.gso_sends.pop(0) if self.gso_sends else None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self.runs.append((list(buffers), ancdata, addr))
+        return sum(map(len, buffers))
+
+
+@pytest.mark.parametrize("refusal", [errno.EIO, errno.EMSGSIZE, errno.EINVAL])
+def test_twin_refused_gso_run_goes_one_by_one(refusal):
+    sock = _ScriptedGsoSocket(gso_sends=[OSError(refusal, "refused")])
+    bsock = _batch_py.BatchSocket(sock)
+    datagrams = [(payload(i, 100), ("10.0.0.1", 9)) for i in range(5)]
+    assert bsock.gso
+    assert bsock.send_batch(datagrams) == 5
+    assert sock.sent == datagrams and sock.runs == []
+    # EIO: the device cannot checksum GSO sends, so GSO stays off; other refusals are per run.
+    assert bsock.gso == (refusal != errno.EIO)
+    assert bsock.send_batch(datagrams) == 5
+    assert len(sock.runs) == (0 if refusal == errno.EIO else 1)
+
+
+def test_twin_gso_run_stops_at_eagain():
+    sock = _ScriptedGsoSocket(gso_sends=[None, BlockingIOError(errno.EAGAIN, "again")])
+    bsock = _batch_py.BatchSocket(sock)
+    datagrams = [(payload(i, 100), ("10.0.0.1", 9)) for i in range(3)]
+    datagrams += [(payload(i, 50), ("10.0.0.2", 9)) for i in range(3)]
+    assert bsock.send_batch(datagrams) == 3  # the first run; the second waits
+    assert [buffers for buffers, _, _ in sock.runs] == [[d for d, _ in datagrams[:3]]]
+    assert sock.runs[0][1] == [(socket.SOL_UDP, 103, (100).to_bytes(2, sys.byteorder))]
+    assert bsock.gso_runs == 1

@@ -22,9 +22,26 @@ MAX_DATAGRAM = 65535
 # == MAX_FLOWINFO in _sockaddr.pxd.
 MAX_FLOWINFO = 0xFFFFF
 
+# UDP GSO (Linux 4.18+, UDP_SEGMENT in linux/udp.h): one send of up to 64 datagrams (the
+# kernel's UDP_MAX_SEGMENTS before Linux 6.x raised it) and under the 64 KiB IP/UDP length
+# limit. == the enums of _batch.pyx and _relay.pyx.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+
 # recv errors meaning "datagram longer than the buffer" (Windows reports, Linux truncates).
 RECV_TOO_BIG = frozenset(e for e in (errno.EMSGSIZE, getattr(errno, "WSAEMSGSIZE", None))
                          if e is not None)
+
+
+def has_udp_segment(sock):
+    """Whether the kernel knows UDP_SEGMENT (UDP GSO) for this socket."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
 
 
 def batch_args(sock, batch_size, max_datagram):

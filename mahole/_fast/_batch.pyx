@@ -8,6 +8,13 @@ and one (data, address) tuple: source addresses come from a small direct-mapped 
 keyed by the raw sockaddr, so a batch from one peer shares one address tuple.
 Destination tuples are converted to sockaddrs once and kept in a dict.
 
+UDP GSO (`gso=True`, the default where the kernel has UDP_SEGMENT, Linux 4.18+): consecutive
+datagrams of one size for one destination (the last may be shorter) become one msghdr of the
+sendmmsg, with one iovec per datagram and a UDP_SEGMENT control message, so the stack is
+traversed once per run instead of once per datagram; the datagrams on the wire are the same.
+A run the kernel refuses (over the path MTU, say) is sent again one datagram per msghdr; EIO
+(no checksum offload on the device) turns GSO off for the socket.
+
 Semantics shared with the twin (see `BatchSocket`): a datagram longer than
 `max_datagram` is dropped and counted in `truncated`; `send_batch` validates every
 entry before sending any, returns how many entries it consumed (sent, or skipped
@@ -18,6 +25,7 @@ cimport cython
 from cpython.buffer cimport PyObject_CheckBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport uint16_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
@@ -26,13 +34,21 @@ from mahole._fast._sockaddr cimport (
     EBADF,
     EFAULT,
     EINTR,
+    EIO,
     ENOBUFS,
     ENOTSOCK,
     MSG_DONTWAIT,
     MSG_TRUNC,
+    SOL_UDP,
     SRC_SLOTS,
+    UDP_SEGMENT,
     RecvBuffers,
     SrcCache,
+    cmsghdr,
+    msghdr,
+    CMSG_DATA,
+    CMSG_LEN,
+    CMSG_SPACE,
     address_to_sockaddr,
     errno,
     iovec,
@@ -48,7 +64,22 @@ from mahole._fast._sockaddr cimport (
 )
 from mahole._fast._sockaddr cimport MAX_FLOWINFO as C_MAX_FLOWINFO
 
-from mahole._fast._addr_py import MAX_BATCH_SIZE, MAX_DATAGRAM, MAX_FLOWINFO, batch_args
+from mahole._fast._addr_py import (
+    GSO_MAX_BYTES as _GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS as _GSO_MAX_SEGMENTS,
+    MAX_BATCH_SIZE,
+    MAX_DATAGRAM,
+    MAX_FLOWINFO,
+    batch_args,
+    has_udp_segment,
+)
+
+cdef enum:
+    GSO_MAX_SEGMENTS = 64       # == _addr_py.GSO_MAX_SEGMENTS
+    GSO_MAX_BYTES = 65000       # == _addr_py.GSO_MAX_BYTES
+    CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
+
+assert GSO_MAX_SEGMENTS == _GSO_MAX_SEGMENTS and GSO_MAX_BYTES == _GSO_MAX_BYTES
 
 # Destination sockaddr cache: cleared (between calls) once it holds more entries.
 DEST_CACHE_MAX = 8192
@@ -74,9 +105,14 @@ cdef class BatchSocket:
         is not an IP literal (or a malformed address) raises ValueError, data that is
         not bytes-like raises TypeError. On AF_INET6 an IPv4 literal goes to ::ffff:a.b.c.d.
 
+    gso: whether runs of equal-size datagrams to one destination go out as UDP GSO sends
+        (asked with gso=True, the default; False where the kernel lacks UDP_SEGMENT, and
+        from the first EIO on).
+
     Read-only counters: recv_calls and send_calls count recv_batch() and send_batch()
     calls; send_errors counts datagrams skipped after a per-datagram error; truncated
-    counts received datagrams dropped for being longer than max_datagram.
+    counts received datagrams dropped for being longer than max_datagram; gso_runs counts
+    runs of two or more datagrams the kernel took in one GSO send.
     """
 
     cdef object _sock
@@ -87,11 +123,17 @@ cdef class BatchSocket:
     cdef readonly unsigned long long send_calls
     cdef readonly unsigned long long send_errors
     cdef readonly unsigned long long truncated
+    cdef readonly unsigned long long gso_runs
+    cdef readonly bint gso
 
     cdef RecvBuffers _recv
     cdef mmsghdr *_tx
     cdef iovec *_tx_iov
     cdef list _tx_hold          # keeps each in-flight datagram's bytes alive without the GIL
+    cdef list _tx_names         # each datagram's destination sockaddr (bytes)
+    cdef int *_msg_first        # per sendmmsg message: its first datagram...
+    cdef int *_msg_count        # ...and how many (a GSO run when more than one)
+    cdef char *_cmsg            # one UDP_SEGMENT control message per message slot
     cdef bint _rx_busy
     cdef bint _tx_busy
 
@@ -102,8 +144,9 @@ cdef class BatchSocket:
     cdef object _last_dest
     cdef bytes _last_name
 
-    def __cinit__(self, sock, batch_size=32, max_datagram=65535):
+    def __cinit__(self, sock, batch_size=32, max_datagram=65535, *, gso=True):
         cdef Py_ssize_t j, bs, mx
+        cdef cmsghdr *cmsg
         family, bs, mx = batch_args(sock, batch_size, max_datagram)
         self._sock = sock
         self._family = family
@@ -112,12 +155,21 @@ cdef class BatchSocket:
         recv_buffers_alloc(&self._recv, bs, mx)
         self._tx = <mmsghdr *>calloc(bs, sizeof(mmsghdr))
         self._tx_iov = <iovec *>calloc(bs, sizeof(iovec))
-        if self._tx == NULL or self._tx_iov == NULL:
+        self._msg_first = <int *>calloc(bs, sizeof(int))
+        self._msg_count = <int *>calloc(bs, sizeof(int))
+        self._cmsg = <char *>calloc(bs, CMSG_STRIDE)
+        if (self._tx == NULL or self._tx_iov == NULL or self._msg_first == NULL
+                or self._msg_count == NULL or self._cmsg == NULL):
             raise MemoryError()
+        assert CMSG_SPACE(sizeof(uint16_t)) <= CMSG_STRIDE
         for j in range(bs):
-            self._tx[j].msg_hdr.msg_iov = &self._tx_iov[j]
-            self._tx[j].msg_hdr.msg_iovlen = 1
+            cmsg = <cmsghdr *>(self._cmsg + j * CMSG_STRIDE)
+            cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+            cmsg.cmsg_level = SOL_UDP
+            cmsg.cmsg_type = UDP_SEGMENT
+        self.gso = bool(gso) and has_udp_segment(sock)
         self._tx_hold = [None] * bs
+        self._tx_names = [None] * bs
         memset(&self._src, 0, sizeof(self._src))
         self._src_tuples = [None] * SRC_SLOTS
         self._dest_cache = {}
@@ -126,6 +178,9 @@ cdef class BatchSocket:
         recv_buffers_free(&self._recv)
         free(self._tx)
         free(self._tx_iov)
+        free(self._msg_first)
+        free(self._msg_count)
+        free(self._cmsg)
 
     def fileno(self):
         """The socket's file descriptor (-1 once the caller closed it)."""
@@ -182,16 +237,86 @@ cdef class BatchSocket:
         self._last_name = name
         return name
 
+    cdef Py_ssize_t _group(self, Py_ssize_t k):
+        """Lay datagrams [0, k) out as sendmmsg messages; returns how many. Without GSO each
+        datagram is a message; with it, a run of consecutive datagrams for one destination,
+        all of the first one's size except perhaps a shorter last one, is one message with
+        an iovec per datagram and UDP_SEGMENT = that size."""
+        cdef Py_ssize_t m = 0, j = 0, start
+        cdef size_t size, total, length
+        cdef iovec *iov = self._tx_iov
+        cdef list names = self._tx_names
+        cdef msghdr *msg
+        cdef bytes name
+        while j < k:
+            start = j
+            size = total = iov[j].iov_len
+            name = <bytes>names[j]
+            j += 1
+            if self.gso and size > 0:
+                while (j < k and j - start < GSO_MAX_SEGMENTS
+                       and total + iov[j].iov_len <= GSO_MAX_BYTES and names[j] is name):
+                    length = iov[j].iov_len
+                    if length > size or length == 0:
+                        break
+                    total += length
+                    j += 1
+                    if length < size:
+                        break  # a shorter datagram can only be the last of a run
+            msg = &self._tx[m].msg_hdr
+            msg.msg_name = PyBytes_AS_STRING(name)
+            msg.msg_namelen = <socklen_t>PyBytes_GET_SIZE(name)
+            msg.msg_iov = &iov[start]
+            msg.msg_iovlen = <size_t>(j - start)
+            if j - start > 1:
+                msg.msg_control = self._cmsg + m * CMSG_STRIDE
+                msg.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+                (<uint16_t *>CMSG_DATA(<cmsghdr *>msg.msg_control))[0] = <uint16_t>size
+            else:
+                msg.msg_control = NULL
+                msg.msg_controllen = 0
+            self._msg_first[m] = <int>start
+            self._msg_count[m] = <int>(j - start)
+            m += 1
+        return m
+
+    cdef int _send_one(self, int fd, Py_ssize_t j) except -2:
+        """Send datagram j alone: 1 sent, 0 refused on its own (counted), -1 the socket
+        takes no more now (EAGAIN/ENOBUFS); OSError for a dead socket."""
+        cdef int r, err
+        cdef mmsghdr one
+        cdef bytes name = <bytes>self._tx_names[j]
+        memset(&one, 0, sizeof(one))
+        one.msg_hdr.msg_name = PyBytes_AS_STRING(name)
+        one.msg_hdr.msg_namelen = <socklen_t>PyBytes_GET_SIZE(name)
+        one.msg_hdr.msg_iov = &self._tx_iov[j]
+        one.msg_hdr.msg_iovlen = 1
+        while True:
+            with nogil:
+                r = sendmmsg(fd, &one, 1, MSG_DONTWAIT)
+                err = errno
+            if r == 1:
+                return 1
+            if r == 0 or err == EAGAIN or err == ENOBUFS:
+                return -1
+            if err == EINTR:
+                PyErr_CheckSignals()
+                continue
+            if err == EBADF or err == ENOTSOCK or err == EFAULT:
+                raise OSError(err, strerror(err).decode("utf-8", "replace"))
+            self.send_errors += 1
+            return 0
+
     def send_batch(self, datagrams):
         """Send [(data, address)] in order; returns how many entries were consumed."""
-        cdef int fd, r, err
-        cdef Py_ssize_t n, i, j, k, off, used = 0
+        cdef int fd, r, err, one
+        cdef Py_ssize_t n, i, j, k, m, mm, off, done, used = 0
         cdef Py_ssize_t bs = self.batch_size
         cdef mmsghdr *tx = self._tx
         cdef iovec *iov = self._tx_iov
         cdef list hold = self._tx_hold
+        cdef list names = self._tx_names
         cdef tuple items
-        cdef bytes name
         cdef bint stop = False
         if self._tx_busy:
             raise RuntimeError("BatchSocket.send_batch called from two threads at once")
@@ -219,20 +344,24 @@ cdef class BatchSocket:
                     data, addr = items[i + j]
                     if not PyBytes_CheckExact(data):
                         data = bytes(memoryview(data))
-                    name = self._dest(addr)
                     hold[j] = data
+                    names[j] = self._dest(addr)
                     iov[j].iov_base = PyBytes_AS_STRING(data)
                     iov[j].iov_len = PyBytes_GET_SIZE(data)
-                    tx[j].msg_hdr.msg_name = PyBytes_AS_STRING(name)
-                    tx[j].msg_hdr.msg_namelen = <socklen_t>PyBytes_GET_SIZE(name)
                 if k > used:
                     used = k
-                off = 0
-                while off < k:
+                m = self._group(k)
+                off = 0      # messages handled
+                done = 0     # datagrams consumed
+                while off < m:
                     with nogil:
-                        r = sendmmsg(fd, tx + off, <unsigned int>(k - off), MSG_DONTWAIT)
+                        r = sendmmsg(fd, tx + off, <unsigned int>(m - off), MSG_DONTWAIT)
                         err = errno
                     if r > 0:
+                        for mm in range(off, off + r):
+                            done += self._msg_count[mm]
+                            if self._msg_count[mm] > 1:
+                                self.gso_runs += 1
                         off += r
                         continue
                     if r == 0 or err == EAGAIN or err == ENOBUFS:
@@ -243,12 +372,28 @@ cdef class BatchSocket:
                         continue
                     if err == EBADF or err == ENOTSOCK or err == EFAULT:
                         raise OSError(err, strerror(err).decode("utf-8", "replace"))
-                    # Refused on its own (ECONNREFUSED, EMSGSIZE, ENETUNREACH...): skip it.
-                    self.send_errors += 1
+                    if self._msg_count[off] > 1:
+                        # A GSO run refused (over the path MTU, an old kernel...): one by one.
+                        if err == EIO:
+                            self.gso = False  # no checksum offload for GSO: stop trying
+                        for j in range(self._msg_first[off],
+                                       self._msg_first[off] + self._msg_count[off]):
+                            one = self._send_one(fd, j)
+                            if one < 0:
+                                stop = True
+                                break
+                            done += 1
+                        if stop:
+                            break
+                    else:
+                        # Refused on its own (ECONNREFUSED, EMSGSIZE, ENETUNREACH...): skip it.
+                        self.send_errors += 1
+                        done += 1
                     off += 1
-                i += off
+                i += done
             return i
         finally:
             for j in range(used):
                 hold[j] = None
+                names[j] = None
             self._tx_busy = False

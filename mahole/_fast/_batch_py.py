@@ -6,15 +6,21 @@ Works on any platform; `_batch.pyx` (recvmmsg/sendmmsg) is Linux only.
 
 import errno
 import socket as _socket
+import struct
 import threading
 
 from ._addr_py import (  # noqa: F401 - MAX_* are this module's constants too
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
     MAX_BATCH_SIZE,
     MAX_DATAGRAM,
     MAX_FLOWINFO,
     RECV_TOO_BIG as _RECV_TOO_BIG,
+    SOL_UDP,
+    UDP_SEGMENT,
     batch_args,
     check_address,
+    has_udp_segment,
 )
 
 # Destination address cache: cleared (between calls) once it holds more entries.
@@ -64,17 +70,23 @@ class BatchSocket:
         is not an IP literal (or a malformed address) raises ValueError, data that is
         not bytes-like raises TypeError. On AF_INET6 an IPv4 literal goes to ::ffff:a.b.c.d.
 
+    gso: whether runs of equal-size datagrams to one destination go out as UDP GSO sends
+        (asked with gso=True, the default; False where the kernel lacks UDP_SEGMENT, and
+        from the first EIO on).
+
     Read-only counters: recv_calls and send_calls count recv_batch() and send_batch()
     calls; send_errors counts datagrams skipped after a per-datagram error; truncated
-    counts received datagrams dropped for being longer than max_datagram.
+    counts received datagrams dropped for being longer than max_datagram; gso_runs counts
+    runs of two or more datagrams the kernel took in one GSO send.
     """
 
     __slots__ = (
         "_sock", "_family", "_batch_size", "_max_datagram", "_recv_calls", "_send_calls",
         "_send_errors", "_truncated", "_pending_error", "_dest_cache", "_rx_lock", "_tx_lock",
+        "_gso", "_gso_runs",
     )
 
-    def __init__(self, sock, batch_size=32, max_datagram=65535):
+    def __init__(self, sock, batch_size=32, max_datagram=65535, *, gso=True):
         self._family, self._batch_size, self._max_datagram = batch_args(
             sock, batch_size, max_datagram)
         self._sock = sock
@@ -86,6 +98,8 @@ class BatchSocket:
         self._dest_cache = {}  # address tuple -> sendto address
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
+        self._gso = bool(gso) and has_udp_segment(sock)
+        self._gso_runs = 0
 
     batch_size = property(lambda self: self._batch_size)
     max_datagram = property(lambda self: self._max_datagram)
@@ -93,6 +107,8 @@ class BatchSocket:
     send_calls = property(lambda self: self._send_calls)
     send_errors = property(lambda self: self._send_errors)
     truncated = property(lambda self: self._truncated)
+    gso = property(lambda self: self._gso)
+    gso_runs = property(lambda self: self._gso_runs)
 
     def fileno(self):
         """The socket's file descriptor (-1 once the caller closed it)."""
@@ -154,21 +170,86 @@ class BatchSocket:
                     raise ValueError(
                         f"address must be a tuple (host, port), not {addr!r}") from None
                 cache[addr] = _sendto_address(self._family, addr)
-            sendto = self._sock.sendto
             done = 0
-            for data, addr in items:
-                try:
-                    sendto(data, cache[addr])
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _SEND_STOP:
+            n = len(items)
+            while done < n:
+                run = self._run(items, done) if self._gso else 1
+                if run > 1:
+                    sent = self._send_run(items, done, run, cache[items[done][1]])
+                    if sent is None:
                         break
-                    if exc.errno in _SEND_FATAL:
-                        raise
-                    # Refused on its own (ECONNREFUSED, EMSGSIZE, ENETUNREACH...): skip it.
-                    self._send_errors += 1
+                    done += sent
+                    if sent < run:
+                        break
+                    continue
+                sent = self._send_one(*items[done], cache)
+                if sent is None:
+                    break
                 done += 1
             return done
         finally:
             self._tx_lock.release()
+
+    @staticmethod
+    def _run(items, start):
+        """How many datagrams from items[start] go as one GSO send: consecutive, for one
+        destination, all of the first one's size except perhaps a shorter last one."""
+        first, addr = items[start]
+        size = total = len(first)
+        if size == 0:
+            return 1
+        end = start + 1
+        limit = min(len(items), start + GSO_MAX_SEGMENTS)
+        while end < limit:
+            data, other = items[end]
+            length = len(data)
+            if (length > size or length == 0 or total + length > GSO_MAX_BYTES
+                    or (other is not addr and other != addr)):
+                break
+            total += length
+            end += 1
+            if length < size:
+                break  # a shorter datagram can only be the last of a run
+        return end - start
+
+    def _send_run(self, items, start, run, address):
+        """One GSO send of items[start:start + run]; how many datagrams it consumed (sent
+        one by one after the kernel refused the run), None if the socket took none now."""
+        try:
+            self._sock.sendmsg([data for data, _ in items[start:start + run]],
+                               [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(items[start][0])))],
+                               0, address)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _SEND_STOP:
+                return None
+            if exc.errno in _SEND_FATAL:
+                raise
+            # A GSO run refused (over the path MTU, an old kernel...): one by one.
+            if exc.errno == errno.EIO:
+                self._gso = False  # no checksum offload for GSO: stop trying
+            cache = self._dest_cache
+            for k in range(start, start + run):
+                if self._send_one(*items[k], cache) is None:
+                    return (k - start) or None
+            return run
+        self._gso_runs += 1
+        return run
+
+    def _send_one(self, data, addr, cache):
+        """Send one datagram: True sent, False refused on its own (counted), None if the
+        socket takes no more now."""
+        try:
+            self._sock.sendto(data, cache[addr])
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _SEND_STOP:
+                return None
+            if exc.errno in _SEND_FATAL:
+                raise
+            # Refused on its own (ECONNREFUSED, EMSGSIZE, ENETUNREACH...): skip it.
+            self._send_errors += 1
+            return False
+        return True
