@@ -241,7 +241,8 @@ class Endpoint:
         # address is handed on as the (host, port) the rest of mahole compares and sends to
         # (the batch socket maps an IPv4 destination back on the way out).
         self._plain = sock.family == socket.AF_INET6
-        self.batch = BatchSocket(sock, batch_size)
+        # UDP GRO only where the batch socket reads: the relay engine reads frames one each.
+        self.batch = BatchSocket(sock, batch_size, gro=receiver is None)
         self.receiver = receiver if receiver is not None else self.batch
         self.router = Router()
         self.on_stun = on_stun

@@ -121,6 +121,28 @@ def test_gso_runs_arrive_as_the_same_datagrams(batch, sockets, family):
         assert sender.gso_runs == 0
 
 
+def test_gro_hands_over_coalesced_datagrams_one_by_one(batch, sockets, family):
+    """With UDP GRO the kernel may pass a GSO run on as one buffer (it does on loopback):
+    recv_batch gives the same datagrams as without it, in order, from the same address."""
+    rx, tx = sockets(family), sockets(family)
+    receiver = batch.BatchSocket(rx, batch_size=4, gro=True)
+    sender = batch.BatchSocket(tx)
+    sizes = [1200] * 50 + [333] + [1200] * 30 + [9000, 1, 0]
+    datagrams = [(payload(i, size), rx.getsockname()) for i, size in enumerate(sizes)]
+    assert sender.send_batch(datagrams) == len(datagrams)
+    batches = recv_n(receiver, len(datagrams))
+    assert flat(batches) == [(d, tx.getsockname()) for d, _ in datagrams]
+    assert receiver.recv_batch() == [] and receiver.truncated == 0
+    if receiver.gro and sender.gso:
+        assert max(map(len, batches)) > 4  # coalesced: more datagrams than messages
+
+
+def test_gro_needs_full_size_buffers(batch, sockets, family):
+    # A coalesced buffer can be 64 KiB: a smaller max_datagram would cut it, so no GRO.
+    assert not batch.BatchSocket(sockets(family), max_datagram=2048, gro=True).gro
+    assert not batch.BatchSocket(sockets(family)).gro
+
+
 def test_gso_can_be_turned_off(batch, sockets, family):
     rx, tx = sockets(family), sockets(family)
     receiver, sender = batch.BatchSocket(rx), batch.BatchSocket(tx, gso=False)

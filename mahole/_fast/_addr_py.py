@@ -27,6 +27,9 @@ MAX_FLOWINFO = 0xFFFFF
 # limit. == the enums of _batch.pyx and _relay.pyx.
 SOL_UDP = 17
 UDP_SEGMENT = 103
+# UDP GRO (Linux 5.0+): the kernel may hand over datagrams of one sender coalesced in one
+# buffer, with their size in a control message of this type.
+UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 
@@ -39,6 +42,15 @@ def has_udp_segment(sock):
     """Whether the kernel knows UDP_SEGMENT (UDP GSO) for this socket."""
     try:
         sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
+def turn_on_udp_gro(sock):
+    """Turn UDP_GRO on for the socket; False where the kernel does not know it."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
     except OSError:
         return False
     return True

@@ -15,6 +15,12 @@ traversed once per run instead of once per datagram; the datagrams on the wire a
 A run the kernel refuses (over the path MTU, say) is sent again one datagram per msghdr; EIO
 (no checksum offload on the device) turns GSO off for the socket.
 
+UDP GRO (`gro=True`, where the kernel has UDP_GRO, Linux 5.0+, and max_datagram is 65535):
+the batch socket turns UDP_GRO on, and the kernel may hand over several datagrams of one
+sender as one buffer (GSO sends on loopback arrive so, and a NIC's GRO does the same), with
+the segment size in a control message; recv_batch cuts the buffer back into the datagrams,
+so a batch may hold more than batch_size of them (at most 64 KiB each buffer).
+
 Semantics shared with the twin (see `BatchSocket`): a datagram longer than
 `max_datagram` is dropped and counted in `truncated`; `send_batch` validates every
 entry before sending any, returns how many entries it consumed (sent, or skipped
@@ -23,7 +29,12 @@ after a per-datagram error counted in `send_errors`) and stops at EAGAIN/ENOBUFS
 
 cimport cython
 from cpython.buffer cimport PyObject_CheckBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport calloc, free
@@ -50,6 +61,7 @@ from mahole._fast._sockaddr cimport (
     CMSG_LEN,
     CMSG_SPACE,
     address_to_sockaddr,
+    cached_address,
     errno,
     iovec,
     mmsghdr,
@@ -64,21 +76,29 @@ from mahole._fast._sockaddr cimport (
 )
 from mahole._fast._sockaddr cimport MAX_FLOWINFO as C_MAX_FLOWINFO
 
+cdef extern from "<sys/socket.h>" nogil:
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+
 from mahole._fast._addr_py import (
     GSO_MAX_BYTES as _GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS as _GSO_MAX_SEGMENTS,
     MAX_BATCH_SIZE,
     MAX_DATAGRAM,
     MAX_FLOWINFO,
+    UDP_GRO as _UDP_GRO,
     batch_args,
     has_udp_segment,
+    turn_on_udp_gro,
 )
 
 cdef enum:
+    UDP_GRO = 104               # == _addr_py.UDP_GRO (linux/udp.h)
     GSO_MAX_SEGMENTS = 64       # == _addr_py.GSO_MAX_SEGMENTS
     GSO_MAX_BYTES = 65000       # == _addr_py.GSO_MAX_BYTES
     CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
 
+assert UDP_GRO == _UDP_GRO
 assert GSO_MAX_SEGMENTS == _GSO_MAX_SEGMENTS and GSO_MAX_BYTES == _GSO_MAX_BYTES
 
 # Destination sockaddr cache: cleared (between calls) once it holds more entries.
@@ -105,6 +125,8 @@ cdef class BatchSocket:
         is not an IP literal (or a malformed address) raises ValueError, data that is
         not bytes-like raises TypeError. On AF_INET6 an IPv4 literal goes to ::ffff:a.b.c.d.
 
+    gro: whether the kernel may hand over several datagrams as one buffer (asked with
+        gro=True; see the module docstring), which recv_batch cuts apart.
     gso: whether runs of equal-size datagrams to one destination go out as UDP GSO sends
         (asked with gso=True, the default; False where the kernel lacks UDP_SEGMENT, and
         from the first EIO on).
@@ -125,6 +147,8 @@ cdef class BatchSocket:
     cdef readonly unsigned long long truncated
     cdef readonly unsigned long long gso_runs
     cdef readonly bint gso
+    cdef readonly bint gro
+    cdef char *_rx_cmsg         # per receive slot: room for its UDP_GRO control message
 
     cdef RecvBuffers _recv
     cdef mmsghdr *_tx
@@ -144,7 +168,7 @@ cdef class BatchSocket:
     cdef object _last_dest
     cdef bytes _last_name
 
-    def __cinit__(self, sock, batch_size=32, max_datagram=65535, *, gso=True):
+    def __cinit__(self, sock, batch_size=32, max_datagram=65535, *, gso=True, gro=False):
         cdef Py_ssize_t j, bs, mx
         cdef cmsghdr *cmsg
         family, bs, mx = batch_args(sock, batch_size, max_datagram)
@@ -168,6 +192,11 @@ cdef class BatchSocket:
             cmsg.cmsg_level = SOL_UDP
             cmsg.cmsg_type = UDP_SEGMENT
         self.gso = bool(gso) and has_udp_segment(sock)
+        self.gro = bool(gro) and mx == MAX_DATAGRAM and turn_on_udp_gro(sock)
+        if self.gro:
+            self._rx_cmsg = <char *>calloc(bs, CMSG_STRIDE)
+            if self._rx_cmsg == NULL:
+                raise MemoryError()
         self._tx_hold = [None] * bs
         self._tx_names = [None] * bs
         memset(&self._src, 0, sizeof(self._src))
@@ -181,6 +210,7 @@ cdef class BatchSocket:
         free(self._msg_first)
         free(self._msg_count)
         free(self._cmsg)
+        free(self._rx_cmsg)
 
     def fileno(self):
         """The socket's file descriptor (-1 once the caller closed it)."""
@@ -198,6 +228,10 @@ cdef class BatchSocket:
             raise RuntimeError("BatchSocket.recv_batch called from two threads at once")
         self.recv_calls += 1
         recv_buffers_ready(&self._recv)
+        if self.gro:
+            for j in range(self.batch_size):
+                rx[j].msg_hdr.msg_control = self._rx_cmsg + j * CMSG_STRIDE
+                rx[j].msg_hdr.msg_controllen = CMSG_STRIDE
         self._rx_busy = True
         try:
             while True:
@@ -217,10 +251,36 @@ cdef class BatchSocket:
                 if rx[j].msg_hdr.msg_flags & MSG_TRUNC:
                     self.truncated += 1
                     continue
-                out.append(received(&self._recv, j, &self._src, self._src_tuples))
+                if self.gro:
+                    self._split(j, out)
+                else:
+                    out.append(received(&self._recv, j, &self._src, self._src_tuples))
             return out
         finally:
             self._rx_busy = False
+
+    cdef int _split(self, Py_ssize_t j, list out) except -1:
+        """Append datagram j of the last recvmmsg, or the datagrams it coalesces (UDP GRO:
+        all of the control message's segment size, the last perhaps shorter)."""
+        cdef msghdr *msg = &self._recv.msgs[j].msg_hdr
+        cdef cmsghdr *cmsg = CMSG_FIRSTHDR(msg)
+        cdef size_t length = self._recv.msgs[j].msg_len, segment = 0, off
+        cdef char *data = self._recv.buf + j * self._recv.max_datagram
+        while cmsg != NULL:
+            if (cmsg.cmsg_level == SOL_UDP and cmsg.cmsg_type == UDP_GRO
+                    and cmsg.cmsg_len >= CMSG_LEN(sizeof(uint16_t))):
+                segment = (<uint16_t *>CMSG_DATA(cmsg))[0]
+            cmsg = CMSG_NXTHDR(msg, cmsg)
+        if segment == 0 or segment >= length:
+            out.append(received(&self._recv, j, &self._src, self._src_tuples))
+            return 0
+        addr = cached_address(&self._src, self._src_tuples,
+                              <const unsigned char *>&self._recv.names[j], msg.msg_namelen)
+        off = 0
+        while off < length:
+            out.append((PyBytes_FromStringAndSize(data + off, min(segment, length - off)), addr))
+            off += segment
+        return 0
 
     cdef bytes _dest(self, object addr):
         """The cached sockaddr bytes for a destination tuple; ValueError if it is bad."""

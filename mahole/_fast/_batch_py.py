@@ -7,6 +7,7 @@ Works on any platform; `_batch.pyx` (recvmmsg/sendmmsg) is Linux only.
 import errno
 import socket as _socket
 import struct
+import sys
 import threading
 
 from ._addr_py import (  # noqa: F401 - MAX_* are this module's constants too
@@ -17,14 +18,20 @@ from ._addr_py import (  # noqa: F401 - MAX_* are this module's constants too
     MAX_FLOWINFO,
     RECV_TOO_BIG as _RECV_TOO_BIG,
     SOL_UDP,
+    UDP_GRO,
     UDP_SEGMENT,
     batch_args,
     check_address,
     has_udp_segment,
+    turn_on_udp_gro,
 )
 
 # Destination address cache: cleared (between calls) once it holds more entries.
 DEST_CACHE_MAX = 8192
+
+# Room for one UDP_GRO control message (a 16-bit segment size).
+_GRO_ANCBUF = _socket.CMSG_SPACE(4) if hasattr(_socket, "CMSG_SPACE") else 0
+_MSG_TRUNC = getattr(_socket, "MSG_TRUNC", 0)
 
 # send errors that stop the batch, leaving the rest to the caller.
 _SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS))
@@ -70,6 +77,9 @@ class BatchSocket:
         is not an IP literal (or a malformed address) raises ValueError, data that is
         not bytes-like raises TypeError. On AF_INET6 an IPv4 literal goes to ::ffff:a.b.c.d.
 
+    gro: whether the kernel may hand over several datagrams as one buffer (asked with
+        gro=True, where the kernel has UDP_GRO and max_datagram is 65535), which recv_batch
+        cuts apart: a batch may then hold more than batch_size datagrams.
     gso: whether runs of equal-size datagrams to one destination go out as UDP GSO sends
         (asked with gso=True, the default; False where the kernel lacks UDP_SEGMENT, and
         from the first EIO on).
@@ -83,10 +93,10 @@ class BatchSocket:
     __slots__ = (
         "_sock", "_family", "_batch_size", "_max_datagram", "_recv_calls", "_send_calls",
         "_send_errors", "_truncated", "_pending_error", "_dest_cache", "_rx_lock", "_tx_lock",
-        "_gso", "_gso_runs",
+        "_gso", "_gso_runs", "_gro",
     )
 
-    def __init__(self, sock, batch_size=32, max_datagram=65535, *, gso=True):
+    def __init__(self, sock, batch_size=32, max_datagram=65535, *, gso=True, gro=False):
         self._family, self._batch_size, self._max_datagram = batch_args(
             sock, batch_size, max_datagram)
         self._sock = sock
@@ -100,6 +110,7 @@ class BatchSocket:
         self._tx_lock = threading.Lock()
         self._gso = bool(gso) and has_udp_segment(sock)
         self._gso_runs = 0
+        self._gro = bool(gro) and self._max_datagram == MAX_DATAGRAM and turn_on_udp_gro(sock)
 
     batch_size = property(lambda self: self._batch_size)
     max_datagram = property(lambda self: self._max_datagram)
@@ -109,6 +120,7 @@ class BatchSocket:
     truncated = property(lambda self: self._truncated)
     gso = property(lambda self: self._gso)
     gso_runs = property(lambda self: self._gso_runs)
+    gro = property(lambda self: self._gro)
 
     def fileno(self):
         """The socket's file descriptor (-1 once the caller closed it)."""
@@ -124,7 +136,7 @@ class BatchSocket:
                 exc, self._pending_error = self._pending_error, None
                 raise exc
             out = []
-            recvfrom = self._sock.recvfrom
+            recvfrom = self._recv_gro if self._gro else self._sock.recvfrom
             limit = self._max_datagram
             # One byte more than the limit tells "fits" from "was cut" (recvfrom truncates).
             bufsize = limit + 1
@@ -144,10 +156,27 @@ class BatchSocket:
                 if len(data) > limit:
                     self._truncated += 1
                     continue
-                out.append((data, addr))
+                if type(data) is list:  # coalesced by UDP GRO
+                    out.extend((segment, addr) for segment in data)
+                else:
+                    out.append((data, addr))
             return out
         finally:
             self._rx_lock.release()
+
+    def _recv_gro(self, bufsize):
+        """recvfrom for a socket with UDP_GRO: (data, address), data a list of the datagrams
+        when the kernel handed several over as one buffer."""
+        data, ancdata, flags, addr = self._sock.recvmsg(bufsize, _GRO_ANCBUF)
+        segment = 0
+        for level, kind, value in ancdata:
+            if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
+                segment = int.from_bytes(value[:2], sys.byteorder)
+        if flags & _MSG_TRUNC:
+            return b"\0" * bufsize, addr  # counted in truncated by the caller
+        if 0 < segment < len(data):
+            return [data[i:i + segment] for i in range(0, len(data), segment)], addr
+        return data, addr
 
     def send_batch(self, datagrams):
         """Send [(data, address)] in order; returns how many entries were consumed."""
