@@ -22,6 +22,7 @@ from .config import (
     Forward,
     IntermediateConfig,
     Service,
+    check_send_budget,
     parse_relay_threads,
     read_config_file,
     toml_value,
@@ -161,11 +162,23 @@ def _add_node(sub, role):
                      help="largest end-to-end packet path MTU discovery tries (default: what "
                           "the local link carries, 1472 on a 1,500-byte MTU; 1200 turns it "
                           "off)")
+    sub.add_argument("--send-budget", type=_send_budget, default=node.send_budget,
+                     metavar="BYTES",
+                     help="bytes read from local TCP connections and not yet acknowledged by "
+                          "the peer, all streams together; when spent, streams stop reading "
+                          f"and take turns (default: {node.send_budget})")
     sub.add_argument("--congestion-control", choices=CONGESTION_CONTROLS,
                      default=node.congestion_control,
                      help="congestion controller of the end-to-end sessions' sending side "
                           f"(default: {node.congestion_control})")
     _add_credentials(sub, role)
+
+
+def _send_budget(text):
+    try:
+        return check_send_budget(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _udp_payload(text):
@@ -620,7 +633,7 @@ def _node_kwargs(args):
             "birthday_sockets": args.birthday_sockets, "birthday_probes": args.birthday_probes,
             "direct_keepalive": args.direct_keepalive, "peer_dead_after": args.peer_dead_after,
             "session_idle_timeout": args.session_idle_timeout,
-            "max_udp_payload": args.max_udp_payload,
+            "max_udp_payload": args.max_udp_payload, "send_budget": args.send_budget,
             "congestion_control": args.congestion_control, **_credentials(args)}
 
 

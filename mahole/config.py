@@ -227,6 +227,11 @@ class IntermediateConfig(Credentials):
     rate_limit_sources: int = 4096
 
 
+# Default of NodeConfig.send_budget, and its least: one read of a stream (mahole.tunnel.READ_SIZE).
+SEND_BUDGET = 64 << 20
+MIN_SEND_BUDGET = 64 * 1024
+
+
 @dataclasses.dataclass
 class NodeConfig(Credentials):
     intermediate: tuple = ("127.0.0.1", DEFAULT_PORT)
@@ -298,6 +303,11 @@ class NodeConfig(Credentials):
     # than Reno on an lte link (60 ms, 1 % loss: p50 0.28 vs 0.23 MB/s, direct and relayed)
     # and no less on a long one (benchmarks/bench_goodput.py, README).
     congestion_control: str = "cubic"
+    # Bytes read from local TCP sockets and not yet acknowledged by the peer, all streams of
+    # all sessions together (mahole.send_budget; each stream also stops at 4 MiB): when spent,
+    # streams that want to read wait with their sockets paused, oldest first, as
+    # acknowledgements free it; idle streams hold none of it.
+    send_budget: int = SEND_BUDGET
 
     def __post_init__(self):
         if self.intermediate_name is None:
@@ -308,6 +318,15 @@ class NodeConfig(Credentials):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
                 raise ValueError(f"{name.replace('_', '-')} must be in 0..{most}, got {value!r}")
+        check_send_budget(self.send_budget)
+
+
+def check_send_budget(value):
+    """`value` if it is a usable send budget (bytes), else ValueError saying why."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_SEND_BUDGET:
+        raise ValueError(f"send-budget must be a whole number of bytes, at least "
+                         f"{MIN_SEND_BUDGET}, got {value!r}")
+    return value
 
 
 def check_congestion_control(name):

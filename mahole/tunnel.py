@@ -24,12 +24,13 @@ import socket
 import struct
 from collections import OrderedDict
 
+from .config import MIN_SEND_BUDGET
 from .connection import datagram_frame_room
 from .pmtu import BASE_PLPMTU
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 64 * 1024
+READ_SIZE = MIN_SEND_BUDGET  # 64 KiB: bytes a stream reads from TCP at once
 # Unacknowledged bytes on a QUIC stream before we stop reading its TCP side: half the
 # end-to-end stream window (connection.E2E_STREAM_WINDOW), so a long path is kept full (the
 # reading resumes at half of this).
@@ -69,16 +70,30 @@ class StreamPipe:
     """One QUIC stream ↔ one TCP connection (asyncio reader/writer).
 
     The owner feeds QUIC events with `data_received(data, end_stream)` / `reset()`, and calls
-    `progress()` whenever acknowledgements may have freed send buffer.
+    `progress()` whenever acknowledgements may have freed send buffer. With a `SendBudget`
+    (mahole.send_budget) the pipe is its shell: a read is charged what it returned until the
+    peer acknowledged it, and while the budget is spent the pipe waits before its next read
+    with its TCP socket paused, so the sender blocks. A pipe that closed cleanly stays with its
+    owner (`on_done` waits) until its last bytes are acknowledged: QUIC holds them till then.
     """
 
-    def __init__(self, connection, stream_id, reader, writer, on_done=None):
+    def __init__(self, connection, stream_id, reader, writer, on_done=None, budget=None):
         self.connection = connection
         self.quic = connection.quic
         self.stream_id = stream_id
         self.reader = reader
         self.writer = writer
         self.on_done = on_done
+        self.budget = budget
+        self._charged = 0  # of the budget: read, not yet acknowledged
+        self._grant = None  # Future while waiting for the budget
+        self._lingering = False  # closed, its last charged bytes not yet acknowledged
+        if budget is not None:
+            # One read per receive: what the reader buffers ahead of the pipe, outside the
+            # budget, is then about one read (asyncio's transport receives 256 KiB at once).
+            transport = writer.transport
+            if hasattr(transport, "max_size"):
+                transport.max_size = READ_SIZE
         self.bytes_to_quic = 0
         self.bytes_from_quic = 0
         self._send_room = asyncio.Event()
@@ -95,12 +110,21 @@ class StreamPipe:
         self._pump = asyncio.get_running_loop().create_task(self._tcp_to_quic())
 
     async def _tcp_to_quic(self):
+        budget = self.budget
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._send_room.wait()
+                if budget is not None and not budget.admit(self, loop.time()):
+                    await self._wait_for_budget()
+                    if self._closed:
+                        return
                 data = await self.reader.read(READ_SIZE)
                 if self._closed:
                     return
+                if budget is not None and data:
+                    self._charged += len(data)
+                    budget.charge(len(data))
                 if not data:
                     self.quic.send_stream_data(self.stream_id, b"", end_stream=True)
                     self.connection.transmit()
@@ -121,9 +145,39 @@ class StreamPipe:
         self._tcp_finished = True
         self._maybe_done()
 
+    async def _wait_for_budget(self):
+        """Wait in line for the budget, the TCP socket paused meanwhile (unless the reader
+        paused it already: its buffer is full, and it resumes it itself as the pipe reads)."""
+        transport = self.writer.transport
+        paused = transport.is_reading()
+        if paused:
+            transport.pause_reading()
+        self._grant = asyncio.get_running_loop().create_future()
+        try:
+            await self._grant
+        finally:
+            self._grant = None
+            self.budget.cancel(self)
+            if paused and not self._closed and not transport.is_closing():
+                transport.resume_reading()
+
+    def _release(self, count):
+        """Give `count` charged bytes back; the streams the budget then lets read go on."""
+        self._charged -= count
+        for pipe in self.budget.release(count, asyncio.get_running_loop().time()):
+            if pipe._grant is not None and not pipe._grant.done():
+                pipe._grant.set_result(None)
+
     def progress(self):
-        """Acknowledgements arrived: resume reading TCP if the stream drained enough."""
-        if not self._send_room.is_set() and (
+        """Acknowledgements arrived: give back to the budget what the peer acknowledged, and
+        resume reading TCP if the stream drained enough."""
+        if self._charged:
+            acked = self._charged - self.quic.stream_send_buffered(self.stream_id)
+            if acked > 0:
+                self._release(acked)
+            if self._lingering and not self._charged:
+                self._done()
+        if not self._closed and not self._send_room.is_set() and (
                 self.quic.stream_send_buffered(self.stream_id) <= SEND_HIGH_WATER // 2):
             self._send_room.set()
 
@@ -224,6 +278,8 @@ class StreamPipe:
 
     def close(self, abort=False):
         if self._closed:
+            if abort and self._lingering:  # the session ends: QUIC drops the bytes with it
+                self._done()
             return
         self._closed = True
         self._send_room.set()
@@ -234,6 +290,20 @@ class StreamPipe:
             transport.abort()
         else:
             self.writer.close()
+        if self._charged and not abort:
+            # Closed cleanly: QUIC still holds what the peer has not acknowledged, so it stays
+            # charged (progress() gives it back) and the owner keeps the pipe till then.
+            self._lingering = True
+            self.progress()
+            return
+        self._done()
+
+    def _done(self):
+        self._lingering = False
+        if self.budget is not None:
+            self.budget.cancel(self)
+            if self._charged:
+                self._release(self._charged)
         if self.on_done is not None:
             self.on_done(self)
 

@@ -527,3 +527,36 @@ def test_relay_threads_by_flag_environment_or_file(tmp_path, monkeypatch, capsys
     assert line == (f"mahole intermediate: error: {config}: relay-threads: expected a number "
                     "of relay threads 1-256 or auto, got '0'"), line
     assert "cfg" not in served
+
+
+# --- the send budget ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("role", ["agent", "connector"])
+def test_the_send_budget_comes_from_flag_environment_or_file(role, tmp_path, monkeypatch,
+                                                             served):
+    from mahole.config import NodeConfig
+
+    assert main([role, *NODE_ARGS[role], *CREDS]) == 0
+    assert served["cfg"].send_budget == NodeConfig.send_budget == 64 << 20
+    assert main([role, *NODE_ARGS[role], "--send-budget", "1048576", *CREDS]) == 0
+    assert served["cfg"].send_budget == 1 << 20
+    config = write(tmp_path / "node.toml", "send-budget = 2097152\n")
+    assert main([role, *NODE_ARGS[role], "--config", config, *CREDS]) == 0
+    assert served["cfg"].send_budget == 2 << 20
+    monkeypatch.setenv("MAHOLE_SEND_BUDGET", "65536")  # the environment beats the file
+    assert main([role, *NODE_ARGS[role], "--config", config, *CREDS]) == 0
+    assert served["cfg"].send_budget == 65536
+
+
+def test_a_send_budget_below_one_read_is_one_line(tmp_path, capsys, served):
+    from mahole.config import AgentConfig
+
+    line = refused(capsys, "agent", *NODE_ARGS["agent"], "--send-budget", "1000", *CREDS)
+    assert line == ("mahole agent: error: argument --send-budget: send-budget must be a whole "
+                    "number of bytes, at least 65536, got 1000")
+    config = write(tmp_path / "node.toml", "send-budget = 0\n")
+    line = refused(capsys, "connector", *NODE_ARGS["connector"], "--config", config, *CREDS)
+    assert line.startswith(f"mahole connector: error: {config}: send-budget") and "65536" in line
+    assert "cfg" not in served
+    with pytest.raises(ValueError, match="at least 65536"):
+        AgentConfig(send_budget=4096)  # the library's users get the same check

@@ -135,7 +135,8 @@ class AgentSession(Session):
         quic.send_stream_data(stream_id, qc.STREAM_OPEN if self.stream_open_byte else b"")
         self.connection.transmit()
         pipe = StreamPipe(self.connection, stream_id, reader, writer,
-                          on_done=lambda p: self.pipes.pop(p.stream_id, None))
+                          on_done=lambda p: self.pipes.pop(p.stream_id, None),
+                          budget=self.node.send_budget)
         self.pipes[stream_id] = pipe
         self.counters["streams"] += 1
         return pipe

@@ -193,7 +193,8 @@ class ConnectorSession(Session):
             self.pipes.pop(stream_id, None)
             return
         pipe = StreamPipe(self.connection, stream_id, reader, writer,
-                          on_done=lambda p: self.pipes.pop(p.stream_id, None))
+                          on_done=lambda p: self.pipes.pop(p.stream_id, None),
+                          budget=self.node.send_budget)
         self.pipes[stream_id] = pipe
         for chunk in pending.chunks:
             pipe.data_received(chunk, False)

@@ -27,6 +27,7 @@ from ..ice.candidates import normalize_addr
 from ..netmonitor import NetworkMonitor
 from ..portmapping import PortMapping
 from ..punching import Puncher
+from ..send_budget import SendBudget
 from ..status import StatusServer
 from ..wire import control
 
@@ -568,6 +569,9 @@ class Node:
         self.binding_lifetime = None  # binding_lifetime.LifetimeResult, as it grows
         self._lifetime_task = None
         self._lifetime_started = None  # endpoint time of the last measurement's start
+        # Bytes read from local TCP sockets and not yet acknowledged, every stream of every
+        # session together (mahole.send_budget; StreamPipe is its shell).
+        self.send_budget = SendBudget(cfg.send_budget)
 
     @property
     def name(self):
@@ -1013,6 +1017,7 @@ class Node:
             "nat": self.puncher.nat_summary()._to_json_object()
             if self.puncher and self.endpoint else None,
             "keepalive": self.keepalive_status(),
+            "send_budget": self.send_budget.status(),
             "birthday": dict(self.puncher.birthday_counters) if self.puncher else None,
             "closed_sessions": list(self.closed_sessions),
             "control_socket": self.control_server.path if self.control_server else None,
