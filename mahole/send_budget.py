@@ -28,6 +28,7 @@ class SendBudget:
         self.peak = 0  # most bytes charged at once
         self.waits = 0  # times a stream had to wait
         self.longest_wait = 0.0  # seconds, of a granted wait
+        self.streams = 0  # streams open that may read (add_stream / remove_stream)
         self._waiting = {}  # waiter -> since when, oldest first (dicts keep insertion order)
 
     def admit(self, waiter, now):
@@ -39,6 +40,17 @@ class SendBudget:
             self.waits += 1
             self._waiting[waiter] = now
         return False
+
+    def add_stream(self):
+        self.streams += 1
+
+    def remove_stream(self):
+        self.streams -= 1
+
+    def few_streams(self, per_stream):
+        """True while every open stream holding `per_stream` bytes outside the budget (in
+        its reader) would hold no more than a quarter of the limit together."""
+        return self.streams * per_stream <= self.limit >> 2
 
     def cancel(self, waiter):
         """`waiter` no longer waits (its stream closed)."""
@@ -68,5 +80,5 @@ class SendBudget:
 
     def status(self):
         return {"limit": self.limit, "used": self.used, "peak": self.peak,
-                "waiting": len(self._waiting), "waits": self.waits,
+                "waiting": len(self._waiting), "waits": self.waits, "streams": self.streams,
                 "longest_wait": round(self.longest_wait, 3)}

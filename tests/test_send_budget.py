@@ -11,7 +11,7 @@ from aio_helpers import run, wait_for
 
 from mahole.demo import LocalDeployment, tcp_round_trip
 from mahole.send_budget import SendBudget
-from mahole.tunnel import READ_SIZE, StreamPipe, stream_pair
+from mahole.tunnel import LARGE_RECEIVE, READ_SIZE, StreamPipe, stream_pair
 
 
 # The core --------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ def test_reads_are_admitted_below_the_limit_and_charged_what_they_returned():
     assert budget.used == 130 and budget.peak == 130
     assert not budget.admit("a", now=1.0)
     assert budget.status() == {"limit": 100, "used": 130, "peak": 130, "waiting": 1,
-                               "waits": 1, "longest_wait": 0.0}
+                               "waits": 1, "streams": 0, "longest_wait": 0.0}
     assert budget.release(30, now=2.0) == []  # 100: still not below the limit
     assert budget.release(1, now=3.5) == ["a"]
     assert budget.longest_wait == 2.5 and budget.waiting == 0
@@ -41,6 +41,17 @@ def test_an_idle_stream_holds_nothing():
         assert budget.admit(idle, now=0.0)
     assert budget.used == 0
     assert budget.admit("active", now=0.0)
+
+
+def test_streams_receive_large_only_while_few_enough_to_hold_a_quarter_of_the_limit():
+    budget = SendBudget(4 << 20)
+    for _ in range(4):
+        budget.add_stream()
+    assert budget.few_streams(256 << 10)  # 4 x 256 KiB = 1 MiB, a quarter of 4 MiB
+    budget.add_stream()
+    assert not budget.few_streams(256 << 10) and budget.few_streams(64 << 10)
+    budget.remove_stream()
+    assert budget.few_streams(256 << 10)
 
 
 def test_waiters_are_granted_oldest_first_and_only_once():
@@ -155,6 +166,8 @@ def test_many_idle_streams_and_one_active_stream_flows_and_new_streams_read():
                 assert budget.used <= budget.limit + READ_SIZE
                 _ack_all(quic, [active_pipe])
         assert quic.sent[0] == data and budget.waits > 0
+        # 200 streams: each socket is received one read at a time.
+        assert active_pipe.writer.transport.max_size == READ_SIZE
         # A stream that was idle all along reads its first bytes at once.
         clients[150][1].write(b"first")
         await wait_for(lambda: quic.sent.get(150) == b"first")
@@ -223,7 +236,28 @@ def test_a_stream_that_ends_gives_its_charge_back():
         assert budget.used == 2000 and done == [pipes[0]]
         _ack_all(quic, pipes[1:])
         assert budget.used == 0 and done == [pipes[0], pipes[1]]
+        assert budget.streams == 0
         for _, writer in clients:
+            writer.close()
+    run(main())
+
+
+def test_a_lone_stream_receives_large_and_many_receive_one_read_at_a_time():
+    async def main():
+        budget = SendBudget(64 << 20)
+        quic, pipes, clients, _ = await _pipes(budget, 1)
+        clients[0][1].write(b"a")
+        await wait_for(lambda: quic.sent.get(0) == b"a")
+        assert pipes[0].writer.transport.max_size == LARGE_RECEIVE
+        _, more, more_clients, _ = await _pipes(budget, 64, pipes[0].connection, first=1)
+        clients[0][1].write(b"b")  # 65 streams of 256 KiB would be more than 16 MiB
+        await wait_for(lambda: quic.sent.get(0) == b"ab")
+        await asyncio.sleep(0)
+        assert pipes[0].writer.transport.max_size == READ_SIZE
+        for pipe in pipes + more:
+            pipe.close(abort=True)
+        assert budget.streams == 0
+        for _, writer in clients + more_clients:
             writer.close()
     run(main())
 
