@@ -36,6 +36,8 @@ Reported, per run, then the median over runs:
     (sessions - idle) / sessions, per stream = (streams open - sessions) / streams;
   - CPU busy while the streams move: CPU seconds (user+system, /proc) / wall seconds of the
     agent, the intermediate, the connectors together, the sink and this process;
+  - the agent's send budget at the end (JSON only, from /status): its limit, the most bytes
+    it held charged at once, how often streams waited and the longest wait;
   - errors: streams that failed, miscounted or timed out, plus the agent's tcp_refused and
     session_errors counters: all must be 0 (exit status 1 otherwise).
 
@@ -325,6 +327,7 @@ def one_run(args, path, certs, tmp, run):
             many["errors"] += again["errors"]
         agent = status(ports["agent"], timeout=10) or {}
         counters = agent.get("counters", {})
+        send_budget = agent.get("send_budget")
         errors = list(many["errors"])
         for key in ("tcp_refused", "session_errors"):
             if counters.get(key):
@@ -378,6 +381,7 @@ def one_run(args, path, certs, tmp, run):
             "agent": _busy(many, ["agent"]), "intermediate": _busy(many, ["intermediate"]),
             "connectors": _busy(many, connectors), "sink": _busy(many, ["sink"]),
             "clients": _busy(many, ["bench (client)"])},
+        "agent_send_budget": send_budget,  # limit, peak, waits, longest wait (/status)
         "errors": len(errors),
         "error_samples": errors[:5],
         "later_rounds": later,
