@@ -1,16 +1,20 @@
 """A minimal relay server around mahole's RelayEngine, for benchmarks/bench_relay.py.
 
     python benchmarks/_relay_server.py --member-a HOST:PORT --member-b HOST:PORT
-        --token-a HEX --token-b HEX [--session HEX] [--listen HOST:PORT]
-        [--batch-size N] [--rcvbuf BYTES] [--no-gso] [--allow-twin]
+        --token-a HEX --token-b HEX [--session HEX] [--flow HEX,HOST:PORT,HOST:PORT ...]
+        [--listen HOST:PORT] [--relay-threads N] [--batch-size N] [--rcvbuf BYTES]
+        [--no-gso] [--allow-twin]
 
 It binds one UDP socket, creates a `mahole._fast.RelayEngine` on it, installs one session
 whose members are the two given addresses (with their relay tokens, checked on every frame
-as at the intermediate, where every session has them), prints ``ready HOST PORT IMPL`` on
-stdout and then relays: it blocks in epoll until the socket is readable (no busy spin when
-idle), then calls poll() until `last_batch_size` is 0. Datagrams that are not relay frames
-are counted and ignored. On SIGTERM, SIGINT or stdin closing it prints the engine's counters
-as one JSON line (``counters {...}``) and exits 0.
+as at the intermediate, where every session has them), and one more per --flow (its
+session id and members; the same tokens), prints ``ready HOST PORT IMPL`` on stdout and
+then relays: it blocks in epoll until the socket is readable (no busy spin when idle), then
+calls poll() until `last_batch_size` is 0. With --relay-threads N it binds N - 1 more
+sockets to the same address with SO_REUSEPORT, as the intermediate does, each read by a
+relay thread of the engine. Datagrams that are not relay frames are counted and ignored. On
+SIGTERM, SIGINT or stdin closing it prints the engine's counters as one JSON line
+(``counters {...}``) and exits 0.
 
 The real intermediate (mahole/roles/intermediate.py) drives this same engine on its one
 socket, the same way: there the non-relay datagrams go on to the control QUIC server and the
@@ -54,7 +58,11 @@ def _parse(argv):
     parser.add_argument("--session", default="0123456789abcdef", help="session id, 16 hex digits")
     parser.add_argument("--token-a", required=True, help="member A's relay token, 16 hex digits")
     parser.add_argument("--token-b", required=True, help="member B's relay token, 16 hex digits")
+    parser.add_argument("--flow", action="append", default=[],
+                        help="another session: HEX,HOST:PORT,HOST:PORT (id, member A, B)")
     parser.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0))
+    parser.add_argument("--relay-threads", type=int, default=1,
+                        help="sockets on the address (SO_REUSEPORT), each with a thread")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rcvbuf", type=int, default=2 << 20, help="SO_RCVBUF wanted (bytes)")
     parser.add_argument("--no-gso", dest="gso", action="store_false",
@@ -77,7 +85,30 @@ def _parse(argv):
             parser.error(f"--{name.replace('_', '-')} must be 8 bytes (16 hex digits), "
                          "not all zeros")
         setattr(args, name, value)
+    flows = []
+    for text in args.flow:
+        try:
+            sid, a, b = text.split(",")
+            flows.append((bytes.fromhex(sid), _hostport(a), _hostport(b)))
+        except (ValueError, argparse.ArgumentTypeError):
+            parser.error(f"--flow must be HEX,HOST:PORT,HOST:PORT, not {text!r}")
+    args.flow = flows
+    if not 1 <= args.relay_threads <= 64:
+        parser.error("--relay-threads must be 1-64")
     return args
+
+
+def _bind(family, address, rcvbuf, reuse_port):
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    except OSError:  # not privileged: capped at net.core.rmem_max
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind(address)
+    sock.setblocking(False)
+    return sock
 
 
 def main(argv=None):
@@ -87,15 +118,17 @@ def main(argv=None):
               "(build it, or pass --allow-twin)", file=sys.stderr)
         return 2
     family = socket.AF_INET6 if ":" in args.listen[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, args.rcvbuf)
-    except OSError:  # not privileged: capped at net.core.rmem_max
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
-    sock.bind(args.listen)
-    sock.setblocking(False)
-    engine = _fast.RelayEngine(sock, batch_size=args.batch_size, gso=args.gso)
+    threads = args.relay_threads
+    sock = _bind(family, args.listen, args.rcvbuf, threads > 1)
+    workers = [_bind(family, sock.getsockname()[:2], args.rcvbuf, True)
+               for _ in range(threads - 1)]
+    engine = _fast.RelayEngine(sock, batch_size=args.batch_size, gso=args.gso,
+                               worker_sockets=workers)
+    for worker in workers:
+        worker.close()  # the engine reads its own duplicates
     engine.add_session(args.session, args.member_a, args.member_b, args.token_a, args.token_b)
+    for sid, a, b in args.flow:
+        engine.add_session(sid, a, b, args.token_a, args.token_b)
 
     stop = []
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -106,6 +139,8 @@ def main(argv=None):
     signal.set_wakeup_fd(wake_w)
     ep = select.epoll()
     ep.register(sock.fileno(), select.EPOLLIN)
+    for fd in engine.reader_fds():
+        ep.register(fd, select.EPOLLIN)
     ep.register(wake_r, select.EPOLLIN)
     stdin = sys.stdin.fileno()
     ep.register(stdin, select.EPOLLIN | select.EPOLLHUP)
@@ -137,8 +172,10 @@ def main(argv=None):
         counters = engine.counters()
         counters["ignored_other"] = other
         counters["session"] = engine.session_stats(args.session)
+        counters["flows"] = [engine.session_stats(sid) for sid, _, _ in args.flow]
         print("counters " + json.dumps(counters), flush=True)
         ep.close()
+        engine.close()
         sock.close()
         signal.set_wakeup_fd(-1)
         os.close(wake_r)

@@ -1,6 +1,7 @@
 """Relay forwarding rate on loopback: mahole's RelayEngine against coturn (TURN ChannelData).
 
     python benchmarks/bench_relay.py [--quick] [--allow-twin] [--reps N] [--duration S] [--no-pin]
+        [--relay-threads N] [--flows F] [--receiver-gro]
 
 How it measures. Three processes besides this one, all on 127.0.0.1: a sender, a receiver
 and the relay under test. For mahole the relay is benchmarks/_relay_server.py (a RelayEngine
@@ -26,6 +27,21 @@ still receive separate datagrams), the mahole relay asks for the SO_RCVBUF cotur
 with all its threads on the relay's CPU); with fewer the scheduler shares them (--no-pin
 forces that). Loopback makes every send pay for the receiving side too, so absolute rates
 here are far below a NIC's; the ratio measured in the same run is the result.
+
+Relay threads (--relay-threads N, N > 1). The load is F flows (--flows, default 8): the
+sender has F sockets and the receiver F sockets, flow i going from sender socket i to
+receiver socket i through a session of its own (for coturn an allocation of its own), so the
+kernel's SO_REUSEPORT hash spreads them over the relay's sockets. Four relays are measured
+in the same run, interleaved: mahole with 1 and with N relay threads (benchmarks/
+_relay_server.py --relay-threads, the intermediate's sockets and threads) and coturn with
+--relay-threads 1 and N; the ratios N/1 (target >= 1.7 on 2 cores, lossless) and mahole/coturn
+at the same thread count (target >= 2.0) are reported. For each run the relay process's CPU
+(all threads) is read from /proc: "cores" is how much of the machine it had, and CPU us per
+packet what forwarding cost it. On a machine with as many cores as relay threads the load
+generators take CPU the relay would need: read the cores column next to the rates.
+--receiver-gro sets UDP_GRO on the receiver's sockets, so a UDP GSO run that mahole sends
+arrives as one buffer and the receiver costs less (coturn sends datagrams one by one, which
+GRO does not merge on loopback): it favours mahole, and is off by default.
 
 Saturated runs alternate between the systems, --reps times each, so drift hits all alike.
 Per-socket kernel drop counters (/proc/net/udp) say where packets were lost: at the relay's
@@ -85,6 +101,8 @@ CEILING_OVER_SATURATED = 1.25  # the search starts at this times the best satura
 PACE_TICK = 0.001  # the paced sender sends a burst about every millisecond
 TARGET = 2.0  # mahole / coturn: at least twice coturn's rate with tokens checked
 BUDGET_S = 80.0  # the whole run stays under 90 s
+BUDGET_THREADS_S = 170.0  # with --relay-threads: four relays, under three minutes
+THREADS_TARGET = 1.7  # mahole with N threads / with one, lossless, on a 2-core machine
 
 # TURN (RFC 8656): methods (§17) and attributes (§18); ChannelData (§12.4).
 TURN_ALLOCATE, TURN_CREATE_PERMISSION, TURN_CHANNEL_BIND = 0x003, 0x008, 0x009
@@ -187,32 +205,42 @@ def _pin(cpus):
         os.sched_setaffinity(0, cpus)
 
 
-def _sender(conn, cpus):
-    """Child process: sends to whatever relay the parent names, as told."""
+def _sender(conn, cpus, flows):
+    """Child process: sends from `flows` sockets (one per flow, each its own source port)
+    to whatever relay the parent names, as told."""
     _pin(cpus)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    sock.bind(("127.0.0.1", 0))
-    conn.send(sock.getsockname())
+    socks = []
     try:
+        for _ in range(flows):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sock.bind(("127.0.0.1", 0))
+        conn.send([sock.getsockname() for sock in socks])
         while True:
             msg = conn.recv()
-            if msg[0] == "turn":
-                sock.setblocking(True)
+            if msg[0] == "turn":  # an allocation per flow, each bound to its receiver
                 try:
-                    conn.send(("ok", _turn_setup(sock, msg[1], msg[2])))
+                    relayed = []
+                    for sock, peer in zip(socks, msg[2]):
+                        sock.setblocking(True)
+                        relayed.append(_turn_setup(sock, msg[1], peer))
+                    conn.send(("ok", relayed))
                 except (OSError, RuntimeError, ValueError) as exc:
                     conn.send(("error", f"{type(exc).__name__}: {exc}"))
                 continue
-            sock.setblocking(False)
-            if msg[0] == "blast":
-                conn.send(_blast(_Sends(sock, msg[1], msg[2]), msg[3]))
-            elif msg[0] == "paced":
-                conn.send(_paced(_Sends(sock, msg[1], msg[2]), msg[3], msg[4]))
-            else:
+            for sock in socks:
+                sock.setblocking(False)
+            if msg[0] not in ("blast", "paced"):
                 break
+            sends = [_Sends(sock, dest, data) for sock, (dest, data) in zip(socks, msg[1])]
+            if msg[0] == "blast":
+                conn.send(_blast(sends, msg[2]))
+            else:
+                conn.send(_paced(sends, msg[2], msg[3]))
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
 
 
 class _Sends:
@@ -258,72 +286,96 @@ class _Sends:
 
 
 UDP_SEGMENT = 103  # <netinet/udp.h>
+UDP_GRO = 104
 
 
 def _blast(sends, duration):
+    """Every flow in turn, as fast as the sockets take it."""
     sent = 0
     start = time.perf_counter()
     end = start + duration
+    rounds = max(1, 8 // len(sends))
     while True:
-        for _ in range(8):
-            sent += sends.send(SENDER_BATCH)
+        for _ in range(rounds):
+            for flow in sends:
+                sent += flow.send(SENDER_BATCH)
         now = time.perf_counter()
         if now >= end:
             return sent, now - start
 
 
 def _paced(sends, rate, count):
+    """`rate` datagrams a second in all, a burst about every PACE_TICK, the flows in turn."""
     burst = max(1, min(SENDER_BATCH, int(rate * PACE_TICK)))
     sent = 0
+    turn = 0
     start = time.perf_counter()
     while sent < count:
         due = start + sent / rate
         now = time.perf_counter()
         if due > now:
             time.sleep(due - now)
-        sent += sends.send(min(burst, count - sent))
+        sent += sends[turn % len(sends)].send(min(burst, count - sent))
+        turn += 1
     return sent, time.perf_counter() - start
 
 
-def _receiver(conn, cpus):
-    """Child process: counts what arrives in one measurement, checking the bytes."""
+def _receiver(conn, cpus, flows, gro):
+    """Child process: counts what arrives on its `flows` sockets in one measurement,
+    checking the bytes. With gro (UDP_GRO, Linux 5.0+) a run the relay sent with UDP GSO
+    arrives as one buffer of several datagrams: one receive instead of one per datagram."""
     _pin(cpus)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    socks = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_RECEIVER)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_RECEIVER)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    bsock = _fast.BatchSocket(sock, batch_size=64)
-    conn.send(sock.getsockname())
-    try:
+        for _ in range(flows):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF_RECEIVER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_RECEIVER)
+            if gro:
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+        bsocks = [_fast.BatchSocket(sock, batch_size=64) for sock in socks]
+        conn.send([sock.getsockname() for sock in socks])
         while True:
             msg = conn.recv()
             if msg[0] != "count":
                 break
-            conn.send(_count(bsock, sock, *msg[1:]))
+            conn.send(_count(bsocks, socks, *msg[1:]))
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
 
 
-def _count(bsock, sock, expected, first_timeout):
-    recv_batch = bsock.recv_batch
+def _count(bsocks, socks, expected, first_timeout):
+    """Datagrams received on every socket until IDLE seconds pass with none; expected[i]:
+    what flow i's datagrams are (a GRO buffer holds several of them back to back)."""
     count = bad = 0
     first = last = None
-    if select.select([sock], [], [], first_timeout)[0]:
-        while True:
-            batch = recv_batch()
-            if batch:
+    by_fd = {sock.fileno(): (bsock.recv_batch, want, len(want))
+             for sock, bsock, want in zip(socks, bsocks, expected)}
+    wait = first_timeout
+    while True:
+        ready = select.select(socks, [], [], wait)[0]
+        if not ready:
+            break
+        wait = IDLE
+        for sock in ready:
+            recv_batch, want, size = by_fd[sock.fileno()]
+            while True:
+                batch = recv_batch()
+                if not batch:
+                    break
                 last = time.perf_counter()
                 if first is None:
                     first = last
-                count += len(batch)
-                if batch[0][0] != expected:
+                for data, _ in batch:
+                    count += -(-len(data) // size)
+                if batch[0][0][:size] != want:
                     bad += 1
-                continue
-            if not select.select([sock], [], [], IDLE)[0]:
-                break
     seconds = (last - first) if count > 1 else 0.0
     return {"received": count, "bad_batches": bad, "seconds": seconds}
 
@@ -351,13 +403,25 @@ def _free_port_range(size):
     raise RuntimeError("no free UDP port range on 127.0.0.1")
 
 
+def _flow_session(i):
+    """Flow i's session id (flow 0: SESSION_ID)."""
+    return SESSION_ID if i == 0 else bytes([0x5A]) + i.to_bytes(7, "big")
+
+
 class MaholeRelay:
-    def __init__(self, sender_addr, receiver_addr, allow_twin, cpus, gso=True):
-        self.name = "mahole" if gso else "mahole-nogso"
+    def __init__(self, sender_addrs, receiver_addrs, allow_twin, cpus, gso=True, threads=0):
+        """threads 0: the single-flow comparison's relay (named mahole / mahole-nogso);
+        N >= 1: named "mahole xN", with N sockets and threads."""
+        self.name = ("mahole" if gso else "mahole-nogso") if not threads else f"mahole x{threads}"
         cmd = [sys.executable, str(HERE / "_relay_server.py"),
-               "--member-a", "%s:%d" % sender_addr, "--member-b", "%s:%d" % receiver_addr,
+               "--member-a", "%s:%d" % sender_addrs[0],
+               "--member-b", "%s:%d" % receiver_addrs[0],
                "--session", SESSION_ID.hex(), "--token-a", TOKEN_SENDER.hex(),
-               "--token-b", TOKEN_RECEIVER.hex(), "--rcvbuf", str(RCVBUF_RELAY)]
+               "--token-b", TOKEN_RECEIVER.hex(), "--rcvbuf", str(RCVBUF_RELAY),
+               "--relay-threads", str(max(1, threads))]
+        for i in range(1, len(sender_addrs)):
+            cmd += ["--flow", "%s,%s:%d,%s:%d" % (_flow_session(i).hex(), *sender_addrs[i],
+                                                  *receiver_addrs[i])]
         if allow_twin:
             cmd.append("--allow-twin")
         if not gso:
@@ -374,8 +438,10 @@ class MaholeRelay:
         self.address = (host, int(port))
         self.rcvbuf = int(rcvbuf.split("=")[1])
         self.ports = {self.address[1]}
-        self.data = encode_frame(SESSION_ID, _payload(), TOKEN_SENDER)
-        self.expected = self.data  # forwarded unchanged
+        frames = [encode_frame(_flow_session(i), _payload(), TOKEN_SENDER)
+                  for i in range(len(sender_addrs))]
+        self.targets = [(self.address, frame) for frame in frames]
+        self.expected = frames  # forwarded unchanged
         self.counters = None
 
     def stop(self):
@@ -392,13 +458,14 @@ class MaholeRelay:
 
 
 class Coturn:
-    name = "coturn"
-
-    def __init__(self, tmp, cpus):
+    def __init__(self, tmp, cpus, flows=1, threads=0):
+        """threads 0: coturn's default (one relay thread per CPU), named coturn; N: named
+        "coturn xN", with --relay-threads N."""
+        self.name = "coturn" if not threads else f"coturn x{threads}"
         self.binary = shutil.which("turnserver")
         base = _free_port_range(16)
         self.port = base
-        self.log = Path(tmp) / "turnserver.log"
+        self.log = Path(tmp) / f"turnserver-{threads}.log"
         cmd = [self.binary, "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1",
                "--listening-port", str(base), "--alt-listening-port", str(base + 1),
                "--min-port", str(base + 2), "--max-port", str(base + 15),
@@ -406,16 +473,18 @@ class Coturn:
                "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}",
                "--realm", TURN_REALM, "--allow-loopback-peers", "--no-rfc5780",
                "--log-file", str(self.log), "--simple-log", "--no-stdout-log",
-               "--pidfile", str(Path(tmp) / "turnserver.pid"),
-               "--db", str(Path(tmp) / "turndb")]
+               "--pidfile", str(Path(tmp) / f"turnserver-{threads}.pid"),
+               "--db", str(Path(tmp) / f"turndb-{threads}")]
+        if threads:
+            cmd += ["--relay-threads", str(threads)]
         # Pinned before exec, so that every thread coturn starts shares the relay's CPUs.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL,
                                      preexec_fn=(lambda: _pin(cpus)) if cpus else None)
         self.address = ("127.0.0.1", base)
         self.ports = {base}
-        self.data = channel_data(_payload())
-        self.expected = _payload()  # coturn strips the ChannelData header
+        self.targets = [(self.address, channel_data(_payload()))] * flows
+        self.expected = [_payload()] * flows  # coturn strips the ChannelData header
         self.impl = _version(self.binary)
         self.relayed = None
 
@@ -466,6 +535,15 @@ def _udp_drops(ports):
     return total
 
 
+def _cpu_seconds(pid):
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_plan(pin):
     """CPU sets with 3 or more CPUs: relay, sender and receiver each on CPUs of their own.
 
@@ -485,18 +563,24 @@ def _cpu_plan(pin):
 
 
 class Harness:
-    def __init__(self, sender, receiver, receiver_port):
-        self.sender, self.receiver, self.receiver_port = sender, receiver, receiver_port
+    def __init__(self, sender, receiver, receiver_ports):
+        self.sender, self.receiver, self.receiver_ports = sender, receiver, set(receiver_ports)
 
     def run(self, relay, command):
         """One measurement: receiver counts while the sender does `command`."""
-        drops_before = (_udp_drops(relay.ports), _udp_drops({self.receiver_port}))
+        drops_before = (_udp_drops(relay.ports), _udp_drops(self.receiver_ports))
+        cpu_before, wall_before = _cpu_seconds(relay.proc.pid), time.perf_counter()
         self.receiver.send(("count", relay.expected, 3.0))
         self.sender.send(command)
         sent, send_s = self.sender.recv()
         got = self.receiver.recv()
-        drops_after = (_udp_drops(relay.ports), _udp_drops({self.receiver_port}))
+        cpu = _cpu_seconds(relay.proc.pid) - cpu_before
+        wall = time.perf_counter() - wall_before - IDLE  # the receiver's last IDLE: no load
+        drops_after = (_udp_drops(relay.ports), _udp_drops(self.receiver_ports))
         return {
+            # the relay process's CPU (every thread), and per datagram it forwarded
+            "relay_cores": cpu / wall if wall > 0 else 0.0,
+            "relay_cpu_us_per_packet": 1e6 * cpu / got["received"] if got["received"] else None,
             "sent": sent,
             "offered_pps": sent / send_s if send_s else 0.0,
             "received": got["received"],
@@ -508,11 +592,10 @@ class Harness:
         }
 
     def saturated(self, relay, duration):
-        return self.run(relay, ("blast", relay.address, relay.data, duration))
+        return self.run(relay, ("blast", relay.targets, duration))
 
     def paced(self, relay, rate):
-        return self.run(relay, ("paced", relay.address, relay.data, rate,
-                                max(100, int(rate * TRIAL_S))))
+        return self.run(relay, ("paced", relay.targets, rate, max(100, int(rate * TRIAL_S))))
 
     def lossless(self, relay, ceiling, deadline):
         """Binary search of the offered rate below `ceiling` for loss < LOSSLESS."""
@@ -552,6 +635,16 @@ def _parse(argv):
     parser.add_argument("--reps", type=int, default=3, help="saturated runs per system")
     parser.add_argument("--duration", type=float, default=2.0,
                         help="seconds per saturated run")
+    parser.add_argument("--relay-threads", type=int, default=1, metavar="N",
+                        help="N > 1: measure mahole and coturn each with 1 and with N relay "
+                             "threads, under --flows flows (default: 1, the single-flow "
+                             "comparison)")
+    parser.add_argument("--flows", type=int, default=0, metavar="F",
+                        help="sender/receiver socket pairs, each its own session (default: 8 "
+                             "with --relay-threads N > 1, else 1)")
+    parser.add_argument("--receiver-gro", action="store_true",
+                        help="UDP_GRO on the receiver's sockets: a GSO run mahole sends "
+                             "arrives as one buffer (coturn sends none)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="let the scheduler place the processes (default with 3+ CPUs: "
                              "relay, sender and receiver each get CPUs of their own)")
@@ -560,6 +653,11 @@ def _parse(argv):
         args.reps, args.duration = 1, 0.5
     if not 1 <= args.reps <= 5 or not 0 < args.duration <= 5:
         parser.error("--reps must be 1-5 and --duration in (0, 5] (the run is bounded)")
+    if not 1 <= args.relay_threads <= 16:
+        parser.error("--relay-threads must be 1-16")
+    args.flows = args.flows or (8 if args.relay_threads > 1 else 1)
+    if not 1 <= args.flows <= 12:
+        parser.error("--flows must be 1-12 (coturn gets 14 relay ports)")
     return args
 
 
@@ -571,7 +669,9 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     started = time.monotonic()
-    deadline = started + BUDGET_S
+    threads = args.relay_threads
+    budget = BUDGET_S if threads == 1 else BUDGET_THREADS_S
+    deadline = started + budget
     plan = _cpu_plan(args.pin)
     ctx = multiprocessing.get_context("spawn")
     children, relays = [], []
@@ -582,35 +682,45 @@ def main(argv=None):
     try:
         s_parent, s_child = ctx.Pipe()
         r_parent, r_child = ctx.Pipe()
-        for target, conn, cpus in ((_sender, s_child, plan["sender"]),
-                                   (_receiver, r_child, plan["receiver"])):
-            proc = ctx.Process(target=target, args=(conn, cpus), daemon=True)
+        for target, conn, extra in ((_sender, s_child, (plan["sender"], args.flows)),
+                                    (_receiver, r_child, (plan["receiver"], args.flows,
+                                                          args.receiver_gro))):
+            proc = ctx.Process(target=target, args=(conn, *extra), daemon=True)
             proc.start()
             children.append(proc)
             conn.close()  # the child's end: a dead child then reads as EOFError here
-        sender_addr, receiver_addr = s_parent.recv(), r_parent.recv()
-        harness = Harness(s_parent, r_parent, receiver_addr[1])
+        sender_addrs, receiver_addrs = s_parent.recv(), r_parent.recv()
+        harness = Harness(s_parent, r_parent, [addr[1] for addr in receiver_addrs])
 
-        relays.append(MaholeRelay(sender_addr, receiver_addr, args.allow_twin, plan["relay"]))
-        if not args.quick:  # the same engine sending one datagram per msghdr, for scale
-            relays.append(MaholeRelay(sender_addr, receiver_addr, args.allow_twin, plan["relay"],
-                                      gso=False))
+        if threads == 1:
+            relays.append(MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin,
+                                      plan["relay"]))
+            if not args.quick:  # the same engine sending one datagram per msghdr, for scale
+                relays.append(MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin,
+                                          plan["relay"], gso=False))
+        else:  # one thread and N, under the same flows, in the same run
+            for n in (1, threads):
+                relays.append(MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin,
+                                          plan["relay"], threads=n))
         if args.quick:
             coturn_note = "coturn skipped: --quick"
         elif shutil.which("turnserver") is None:
             coturn_note = ("coturn skipped: `turnserver` is not on PATH "
                            "(apt-get install coturn to compare)")
         else:
-            coturn = Coturn(tmp, plan["relay"])
-            relays.append(coturn)
-            s_parent.send(("turn", coturn.address, receiver_addr))
-            status, value = s_parent.recv()
-            if status == "ok":
-                coturn.relayed = value
-            else:
-                relays.remove(coturn)
-                coturn.stop()
-                coturn_note = f"coturn skipped: TURN setup failed ({value}); log: {coturn.log}"
+            for n in ((0,) if threads == 1 else (1, threads)):
+                coturn = Coturn(tmp, plan["relay"], args.flows, n)
+                relays.append(coturn)
+                s_parent.send(("turn", coturn.address, receiver_addrs))
+                status, value = s_parent.recv()
+                if status == "ok":
+                    coturn.relayed = value
+                else:
+                    relays.remove(coturn)
+                    coturn.stop()
+                    coturn_note = (f"coturn skipped: TURN setup failed ({value}); "
+                                   f"log: {coturn.log}")
+                    break
 
         for relay in relays:
             results[relay.name] = {"impl": relay.impl, "saturated": [], "lossless": None,
@@ -628,7 +738,7 @@ def main(argv=None):
                 # Nothing forwards losslessly much above what it forwards when flooded.
                 ceiling = min(max(r["offered_pps"] for r in sat),
                               CEILING_OVER_SATURATED * max(r["rx_pps"] for r in sat))
-                share = started + BUDGET_S - 5 - time.monotonic()
+                share = started + budget - 5 - time.monotonic()
                 share_deadline = time.monotonic() + share / (len(relays) - i)
                 best, trials = harness.lossless(relay, ceiling, min(deadline, share_deadline))
                 results[relay.name]["lossless"] = best
@@ -668,6 +778,10 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan):
             "saturated_rx_pps": _report.median(rx),
             "saturated_offered_pps": _report.median([r["offered_pps"] for r in sat]),
             "saturated_loss": _report.median([r["loss"] for r in sat]),
+            "saturated_relay_cores": _report.median([r["relay_cores"] for r in sat]),
+            "lossless_relay_cores": best["relay_cores"] if best else None,
+            "lossless_relay_cpu_us_per_packet": (best["relay_cpu_us_per_packet"]
+                                                 if best else None),
             "lossless_pps": best["offered_pps"] if best else (None if args.quick else 0.0),
             # lossless even at the top of the search: the relay may do more than this
             "lossless_at_ceiling": bool(best and best["at_ceiling"]),
@@ -686,25 +800,46 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan):
             sum(r["drops_at_relay"] for r in sat),
             sum(r["drops_at_receiver"] for r in sat),
             lossless_cell,
+            s["saturated_relay_cores"],
+            "-" if s["lossless_relay_cores"] is None else s["lossless_relay_cores"],
+            "-" if not s["lossless_relay_cpu_us_per_packet"]
+            else s["lossless_relay_cpu_us_per_packet"],
             sum(r["bad_batches"] for r in sat),
         ])
-    ratios = {}
-    if "mahole" in summary and "coturn" in summary:
-        m, c = summary["mahole"], summary["coturn"]
-        ratios["saturated"] = m["saturated_rx_pps"] / c["saturated_rx_pps"] if c[
+    n = args.relay_threads
+    if n == 1:
+        pairs = [("mahole", "coturn", TARGET)]
+    else:
+        pairs = [(f"mahole x{n}", "mahole x1", THREADS_TARGET),
+                 (f"mahole x{n}", f"coturn x{n}", TARGET),
+                 ("mahole x1", "coturn x1", TARGET),
+                 (f"coturn x{n}", "coturn x1", None)]
+    by_pair = {}
+    for a, b, target in pairs:
+        if a not in summary or b not in summary:
+            continue
+        m, c = summary[a], summary[b]
+        ratio = {"target": target}
+        ratio["saturated"] = m["saturated_rx_pps"] / c["saturated_rx_pps"] if c[
             "saturated_rx_pps"] else None
         if m["lossless_pps"] is not None and c["lossless_pps"]:
-            ratios["lossless"] = m["lossless_pps"] / c["lossless_pps"]
+            ratio["lossless"] = m["lossless_pps"] / c["lossless_pps"]
+        by_pair[f"{a} / {b}"] = ratio
+    # The single-flow run's JSON keeps its former shape: {"saturated": x, "lossless": y}.
+    ratios = ({k: v for k, v in by_pair.get("mahole / coturn", {}).items() if k != "target"}
+              if n == 1 else {})
 
     print(f"relay forwarding on loopback, {INNER_SIZE}-byte inner packets (relay tokens "
-          f"checked), "
+          f"checked), {args.flows} flow(s) (each its own sender and receiver socket and "
+          f"session){', receivers with UDP_GRO' if args.receiver_gro else ''}, "
           f"{args.reps} x {args.duration:g}s saturated per system, "
           f"lossless = offered rate with < {100 * LOSSLESS:g}% loss")
     print("CPUs: " + (", ".join(f"{k} {sorted(v)}" for k, v in plan.items()) if plan["relay"]
                       else f"not pinned ({len(os.sched_getaffinity(0))} available)"))
     print(_report.table(
         ["relay", "saturated rx pkt/s", "min", "max", "offered pkt/s", "loss",
-         "drops@relay", "drops@receiver", "lossless pkt/s", "bad"], rows))
+         "drops@relay", "drops@receiver", "lossless pkt/s", "cores sat.", "cores lossless",
+         "CPU us/pkt lossless", "bad"], rows))
     if any(s["lossless_at_ceiling"] for s in summary.values()):
         print("* no loss at the top of the search (the sender's top rate, or 1.25 x the "
               "saturated rate): the relay's own limit is at least this")
@@ -714,11 +849,15 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan):
                   f"the bottleneck, and its saturated rate understates it")
     if coturn_note:
         print(coturn_note)
-    for kind, ratio in ratios.items():
-        if ratio is None:
-            continue
-        verdict = "met" if ratio >= TARGET else "MISSED"
-        print(f"mahole/coturn {kind}: {ratio:.2f}x (target >= {TARGET:g}x {verdict})")
+    for pair, ratio in by_pair.items():
+        for kind in ("saturated", "lossless"):
+            value = ratio.get(kind)
+            if value is None:
+                continue
+            target = ratio["target"]
+            verdict = "" if target is None else (
+                f" (target >= {target:g}x {'met' if value >= target else 'MISSED'})")
+            print(f"{pair} {kind}: {value:.2f}x{verdict}")
     path = _report.write(NAME + ("-quick" if args.quick else ""), {
         "inner_size": INNER_SIZE,
         "compiled": _fast.RELAY_COMPILED,
@@ -732,6 +871,10 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan):
         "relay_rcvbuf": {r.name: r.rcvbuf for r in relays if isinstance(r, MaholeRelay)},
         "summary": summary,
         "ratios": ratios,
+        "ratios_by_pair": by_pair,
+        "relay_threads": n,
+        "flows": args.flows,
+        "receiver_gro": args.receiver_gro,
         "target": TARGET,
         "targets_met": {k: (r is not None and r >= TARGET) for k, r in ratios.items()},
         "mahole_server_counters": {r.name: r.counters for r in relays

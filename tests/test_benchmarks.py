@@ -36,6 +36,21 @@ def test_benchmark_quick_run(tmp_path, script, report, key):
         assert all(v > 0 for v in data[key].values())
 
 
+def test_bench_relay_quick_with_relay_threads(tmp_path):
+    """--relay-threads 2 (quick: mahole only, saturated, brief): 8 flows through one relay
+    thread and through two, each relayed, with the ratio and the relay's CPU reported."""
+    env = dict(os.environ, MAHOLE_BENCH_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_relay.py"), "--quick",
+                          "--allow-twin", "--relay-threads", "2", "--flows", "4"],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    data = json.loads((tmp_path / "bench_relay-quick.json").read_text())
+    assert (data["relay_threads"], data["flows"]) == (2, 4)
+    assert set(data["summary"]) == {"mahole x1", "mahole x2"}
+    assert all(s["saturated_rx_pps"] > 0 for s in data["summary"].values())
+    assert data["ratios_by_pair"]["mahole x2 / mahole x1"]["saturated"] > 0
+
+
 def test_bench_goodput_reports_p50_p95_and_the_ratios():
     """bench_goodput.py needs root and minutes in the NAT lab, so CI checks its report: the
     median, the slow tail (the goodput of the 95th-percentile time), n, failures and the
