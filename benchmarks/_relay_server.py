@@ -16,8 +16,8 @@ relay thread of the engine. Datagrams that are not relay frames are counted and 
 SIGTERM, SIGINT or stdin closing it prints the engine's counters as one JSON line
 (``counters {...}``) and exits 0.
 
-The real intermediate (mahole/roles/intermediate.py) drives this same engine on its one
-socket, the same way: there the non-relay datagrams go on to the control QUIC server and the
+The real intermediate (mahole/roles/intermediate.py) drives this same engine on its
+socket (and --relay-threads sockets), the same way: there the non-relay datagrams go on to the control QUIC server and the
 STUN responder, and sessions come from signaling instead of the command line.
 """
 

@@ -39,6 +39,10 @@ at the same thread count (target >= 2.0) are reported. For each run the relay pr
 (all threads) is read from /proc: "cores" is how much of the machine it had, and CPU us per
 packet what forwarding cost it. On a machine with as many cores as relay threads the load
 generators take CPU the relay would need: read the cores column next to the rates.
+Then (not with --quick) a drain: mahole with 1 and with N threads is stopped (SIGSTOP), the
+sender puts 6,000 datagrams a flow into its sockets (256 MiB buffers here, so nothing is
+lost), and the relay is let go (SIGCONT): the rate it forwards them at, with no sender
+running beside it, is what the threads do with the CPUs the receiver leaves them.
 --receiver-gro sets UDP_GRO on the receiver's sockets, so a UDP GSO run that mahole sends
 arrives as one buffer and the receiver costs less (coturn sends datagrams one by one, which
 GRO does not merge on loopback): it favours mahole, and is off by default.
@@ -50,7 +54,7 @@ the relay stays at least twice coturn's rate with the relay-token check on).
 coturn is measured only if `turnserver` is on PATH (it runs with -n and its own temporary
 files, on non-default loopback ports, and is killed by PID at the end). --quick measures
 mahole saturated only, briefly. JSON goes to benchmarks/results/bench_relay.json
-(bench_relay-quick.json for --quick).
+(bench_relay-threads.json with --relay-threads N > 1; -quick before .json for --quick).
 """
 
 import argparse
@@ -103,6 +107,9 @@ TARGET = 2.0  # mahole / coturn: at least twice coturn's rate with tokens checke
 BUDGET_S = 80.0  # the whole run stays under 90 s
 BUDGET_THREADS_S = 170.0  # with --relay-threads: four relays, under three minutes
 THREADS_TARGET = 1.7  # mahole with N threads / with one, lossless, on a 2-core machine
+DRAIN_REPS = 5
+DRAIN_PER_FLOW = 6000  # datagrams a flow puts into the stopped relay
+DRAIN_RCVBUF = 256 << 20  # the drain relay's sockets hold that, however the flows spread
 
 # TURN (RFC 8656): methods (§17) and attributes (§18); ChannelData (§12.4).
 TURN_ALLOCATE, TURN_CREATE_PERMISSION, TURN_CHANNEL_BIND = 0x003, 0x008, 0x009
@@ -231,11 +238,13 @@ def _sender(conn, cpus, flows):
                 continue
             for sock in socks:
                 sock.setblocking(False)
-            if msg[0] not in ("blast", "paced"):
+            if msg[0] not in ("blast", "paced", "fill"):
                 break
             sends = [_Sends(sock, dest, data) for sock, (dest, data) in zip(socks, msg[1])]
             if msg[0] == "blast":
                 conn.send(_blast(sends, msg[2]))
+            elif msg[0] == "fill":
+                conn.send(_fill(sends, msg[2]))
             else:
                 conn.send(_paced(sends, msg[2], msg[3]))
     finally:
@@ -302,6 +311,19 @@ def _blast(sends, duration):
         now = time.perf_counter()
         if now >= end:
             return sent, now - start
+
+
+def _fill(sends, per_flow):
+    """per_flow datagrams on every flow, as fast as they go (into a stopped relay)."""
+    sent = 0
+    start = time.perf_counter()
+    for flow in sends:
+        left = per_flow
+        while left > 0:
+            done = flow.send(min(left, _Sends.GSO_SEGMENTS))
+            left -= done
+            sent += done
+    return sent, time.perf_counter() - start
 
 
 def _paced(sends, rate, count):
@@ -409,15 +431,17 @@ def _flow_session(i):
 
 
 class MaholeRelay:
-    def __init__(self, sender_addrs, receiver_addrs, allow_twin, cpus, gso=True, threads=0):
+    def __init__(self, sender_addrs, receiver_addrs, allow_twin, cpus, gso=True, threads=0,
+                 rcvbuf=RCVBUF_RELAY, suffix=""):
         """threads 0: the single-flow comparison's relay (named mahole / mahole-nogso);
         N >= 1: named "mahole xN", with N sockets and threads."""
-        self.name = ("mahole" if gso else "mahole-nogso") if not threads else f"mahole x{threads}"
+        self.name = (("mahole" if gso else "mahole-nogso") if not threads
+                     else f"mahole x{threads}") + suffix
         cmd = [sys.executable, str(HERE / "_relay_server.py"),
                "--member-a", "%s:%d" % sender_addrs[0],
                "--member-b", "%s:%d" % receiver_addrs[0],
                "--session", SESSION_ID.hex(), "--token-a", TOKEN_SENDER.hex(),
-               "--token-b", TOKEN_RECEIVER.hex(), "--rcvbuf", str(RCVBUF_RELAY),
+               "--token-b", TOKEN_RECEIVER.hex(), "--rcvbuf", str(rcvbuf),
                "--relay-threads", str(max(1, threads))]
         for i in range(1, len(sender_addrs)):
             cmd += ["--flow", "%s,%s:%d,%s:%d" % (_flow_session(i).hex(), *sender_addrs[i],
@@ -535,6 +559,19 @@ def _udp_drops(ports):
     return total
 
 
+def _wait_state(pid, state, timeout=5.0):
+    """Until /proc says the process is in `state` (T: stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == state:
+                return
+        except OSError:
+            return
+        select.select([], [], [], 0.001)
+    raise TimeoutError(f"process {pid} did not reach state {state}")
+
+
 def _cpu_seconds(pid):
     """User + system CPU seconds of a process, all its threads (/proc/PID/stat)."""
     try:
@@ -596,6 +633,35 @@ class Harness:
 
     def paced(self, relay, rate):
         return self.run(relay, ("paced", relay.targets, rate, max(100, int(rate * TRIAL_S))))
+
+    def drain(self, relay, per_flow):
+        """The relay stopped (SIGSTOP) while per_flow datagrams a flow fill its sockets,
+        then let go (SIGCONT): the rate it forwards them at with no sender running beside
+        it, and the cores it had meanwhile."""
+        pid = relay.proc.pid
+        drops_before = (_udp_drops(relay.ports), _udp_drops(self.receiver_ports))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            _wait_state(pid, "T")
+            self.sender.send(("fill", relay.targets, per_flow))
+            sent, _ = self.sender.recv()
+            self.receiver.send(("count", relay.expected, 3.0))
+            cpu_before, wall_before = _cpu_seconds(pid), time.perf_counter()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        got = self.receiver.recv()
+        cpu = _cpu_seconds(pid) - cpu_before
+        wall = time.perf_counter() - wall_before - IDLE
+        drops_after = (_udp_drops(relay.ports), _udp_drops(self.receiver_ports))
+        return {
+            "sent": sent,
+            "received": got["received"],
+            "rx_pps": got["received"] / got["seconds"] if got["seconds"] else 0.0,
+            "relay_cores": cpu / wall if wall > 0 else 0.0,
+            "drops_at_relay": drops_after[0] - drops_before[0],
+            "drops_at_receiver": drops_after[1] - drops_before[1],
+            "bad_batches": got["bad_batches"],
+        }
 
     def lossless(self, relay, ceiling, deadline):
         """Binary search of the offered rate below `ceiling` for loss < LOSSLESS."""
@@ -677,6 +743,7 @@ def main(argv=None):
     children, relays = [], []
     coturn_note = None
     results = {}
+    drains = {}
     tmp = tempfile.mkdtemp(prefix="mahole-bench-relay-")
     s_parent = r_parent = None
     try:
@@ -743,6 +810,8 @@ def main(argv=None):
                 best, trials = harness.lossless(relay, ceiling, min(deadline, share_deadline))
                 results[relay.name]["lossless"] = best
                 results[relay.name]["lossless_trials"] = trials
+        if threads > 1 and not args.quick:
+            drains = _drains(args, harness, sender_addrs, receiver_addrs, plan, deadline)
     except (RuntimeError, TimeoutError, EOFError, OSError) as exc:
         print(f"bench_relay: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -762,10 +831,34 @@ def main(argv=None):
                 proc.join(3)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    return _report_results(args, results, relays, coturn_note, time.monotonic() - started, plan)
+    return _report_results(args, results, relays, coturn_note, time.monotonic() - started, plan,
+                           drains)
 
 
-def _report_results(args, results, relays, coturn_note, elapsed, plan):
+def _drains(args, harness, sender_addrs, receiver_addrs, plan, deadline):
+    """mahole with one relay thread and with N, each draining sockets filled while it was
+    stopped, DRAIN_REPS times alternately: what the threads forward with the CPUs to
+    themselves (but for the receiver). Their sockets get DRAIN_RCVBUF to hold it all."""
+    runs = {}
+    relays = []
+    try:
+        for n in (1, args.relay_threads):
+            relays.append(MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin,
+                                      plan["relay"], threads=n, rcvbuf=DRAIN_RCVBUF,
+                                      suffix=" drain"))
+            runs[relays[-1].name] = []
+        for _ in range(DRAIN_REPS):
+            if time.monotonic() > deadline - 5:
+                break
+            for relay in relays:
+                runs[relay.name].append(harness.drain(relay, DRAIN_PER_FLOW))
+    finally:
+        for relay in relays:
+            relay.stop()
+    return runs
+
+
+def _report_results(args, results, relays, coturn_note, elapsed, plan, drains=None):
     summary = {}
     rows = []
     for relay in relays:
@@ -858,7 +951,30 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan):
             verdict = "" if target is None else (
                 f" (target >= {target:g}x {'met' if value >= target else 'MISSED'})")
             print(f"{pair} {kind}: {value:.2f}x{verdict}")
-    path = _report.write(NAME + ("-quick" if args.quick else ""), {
+    drain_summary = {}
+    if drains:
+        drow = []
+        for name, runs_ in drains.items():
+            if not runs_:
+                continue
+            rx = [r["rx_pps"] for r in runs_]
+            drain_summary[name] = {"rx_pps": _report.median(rx),
+                                   "relay_cores": _report.median([r["relay_cores"]
+                                                                  for r in runs_]),
+                                   "lost": sum(r["sent"] - r["received"] for r in runs_)}
+            lo, hi = _report.spread(rx)
+            drow.append([name, drain_summary[name]["rx_pps"], lo, hi,
+                         drain_summary[name]["relay_cores"], drain_summary[name]["lost"]])
+        print(f"drain: {DRAIN_PER_FLOW:,} datagrams a flow put into the stopped relay, then "
+              f"forwarded with no sender running ({len(next(iter(drains.values())))} runs "
+              f"each, alternating)")
+        print(_report.table(["relay", "drain pkt/s", "min", "max", "cores", "lost"], drow))
+        a, b = f"mahole x{n} drain", "mahole x1 drain"
+        if a in drain_summary and b in drain_summary and drain_summary[b]["rx_pps"]:
+            ratio = drain_summary[a]["rx_pps"] / drain_summary[b]["rx_pps"]
+            by_pair[f"{a} / {b}"] = {"target": None, "drain": ratio}
+            print(f"{a} / {b}: {ratio:.2f}x")
+    path = _report.write(NAME + ("-threads" if n > 1 else "") + ("-quick" if args.quick else ""), {
         "inner_size": INNER_SIZE,
         "compiled": _fast.RELAY_COMPILED,
         "quick": args.quick,
@@ -880,6 +996,7 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan):
         "mahole_server_counters": {r.name: r.counters for r in relays
                                    if isinstance(r, MaholeRelay)},
         "runs": results,
+        "drain": {"per_flow": DRAIN_PER_FLOW, "summary": drain_summary, "runs": drains or {}},
     })
     print(f"wrote {path}")
     return 0

@@ -44,7 +44,7 @@ def test_bench_relay_quick_with_relay_threads(tmp_path):
                           "--allow-twin", "--relay-threads", "2", "--flows", "4"],
                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    data = json.loads((tmp_path / "bench_relay-quick.json").read_text())
+    data = json.loads((tmp_path / "bench_relay-threads-quick.json").read_text())
     assert (data["relay_threads"], data["flows"]) == (2, 4)
     assert set(data["summary"]) == {"mahole x1", "mahole x2"}
     assert all(s["saturated_rx_pps"] > 0 for s in data["summary"].values())

@@ -83,8 +83,9 @@ def drain(sock, into):
             return into
 
 
-def threads_now():
-    return len(os.listdir("/proc/self/task"))
+def tasks():
+    """This process's thread ids."""
+    return set(os.listdir("/proc/self/task"))
 
 
 @pytest.fixture
@@ -259,16 +260,17 @@ def test_spread_by_reuseport_every_flow_is_relayed(relay, sockets):
 
 
 def test_close_stops_and_joins_the_threads(relay, sockets):
-    before = threads_now()
+    before = tasks()
     socks = [sockets() for _ in range(3)]
     a, b = sockets(), sockets()
     engine = relay.RelayEngine(socks[0], worker_sockets=socks[1:])
     engine.add_session(SID, a.getsockname(), b.getsockname(), TOKEN_A, TOKEN_B)
     compiled = not relay.__name__.endswith("_py")
-    assert threads_now() == before + (2 if compiled else 0)
+    started = tasks() - before
+    assert len(started) == (2 if compiled else 0)
     engine.close()
     engine.close()  # idempotent
-    assert threads_now() == before
+    assert not started & tasks()
     assert engine.reader_fds() == ()
     # No longer read: a frame to a worker socket waits there (the caller's socket is open).
     a.sendto(encode_frame(SID, b"late", TOKEN_A), socks[1].getsockname())
@@ -283,13 +285,14 @@ def test_close_stops_and_joins_the_threads(relay, sockets):
 
 
 def test_an_engine_left_to_the_collector_stops_its_threads(relay, sockets):
-    before = threads_now()
+    before = tasks()
     socks = [sockets() for _ in range(3)]
     engine = relay.RelayEngine(socks[0], worker_sockets=socks[1:])
+    started = tasks() - before
     fds = os.listdir("/proc/self/fd")
     del engine
     gc.collect()
-    assert threads_now() == before
+    assert not started & tasks()
     assert len(os.listdir("/proc/self/fd")) < len(fds)  # its duplicates are closed
 
 

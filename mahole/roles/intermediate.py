@@ -3,7 +3,10 @@
 One UDP socket carries control QUIC connections from agents and connectors, STUN Binding
 requests (answered with XOR-MAPPED-ADDRESS, RFC 8489 §14.2) and relay frames. The relay
 engine reads the socket: it forwards relay frames of known sessions between their two members
-entirely in compiled code and hands everything else to the endpoint.
+entirely in compiled code and hands everything else to the endpoint. With --relay-threads N
+the address has N sockets (SO_REUSEPORT), the other N - 1 read by the engine's relay threads,
+which hand what is not a relay frame to the endpoint too (docs/architecture.md, "Relay
+threads").
 
 Registry, ACL, sessions and signaling are the sans-IO `mahole.signaling.SignalingCore`; this
 module is its shell: it accepts QUIC connections, checks certificates, decodes the control
