@@ -275,12 +275,19 @@ class Intermediate:
             threads = 1  # the pure-Python engine serves them all from the event loop
         # [::] serves IPv4 too. More relay threads: more sockets on the same address, and
         # the kernel spreads flows over them by 4-tuple hash (SO_REUSEPORT).
-        sock = bind_udp(*self.cfg.listen, dual_stack=True, reuse_port=threads > 1)
+        host, port = self.cfg.listen
+        if threads > 1:
+            # A socket of a SO_REUSEPORT group would join another running intermediate's
+            # group (same user) and take half its traffic: an exclusive bind first fails on
+            # a port in use, as a one-socket intermediate does, and picks port 0's port.
+            probe = bind_udp(host, port, dual_stack=True)
+            port = probe.getsockname()[1]
+            probe.close()
+        sock = bind_udp(host, port, dual_stack=True, reuse_port=threads > 1)
         workers = []
         try:
             for _ in range(threads - 1):
-                workers.append(bind_udp(self.cfg.listen[0], sock.getsockname()[1],
-                                        dual_stack=True, reuse_port=True))
+                workers.append(bind_udp(host, port, dual_stack=True, reuse_port=True))
             self.engine = RelayEngine(sock, rate_limit_bps=self.cfg.relay_rate_limit,
                                       burst_bytes=self.cfg.relay_burst,
                                       worker_sockets=workers)

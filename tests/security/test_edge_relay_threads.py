@@ -132,3 +132,40 @@ def test_two_relay_threads_relay_and_control_gets_through_a_flood(tmp_path):
             os.killpg(flood.pid, signal.SIGKILL)
             flood.wait(10)
         inter.stop()
+
+
+def test_a_second_intermediate_on_the_port_is_refused_not_joined(tmp_path):
+    """Relay threads bind with SO_REUSEPORT, which would let a second intermediate of the
+    same user join the first one's sockets and take part of its traffic: it must fail to
+    start instead, as it does without relay threads."""
+    from mahole.config import IntermediateConfig
+    from mahole.roles.intermediate import Intermediate
+    from mahole.roles.node import StartupError
+
+    issue_certificates(tmp_path)
+
+    def config(port, threads):
+        return IntermediateConfig(
+            listen=("127.0.0.1", port), allow=("*=*",), relay_threads=threads,
+            control_socket="", ca=str(tmp_path / "ca.crt"),
+            cert=str(tmp_path / "intermediate.crt"), key=str(tmp_path / "intermediate.key"))
+
+    async def main():
+        first = Intermediate(config(0, 2))
+        await first.start()
+        try:
+            assert first.engine.threads == 2
+            port = first.local_address[1]
+            for threads in (2, 1):
+                second = Intermediate(config(port, threads))
+                try:
+                    await second.start()
+                except StartupError as exc:
+                    assert "Address already in use" in str(exc)
+                else:
+                    await second.stop()
+                    raise AssertionError(f"a second intermediate started on port {port}")
+        finally:
+            await first.stop()
+
+    run(main(), timeout=30)
