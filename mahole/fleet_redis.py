@@ -13,7 +13,10 @@ What each intermediate keeps there (keys under ``mahole:``):
   with the heartbeat, so what a dead intermediate left behind is gone within `TTL` s.
 - channel ``mahole:nodes``: each change as it happens ({"home", "op": "put" | "del" | "bye",
   "handle", "record"}), so the others' views follow within milliseconds, and each heartbeat
-  ({"op": "beat", "addr"}): an intermediate not heard for `HOME_SILENT` s is unreachable. Pub/sub rather than
+  ({"op": "beat", "addr"}): an intermediate not heard for `HOME_SILENT` s is unreachable. An
+  intermediate writes its key only once Redis has confirmed its subscriptions, so one the
+  others take as reachable hears what they send it (but for a subscription being made again
+  after a failure: the cores send a session's opening again). Pub/sub rather than
   streams: a missed message costs nothing lasting, because every `RESYNC` s (and after any
   reconnect) each intermediate reads the hashes again; streams would add trimming and
   consumer bookkeeping for no gain.
@@ -113,6 +116,7 @@ class RedisFleet:
         self._outgoing = collections.deque()  # (channel, text) of signaling to publish
         self._redis = None
         self._wake = asyncio.Event()  # the outbox has something
+        self._subscribed = asyncio.Event()  # Redis confirmed both channels' subscriptions
         self._tasks = []
         self._lost_at = None  # monotonic time Redis went away (None while connected)
         self._homes = set()  # other intermediates seen live
@@ -128,15 +132,25 @@ class RedisFleet:
         self._redis = aioredis.from_url(self.url, socket_timeout=COMMAND_TIMEOUT,
                                         socket_connect_timeout=COMMAND_TIMEOUT,
                                         health_check_interval=0)
+        # Subscribed before the others can see this intermediate (its key, its beats): what
+        # they send it from then on reaches it.
+        loop = asyncio.get_running_loop()
+        listen = loop.create_task(self._listen())
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), COMMAND_TIMEOUT)
+        except asyncio.TimeoutError:
+            pass  # Redis does not answer: the claim says so
         try:
             await self._claim()
         except FleetError:
+            self._stopping = True
+            listen.cancel()
+            await asyncio.wait([listen], timeout=COMMAND_TIMEOUT)
             await self._redis.aclose()
             raise
         except Exception as exc:  # noqa: BLE001 - any Redis or network failure
             self._lost(exc)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._keep()), loop.create_task(self._listen())]
+        self._tasks = [loop.create_task(self._keep()), listen]
 
     async def stop(self):
         """Leave the fleet: the others forget this intermediate's nodes at once."""
@@ -365,9 +379,19 @@ class RedisFleet:
         while not self._stopping:
             pubsub = None
             try:
-                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._redis.pubsub()
                 mine = inbox(self.name)
                 await pubsub.subscribe(CHANNEL, mine)
+                confirmed = 0
+                while confirmed < 2:  # both channels: only then is it listening
+                    message = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
+                    if message is None:
+                        raise TimeoutError("Redis did not confirm the subscription")
+                    if message.get("type") == "subscribe":
+                        confirmed += 1
+                    else:
+                        self._dispatch(message, mine)
+                self._subscribed.set()
                 while not self._stopping:
                     message = await pubsub.get_message(timeout=HOME_SILENT / 4)
                     # Silence is judged only once what has arrived is read: after a stall
@@ -379,17 +403,14 @@ class RedisFleet:
                     for _ in range(MAX_DRAIN):
                         if message is None:
                             break
-                        if message.get("channel") in (mine, mine.encode()):
-                            self._signaling(message.get("data"))
-                        else:
-                            self._received(message.get("data"))
-                            self._duplicates_found()
+                        self._dispatch(message, mine)
                         message = await pubsub.get_message(timeout=0)
                     self._expire_silent()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any Redis or network failure
-                # What is published until it is back is lost to this intermediate.
+                # What is published until it is back is lost to this intermediate (the
+                # others still take it as reachable: their sessions to it are sent again).
                 self.counters["subscriptions_lost"] += 1
                 log.info("fleet: subscription lost: %s", exc)
                 await asyncio.sleep(min(MAX_BACKOFF, HEARTBEAT))
@@ -399,6 +420,15 @@ class RedisFleet:
                         await asyncio.wait_for(pubsub.aclose(), COMMAND_TIMEOUT)
                     except Exception:  # noqa: BLE001 - the connection is gone already
                         pass
+
+    def _dispatch(self, message, mine):
+        if message.get("type") != "message":
+            return
+        if message.get("channel") in (mine, mine.encode()):
+            self._signaling(message.get("data"))
+        else:
+            self._received(message.get("data"))
+            self._duplicates_found()
 
     def _received(self, data):
         self.counters["received"] += 1
