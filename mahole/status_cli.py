@@ -206,6 +206,11 @@ def format_status(status: dict, now=None) -> str:
         lines.append(_keepalive(status["keepalive"]))
     for forward in status.get("forwards", ()):
         lines.append(f"forward {forward.get('forward')} \u2192 {forward.get('service')}")
+    failed = status.get("last_session_error")
+    if failed:
+        code = f" [{failed['code']}]" if failed.get("code") else ""
+        lines.append(f"last failed session to {failed.get('service')}, "
+                     f"{_since(failed.get('age_s'), now)}: {failed.get('error')}{code}")
     sessions = status.get("sessions", ())
     if not sessions:
         lines.append("no sessions")

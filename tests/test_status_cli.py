@@ -393,3 +393,18 @@ def test_status_says_the_keepalive_in_use_and_the_lifetime_it_comes_from(keepali
     out = format_status({"role": "agent", "name": "alice", "pid": 1, "keepalive": keepalive,
                          "intermediate": {"addr": "203.0.113.7:4478", "connected": False}})
     assert f"\n{text}\n" in out + "\n", out
+
+
+def test_status_says_why_the_last_session_failed():
+    from mahole.status_cli import format_status
+    failed = {"service": "web", "code": "TIMEOUT", "age_s": 12.0,
+              "error": "no session to service 'web': connector 'office' at intermediate "
+                       "'relay2' did not confirm the session within 3.0 s (3 tries through "
+                       "the fleet's store)"}
+    out = format_status({"role": "agent", "name": "alice", "pid": 1,
+                         "intermediate": {"addr": "203.0.113.7:4478", "connected": True},
+                         "last_session_error": failed}, now=1000.0)
+    [line] = [line for line in out.splitlines() if line.startswith("last failed session")]
+    assert line.startswith("last failed session to web, ") and "(12s)" in line
+    assert line.endswith("did not confirm the session within 3.0 s (3 tries through the "
+                         "fleet's store) [TIMEOUT]")

@@ -9,6 +9,7 @@ import itertools
 import logging
 import numbers
 import sys
+import time
 
 from aioquic.quic import events as qe
 
@@ -164,6 +165,9 @@ class Agent(Node):
         self._requests = {}  # request_id -> Future of SessionOpened
         self._request_ids = itertools.count(1)
         self.counters = {"session_errors": 0}
+        # (service, SessionError, time.monotonic()) of the latest open that failed, for
+        # /status: what a person asks first when a forward resets its connections.
+        self._last_session_error = None
 
     def register_message(self):
         return control.Register(role="agent", name=self.name)
@@ -254,12 +258,17 @@ class Agent(Node):
         try:
             return await asyncio.wait_for(self._open_inner(service), timeout)
         except asyncio.TimeoutError:
-            self.counters["session_errors"] += 1
-            raise SessionError(f"no session to {service} within {timeout:g} s "
-                               f"(intermediate {'reachable' if self.control.connected else 'unreachable'})") from None
-        except SessionError:
-            self.counters["session_errors"] += 1
+            error = SessionError(f"no session to {service} within {timeout:g} s "
+                                 f"(intermediate {'reachable' if self.control.connected else 'unreachable'})")
+            self._session_failed(service, error)
+            raise error from None
+        except SessionError as exc:
+            self._session_failed(service, exc)
             raise
+
+    def _session_failed(self, service, error):
+        self.counters["session_errors"] += 1
+        self._last_session_error = (service, error, time.monotonic())
 
     async def _open_inner(self, service):
         await self.control._registered.wait()
@@ -328,6 +337,12 @@ class Agent(Node):
     def status(self):
         status = super().status()
         status["counters"] = dict(self.counters)
+        if self._last_session_error is not None:
+            service, error, at = self._last_session_error
+            code = getattr(error.code, "name", error.code)
+            status["last_session_error"] = {"service": service, "error": str(error),
+                                            "code": code,
+                                            "age_s": round(time.monotonic() - at, 3)}
         if self.forwards is not None:
             status["forwards"] = self.forwards.status()
             status["counters"].update(self.forwards.counters)
