@@ -123,8 +123,18 @@ def test_killing_the_agents_intermediate_mid_transfer_loses_nothing_on_the_relay
     need_redis()
     d = FleetDeployment(lab, tmp_path, "symmetric", "symmetric", everywhere=True)
     d.wait_registered()
-    wait(lambda: "relay2" in (((d.status(d.intermediate) or {}).get("fleet") or {})
-                              .get("reachable") or ()), 20, "relay1 to see relay2", d)
+
+    def each_sees_both_nodes():
+        # Wherever the two homed, each intermediate knows both (its own and the other's)
+        # and reaches the other: the agent's home can find the connector.
+        for status in (d.status(d.intermediate), d.relay2_status()):
+            nodes, fleet = (status or {}).get("nodes") or {}, (status or {}).get("fleet") or {}
+            held = nodes.get("agents", 0) + nodes.get("connectors", 0)
+            if held + sum((fleet.get("remote_nodes") or {}).values()) != 2 \
+                    or not fleet.get("reachable"):
+                return False
+        return True
+    wait(each_sees_both_nodes, 20, "each intermediate to see both nodes", d)
     data = os.urandom(12 << 20)
     transfer = Transfer(d, data, pace=0.01)  # ~3 MB/s for about four seconds
     wait(lambda: len(transfer.received) > 1 << 20, 30, "the transfer to get going", d)
