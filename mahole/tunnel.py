@@ -132,7 +132,7 @@ class StreamPipe:
                     return
                 if budget is not None and data:
                     self._charged += len(data)
-                    budget.charge(len(data))
+                    budget.charge(self, len(data))
                 if not data:
                     self.quic.send_stream_data(self.stream_id, b"", end_stream=True)
                     self.connection.transmit()
@@ -172,7 +172,8 @@ class StreamPipe:
     def _release(self, count):
         """Give `count` charged bytes back; the streams the budget then lets read go on."""
         self._charged -= count
-        for pipe in self.budget.release(count, asyncio.get_running_loop().time()):
+        for pipe in self.budget.release(self, count,
+                                       asyncio.get_running_loop().time()):
             if pipe._grant is not None and not pipe._grant.done():
                 pipe._grant.set_result(None)
 
