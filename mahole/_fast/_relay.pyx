@@ -729,7 +729,8 @@ cdef void _hand_off(Lane *lane, Py_ssize_t nup) noexcept nogil:
     cdef Held *first = NULL
     cdef Held *last = NULL
     cdef Held *h
-    cdef Py_ssize_t k, j, made = 0, dropped = 0
+    cdef Held *rest
+    cdef Py_ssize_t k, j, made = 0, dropped = 0, kept
     cdef size_t length, total = 0
     cdef uint64_t one = 1
     for k in range(nup):
@@ -754,23 +755,32 @@ cdef void _hand_off(Lane *lane, Py_ssize_t nup) noexcept nogil:
         made += 1
         total += length
     pthread_mutex_lock(&t.lock)
-    lane.c.handoff_dropped += <uint64_t>dropped
-    if made and (t.held_count + made > HELD_MAX or t.held_bytes + total > HELD_MAX_BYTES):
-        lane.c.handoff_dropped += <uint64_t>made
-        pthread_mutex_unlock(&t.lock)
-        _free_held(first)
-        return
-    if made:
+    # As many as fit, in order; the rest are dropped.
+    kept = 0
+    total = 0
+    last = NULL
+    h = first
+    while (h != NULL and t.held_count + kept < HELD_MAX
+           and t.held_bytes + total + h.length <= HELD_MAX_BYTES):
+        total += h.length
+        kept += 1
+        last = h
+        h = h.next
+    rest = h
+    if last != NULL:
+        last.next = NULL
         if t.held_tail == NULL:
             t.held_head = first
         else:
             t.held_tail.next = first
         t.held_tail = last
-        t.held_count += <size_t>made
+        t.held_count += <size_t>kept
         t.held_bytes += total
-        lane.c.handed_off += <uint64_t>made
+    lane.c.handed_off += <uint64_t>kept
+    lane.c.handoff_dropped += <uint64_t>(dropped + made - kept)
     pthread_mutex_unlock(&t.lock)
-    if made:
+    _free_held(rest)
+    if kept:
         c_write(t.wake_fd, &one, sizeof(one))  # a full counter (never) only loses a wake-up
 
 
