@@ -487,12 +487,13 @@ class Coturn:
         "coturn xN", with --relay-threads N."""
         self.name = "coturn" if not threads else f"coturn x{threads}"
         self.binary = shutil.which("turnserver")
-        base = _free_port_range(16)
+        size = flows + 4  # listening, alternate, and a relay port for every allocation
+        base = _free_port_range(size)
         self.port = base
         self.log = Path(tmp) / f"turnserver-{threads}.log"
         cmd = [self.binary, "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1",
                "--listening-port", str(base), "--alt-listening-port", str(base + 1),
-               "--min-port", str(base + 2), "--max-port", str(base + 15),
+               "--min-port", str(base + 2), "--max-port", str(base + size - 1),
                "--no-tls", "--no-dtls", "--no-tcp", "--no-tcp-relay", "--no-cli",
                "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}",
                "--realm", TURN_REALM, "--allow-loopback-peers", "--no-rfc5780",
@@ -722,8 +723,8 @@ def _parse(argv):
     if not 1 <= args.relay_threads <= 16:
         parser.error("--relay-threads must be 1-16")
     args.flows = args.flows or (8 if args.relay_threads > 1 else 1)
-    if not 1 <= args.flows <= 12:
-        parser.error("--flows must be 1-12 (coturn gets 14 relay ports)")
+    if not 1 <= args.flows <= 64:
+        parser.error("--flows must be 1-64")
     return args
 
 
