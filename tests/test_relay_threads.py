@@ -296,6 +296,29 @@ def test_an_engine_left_to_the_collector_stops_its_threads(relay, sockets):
     assert len(os.listdir("/proc/self/fd")) < len(fds)  # its duplicates are closed
 
 
+def inheritable_fds():
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.get_inheritable(int(name)):
+                fds.append(int(name))
+        except OSError:  # the descriptor listdir had open while it read the directory
+            pass
+    return set(fds)
+
+
+def test_the_engines_own_descriptors_are_not_inherited(relay, sockets):
+    """A child process that inherited a worker socket's duplicate would keep a member of the
+    SO_REUSEPORT group that nobody reads, and the kernel would go on giving it flows."""
+    socks = [sockets() for _ in range(3)]
+    before = inheritable_fds()
+    engine = relay.RelayEngine(socks[0], worker_sockets=socks[1:])
+    try:
+        assert inheritable_fds() <= before
+    finally:
+        engine.close()
+
+
 def test_worker_sockets_must_suit(relay, sockets):
     main = sockets()
     with pytest.raises(ValueError, match="family"):

@@ -45,7 +45,8 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.signal cimport sigfillset
 from posix.types cimport sigset_t
-from posix.unistd cimport close as c_close, dup as c_dup, read as c_read, write as c_write
+from posix.fcntl cimport F_DUPFD_CLOEXEC, fcntl
+from posix.unistd cimport close as c_close, read as c_read, write as c_write
 
 from mahole._fast._sockaddr cimport (
     AF_INET,
@@ -173,6 +174,7 @@ cdef enum:
     HELD_MAX = 1024             # datagrams a worker may hand to the caller, waiting at most...
     HELD_MAX_BYTES = 4 << 20    # ...and their bytes: past either, handoff_dropped
     IDLE_WAIT_MS = 1000         # a worker's poll() timeout: only a safety net, close() wakes it
+    ERROR_BACKOFF_MS = 10       # a worker's pause after a receive error other than EAGAIN
 
 assert FRAME_TYPE == RELAY_FRAME_TYPE and HEADER_LEN == RELAY_HEADER_LEN
 assert TOKEN_OFFSET == RELAY_TOKEN_OFFSET
@@ -810,18 +812,11 @@ cdef void *_worker(void *arg) noexcept nogil:
             continue
         if n == -EBADF or n == -ENOTSOCK or n == -EFAULT:
             break  # its socket is gone (the engine's own dup: only close() does that)
-        # Nothing waiting (or an error the socket reported): wait for more, or for close().
-        poll(fds, 2, IDLE_WAIT_MS)
+        if n == 0 or n == -EAGAIN:  # nothing waiting: wait for more, or for close()
+            poll(fds, 2, IDLE_WAIT_MS)
+        else:  # an error that may last (ENOMEM...): back off rather than spin on a ready socket
+            poll(&fds[1], 1, ERROR_BACKOFF_MS)
     return NULL
-
-
-def _has_udp_segment(sock):
-    """Whether the kernel knows UDP_SEGMENT (UDP GSO, Linux 4.18+)."""
-    try:
-        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
-    except OSError:
-        return False
-    return True
 
 
 @cython.final
@@ -949,7 +944,8 @@ cdef class RelayEngine:
         self._workers = <Lane **>calloc(len(workers), sizeof(Lane *))
         if self._workers == NULL:
             raise MemoryError()
-        for fd in (eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)):
+        for _ in range(2):  # one at a time: a failed second leaves the first to __dealloc__
+            fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
             if fd < 0:
                 raise OSError(errno, strerror(errno).decode("utf-8", "replace"))
             if self._t.wake_fd < 0:
@@ -963,7 +959,9 @@ cdef class RelayEngine:
             lane.fd = -1
             self._workers[self._nworkers] = lane
             self._nworkers += 1
-            fd = c_dup(w.fileno())
+            # Close-on-exec (as socket.dup): a child that inherited it would keep a member of
+            # the SO_REUSEPORT group that nobody reads, taking its share of the flows.
+            fd = fcntl(w.fileno(), F_DUPFD_CLOEXEC, 0)
             if fd < 0:
                 raise OSError(errno, strerror(errno).decode("utf-8", "replace"))
             _lane_alloc(lane, self._t, fd, bs, mx, bool(gso) and _has_udp_segment(w))
