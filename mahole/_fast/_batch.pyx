@@ -41,6 +41,9 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
 from mahole._fast._sockaddr cimport (
+    CMSG_STRIDE,
+    gso_cmsgs_alloc,
+    gso_message,
     EAGAIN,
     EBADF,
     EFAULT,
@@ -96,9 +99,9 @@ cdef enum:
     UDP_GRO = 104               # == _addr_py.UDP_GRO (linux/udp.h)
     GSO_MAX_SEGMENTS = 64       # == _addr_py.GSO_MAX_SEGMENTS
     GSO_MAX_BYTES = 65000       # == _addr_py.GSO_MAX_BYTES
-    CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
 
 assert UDP_GRO == _UDP_GRO
+assert CMSG_SPACE(sizeof(uint16_t)) <= CMSG_STRIDE  # a control message fits its slot
 assert GSO_MAX_SEGMENTS == _GSO_MAX_SEGMENTS and GSO_MAX_BYTES == _GSO_MAX_BYTES
 
 # Destination sockaddr cache: cleared (between calls) once it holds more entries.
@@ -169,8 +172,7 @@ cdef class BatchSocket:
     cdef bytes _last_name
 
     def __cinit__(self, sock, batch_size=32, max_datagram=65535, *, gso=True, gro=False):
-        cdef Py_ssize_t j, bs, mx
-        cdef cmsghdr *cmsg
+        cdef Py_ssize_t bs, mx
         family, bs, mx = batch_args(sock, batch_size, max_datagram)
         self._sock = sock
         self._family = family
@@ -181,16 +183,10 @@ cdef class BatchSocket:
         self._tx_iov = <iovec *>calloc(bs, sizeof(iovec))
         self._msg_first = <int *>calloc(bs, sizeof(int))
         self._msg_count = <int *>calloc(bs, sizeof(int))
-        self._cmsg = <char *>calloc(bs, CMSG_STRIDE)
+        self._cmsg = gso_cmsgs_alloc(bs)
         if (self._tx == NULL or self._tx_iov == NULL or self._msg_first == NULL
                 or self._msg_count == NULL or self._cmsg == NULL):
             raise MemoryError()
-        assert CMSG_SPACE(sizeof(uint16_t)) <= CMSG_STRIDE
-        for j in range(bs):
-            cmsg = <cmsghdr *>(self._cmsg + j * CMSG_STRIDE)
-            cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-            cmsg.cmsg_level = SOL_UDP
-            cmsg.cmsg_type = UDP_SEGMENT
         self.gso = bool(gso) and has_udp_segment(sock)
         self.gro = bool(gro) and mx == MAX_DATAGRAM and turn_on_udp_gro(sock)
         if self.gro:
@@ -326,15 +322,7 @@ cdef class BatchSocket:
             msg = &self._tx[m].msg_hdr
             msg.msg_name = PyBytes_AS_STRING(name)
             msg.msg_namelen = <socklen_t>PyBytes_GET_SIZE(name)
-            msg.msg_iov = &iov[start]
-            msg.msg_iovlen = <size_t>(j - start)
-            if j - start > 1:
-                msg.msg_control = self._cmsg + m * CMSG_STRIDE
-                msg.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
-                (<uint16_t *>CMSG_DATA(<cmsghdr *>msg.msg_control))[0] = <uint16_t>size
-            else:
-                msg.msg_control = NULL
-                msg.msg_controllen = 0
+            gso_message(msg, &iov[start], <size_t>(j - start), self._cmsg, m, size)
             self._msg_first[m] = <int>start
             self._msg_count[m] = <int>(j - start)
             m += 1

@@ -49,12 +49,12 @@ from posix.fcntl cimport F_DUPFD_CLOEXEC, fcntl
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
 
 from mahole._fast._sockaddr cimport (
+    CMSG_STRIDE,
+    gso_cmsgs_alloc,
+    gso_message,
     AF_INET,
     AF_INET6,
     CLOCK_MONOTONIC,
-    CMSG_DATA,
-    CMSG_LEN,
-    CMSG_SPACE,
     EAGAIN,
     EBADF,
     EFAULT,
@@ -72,7 +72,6 @@ from mahole._fast._sockaddr cimport (
     address_to_sockaddr,
     cached_address,
     clock_gettime,
-    cmsghdr,
     errno,
     iovec,
     mmsghdr,
@@ -90,7 +89,6 @@ from mahole._fast._sockaddr cimport (
     socklen_t,
     strerror,
     timespec,
-    uint16_t,
     uint64_t,
 )
 from mahole._fast._sockaddr cimport MAX_FLOWINFO as C_MAX_FLOWINFO
@@ -170,7 +168,6 @@ cdef enum:
     MIN_CAPACITY = 16           # hash table slots at start (power of two)
     GSO_MAX_SEGMENTS = 64       # the kernel's UDP_MAX_SEGMENTS before Linux 6.x raised it
     GSO_MAX_BYTES = 65000       # one GSO send stays under the 64 KiB IP/UDP length limit
-    CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
     HELD_MAX = 1024             # datagrams a worker may hand to the caller, waiting at most...
     HELD_MAX_BYTES = 4 << 20    # ...and their bytes: past either, handoff_dropped
     IDLE_WAIT_MS = 1000         # a worker's poll() timeout: only a safety net, close() wakes it
@@ -406,8 +403,6 @@ cdef struct Lane:
 
 cdef int _lane_alloc(Lane *lane, Table *t, int fd, Py_ssize_t bs, Py_ssize_t mx,
                      bint gso) except -1:
-    cdef Py_ssize_t j
-    cdef cmsghdr *cmsg
     lane.table = t
     lane.fd = fd
     lane.gso = gso
@@ -425,18 +420,12 @@ cdef int _lane_alloc(Lane *lane, Table *t, int fd, Py_ssize_t bs, Py_ssize_t mx,
     lane.tx = <mmsghdr *>calloc(bs, sizeof(mmsghdr))
     lane.msg_first = <int *>calloc(bs, sizeof(int))
     lane.msg_count = <int *>calloc(bs, sizeof(int))
-    lane.cmsg = <char *>calloc(bs, CMSG_STRIDE)
+    lane.cmsg = gso_cmsgs_alloc(bs)
     if (lane.up == NULL or lane.tx == NULL or lane.tx_iov == NULL or lane.tx_names == NULL
             or lane.tx_namelen == NULL or lane.q_session == NULL or lane.q_key == NULL
             or lane.q_dir == NULL or lane.q_sent == NULL or lane.msg_first == NULL
             or lane.msg_count == NULL or lane.cmsg == NULL):
         raise MemoryError()
-    assert CMSG_SPACE(sizeof(uint16_t)) <= CMSG_STRIDE
-    for j in range(bs):
-        cmsg = <cmsghdr *>(lane.cmsg + j * CMSG_STRIDE)
-        cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-        cmsg.cmsg_level = SOL_UDP
-        cmsg.cmsg_type = UDP_SEGMENT
     return 0
 
 
@@ -582,15 +571,7 @@ cdef Py_ssize_t _group(Lane *lane, Py_ssize_t nq) noexcept nogil:
         msg = &lane.tx[m].msg_hdr
         msg.msg_name = &lane.tx_names[start]
         msg.msg_namelen = namelen
-        msg.msg_iov = &iov[start]
-        msg.msg_iovlen = <size_t>(k - start)
-        if k - start > 1:
-            msg.msg_control = lane.cmsg + m * CMSG_STRIDE
-            msg.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
-            (<uint16_t *>CMSG_DATA(<cmsghdr *>msg.msg_control))[0] = <uint16_t>size
-        else:
-            msg.msg_control = NULL
-            msg.msg_controllen = 0
+        gso_message(msg, &iov[start], <size_t>(k - start), lane.cmsg, m, size)
         lane.msg_first[m] = <int>start
         lane.msg_count[m] = <int>(k - start)
         m += 1

@@ -139,6 +139,42 @@ cdef extern from *:
         UDP_SEGMENT
 
 
+# A sendmmsg's UDP_SEGMENT control messages: one per message slot, CMSG_STRIDE bytes apart.
+cdef enum:
+    CMSG_STRIDE = 32            # >= CMSG_SPACE(sizeof(uint16_t)), a multiple of 8
+
+
+cdef inline char *gso_cmsgs_alloc(Py_ssize_t count) noexcept:
+    """count UDP_SEGMENT control messages, their segment size still to set (gso_message);
+    NULL when out of memory. The caller frees it."""
+    cdef char *buf = <char *>calloc(count, CMSG_STRIDE)
+    cdef cmsghdr *cmsg
+    cdef Py_ssize_t j
+    if buf == NULL:
+        return NULL
+    for j in range(count):
+        cmsg = <cmsghdr *>(buf + j * CMSG_STRIDE)
+        cmsg.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+        cmsg.cmsg_level = SOL_UDP
+        cmsg.cmsg_type = UDP_SEGMENT
+    return buf
+
+
+cdef inline void gso_message(msghdr *msg, iovec *iov, size_t count, char *cmsgs,
+                             Py_ssize_t slot, Py_ssize_t size) noexcept nogil:
+    """Message `slot` of a sendmmsg carries the `count` datagrams at iov: a run of `size`
+    bytes each (the last may be shorter) with the slot's UDP_SEGMENT, or one without."""
+    msg.msg_iov = iov
+    msg.msg_iovlen = count
+    if count > 1:
+        msg.msg_control = cmsgs + slot * CMSG_STRIDE
+        msg.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+        (<uint16_t *>CMSG_DATA(<cmsghdr *>msg.msg_control))[0] = <uint16_t>size
+    else:
+        msg.msg_control = NULL
+        msg.msg_controllen = 0
+
+
 # IPv6 flow label is 20 bits (RFC 8200 §3); Python's sendto enforces the same range.
 # == MAX_FLOWINFO in _addr_py.py (the modules' Python-level constant).
 cdef enum:
