@@ -53,7 +53,9 @@ def steady_on_the_relay(d, session):
         time.sleep(0.5)  # sampling the status; the session runs on its own
     assert session["failovers"] == 0, session  # a choice, not a failure
     routes = session["routes"]
-    assert routes["direct"]["rtt_ms"] >= SLOW_MS * 0.9, routes
+    # Taken when the agent chose: the smoothed RTT of the direct path may still be rising
+    # toward SLOW_MS then (201 ms of 300 in one run), but it is many times the relay's.
+    assert routes["direct"]["rtt_ms"] >= SLOW_MS / 2, routes
     assert routes["relay"]["rtt_ms"] < SLOW_MS / 3, routes
     connector = (d.status(d.connector) or {}).get("sessions") or [{}]
     assert connector[0].get("path") == "relay", (connector, d.logs())
