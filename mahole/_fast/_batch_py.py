@@ -39,6 +39,16 @@ _SEND_STOP = frozenset(e for e in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUF
 _SEND_FATAL = frozenset((errno.EBADF, errno.ENOTSOCK, errno.EFAULT))
 
 
+def _send_stops(exc):
+    """After a send failed: True if the socket takes no more now (a full buffer), False if
+    only what was sent was refused; raises exc again if the socket itself is gone."""
+    if exc.errno in _SEND_STOP:
+        return True
+    if exc.errno in _SEND_FATAL:
+        raise exc
+    return False
+
+
 def _sendto_address(family, addr):
     """The address to give sendto for a destination tuple, or ValueError.
 
@@ -248,13 +258,9 @@ class BatchSocket:
             self._sock.sendmsg([data for data, _ in items[start:start + run]],
                                [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(items[start][0])))],
                                0, address)
-        except BlockingIOError:
-            return None
         except OSError as exc:
-            if exc.errno in _SEND_STOP:
+            if _send_stops(exc):
                 return None
-            if exc.errno in _SEND_FATAL:
-                raise
             # A GSO run refused (over the path MTU, an old kernel...): one by one.
             if exc.errno == errno.EIO:
                 self._gso = False  # no checksum offload for GSO: stop trying
@@ -271,13 +277,9 @@ class BatchSocket:
         socket takes no more now."""
         try:
             self._sock.sendto(data, cache[addr])
-        except BlockingIOError:
-            return None
         except OSError as exc:
-            if exc.errno in _SEND_STOP:
+            if _send_stops(exc):
                 return None
-            if exc.errno in _SEND_FATAL:
-                raise
             # Refused on its own (ECONNREFUSED, EMSGSIZE, ENETUNREACH...): skip it.
             self._send_errors += 1
             return False
