@@ -4,6 +4,7 @@ carrying 1,000 concurrent TCP streams, against one stream through one session in
     python benchmarks/bench_many.py [--quick] [--connectors C] [--services S] [--streams N]
                                     [--bytes B] [--single-bytes B] [--runs R] [--rounds K]
                                     [--path relay|direct|both] [--intermediate-args ARGS]
+                                    [--agent-args ARGS] [--profile DIR]
 
 How it measures. Everything runs on 127.0.0.1 in separate processes, each in its own process
 group, all ended by PID in `finally`; every run starts fresh processes.
@@ -45,6 +46,10 @@ Opening 100 sessions at once takes up to three control messages each (OpenSessio
 CandidateOffer, PunchResult); the intermediate's signaling burst (400) holds an agent's whole
 `--sessions-per-minute` (120) of them. (With the burst of 100 it once had, 8-21 of 100 punched
 sessions were dropped and failed after the agent's 10 s open timeout.)
+
+--profile DIR runs the agent, the connectors and the intermediate under cProfile (`python -m
+cProfile -o DIR/PATH-RUN-ROLE.prof -m mahole ...`), written when they stop (SIGTERM); the
+whole life of each process, start-up included. Profiled numbers are slower.
 
 MB/s is 10^6 bytes/s. JSON: benchmarks/results/many.json (many-quick.json for --quick).
 Budget: about a minute per run and path on an idle 2-core machine (--quick: 20 s).
@@ -255,8 +260,10 @@ def one_run(args, path, certs, tmp, run):
 
         def role(name, kind, cert, *extra):
             ports[name] = free_port()
+            profile = ([] if args.profile is None else
+                       ["-m", "cProfile", "-o", str(args.profile / f"{path}-{run}-{name}.prof")])
             return procs.start(name, [
-                sys.executable, "-m", "mahole", kind, "--ca", str(certs / "ca.crt"),
+                sys.executable, *profile, "-m", "mahole", kind, "--ca", str(certs / "ca.crt"),
                 "--cert", str(certs / f"{cert}.crt"), "--key", str(certs / f"{cert}.key"),
                 "--status", f"{HOST}:{ports[name]}", *extra])
 
@@ -273,7 +280,7 @@ def one_run(args, path, certs, tmp, run):
             connectors.append(f"connector{i}")
             role(f"connector{i}", "connector", f"conn{i}", *node,
                  *(a for s in names for a in ("--service", f"{s}=tcp:{HOST}:{sink_port}")))
-        role("agent", "agent", "alice", *node,
+        role("agent", "agent", "alice", *node, *args.agent_args,
              *(a for s in services for a in ("--forward", f"tcp:{HOST}:0={s}")))
         for name in ["agent", *connectors]:
             wait_for(name, lambda n=name: (status(ports[n], timeout=10) or {}).get(
@@ -467,6 +474,12 @@ def main(argv=None):
     parser.add_argument("--intermediate-args", default="", metavar="ARGS",
                         help="extra arguments for the intermediate, one string "
                         "(e.g. \"--signaling-burst 100\")")
+    parser.add_argument("--agent-args", default="", metavar="ARGS",
+                        help="extra arguments for the agent, one string "
+                        "(e.g. \"--send-budget 1073741824\")")
+    parser.add_argument("--profile", metavar="DIR", type=Path,
+                        help="run the agent, connectors and intermediate under cProfile, "
+                        "DIR/PATH-RUN-ROLE.prof")
     parser.add_argument("--allow-twin", action="store_true",
                         help="run even if the compiled hot path is missing")
     parser.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)
@@ -476,6 +489,7 @@ def main(argv=None):
         return 0
     quick = args.quick
     args.intermediate_args = args.intermediate_args.split()
+    args.agent_args = args.agent_args.split()
     args.connectors = args.connectors or (2 if quick else 10)
     args.services = args.services or (2 if quick else 10)
     args.streams = args.streams or (20 if quick else 1000)
@@ -499,6 +513,9 @@ def main(argv=None):
               file=sys.stderr)
         return 2
 
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="bench-many-"))
     certs = tmp / "certs"
@@ -543,10 +560,13 @@ def main(argv=None):
         "single_stream_bytes": args.single_bytes, "runs": args.runs,
         "unit": "MB/s (10^6 bytes/s); RSS in kB (MB in medians)",
         "medians": medians, "runs_detail": runs, "errors": errors,
-        "intermediate_args": args.intermediate_args,
+        "intermediate_args": args.intermediate_args, "agent_args": args.agent_args,
         "compiled": _fast.COMPILED, "cpus": os.cpu_count(), "rlimit_nofile": fds,
+        "profiled": args.profile is not None,
         "seconds_total": round(time.monotonic() - started, 1),
     })
+    if args.profile is not None:
+        print(f"profiles in {args.profile}")
     print(f"wrote {out}")
     return 0 if not errors else 1
 

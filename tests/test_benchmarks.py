@@ -51,6 +51,23 @@ def test_bench_relay_quick_with_relay_threads(tmp_path):
     assert data["ratios_by_pair"]["mahole x2 / mahole x1"]["saturated"] > 0
 
 
+def test_bench_many_quick_with_agent_args_and_profiles(tmp_path):
+    """--agent-args reaches the agent (its send budget in the report is the one asked for),
+    and --profile leaves a cProfile file per role."""
+    env = dict(os.environ, MAHOLE_BENCH_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_many.py"), "--quick",
+                          "--allow-twin", "--agent-args", "--send-budget 1048576",
+                          "--profile", str(tmp_path / "prof")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    data = json.loads((tmp_path / "many-quick.json").read_text())
+    assert data["agent_args"] == ["--send-budget", "1048576"]
+    assert data["runs_detail"]["relay"][0]["agent_send_budget"]["limit"] == 1048576
+    names = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert names == ["relay-0-agent.prof", "relay-0-connector0.prof",
+                     "relay-0-connector1.prof", "relay-0-intermediate.prof"]
+
+
 def test_bench_goodput_reports_p50_p95_and_the_ratios():
     """bench_goodput.py needs root and minutes in the NAT lab, so CI checks its report: the
     median, the slow tail (the goodput of the 95th-percentile time), n, failures and the
