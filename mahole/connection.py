@@ -21,10 +21,12 @@ from aioquic.quic.connection import (
 from aioquic.buffer import Buffer
 from aioquic.quic.events import HandshakeCompleted, StreamDataReceived
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
-from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
+from aioquic.quic.packet_builder import (
+    QuicDeliveryState, QuicPacketBuilder, QuicPacketBuilderStop)
 from aioquic.quic.recovery import QuicPacketPacer
 
 from . import identity
+from ._fast import PacketBuilder
 from .config import check_congestion_control
 from .pmtu import BASE_PLPMTU
 
@@ -259,7 +261,10 @@ class NodeQuicConnection(QuicConnection):
         self._mtu_probes.append((size, on_result))
 
     def datagrams_to_send(self, now):
-        datagrams = super().datagrams_to_send(now)
+        if self._steady():
+            datagrams = self._send_application(now)
+        else:
+            datagrams = super().datagrams_to_send(now)
         if self._mtu_probes:
             probes, self._mtu_probes = self._mtu_probes, []
             for size, on_result in probes:
@@ -268,6 +273,40 @@ class NodeQuicConnection(QuicConnection):
                 else:
                     on_result(size, None)
         return datagrams
+
+    def _steady(self):
+        """Established, on one path, nothing but 1-RTT packets to build: where aioquic's
+        datagrams_to_send does no more than `_send_application` does."""
+        return (self._handshake_confirmed and self._state == QuicConnectionState.CONNECTED
+                and not self._close_pending and len(self._network_paths) == 1
+                and (not self._is_client or self._remote_preferred_address is None))
+
+    def _send_application(self, now):
+        """aioquic 1.7's datagrams_to_send for a steady connection, with the compiled packet
+        builder (mahole._fast.PacketBuilder, the same output as aioquic's): building packets
+        is most of a bulk sender's per-packet work. Everything else stays aioquic's: what
+        goes in the packets (_write_application), congestion control, loss recovery."""
+        network_path = self._network_paths[0]
+        builder = PacketBuilder(
+            host_cid=self.host_cid, is_client=self._is_client,
+            max_datagram_size=self._max_datagram_size, packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid, peer_token=self._peer_token,
+            quic_logger=self._quic_logger, spin_bit=self._spin_bit, version=self._version)
+        # Only pacing holding back this attempt sets the pacing time (RFC 9002 §7.7).
+        self._pacing_at = None
+        builder.max_flight_bytes = self._loss.congestion_window - self._loss.bytes_in_flight
+        # RFC 9002 §7: only probes may exceed the congestion window.
+        if (self._probe_pending and builder.max_flight_bytes < self._max_datagram_size):
+            builder.max_flight_bytes = self._max_datagram_size
+        # anti-amplification on a path not validated yet (RFC 9000 §8.1)
+        if not network_path.is_validated:
+            builder.max_total_bytes = network_path.bytes_received * 3 - network_path.bytes_sent
+        try:
+            self._write_application(builder, network_path, now)
+        except QuicPacketBuilderStop:
+            pass
+        return self._flush_builder(builder=builder, network_path=network_path,
+                                   peer_cid=self._peer_cid.cid, now=now)
 
     def _can_send_mtu_probe(self):
         return (self._state == QuicConnectionState.CONNECTED and not self._close_pending

@@ -38,6 +38,12 @@ def sched(request):
     return request.param
 
 
+@pytest.fixture(params=_impl_params("builder"))
+def builder(request):
+    """The QUIC packet builder module: compiled `_builder` and `_builder_py` (aioquic's)."""
+    return request.param
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print the observed NAT matrix (tests/test_nat_matrix.py) in the test report."""
     module = __import__("sys").modules.get("test_nat_matrix")

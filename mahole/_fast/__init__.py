@@ -10,6 +10,7 @@ Public API (identical in both twins):
   parse_header(data, short_dcid_len=8)   QUIC header (RFC 9000 §17) or ValueError
   Router                                 DCID / relay-session tables + batch dispatch
   BatchSocket                            recvmmsg/sendmmsg batches on a UDP socket
+  PacketBuilder                          QUIC packet builder (aioquic's own as the twin)
 """
 
 import os
@@ -42,6 +43,7 @@ _hot, COMPILED = _load("_hot", "_hot_py")
 _batch, BATCH_COMPILED = _load("_batch", "_batch_py")
 _relay, RELAY_COMPILED = _load("_relay", "_relay_py")
 _sched, SCHED_COMPILED = _load("_sched", "_sched_py")
+_builder, BUILDER_COMPILED = _load("_builder", "_builder_py")
 
 classify = _hot.classify
 parse_header = _hot.parse_header
@@ -51,6 +53,7 @@ DispatchResult = _hot.DispatchResult
 BatchSocket = _batch.BatchSocket
 RelayEngine = _relay.RelayEngine
 Scheduler = _sched.Scheduler
+PacketBuilder = _builder.PacketBuilder
 
 
 def implementations(module="hot"):
@@ -61,7 +64,8 @@ def implementations(module="hot"):
     import importlib
 
     names = {"hot": ("_hot", "_hot_py"), "batch": ("_batch", "_batch_py"),
-             "relay": ("_relay", "_relay_py"), "sched": ("_sched", "_sched_py")}[module]
+             "relay": ("_relay", "_relay_py"), "sched": ("_sched", "_sched_py"),
+             "builder": ("_builder", "_builder_py")}[module]
     found = {}
     try:
         found["compiled"] = importlib.import_module(f"{__name__}.{names[0]}")

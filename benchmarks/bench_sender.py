@@ -1,0 +1,159 @@
+"""A QUIC sender's CPU per GB: the connection's packet building with aioquic's builder against
+mahole's compiled one.
+
+Two mahole connections (the agent's and the connector's kind) are pumped against each other
+in memory, without sockets or a clock of their own, while the client sends one stream of
+--mib MiB at 1,200-byte packets (QUIC's minimum, where per-packet work costs the most). What
+is timed is the CPU the client spends in `datagrams_to_send` (building, encrypting and
+registering every packet) and the CPU the server spends in `receive_datagram`, per GB of
+stream data. The two builders are measured interleaved, --reps times each, in one process;
+both deliver the stream intact (checked). The rest of a tunnel's per-packet cost (sockets,
+the event loop, the TCP side) is not in these figures: benchmarks/bench_tunnel.py has it.
+
+    python benchmarks/bench_sender.py [--quick] [--allow-twin] [--mib N] [--reps N]
+
+Writes benchmarks/results/sender.json (sender-quick.json for --quick).
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import mahole  # noqa: F401
+except ImportError:  # running from a source checkout without an install
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import _report
+from aioquic.quic import events as qe
+from aioquic.quic.packet_builder import QuicPacketBuilder
+
+from mahole import _fast, connection, identity
+from mahole.demo import issue_certificates
+
+CLIENT_ADDR, SERVER_ADDR = ("127.0.0.1", 5000), ("127.0.0.1", 4478)
+STEP = 0.002  # fake seconds between two exchanges: ACKs come back at this RTT
+
+
+def make_pair(directory):
+    """(client, server) handshaken and confirmed, both NodeQuicConnections."""
+    issue_certificates(directory)
+    ca = str(directory / "ca.crt")
+    alice = identity.load_identity(directory / "alice.crt", directory / "alice.key")
+    conn1 = identity.load_identity(directory / "connector1.crt", directory / "connector1.key")
+    client = connection.NodeQuicConnection(configuration=connection.configuration(
+        alice, ca, is_client=True, alpn=connection.ALPN_E2E, server_name="connector1"))
+    client.connect(SERVER_ADDR, now=0.0)
+    server = connection.NodeQuicConnection(
+        configuration=connection.configuration(conn1, ca, is_client=False,
+                                               alpn=connection.ALPN_E2E),
+        original_destination_connection_id=client.original_destination_connection_id)
+    now = 0.0
+    while not client._handshake_confirmed:
+        now += 0.01
+        exchange(client, server, now)
+        if now > 5:
+            raise RuntimeError("no handshake")
+    return client, server, now
+
+
+def exchange(client, server, now, clock=None):
+    """Datagrams both ways once; the stream bytes the server received. `clock` adds the
+    client's send CPU and the server's receive CPU to clock[0] and clock[1]."""
+    received = 0
+    for sender, receiver, source, slot in ((client, server, CLIENT_ADDR, 0),
+                                           (server, client, SERVER_ADDR, None)):
+        start = time.process_time()
+        datagrams = sender.datagrams_to_send(now=now)
+        if clock is not None and slot == 0:
+            clock[0] += time.process_time() - start
+        for data, _addr in datagrams:
+            start = time.process_time()
+            receiver.receive_datagram(data, source, now=now)
+            if clock is not None and slot == 0:
+                clock[1] += time.process_time() - start
+    for conn in (client, server):
+        for event in iter(conn.next_event, None):
+            if conn is server and isinstance(event, qe.StreamDataReceived):
+                received += len(event.data)
+    return received
+
+
+def transfer(builder, size):
+    """(send s/GB, receive s/GB, packets) for one stream of `size` bytes."""
+    connection.PacketBuilder = builder
+    with tempfile.TemporaryDirectory() as tmp:
+        client, server, now = make_pair(Path(tmp))
+        packets_before = client._packet_number
+        client.send_stream_data(0, os.urandom(size), end_stream=True)
+        clock = [0.0, 0.0]
+        received = 0
+        deadline = time.monotonic() + 120
+        while received < size:
+            now += STEP
+            received += exchange(client, server, now, clock)
+            if time.monotonic() > deadline:
+                raise RuntimeError("the stream did not arrive")
+        if received != size:
+            raise RuntimeError(f"{received} bytes arrived, {size} sent")
+        gb = size / 1e9
+        return clock[0] / gb, clock[1] / gb, client._packet_number - packets_before
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (1 MiB x 2)")
+    parser.add_argument("--allow-twin", action="store_true",
+                        help="run even if the compiled builder is missing")
+    parser.add_argument("--mib", type=int, help="MiB per transfer (default 16)")
+    parser.add_argument("--reps", type=int, help="transfers per builder (default 7)")
+    args = parser.parse_args(argv)
+    impls = _fast.implementations("builder")
+    if "compiled" not in impls and not args.allow_twin:
+        print("bench_sender: the compiled builder is not built (build it, or pass "
+              "--allow-twin to measure aioquic's builder twice)", file=sys.stderr)
+        return 2
+    size = (args.mib or (1 if args.quick else 16)) << 20
+    reps = args.reps or (2 if args.quick else 7)
+    original = connection.PacketBuilder
+    builders = {"aioquic builder": QuicPacketBuilder,
+                "mahole builder": impls.get("compiled", impls["python"]).PacketBuilder}
+    runs = {name: [] for name in builders}
+    try:
+        for _ in range(reps):
+            for name, builder in builders.items():  # interleaved: drift hits both alike
+                runs[name].append(transfer(builder, size))
+    finally:
+        connection.PacketBuilder = original
+
+    summary, rows = {}, []
+    for name, results in runs.items():
+        send = _report.median([r[0] for r in results])
+        receive = _report.median([r[1] for r in results])
+        packets = results[0][2]
+        summary[name] = {"send_cpu_s_per_gb": send, "receive_cpu_s_per_gb": receive,
+                         "send_us_per_packet": send * (size / 1e9) / packets * 1e6,
+                         "packets": packets}
+        lo, hi = _report.spread([r[0] for r in results])
+        rows.append([name, send, lo, hi, summary[name]["send_us_per_packet"], receive])
+    base = summary["aioquic builder"]["send_cpu_s_per_gb"]
+    ratio = summary["mahole builder"]["send_cpu_s_per_gb"] / base if base else None
+    print(f"QUIC sender CPU, {size:,} bytes per stream x {reps} runs, 1,200-byte packets, "
+          f"in memory (compiled builder: {'compiled' in impls})")
+    print(_report.table(["builder", "send CPU s/GB", "min", "max", "send us/packet",
+                         "receive CPU s/GB"], rows))
+    if ratio:
+        print(f"mahole's builder: sender CPU per GB x{ratio:.2f} of aioquic's builder's")
+    path = _report.write("sender-quick" if args.quick else "sender", {
+        "bytes": size, "reps": reps, "compiled": "compiled" in impls, "summary": summary,
+        "send_cpu_ratio": ratio,
+        "runs": {name: [list(r) for r in results] for name, results in runs.items()}})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
