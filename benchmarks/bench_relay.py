@@ -43,6 +43,24 @@ Then (not with --quick) a drain: mahole with 1 and with N threads is stopped (SI
 sender puts 6,000 datagrams a flow into its sockets (256 MiB buffers here, so nothing is
 lost), and the relay is let go (SIGCONT): the rate it forwards them at, with no sender
 running beside it, is what the threads do with the CPUs the receiver leaves them.
+Then "drain, relay alone": the relay AND the receiver are stopped while the sender puts
+DRAIN_ALONE_TOTAL datagrams in all (so that one thread drains for about 0.5 s) into the
+relay's sockets (1 GiB buffers, SO_RCVBUFFORCE), then only the relay is let go, with
+nothing else of the benchmark running: the stopped receiver's sockets (1 GiB too) take
+everything it forwards. The drain is over when the relay's receive queues are empty and the
+receiver's have stopped growing (/proc/net/udp, every 20 ms); then the receiver is let go and
+reads it all, so loss is still checked (lossless: every datagram arrived, no drops at relay
+or receiver). The rate comes from the receiver's kernel timestamps (SO_TIMESTAMPNS, taken
+when each datagram was put into its socket, by the relay's own send on loopback): exact, and
+free while the relay runs, where timing by polling would take CPU from it and be no finer than
+the poll. The relay's CPU is summed over its threads (/proc/PID/task/*/schedstat, in ns): its
+cores is that over the time from SIGCONT to the last datagram. Two things kept out of the
+figure, both measured here: the sender fills flow i from CPU i mod 2, since freeing a buffer
+another CPU allocated costs a relay thread about a third more; and the N-thread relay is
+restarted (a new port) until the kernel's SO_REUSEPORT hash spreads the flows evenly over its
+sockets, since with 8 flows a 5:3 split is as likely as 4:4 and caps 2 threads at 8/5 of one.
+The flows each socket got, and every split tried, are reported. coturn is not drained: it
+sets its own sockets' buffers, too small to hold a fill.
 --receiver-gro sets UDP_GRO on the receiver's sockets, so a UDP GSO run that mahole sends
 arrives as one buffer and the receiver costs less (coturn sends datagrams one by one, which
 GRO does not merge on loopback): it favours mahole, and is off by default.
@@ -67,6 +85,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -109,7 +128,19 @@ BUDGET_THREADS_S = 170.0  # with --relay-threads: four relays, under three minut
 THREADS_TARGET = 1.7  # mahole with N threads / with one, lossless, on a 2-core machine
 DRAIN_REPS = 5
 DRAIN_PER_FLOW = 6000  # datagrams a flow puts into the stopped relay
-DRAIN_RCVBUF = 256 << 20  # the drain relay's sockets hold that, however the flows spread
+# The drain relay's sockets (SO_RCVBUFFORCE, which the kernel doubles) hold every drain,
+# however the flows spread: DRAIN_ALONE_TOTAL x about 2 KiB of kernel memory a datagram.
+DRAIN_RCVBUF = 1 << 30
+# "Drain, relay alone": datagrams in all, so that one relay thread takes about 0.5 s or more
+# (it forwards some 500,000 a second here). The relay's sockets hold them, then the stopped
+# receiver's: about 2 x 0.7 GB of kernel memory at the peak, far below this machine's and the
+# UDP limit (net.ipv4.udp_mem).
+DRAIN_ALONE_TOTAL = 320_000
+DRAIN_ALONE_WAIT = 20.0  # seconds a drain may take before the run gives up
+DRAIN_ALONE_POLL = 0.02  # seconds between looks at the relay's receive queues
+EVEN_TRIES = 12  # relay starts to find an even split of the flows over the sockets
+EVEN_PROBE = 2000  # datagrams in all a probe drain puts in, to see the split
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS is the same
 
 # TURN (RFC 8656): methods (§17) and attributes (§18); ChannelData (§12.4).
 TURN_ALLOCATE, TURN_CREATE_PERMISSION, TURN_CHANNEL_BIND = 0x003, 0x008, 0x009
@@ -244,7 +275,7 @@ def _sender(conn, cpus, flows):
             if msg[0] == "blast":
                 conn.send(_blast(sends, msg[2]))
             elif msg[0] == "fill":
-                conn.send(_fill(sends, msg[2]))
+                conn.send(_fill(sends, *msg[2:]))
             else:
                 conn.send(_paced(sends, msg[2], msg[3]))
     finally:
@@ -313,16 +344,29 @@ def _blast(sends, duration):
             return sent, now - start
 
 
-def _fill(sends, per_flow):
-    """per_flow datagrams on every flow, as fast as they go (into a stopped relay)."""
+def _fill(sends, per_flow, spread=False):
+    """per_flow datagrams on every flow, as fast as they go (into a stopped relay).
+
+    spread: flow i is sent from CPU i mod the CPUs this process may use. The kernel
+    allocates a datagram's buffer on the CPU that sends it and the relay frees it where it
+    reads it, and freeing another CPU's buffer costs more (one relay thread drained the same
+    datagrams in 0.47-0.59 s of CPU on the sender's CPU, 0.63-0.84 s on the other): spread,
+    every relay thread, wherever the scheduler puts it, frees about as many of each."""
     sent = 0
     start = time.perf_counter()
-    for flow in sends:
-        left = per_flow
-        while left > 0:
-            done = flow.send(min(left, _Sends.GSO_SEGMENTS))
-            left -= done
-            sent += done
+    cpus = sorted(os.sched_getaffinity(0)) if spread and hasattr(os, "sched_setaffinity") else []
+    try:
+        for i, flow in enumerate(sends):
+            if len(cpus) > 1:
+                os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+            left = per_flow
+            while left > 0:
+                done = flow.send(min(left, _Sends.GSO_SEGMENTS))
+                left -= done
+                sent += done
+    finally:
+        if len(cpus) > 1:
+            os.sched_setaffinity(0, cpus)
     return sent, time.perf_counter() - start
 
 
@@ -364,9 +408,18 @@ def _receiver(conn, cpus, flows, gro):
         conn.send([sock.getsockname() for sock in socks])
         while True:
             msg = conn.recv()
-            if msg[0] != "count":
+            if msg[0] == "alone":  # before the drains with the receiver stopped
+                for sock in socks:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, msg[1])
+                    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                conn.send(min(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                              for sock in socks))
+            elif msg[0] == "stamped":
+                conn.send(_count_stamped(socks, msg[1], 65535 if gro else 2048))
+            elif msg[0] == "count":
+                conn.send(_count(bsocks, socks, *msg[1:]))
+            else:
                 break
-            conn.send(_count(bsocks, socks, *msg[1:]))
     finally:
         for sock in socks:
             sock.close()
@@ -400,6 +453,35 @@ def _count(bsocks, socks, expected, first_timeout):
                     bad += 1
     seconds = (last - first) if count > 1 else 0.0
     return {"received": count, "bad_batches": bad, "seconds": seconds}
+
+
+def _count_stamped(socks, expected, bufsize):
+    """Everything queued on the sockets (until IDLE / 3 passes with nothing more), with the
+    kernel's receive timestamps (SO_TIMESTAMPNS) of the first and the last datagram: when
+    each was put into its socket, that is when the relay sent it (on loopback the sender's
+    system call delivers), not when this process reads it."""
+    count = bad = 0
+    first = last = None
+    space = socket.CMSG_SPACE(16)
+    by_fd = {sock.fileno(): (want, len(want)) for sock, want in zip(socks, expected)}
+    while select.select(socks, [], [], IDLE / 3)[0]:
+        for sock in socks:
+            want, size = by_fd[sock.fileno()]
+            while True:
+                try:
+                    data, ancdata, _, _ = sock.recvmsg(bufsize, space)
+                except BlockingIOError:
+                    break
+                count += -(-len(data) // size)
+                if data[:size] != want:
+                    bad += 1
+                for level, kind, value in ancdata:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        sec, nsec = struct.unpack("@ll", value[:16])
+                        stamp = sec + nsec * 1e-9
+                        first = stamp if first is None else min(first, stamp)
+                        last = stamp if last is None else max(last, stamp)
+    return {"received": count, "bad_batches": bad, "first": first, "last": last}
 
 
 # --- the relays under test -------------------------------------------------------------------
@@ -467,6 +549,7 @@ class MaholeRelay:
         self.targets = [(self.address, frame) for frame in frames]
         self.expected = frames  # forwarded unchanged
         self.counters = None
+        self.splits = None  # see _even_relay
 
     def stop(self):
         """Close stdin (the server prints its counters), then end it by PID."""
@@ -545,9 +628,10 @@ def _end_pid(proc, grace=3.0):
         pass
 
 
-def _udp_drops(ports):
-    """Kernel receive drops summed over the local UDP sockets bound to these ports."""
-    total = 0
+def _udp_sockets(ports):
+    """(bytes queued to be read, kernel receive drops) of each local UDP socket bound to one
+    of these ports (several for a SO_REUSEPORT group)."""
+    out = []
     for table in ("/proc/net/udp", "/proc/net/udp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -556,8 +640,20 @@ def _udp_drops(ports):
         for line in lines:
             fields = line.split()
             if int(fields[1].rsplit(":", 1)[1], 16) in ports:
-                total += int(fields[-1])
-    return total
+                out.append((int(fields[4].split(":")[1], 16), int(fields[-1])))
+    return out
+
+
+def _udp_queues(ports):
+    """(bytes queued to be read, kernel receive drops), summed over the local UDP sockets
+    bound to these ports."""
+    rows = _udp_sockets(ports)
+    return sum(q for q, _ in rows), sum(d for _, d in rows)
+
+
+def _udp_drops(ports):
+    """Kernel receive drops summed over the local UDP sockets bound to these ports."""
+    return _udp_queues(ports)[1]
 
 
 def _wait_state(pid, state, timeout=5.0):
@@ -582,6 +678,18 @@ def _cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_ns(pid):
+    """CPU nanoseconds of each thread of a process (/proc/PID/task/*/schedstat: exact, where
+    /proc/PID/stat counts clock ticks of 10 ms)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def _cpu_plan(pin):
     """CPU sets with 3 or more CPUs: relay, sender and receiver each on CPUs of their own.
 
@@ -601,8 +709,9 @@ def _cpu_plan(pin):
 
 
 class Harness:
-    def __init__(self, sender, receiver, receiver_ports):
+    def __init__(self, sender, receiver, receiver_ports, receiver_pid=None):
         self.sender, self.receiver, self.receiver_ports = sender, receiver, set(receiver_ports)
+        self.receiver_pid = receiver_pid
 
     def run(self, relay, command):
         """One measurement: receiver counts while the sender does `command`."""
@@ -664,6 +773,72 @@ class Harness:
             "bad_batches": got["bad_batches"],
         }
 
+    def drain_alone(self, relay, per_flow):
+        """The relay and the receiver stopped while per_flow datagrams a flow fill the
+        relay's sockets, then the relay alone let go: nothing else of the benchmark runs
+        while it forwards them into the receiver's sockets (which hold them all). When the
+        relay's receive queues are empty and the receiver's have stopped growing, the
+        receiver is let go and reads everything with its kernel timestamps: the rate is what
+        arrived over the first to last timestamp, and the cores the relay's threads' CPU
+        over the time from SIGCONT to the last timestamp."""
+        pid, receiver_pid = relay.proc.pid, self.receiver_pid
+        drops_before = (_udp_drops(relay.ports), _udp_drops(self.receiver_ports))
+        stopped = []
+        try:
+            for p in (pid, receiver_pid):
+                os.kill(p, signal.SIGSTOP)
+                stopped.append(p)
+                _wait_state(p, "T")
+            self.sender.send(("fill", relay.targets, per_flow, True))
+            sent, _ = self.sender.recv()
+            by_socket = sorted(q for q, _ in _udp_sockets(relay.ports))
+            cpu_before = _thread_cpu_ns(pid)
+            let_go = time.time()  # CLOCK_REALTIME, as the SO_TIMESTAMPNS stamps
+            os.kill(pid, signal.SIGCONT)
+            stopped.remove(pid)
+            deadline = time.monotonic() + DRAIN_ALONE_WAIT
+            at_receiver = -1
+            while True:
+                select.select([], [], [], DRAIN_ALONE_POLL)
+                queued, _ = _udp_queues(relay.ports)
+                grown, _ = _udp_queues(self.receiver_ports)
+                if queued == 0 and grown == at_receiver:
+                    break
+                at_receiver = grown
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{relay.name} did not drain {sent} datagrams in "
+                                       f"{DRAIN_ALONE_WAIT:g}s")
+            cpu_after = _thread_cpu_ns(pid)
+            resumed = time.time()
+        finally:
+            for p in stopped:
+                os.kill(p, signal.SIGCONT)
+        os.kill(receiver_pid, signal.SIGCONT)
+        self.receiver.send(("stamped", relay.expected))
+        got = self.receiver.recv()
+        drops_after = (_udp_drops(relay.ports), _udp_drops(self.receiver_ports))
+        first, last = got["first"], got["last"]
+        if first is None or last > resumed:
+            raise RuntimeError("receive timestamps missing or taken when the receiver read")
+        threads = sorted((cpu_after.get(t, 0) - cpu_before.get(t, 0)) / 1e9 for t in cpu_after)
+        span = last - let_go
+        return {
+            "sent": sent,
+            "received": got["received"],
+            # how the kernel's SO_REUSEPORT hash spread the flows over the relay's sockets:
+            # the fullest socket's thread has that share of the work, and ends the drain
+            "backlog_share": [q / sum(by_socket) for q in by_socket] if sum(by_socket) else [],
+            "rx_pps": got["received"] / (last - first) if last > first else 0.0,
+            "seconds": last - first,
+            "wake_s": first - let_go,  # SIGCONT to the first datagram out
+            "relay_cores": sum(threads) / span if span > 0 else 0.0,
+            # the busiest threads last: one near `seconds` and the rest idle is one core
+            "thread_cpu_s": [t for t in threads if t > 0.001],
+            "drops_at_relay": drops_after[0] - drops_before[0],
+            "drops_at_receiver": drops_after[1] - drops_before[1],
+            "bad_batches": got["bad_batches"],
+        }
+
     def lossless(self, relay, ceiling, deadline):
         """Binary search of the offered rate below `ceiling` for loss < LOSSLESS."""
         trials = []
@@ -709,6 +884,9 @@ def _parse(argv):
     parser.add_argument("--flows", type=int, default=0, metavar="F",
                         help="sender/receiver socket pairs, each its own session (default: 8 "
                              "with --relay-threads N > 1, else 1)")
+    parser.add_argument("--drains-only", action="store_true",
+                        help="with --relay-threads N > 1: only the two drains (no saturated "
+                             "runs, no lossless search, no coturn)")
     parser.add_argument("--receiver-gro", action="store_true",
                         help="UDP_GRO on the receiver's sockets: a GSO run mahole sends "
                              "arrives as one buffer (coturn sends none)")
@@ -723,6 +901,8 @@ def _parse(argv):
     if not 1 <= args.relay_threads <= 16:
         parser.error("--relay-threads must be 1-16")
     args.flows = args.flows or (8 if args.relay_threads > 1 else 1)
+    if args.drains_only and (args.relay_threads == 1 or args.quick):
+        parser.error("--drains-only needs --relay-threads N > 1 and no --quick")
     if not 1 <= args.flows <= 64:
         parser.error("--flows must be 1-64")
     return args
@@ -744,7 +924,7 @@ def main(argv=None):
     children, relays = [], []
     coturn_note = None
     results = {}
-    drains = {}
+    drains, drains_alone, splits = {}, {}, []
     tmp = tempfile.mkdtemp(prefix="mahole-bench-relay-")
     s_parent = r_parent = None
     try:
@@ -758,9 +938,12 @@ def main(argv=None):
             children.append(proc)
             conn.close()  # the child's end: a dead child then reads as EOFError here
         sender_addrs, receiver_addrs = s_parent.recv(), r_parent.recv()
-        harness = Harness(s_parent, r_parent, [addr[1] for addr in receiver_addrs])
+        harness = Harness(s_parent, r_parent, [addr[1] for addr in receiver_addrs],
+                          children[1].pid)
 
-        if threads == 1:
+        if args.drains_only:
+            pass
+        elif threads == 1:
             relays.append(MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin,
                                       plan["relay"]))
             if not args.quick:  # the same engine sending one datagram per msghdr, for scale
@@ -770,8 +953,8 @@ def main(argv=None):
             for n in (1, threads):
                 relays.append(MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin,
                                           plan["relay"], threads=n))
-        if args.quick:
-            coturn_note = "coturn skipped: --quick"
+        if args.quick or args.drains_only:
+            coturn_note = "coturn skipped: " + ("--quick" if args.quick else "--drains-only")
         elif shutil.which("turnserver") is None:
             coturn_note = ("coturn skipped: `turnserver` is not on PATH "
                            "(apt-get install coturn to compare)")
@@ -812,7 +995,8 @@ def main(argv=None):
                 results[relay.name]["lossless"] = best
                 results[relay.name]["lossless_trials"] = trials
         if threads > 1 and not args.quick:
-            drains = _drains(args, harness, sender_addrs, receiver_addrs, plan, deadline)
+            drains, drains_alone, splits = _drains(args, harness, sender_addrs,
+                                                   receiver_addrs, plan, deadline)
     except (RuntimeError, TimeoutError, EOFError, OSError) as exc:
         print(f"bench_relay: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -833,33 +1017,80 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
     return _report_results(args, results, relays, coturn_note, time.monotonic() - started, plan,
-                           drains)
+                           drains, drains_alone, splits)
 
 
 def _drains(args, harness, sender_addrs, receiver_addrs, plan, deadline):
     """mahole with one relay thread and with N, each draining sockets filled while it was
     stopped, DRAIN_REPS times alternately: what the threads forward with the CPUs to
-    themselves (but for the receiver). Their sockets get DRAIN_RCVBUF to hold it all."""
-    runs = {}
+    themselves but for the receiver (drain), then with the receiver stopped too (drain,
+    relay alone). Their sockets get DRAIN_RCVBUF to hold it all. Returns the two modes'
+    runs by relay name."""
+    runs, alone, splits = {}, {}, []
     relays = []
+    per_flow = DRAIN_ALONE_TOTAL // args.flows
     try:
         for n in (1, args.relay_threads):
             relays.append(MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin,
                                       plan["relay"], threads=n, rcvbuf=DRAIN_RCVBUF,
                                       suffix=" drain"))
             runs[relays[-1].name] = []
+            alone[relays[-1].name + " alone"] = []
         for _ in range(DRAIN_REPS):
             if time.monotonic() > deadline - 5:
                 break
             for relay in relays:
                 runs[relay.name].append(harness.drain(relay, DRAIN_PER_FLOW))
+        harness.receiver.send(("alone", DRAIN_RCVBUF))
+        harness.receiver.recv()
+        even = _even_relay(args, harness, relays[1], sender_addrs, receiver_addrs, plan)
+        if even is not relays[1]:
+            relays.append(even)
+        splits = even.splits
+        for _ in range(DRAIN_REPS):
+            if time.monotonic() > deadline - 8:
+                break
+            for relay in (relays[0], even):
+                alone[relay.name + " alone"].append(harness.drain_alone(relay, per_flow))
     finally:
         for relay in relays:
             relay.stop()
-    return runs
+    return runs, alone, splits
 
 
-def _report_results(args, results, relays, coturn_note, elapsed, plan, drains=None):
+def _even_relay(args, harness, relay, sender_addrs, receiver_addrs, plan):
+    """The N-thread drain relay, or one started anew (another port, so another hash) until
+    the kernel's SO_REUSEPORT hash gives none of its sockets more than its share of the flows
+    (plus one in 16): up to EVEN_TRIES starts, else the most even. With 8 flows on 2 sockets
+    a 5:3 split is as likely as 4:4, and the socket with 5 ends the drain at 8/5 = 1.6x one
+    thread's rate however fast the threads are; a relay with many sessions spreads them
+    evenly. relay.splits: the flows on each socket of every relay tried, fullest first."""
+    n = args.relay_threads
+    allowed = -(-args.flows // n) + args.flows // 16
+    tried, best, best_top = [], relay, None
+    candidate = relay
+    for attempt in range(EVEN_TRIES):
+        probe = harness.drain_alone(candidate, max(1, EVEN_PROBE // args.flows))
+        split = sorted((round(share * args.flows) for share in probe["backlog_share"]),
+                       reverse=True)
+        tried.append(split)
+        top = split[0] if split else args.flows
+        if best_top is None or top < best_top:
+            if best is not relay and best is not candidate:
+                best.stop()
+            best, best_top = candidate, top
+        elif candidate is not relay:
+            candidate.stop()
+        if top <= allowed or attempt == EVEN_TRIES - 1:
+            break
+        candidate = MaholeRelay(sender_addrs, receiver_addrs, args.allow_twin, plan["relay"],
+                                threads=n, rcvbuf=DRAIN_RCVBUF, suffix=" drain")
+    best.splits = tried
+    return best
+
+
+def _report_results(args, results, relays, coturn_note, elapsed, plan, drains=None,
+                    drains_alone=None, splits=()):
     summary = {}
     rows = []
     for relay in relays:
@@ -975,7 +1206,9 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan, drains=No
             ratio = drain_summary[a]["rx_pps"] / drain_summary[b]["rx_pps"]
             by_pair[f"{a} / {b}"] = {"target": None, "drain": ratio}
             print(f"{a} / {b}: {ratio:.2f}x")
-    path = _report.write(NAME + ("-threads" if n > 1 else "") + ("-quick" if args.quick else ""), {
+    alone_summary = _report_alone(args, drains_alone, splits, by_pair)
+    path = _report.write(NAME + ("-threads" if n > 1 else "") + ("-quick" if args.quick else "")
+                         + ("-drains" if args.drains_only else ""), {
         "inner_size": INNER_SIZE,
         "compiled": _fast.RELAY_COMPILED,
         "quick": args.quick,
@@ -998,9 +1231,64 @@ def _report_results(args, results, relays, coturn_note, elapsed, plan, drains=No
                                    if isinstance(r, MaholeRelay)},
         "runs": results,
         "drain": {"per_flow": DRAIN_PER_FLOW, "summary": drain_summary, "runs": drains or {}},
+        "drain_alone": {"per_flow": DRAIN_ALONE_TOTAL // args.flows, "summary": alone_summary,
+                        "flows_by_socket_tried": list(splits), "runs": drains_alone or {}},
     })
     print(f"wrote {path}")
     return 0
+
+
+def _report_alone(args, drains_alone, splits, by_pair):
+    """The "drain, relay alone" table and ratios; returns its summary by relay name."""
+    summary = {}
+    if not drains_alone or not any(drains_alone.values()):
+        return summary
+    rows = []
+    for name, runs in drains_alone.items():
+        if not runs:
+            continue
+        rx = [r["rx_pps"] for r in runs]
+        s = summary[name] = {
+            "rx_pps": _report.median(rx),
+            "seconds": _report.median([r["seconds"] for r in runs]),
+            "relay_cores": _report.median([r["relay_cores"] for r in runs]),
+            "cpu_s": _report.median([sum(r["thread_cpu_s"]) for r in runs]),
+            # the thread that ends the drain: the one with the most to do
+            "busiest_thread_cpu_s": _report.median([max(r["thread_cpu_s"], default=0.0)
+                                                    for r in runs]),
+            "flows_by_socket": sorted((round(share * args.flows)
+                                       for share in runs[0]["backlog_share"]), reverse=True),
+            "lost": sum(r["sent"] - r["received"] for r in runs),
+            "drops": sum(r["drops_at_relay"] + r["drops_at_receiver"] for r in runs),
+            "bad_batches": sum(r["bad_batches"] for r in runs),
+        }
+        s["lossless"] = not (s["lost"] or s["drops"] or s["bad_batches"])
+        lo, hi = _report.spread(rx)
+        rows.append([name, s["rx_pps"], lo, hi, f"{s['seconds']:.2f}", s["relay_cores"],
+                     f"{s['cpu_s']:.3f}", f"{s['busiest_thread_cpu_s']:.3f}",
+                     ":".join(map(str, s["flows_by_socket"])), s["lost"], s["drops"]])
+    n = args.relay_threads
+    print(f"drain, relay alone: {DRAIN_ALONE_TOTAL // args.flows:,} datagrams a flow put into "
+          f"the relay while it and the receiver were stopped, then forwarded by the relay with "
+          f"nothing else of the benchmark running ({len(next(iter(drains_alone.values())))} runs each, alternating; "
+          f"rate over the receiver's kernel timestamps; CPU medians; x{n}'s flows spread "
+          f"evenly over its sockets: splits tried {', '.join(':'.join(map(str, t)) for t in splits)})")
+    print(_report.table(["relay", "drain pkt/s", "min", "max", "seconds", "cores", "CPU s",
+                         "busiest thread CPU s", "flows by socket", "lost", "drops"], rows))
+    a, b = f"mahole x{n} drain alone", "mahole x1 drain alone"
+    if a in summary and b in summary and summary[b]["rx_pps"]:
+        ratio = summary[a]["rx_pps"] / summary[b]["rx_pps"]
+        # what the ratio would be if every thread had a core of its own throughout
+        bound = (summary[b]["cpu_s"] / summary[a]["busiest_thread_cpu_s"]
+                 if summary[a]["busiest_thread_cpu_s"] else None)
+        by_pair[f"{a} / {b}"] = {"target": THREADS_TARGET, "drain_alone": ratio,
+                                 "drain_alone_cpu_bound": bound}
+        print(f"{a} / {b}: {ratio:.2f}x (target >= {THREADS_TARGET:g}x "
+              f"{'met' if ratio >= THREADS_TARGET else 'MISSED'}; "
+              f"{'all lossless' if summary[a]['lossless'] and summary[b]['lossless'] else 'LOSS'})"
+              + (f"; one thread's CPU / the busiest of {n} threads' CPU: {bound:.2f}x"
+                 if bound else ""))
+    return summary
 
 
 if __name__ == "__main__":
