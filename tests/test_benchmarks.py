@@ -142,3 +142,37 @@ def test_bench_nat_matrix_reports_rate_percentiles_and_strategy_per_cell():
     assert len(bench._cells("*:*")) == len(bench.PRESETS) ** 2
     with pytest.raises(argparse.ArgumentTypeError):
         bench._cells("symmetric:cone")
+
+
+def test_bench_relay_drain_alone_report(capsys):
+    """The "drain, relay alone" rows: rate and CPU medians, the flows each socket got, loss
+    from counts and drop counters, and the N / 1 ratio beside what the CPU alone bounds it at."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_relay
+
+    def run(pps, threads, share, lost=0, drops=0):
+        return {"rx_pps": pps, "seconds": 0.5, "relay_cores": len(threads),
+                "thread_cpu_s": threads, "backlog_share": share, "sent": 1000,
+                "received": 1000 - lost, "drops_at_relay": drops, "drops_at_receiver": 0,
+                "bad_batches": 0}
+
+    args = argparse.Namespace(relay_threads=2, flows=8)
+    runs = {"mahole x1 drain alone": [run(500.0, [0.6], [1.0]), run(600.0, [0.5], [1.0]),
+                                      run(400.0, [0.7], [1.0])],
+            "mahole x2 drain alone": [run(900.0, [0.3, 0.31], [0.5, 0.5]),
+                                      run(1000.0, [0.29, 0.3], [0.5, 0.5]),
+                                      run(1100.0, [0.27, 0.28], [0.5, 0.5], drops=2)]}
+    by_pair = {}
+    summary = bench_relay._report_alone(args, runs, [[5, 3], [4, 4]], by_pair)
+    assert summary["mahole x1 drain alone"]["rx_pps"] == 500.0
+    assert summary["mahole x1 drain alone"]["lossless"]
+    x2 = summary["mahole x2 drain alone"]
+    assert (x2["flows_by_socket"], x2["busiest_thread_cpu_s"], x2["drops"]) == ([4, 4], 0.3, 2)
+    assert not x2["lossless"]
+    ratio = by_pair["mahole x2 drain alone / mahole x1 drain alone"]
+    assert ratio["drain_alone"] == 2.0 and ratio["drain_alone_cpu_bound"] == 2.0
+    out = capsys.readouterr().out
+    assert "splits tried 5:3, 4:4" in out and "2.00x (target >= 1.7x met; LOSS)" in out
