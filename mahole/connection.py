@@ -7,9 +7,10 @@ ask for or check client certificates by itself, so `NodeQuicConnection` asks for
 handshake and `verify_peer` checks it (chain to the CA, role, name) on HandshakeCompleted,
 before any stream data of the connection is looked at; a connection that fails is closed.
 
-This is the only module that touches aioquic's private attributes; the aioquic versions it
-was written against are pinned in pyproject.toml, and tests/test_aioquic_adapter.py fails
-when those attributes change.
+This is the only module that touches aioquic's private attributes (with the compiled packet
+builder, mahole/_fast/_builder.pyx, which reads the packet protection keys of aioquic's
+crypto contexts); the aioquic versions they were written against are pinned in
+pyproject.toml, and tests/test_aioquic_adapter.py fails when those attributes change.
 """
 
 import ssl

@@ -288,6 +288,18 @@ def test_a_stream_moves_intact_in_packets_of_the_largest_size_and_breaks_beyond(
 DATAGRAMS_TO_SEND_SHA256 = "f4eb22c8add260fe863a12c5ccc3b77887a1c93da3c7e0236722e2d5263560f5"
 
 
+def test_the_packet_protection_keys_the_compiled_builder_reads_are_there():
+    from aioquic._crypto import AEAD, HeaderProtection
+    from aioquic.quic.crypto import CryptoPair
+
+    pair = CryptoPair()
+    pair.setup_initial(cid=bytes(8), is_client=True, version=1)
+    assert pair._update_key_requested is False
+    assert type(pair.send.aead) is AEAD and type(pair.send.hp) is HeaderProtection
+    assert pair.send.aead._iv.to_bytes(12, "big") and hasattr(pair.send.aead._aead, "encrypt")
+    assert pair.send.hp._is_chacha20 is False and hasattr(pair.send.hp._encryptor, "update")
+
+
 def test_steady_sends_copy_aioquics_datagrams_to_send_as_it_is():
     source = inspect.getsource(QuicConnection.datagrams_to_send)
     assert hashlib.sha256(source.encode()).hexdigest() == DATAGRAMS_TO_SEND_SHA256

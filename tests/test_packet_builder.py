@@ -13,6 +13,7 @@ from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.logger import QuicLogger
 from aioquic.quic.packet import QuicFrameType, QuicPacketType
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
+from aioquic.tls import CipherSuite
 
 from mahole._fast import implementations
 
@@ -25,11 +26,21 @@ FRAME_TYPES = [QuicFrameType.PADDING, QuicFrameType.PING, QuicFrameType.ACK,
                QuicFrameType.APPLICATION_CLOSE, QuicFrameType.DATAGRAM]
 
 
-def _crypto(key_phase=0):
+def _crypto(key_phase=0, cipher_suite=None, update_key=False):
     pair = CryptoPair()
     pair.setup_initial(cid=bytes(8), is_client=True, version=1)
+    if cipher_suite is not None:  # 1-RTT keys of another suite (RFC 9001 §5.3)
+        for context in (pair.send, pair.recv):
+            context.setup(cipher_suite=cipher_suite, secret=bytes(range(48))[
+                :48 if cipher_suite == CipherSuite.AES_256_GCM_SHA384 else 32], version=1)
     pair.send.key_phase = key_phase
+    if update_key:
+        pair.update_key()  # the next packet sent updates the keys (RFC 9001 §6)
     return pair
+
+
+CRYPTOS = [dict(), dict(key_phase=1), dict(cipher_suite=CipherSuite.AES_256_GCM_SHA384),
+           dict(cipher_suite=CipherSuite.CHACHA20_POLY1305_SHA256), dict(update_key=True)]
 
 
 def _on_delivery(*args):
@@ -58,7 +69,7 @@ def _script(seed):
     for _ in range(rng.randrange(5, 60)):
         roll = rng.random()
         if roll < 0.3:
-            ops.append(("packet", rng.choice(PACKET_TYPES), rng.choice([0, 1])))
+            ops.append(("packet", rng.choice(PACKET_TYPES), rng.randrange(len(CRYPTOS))))
         elif roll < 0.85:
             ops.append(("frame", rng.choice(FRAME_TYPES), rng.choice([1, 8, 30, 200]),
                         rng.random() < 0.5, rng.choice([0, 1, 2, 5, rng.randrange(1500)])))
@@ -70,7 +81,7 @@ def _script(seed):
 
 
 def _run(cls, kwargs, limits, ops, logger):
-    crypto = {0: _crypto(0), 1: _crypto(1)}
+    crypto = [_crypto(**settings) for settings in CRYPTOS]
     trace = logger.start_trace(is_client=True, odcid=bytes(8)) if logger else None
     builder = cls(quic_logger=trace, **kwargs)
     builder.max_flight_bytes = limits["max_flight_bytes"]

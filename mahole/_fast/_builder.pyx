@@ -9,12 +9,19 @@ packets; the connection (mahole.connection) uses it for 1-RTT sends once the han
 confirmed.
 
 What it keeps from aioquic: the `Buffer` handed to frame writers, the `QuicSentPacket`
-records loss recovery keeps, `QuicPacketBuilderStop`, and encryption through the packet's
-`CryptoPair`. What it changes is only where its own counters and flags live: a packet's
-ack-eliciting / in-flight / crypto flags are kept in C while the packet is open and written
-to its `QuicSentPacket` when it ends (nothing reads them before).
+records loss recovery keeps, `QuicPacketBuilderStop`, and the packet's `CryptoPair`'s keys.
+What it changes is only where its own counters and flags live: a packet's ack-eliciting /
+in-flight / crypto flags are kept in C while the packet is open and written to its
+`QuicSentPacket` when it ends (nothing reads them before). And it protects packets itself
+with AES-GCM keys (the AEAD call, the nonce and the header protection mask, RFC 9001 §5),
+using the cipher objects of aioquic's contexts; with ChaCha20 keys, or a key update due, it
+calls the pair's own encrypt_packet.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+
+from aioquic._crypto import AEAD, AEAD_NONCE_LENGTH as _NONCE_LENGTH, HeaderProtection
+from aioquic._crypto import SAMPLE_LENGTH as _SAMPLE_LENGTH
 from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic.packet import (
     PACKET_FIXED_BIT,
@@ -44,6 +51,9 @@ cdef long FT_PATH_RESPONSE = QuicFrameType.PATH_RESPONSE
 cdef Py_ssize_t PN_MAX = PACKET_NUMBER_MAX_SIZE
 cdef Py_ssize_t PN_SEND = PACKET_NUMBER_SEND_SIZE
 cdef int FIXED_BIT = PACKET_FIXED_BIT
+# RFC 9001 §5.3 (the AEAD nonce is the IV's length, 12 bytes) and §5.4.2 (a 16-byte sample)
+cdef Py_ssize_t AEAD_NONCE_LENGTH = _NONCE_LENGTH
+cdef Py_ssize_t SAMPLE_LENGTH = _SAMPLE_LENGTH
 
 _INITIAL = QuicPacketType.INITIAL
 _HANDSHAKE = QuicPacketType.HANDSHAKE
@@ -52,6 +62,25 @@ _ONE_RTT = QuicPacketType.ONE_RTT
 _EPOCH_INITIAL = Epoch.INITIAL
 _EPOCH_HANDSHAKE = Epoch.HANDSHAKE
 _EPOCH_ONE_RTT = Epoch.ONE_RTT
+
+
+cdef bytes _mask_header(bytes header, bytes mask):
+    """Header protection applied (RFC 9001 §5.4.1): the first byte's low bits and the
+    packet number bytes XORed with the mask."""
+    cdef Py_ssize_t length = len(header)
+    cdef bytes out = PyBytes_FromStringAndSize(<char *>header, length)
+    cdef unsigned char *h = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef const unsigned char *m = <const unsigned char *>PyBytes_AS_STRING(mask)
+    cdef Py_ssize_t pn_length = (h[0] & 0x03) + 1
+    cdef Py_ssize_t pn_offset = length - pn_length
+    cdef Py_ssize_t i
+    if h[0] & 0x80:
+        h[0] ^= m[0] & 0x0F
+    else:
+        h[0] ^= m[0] & 0x1F
+    for i in range(pn_length):
+        h[pn_offset + i] ^= m[1 + i]
+    return out
 
 
 cdef inline bint _not_in_flight(long frame_type):
@@ -97,6 +126,15 @@ cdef class PacketBuilder:
     cdef Py_ssize_t _packet_start
     cdef object _packet_type
     cdef bint _one_rtt
+
+    # the packet protection keys of the last context used, taken from aioquic's AEAD and
+    # HeaderProtection objects (the owners, whose identity says whether they changed)
+    cdef object _aead_owner
+    cdef object _hp_owner
+    cdef bint _keys_usable
+    cdef object _aead
+    cdef bytes _iv
+    cdef object _hp_encryptor
 
     cdef object _buffer
     cdef Py_ssize_t _buffer_capacity
@@ -320,8 +358,7 @@ cdef class PacketBuilder:
             payload = buf.data_slice(self._packet_start + self._header_size,
                                      self._packet_start + packet_size)
             buf.seek(self._packet_start)
-            buf.push_bytes(self._packet_crypto.encrypt_packet(header, payload,
-                                                              self._packet_number))
+            self._protect(buf, header, payload)
             packet.is_ack_eliciting = self._pkt_ack_eliciting
             packet.in_flight = self._pkt_in_flight
             packet.is_crypto_packet = self._pkt_crypto
@@ -341,6 +378,48 @@ cdef class PacketBuilder:
 
         self._packet = None
         self.quic_logger_frames = None
+
+    cdef _protect(self, buf, bytes header, bytes payload):
+        """Write the packet protected (RFC 9001 §5): what the pair's encrypt_packet returns,
+        without its four Python calls when the keys are AES-GCM ones aioquic set up."""
+        pair = self._packet_crypto
+        context = pair.send
+        if (pair._update_key_requested or not self._keys_ready(context)):
+            buf.push_bytes(pair.encrypt_packet(header, payload, self._packet_number))
+            return
+        protected = self._aead.encrypt(self._nonce(self._packet_number), payload, header)
+        # the sample starts as if the packet number were 4 bytes long (RFC 9001 §5.4.2)
+        cdef Py_ssize_t sample_offset = PN_MAX - ((<unsigned char *>header)[0] & 0x03) - 1
+        buf.push_bytes(_mask_header(header, self._hp_encryptor.update(
+            protected[sample_offset:sample_offset + SAMPLE_LENGTH])))
+        buf.push_bytes(protected)
+
+    cdef bint _keys_ready(self, context) except -1:
+        """Whether the fast path holds `context`'s current keys (a key update replaces
+        its aead and hp objects), taking them when it can."""
+        aead = context.aead
+        hp = context.hp
+        if aead is self._aead_owner and hp is self._hp_owner:
+            return self._keys_usable
+        self._aead_owner = aead
+        self._hp_owner = hp
+        self._keys_usable = (type(aead) is AEAD and type(hp) is HeaderProtection
+                             and not hp._is_chacha20)
+        if self._keys_usable:
+            self._aead = aead._aead
+            self._iv = (<object>aead._iv).to_bytes(AEAD_NONCE_LENGTH, "big")
+            self._hp_encryptor = hp._encryptor
+        return self._keys_usable
+
+    cdef bytes _nonce(self, packet_number):
+        """The IV with the packet number XORed into its low bytes (RFC 9001 §5.3)."""
+        cdef unsigned long long pn = packet_number
+        cdef bytes nonce = PyBytes_FromStringAndSize(<char *>self._iv, AEAD_NONCE_LENGTH)
+        cdef unsigned char *out = <unsigned char *>PyBytes_AS_STRING(nonce)
+        cdef int i
+        for i in range(8):
+            out[AEAD_NONCE_LENGTH - 1 - i] ^= (pn >> (8 * i)) & 0xFF
+        return nonce
 
     def _flush_current_datagram(self):
         cdef Py_ssize_t datagram_bytes = self._buffer.tell()
