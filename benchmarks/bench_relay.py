@@ -1,7 +1,7 @@
 """Relay forwarding rate on loopback: mahole's RelayEngine against coturn (TURN ChannelData).
 
     python benchmarks/bench_relay.py [--quick] [--allow-twin] [--reps N] [--duration S] [--no-pin]
-        [--relay-threads N] [--flows F] [--receiver-gro]
+        [--relay-threads N [--drains-only]] [--flows F] [--receiver-gro]
 
 How it measures. Three processes besides this one, all on 127.0.0.1: a sender, a receiver
 and the relay under test. For mahole the relay is benchmarks/_relay_server.py (a RelayEngine
@@ -55,12 +55,14 @@ when each datagram was put into its socket, by the relay's own send on loopback)
 free while the relay runs, where timing by polling would take CPU from it and be no finer than
 the poll. The relay's CPU is summed over its threads (/proc/PID/task/*/schedstat, in ns): its
 cores is that over the time from SIGCONT to the last datagram. Two things kept out of the
-figure, both measured here: the sender fills flow i from CPU i mod 2, since freeing a buffer
+figure, both measured here: the sender fills flow i from CPU i mod the CPUs, since freeing a buffer
 another CPU allocated costs a relay thread about a third more; and the N-thread relay is
 restarted (a new port) until the kernel's SO_REUSEPORT hash spreads the flows evenly over its
-sockets, since with 8 flows a 5:3 split is as likely as 4:4 and caps 2 threads at 8/5 of one.
+sockets, since 8 flows split 4:4 on about 1 port in 4 (70 of 256 ways), 5:3 or worse
+otherwise, and 5:3 caps 2 threads at 8/5 of one.
 The flows each socket got, and every split tried, are reported. coturn is not drained: it
-sets its own sockets' buffers, too small to hold a fill.
+sets its own sockets' buffers, too small to hold a fill. --drains-only runs the two drains
+and nothing else (JSON: bench_relay-threads-drains.json).
 --receiver-gro sets UDP_GRO on the receiver's sockets, so a UDP GSO run that mahole sends
 arrives as one buffer and the receiver costs less (coturn sends datagrams one by one, which
 GRO does not merge on loopback): it favours mahole, and is off by default.
@@ -1061,8 +1063,8 @@ def _drains(args, harness, sender_addrs, receiver_addrs, plan, deadline):
 def _even_relay(args, harness, relay, sender_addrs, receiver_addrs, plan):
     """The N-thread drain relay, or one started anew (another port, so another hash) until
     the kernel's SO_REUSEPORT hash gives none of its sockets more than its share of the flows
-    (plus one in 16): up to EVEN_TRIES starts, else the most even. With 8 flows on 2 sockets
-    a 5:3 split is as likely as 4:4, and the socket with 5 ends the drain at 8/5 = 1.6x one
+    (plus one in 16): up to EVEN_TRIES starts, else the most even. 8 flows on 2 sockets split
+    4:4 on about 1 port in 4, and with 5:3 the socket with 5 ends the drain at 8/5 = 1.6x one
     thread's rate however fast the threads are; a relay with many sessions spreads them
     evenly. relay.splits: the flows on each socket of every relay tried, fullest first."""
     n = args.relay_threads
