@@ -16,7 +16,7 @@ REQUIRED = os.environ.get("MAHOLE_BUILD_EXTENSION", "").lower() in ("yes", "1", 
 FAST = Path("mahole") / "_fast"
 
 # recvmmsg/sendmmsg exist on Linux only; elsewhere the batch socket twin is used.
-MODULES = ["_hot", "_sched", "_builder"] + (["_batch", "_relay"] if sys.platform.startswith("linux") else [])
+MODULES = ["_hot", "_sched", "_packets"] + (["_batch", "_relay"] if sys.platform.startswith("linux") else [])
 
 
 class OptionalBuildExt(build_ext):

@@ -8,7 +8,7 @@ handshake and `verify_peer` checks it (chain to the CA, role, name) on Handshake
 before any stream data of the connection is looked at; a connection that fails is closed.
 
 This is the only module that touches aioquic's private attributes (with the compiled packet
-builder, mahole/_fast/_builder.pyx, which reads the packet protection keys of aioquic's
+builder, mahole/_fast/_packets.pyx, which reads the packet protection keys of aioquic's
 crypto contexts); the aioquic versions they were written against are pinned in
 pyproject.toml, and tests/test_aioquic_adapter.py fails when those attributes change.
 """
@@ -27,7 +27,7 @@ from aioquic.quic.packet_builder import (
 from aioquic.quic.recovery import QuicPacketPacer
 
 from . import identity
-from ._fast import PacketBuilder
+from ._fast import PacketBuilder, decrypter
 from .config import check_congestion_control
 from .pmtu import BASE_PLPMTU
 
@@ -363,6 +363,10 @@ class NodeQuicConnection(QuicConnection):
         super()._initialize(peer_cid)
         if not self._is_client:
             self.tls._request_client_certificate = True
+        # 1-RTT packets are decrypted by the compiled twin of the pair's own method
+        # (mahole._fast.decrypter: the same results, without aioquic's Python wrappers).
+        pair = self._cryptos[tls.Epoch.ONE_RTT]
+        pair.decrypt_packet = decrypter(pair)
 
     def peer_certificates(self):
         """[leaf, *chain] the peer presented in the handshake, or [] if none."""

@@ -38,9 +38,9 @@ def sched(request):
     return request.param
 
 
-@pytest.fixture(params=_impl_params("builder"))
-def builder(request):
-    """The QUIC packet builder module: compiled `_builder` and `_builder_py` (aioquic's)."""
+@pytest.fixture(params=_impl_params("packets"))
+def packets(request):
+    """QUIC packets: compiled `_packets` and `_packets_py` (aioquic's builder and decryption)."""
     return request.param
 
 

@@ -17,7 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("bench_relay.py", "bench_relay-quick.json", None),
     ("bench_tunnel.py", "tunnel-quick.json", "median_mb_per_s"),
     ("bench_sched.py", "sched-quick.json", "median_ns_per_timer"),
-    ("bench_sender.py", "sender-quick.json", None),
+    ("bench_packets.py", "packets-quick.json", None),
     ("bench_punch.py", "punch-quick.json", None),
     ("bench_fleet.py", "fleet-quick.json", None),
     ("bench_many.py", "many-quick.json", None),

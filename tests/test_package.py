@@ -37,7 +37,7 @@ def test_selected_implementation_matches_environment():
         assert not _fast.COMPILED and not _fast.BATCH_COMPILED
         assert _fast.Router.__module__ == "mahole._fast._hot_py"
     elif os.environ.get("MAHOLE_REQUIRE_EXTENSIONS") == "1":
-        assert _fast.COMPILED and _fast.SCHED_COMPILED and _fast.BUILDER_COMPILED
+        assert _fast.COMPILED and _fast.SCHED_COMPILED and _fast.PACKETS_COMPILED
         assert _fast.BATCH_COMPILED == sys.platform.startswith("linux")
 
 

@@ -43,7 +43,7 @@ _hot, COMPILED = _load("_hot", "_hot_py")
 _batch, BATCH_COMPILED = _load("_batch", "_batch_py")
 _relay, RELAY_COMPILED = _load("_relay", "_relay_py")
 _sched, SCHED_COMPILED = _load("_sched", "_sched_py")
-_builder, BUILDER_COMPILED = _load("_builder", "_builder_py")
+_packets, PACKETS_COMPILED = _load("_packets", "_packets_py")
 
 classify = _hot.classify
 parse_header = _hot.parse_header
@@ -53,7 +53,8 @@ DispatchResult = _hot.DispatchResult
 BatchSocket = _batch.BatchSocket
 RelayEngine = _relay.RelayEngine
 Scheduler = _sched.Scheduler
-PacketBuilder = _builder.PacketBuilder
+PacketBuilder = _packets.PacketBuilder
+decrypter = _packets.decrypter
 
 
 def implementations(module="hot"):
@@ -65,7 +66,7 @@ def implementations(module="hot"):
 
     names = {"hot": ("_hot", "_hot_py"), "batch": ("_batch", "_batch_py"),
              "relay": ("_relay", "_relay_py"), "sched": ("_sched", "_sched_py"),
-             "builder": ("_builder", "_builder_py")}[module]
+             "packets": ("_packets", "_packets_py")}[module]
     found = {}
     try:
         found["compiled"] = importlib.import_module(f"{__name__}.{names[0]}")

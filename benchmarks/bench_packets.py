@@ -1,18 +1,20 @@
-"""A QUIC sender's CPU per GB: the connection's packet building with aioquic's builder against
-mahole's compiled one.
+"""QUIC sender and receiver CPU per GB: building, protecting and decrypting packets with
+aioquic's own code against mahole's compiled packets module.
 
 Two mahole connections (the agent's and the connector's kind) are pumped against each other
 in memory, without sockets or a clock of their own, while the client sends one stream of
 --mib MiB at 1,200-byte packets (QUIC's minimum, where per-packet work costs the most). What
 is timed is the CPU the client spends in `datagrams_to_send` (building, encrypting and
 registering every packet) and the CPU the server spends in `receive_datagram`, per GB of
-stream data. The two builders are measured interleaved, --reps times each, in one process;
-both deliver the stream intact (checked). The rest of a tunnel's per-packet cost (sockets,
+stream data. "aioquic" builds with aioquic's QuicPacketBuilder and decrypts with the crypto
+pair's own method; "mahole" uses mahole._fast's PacketBuilder and decrypter (what a mahole
+connection uses). The two are measured interleaved, --reps times each, in one process; both
+deliver the stream intact (checked). The rest of a tunnel's per-packet cost (sockets,
 the event loop, the TCP side) is not in these figures: benchmarks/bench_tunnel.py has it.
 
-    python benchmarks/bench_sender.py [--quick] [--allow-twin] [--mib N] [--reps N]
+    python benchmarks/bench_packets.py [--quick] [--allow-twin] [--mib N] [--reps N]
 
-Writes benchmarks/results/sender.json (sender-quick.json for --quick).
+Writes benchmarks/results/packets.json (packets-quick.json for --quick).
 """
 
 import argparse
@@ -82,9 +84,10 @@ def exchange(client, server, now, clock=None):
     return received
 
 
-def transfer(builder, size):
-    """(send s/GB, receive s/GB, packets) for one stream of `size` bytes."""
-    connection.PacketBuilder = builder
+def transfer(code, size):
+    """(send s/GB, receive s/GB, packets) for one stream of `size` bytes, with `code`'s
+    (PacketBuilder, decrypter)."""
+    connection.PacketBuilder, connection.decrypter = code
     with tempfile.TemporaryDirectory() as tmp:
         client, server, now = make_pair(Path(tmp))
         packets_before = client._packet_number
@@ -107,27 +110,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (1 MiB x 2)")
     parser.add_argument("--allow-twin", action="store_true",
-                        help="run even if the compiled builder is missing")
+                        help="run even if the compiled module is missing")
     parser.add_argument("--mib", type=int, help="MiB per transfer (default 16)")
-    parser.add_argument("--reps", type=int, help="transfers per builder (default 7)")
+    parser.add_argument("--reps", type=int, help="transfers per system (default 7)")
     args = parser.parse_args(argv)
-    impls = _fast.implementations("builder")
+    impls = _fast.implementations("packets")
     if "compiled" not in impls and not args.allow_twin:
-        print("bench_sender: the compiled builder is not built (build it, or pass "
-              "--allow-twin to measure aioquic's builder twice)", file=sys.stderr)
+        print("bench_packets: the compiled packets module is not built (build it, or pass "
+              "--allow-twin to measure aioquic's code twice)", file=sys.stderr)
         return 2
     size = (args.mib or (1 if args.quick else 16)) << 20
     reps = args.reps or (2 if args.quick else 7)
-    original = connection.PacketBuilder
-    builders = {"aioquic builder": QuicPacketBuilder,
-                "mahole builder": impls.get("compiled", impls["python"]).PacketBuilder}
-    runs = {name: [] for name in builders}
+    original = connection.PacketBuilder, connection.decrypter
+    ours = impls.get("compiled", impls["python"])
+    systems = {"aioquic": (QuicPacketBuilder, impls["python"].decrypter),
+               "mahole": (ours.PacketBuilder, ours.decrypter)}
+    runs = {name: [] for name in systems}
     try:
         for _ in range(reps):
-            for name, builder in builders.items():  # interleaved: drift hits both alike
-                runs[name].append(transfer(builder, size))
+            for name, code in systems.items():  # interleaved: drift hits both alike
+                runs[name].append(transfer(code, size))
     finally:
-        connection.PacketBuilder = original
+        connection.PacketBuilder, connection.decrypter = original
 
     summary, rows = {}, []
     for name, results in runs.items():
@@ -136,20 +140,26 @@ def main(argv=None):
         packets = results[0][2]
         summary[name] = {"send_cpu_s_per_gb": send, "receive_cpu_s_per_gb": receive,
                          "send_us_per_packet": send * (size / 1e9) / packets * 1e6,
+                         "receive_us_per_packet": receive * (size / 1e9) / packets * 1e6,
                          "packets": packets}
-        lo, hi = _report.spread([r[0] for r in results])
-        rows.append([name, send, lo, hi, summary[name]["send_us_per_packet"], receive])
-    base = summary["aioquic builder"]["send_cpu_s_per_gb"]
-    ratio = summary["mahole builder"]["send_cpu_s_per_gb"] / base if base else None
-    print(f"QUIC sender CPU, {size:,} bytes per stream x {reps} runs, 1,200-byte packets, "
-          f"in memory (compiled builder: {'compiled' in impls})")
-    print(_report.table(["builder", "send CPU s/GB", "min", "max", "send us/packet",
-                         "receive CPU s/GB"], rows))
-    if ratio:
-        print(f"mahole's builder: sender CPU per GB x{ratio:.2f} of aioquic's builder's")
-    path = _report.write("sender-quick" if args.quick else "sender", {
+        rows.append([name, send, *_report.spread([r[0] for r in results]),
+                     summary[name]["send_us_per_packet"], receive,
+                     *_report.spread([r[1] for r in results]),
+                     summary[name]["receive_us_per_packet"]])
+    ratios = {}
+    for side in ("send", "receive"):
+        base = summary["aioquic"][f"{side}_cpu_s_per_gb"]
+        ratios[side] = summary["mahole"][f"{side}_cpu_s_per_gb"] / base if base else None
+    print(f"QUIC CPU per GB, {size:,} bytes per stream x {reps} runs, 1,200-byte packets, "
+          f"in memory (compiled: {'compiled' in impls})")
+    print(_report.table(["system", "send s/GB", "min", "max", "us/packet", "receive s/GB",
+                         "min", "max", "us/packet"], rows))
+    if all(ratios.values()):
+        print(f"mahole / aioquic CPU per GB: sender x{ratios['send']:.2f}, "
+              f"receiver x{ratios['receive']:.2f}")
+    path = _report.write("packets-quick" if args.quick else "packets", {
         "bytes": size, "reps": reps, "compiled": "compiled" in impls, "summary": summary,
-        "send_cpu_ratio": ratio,
+        "cpu_ratios": ratios,
         "runs": {name: [list(r) for r in results] for name, results in runs.items()}})
     print(f"wrote {path}")
     return 0

@@ -1,26 +1,31 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""QUIC packet builder, compiled: aioquic 1.7's `QuicPacketBuilder` with its state in C.
+"""QUIC packets, compiled: aioquic 1.7's packet builder with its state in C, and packet
+protection (RFC 9001 §5) without aioquic's Python wrappers, in both directions.
 
-Twin of `_builder_py.py`, which is aioquic's own builder: this one keeps its API, its
-decisions and its output byte for byte (tests/test_packet_builder.py builds the same
-sequences with both and compares datagrams and sent-packet records). It exists because
-building a packet is the largest share of a sender's per-packet Python work at 1,200-byte
-packets; the connection (mahole.connection) uses it for 1-RTT sends once the handshake is
-confirmed.
+Twin of `_packets_py.py`, which is aioquic's own code: this module keeps its API, its
+decisions and its output byte for byte (tests/test_packets.py builds and decrypts the same
+packets with both and compares). It exists because at 1,200-byte packets building and
+protecting a packet is the largest share of a sender's per-packet Python work, and removing
+protection a large share of a receiver's; mahole.connection uses it for 1-RTT packets.
 
-What it keeps from aioquic: the `Buffer` handed to frame writers, the `QuicSentPacket`
-records loss recovery keeps, `QuicPacketBuilderStop`, and the packet's `CryptoPair`'s keys.
-What it changes is only where its own counters and flags live: a packet's ack-eliciting /
-in-flight / crypto flags are kept in C while the packet is open and written to its
-`QuicSentPacket` when it ends (nothing reads them before). And it protects packets itself
-with AES-GCM keys (the AEAD call, the nonce and the header protection mask, RFC 9001 §5),
-using the cipher objects of aioquic's contexts; with ChaCha20 keys, or a key update due, it
-calls the pair's own encrypt_packet.
+`PacketBuilder` keeps aioquic's `Buffer` handed to frame writers, the `QuicSentPacket`
+records loss recovery keeps and `QuicPacketBuilderStop`. What it changes is only where its
+own counters and flags live: a packet's ack-eliciting / in-flight / crypto flags are kept in
+C while the packet is open and written to its `QuicSentPacket` when it ends (nothing reads
+them before).
+
+Protection uses the cipher objects of aioquic's crypto contexts (`_Keys`): the AEAD call
+with a nonce made in C, and the header protection mask applied in C. With ChaCha20 keys, a
+key update due, or a packet in the other key phase, the pair's own methods do the work.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
-from aioquic._crypto import AEAD, AEAD_NONCE_LENGTH as _NONCE_LENGTH, HeaderProtection
+from cryptography.exceptions import InvalidTag
+
+from aioquic._crypto import AEAD, AEAD_NONCE_LENGTH as _NONCE_LENGTH, CryptoError
+from aioquic._crypto import HeaderProtection
+from aioquic.quic.crypto import CryptoPair
 from aioquic._crypto import SAMPLE_LENGTH as _SAMPLE_LENGTH
 from aioquic.buffer import Buffer, size_uint_var
 from aioquic.quic.packet import (
@@ -28,6 +33,7 @@ from aioquic.quic.packet import (
     PACKET_NUMBER_MAX_SIZE,
     QuicFrameType,
     QuicPacketType,
+    decode_packet_number,
     encode_long_header_first_byte,
 )
 from aioquic.quic.packet_builder import (
@@ -83,6 +89,105 @@ cdef bytes _mask_header(bytes header, bytes mask):
     return out
 
 
+cdef class _Keys:
+    """The AES-GCM packet protection keys of one aioquic crypto context, as its cipher
+    objects: taken again whenever the context's AEAD or HeaderProtection object is another
+    one (a key update replaces them)."""
+
+    cdef object aead_owner      # aioquic's AEAD and HeaderProtection objects last seen
+    cdef object hp_owner
+    cdef bint usable
+    cdef object aead            # cryptography's AESGCM
+    cdef bytes iv
+    cdef object hp              # cryptography's AES-ECB encryptor (the mask)
+
+    cdef bint take(self, context) except -1:
+        """Whether `context`'s current keys are AES-GCM ones, held here."""
+        aead = context.aead
+        hp = context.hp
+        if aead is self.aead_owner and hp is self.hp_owner:
+            return self.usable
+        self.aead_owner = aead
+        self.hp_owner = hp
+        self.usable = (type(aead) is AEAD and type(hp) is HeaderProtection
+                       and not hp._is_chacha20)
+        if self.usable:
+            self.aead = aead._aead
+            self.iv = (<object>aead._iv).to_bytes(AEAD_NONCE_LENGTH, "big")
+            self.hp = hp._encryptor
+        return self.usable
+
+    cdef bytes nonce(self, packet_number):
+        """The IV with the packet number XORed into its low bytes (RFC 9001 §5.3)."""
+        cdef unsigned long long pn = packet_number
+        cdef bytes nonce = PyBytes_FromStringAndSize(<char *>self.iv, AEAD_NONCE_LENGTH)
+        cdef unsigned char *out = <unsigned char *>PyBytes_AS_STRING(nonce)
+        cdef int i
+        for i in range(8):
+            out[AEAD_NONCE_LENGTH - 1 - i] ^= (pn >> (8 * i)) & 0xFF
+        return nonce
+
+
+cdef class _Decrypter:
+    """A CryptoPair's decrypt_packet without aioquic's Python wrappers (RFC 9001 §5.4, §5.3,
+    RFC 9000 §A.3): the same results and the same errors."""
+
+    cdef object pair
+    cdef _Keys keys
+
+    def __cinit__(self, pair):
+        self.pair = pair
+        self.keys = _Keys()
+
+    def __call__(self, bytes packet, Py_ssize_t encrypted_offset,
+                 expected_packet_number):
+        pair = self.pair
+        context = pair.recv
+        cdef _Keys keys = self.keys
+        if not keys.take(context):  # no keys yet (KeyUnavailableError) or ChaCha20 ones
+            return CryptoPair.decrypt_packet(pair, packet, encrypted_offset,
+                                             expected_packet_number)
+        cdef Py_ssize_t length = len(packet)
+        cdef Py_ssize_t sample_offset = encrypted_offset + PN_MAX
+        if sample_offset + SAMPLE_LENGTH > length:
+            raise CryptoError("Packet is too short to sample")
+        mask = keys.hp.update(packet[sample_offset:sample_offset + SAMPLE_LENGTH])
+        cdef const unsigned char *m = <const unsigned char *>PyBytes_AS_STRING(mask)
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(packet)
+        cdef unsigned char first = p[0]
+        if first & 0x80:
+            first ^= m[0] & 0x0F
+        else:
+            first ^= m[0] & 0x1F
+        cdef Py_ssize_t pn_length = (first & 0x03) + 1
+        if not (first & 0x80) and ((first & 4) >> 2) != <int>context.key_phase:
+            # the peer's next key phase: aioquic's own path derives and applies it
+            return CryptoPair.decrypt_packet(pair, packet, encrypted_offset,
+                                             expected_packet_number)
+        cdef bytes header = PyBytes_FromStringAndSize(<const char *>p,
+                                                      encrypted_offset + pn_length)
+        cdef unsigned char *h = <unsigned char *>PyBytes_AS_STRING(header)
+        cdef unsigned long long truncated = 0
+        cdef Py_ssize_t i
+        h[0] = first
+        for i in range(pn_length):
+            h[encrypted_offset + i] ^= m[1 + i]
+            truncated = (truncated << 8) | h[encrypted_offset + i]
+        packet_number = decode_packet_number(truncated, pn_length * 8,
+                                             expected_packet_number)
+        try:
+            payload = keys.aead.decrypt(keys.nonce(packet_number),
+                                        packet[encrypted_offset + pn_length:], header)
+        except InvalidTag as exc:
+            raise CryptoError(str(exc))
+        return header, payload, packet_number
+
+
+def decrypter(pair):
+    """What to call instead of `pair.decrypt_packet` (it keeps the pair's results)."""
+    return _Decrypter(pair)
+
+
 cdef inline bint _not_in_flight(long frame_type):
     return (frame_type == FT_ACK or frame_type == FT_ACK_ECN
             or frame_type == FT_TRANSPORT_CLOSE or frame_type == FT_APPLICATION_CLOSE)
@@ -127,14 +232,7 @@ cdef class PacketBuilder:
     cdef object _packet_type
     cdef bint _one_rtt
 
-    # the packet protection keys of the last context used, taken from aioquic's AEAD and
-    # HeaderProtection objects (the owners, whose identity says whether they changed)
-    cdef object _aead_owner
-    cdef object _hp_owner
-    cdef bint _keys_usable
-    cdef object _aead
-    cdef bytes _iv
-    cdef object _hp_encryptor
+    cdef _Keys _keys
 
     cdef object _buffer
     cdef Py_ssize_t _buffer_capacity
@@ -172,6 +270,7 @@ cdef class PacketBuilder:
         self._packet_type = None
         self._one_rtt = False
 
+        self._keys = _Keys()
         self._buffer = Buffer(max_datagram_size)
         self._buffer_capacity = max_datagram_size
         self._flight_capacity = max_datagram_size
@@ -380,46 +479,18 @@ cdef class PacketBuilder:
         self.quic_logger_frames = None
 
     cdef _protect(self, buf, bytes header, bytes payload):
-        """Write the packet protected (RFC 9001 §5): what the pair's encrypt_packet returns,
-        without its four Python calls when the keys are AES-GCM ones aioquic set up."""
+        """Write the packet protected: what the pair's encrypt_packet returns."""
         pair = self._packet_crypto
-        context = pair.send
-        if (pair._update_key_requested or not self._keys_ready(context)):
+        cdef _Keys keys = self._keys
+        if pair._update_key_requested or not keys.take(pair.send):
             buf.push_bytes(pair.encrypt_packet(header, payload, self._packet_number))
             return
-        protected = self._aead.encrypt(self._nonce(self._packet_number), payload, header)
+        protected = keys.aead.encrypt(keys.nonce(self._packet_number), payload, header)
         # the sample starts as if the packet number were 4 bytes long (RFC 9001 §5.4.2)
         cdef Py_ssize_t sample_offset = PN_MAX - ((<unsigned char *>header)[0] & 0x03) - 1
-        buf.push_bytes(_mask_header(header, self._hp_encryptor.update(
+        buf.push_bytes(_mask_header(header, keys.hp.update(
             protected[sample_offset:sample_offset + SAMPLE_LENGTH])))
         buf.push_bytes(protected)
-
-    cdef bint _keys_ready(self, context) except -1:
-        """Whether the fast path holds `context`'s current keys (a key update replaces
-        its aead and hp objects), taking them when it can."""
-        aead = context.aead
-        hp = context.hp
-        if aead is self._aead_owner and hp is self._hp_owner:
-            return self._keys_usable
-        self._aead_owner = aead
-        self._hp_owner = hp
-        self._keys_usable = (type(aead) is AEAD and type(hp) is HeaderProtection
-                             and not hp._is_chacha20)
-        if self._keys_usable:
-            self._aead = aead._aead
-            self._iv = (<object>aead._iv).to_bytes(AEAD_NONCE_LENGTH, "big")
-            self._hp_encryptor = hp._encryptor
-        return self._keys_usable
-
-    cdef bytes _nonce(self, packet_number):
-        """The IV with the packet number XORed into its low bytes (RFC 9001 §5.3)."""
-        cdef unsigned long long pn = packet_number
-        cdef bytes nonce = PyBytes_FromStringAndSize(<char *>self._iv, AEAD_NONCE_LENGTH)
-        cdef unsigned char *out = <unsigned char *>PyBytes_AS_STRING(nonce)
-        cdef int i
-        for i in range(8):
-            out[AEAD_NONCE_LENGTH - 1 - i] ^= (pn >> (8 * i)) & 0xFF
-        return nonce
 
     def _flush_current_datagram(self):
         cdef Py_ssize_t datagram_bytes = self._buffer.tell()
