@@ -192,10 +192,32 @@ class NodeQuicConnection(QuicConnection):
     def next_event(self):
         event = super().next_event()
         if type(event) is StreamDataReceived:
+            if not event.end_stream:
+                event = self._join_stream_data(event)
             self._delivered += len(event.data)
         elif type(event) is HandshakeCompleted:
             self._shrink_crypto_buffers()
         return event
+
+    def _join_stream_data(self, event):
+        """The stream's data events queued right behind `event`, as one event: aioquic makes
+        one per STREAM frame, about one per packet, and each goes through the node's
+        handlers; a receive batch's data for a stream goes through them once."""
+        queued = self._events
+        if not queued:
+            return event
+        after = queued[0]
+        if type(after) is not StreamDataReceived or after.stream_id != event.stream_id:
+            return event
+        parts = [event.data]
+        end_stream = False
+        while (queued and type(queued[0]) is StreamDataReceived
+               and queued[0].stream_id == event.stream_id and not end_stream):
+            after = queued.popleft()
+            parts.append(after.data)
+            end_stream = after.end_stream
+        return StreamDataReceived(data=b"".join(parts), end_stream=end_stream,
+                                  stream_id=event.stream_id)
 
     def _shrink_crypto_buffers(self):
         """aioquic keeps a 16 KB buffer for the TLS output of each of three epochs for the

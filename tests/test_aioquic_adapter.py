@@ -332,3 +332,29 @@ def test_a_steady_connection_builds_with_maholes_builder_and_the_stream_arrives(
     client.close()
     assert not client._steady()  # closing goes through aioquic's own path
     assert client.datagrams_to_send(now)  # CONNECTION_CLOSE
+
+
+def test_a_streams_queued_data_events_come_out_as_one_in_order():
+    quic = _client()
+    sdr = qe.StreamDataReceived
+    quic._events.extend([
+        sdr(data=b"a", end_stream=False, stream_id=0), sdr(data=b"b", end_stream=False,
+                                                          stream_id=0),
+        sdr(data=b"c", end_stream=False, stream_id=4),
+        sdr(data=b"d", end_stream=False, stream_id=0), sdr(data=b"e", end_stream=True,
+                                                          stream_id=0),
+        sdr(data=b"f", end_stream=False, stream_id=0),
+        qe.DatagramFrameReceived(data=b"g"),
+        sdr(data=b"h", end_stream=True, stream_id=8), sdr(data=b"", end_stream=True,
+                                                         stream_id=8)])
+    delivered = quic._delivered
+    got = [(type(e).__name__, getattr(e, "stream_id", None), e.data,
+            getattr(e, "end_stream", None)) for e in iter(quic.next_event, None)]
+    assert got == [("StreamDataReceived", 0, b"ab", False),
+                   ("StreamDataReceived", 4, b"c", False),
+                   ("StreamDataReceived", 0, b"de", True),
+                   ("StreamDataReceived", 0, b"f", False),
+                   ("DatagramFrameReceived", None, b"g", None),
+                   ("StreamDataReceived", 8, b"h", True),
+                   ("StreamDataReceived", 8, b"", True)]
+    assert quic._delivered - delivered == 7  # stream bytes only
