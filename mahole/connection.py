@@ -233,6 +233,10 @@ class NodeQuicConnection(QuicConnection):
         window = self._configuration.max_data
         if self._delivered + window // 2 > max_data.value:
             max_data.value = self._delivered + window
+        bidi, uni = self._local_max_streams_bidi, self._local_max_streams_uni
+        if (max_data.value == max_data.sent and bidi.value == bidi.sent
+                and uni.value == uni.sent):
+            return  # nothing to raise: aioquic would write no frame (this runs per packet)
         # aioquic's rule would double max_data.value when `used` (gaps included) passes half
         # of it: hide `used` from it while it writes the frames.
         used, max_data.used = max_data.used, 0

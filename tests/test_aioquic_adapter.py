@@ -358,3 +358,28 @@ def test_a_streams_queued_data_events_come_out_as_one_in_order():
                    ("StreamDataReceived", 8, b"h", True),
                    ("StreamDataReceived", 8, b"", True)]
     assert quic._delivered - delivered == 7  # stream bytes only
+
+
+def test_more_streams_than_the_first_limit_open_one_after_another(tmp_path):
+    """MAX_STREAMS is raised as streams end (the connection limits are checked on every
+    packet, and written only when one moved)."""
+    from quic_pair import handshake, make_pair, pump
+
+    client, server = make_pair(tmp_path)
+    now = handshake(client, server)
+    limit = client._remote_max_streams_bidi
+    done = set()
+    for number in range(limit * 2 + 5):
+        stream_id = client.get_next_available_stream_id()
+        client.send_stream_data(stream_id, b"x", end_stream=True)
+        for _ in range(50):
+            now += 0.01
+            for event in pump(client, server, now, rounds=3):
+                if isinstance(event, qe.StreamDataReceived) and event.end_stream:
+                    if event.stream_id not in done and event.stream_id % 4 == 0:
+                        done.add(event.stream_id)
+                        server.send_stream_data(event.stream_id, b"", end_stream=True)
+            if stream_id in done:
+                break
+        assert stream_id in done, number
+    assert client._remote_max_streams_bidi > limit
