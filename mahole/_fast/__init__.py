@@ -11,6 +11,7 @@ Public API (identical in both twins):
   Router                                 DCID / relay-session tables + batch dispatch
   BatchSocket                            recvmmsg/sendmmsg batches on a UDP socket
   PacketBuilder                          QUIC packet builder (aioquic's own as the twin)
+  decrypter(pair)                        what to call for pair.decrypt_packet (1-RTT packets)
 """
 
 import os
