@@ -18,13 +18,16 @@ import ssl
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
-    MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection, QuicConnectionState)
+    END_STATES, MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection, QuicConnectionError,
+    QuicConnectionState, QuicReceiveContext)
+from aioquic.quic.crypto import CryptoError, KeyUnavailableError
 from aioquic.buffer import Buffer
 from aioquic.quic.events import HandshakeCompleted, StreamDataReceived
-from aioquic.quic.packet import QuicFrameType, QuicPacketType
+from aioquic.quic.packet import (
+    PACKET_FIXED_BIT, QuicErrorCode, QuicFrameType, QuicPacketType, get_spin_bit)
 from aioquic.quic.packet_builder import (
     QuicDeliveryState, QuicPacketBuilder, QuicPacketBuilderStop)
-from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer
 
 from . import identity
 from ._fast import PacketBuilder, decrypter
@@ -166,6 +169,7 @@ class NodeQuicConnection(QuicConnection):
         self.packets_authenticated = 0
         self.local_close = None
         self._mtu_probes = []  # (size, on_result) to send with the next datagrams
+        self._one_rtt = None  # (crypto pair, packet space) of 1-RTT, once receiving them
         self.large_packets_lost = 0  # packets over 1,200 bytes declared lost (probes aside)
         self._loss._on_packets_lost = self._count_large_losses(self._loss._on_packets_lost)
         self._loss._pacer = TimerAwarePacer(
@@ -300,6 +304,98 @@ class NodeQuicConnection(QuicConnection):
                 else:
                     on_result(size, None)
         return datagrams
+
+    def receive_datagram(self, data, addr, now):
+        paths = self._network_paths
+        if (data and not data[0] & 0x80 and self._quic_logger is None
+                and self._handshake_confirmed
+                and self._state == QuicConnectionState.CONNECTED and len(paths) == 1
+                and paths[0].addr == addr and paths[0].is_validated):
+            self._receive_short(data, paths[0], now)
+        else:
+            super().receive_datagram(data, addr, now)
+
+    def _receive_short(self, data, network_path, now):
+        """aioquic 1.7's receive_datagram for what a steady connection receives most: a
+        datagram of one 1-RTT packet from its validated path, no qlog. The same steps and
+        decisions, without those that cannot apply (long headers, version negotiation,
+        retry, the first flight, a new or unvalidated path, logging), the header read by
+        slicing, and the 1-RTT keys and packet space looked up once. It is a bulk
+        receiver's largest per-packet Python work outside the payload."""
+        if self._close_at is None:
+            self._close_at = now + self._idle_timeout()
+        cid_end = 1 + self._configuration.connection_id_length
+        # RFC 9000 §17.3: the fixed bit is set, the DCID is the length we issue
+        if not data[0] & PACKET_FIXED_BIT or len(data) < cid_end:
+            return
+        destination_cid = data[1:cid_end]
+        for connection_id in self._host_cids:
+            if connection_id.cid == destination_cid:
+                break
+        else:
+            return  # unknown connection ID
+        one_rtt = self._one_rtt
+        if one_rtt is None:
+            one_rtt = self._one_rtt = (self._cryptos[tls.Epoch.ONE_RTT],
+                                       self._spaces[tls.Epoch.ONE_RTT])
+        crypto, space = one_rtt
+        try:
+            plain_header, plain_payload, packet_number = crypto.decrypt_packet(
+                data, cid_end, space.expected_packet_number)
+        except (KeyUnavailableError, CryptoError):
+            return  # dropped (aioquic logs it at debug level only)
+        # RFC 9000 §12.3: duplicates are discarded
+        if packet_number in space.received_packets:
+            return
+        if plain_header[0] & 0x18:  # reserved bits (RFC 9000 §17.3.1)
+            self.close(error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                       frame_type=QuicFrameType.PADDING,
+                       reason_phrase="Reserved bits must be zero")
+            return
+        if packet_number > space.expected_packet_number:
+            space.expected_packet_number = packet_number + 1
+        # a server drops 0-RTT keys on the first 1-RTT packet (RFC 9001 §4.9.3)
+        if not self._is_client:
+            zero_rtt = self._cryptos[tls.Epoch.ZERO_RTT].recv
+            if zero_rtt.is_valid():
+                zero_rtt.teardown()
+        if self._peer_cid.sequence_number is None:
+            self._peer_cid.cid = b""
+            self._peer_cid.sequence_number = 0
+        if packet_number > self._spin_highest_pn:
+            spin_bit = get_spin_bit(plain_header[0])
+            self._spin_bit = not spin_bit if self._is_client else spin_bit
+            self._spin_highest_pn = packet_number
+        context = QuicReceiveContext(epoch=tls.Epoch.ONE_RTT, host_cid=destination_cid,
+                                     network_path=network_path, quic_logger_frames=None,
+                                     time=now, version=None)
+        try:
+            is_ack_eliciting, is_probing = self._payload_received(context, plain_payload)
+        except QuicConnectionError as exc:
+            self._logger.warning(exc)
+            self.close(error_code=exc.error_code, frame_type=exc.frame_type,
+                       reason_phrase=exc.reason_phrase)
+        if self._state in END_STATES or self._close_pending:
+            return
+        self._close_at = now + self._idle_timeout()
+        self._ack_eliciting_sent_since_receipt = False
+        # The peer moved to another of our connection IDs (RFC 9000 §9.5; a probing packet
+        # does not move it).
+        if not self._is_client and not is_probing and destination_cid != self.host_cid:
+            self.host_cid = destination_cid
+            if network_path.peer_cid is None:
+                self.change_connection_id()
+        if not space.discarded:
+            if packet_number > space.largest_received_packet:
+                space.largest_received_packet = packet_number
+                space.largest_received_time = now
+            space.ack_queue.add(packet_number)
+            space.received_packets.add(packet_number)
+            # the oldest ACK range goes past MAX_ACK_RANGES (RFC 9000 §13.2.3)
+            if len(space.ack_queue) > MAX_ACK_RANGES:
+                space.ack_queue.shift()
+            if is_ack_eliciting and space.ack_at is None:
+                space.ack_at = now + self._ack_delay
 
     def _steady(self):
         """Established, on one path, nothing but 1-RTT packets to build: where aioquic's

@@ -7,6 +7,8 @@ import inspect
 import os
 
 import aioquic
+import pytest
+from aioquic import tls
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -383,3 +385,79 @@ def test_more_streams_than_the_first_limit_open_one_after_another(tmp_path):
                 break
         assert stream_id in done, number
     assert client._remote_max_streams_bidi > limit
+
+
+# Steady receives: one 1-RTT packet from the validated path ----------------------------------
+
+# NodeQuicConnection._receive_short copies the steps of this aioquic method that apply to a
+# 1-RTT packet on a confirmed connection's one validated path: when aioquic changes the
+# method, compare the two again and then update the digest.
+RECEIVE_DATAGRAM_SHA256 = "3c7f29826050cbfe326c3a05400792ce8757bd0be07a2f41b6b1562f22588278"
+
+
+def test_steady_receives_copy_aioquics_receive_datagram_as_it_is():
+    source = inspect.getsource(QuicConnection.receive_datagram)
+    assert hashlib.sha256(source.encode()).hexdigest() == RECEIVE_DATAGRAM_SHA256
+
+
+def _short_packet(sender, receiver, first_byte_bits=0, payload=b"\x01"):
+    """A 1-RTT packet from sender to receiver, protected with sender's keys, with extra
+    bits set in its first byte (before protection)."""
+    from aioquic.quic.packet import PACKET_FIXED_BIT
+
+    pair = sender._cryptos[tls.Epoch.ONE_RTT]
+    number = sender._packet_number
+    sender._packet_number += 1
+    header = (bytes([PACKET_FIXED_BIT | first_byte_bits | (pair.key_phase << 2) | 1])
+              + receiver.host_cid + (number & 0xFFFF).to_bytes(2, "big"))
+    return pair.encrypt_packet(header, payload + bytes(40), number)
+
+
+@pytest.mark.parametrize("steady", [True, False])
+def test_a_packet_with_reserved_bits_closes_the_connection_on_either_path(
+        tmp_path, monkeypatch, steady):
+    client, server, now, pump = _probing_pair(tmp_path)
+    if not steady:  # aioquic's own receive_datagram for the same packet
+        monkeypatch.setattr(server, "_receive_short", lambda *a: pytest.fail("steady"))
+        monkeypatch.setattr(server, "_quic_logger", None)
+        server._network_paths.append(server._network_paths[0])  # two paths: not steady
+    packet = _short_packet(client, server, first_byte_bits=0x18)
+    server.receive_datagram(packet, ("127.0.0.1", 5000), now=now)
+    assert server._close_event.error_code == 0xA  # PROTOCOL_VIOLATION (RFC 9000 §20.1)
+
+
+def test_duplicate_damaged_and_foreign_packets_change_nothing(tmp_path):
+    client, server, now, pump = _probing_pair(tmp_path)
+    space = server._spaces[tls.Epoch.ONE_RTT]
+    packet = _short_packet(client, server)  # PING
+    server.receive_datagram(packet, ("127.0.0.1", 5000), now=now)
+    received = (list(space.ack_queue), space.largest_received_packet)
+    authenticated = server.packets_authenticated
+    damaged = packet[:-1] + bytes([packet[-1] ^ 1])
+    unknown_cid = packet[:1] + bytes(8) + packet[9:]
+    no_fixed_bit = bytes([packet[0] & ~0x40]) + packet[1:]
+    for bad in (packet, damaged, unknown_cid, no_fixed_bit, packet[:5], packet[:30]):
+        server.receive_datagram(bad, ("127.0.0.1", 5000), now=now)
+    assert (list(space.ack_queue), space.largest_received_packet) == received
+    assert server.packets_authenticated == authenticated
+    assert server._close_event is None
+
+
+def test_a_steady_connection_receives_on_the_short_path_and_the_stream_arrives(
+        tmp_path, monkeypatch):
+    client, server, now, pump = _probing_pair(tmp_path)
+    short = []
+    original = server._receive_short
+    monkeypatch.setattr(server, "_receive_short",
+                        lambda *a: short.append(1) or original(*a))
+    data = os.urandom(300_000)
+    client.send_stream_data(0, data, end_stream=True)
+    received = bytearray()
+    for _ in range(500):
+        now += 0.01
+        for event in pump(client, server, now, rounds=3):
+            if isinstance(event, qe.StreamDataReceived):
+                received += event.data
+        if len(received) >= len(data):
+            break
+    assert bytes(received) == data and len(short) > 200
