@@ -169,7 +169,8 @@ class NodeQuicConnection(QuicConnection):
         self.packets_authenticated = 0
         self.local_close = None
         self._mtu_probes = []  # (size, on_result) to send with the next datagrams
-        self._one_rtt = None  # (crypto pair, packet space) of 1-RTT, once receiving them
+        # (1-RTT crypto pair, 1-RTT packet space, 0-RTT receive keys), once receiving 1-RTT
+        self._one_rtt = None
         self.large_packets_lost = 0  # packets over 1,200 bytes declared lost (probes aside)
         self._loss._on_packets_lost = self._count_large_losses(self._loss._on_packets_lost)
         self._loss._pacer = TimerAwarePacer(
@@ -337,8 +338,9 @@ class NodeQuicConnection(QuicConnection):
         one_rtt = self._one_rtt
         if one_rtt is None:
             one_rtt = self._one_rtt = (self._cryptos[tls.Epoch.ONE_RTT],
-                                       self._spaces[tls.Epoch.ONE_RTT])
-        crypto, space = one_rtt
+                                       self._spaces[tls.Epoch.ONE_RTT],
+                                       self._cryptos[tls.Epoch.ZERO_RTT].recv)
+        crypto, space, zero_rtt = one_rtt
         try:
             plain_header, plain_payload, packet_number = crypto.decrypt_packet(
                 data, cid_end, space.expected_packet_number)
@@ -355,10 +357,8 @@ class NodeQuicConnection(QuicConnection):
         if packet_number > space.expected_packet_number:
             space.expected_packet_number = packet_number + 1
         # a server drops 0-RTT keys on the first 1-RTT packet (RFC 9001 §4.9.3)
-        if not self._is_client:
-            zero_rtt = self._cryptos[tls.Epoch.ZERO_RTT].recv
-            if zero_rtt.is_valid():
-                zero_rtt.teardown()
+        if not self._is_client and zero_rtt.is_valid():
+            zero_rtt.teardown()
         if self._peer_cid.sequence_number is None:
             self._peer_cid.cid = b""
             self._peer_cid.sequence_number = 0
