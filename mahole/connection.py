@@ -30,7 +30,7 @@ from aioquic.quic.packet_builder import (
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer
 
 from . import identity
-from ._fast import PacketBuilder, decrypter
+from ._fast import PacketBuilder, decrypter, write_application
 from .config import check_congestion_control
 from .pmtu import BASE_PLPMTU
 
@@ -406,9 +406,10 @@ class NodeQuicConnection(QuicConnection):
 
     def _send_application(self, now):
         """aioquic 1.7's datagrams_to_send for a steady connection, with the compiled packet
-        builder (mahole._fast.PacketBuilder, the same output as aioquic's): building packets
-        is most of a bulk sender's per-packet work. Everything else stays aioquic's: what
-        goes in the packets (_write_application), congestion control, loss recovery."""
+        builder and the compiled port of aioquic's _write_application (mahole._fast
+        PacketBuilder and write_application: the same packets as aioquic's): building and
+        filling packets is most of a bulk sender's per-packet work. Congestion control and
+        loss recovery stay aioquic's."""
         network_path = self._network_paths[0]
         builder = PacketBuilder(
             host_cid=self.host_cid, is_client=self._is_client,
@@ -425,7 +426,7 @@ class NodeQuicConnection(QuicConnection):
         if not network_path.is_validated:
             builder.max_total_bytes = network_path.bytes_received * 3 - network_path.bytes_sent
         try:
-            self._write_application(builder, network_path, now)
+            write_application(self, builder, network_path, now)
         except QuicPacketBuilderStop:
             pass
         return self._flush_builder(builder=builder, network_path=network_path,

@@ -307,6 +307,25 @@ def test_steady_sends_copy_aioquics_datagrams_to_send_as_it_is():
     assert hashlib.sha256(source.encode()).hexdigest() == DATAGRAMS_TO_SEND_SHA256
 
 
+# mahole._fast._packets.write_application ports these aioquic methods (tests/
+# test_write_application.py compares its packets with theirs): when aioquic changes them,
+# port the change and then update the digest.
+WRITE_APPLICATION_SHA256 = "e7e7123f9e4d8b6291c89309eaa491089808703bf1ccf6ab8572186ad61be9c1"
+
+
+def test_the_compiled_write_application_ports_aioquics_methods_as_they_are():
+    from aioquic.quic.stream import QuicStreamSender
+
+    source = "".join(inspect.getsource(method) for method in (
+        QuicConnection._write_application, QuicConnection._write_stream_frame,
+        QuicStreamSender.get_frame, QuicStreamSender.next_offset.fget,
+        QuicPacketPacer.next_send_time, QuicPacketPacer.update_after_send,
+        QuicPacketPacer.update_bucket))
+    assert hashlib.sha256(source.encode()).hexdigest() == WRITE_APPLICATION_SHA256
+    from aioquic.quic.rangeset import RangeSet
+    assert isinstance(RangeSet([range(0, 4)])._RangeSet__ranges, list)  # read in place
+
+
 def _stream_arrives(client, server, now, pump):
     """Send 300 kB on a stream from client to server and check it arrives intact; the time
     after."""

@@ -12,6 +12,7 @@ Public API (identical in both twins):
   BatchSocket                            recvmmsg/sendmmsg batches on a UDP socket
   PacketBuilder                          QUIC packet builder (aioquic's own as the twin)
   decrypter(pair)                        what to call for pair.decrypt_packet (1-RTT packets)
+  write_application(conn, builder, path, now)  aioquic's QuicConnection._write_application
 """
 
 import os
@@ -56,6 +57,7 @@ RelayEngine = _relay.RelayEngine
 Scheduler = _sched.Scheduler
 PacketBuilder = _packets.PacketBuilder
 decrypter = _packets.decrypter
+write_application = _packets.write_application
 
 
 def implementations(module="hot"):

@@ -8,6 +8,10 @@ packets with both and compares). It exists because at 1,200-byte packets buildin
 protecting a packet is the largest share of a sender's per-packet Python work, and removing
 protection a large share of a receiver's; mahole.connection uses it for 1-RTT packets.
 
+`write_application` is aioquic's `QuicConnection._write_application`, which fills a steady
+connection's packets, compiled: pacing and STREAM frames in C, every rarer frame by the
+connection's own method (tests/test_write_application.py compares the packets it sends).
+
 `PacketBuilder` keeps aioquic's `Buffer` handed to frame writers, the `QuicSentPacket`
 records loss recovery keeps and `QuicPacketBuilderStop`. What it changes is only where its
 own counters and flags live: a packet's ack-eliciting / in-flight / crypto flags are kept in
@@ -19,6 +23,7 @@ with a nonce made in C, and the header protection mask applied in C. With ChaCha
 key update due, or a packet in the other key phase, the pair's own methods do the work.
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 from cryptography.exceptions import InvalidTag
@@ -41,6 +46,8 @@ from aioquic.quic.packet_builder import (
     QuicPacketBuilderStop,
     QuicSentPacket,
 )
+from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.stream import QuicStreamSender as _QuicStreamSender
 from aioquic.tls import Epoch
 
 # Frame types whose handling differs (RFC 9000 §12.4 and §13.2.1: ACK, PADDING and
@@ -277,8 +284,11 @@ cdef class PacketBuilder:
 
     @property
     def packet_is_empty(self):
+        return self._packet_is_empty()
+
+    cdef bint _packet_is_empty(self) except -1:
         assert self._packet is not None
-        return self._buffer.tell() - self._packet_start <= self._header_size
+        return <Py_ssize_t>self._buffer.tell() - self._packet_start <= self._header_size
 
     @property
     def packet_number(self):
@@ -290,6 +300,9 @@ cdef class PacketBuilder:
 
     @property
     def remaining_flight_space(self):
+        return self._remaining_flight_space()
+
+    cdef Py_ssize_t _remaining_flight_space(self) except? -1:
         return self._flight_capacity - <Py_ssize_t>self._buffer.tell() - self._tag_size
 
     def flush(self):
@@ -304,8 +317,10 @@ cdef class PacketBuilder:
 
     def start_frame(self, frame_type, Py_ssize_t capacity=1, handler=None,
                     handler_args=[]):
+        return self._start_frame(frame_type, capacity, handler, handler_args)
+
+    cdef object _start_frame(self, long ft, Py_ssize_t capacity, handler, handler_args):
         assert self._packet is not None
-        cdef long ft = frame_type
         cdef Py_ssize_t position = self._buffer.tell()
         # The first frame leaves room for the padding that lets header protection sample
         # enough bytes (RFC 9001 §5.4.2).
@@ -332,6 +347,9 @@ cdef class PacketBuilder:
         return self._buffer
 
     def start_packet(self, packet_type, crypto):
+        self._start_packet(packet_type, crypto)
+
+    cdef _start_packet(self, packet_type, crypto):
         assert packet_type in (_INITIAL, _HANDSHAKE, _ZERO_RTT, _ONE_RTT), \
             "Invalid packet type"
         cdef Py_ssize_t packet_start, header_size, remaining, token_length
@@ -401,7 +419,7 @@ cdef class PacketBuilder:
 
         buf.seek(packet_start + header_size)
 
-    def _end_packet(self):
+    cdef _end_packet(self):
         cdef Py_ssize_t packet_size, padding_size, length, room
         buf = self._buffer
         packet = self._packet
@@ -492,7 +510,7 @@ cdef class PacketBuilder:
             protected[sample_offset:sample_offset + SAMPLE_LENGTH])))
         buf.push_bytes(protected)
 
-    def _flush_current_datagram(self):
+    cdef _flush_current_datagram(self):
         cdef Py_ssize_t datagram_bytes = self._buffer.tell()
         cdef Py_ssize_t extra_bytes
         if datagram_bytes:
@@ -509,3 +527,280 @@ cdef class PacketBuilder:
             self._total_bytes += datagram_bytes
             self._datagram_init = True
             self._buffer.seek(0)
+
+
+# -- aioquic 1.7's QuicConnection._write_application, compiled --------------------------------
+
+cdef long FT_STREAM_BASE = QuicFrameType.STREAM_BASE
+_DATAGRAM_WITH_LENGTH = QuicFrameType.DATAGRAM_WITH_LENGTH
+_STREAMS_BLOCKED_BIDI = QuicFrameType.STREAMS_BLOCKED_BIDI
+_STREAMS_BLOCKED_UNI = QuicFrameType.STREAMS_BLOCKED_UNI
+_EPOCH_ZERO_RTT = Epoch.ZERO_RTT
+_PACER_NEXT_SEND_TIME = QuicPacketPacer.next_send_time
+_PACER_UPDATE_AFTER_SEND = QuicPacketPacer.update_after_send
+_PACER_UPDATE_BUCKET = QuicPacketPacer.update_bucket
+
+
+cdef bint _plain_pacer(pacer):
+    """Whether `pacer` paces as aioquic's QuicPacketPacer does (a subclass may change only
+    update_rate), so that its bucket can be read and written here."""
+    cls = type(pacer)
+    return (cls.next_send_time is _PACER_NEXT_SEND_TIME
+            and cls.update_after_send is _PACER_UPDATE_AFTER_SEND
+            and cls.update_bucket is _PACER_UPDATE_BUCKET)
+
+
+cdef _update_bucket(pacer, double now):
+    cdef double evaluation_time = pacer.evaluation_time
+    cdef double bucket_time, bucket_max
+    if now > evaluation_time:
+        bucket_time = pacer.bucket_time + (now - evaluation_time)
+        bucket_max = pacer.bucket_max
+        pacer.bucket_time = bucket_time if bucket_time < bucket_max else bucket_max
+        pacer.evaluation_time = now
+
+
+cdef object _next_send_time(pacer, double now):
+    """QuicPacketPacer.next_send_time (RFC 9002 §7.7): when the next packet may leave, or
+    None if it may leave now."""
+    packet_time = pacer.packet_time
+    if packet_time is not None:
+        _update_bucket(pacer, now)
+        if pacer.bucket_time <= 0:
+            return now + packet_time
+    return None
+
+
+cdef _update_after_send(pacer, double now):
+    """QuicPacketPacer.update_after_send: a packet's time taken from the bucket."""
+    packet_time = pacer.packet_time
+    if packet_time is not None:
+        _update_bucket(pacer, now)
+        if pacer.bucket_time < packet_time:
+            pacer.bucket_time = 0.0
+        else:
+            pacer.bucket_time -= packet_time
+
+
+cdef long long _write_stream_frame(PacketBuilder builder, stream, long long max_offset) except -1:
+    """QuicConnection._write_stream_frame with QuicStreamSender.get_frame inside, for a
+    connection without qlog: one STREAM frame (RFC 9000 §19.8) of the first pending range,
+    as large as the packet and flow control allow. Returns by how much the stream's highest
+    offset sent grew (what it takes of the connection's credit)."""
+    sender = stream.sender
+    ranges = sender._pending._RangeSet__ranges
+    cdef long long next_offset = ranges[0].start if ranges else sender._buffer_stop
+    cdef long long stream_id = stream.stream_id
+    cdef Py_ssize_t overhead = 3 + size_uint_var(stream_id) + (
+        size_uint_var(next_offset) if next_offset else 0)
+    cdef long long previous_highest = sender.highest_offset
+    cdef Py_ssize_t max_size = builder._remaining_flight_space() - overhead
+    cdef long long start, stop, range_stop, buffer_start
+    cdef bint fin = False
+    assert sender._reset_error_code is None, "cannot call get_frame() after reset()"
+    if max_size < 0:
+        return 0
+    if not ranges:
+        if not sender._pending_eof:
+            sender.buffer_is_empty = True
+            return 0
+        sender._pending_eof = False  # FIN only
+        start = stop = sender._buffer_fin
+        data = b""
+        fin = True
+    else:
+        first = ranges[0]
+        start = first.start
+        range_stop = first.stop
+        stop = range_stop if range_stop < start + max_size else start + max_size
+        if stop > max_offset:
+            stop = max_offset
+        if stop <= start:
+            return 0
+        buffer_start = sender._buffer_start
+        buffer = sender._buffer
+        if (type(buffer) is bytearray and start >= buffer_start
+                and stop - buffer_start <= PyByteArray_GET_SIZE(buffer)):
+            data = PyBytes_FromStringAndSize(
+                PyByteArray_AS_STRING(buffer) + (start - buffer_start), stop - start)
+        else:
+            data = bytes(buffer[start - buffer_start:stop - buffer_start])
+        # RangeSet.subtract(start, stop) of the first range (ranges never touch)
+        if stop == range_stop:
+            del ranges[0]
+        else:
+            ranges[0] = range(stop, range_stop)
+        if stop > previous_highest:
+            sender.highest_offset = stop
+        buffer_fin = sender._buffer_fin
+        if buffer_fin is not None and <long long>buffer_fin == stop:
+            fin = True
+            sender._pending_eof = False
+
+    cdef long frame_type = FT_STREAM_BASE | 2  # with a length
+    if start:
+        frame_type |= 4
+    if fin:
+        frame_type |= 1
+    buf = builder._start_frame(frame_type, overhead, sender.on_data_delivery,
+                               (start, start + len(data), fin))
+    buf.push_uint_var(stream_id)
+    if start:
+        buf.push_uint_var(start)
+    buf.push_uint16(len(data) | 0x4000)
+    buf.push_bytes(data)
+    return <long long>sender.highest_offset - previous_highest
+
+
+def write_application(connection, PacketBuilder builder, network_path, double now):
+    """aioquic 1.7's `QuicConnection._write_application(builder, network_path, now)` for
+    `connection`, compiled: the same frames in the same packets, with the per-packet steps
+    (pacing, STREAM frames, the stream queue) in C and every rarer frame written by the
+    connection's own method. QuicPacketBuilderStop goes to the caller, as there."""
+    self = connection
+    cryptos = self._cryptos
+    crypto = cryptos[_EPOCH_ONE_RTT]
+    crypto_stream = None
+    if crypto.send.is_valid():
+        crypto_stream = self._crypto_streams[_EPOCH_ONE_RTT]
+        packet_type = _ONE_RTT
+    else:
+        crypto = cryptos[_EPOCH_ZERO_RTT]
+        if not crypto.send.is_valid():
+            return
+        packet_type = _ZERO_RTT
+    cdef bint one_rtt = packet_type is _ONE_RTT
+    space = self._spaces[_EPOCH_ONE_RTT]
+    pacer = self._loss._pacer
+    cdef bint plain_pacer = _plain_pacer(pacer)
+    cdef bint inline_streams = self._quic_logger is None
+    cdef bint is_client = self._is_client
+    cdef set sent, discarded
+    cdef list queue
+    cdef long long used
+
+    while True:
+        # apply pacing, except if we have ACKs to send
+        ack_at = space.ack_at
+        if ack_at is None or ack_at >= now:
+            if plain_pacer:
+                pacing_at = _next_send_time(pacer, now)
+            else:
+                pacing_at = pacer.next_send_time(now=now)
+            self._pacing_at = pacing_at
+            if pacing_at is not None:
+                break
+        builder._start_packet(packet_type, crypto)
+
+        # ACK, which a server sends for 0-RTT packets before the handshake completes
+        # (RFC 9000 §13.2.1), but not in 0-RTT packets.
+        if one_rtt and space.ack_at is not None and space.ack_at <= now:
+            self._write_ack_frame(builder=builder, space=space, now=now)
+
+        if self._handshake_complete:
+            # PATH_CHALLENGE while the path is not validated (RFC 9000 §9.3); validation
+            # is abandoned after 3 PTOs of the larger of the two paths (§8.2.4).
+            if not (network_path.is_validated or network_path.local_challenge_sent):
+                self._write_path_challenge_frame(builder=builder, network_path=network_path)
+                if network_path.validation_deadline is None:
+                    network_path.validation_deadline = now + 3 * max(
+                        self._loss.get_probe_timeout(), 2 * self._configuration.initial_rtt)
+            if self._handshake_done_pending:
+                self._write_handshake_done_frame(builder=builder)
+                self._handshake_done_pending = False
+            challenges = network_path.remote_challenges
+            while len(challenges) > 0:
+                self._write_path_response_frame(builder=builder, challenge=challenges[0])
+                challenges.popleft()
+            for connection_id in self._host_cids:
+                if not connection_id.was_sent:
+                    self._write_new_connection_id_frame(
+                        builder=builder, connection_id=connection_id)
+            retire = self._retire_connection_ids
+            for sequence_number in retire[:]:
+                self._write_retire_connection_id_frame(
+                    builder=builder, sequence_number=sequence_number)
+                retire.pop(0)
+            if self._streams_blocked_pending:
+                if self._streams_blocked_bidi:
+                    self._write_streams_blocked_frame(
+                        builder=builder, frame_type=_STREAMS_BLOCKED_BIDI,
+                        limit=self._remote_max_streams_bidi)
+                if self._streams_blocked_uni:
+                    self._write_streams_blocked_frame(
+                        builder=builder, frame_type=_STREAMS_BLOCKED_UNI,
+                        limit=self._remote_max_streams_uni)
+                self._streams_blocked_pending = False
+            # MAX_DATA and MAX_STREAMS
+            self._write_connection_limits(builder=builder, space=space)
+
+        # stream-level limits
+        for stream in self._streams.values():
+            self._write_stream_limits(builder=builder, space=space, stream=stream)
+
+        if self._ping_pending:  # PING (user-request)
+            self._write_ping_frame(builder, self._ping_pending)
+            self._ping_pending.clear()
+        if self._probe_pending:  # PING (probe)
+            self._write_ping_frame(builder, comment="probe")
+            self._probe_pending = False
+        if crypto_stream is not None and not crypto_stream.sender.buffer_is_empty:
+            self._write_crypto_frame(builder=builder, space=space, stream=crypto_stream)
+        datagrams = self._datagrams_pending
+        while datagrams:
+            try:
+                self._write_datagram_frame(builder=builder, data=datagrams[0],
+                                           frame_type=_DATAGRAM_WITH_LENGTH)
+                datagrams.popleft()
+            except QuicPacketBuilderStop:
+                break
+
+        sent = set()
+        discarded = set()
+        queue = self._streams_queue
+        try:
+            for stream in queue:
+                if stream.is_finished:  # discard a finished stream
+                    self._logger.debug("Stream %d discarded", stream.stream_id)
+                    self._streams.pop(stream.stream_id)
+                    # let the peer open a new stream for each one that closes (§4.6)
+                    if ((stream.stream_id & 1) == 0) != is_client:
+                        self._stream_limit(stream.stream_id).value += 1
+                    discarded.add(stream)
+                    continue
+                if stream.receiver.stop_pending:  # STOP_SENDING
+                    self._write_stop_sending_frame(builder=builder, stream=stream)
+                sender = stream.sender
+                if sender.reset_pending:  # RESET_STREAM
+                    self._write_reset_stream_frame(builder=builder, stream=stream)
+                elif not stream.is_blocked and not sender.buffer_is_empty:  # STREAM
+                    max_offset = min(
+                        sender.highest_offset + self._remote_max_data
+                        - self._remote_max_data_used,
+                        stream.max_stream_data_remote)
+                    if inline_streams and type(sender) is _QuicStreamSender:
+                        used = _write_stream_frame(builder, stream, max_offset)
+                    else:
+                        used = self._write_stream_frame(builder=builder, space=space,
+                                                        stream=stream, max_offset=max_offset)
+                    self._remote_max_data_used += used
+                    if used > 0:
+                        sent.add(stream)
+        finally:
+            # a new service order with the served streams last (and the discarded gone),
+            # even when the packet filled up
+            if sent or discarded:
+                self._streams_queue = [
+                    stream for stream in queue
+                    if not (stream in discarded or stream in sent)]
+                self._streams_queue.extend(sent)
+
+        if builder._packet_is_empty():
+            # Discarded streams may let the peer open new ones, which the next packet
+            # announces with MAX_STREAMS.
+            if not discarded:
+                break
+        elif plain_pacer:
+            _update_after_send(pacer, now)
+        else:
+            pacer.update_after_send(now=now)
