@@ -30,7 +30,7 @@ from aioquic.quic.packet_builder import (
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer
 
 from . import identity
-from ._fast import PacketBuilder, decrypter, write_application
+from ._fast import PacketBuilder, decrypter, payload_received, write_application
 from .config import check_congestion_control
 from .pmtu import BASE_PLPMTU
 
@@ -321,8 +321,9 @@ class NodeQuicConnection(QuicConnection):
         datagram of one 1-RTT packet from its validated path, no qlog. The same steps and
         decisions, without those that cannot apply (long headers, version negotiation,
         retry, the first flight, a new or unvalidated path, logging), the header read by
-        slicing, and the 1-RTT keys and packet space looked up once. It is a bulk
-        receiver's largest per-packet Python work outside the payload."""
+        slicing, the 1-RTT keys and packet space looked up once, and the frames read by
+        the compiled port of aioquic's _payload_received (mahole._fast.payload_received).
+        It is a bulk receiver's largest per-packet Python work."""
         if self._close_at is None:
             self._close_at = now + self._idle_timeout()
         cid_end = 1 + self._configuration.connection_id_length
@@ -369,8 +370,9 @@ class NodeQuicConnection(QuicConnection):
         context = QuicReceiveContext(epoch=tls.Epoch.ONE_RTT, host_cid=destination_cid,
                                      network_path=network_path, quic_logger_frames=None,
                                      time=now, version=None)
+        self.packets_authenticated += 1  # as _payload_received counts
         try:
-            is_ack_eliciting, is_probing = self._payload_received(context, plain_payload)
+            is_ack_eliciting, is_probing = payload_received(self, context, plain_payload)
         except QuicConnectionError as exc:
             self._logger.warning(exc)
             self.close(error_code=exc.error_code, frame_type=exc.frame_type,

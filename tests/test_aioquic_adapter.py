@@ -308,7 +308,7 @@ def test_steady_sends_copy_aioquics_datagrams_to_send_as_it_is():
 
 
 # mahole._fast._packets.write_application ports these aioquic methods (tests/
-# test_write_application.py compares its packets with theirs): when aioquic changes them,
+# test_steady_packets.py compares its packets with theirs): when aioquic changes them,
 # port the change and then update the digest.
 WRITE_APPLICATION_SHA256 = "e7e7123f9e4d8b6291c89309eaa491089808703bf1ccf6ab8572186ad61be9c1"
 
@@ -324,6 +324,25 @@ def test_the_compiled_write_application_ports_aioquics_methods_as_they_are():
     assert hashlib.sha256(source.encode()).hexdigest() == WRITE_APPLICATION_SHA256
     from aioquic.quic.rangeset import RangeSet
     assert isinstance(RangeSet([range(0, 4)])._RangeSet__ranges, list)  # read in place
+
+
+# mahole._fast._packets.payload_received ports these (tests/test_steady_packets.py compares
+# what it reads with theirs): when aioquic changes them, port the change and then update the
+# digest. The frame handler table it reads is checked too.
+PAYLOAD_RECEIVED_SHA256 = "43d1d46c33b1f4e2f980255e8ad8d23c6df1acf9f911b4f3a655585a0c521dcd"
+
+
+def test_the_compiled_payload_received_ports_aioquics_methods_as_they_are():
+    from aioquic.quic.stream import QuicStreamReceiver
+
+    source = "".join(inspect.getsource(method) for method in (
+        QuicConnection._payload_received, QuicConnection._handle_stream_frame,
+        QuicStreamReceiver.handle_frame))
+    assert hashlib.sha256(source.encode()).hexdigest() == PAYLOAD_RECEIVED_SHA256
+    handlers = _client()._QuicConnection__frame_handlers
+    assert all(handlers[frame_type][0].__name__ == "_handle_stream_frame"
+               and tls.Epoch.ONE_RTT in handlers[frame_type][1]
+               for frame_type in range(0x08, 0x10))
 
 
 def _stream_arrives(client, server, now, pump):

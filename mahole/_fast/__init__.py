@@ -13,6 +13,7 @@ Public API (identical in both twins):
   PacketBuilder                          QUIC packet builder (aioquic's own as the twin)
   decrypter(pair)                        what to call for pair.decrypt_packet (1-RTT packets)
   write_application(conn, builder, path, now)  aioquic's QuicConnection._write_application
+  payload_received(conn, context, plain)  aioquic's QuicConnection._payload_received
 """
 
 import os
@@ -58,6 +59,7 @@ Scheduler = _sched.Scheduler
 PacketBuilder = _packets.PacketBuilder
 decrypter = _packets.decrypter
 write_application = _packets.write_application
+payload_received = _packets.payload_received
 
 
 def implementations(module="hot"):

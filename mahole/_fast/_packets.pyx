@@ -8,9 +8,11 @@ packets with both and compares). It exists because at 1,200-byte packets buildin
 protecting a packet is the largest share of a sender's per-packet Python work, and removing
 protection a large share of a receiver's; mahole.connection uses it for 1-RTT packets.
 
-`write_application` is aioquic's `QuicConnection._write_application`, which fills a steady
-connection's packets, compiled: pacing and STREAM frames in C, every rarer frame by the
-connection's own method (tests/test_write_application.py compares the packets it sends).
+`write_application` and `payload_received` are aioquic's `QuicConnection._write_application`
+(what fills a steady connection's packets) and `_payload_received` (what reads a 1-RTT
+packet's frames), compiled: pacing, STREAM frames and frame types in C, every rarer frame
+by the connection's own methods (tests/test_steady_packets.py compares the packets sent,
+the events and the errors, hostile payloads included).
 
 `PacketBuilder` keeps aioquic's `Buffer` handed to frame writers, the `QuicSentPacket`
 records loss recovery keeps and `QuicPacketBuilderStop`. What it changes is only where its
@@ -32,12 +34,18 @@ from aioquic._crypto import AEAD, AEAD_NONCE_LENGTH as _NONCE_LENGTH, CryptoErro
 from aioquic._crypto import HeaderProtection
 from aioquic.quic.crypto import CryptoPair
 from aioquic._crypto import SAMPLE_LENGTH as _SAMPLE_LENGTH
-from aioquic.buffer import Buffer, size_uint_var
+from aioquic.buffer import UINT_VAR_MAX, Buffer, BufferReadError, size_uint_var
+from aioquic.quic.connection import QuicConnectionError
+from aioquic.quic.events import StreamDataReceived as _StreamDataReceived
 from aioquic.quic.packet import (
+    NON_ACK_ELICITING_FRAME_TYPES as _NON_ACK_ELICITING_FRAME_TYPES,
+    PROBING_FRAME_TYPES as _PROBING_FRAME_TYPES,
     PACKET_FIXED_BIT,
     PACKET_NUMBER_MAX_SIZE,
+    QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
+    QuicStreamFrame as _QuicStreamFrame,
     decode_packet_number,
     encode_long_header_first_byte,
 )
@@ -47,7 +55,10 @@ from aioquic.quic.packet_builder import (
     QuicSentPacket,
 )
 from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.stream import FinalSizeError as _FinalSizeError
+from aioquic.quic.stream import QuicStreamReceiver as _QuicStreamReceiver
 from aioquic.quic.stream import QuicStreamSender as _QuicStreamSender
+from aioquic.quic.stream import StreamFinishedError as _StreamFinishedError
 from aioquic.tls import Epoch
 
 # Frame types whose handling differs (RFC 9000 §12.4 and §13.2.1: ACK, PADDING and
@@ -804,3 +815,168 @@ def write_application(connection, PacketBuilder builder, network_path, double no
             _update_after_send(pacer, now)
         else:
             pacer.update_after_send(now=now)
+
+
+# -- aioquic 1.7's QuicConnection._payload_received, compiled ---------------------------------
+
+cdef unsigned long long VARINT_MAX = UINT_VAR_MAX  # 2^62 - 1 (RFC 9000 §16)
+cdef long long FRAME_ENCODING_ERROR = QuicErrorCode.FRAME_ENCODING_ERROR
+cdef long long FLOW_CONTROL_ERROR = QuicErrorCode.FLOW_CONTROL_ERROR
+cdef long long FINAL_SIZE_ERROR = QuicErrorCode.FINAL_SIZE_ERROR
+cdef long long PROTOCOL_VIOLATION = QuicErrorCode.PROTOCOL_VIOLATION
+# Whether a frame type may come in a 1-RTT packet, from the connection's own handler table
+# (the same for every aioquic connection), filled as frame types are first seen.
+cdef dict _ONE_RTT_ALLOWED = {}
+
+
+cdef inline Py_ssize_t _pull_varint(const unsigned char *data, Py_ssize_t pos,
+                                    Py_ssize_t end, unsigned long long *value):
+    """A variable-length integer (RFC 9000 §16) at `pos`: the position after it, or -1 if
+    the data ends first."""
+    if pos >= end:
+        return -1
+    cdef Py_ssize_t length = 1 << (data[pos] >> 6)
+    if pos + length > end:
+        return -1
+    cdef unsigned long long result = data[pos] & 0x3F
+    cdef Py_ssize_t i
+    for i in range(1, length):
+        result = (result << 8) | data[pos + i]
+    value[0] = result
+    return pos + length
+
+
+cdef inline _frame_error(long long error_code, frame_type, str reason):
+    return QuicConnectionError(error_code=error_code, frame_type=frame_type,
+                               reason_phrase=reason)
+
+
+cdef Py_ssize_t _stream_frame(connection, long long frame_type, bytes plain,
+                              Py_ssize_t pos) except -1:
+    """QuicConnection._handle_stream_frame (RFC 9000 §19.8, §4) for a connection without
+    qlog, with QuicStreamReceiver.handle_frame's in-order case inside: the position after
+    the frame, which is ignored for a stream whose state is gone, as there."""
+    cdef const unsigned char *data = <const unsigned char *>PyBytes_AS_STRING(plain)
+    cdef Py_ssize_t end = len(plain)
+    cdef unsigned long long stream_id, offset = 0, length
+    pos = _pull_varint(data, pos, end, &stream_id)
+    if pos >= 0 and frame_type & 4:
+        pos = _pull_varint(data, pos, end, &offset)
+    if pos >= 0:
+        if frame_type & 2:
+            pos = _pull_varint(data, pos, end, &length)
+        else:
+            length = end - pos
+    if pos < 0:
+        raise _frame_error(FRAME_ENCODING_ERROR, frame_type, "Failed to parse frame")
+    if offset + length > VARINT_MAX:
+        raise _frame_error(FRAME_ENCODING_ERROR, frame_type,
+                           "offset + length cannot exceed 2^62 - 1")
+    if length > <unsigned long long>(end - pos):
+        raise _frame_error(FRAME_ENCODING_ERROR, frame_type, "Failed to parse frame")
+    chunk = PyBytes_FromStringAndSize(<const char *>data + pos, length)
+    pos += length
+    cdef bint fin = frame_type & 1
+
+    # the stream can receive (not our own unidirectional one), exists or is opened
+    if ((stream_id & 1) == 0) == connection._is_client and stream_id & 2:
+        connection._assert_stream_can_receive(frame_type, stream_id)  # raises
+    stream = connection._streams.get(stream_id)
+    if stream is None:
+        try:
+            stream = connection._get_or_create_stream(frame_type, stream_id)
+        except _StreamFinishedError:
+            return pos  # we lack the state for the stream, ignore the frame
+
+    # flow control (RFC 9000 §4.1)
+    cdef unsigned long long frame_end = offset + length
+    if frame_end > <unsigned long long>stream.max_stream_data_local:
+        raise _frame_error(FLOW_CONTROL_ERROR, frame_type, "Over stream data limit")
+    receiver = stream.receiver
+    cdef long long highest = receiver.highest_offset
+    cdef long long newly_received = <long long>frame_end - highest
+    if newly_received < 0:
+        newly_received = 0
+    max_data = connection._local_max_data
+    if max_data.used + newly_received > max_data.value:
+        raise _frame_error(FLOW_CONTROL_ERROR, frame_type, "Over connection data limit")
+
+    if (type(receiver) is _QuicStreamReceiver and not fin and length
+            and receiver._final_size is None and not receiver.is_finished
+            and offset == receiver._buffer_start and not receiver._buffer):
+        # the next data in order, nothing buffered: delivered as it is
+        if <long long>frame_end > highest:
+            receiver.highest_offset = frame_end
+        receiver._buffer_start = frame_end
+        event = _StreamDataReceived(data=chunk, end_stream=False,
+                                    stream_id=receiver._stream_id)
+    else:
+        try:
+            event = receiver.handle_frame(
+                _QuicStreamFrame(offset=offset, data=chunk, fin=fin))
+        except _FinalSizeError as exc:
+            raise _frame_error(FINAL_SIZE_ERROR, frame_type, str(exc))
+    if event is not None:
+        connection._events.append(event)
+    max_data.used += newly_received
+    return pos
+
+
+def payload_received(connection, context, bytes plain):
+    """aioquic 1.7's `QuicConnection._payload_received(context, plain)` for a packet that
+    needs no CRYPTO frame, compiled: frame types read in C, STREAM frames handled here (no
+    qlog), every other frame by the connection's own handler. (is_ack_eliciting,
+    is_probing), or QuicConnectionError, as there."""
+    cdef const unsigned char *data = <const unsigned char *>PyBytes_AS_STRING(plain)
+    cdef Py_ssize_t end = len(plain)
+    cdef Py_ssize_t pos = 0, after
+    cdef unsigned long long value
+    cdef long long ft
+    cdef bint frame_found = False, is_ack_eliciting = False
+    is_probing = None
+    handlers = connection._QuicConnection__frame_handlers
+    epoch = context.epoch
+    cdef bint inline_streams = connection._quic_logger is None
+    buf = None
+    while pos < end:
+        after = _pull_varint(data, pos, end, &value)
+        if after < 0:
+            raise _frame_error(FRAME_ENCODING_ERROR, None, "Malformed frame type")
+        pos = after
+        frame_type = value
+        try:
+            frame_handler, frame_epochs = handlers[frame_type]
+        except KeyError:
+            raise _frame_error(FRAME_ENCODING_ERROR, frame_type, "Unknown frame type")
+        if epoch is _EPOCH_ONE_RTT:
+            allowed = _ONE_RTT_ALLOWED.get(frame_type)
+            if allowed is None:
+                allowed = _ONE_RTT_ALLOWED[frame_type] = epoch in frame_epochs
+        else:
+            allowed = epoch in frame_epochs
+        if not allowed:
+            raise _frame_error(PROTOCOL_VIOLATION, frame_type, "Unexpected frame type")
+        ft = value
+        if inline_streams and FT_STREAM_BASE <= ft <= FT_STREAM_BASE + 7:
+            pos = _stream_frame(connection, ft, plain, pos)
+        else:
+            if buf is None:
+                buf = Buffer(data=plain)
+            buf.seek(pos)
+            try:
+                frame_handler(context, frame_type, buf)
+            except BufferReadError:
+                raise _frame_error(FRAME_ENCODING_ERROR, frame_type, "Failed to parse frame")
+            except _StreamFinishedError:
+                pass  # we lack the state for the stream, ignore the frame
+            pos = buf.tell()
+        frame_found = True
+        if frame_type not in _NON_ACK_ELICITING_FRAME_TYPES:
+            is_ack_eliciting = True
+        if frame_type not in _PROBING_FRAME_TYPES:
+            is_probing = False
+        elif is_probing is None:
+            is_probing = True
+    if not frame_found:
+        raise _frame_error(PROTOCOL_VIOLATION, FT_PADDING, "Packet contains no frames")
+    return is_ack_eliciting, bool(is_probing)

@@ -1,13 +1,15 @@
-"""QUIC packets, pure-Python twin: aioquic's own packet builder, decryption and packet
-filling.
+"""QUIC packets, pure-Python twin: aioquic's own packet builder, decryption, and the
+methods that fill packets and read their frames.
 
-The compiled `_packets` builds, decrypts and fills the same packets byte for byte
-(tests/test_packets.py and tests/test_write_application.py compare the two).
+The compiled `_packets` builds, decrypts, fills and reads the same packets
+(tests/test_packets.py and tests/test_steady_packets.py compare the two).
 """
 
 from aioquic.quic.packet_builder import QuicPacketBuilder as PacketBuilder
 
-__all__ = ["PacketBuilder", "decrypter", "write_application"]
+from aioquic.quic.connection import QuicConnection
+
+__all__ = ["PacketBuilder", "decrypter", "payload_received", "write_application"]
 
 
 def decrypter(pair):
@@ -19,3 +21,9 @@ def write_application(connection, builder, network_path, now):
     """What fills a steady connection's packets: here, aioquic's own
     `QuicConnection._write_application`."""
     connection._write_application(builder, network_path, now)
+
+
+def payload_received(connection, context, plain):
+    """What reads a 1-RTT packet's frames: here, aioquic's own
+    `QuicConnection._payload_received`."""
+    return QuicConnection._payload_received(connection, context, plain)

@@ -1,13 +1,14 @@
-"""The compiled `write_application` fills packets exactly as aioquic's
-`QuicConnection._write_application` does.
+"""A steady connection's packets are filled and read exactly as aioquic does it.
 
-Two in-memory connections play a random script (streams written, ended, reset and stopped;
-DATAGRAM frames, PINGs, probes; small flow-control windows; lost datagrams; timers) on a fake
-clock, once with each implementation of `mahole._fast._packets` (the compiled builder and
-`write_application`, or aioquic's own). Every packet each side sends — its size, flags and
-the frames it carries, as the delivery records loss recovery keeps — and every event each side
-sees must be the same. The certificates are Ed25519 ones, whose signatures have one length,
-so that the handshake, and all that follows it, takes the same bytes in every run.
+`mahole._fast._packets` ports aioquic's `QuicConnection._write_application` (what goes in a
+steady connection's packets) and `_payload_received` (how a 1-RTT packet's frames are read);
+its pure twin is aioquic's own code. Two in-memory connections play a random script (streams
+written, ended, reset and stopped; DATAGRAM frames, PINGs, probes; small flow-control
+windows; lost datagrams; timers) on a fake clock, once with each implementation. Every packet
+each side sends — its size, flags and the frames it carries, as the delivery records loss
+recovery keeps — and every event each side sees must be the same. The certificates are
+Ed25519 ones, whose signatures have one length, so that the handshake, and all that follows
+it, takes the same bytes in every run.
 """
 
 import datetime
@@ -77,6 +78,7 @@ def _play(seed, module, monkeypatch):
     """The trace of one scripted session with `module`'s builder and write_application."""
     monkeypatch.setattr(qc, "PacketBuilder", module.PacketBuilder)
     monkeypatch.setattr(qc, "write_application", module.write_application)
+    monkeypatch.setattr(qc, "payload_received", module.payload_received)
     # aioquic puts the streams a packet served at the back of its queue in the order of a
     # set of them, which follows their hashes, by default their addresses: by stream ID,
     # every run serves them in one order.
@@ -155,7 +157,7 @@ def _play(seed, module, monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(16))
-def test_compiled_write_application_fills_the_same_packets_as_aioquic(seed, monkeypatch):
+def test_the_compiled_module_fills_and_reads_packets_as_aioquic_does(seed, monkeypatch):
     modules = implementations("packets")
     reference = _play(seed, modules["python"], monkeypatch)
     assert sum(1 for record in reference if type(record) is tuple
@@ -168,3 +170,91 @@ def test_the_reference_trace_is_the_same_in_every_run(monkeypatch):
     """What makes the comparison above meaningful: one implementation, one seed, one trace."""
     reference = implementations("packets")["python"]
     assert _play(3, reference, monkeypatch) == _play(3, reference, monkeypatch)
+
+
+def _varint(value, size=None):
+    """RFC 9000 §16 encoding, in `size` bytes if given (a longer one than needed)."""
+    size = size or (1 if value < 64 else 2 if value < 16384 else 4 if value < 2**30 else 8)
+    prefix = {1: 0, 2: 0x40, 4: 0x80, 8: 0xC0}[size]
+    return (value | (prefix << (8 * size - 8))).to_bytes(size, "big")
+
+
+def _hostile_payload(rng):
+    """Frames as a peer might send them, well or badly formed."""
+    payload = b""
+    for _ in range(rng.randrange(0, 4)):
+        kind = rng.random()
+        if kind < 0.5:  # STREAM, any flags, sometimes past the limits
+            frame_type = 0x08 | rng.randrange(8)
+            stream_id = rng.choice([0, 1, 2, 3, 4, 5, 8, 12, 14, 400, 2**40])
+            offset = rng.choice([0, 1, 100, 5000, 70000, 2**62 - 10])
+            data = rng.randbytes(rng.choice([0, 1, 30, 500]))
+            frame = _varint(frame_type) + _varint(stream_id, rng.choice([None, 8]))
+            if frame_type & 4:
+                frame += _varint(offset)
+            if frame_type & 2:
+                frame += _varint(len(data) + rng.choice([0, 0, 0, 3]))
+            payload += frame + data
+        elif kind < 0.6:
+            payload += bytes(rng.randrange(1, 4))  # PADDING
+        elif kind < 0.7:
+            payload += b"\x01"  # PING
+        elif kind < 0.8:  # STOP_SENDING, RESET_STREAM, MAX_DATA, MAX_STREAM_DATA
+            payload += rng.choice([b"\x05" + _varint(rng.choice([0, 1, 4, 12])) + b"\x07",
+                                   b"\x04\x04\x07" + _varint(rng.randrange(9000)),
+                                   b"\x10" + _varint(rng.randrange(2**20)),
+                                   b"\x11\x01" + _varint(rng.randrange(2**20))])
+        elif kind < 0.9:
+            payload += rng.choice([b"\x40", b"\x21", b"\x1f", b"\xff", b"\x06\x00"])  # bad
+        else:
+            payload += rng.randbytes(rng.randrange(1, 12))  # noise
+    if rng.random() < 0.2 and payload:
+        payload = payload[:rng.randrange(len(payload))]  # cut short
+    return payload
+
+
+def _read_hostile(seed, module, monkeypatch):
+    from aioquic import tls
+    from aioquic.quic.connection import QuicConnectionError, QuicReceiveContext
+
+    monkeypatch.setattr(QuicStream, "__hash__", lambda stream: stream.stream_id)
+    rng = random.Random(seed)
+    client, server = _pair(dict(max_stream_data=65536, max_data=1 << 20))
+    now = 0.0
+    while not client._handshake_confirmed or not server._handshake_complete:
+        for sender, receiver, source in ((client, server, CLIENT_ADDR),
+                                         (server, client, SERVER_ADDR)):
+            for data, _addr in sender.datagrams_to_send(now=now):
+                receiver.receive_datagram(data, source, now=now)
+        now += 0.005
+    client.send_stream_data(4, b"x")  # a stream of ours, for STOP_SENDING
+    trace = []
+    for _ in range(300):
+        side = rng.choice([client, server])
+        payload = _hostile_payload(rng)
+        context = QuicReceiveContext(
+            epoch=tls.Epoch.ONE_RTT, host_cid=side.host_cid,
+            network_path=side._network_paths[0], quic_logger_frames=None, time=now,
+            version=None)
+        try:
+            outcome = module.payload_received(side, context, payload)
+        except QuicConnectionError as exc:
+            outcome = (exc.error_code, exc.frame_type, exc.reason_phrase)
+        trace.append((side is client, payload, outcome,
+                      [_event_record(event) for event in iter(side.next_event, None)],
+                      side._local_max_data.used,
+                      sorted((i, s.receiver.highest_offset, s.receiver._buffer_start,
+                              len(s.receiver._buffer))
+                             for i, s in side._streams.items())))
+    return trace
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hostile_payloads_are_read_as_aioquic_reads_them(seed, monkeypatch):
+    """Malformed, truncated, out-of-order, over-limit and unknown frames: the same answer
+    (the same error, code and reason included), the same events, the same stream state."""
+    modules = implementations("packets")
+    reference = _read_hostile(seed, modules["python"], monkeypatch)
+    assert len({record[2][1] for record in reference if len(record[2]) == 3}) > 3
+    for name, module in modules.items():
+        assert _read_hostile(seed, module, monkeypatch) == reference, name
