@@ -30,7 +30,8 @@ from aioquic.quic.packet_builder import (
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer
 
 from . import identity
-from ._fast import PacketBuilder, decrypter, payload_received, write_application
+from ._fast import (
+    PacketBuilder, ack_receiver, decrypter, payload_received, write_application)
 from .config import check_congestion_control
 from .pmtu import BASE_PLPMTU
 
@@ -173,6 +174,9 @@ class NodeQuicConnection(QuicConnection):
         self._one_rtt = None
         self.large_packets_lost = 0  # packets over 1,200 bytes declared lost (probes aside)
         self._loss._on_packets_lost = self._count_large_losses(self._loss._on_packets_lost)
+        # ACKs are processed by the compiled twin of the recovery's own method
+        # (mahole._fast.ack_receiver: the same results, acknowledged stream data in C).
+        self._loss.on_ack_received = ack_receiver(self._loss)
         self._loss._pacer = TimerAwarePacer(
             max_datagram_size=self._configuration.max_datagram_size)
 

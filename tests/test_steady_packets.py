@@ -1,12 +1,14 @@
 """A steady connection's packets are filled and read exactly as aioquic does it.
 
 `mahole._fast._packets` ports aioquic's `QuicConnection._write_application` (what goes in a
-steady connection's packets) and `_payload_received` (how a 1-RTT packet's frames are read);
-its pure twin is aioquic's own code. Two in-memory connections play a random script (streams
+steady connection's packets), `_payload_received` (how a 1-RTT packet's frames are read) and
+`QuicPacketRecovery.on_ack_received` (what an ACK does); its pure twin is aioquic's own
+code. Two in-memory connections play a random script (streams
 written, ended, reset and stopped; DATAGRAM frames, PINGs, probes; small flow-control
 windows; lost datagrams; timers) on a fake clock, once with each implementation. Every packet
 each side sends — its size, flags and the frames it carries, as the delivery records loss
-recovery keeps — and every event each side sees must be the same. The certificates are
+recovery keeps —, every event each side sees, and the congestion window, RTT estimate and
+send buffers after each send must be the same. The certificates are
 Ed25519 ones, whose signatures have one length, so that the handshake, and all that follows
 it, takes the same bytes in every run.
 """
@@ -74,11 +76,22 @@ def _event_record(event):
     return type(event).__name__, sorted(fields.items(), key=lambda item: item[0])
 
 
+def _sender_state(connection):
+    """What acknowledgements change: congestion control, RTT, loss recovery, send buffers."""
+    loss = connection._loss
+    return (loss.congestion_window, loss.bytes_in_flight, loss._rtt_smoothed,
+            loss._rtt_variance, loss._rtt_min, loss._pto_count,
+            [len(space.sent_packets) for space in connection._spaces.values()],
+            [(i, s.sender._buffer_start, len(s.sender._buffer), s.sender.is_finished,
+              list(s.sender._acked)) for i, s in sorted(connection._streams.items())])
+
+
 def _play(seed, module, monkeypatch):
     """The trace of one scripted session with `module`'s builder and write_application."""
     monkeypatch.setattr(qc, "PacketBuilder", module.PacketBuilder)
     monkeypatch.setattr(qc, "write_application", module.write_application)
     monkeypatch.setattr(qc, "payload_received", module.payload_received)
+    monkeypatch.setattr(qc, "ack_receiver", module.ack_receiver)
     # aioquic puts the streams a packet served at the back of its queue in the order of a
     # set of them, which follows their hashes, by default their addresses: by stream ID,
     # every run serves them in one order.
@@ -108,6 +121,7 @@ def _play(seed, module, monkeypatch):
                                       [_frame_record(h, a) for h, a in
                                        packet.delivery_handlers]))
             trace.append([len(data) for data, _addr in datagrams])
+            trace.append(_sender_state(sender))
             for data, _addr in datagrams:
                 if rng.random() >= loss:
                     receiver.receive_datagram(data, source, now=now)
@@ -204,6 +218,12 @@ def _hostile_payload(rng):
                                    b"\x04\x04\x07" + _varint(rng.randrange(9000)),
                                    b"\x10" + _varint(rng.randrange(2**20)),
                                    b"\x11\x01" + _varint(rng.randrange(2**20))])
+        elif kind < 0.85:  # ACK of packets sent, not sent, or far beyond
+            largest = rng.choice([0, 3, 10, 20, 40, 2**30])
+            first = rng.randrange(0, min(largest, 30) + 1)
+            frame = b"\x02" + _varint(largest) + _varint(rng.randrange(100)) + b"\x01"
+            payload += frame + _varint(first) + _varint(rng.randrange(3)) + _varint(
+                rng.randrange(5))
         elif kind < 0.9:
             payload += rng.choice([b"\x40", b"\x21", b"\x1f", b"\xff", b"\x06\x00"])  # bad
         else:
@@ -218,6 +238,7 @@ def _read_hostile(seed, module, monkeypatch):
     from aioquic.quic.connection import QuicConnectionError, QuicReceiveContext
 
     monkeypatch.setattr(QuicStream, "__hash__", lambda stream: stream.stream_id)
+    monkeypatch.setattr(qc, "ack_receiver", module.ack_receiver)
     rng = random.Random(seed)
     client, server = _pair(dict(max_stream_data=65536, max_data=1 << 20))
     now = 0.0
@@ -227,8 +248,10 @@ def _read_hostile(seed, module, monkeypatch):
             for data, _addr in sender.datagrams_to_send(now=now):
                 receiver.receive_datagram(data, source, now=now)
         now += 0.005
-    client.send_stream_data(4, b"x")  # a stream of ours, for STOP_SENDING
     trace = []
+    for sender in (client, server):  # stream data in flight, for the ACKs
+        sender.send_stream_data(4 if sender is client else 1, rng.randbytes(30000))
+        trace.append([len(data) for data, _addr in sender.datagrams_to_send(now=now)])
     for _ in range(300):
         side = rng.choice([client, server])
         payload = _hostile_payload(rng)
@@ -245,16 +268,20 @@ def _read_hostile(seed, module, monkeypatch):
                       side._local_max_data.used,
                       sorted((i, s.receiver.highest_offset, s.receiver._buffer_start,
                               len(s.receiver._buffer))
-                             for i, s in side._streams.items())))
+                             for i, s in side._streams.items()),
+                      _sender_state(side)))
     return trace
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_hostile_payloads_are_read_as_aioquic_reads_them(seed, monkeypatch):
-    """Malformed, truncated, out-of-order, over-limit and unknown frames: the same answer
-    (the same error, code and reason included), the same events, the same stream state."""
+    """Malformed, truncated, out-of-order, over-limit and unknown frames, ACKs of packets
+    never sent: the same answer (the same error, code and reason included), the same events,
+    the same stream, congestion and RTT state."""
     modules = implementations("packets")
     reference = _read_hostile(seed, modules["python"], monkeypatch)
-    assert len({record[2][1] for record in reference if len(record[2]) == 3}) > 3
+    outcomes = [record[2] for record in reference if type(record) is tuple]
+    errors = {outcome[1] for outcome in outcomes if len(outcome) == 3}
+    assert len(errors) > 3 and 2 in errors  # ACK frames among those refused
     for name, module in modules.items():
         assert _read_hostile(seed, module, monkeypatch) == reference, name

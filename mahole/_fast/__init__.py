@@ -14,6 +14,7 @@ Public API (identical in both twins):
   decrypter(pair)                        what to call for pair.decrypt_packet (1-RTT packets)
   write_application(conn, builder, path, now)  aioquic's QuicConnection._write_application
   payload_received(conn, context, plain)  aioquic's QuicConnection._payload_received
+  ack_receiver(recovery)                 what to call for recovery.on_ack_received
 """
 
 import os
@@ -60,6 +61,7 @@ PacketBuilder = _packets.PacketBuilder
 decrypter = _packets.decrypter
 write_application = _packets.write_application
 payload_received = _packets.payload_received
+ack_receiver = _packets.ack_receiver
 
 
 def implementations(module="hot"):

@@ -28,6 +28,8 @@ key update due, or a packet in the other key phase, the pair's own methods do th
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
+from types import MethodType as _MethodType
+
 from cryptography.exceptions import InvalidTag
 
 from aioquic._crypto import AEAD, AEAD_NONCE_LENGTH as _NONCE_LENGTH, CryptoError
@@ -51,6 +53,7 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.packet_builder import (
     PACKET_NUMBER_SEND_SIZE,
+    QuicDeliveryState,
     QuicPacketBuilderStop,
     QuicSentPacket,
 )
@@ -980,3 +983,138 @@ def payload_received(connection, context, bytes plain):
     if not frame_found:
         raise _frame_error(PROTOCOL_VIOLATION, FT_PADDING, "Packet contains no frames")
     return is_ack_eliciting, bool(is_probing)
+
+
+# -- aioquic 1.7's QuicPacketRecovery.on_ack_received, compiled -------------------------------
+
+_ACKED = QuicDeliveryState.ACKED
+_ON_DATA_DELIVERY = _QuicStreamSender.on_data_delivery
+
+
+cdef _stream_data_acked(sender, start, stop, fin):
+    """QuicStreamSender.on_data_delivery(ACKED, start, stop, fin): data the peer has, dropped
+    from the send buffer once everything before it is acknowledged too."""
+    assert not fin or stop == sender._buffer_fin, (
+        "on_data_delivered() was called with inconsistent fin / stop")
+    if sender._reset_error_code is not None:
+        return
+    cdef long long size
+    if stop > start:
+        acked = sender._acked
+        ranges = acked._RangeSet__ranges
+        if not ranges and start == sender._buffer_start:
+            # RangeSet.add then shift of the same range: the buffer's head goes
+            size = stop - start
+            sender._buffer_start = stop
+            del sender._buffer[:size]
+        else:
+            acked.add(start, stop)
+            first_range = ranges[0]
+            if first_range.start == sender._buffer_start:
+                size = first_range.stop - first_range.start
+                acked.shift()
+                sender._buffer_start += size
+                del sender._buffer[:size]
+    if fin:
+        sender._acked_fin = True
+    if sender._buffer_start == sender._buffer_fin and sender._acked_fin:
+        sender.is_finished = True
+
+
+cdef class _AckReceiver:
+    """QuicPacketRecovery.on_ack_received (RFC 9002 §5, §6, §7) of one recovery object: the
+    same steps, with the newly acknowledged packets found by walking the sent packets (kept
+    in the order they were sent) up to the largest acknowledged instead of copying all
+    their numbers, and STREAM data acknowledgements handled in C."""
+
+    cdef object recovery
+
+    def __cinit__(self, recovery):
+        self.recovery = recovery
+
+    def __call__(self, *, ack_rangeset, ack_delay, now, space):
+        loss = self.recovery
+        cdef bint is_ack_eliciting = False
+        largest_acked = ack_rangeset.bounds().stop - 1
+        largest_newly_acked = None
+        largest_sent_time = None
+        if largest_acked > space.largest_acked_packet:
+            space.largest_acked_packet = largest_acked
+
+        # the sent packets within the acknowledged ranges, in order
+        ranges = ack_rangeset._RangeSet__ranges
+        sent_packets = space.sent_packets
+        cdef list acked = []
+        cdef Py_ssize_t index = 0, count = len(ranges)
+        current = ranges[0]
+        for packet_number in sent_packets:
+            while packet_number >= current.stop:
+                index += 1
+                if index == count:
+                    break
+                current = ranges[index]
+            if index == count:
+                break
+            if packet_number >= current.start:
+                acked.append(packet_number)
+
+        cc = loss._cc
+        for packet_number in acked:
+            packet = sent_packets.pop(packet_number)
+            if packet.is_ack_eliciting:
+                is_ack_eliciting = True
+                space.ack_eliciting_in_flight -= 1
+            if packet.in_flight:
+                cc.on_packet_acked(packet=packet, now=now)
+            largest_newly_acked = packet_number
+            largest_sent_time = packet.sent_time
+            for handler, args in packet.delivery_handlers:
+                if (type(handler) is _MethodType and handler.__func__ is _ON_DATA_DELIVERY
+                        and type(handler.__self__) is _QuicStreamSender
+                        and type(args) is tuple and len(args) == 3):
+                    _stream_data_acked(handler.__self__, args[0], args[1], args[2])
+                else:
+                    handler(_ACKED, *args)
+
+        if largest_newly_acked is None:
+            return
+
+        if largest_acked == largest_newly_acked and is_ack_eliciting:
+            latest_rtt = now - largest_sent_time
+            log_rtt = True
+            ack_delay = min(ack_delay, loss.max_ack_delay)
+            # RTT estimate (RFC 9002 §5.3), never under 1 ms
+            loss._rtt_latest = max(latest_rtt, 0.001)
+            if loss._rtt_latest < loss._rtt_min:
+                loss._rtt_min = loss._rtt_latest
+            if loss._rtt_latest > loss._rtt_min + ack_delay:
+                loss._rtt_latest -= ack_delay
+            if not loss._rtt_initialized:
+                loss._rtt_first_sample_time = now
+                loss._rtt_initialized = True
+                loss._rtt_variance = latest_rtt / 2
+                loss._rtt_smoothed = latest_rtt
+            else:
+                # aioquic's 3 / 4, 1 / 4, 7 / 8 and 1 / 8, written as the floats they are
+                # (constant integer division here would be C's)
+                loss._rtt_variance = 0.75 * loss._rtt_variance + 0.25 * abs(
+                    loss._rtt_min - loss._rtt_latest)
+                loss._rtt_smoothed = 0.875 * loss._rtt_smoothed + 0.125 * loss._rtt_latest
+            cc.on_rtt_measurement(now=now, rtt=latest_rtt)
+            loss._pacer.update_rate(congestion_window=cc.congestion_window,
+                                    smoothed_rtt=loss._rtt_smoothed)
+        else:
+            log_rtt = False
+
+        loss._detect_loss(now=now, space=space)
+        # the PTO count restarts, unless a client is not sure yet that the server validated
+        # its address (RFC 9002 §6.2.1)
+        if loss.peer_completed_address_validation:
+            loss._pto_count = 0
+        if loss._quic_logger is not None:
+            loss._log_metrics_updated(log_rtt=log_rtt)
+
+
+def ack_receiver(recovery):
+    """What to call instead of `recovery.on_ack_received` (it keeps its results)."""
+    return _AckReceiver(recovery)

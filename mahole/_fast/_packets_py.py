@@ -9,7 +9,8 @@ from aioquic.quic.packet_builder import QuicPacketBuilder as PacketBuilder
 
 from aioquic.quic.connection import QuicConnection
 
-__all__ = ["PacketBuilder", "decrypter", "payload_received", "write_application"]
+__all__ = ["PacketBuilder", "ack_receiver", "decrypter", "payload_received",
+           "write_application"]
 
 
 def decrypter(pair):
@@ -27,3 +28,8 @@ def payload_received(connection, context, plain):
     """What reads a 1-RTT packet's frames: here, aioquic's own
     `QuicConnection._payload_received`."""
     return QuicConnection._payload_received(connection, context, plain)
+
+
+def ack_receiver(recovery):
+    """What to call instead of `recovery.on_ack_received`: here, its own method."""
+    return recovery.on_ack_received
