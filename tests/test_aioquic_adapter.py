@@ -345,6 +345,23 @@ def test_the_compiled_payload_received_ports_aioquics_methods_as_they_are():
                for frame_type in range(0x08, 0x10))
 
 
+# mahole._fast._packets.ack_receiver ports these (tests/test_steady_packets.py compares the
+# congestion, RTT and send buffer state after each send): when aioquic changes them, port the
+# change and then update the digest.
+ACK_RECEIVED_SHA256 = "18a8c527e4c5ebb70f679ea6c600f10dd10b7ad9a0b70369a1eb840254ccb05c"
+
+
+def test_the_compiled_ack_receiver_ports_aioquics_methods_as_they_are():
+    from aioquic.quic.recovery import QuicPacketRecovery
+    from aioquic.quic.stream import QuicStreamSender
+
+    source = "".join(inspect.getsource(method) for method in (
+        QuicPacketRecovery.on_ack_received, QuicStreamSender.on_data_delivery))
+    assert hashlib.sha256(source.encode()).hexdigest() == ACK_RECEIVED_SHA256
+    # the sent packets are walked in the order they were sent: a dict's, by packet number
+    assert type(_client()._spaces[tls.Epoch.ONE_RTT].sent_packets) is dict
+
+
 def _stream_arrives(client, server, now, pump):
     """Send 300 kB on a stream from client to server and check it arrives intact; the time
     after."""
