@@ -4,11 +4,12 @@ aioquic's own code against mahole's compiled packets module.
 Two mahole connections (the agent's and the connector's kind) are pumped against each other
 in memory, without sockets or a clock of their own, while the client sends one stream of
 --mib MiB at 1,200-byte packets (QUIC's minimum, where per-packet work costs the most). What
-is timed is the CPU the client spends in `datagrams_to_send` (building, encrypting and
-registering every packet) and the CPU the server spends in `receive_datagram`, per GB of
-stream data. "aioquic" builds with aioquic's QuicPacketBuilder and decrypts with the crypto
-pair's own method; "mahole" uses mahole._fast's PacketBuilder and decrypter (what a mahole
-connection uses). The two are measured interleaved, --reps times each, in one process; both
+is timed is the CPU the client spends in `datagrams_to_send` (filling, building,
+encrypting and registering every packet) and the CPU the server spends in
+`receive_datagram`, per GB of stream data; ACKs are processed in the client's receive, which
+is not timed. "aioquic" runs aioquic's own code (the pure twin, `mahole._fast._packets_py`);
+"mahole" runs mahole._fast's compiled packets module: PacketBuilder, decrypter,
+write_application, payload_received and ack_receiver (what a mahole connection uses). The two are measured interleaved, --reps times each, in one process; both
 deliver the stream intact (checked). The rest of a tunnel's per-packet cost (sockets,
 the event loop, the TCP side) is not in these figures: benchmarks/bench_tunnel.py has it.
 
@@ -31,7 +32,6 @@ except ImportError:  # running from a source checkout without an install
 
 import _report
 from aioquic.quic import events as qe
-from aioquic.quic.packet_builder import QuicPacketBuilder
 
 from mahole import _fast, connection, identity
 from mahole.demo import issue_certificates
@@ -84,10 +84,21 @@ def exchange(client, server, now, clock=None):
     return received
 
 
-def transfer(code, size):
-    """(send s/GB, receive s/GB, packets) for one stream of `size` bytes, with `code`'s
-    (PacketBuilder, decrypter)."""
-    connection.PacketBuilder, connection.decrypter = code
+# What mahole.connection takes from mahole._fast's packets module.
+PACKETS_API = ("PacketBuilder", "decrypter", "write_application", "payload_received",
+               "ack_receiver")
+
+
+def use(code):
+    """Make mahole.connection use `code`: {name in PACKETS_API: what to use}."""
+    for name, value in code.items():
+        setattr(connection, name, value)
+
+
+def transfer(module, size):
+    """(send s/GB, receive s/GB, packets) for one stream of `size` bytes, with `module`'s
+    implementation of the packets module (compiled or pure)."""
+    use({name: getattr(module, name) for name in PACKETS_API})
     with tempfile.TemporaryDirectory() as tmp:
         client, server, now = make_pair(Path(tmp))
         packets_before = client._packet_number
@@ -121,17 +132,15 @@ def main(argv=None):
         return 2
     size = (args.mib or (1 if args.quick else 16)) << 20
     reps = args.reps or (2 if args.quick else 7)
-    original = connection.PacketBuilder, connection.decrypter
-    ours = impls.get("compiled", impls["python"])
-    systems = {"aioquic": (QuicPacketBuilder, impls["python"].decrypter),
-               "mahole": (ours.PacketBuilder, ours.decrypter)}
+    original = {name: getattr(connection, name) for name in PACKETS_API}
+    systems = {"aioquic": impls["python"], "mahole": impls.get("compiled", impls["python"])}
     runs = {name: [] for name in systems}
     try:
         for _ in range(reps):
-            for name, code in systems.items():  # interleaved: drift hits both alike
-                runs[name].append(transfer(code, size))
+            for name, module in systems.items():  # interleaved: drift hits both alike
+                runs[name].append(transfer(module, size))
     finally:
-        connection.PacketBuilder, connection.decrypter = original
+        use(original)
 
     summary, rows = {}, []
     for name, results in runs.items():

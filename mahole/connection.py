@@ -7,9 +7,9 @@ ask for or check client certificates by itself, so `NodeQuicConnection` asks for
 handshake and `verify_peer` checks it (chain to the CA, role, name) on HandshakeCompleted,
 before any stream data of the connection is looked at; a connection that fails is closed.
 
-This is the only module that touches aioquic's private attributes (with the compiled packet
-builder, mahole/_fast/_packets.pyx, which reads the packet protection keys of aioquic's
-crypto contexts); the aioquic versions they were written against are pinned in
+This is the only module that touches aioquic's private attributes (with the compiled packets
+module, mahole/_fast/_packets.pyx, which ports aioquic methods for the steady paths and reads
+the same internals); the aioquic versions they were written against are pinned in
 pyproject.toml, and tests/test_aioquic_adapter.py fails when those attributes change.
 """
 
@@ -414,8 +414,9 @@ class NodeQuicConnection(QuicConnection):
         """aioquic 1.7's datagrams_to_send for a steady connection, with the compiled packet
         builder and the compiled port of aioquic's _write_application (mahole._fast
         PacketBuilder and write_application: the same packets as aioquic's): building and
-        filling packets is most of a bulk sender's per-packet work. Congestion control and
-        loss recovery stay aioquic's."""
+        filling packets is most of a bulk sender's per-packet work. Congestion control
+        stays aioquic's (its ACKs processed by mahole._fast.ack_receiver, set up in
+        __init__)."""
         network_path = self._network_paths[0]
         builder = PacketBuilder(
             host_cid=self.host_cid, is_client=self._is_client,

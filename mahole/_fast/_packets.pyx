@@ -11,8 +11,10 @@ protection a large share of a receiver's; mahole.connection uses it for 1-RTT pa
 `write_application` and `payload_received` are aioquic's `QuicConnection._write_application`
 (what fills a steady connection's packets) and `_payload_received` (what reads a 1-RTT
 packet's frames), compiled: pacing, STREAM frames and frame types in C, every rarer frame
-by the connection's own methods (tests/test_steady_packets.py compares the packets sent,
-the events and the errors, hostile payloads included).
+by the connection's own methods. `ack_receiver` is `QuicPacketRecovery.on_ack_received`
+with acknowledged STREAM data handled in C. tests/test_steady_packets.py compares the
+packets sent, the events, the errors and the congestion and RTT state, hostile payloads
+included.
 
 `PacketBuilder` keeps aioquic's `Buffer` handed to frame writers, the `QuicSentPacket`
 records loss recovery keeps and `QuicPacketBuilderStop`. What it changes is only where its

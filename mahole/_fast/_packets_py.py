@@ -1,13 +1,13 @@
 """QUIC packets, pure-Python twin: aioquic's own packet builder, decryption, and the
-methods that fill packets and read their frames.
+methods that fill packets, read their frames and process ACKs.
 
-The compiled `_packets` builds, decrypts, fills and reads the same packets
-(tests/test_packets.py and tests/test_steady_packets.py compare the two).
+The compiled `_packets` builds, decrypts, fills and reads the same packets and leaves the
+same state after an ACK (tests/test_packets.py and tests/test_steady_packets.py compare the
+two).
 """
 
-from aioquic.quic.packet_builder import QuicPacketBuilder as PacketBuilder
-
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet_builder import QuicPacketBuilder as PacketBuilder
 
 __all__ = ["PacketBuilder", "ack_receiver", "decrypter", "payload_received",
            "write_application"]
