@@ -26,8 +26,8 @@ from cryptography.x509.oid import NameOID
 
 from mahole import connection as qc
 from mahole._fast import implementations
+from quic_pair import CLIENT_ADDR, SERVER_ADDR, pump
 
-CLIENT_ADDR, SERVER_ADDR = ("127.0.0.1", 5000), ("127.0.0.1", 4478)
 
 
 def _certificate(name):
@@ -105,7 +105,8 @@ def _play(seed, module, monkeypatch):
     now = 0.0
     loss = 0.0  # no loss until the handshake is over: it is the same either way
 
-    def pump():
+    def exchange():
+        """Timers, then datagrams both ways once, each send traced; the events after."""
         for sender, receiver, source in ((client, server, CLIENT_ADDR),
                                          (server, client, SERVER_ADDR)):
             timer = sender.get_timer()
@@ -129,7 +130,7 @@ def _play(seed, module, monkeypatch):
             trace.extend(_event_record(event) for event in iter(side.next_event, None))
 
     while not client._handshake_confirmed or not server._handshake_complete:
-        pump()
+        exchange()
         now += 0.005
         assert now < 5, "no handshake"
     assert client._steady() and server._steady()
@@ -162,10 +163,10 @@ def _play(seed, module, monkeypatch):
         except (ValueError, RuntimeError) as exc:  # e.g. a stream the peer stopped
             trace.append(("refused", type(exc).__name__, str(exc)))
         for _ in range(rng.randrange(1, 4)):
-            pump()
+            exchange()
             now += rng.choice([0.0005, 0.002, 0.01, 0.05])
     for _ in range(200):  # drain what is left, loss and all
-        pump()
+        exchange()
         now += 0.01
     return trace
 
@@ -243,10 +244,7 @@ def _read_hostile(seed, module, monkeypatch):
     client, server = _pair(dict(max_stream_data=65536, max_data=1 << 20))
     now = 0.0
     while not client._handshake_confirmed or not server._handshake_complete:
-        for sender, receiver, source in ((client, server, CLIENT_ADDR),
-                                         (server, client, SERVER_ADDR)):
-            for data, _addr in sender.datagrams_to_send(now=now):
-                receiver.receive_datagram(data, source, now=now)
+        pump(client, server, now)
         now += 0.005
     trace = []
     for sender in (client, server):  # stream data in flight, for the ACKs
