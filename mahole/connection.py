@@ -27,6 +27,7 @@ from aioquic.quic.packet import (
     PACKET_FIXED_BIT, QuicErrorCode, QuicFrameType, QuicPacketType, get_spin_bit)
 from aioquic.quic.packet_builder import (
     QuicDeliveryState, QuicPacketBuilder, QuicPacketBuilderStop)
+from aioquic.quic.congestion.base import K_GRANULARITY, QuicRttMonitor
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer
 
 from . import identity
@@ -143,6 +144,39 @@ class TimerAwarePacer(QuicPacketPacer):
         self.bucket_max = max(self.bucket_max, PACER_MIN_BURST)
 
 
+# RFC 9406 §4.3: an RTT rise ends slow start only when it passes
+# clamp(min RTT / 8, 4 ms, 16 ms).
+HYSTART_MIN_RTT_THRESH = 0.004  # seconds
+HYSTART_MAX_RTT_THRESH = 0.016  # seconds
+HYSTART_MIN_RTT_DIVISOR = 8
+
+
+class HyStartRttMonitor(QuicRttMonitor):
+    """aioquic's slow-start exit test (5 RTT samples in a row whose minimum is above the
+    lowest seen), with RFC 9406's threshold instead of aioquic's "25 % above". On loopback
+    and LANs the RTT is near a millisecond, so scheduling noise of a few hundred
+    microseconds passed aioquic's test and ended slow start at a few dozen packets; CUBIC
+    then needed seconds to grow the window back. A queue that builds still ends it."""
+
+    def is_rtt_increasing(self, *, now, rtt):
+        if now > self._sample_time + K_GRANULARITY:
+            self.add_rtt(rtt=rtt)
+            self._sample_time = now
+            if self._ready:
+                if self._filtered_min is None or self._filtered_min > self._sample_max:
+                    self._filtered_min = self._sample_max
+                delta = self._sample_min - self._filtered_min
+                threshold = min(max(self._filtered_min / HYSTART_MIN_RTT_DIVISOR,
+                                    HYSTART_MIN_RTT_THRESH), HYSTART_MAX_RTT_THRESH)
+                if delta >= threshold:
+                    self._increases += 1
+                    if self._increases >= self._size:
+                        return True
+                elif delta > 0:
+                    self._increases = 0
+        return False
+
+
 class NodeQuicConnection(QuicConnection):
     """aioquic's QuicConnection with client certificates and receive-side backpressure.
 
@@ -177,6 +211,7 @@ class NodeQuicConnection(QuicConnection):
         # ACKs are processed by the compiled twin of the recovery's own method
         # (mahole._fast.ack_receiver: the same results, acknowledged stream data in C).
         self._loss.on_ack_received = ack_receiver(self._loss)
+        self._loss._cc._rtt_monitor = HyStartRttMonitor()
         self._loss._pacer = TimerAwarePacer(
             max_datagram_size=self._configuration.max_datagram_size)
 
