@@ -307,6 +307,20 @@ def test_steady_sends_copy_aioquics_datagrams_to_send_as_it_is():
     assert hashlib.sha256(source.encode()).hexdigest() == DATAGRAMS_TO_SEND_SHA256
 
 
+# mahole.connection.HyStartRttMonitor.is_rtt_increasing is this aioquic method with RFC
+# 9406's threshold in place of "25 % over the minimum", and reads the monitor's private
+# state (_sample_time, _ready, _filtered_min, _sample_min, _sample_max, _increases): when
+# aioquic changes it, compare the two again and then update the digest.
+RTT_MONITOR_SHA256 = "6a1ab5a771a74f342f676d24b6293386e92f81e463401be9c89e7e352de15555"
+
+
+def test_the_slow_start_exit_test_copies_aioquics_rtt_monitor_as_it_is():
+    from aioquic.quic.congestion.base import QuicRttMonitor
+
+    source = inspect.getsource(QuicRttMonitor.is_rtt_increasing)
+    assert hashlib.sha256(source.encode()).hexdigest() == RTT_MONITOR_SHA256
+
+
 # mahole._fast._packets.write_application ports these aioquic methods (tests/
 # test_steady_packets.py compares its packets with theirs): when aioquic changes them,
 # port the change and then update the digest.
